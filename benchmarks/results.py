@@ -1,0 +1,54 @@
+"""Benchmark records: append to results.json, render a readable table."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["Record", "RESULTS_JSON", "RESULTS_MD", "append", "table"]
+
+RESULTS_JSON = Path(__file__).with_name("results.json")
+RESULTS_MD = Path(__file__).with_name("results.md")
+
+
+@dataclass
+class Record:
+    """One measurement of goose and its peer. ``ratio`` = goose / peer (lower is better for times)."""
+
+    benchmark: str
+    metric: str
+    goose: float
+    peer: float
+    peer_name: str
+    unit: str = "s"
+
+    @property
+    def ratio(self) -> float:
+        return self.goose / self.peer if self.peer else float("nan")
+
+
+def _environment() -> dict[str, str]:
+    return {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def append(records: list[Record]) -> None:
+    """Append ``records`` (with the environment they ran in) to results.json."""
+    history = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else []
+    env = _environment()
+    history += [{**asdict(r), "ratio": r.ratio, **env} for r in records]
+    RESULTS_JSON.write_text(json.dumps(history, indent=1) + "\n")
+
+
+def table(records: list[Record]) -> str:
+    """A Markdown table of ``records``."""
+    rows = ["| benchmark | metric | goose | peer | peer is | goose / peer |", "|---|---|---|---|---|---|"]
+    rows += [f"| {r.benchmark} | {r.metric} | {r.goose:.4g} {r.unit} | {r.peer:.4g} {r.unit} | "
+             f"{r.peer_name} | {r.ratio:.3f} |" for r in records]
+    return "\n".join(rows)

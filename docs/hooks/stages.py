@@ -1,0 +1,31 @@
+"""mkdocs hook: publish every stages/NN_topic/README.md as the page stages/NN_topic.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mkdocs.structure.files import File, Files
+
+__all__ = ["on_files", "on_config"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _chapters() -> list[Path]:
+    return sorted((ROOT / "stages").glob("[0-9][0-9]_*/README.md"))
+
+
+def on_config(config: Any) -> Any:
+    # Expand the "Course: stages/" placeholder in the nav into one entry per chapter.
+    for i, entry in enumerate(config["nav"] or []):
+        if isinstance(entry, dict) and entry.get("Course") == "stages/":
+            config["nav"][i] = {"Course": [f"stages/{p.parent.name}.md" for p in _chapters()]}
+    return config
+
+
+def on_files(files: Files, config: Any) -> Files:
+    for readme in _chapters():
+        files.append(File.generated(config, f"stages/{readme.parent.name}.md",
+                                    content=readme.read_text(encoding="utf-8")))
+    return files

@@ -1,0 +1,32 @@
+"""Processes, the 3D grid, its groups, and collectives that autograd understands."""
+
+from goose_core.distributed.collectives import (
+    all_gather,
+    all_reduce,
+    copy_to_region,
+    gather_from_region,
+    reduce_from_region,
+    reduce_scatter,
+    scatter_to_region,
+)
+from goose_core.distributed.context import DEFAULT_TIMEOUT, ParallelContext
+from goose_core.distributed.grid import AXES, ProcessGrid, layouts
+from goose_core.distributed.launch import RankError, free_port, spawn
+
+__all__ = [
+    "AXES",
+    "DEFAULT_TIMEOUT",
+    "ParallelContext",
+    "ProcessGrid",
+    "RankError",
+    "all_gather",
+    "all_reduce",
+    "copy_to_region",
+    "free_port",
+    "gather_from_region",
+    "layouts",
+    "reduce_from_region",
+    "reduce_scatter",
+    "scatter_to_region",
+    "spawn",
+]

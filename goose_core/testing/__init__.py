@@ -1,0 +1,33 @@
+"""The reference harness: what "correct" means in goose, public so users can check their setups."""
+
+from goose_core.testing.distributed import layouts, run_distributed
+from goose_core.testing.models import FAMILIES, build_model, tiny_config
+from goose_core.testing.reference import (
+    RunResult,
+    TrainSpec,
+    assert_matches_reference,
+    format_beside_reference,
+    reference_run,
+    snapshot,
+    train_loop,
+)
+from goose_core.testing.tolerances import EXACT, REORDER, SPLIT, Tolerance
+
+__all__ = [
+    "EXACT",
+    "FAMILIES",
+    "REORDER",
+    "SPLIT",
+    "RunResult",
+    "Tolerance",
+    "TrainSpec",
+    "assert_matches_reference",
+    "build_model",
+    "format_beside_reference",
+    "layouts",
+    "reference_run",
+    "run_distributed",
+    "snapshot",
+    "tiny_config",
+    "train_loop",
+]

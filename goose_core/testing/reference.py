@@ -1,0 +1,144 @@
+"""The reference harness: N training steps on one device, and checks that a parallel run matches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from goose_core.data import get_batch
+from goose_core.data.loader import Batch
+from goose_core.testing.models import build_model
+from goose_core.testing.tolerances import Tolerance
+
+__all__ = [
+    "TrainSpec",
+    "RunResult",
+    "train_loop",
+    "snapshot",
+    "reference_run",
+    "assert_matches_reference",
+    "format_beside_reference",
+]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything that decides a training run's numbers: model, data, optimizer, steps."""
+
+    family: str = "llama"
+    seed: int = 0
+    steps: int = 4
+    batch_size: int = 8
+    seq_len: int = 32
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = None
+    dropout: float = 0.0
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self) -> PreTrainedModel:
+        """The seeded tiny model: identical on every rank that calls this."""
+        return build_model(self.family, self.seed, self.dropout, **self.overrides)
+
+    def build_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'adamw' or 'sgd'")
+
+    def batch(self, step: int) -> Batch:
+        """The global batch of ``step`` (every rank gets the same; shard it for data parallelism)."""
+        return get_batch(step, self.batch_size, self.seq_len, self.seed)
+
+
+@dataclass
+class RunResult:
+    """Per-step losses and the final parameters under their HF names (full tensors, CPU)."""
+
+    losses: list[float]
+    params: dict[str, Tensor]
+
+
+def train_loop(model: nn.Module, optimizer: Any, batches: Iterable[Batch],
+               clip: Callable[[], Any] | None = None) -> list[float]:
+    """The training loop every goose run shares: forward, backward, (clip), step, zero_grad.
+
+    Returns:
+        The loss of every step as a Python float.
+    """
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        if clip is not None:
+            clip()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """Detached CPU copies of ``model``'s parameters by name (tied weights appear once)."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
+
+
+def reference_run(spec: TrainSpec) -> RunResult:
+    """Train ``spec`` on one device, on the whole global batch of every step."""
+    model = spec.build_model()
+    optimizer = spec.build_optimizer(model.parameters())
+    clip = None
+    if spec.max_grad_norm is not None:
+        clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)  # noqa: E731
+    losses = train_loop(model, optimizer, (spec.batch(s) for s in range(spec.steps)), clip)
+    return RunResult(losses, snapshot(model))
+
+
+def _worst(actual: Tensor, expected: Tensor, tol: Tolerance) -> float:
+    """The largest ratio of error to allowance (> 1 means out of tolerance)."""
+    err = (actual.double() - expected.double()).abs()
+    allowed = tol.atol + tol.rtol * expected.double().abs()
+    if tol.atol == 0 and tol.rtol == 0:
+        return float("inf") if err.max() > 0 else 0.0
+    return float((err / allowed).max())
+
+
+def assert_matches_reference(actual: RunResult, expected: RunResult, tol: Tolerance) -> None:
+    """Raise AssertionError naming the worst loss or parameter outside ``tol``.
+
+    Both runs must hold the same parameter names and shapes: a gathered parallel run has to give
+    back exactly what the single-device model has.
+    """
+    got = torch.tensor(actual.losses, dtype=torch.float64)
+    want = torch.tensor(expected.losses, dtype=torch.float64)
+    if got.shape != want.shape:
+        raise AssertionError(f"{len(actual.losses)} losses, expected {len(expected.losses)}")
+    if _worst(got, want, tol) > 1:
+        raise AssertionError(f"losses differ beyond rtol={tol.rtol}, atol={tol.atol}:\n"
+                             f"  got      {actual.losses}\n  expected {expected.losses}")
+    missing = expected.params.keys() - actual.params.keys()
+    extra = actual.params.keys() - expected.params.keys()
+    if missing or extra:
+        raise AssertionError(f"parameter names differ: missing {sorted(missing)}, extra {sorted(extra)}")
+    for name, want_p in expected.params.items():
+        got_p = actual.params[name]
+        if got_p.shape != want_p.shape:
+            raise AssertionError(f"{name}: shape {tuple(got_p.shape)}, expected {tuple(want_p.shape)}")
+        if (ratio := _worst(got_p, want_p, tol)) > 1:
+            diff = float((got_p.double() - want_p.double()).abs().max())
+            raise AssertionError(f"{name}: max abs difference {diff:.3e} is {ratio:.1f}x the allowance "
+                                 f"(rtol={tol.rtol}, atol={tol.atol})")
+
+
+def format_beside_reference(losses: list[float], reference: list[float]) -> str:
+    """A table of each step's loss beside the single-device reference, for train.py scripts."""
+    rows = [f"{'step':>4}  {'goose':>12}  {'reference':>12}  {'|diff|':>9}"]
+    for step, (got, want) in enumerate(zip(losses, reference)):
+        rows.append(f"{step:>4}  {got:>12.8f}  {want:>12.8f}  {abs(got - want):>9.2e}")
+    return "\n".join(rows)

@@ -1,0 +1,48 @@
+"""Unit tests of the comparison half of the reference harness: it must be able to fail."""
+
+import pytest
+import torch
+
+from goose_core.testing import EXACT, REORDER, SPLIT, RunResult, assert_matches_reference
+
+
+def _run() -> RunResult:
+    return RunResult([2.5, 2.25], {"w": torch.tensor([1.0, -2.0]), "b": torch.tensor([0.5])})
+
+
+def test_identical_runs_pass_exact() -> None:
+    assert_matches_reference(_run(), _run(), EXACT)
+
+
+def test_one_ulp_fails_exact() -> None:
+    other = _run()
+    other.params["w"][0] = torch.nextafter(other.params["w"][0], torch.tensor(2.0))
+    with pytest.raises(AssertionError, match="w: max abs difference"):
+        assert_matches_reference(other, _run(), EXACT)
+    assert_matches_reference(other, _run(), SPLIT)
+
+
+@pytest.mark.parametrize("tol", [SPLIT, REORDER])
+def test_parameter_error_beyond_tolerance_fails(tol) -> None:
+    other = _run()
+    other.params["b"] += 10 * (tol.atol + tol.rtol * 0.5)
+    with pytest.raises(AssertionError, match=r"b: max abs difference .* the allowance"):
+        assert_matches_reference(other, _run(), tol)
+
+
+def test_loss_error_fails() -> None:
+    other = _run()
+    other.losses[1] += 1e-3
+    with pytest.raises(AssertionError, match="losses differ"):
+        assert_matches_reference(other, _run(), REORDER)
+
+
+def test_missing_or_reshaped_parameters_fail() -> None:
+    other = _run()
+    del other.params["b"]
+    with pytest.raises(AssertionError, match=r"missing \['b'\]"):
+        assert_matches_reference(other, _run(), REORDER)
+    other = _run()
+    other.params["w"] = other.params["w"][:1]
+    with pytest.raises(AssertionError, match=r"w: shape \(1,\), expected \(2,\)"):
+        assert_matches_reference(other, _run(), REORDER)
