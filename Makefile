@@ -4,6 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NPROC  ?= 4
+# `make test-stage 3` as well as `make test-stage N=3`: the word after the goal is the number.
+ifeq (test-stage,$(firstword $(MAKECMDGOALS)))
+  N ?= $(word 2,$(MAKECMDGOALS))
+  ifneq ($(N),)
+    $(eval $(N):;@:)
+  endif
+endif
 # The most advanced stage that ships a train.py is the demo.
 DEMO_STAGE := $(lastword $(sort $(dir $(wildcard stages/*/train.py))))
 
@@ -12,7 +19,7 @@ DEMO_STAGE := $(lastword $(sort $(dir $(wildcard stages/*/train.py))))
 help:
 	@echo "make demo            train the most advanced stage under torchrun, beside the reference"
 	@echo "make test            the whole suite (stages, unit tests, docs build)"
-	@echo "make test-stage N    one stage's tests (N = 3 or 03)"
+	@echo "make test-stage N    one stage's tests (N = 3 or 03; N=3 works too)"
 	@echo "make docs            strict mkdocs build into site/"
 	@echo "make bench           every benchmark; results in benchmarks/results.json"
 	@echo "make clean           remove the environment and build outputs"

@@ -22,8 +22,10 @@ VOCAB = ByteTokenizer.vocab_size  # 256: divides by 2, 4 and 8
 
 
 def _gpt2(dropout: float) -> PretrainedConfig:
+    # GPT-2's default bos/eos id (50256) lies outside a byte vocabulary.
     return GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=4, n_head=4,
-                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                      bos_token_id=0, eos_token_id=0)
 
 
 def _llama(dropout: float) -> PretrainedConfig:
@@ -51,6 +53,7 @@ def tiny_config(family: str, dropout: float = 0.0, **overrides: Any) -> Pretrain
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose one of {sorted(FAMILIES)}")
     config = FAMILIES[family](dropout)
+    config.loss_type = "ForCausalLM"  # name HF's default causal-LM loss explicitly
     for key, value in overrides.items():
         if not hasattr(config, key):
             raise ValueError(f"{type(config).__name__} has no attribute {key!r}")

@@ -42,4 +42,4 @@ if __name__ == "__main__":
     try:
         print(stage_dir(sys.argv[1] if len(sys.argv) > 1 else ""))
     except ValueError as err:
-        sys.exit(f"make test-stage: {err} (usage: make test-stage N=3)")
+        sys.exit(f"make test-stage: {err} (usage: make test-stage 3)")
