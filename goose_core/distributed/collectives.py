@@ -19,7 +19,7 @@ Two families, because "the gradient of a collective" depends on what runs after 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -36,8 +36,12 @@ __all__ = [
 ]
 
 
-# -- raw (non-autograd) building blocks ------------------------------------------------------
-def _all_reduce(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+# -- raw (non-autograd) building blocks, all with the signature (tensor, group, dim) ----------
+def _identity(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+    return x.view_as(x)  # a view, not x itself: autograd needs a distinct output
+
+
+def _all_reduce(x: Tensor, group: dist.ProcessGroup, dim: int = 0) -> Tensor:
     x = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(x, group=group)
     return x
@@ -49,98 +53,48 @@ def _all_gather(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def _split(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+def _chunks(x: Tensor, group: dist.ProcessGroup, dim: int) -> tuple[Tensor, ...]:
     size = dist.get_world_size(group)
     if x.shape[dim] % size:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split into {size} equal parts")
-    return x.chunk(size, dim=dim)[dist.get_rank(group)].contiguous()
+    return x.chunk(size, dim=dim)
+
+
+def _split(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+    return _chunks(x, group, dim)[dist.get_rank(group)].contiguous()
 
 
 def _reduce_scatter(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
-    size = dist.get_world_size(group)
-    if x.shape[dim] % size:
-        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split into {size} equal parts")
-    chunks = [c.contiguous() for c in x.chunk(size, dim=dim)]
+    chunks = [c.contiguous() for c in _chunks(x, group, dim)]
     out = torch.empty_like(chunks[0])
     dist.reduce_scatter(out, chunks, group=group)
     return out
 
 
-# -- autograd functions ----------------------------------------------------------------------
-class _AllReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup) -> Tensor:
-        ctx.group = group
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_reduce(grad, ctx.group), None
+Raw = Callable[[Tensor, dist.ProcessGroup, int], Tensor]
 
 
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
+def _function(name: str, forward: Raw, backward: Raw) -> type[torch.autograd.Function]:
+    """An autograd Function running ``forward`` and, on the gradient, ``backward``."""
+
+    def fwd(ctx: Any, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
         ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
+        return forward(x, group, dim)
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _reduce_scatter(grad, ctx.group, ctx.dim), None, None
+    def bwd(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        return backward(grad, ctx.group, ctx.dim), None, None
 
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _reduce_scatter(x, group, dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup) -> Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_reduce(grad, ctx.group), None
-
-
-class _ReduceFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup) -> Tensor:
-        return _all_reduce(x, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
-
-
-class _ScatterToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _split(x, group, dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
-
-
-class _GatherFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return _split(grad, ctx.group, ctx.dim), None, None
+# The table in the module docstring, as code: (forward, backward) of each op.
+_AllReduce = _function("_AllReduce", _all_reduce, _all_reduce)
+_AllGather = _function("_AllGather", _all_gather, _reduce_scatter)
+_ReduceScatter = _function("_ReduceScatter", _reduce_scatter, _all_gather)
+_CopyToRegion = _function("_CopyToRegion", _identity, _all_reduce)
+_ReduceFromRegion = _function("_ReduceFromRegion", _all_reduce, _identity)
+_ScatterToRegion = _function("_ScatterToRegion", _split, _all_gather)
+_GatherFromRegion = _function("_GatherFromRegion", _all_gather, _split)
 
 
 # -- public API: a group of one is the identity, with no communication -----------------------
@@ -150,7 +104,7 @@ def _alone(group: dist.ProcessGroup) -> bool:
 
 def all_reduce(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     """Sum over the group; backward all-reduces the gradient (loss = sum of ranks' losses)."""
-    return x if _alone(group) else _AllReduce.apply(x, group)
+    return x if _alone(group) else _AllReduce.apply(x, group, 0)
 
 
 def all_gather(x: Tensor, group: dist.ProcessGroup, dim: int = 0) -> Tensor:
@@ -165,12 +119,12 @@ def reduce_scatter(x: Tensor, group: dist.ProcessGroup, dim: int = 0) -> Tensor:
 
 def copy_to_region(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     """Megatron's ``f``: identity forward, all-reduce backward (enters a parallel region)."""
-    return x if _alone(group) else _CopyToRegion.apply(x, group)
+    return x if _alone(group) else _CopyToRegion.apply(x, group, 0)
 
 
 def reduce_from_region(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     """Megatron's ``g``: all-reduce forward, identity backward (leaves a parallel region)."""
-    return x if _alone(group) else _ReduceFromRegion.apply(x, group)
+    return x if _alone(group) else _ReduceFromRegion.apply(x, group, 0)
 
 
 def scatter_to_region(x: Tensor, group: dist.ProcessGroup, dim: int = -1) -> Tensor:
