@@ -1,4 +1,4 @@
-"""Run every benchmarks/bench_*.py (``make bench``), append results.json, write results.md."""
+"""Run every benchmarks/bench_*.py (``make bench``; or name some), append results.json, write results.md."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from benchmarks.results import RESULTS_MD, Record, append, table
+from benchmarks.results import RESULTS_MD, Record, append, latest, table
 
 
 def main(names: list[str]) -> None:
@@ -19,8 +19,11 @@ def main(names: list[str]) -> None:
         print(table(new), flush=True)
         records += new
     append(records)
-    RESULTS_MD.write_text("# Latest benchmark run\n\n" + table(records) + "\n")
-    print(f"\nappended {len(records)} records to benchmarks/results.json; table in {RESULTS_MD.name}")
+    RESULTS_MD.write_text("# Benchmarks: the newest result of each measurement\n\n"
+                          "Written by `make bench` from `results.json` (the full history, with the "
+                          "environment of each run). Ratios are goose / peer, measured in the same run.\n\n"
+                          + table(latest()) + "\n")
+    print(f"\nappended {len(records)} records to benchmarks/results.json; newest of each in {RESULTS_MD.name}")
 
 
 if __name__ == "__main__":

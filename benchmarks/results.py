@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Record", "RESULTS_JSON", "RESULTS_MD", "append", "table"]
+__all__ = ["Record", "RESULTS_JSON", "RESULTS_MD", "append", "table", "latest"]
 
 RESULTS_JSON = Path(__file__).with_name("results.json")
 RESULTS_MD = Path(__file__).with_name("results.md")
@@ -38,9 +38,22 @@ def _environment() -> dict[str, str]:
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
+def _history() -> list[dict]:
+    return json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else []
+
+
+def latest() -> list[Record]:
+    """The newest record of every (benchmark, metric) in results.json, in first-seen order."""
+    newest: dict[tuple[str, str], dict] = {}
+    for row in _history():
+        newest[(row["benchmark"], row["metric"])] = row
+    fields = Record.__dataclass_fields__
+    return [Record(**{k: v for k, v in row.items() if k in fields}) for row in newest.values()]
+
+
 def append(records: list[Record]) -> None:
     """Append ``records`` (with the environment they ran in) to results.json."""
-    history = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else []
+    history = _history()
     env = _environment()
     history += [{**asdict(r), "ratio": r.ratio, **env} for r in records]
     RESULTS_JSON.write_text(json.dumps(history, indent=1) + "\n")
