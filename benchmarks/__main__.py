@@ -6,7 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from benchmarks.results import RESULTS_MD, Record, append, latest, table
+from benchmarks.results import RESULTS_MD, RESULTS_PNG, Record, append, latest, plot, table
 
 
 def main(names: list[str]) -> None:
@@ -22,7 +22,8 @@ def main(names: list[str]) -> None:
     RESULTS_MD.write_text("# Benchmarks: the newest result of each measurement\n\n"
                           "Written by `make bench` from `results.json` (the full history, with the "
                           "environment of each run). Ratios are goose / peer, measured in the same run.\n\n"
-                          + table(latest()) + "\n")
+                          + table(latest()) + "\n\n![goose / peer ratios](results.png)\n")
+    plot(latest(), RESULTS_PNG)
     print(f"\nappended {len(records)} records to benchmarks/results.json; newest of each in {RESULTS_MD.name}")
 
 

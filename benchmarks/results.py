@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Record", "RESULTS_JSON", "RESULTS_MD", "append", "table", "latest"]
+__all__ = ["Record", "RESULTS_JSON", "RESULTS_MD", "RESULTS_PNG", "append", "table", "latest", "plot"]
 
 RESULTS_JSON = Path(__file__).with_name("results.json")
 RESULTS_MD = Path(__file__).with_name("results.md")
+RESULTS_PNG = Path(__file__).with_name("results.png")
 
 
 @dataclass
@@ -65,3 +66,22 @@ def table(records: list[Record]) -> str:
     rows += [f"| {r.benchmark} | {r.metric} | {r.goose:.4g} {r.unit} | {r.peer:.4g} {r.unit} | "
              f"{r.peer_name} | {r.ratio:.3f} |" for r in records]
     return "\n".join(rows)
+
+
+def plot(records: list[Record], path: Path) -> None:
+    """A horizontal bar chart of goose / peer ratios (1.0 = parity) saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.benchmark}: {r.metric[:48]}" for r in records]
+    ratios = [r.ratio for r in records]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(records) + 1.2))
+    ax.barh(labels, ratios, color=["tab:green" if x <= 1 else "tab:red" for x in ratios])
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel("goose / peer (lower is better for times and bytes)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
