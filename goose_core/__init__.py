@@ -2,6 +2,7 @@
 
 from goose_core.distributed import ParallelContext, RankError, spawn
 from goose_core.state import full_state_dict
+from goose_core.tensor_parallel import TensorParallel
 
-__all__ = ["ParallelContext", "RankError", "full_state_dict", "spawn"]
+__all__ = ["ParallelContext", "RankError", "TensorParallel", "full_state_dict", "spawn"]
 __version__ = "0.1.0"

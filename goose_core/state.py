@@ -34,14 +34,17 @@ class ShardSpec:
         dim: the dimension split across the tensor-parallel group.
         blocks: a fused parameter (GPT-2's ``c_attn`` is q|k|v) is ``blocks`` equal blocks along
             ``dim``, each split across ranks separately; rank r holds block_0[r] | block_1[r] | ...
+        replicas: consecutive tp ranks holding the same shard (GQA with more tp ranks than
+            key/value heads: ranks 2k and 2k+1 share kv-head k at replicas=2); gather keeps one.
     """
 
     dim: int
     blocks: int = 1
+    replicas: int = 1
 
     def gather(self, shards: list[Tensor]) -> Tensor:
         """Reassemble the full tensor from every rank's shard, in tp-rank order."""
-        per_rank = [s.chunk(self.blocks, dim=self.dim) for s in shards]
+        per_rank = [s.chunk(self.blocks, dim=self.dim) for s in shards[::self.replicas]]
         return torch.cat([piece for b in range(self.blocks) for piece in (p[b] for p in per_rank)],
                          dim=self.dim)
 

@@ -1,0 +1,33 @@
+"""Megatron-style tensor parallelism for HF causal LMs: layers, vocab-parallel loss, RNG, plans."""
+
+from goose_core.tensor_parallel.cross_entropy import VocabParallelCausalLMLoss, vocab_parallel_cross_entropy
+from goose_core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelRegion,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    shard_tensor,
+)
+from goose_core.tensor_parallel.parallelize import TensorParallel, localize_heads, rng_tracker
+from goose_core.tensor_parallel.plan import ADAPTERS, Adapter, TPPlan, check_sizes, register_adapter, resolve_plan
+from goose_core.tensor_parallel.random import RNGTracker
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "ColumnParallelLinear",
+    "ParallelRegion",
+    "RNGTracker",
+    "RowParallelLinear",
+    "TPPlan",
+    "TensorParallel",
+    "VocabParallelCausalLMLoss",
+    "VocabParallelEmbedding",
+    "check_sizes",
+    "localize_heads",
+    "register_adapter",
+    "resolve_plan",
+    "rng_tracker",
+    "shard_tensor",
+    "vocab_parallel_cross_entropy",
+]

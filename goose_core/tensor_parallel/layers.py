@@ -1,0 +1,247 @@
+"""Megatron's tensor-parallel layers: column- and row-parallel linear, vocab-parallel embedding.
+
+A column-parallel layer splits its *output* features across the tp group, the row-parallel
+layer after it splits its *input* features, so the activation between them stays split and
+nothing is gathered::
+
+              X (replicated)
+              |
+              f          identity forward, all-reduce of dX backward  (once per region)
+        +-----+-----+
+     X A_0       X A_1   column-parallel: A = [A_0 | A_1]     (each rank: its heads / columns)
+        |           |
+   act, attention, dropout on the split stream (RNGTracker)
+        |           |
+    Y_0 B_0     Y_1 B_1  row-parallel: B = [B_0 ; B_1]
+        +-----+-----+
+              g          all-reduce forward, identity backward
+              |
+          Z + bias (replicated; the bias is added once, after the sum)
+
+Weights are cut from the full, seeded single-device tensors, and every cut parameter is marked
+with a :class:`~goose_core.state.ShardSpec` so ``full_state_dict`` can put it back together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from goose_core.distributed.collectives import (
+    copy_to_region,
+    gather_from_region,
+    reduce_from_region,
+    scatter_to_region,
+)
+from goose_core.state import ShardSpec, mark_sharded
+from goose_core.tensor_parallel.random import RNGTracker
+
+__all__ = [
+    "shard_tensor",
+    "ParallelRegion",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+]
+
+
+def shard_tensor(full: Tensor, dim: int, index: int, parts: int, blocks: int = 1) -> Tensor:
+    """Piece ``index`` of ``parts`` along ``dim``; a fused tensor of ``blocks`` equal blocks is
+    cut block by block (rank r keeps block_0[r] | block_1[r] | ...)."""
+    if full.shape[dim] % (blocks * parts):
+        raise ValueError(f"dimension {dim} of size {full.shape[dim]} does not split into "
+                         f"{blocks} block(s) x {parts} equal parts")
+    pieces = [block.chunk(parts, dim)[index] for block in full.detach().chunk(blocks, dim)]
+    return torch.cat(pieces, dim).clone()
+
+
+def _sharded_param(full: Tensor, dim: int, group: dist.ProcessGroup, blocks: int = 1,
+                   replicas: int = 1) -> nn.Parameter:
+    parts = dist.get_world_size(group) // replicas
+    index = dist.get_rank(group) // replicas
+    param = nn.Parameter(shard_tensor(full, dim, index, parts, blocks))
+    return mark_sharded(param, ShardSpec(dim, blocks, replicas))
+
+
+class _SumOverReplicas(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the tp ranks that hold the same shard.
+
+    Each replica of a kv-head only sees the gradient from its own query heads; the true gradient
+    is their sum. One all-reduce of a buffer with a slot per distinct shard does it without
+    extra process groups (the slots of the other shards are zeros)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, group: dist.ProcessGroup, replicas: int) -> Tensor:
+        ctx.group, ctx.replicas = group, replicas
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        slots = dist.get_world_size(ctx.group) // ctx.replicas
+        slot = dist.get_rank(ctx.group) // ctx.replicas
+        buffer = grad.new_zeros((slots, *grad.shape))
+        buffer[slot] = grad
+        dist.all_reduce(buffer, group=ctx.group)
+        return buffer[slot], None, None
+
+
+class ParallelRegion:
+    """One column -> row region of a block (an attention or an MLP).
+
+    All column-parallel layers that read the *same* input tensor share one ``f`` (Llama's q, k
+    and v: one all-reduce backward, not three), and random ops between the columns and the row
+    draw from the split stream of the :class:`RNGTracker`.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, tracker: RNGTracker | None = None) -> None:
+        self.group = group
+        self.tracker = tracker
+        self._input: Tensor | None = None
+        self._entered: Tensor | None = None
+
+    def enter(self, x: Tensor) -> Tensor:
+        if x is not self._input:
+            self._input, self._entered = x, copy_to_region(x, self.group)
+        if self.tracker is not None:
+            self.tracker.enter()
+        assert self._entered is not None
+        return self._entered
+
+    def leave(self) -> None:
+        self._input = self._entered = None
+        if self.tracker is not None:
+            self.tracker.leave()
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
+    if not transposed:
+        return F.linear(x, weight, bias)
+    # GPT-2's Conv1D stores (in, out) and computes x @ W + b with addmm: keep its exact op.
+    rows = x.reshape(-1, x.shape[-1])
+    out = rows @ weight if bias is None else torch.addmm(bias, rows, weight)
+    return out.view(*x.shape[:-1], weight.shape[-1])
+
+
+class ColumnParallelLinear(nn.Module):
+    """``Y = X A + b`` with A split by output features: rank r computes ``X A_r + b_r``.
+
+    Args:
+        weight: the full weight, ``(out, in)`` (``(in, out)`` when ``transposed``, as Conv1D).
+        bias: the full bias or None.
+        group: the tensor-parallel group.
+        gather_output: all-gather the output (replicated result) instead of leaving it split.
+        blocks: the output is ``blocks`` fused blocks (q|k|v = 3) each split separately.
+        replicas: tp ranks sharing one shard (kv-heads when tp > kv-heads).
+        transposed: weight stored ``(in, out)`` (GPT-2 ``Conv1D``).
+        region: the :class:`ParallelRegion` this layer opens; None gives the layer its own ``f``.
+        shared_weight: an already sharded parameter to use as weight (tied LM head).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, group: dist.ProcessGroup, *,
+                 gather_output: bool = False, blocks: int = 1, replicas: int = 1,
+                 transposed: bool = False, region: ParallelRegion | None = None,
+                 shared_weight: nn.Parameter | None = None) -> None:
+        super().__init__()
+        if gather_output and (blocks > 1 or replicas > 1):
+            raise ValueError("gather_output=True needs a plain split (blocks=1, replicas=1)")
+        out_dim = 1 if transposed else 0
+        self.group, self.gather_output, self.replicas = group, gather_output, replicas
+        self.transposed, self.region = transposed, region
+        self.weight = shared_weight if shared_weight is not None else \
+            _sharded_param(weight, out_dim, group, blocks, replicas)
+        self.bias = None if bias is None else _sharded_param(bias, 0, group, blocks, replicas)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, group: dist.ProcessGroup, **kwargs: Any) -> "ColumnParallelLinear":
+        """Shard an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
+        kwargs.setdefault("transposed", isinstance(module, Conv1D))
+        return cls(module.weight, module.bias, group, **kwargs)
+
+    def _weights(self) -> tuple[Tensor, Tensor | None]:
+        if self.replicas == 1:
+            return self.weight, self.bias
+        bias = None if self.bias is None else _SumOverReplicas.apply(self.bias, self.group, self.replicas)
+        return _SumOverReplicas.apply(self.weight, self.group, self.replicas), bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.region.enter(x) if self.region is not None else copy_to_region(x, self.group)
+        y = _linear(x, *self._weights(), self.transposed)
+        return gather_from_region(y, self.group, dim=-1) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return f"weight={tuple(self.weight.shape)}, gather_output={self.gather_output}, replicas={self.replicas}"
+
+
+class RowParallelLinear(nn.Module):
+    """``Y = X B + b`` with B split by input features: rank r computes ``X_r B_r``, then one
+    all-reduce (``g``) sums the partial products and the bias is added once.
+
+    Args:
+        weight, bias, group, transposed: as :class:`ColumnParallelLinear`.
+        input_is_parallel: X arrives split (after a column-parallel layer); otherwise this
+            layer takes its own slice of a replicated X.
+        region: the :class:`ParallelRegion` this layer closes.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, group: dist.ProcessGroup, *,
+                 input_is_parallel: bool = True, transposed: bool = False,
+                 region: ParallelRegion | None = None) -> None:
+        super().__init__()
+        self.group, self.input_is_parallel = group, input_is_parallel
+        self.transposed, self.region = transposed, region
+        self.weight = _sharded_param(weight, 0 if transposed else 1, group)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    @classmethod
+    def from_module(cls, module: nn.Module, group: dist.ProcessGroup, **kwargs: Any) -> "RowParallelLinear":
+        kwargs.setdefault("transposed", isinstance(module, Conv1D))
+        return cls(module.weight, module.bias, group, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.region is not None:
+            self.region.leave()
+        if not self.input_is_parallel:
+            x = scatter_to_region(x, self.group, dim=-1)
+        y = reduce_from_region(_linear(x, self.weight, None, self.transposed), self.group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"weight={tuple(self.weight.shape)}, input_is_parallel={self.input_is_parallel}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding table split by vocabulary rows: rank r owns ids ``[r V/tp, (r+1) V/tp)``.
+
+    Each rank looks up the ids it owns, writes zeros for the others, and one all-reduce (``g``)
+    assembles every row. The weight has the LM head's layout, so a tied head shares it.
+    """
+
+    def __init__(self, weight: Tensor, group: dist.ProcessGroup, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.group = group
+        self.weight = _sharded_param(weight, 0, group)
+        rows = self.weight.shape[0]
+        self.vocab_start = dist.get_rank(group) * rows
+        self.vocab_end = self.vocab_start + rows
+        local_pad = None if padding_idx is None else padding_idx - self.vocab_start
+        self.padding_idx = local_pad if local_pad is not None and 0 <= local_pad < rows else None
+
+    @classmethod
+    def from_module(cls, module: nn.Embedding, group: dist.ProcessGroup) -> "VocabParallelEmbedding":
+        if module.max_norm is not None or module.sparse:
+            raise ValueError("VocabParallelEmbedding supports neither max_norm nor sparse embeddings")
+        return cls(module.weight, group, module.padding_idx)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        rows = F.embedding(local, self.weight, self.padding_idx)
+        return reduce_from_region(rows.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
+
+    def extra_repr(self) -> str:
+        return f"rows=[{self.vocab_start}, {self.vocab_end}), dim={self.weight.shape[1]}"

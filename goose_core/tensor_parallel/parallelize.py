@@ -1,0 +1,165 @@
+"""TensorParallel: turn an HF causal LM into a Megatron-style tensor-parallel model, in place.
+
+What changes, per rank of the tp group (parameter names stay the HF names)::
+
+    embed_tokens / wte        nn.Embedding      -> VocabParallelEmbedding  (rows of its vocab)
+    each block, per the plan  colwise  Linear   -> ColumnParallelLinear    (opens a region: f)
+                              rowwise  Linear   -> RowParallelLinear       (closes it: g)
+    attention modules         head counts       -> per-rank head counts (plan's localize)
+    lm_head                   nn.Linear         -> ColumnParallelLinear, vocab-split, tied if it was
+    loss_function             ForCausalLMLoss   -> VocabParallelCausalLMLoss (never gathers logits)
+
+Everything else (norms, position embeddings, the parent's masks, rotary tables and ALiBi) stays
+replicated and unchanged, so each decoder layer works when called alone by a pipeline stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+
+from goose_core.distributed.context import ParallelContext
+from goose_core.tensor_parallel.cross_entropy import VocabParallelCausalLMLoss
+from goose_core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelRegion,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from goose_core.tensor_parallel.plan import KV_PROJECTIONS, STYLE_BLOCKS, TPPlan, check_sizes, resolve_plan
+from goose_core.tensor_parallel.random import RNGTracker
+
+__all__ = ["TensorParallel", "localize_heads", "rng_tracker"]
+
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _kv_heads(config: Any) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def localize_heads(model: nn.Module, plan: TPPlan, tp: int) -> None:
+    """The generic localize for declared plans: every module that owns column-parallel layers
+    and has head-count attributes gets this rank's counts (GQA: kv-heads replicated when
+    tp > kv-heads, so each rank keeps one)."""
+    heads, kv_heads = model.config.num_attention_heads, _kv_heads(model.config)
+    local_heads, local_kv = heads // tp, max(1, kv_heads // tp)
+    parents = {name.rpartition(".")[0] for name, style in plan.layers.items() if style != "rowwise"}
+    for parent in parents:
+        module = model.get_submodule(parent)
+        for attr in _HEAD_ATTRS:
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, local_heads)
+        for attr in _KV_ATTRS:
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, local_kv)
+        if isinstance(getattr(module, "num_key_value_groups", None), int):
+            module.num_key_value_groups = local_heads // local_kv
+
+
+def rng_tracker(model: nn.Module) -> RNGTracker:
+    """The RNG tracker a tensor-parallel model draws its dropout masks from."""
+    return model.goose_rng_tracker
+
+
+class TensorParallel:
+    """Shard ``model`` over ``ctx``'s tensor-parallel group.
+
+    ``parallelize()`` modifies the model in place and returns it. Build the model identically
+    on every rank first (same seed), so every shard is cut from the same full weights and the
+    tp model equals the single-device one from step 0.
+
+    With labels, ``model(...).logits`` are this rank's vocabulary shard (the loss never gathers
+    them); without labels the LM head all-gathers and the logits are whole.
+
+    Args:
+        model: an HF causal LM (``PreTrainedModel`` with input and output embeddings).
+        ctx: the parallel context; only its tp group is used.
+        seed: seeds the split RNG streams (default ``ctx.seed``).
+
+    Raises:
+        ValueError: from ``parallelize()``, on every rank before any collective: no plan for the
+            family, or a size (heads, kv-heads, vocab, intermediate) that does not split.
+    """
+
+    def __init__(self, model: nn.Module, ctx: ParallelContext, seed: int | None = None) -> None:
+        self.model, self.ctx = model, ctx
+        self.seed = ctx.seed if seed is None else seed
+
+    def parallelize(self) -> nn.Module:
+        model, ctx, tp = self.model, self.ctx, self.ctx.tensor_parallel_size
+        if getattr(model, "goose_rng_tracker", None) is not None:
+            raise ValueError("this model is already tensor-parallel: call parallelize() once")
+        plan = resolve_plan(model)
+        check_sizes(model, plan, tp)
+        embedding, head = _vocab_modules(model)
+        tracker = RNGTracker(self.seed, ctx.tensor_parallel_rank, ctx.device)
+        self._shard_blocks(plan, tracker)
+        if plan.localize is not None:
+            plan.localize(model, tp, ctx.tensor_parallel_rank)
+        else:
+            localize_heads(model, plan, tp)
+        head = self._shard_vocab(embedding, head)
+        model.loss_function = VocabParallelCausalLMLoss(ctx.tensor_parallel_group, model.config.vocab_size)
+        model.goose_rng_tracker = tracker
+        before, after = _forward_hooks(head, tracker)
+        model.register_forward_pre_hook(before, with_kwargs=True)
+        model.register_forward_hook(after, always_call=True)
+        return model
+
+    def _shard_blocks(self, plan: TPPlan, tracker: RNGTracker) -> None:
+        group, tp = self.ctx.tensor_parallel_group, self.ctx.tensor_parallel_size
+        kv_heads = _kv_heads(self.model.config)
+        rows = {name.rpartition(".")[0] for name, style in plan.layers.items() if style == "rowwise"}
+        regions = {parent: ParallelRegion(group, tracker) for parent in rows}
+        for name, style in plan.layers.items():
+            module, region = self.model.get_submodule(name), regions.get(name.rpartition(".")[0])
+            if style == "rowwise":
+                new: nn.Module = RowParallelLinear.from_module(module, group, region=region)
+            else:
+                replicas = tp // kv_heads if name.endswith(KV_PROJECTIONS) and tp > kv_heads else 1
+                new = ColumnParallelLinear.from_module(module, group, blocks=STYLE_BLOCKS[style],
+                                                       replicas=replicas, region=region)
+            _replace(self.model, name, new)
+
+    def _shard_vocab(self, embedding: nn.Embedding, head: nn.Linear) -> ColumnParallelLinear:
+        model, group = self.model, self.ctx.tensor_parallel_group
+        tied = head.weight is embedding.weight
+        names = {id(m): n for n, m in model.named_modules()}
+        vocab = VocabParallelEmbedding.from_module(embedding, group)
+        _replace(model, names[id(embedding)], vocab)
+        new_head = ColumnParallelLinear.from_module(head, group, shared_weight=vocab.weight if tied else None)
+        _replace(model, names[id(head)], new_head)
+        return new_head
+
+
+def _vocab_modules(model: nn.Module) -> tuple[nn.Embedding, nn.Linear]:
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embedding, nn.Embedding) or not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__}: expected an nn.Embedding input and an nn.Linear "
+                         f"LM head, got {type(embedding).__name__} and {type(head).__name__}")
+    if embedding.max_norm is not None or embedding.sparse:
+        raise ValueError("a vocab-parallel embedding supports neither max_norm nor sparse=True")
+    return embedding, head
+
+
+def _forward_hooks(head: ColumnParallelLinear, tracker: RNGTracker) -> tuple[Any, Any]:
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # A forward that died inside a region must not leave the split stream installed.
+        tracker.leave()
+        # Only a caller of the whole model without labels wants whole logits; the loss (and a
+        # pipeline stage calling lm_head itself) works on the shards.
+        head.gather_output = kwargs.get("labels") is None and dist.get_world_size(head.group) > 1
+
+    def after(module: nn.Module, args: tuple, output: Any) -> None:
+        head.gather_output = False
+
+    return before, after

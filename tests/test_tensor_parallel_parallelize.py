@@ -1,0 +1,97 @@
+"""Unit tests of TensorParallel.parallelize(): per-rank attributes, logits, tp=1, misuse."""
+
+import pytest
+import torch
+
+from goose_core import ParallelContext, TensorParallel
+from goose_core.testing import TrainSpec, run_distributed
+
+
+def _logits(ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    spec = TrainSpec(family="llama")
+    model = TensorParallel(spec.build_model(), ctx).parallelize()
+    batch = spec.batch(0)
+    with torch.no_grad():
+        whole = model(input_ids=batch["input_ids"]).logits
+        hidden = model.model(input_ids=batch["input_ids"]).last_hidden_state
+        direct = model.lm_head(hidden)  # as a pipeline's last stage calls it, after the above
+        shard = model(**batch).logits
+    return {"whole": whole, "shard": shard, "direct": direct}
+
+
+def test_logits_are_whole_without_labels_and_shards_with_them() -> None:
+    spec = TrainSpec(family="llama")
+    with torch.no_grad():
+        want = spec.build_model()(input_ids=spec.batch(0)["input_ids"]).logits
+    for rank, got in enumerate(run_distributed(_logits, 2, timeout=60)):
+        torch.testing.assert_close(got["whole"], want, rtol=1e-4, atol=1e-5)
+        mine = want.chunk(2, dim=-1)[rank]
+        torch.testing.assert_close(got["shard"], mine, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["direct"], mine, rtol=1e-4, atol=1e-5)
+
+
+def _attributes(ctx: ParallelContext, family: str) -> list[int]:
+    model = TensorParallel(TrainSpec(family=family).build_model(), ctx).parallelize()
+    layer = model.base_model.get_submodule("layers.0" if family == "llama" else "h.0")
+    if family == "llama":
+        return [layer.self_attn.num_key_value_groups]
+    if family == "gpt2":
+        return [layer.attn.num_heads, layer.attn.split_size]
+    return [layer.self_attention.num_heads]
+
+
+@pytest.mark.parametrize("family, tp, want", [("gpt2", 2, [2, 32]), ("bloom", 4, [1]),
+                                              ("llama", 2, [2]), ("llama", 4, [1])])
+def test_attention_sees_per_rank_head_counts(family: str, tp: int, want: list[int]) -> None:
+    assert run_distributed(_attributes, tp, 1, 1, family, timeout=60) == [want] * tp
+
+
+def _tp1(ctx: ParallelContext) -> float:
+    spec = TrainSpec(family="gpt2")
+    return TensorParallel(spec.build_model(), ctx).parallelize()(**spec.batch(0)).loss.item()
+
+
+def test_tp_of_one_is_the_plain_model() -> None:
+    spec = TrainSpec(family="gpt2")
+    assert run_distributed(_tp1, 1, timeout=60)[0] == pytest.approx(spec.build_model()(**spec.batch(0)).loss.item(),
+                                                                   rel=1e-6)
+
+
+def _twice(ctx: ParallelContext) -> None:
+    model = TensorParallel(TrainSpec(family="gpt2").build_model(), ctx).parallelize()
+    TensorParallel(model, ctx).parallelize()
+
+
+def test_parallelizing_twice_is_an_error() -> None:
+    with pytest.raises(Exception, match="already tensor-parallel"):
+        run_distributed(_twice, 2, timeout=60)
+
+
+def _layer_by_layer(ctx: ParallelContext, family: str) -> tuple[float, float]:
+    """Call the tp model the way a pipeline does: each decoder layer alone with what the parent
+    passed it (captured), then lm_head and model.loss_function on the last stage."""
+    spec = TrainSpec(family=family)
+    model = TensorParallel(spec.build_model(), ctx).parallelize()
+    batch = spec.batch(0)
+    layers = model.base_model.get_submodule("layers" if family == "llama" else "h")
+    calls: list[tuple[tuple, dict]] = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    with torch.no_grad():
+        whole = model(**batch, use_cache=False).loss.item()
+        args, kwargs = calls[0]
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        for layer, (_, layer_kwargs) in zip(layers, calls):
+            layer_kwargs = {k: v for k, v in layer_kwargs.items() if k != "hidden_states"}
+            out = layer(hidden, **layer_kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        norm = model.base_model.get_submodule("norm" if family == "llama" else "ln_f")
+        logits = model.get_output_embeddings()(norm(hidden))
+        staged = model.loss_function(logits=logits, labels=batch["labels"], vocab_size=256).item()
+    return whole, staged
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_decoder_layers_run_alone_with_what_the_parent_passes(family: str) -> None:
+    for whole, staged in run_distributed(_layer_by_layer, 2, 1, 1, family, timeout=60):
+        assert staged == whole

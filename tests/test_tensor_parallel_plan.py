@@ -1,0 +1,51 @@
+"""Unit tests of tensor-parallel plans: declared, adapted, and the errors that say what to change."""
+
+import pytest
+from transformers import AutoModelForCausalLM, OPTConfig
+
+from goose_core.tensor_parallel import check_sizes, resolve_plan
+from goose_core.testing import build_model
+
+
+def test_llama_uses_its_declared_plan() -> None:
+    plan = resolve_plan(build_model("llama"))
+    assert plan.localize is None and len(plan.layers) == 4 * 7
+    assert plan.layers["model.layers.3.self_attn.k_proj"] == "colwise"
+    assert plan.layers["model.layers.0.mlp.down_proj"] == "rowwise"
+
+
+@pytest.mark.parametrize("family, fused", [("gpt2", "transformer.h.0.attn.c_attn"),
+                                           ("bloom", "transformer.h.0.self_attention.query_key_value")])
+def test_families_without_a_plan_use_goose_adapters(family: str, fused: str) -> None:
+    plan = resolve_plan(build_model(family))
+    assert plan.localize is not None and len(plan.layers) == 4 * 4 and fused in plan.layers
+
+
+def test_a_family_without_plan_or_adapter_says_how_to_add_one() -> None:
+    config = OPTConfig(vocab_size=256, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                       word_embed_proj_dim=16)
+    with pytest.raises(ValueError, match="model_type 'opt'.*base_model_tp_plan.*register_adapter"):
+        resolve_plan(AutoModelForCausalLM.from_config(config))
+
+
+@pytest.mark.parametrize("overrides, tp, message", [
+    ({}, 3, r"num_attention_heads=4 does not divide by tp=3: choose tp in \[1, 2, 4\]"),
+    ({"num_key_value_heads": 1, "num_attention_heads": 8}, 8, None),
+    ({"num_key_value_heads": 4, "num_attention_heads": 8, "hidden_size": 128}, 8, None),
+    ({"vocab_size": 250}, 4, r"vocab_size=250 does not divide by tp=4: pad the vocabulary"),
+    ({"intermediate_size": 130}, 4, r"mlp.up_proj: 130 output features do not split into 1 block\(s\) x 4"),
+])
+def test_sizes_that_do_not_split_name_the_fix(overrides: dict, tp: int, message: str | None) -> None:
+    model = build_model("llama", **overrides)
+    plan = resolve_plan(model)
+    if message is None:  # kv-heads replicated (tp multiple of kv) or split (kv multiple of tp)
+        check_sizes(model, plan, tp)
+        return
+    with pytest.raises(ValueError, match=message):
+        check_sizes(model, plan, tp)
+
+
+def test_kv_heads_and_tp_must_divide_one_way() -> None:
+    model = build_model("llama", num_attention_heads=12, num_key_value_heads=3, hidden_size=96)
+    with pytest.raises(ValueError, match="num_key_value_heads=3 and tp=2: one must divide the other"):
+        check_sizes(model, resolve_plan(model), 2)
