@@ -1,8 +1,10 @@
 """goose: 3D-parallel (tensor x pipeline x data) training of Hugging Face causal LMs."""
 
+from goose_core.data_parallel import DataParallel
 from goose_core.distributed import ParallelContext, RankError, spawn
+from goose_core.optim import DistributedOptimizer, clip_grad_norm_
 from goose_core.state import full_state_dict
 from goose_core.tensor_parallel import TensorParallel
 
-__all__ = ["ParallelContext", "RankError", "TensorParallel", "full_state_dict", "spawn"]
+__all__ = ["DataParallel", "DistributedOptimizer", "ParallelContext", "RankError", "TensorParallel", "clip_grad_norm_", "full_state_dict", "spawn"]
 __version__ = "0.1.0"

@@ -11,13 +11,14 @@ from goose_core.testing.reference import (
     snapshot,
     train_loop,
 )
-from goose_core.testing.tolerances import EXACT, REORDER, SPLIT, Tolerance
+from goose_core.testing.tolerances import EXACT, REORDER, SPLIT, SPLIT_ADAMW, Tolerance
 
 __all__ = [
     "EXACT",
     "FAMILIES",
     "REORDER",
     "SPLIT",
+    "SPLIT_ADAMW",
     "RunResult",
     "Tolerance",
     "TrainSpec",

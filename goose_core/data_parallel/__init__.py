@@ -1,0 +1,21 @@
+"""Data parallelism: bucketed gradient averaging that overlaps the backward pass."""
+
+from goose_core.data_parallel.bucket import Bucket, build_buckets
+from goose_core.data_parallel.loss import PendingMean, global_mean
+from goose_core.data_parallel.reducer import GradReducer, reducer_of_param
+from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
+from goose_core.data_parallel.wrapper import DataParallel, no_sync, reducer_of
+
+__all__ = [
+    "Bucket",
+    "DataParallel",
+    "GradReducer",
+    "PendingMean",
+    "broadcast_replicas",
+    "build_buckets",
+    "check_replicas",
+    "global_mean",
+    "no_sync",
+    "reducer_of",
+    "reducer_of_param",
+]

@@ -1,0 +1,125 @@
+"""Gradient buckets: parameters packed into flat buffers that one collective reduces at a time.
+
+A bucket is a flat gradient buffer with a slot per parameter, padded so it splits into ``dp``
+equal shards (the padding costs nothing for an all-reduce and is what ZeRO-1's reduce-scatter
+needs)::
+
+    bucket.grad   | p3 ......| p2 ....| p1 ...........|pad|
+                  |<-- shard 0 -->|<-- shard 1 -->|<- ... (reduce-scatter: rank r keeps shard r)
+
+Parameters go in reverse registration order, the order in which the backward pass usually
+produces their gradients, so the first bucket fills (and starts communicating) first.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["Bucket", "build_buckets"]
+
+
+class Bucket:
+    """Parameters sharing one flat gradient buffer and one collective.
+
+    Args:
+        params: the parameters, in slot order (same dtype and device).
+        pad_to: the buffer's length is rounded up to a multiple of this (the dp size).
+    """
+
+    def __init__(self, params: list[nn.Parameter], pad_to: int) -> None:
+        self.params = params
+        self.offsets: list[int] = []
+        total = 0
+        for p in params:
+            self.offsets.append(total)
+            total += p.numel()
+        self.numel = total
+        self.padded_numel = -(-total // pad_to) * pad_to
+        self.shard_numel = self.padded_numel // pad_to
+        self.grad = torch.zeros(self.padded_numel, dtype=params[0].dtype, device=params[0].device)
+        self.shard_grad = torch.zeros(self.shard_numel, dtype=self.grad.dtype, device=self.grad.device)
+        self.ready: set[int] = set()
+        self.work: dist.Work | None = None
+
+    def slot(self, i: int) -> Tensor:
+        """The piece of the flat buffer that holds parameter ``i``'s gradient, shaped like it."""
+        p = self.params[i]
+        return self.grad[self.offsets[i] : self.offsets[i] + p.numel()].view_as(p)
+
+    def flat_params(self) -> Tensor:
+        """The parameters' values, flattened in slot order and zero-padded like ``grad``."""
+        flat = torch.zeros_like(self.grad)
+        for i, p in enumerate(self.params):
+            flat[self.offsets[i] : self.offsets[i] + p.numel()].copy_(p.detach().reshape(-1))
+        return flat
+
+    def shard_range(self, rank: int) -> tuple[int, int]:
+        """The ``[start, end)`` of rank ``rank``'s shard in the flat buffer."""
+        return rank * self.shard_numel, (rank + 1) * self.shard_numel
+
+    @property
+    def full(self) -> bool:
+        return len(self.ready) == len(self.params)
+
+    def mark_ready(self, i: int, divisor: int = 1) -> None:
+        """Copy parameter ``i``'s gradient / ``divisor`` into its slot (zeros if it has none).
+
+        Dividing on the way in (as torch DDP does) saves a pass over the buffer afterwards.
+        """
+        grad = self.params[i].grad
+        if grad is None:
+            self.slot(i).zero_()
+        elif divisor == 1:
+            self.slot(i).copy_(grad)
+        else:
+            torch.div(grad, divisor, out=self.slot(i))
+        self.ready.add(i)
+
+    def launch(self, group: dist.ProcessGroup, scatter: bool, divisor: int = 1) -> None:
+        """Start the bucket's async all-reduce (or reduce-scatter into ``shard_grad``)."""
+        for i in range(len(self.params)):
+            if i not in self.ready:
+                self.mark_ready(i, divisor)
+        if scatter:
+            self.work = dist.reduce_scatter_single(self.shard_grad, self.grad, group=group, async_op=True)
+        else:
+            self.work = dist.all_reduce(self.grad, group=group, async_op=True)
+
+    def wait(self) -> None:
+        """Block until the bucket's collective is done and forget its readiness."""
+        if self.work is not None:
+            self.work.wait()
+        self.work = None
+        self.ready.clear()
+
+
+def build_buckets(params: Iterable[nn.Parameter], bucket_bytes: int, pad_to: int,
+                  key: Callable[[nn.Parameter], Hashable] = lambda p: None,
+                  first_bucket_bytes: int | None = None) -> list[Bucket]:
+    """Pack ``params`` into buckets of about ``bucket_bytes`` each, in the order given.
+
+    A bucket closes when it reaches ``bucket_bytes`` or when the next parameter differs from it in
+    dtype, device or ``key`` (ZeRO-1 keys by param group and by how the gradient norm counts it).
+    The first bucket may close earlier, at ``first_bucket_bytes`` (torch DDP uses 1 MB): the
+    sooner the first collective starts, the more of the backward pass it overlaps.
+    """
+    buckets: list[Bucket] = []
+    current: list[nn.Parameter] = []
+    size = 0
+    kind: Hashable = None
+    for p in params:
+        p_kind = (p.dtype, p.device, key(p))
+        cap = bucket_bytes if buckets or first_bucket_bytes is None else min(first_bucket_bytes, bucket_bytes)
+        if current and (size >= cap or p_kind != kind):
+            buckets.append(Bucket(current, pad_to))
+            current, size = [], 0
+        current.append(p)
+        size += p.numel() * p.element_size()
+        kind = p_kind
+    if current:
+        buckets.append(Bucket(current, pad_to))
+    return buckets

@@ -1,0 +1,140 @@
+"""The gradient reducer: per-parameter hooks that reduce buckets while the backward pass runs.
+
+Timeline of one backward pass with three buckets (b0 holds the last layers, whose gradients
+come first)::
+
+    backward   | grads of b0 | grads of b1 | grads of b2 |  end of backward (engine callback)
+    comm                     | reduce b0 ->| reduce b1 ->| reduce b2 -> wait all
+                             ^ b0 full: its async collective starts while b1's grads compute
+
+Each parameter's ``post_accumulate_grad`` hook copies its gradient into its bucket's slot; a
+full bucket starts its async collective, always in bucket order so every rank issues the same
+collectives in the same order (a bucket that fills early waits for the ones before it). The
+first hook of a backward queues a callback on the autograd engine that runs when that backward
+ends: it launches buckets not yet full (a parameter without a gradient counts as zeros) and
+waits for all of them. Averaging costs no extra pass: all-reduce inputs are divided by dp as
+they are copied in (as DDP does); reduce-scatter shards are divided once they arrive. Hooks,
+not a wrapper around ``loss.backward()``, so anything that drives autograd (the pipeline
+engine's backward across ranks) triggers them.
+
+Two modes: all-reduce (plain data parallelism; ``p.grad`` becomes its slot of the averaged
+buffer) and reduce-scatter (ZeRO-1; each rank keeps only its shard of the averaged buffer,
+``bucket.shard_grad``, and ``p.grad`` is freed).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Hashable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from goose_core.data_parallel.bucket import Bucket, build_buckets
+
+__all__ = ["GradReducer", "reducer_of_param", "FIRST_BUCKET_BYTES"]
+
+#: The first bucket closes early so that communication starts early in the backward (as DDP).
+FIRST_BUCKET_BYTES = 2**20
+
+_ATTR = "_goose_grad_reducer"
+
+
+class GradReducer:
+    """Averages the gradients of ``params`` over ``group`` as the backward pass produces them.
+
+    Args:
+        params: the parameters that need gradients (in registration order).
+        group: the data-parallel process group.
+        bucket_bytes: the size at which a bucket closes.
+    """
+
+    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.bucket_bytes = bucket_bytes
+        self.sync = True
+        #: True once a backward pass has reduced every bucket; ZeRO-1 clears it after its step.
+        self.reduced = False
+        self.scatter = False
+        self.buckets: list[Bucket] = []
+        self._where: dict[nn.Parameter, tuple[Bucket, int]] = {}
+        self._handles: list[RemovableHandle] = []
+        self._next = 0
+        self._callback_queued = False
+        self._carry: list[Tensor] | None = None
+        self.rebuild([params], scatter=False)
+
+    def rebuild(self, param_lists: list[list[nn.Parameter]], scatter: bool,
+                key: Callable[[nn.Parameter], Hashable] = lambda p: None) -> None:
+        """Re-bucket: one run of buckets per list (ZeRO-1 passes its param groups), new hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self.scatter = scatter
+        self.buckets = [b for params in param_lists
+                        for b in build_buckets(reversed(params), self.bucket_bytes, self.size, key,
+                                               FIRST_BUCKET_BYTES)]
+        self._where = {p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
+        for p in self._where:
+            setattr(p, _ATTR, self)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Every parameter whose gradient this reducer averages."""
+        return list(self._where)
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Skip communication inside: gradients accumulate locally in ``p.grad``."""
+        before, self.sync = self.sync, False
+        try:
+            yield
+        finally:
+            self.sync = before
+
+    def _on_grad(self, param: nn.Parameter) -> None:
+        if not self.sync:
+            return
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+            # A second synced backward before the optimizer consumed the shards (accumulation
+            # without no_sync): keep what the first one reduced, the collectives overwrite it.
+            self._carry = [b.shard_grad.clone() for b in self.buckets] if self.scatter and self.reduced else None
+        bucket, i = self._where[param]
+        bucket.mark_ready(i, divisor=1 if self.scatter else self.size)  # all-reduce: pre-divided
+        if self.scatter:
+            param.grad = None  # its value lives in the bucket now; ZeRO-1 keeps only the shard
+        while self._next < len(self.buckets) and self.buckets[self._next].full:
+            self._launch(self.buckets[self._next])
+
+    def _launch(self, bucket: Bucket) -> None:
+        bucket.launch(self.group, self.scatter, divisor=1 if self.scatter else self.size)
+        self._next += 1
+
+    def finish(self) -> None:
+        """Reduce what is left and wait for every bucket (the end of a backward pass)."""
+        self._callback_queued = False
+        while self._next < len(self.buckets):
+            self._launch(self.buckets[self._next])
+        self._next = 0
+        carry = self._carry or [None] * len(self.buckets)
+        self._carry = None
+        for bucket, earlier in zip(self.buckets, carry):
+            bucket.wait()
+            if self.scatter:
+                bucket.shard_grad.div_(self.size)
+                if earlier is not None:
+                    bucket.shard_grad.add_(earlier)
+                continue
+            for i, p in enumerate(bucket.params):
+                p.grad = bucket.slot(i)
+        self.reduced = True
+
+
+def reducer_of_param(param: nn.Parameter) -> GradReducer | None:
+    """The reducer that averages ``param``'s gradient (DataParallel installed it), if any."""
+    return getattr(param, _ATTR, None)

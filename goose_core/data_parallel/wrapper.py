@@ -1,0 +1,104 @@
+"""DataParallel: replicate a model over the data-parallel group and average its gradients."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from torch import nn
+
+from goose_core.data_parallel.loss import global_mean
+from goose_core.data_parallel.reducer import GradReducer
+from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
+from goose_core.distributed.context import ParallelContext
+
+__all__ = ["DataParallel", "no_sync", "reducer_of"]
+
+_ATTR = "_goose_data_parallel"
+
+
+class DataParallel:
+    """Data parallelism over ``ctx``'s data-parallel group, in place on ``module``.
+
+    ``parallelize()`` returns the same module (parameter names unchanged) with:
+
+    * per-parameter gradient hooks that average gradients over the dp group in buckets of
+      ``bucket_size_mb``, overlapping the backward pass (see :mod:`.reducer`);
+    * a forward hook that replaces ``output.loss`` by its mean over the dp group, a
+      :class:`~goose_core.data_parallel.loss.PendingMean` whose async all-reduce overlaps the
+      backward (its gradient stays the local loss's: the hooks do the averaging);
+    * a check that parameters and buffers are identical on every dp rank (or a broadcast).
+
+    Each rank feeds its own shard of the global batch (``goose_core.data.shard_batch``), as with
+    torch DDP. Frozen parameters (``requires_grad=False``) are left alone. A parameter that
+    requires a gradient but gets none in a step counts as a zero gradient, so every rank issues
+    the same collectives. When several backward passes make one step (gradient accumulation,
+    micro-batches driven by hand), run all but the last inside ``no_sync()``.
+
+    Args:
+        module: any ``nn.Module``; a Hugging Face model's ``.loss`` becomes the global mean.
+        ctx: the parallel context; only its data-parallel group is used.
+        bucket_size_mb: gradient bytes per bucket (torch DDP's default: 25 MB).
+        broadcast: copy dp rank 0's parameters and buffers to every rank instead of checking.
+
+    Raises:
+        ValueError: ``bucket_size_mb`` is not positive; replicas differ (on every rank).
+    """
+
+    def __init__(self, module: nn.Module, ctx: ParallelContext, bucket_size_mb: float = 25.0,
+                 broadcast: bool = False) -> None:
+        if not bucket_size_mb > 0:
+            raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb!r}; torch DDP uses 25")
+        if hasattr(module, _ATTR):
+            raise ValueError("this module is already wrapped by DataParallel; wrap it once")
+        self.module = module
+        self.ctx = ctx
+        self.bucket_bytes = int(bucket_size_mb * 2**20)
+        self.broadcast = broadcast
+        self.reducer: GradReducer | None = None
+
+    def parallelize(self) -> nn.Module:
+        """Install the hooks and return the module, ready for ``model(**batch).loss.backward()``."""
+        group = self.ctx.data_parallel_group
+        if self.broadcast:
+            broadcast_replicas(self.module, group)
+        else:
+            check_replicas(self.module, group)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.reducer = GradReducer(params, group, self.bucket_bytes)
+        self.module.register_forward_hook(self._global_loss)
+        setattr(self.module, _ATTR, self)
+        return self.module
+
+    def _global_loss(self, module: nn.Module, args: Any, output: Any) -> Any:
+        loss = getattr(output, "loss", None)
+        if loss is not None:
+            output.loss = global_mean(loss, self.ctx.data_parallel_group)
+        return output
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally: no communication until a backward outside this block."""
+        assert self.reducer is not None, "call parallelize() first"
+        with self.reducer.no_sync():
+            yield
+
+
+def reducer_of(module: nn.Module) -> GradReducer | None:
+    """The gradient reducer DataParallel installed on ``module``, if any."""
+    wrapper = getattr(module, _ATTR, None)
+    return wrapper.reducer if wrapper is not None else None
+
+
+@contextmanager
+def no_sync(module: nn.Module) -> Iterator[None]:
+    """``DataParallel.no_sync()`` for a module returned by ``parallelize()``.
+
+    Raises:
+        ValueError: ``module`` was not parallelized by DataParallel.
+    """
+    wrapper = getattr(module, _ATTR, None)
+    if wrapper is None:
+        raise ValueError("no_sync(model) needs a model returned by DataParallel(model, ctx).parallelize()")
+    with wrapper.no_sync():
+        yield

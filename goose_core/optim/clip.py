@@ -1,0 +1,128 @@
+"""Global gradient-norm clipping across every group the parameters are split over.
+
+The norm is that of the whole single-device model's gradient. Each rank adds up only the
+gradient pieces it *owns*, and one all-reduce over all ranks sums the owners::
+
+    piece                                      owned by                     why
+    tp shard (shard_spec(p) is not None)       tp ranks with tp_rank % replicas == 0
+                                                                            shards are disjoint
+    tp-replicated parameter                    tp_rank 0                    count once, not tp times
+    ZeRO-1 gradient shard (DistributedOptimizer)  every dp rank             shards are disjoint
+    anything else (replicated over dp)         dp_rank 0                    count once, not dp times
+    pipeline stages                            the stage holding it         stages are disjoint
+    a tied copy on another stage               nobody: mark_duplicate(p)    the original counts
+
+Parameters tied across pipeline stages (GPT-2's embedding on the first stage and ``lm_head``
+on the last) exist twice; mark the second copy with :func:`mark_duplicate` (the pipeline
+engine does), or pass ``is_duplicate``. Every rank calls ``clip_grad_norm_`` (it is collective
+over the whole world) and scales all of its gradients, owned or not, by the same coefficient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from goose_core.distributed.context import ParallelContext
+from goose_core.state import shard_spec
+
+__all__ = ["clip_grad_norm_", "mark_duplicate", "mark_dp_shard", "norm_kind", "GRAD_SHARDS_ATTR"]
+
+_DUPLICATE = "_goose_norm_duplicate"
+_DP_SHARD = "_goose_dp_shard"
+#: A parameter whose gradient ZeRO-1 holds elsewhere carries ``GRAD_SHARDS_ATTR``: a callable
+#: returning the tensors (dp shards) whose ``.grad`` stands for it in the norm and the clipping.
+GRAD_SHARDS_ATTR = "_goose_grad_shards"
+
+
+def mark_duplicate(param: Tensor) -> Tensor:
+    """Leave ``param`` out of the norm: it is a tied copy of a parameter counted elsewhere."""
+    setattr(param, _DUPLICATE, True)
+    return param
+
+
+def mark_dp_shard(tensor: Tensor) -> Tensor:
+    """Count ``tensor`` on every dp rank: each holds a different shard (ZeRO-1)."""
+    setattr(tensor, _DP_SHARD, True)
+    return tensor
+
+
+def norm_kind(param: Tensor) -> tuple[int, bool]:
+    """What decides who counts ``param`` in the norm: (tp replicas or 0 if whole, duplicate).
+
+    ZeRO-1 keeps parameters of different kinds in different buckets, so each gradient shard
+    is counted by one rule.
+    """
+    spec = shard_spec(param)
+    return (spec.replicas if spec is not None else 0, bool(getattr(param, _DUPLICATE, False)))
+
+
+def _expand(parameters: Iterable[Tensor]) -> list[Tensor]:
+    """The tensors whose gradients make up the norm, ZeRO-1 shards in place of their params."""
+    out: dict[int, Tensor] = {}
+    for p in parameters:
+        shards = getattr(p, GRAD_SHARDS_ATTR, None)
+        for t in shards() if shards is not None else [p]:
+            out.setdefault(id(t), t)
+    return list(out.values())
+
+
+def _owned(p: Tensor, ctx: ParallelContext, is_duplicate: Callable[[Tensor], bool] | None) -> bool:
+    if getattr(p, _DUPLICATE, False) or (is_duplicate is not None and is_duplicate(p)):
+        return False
+    spec = shard_spec(p)
+    replicas = spec.replicas if spec is not None else ctx.tensor_parallel_size
+    if ctx.tensor_parallel_rank % replicas:
+        return False
+    return getattr(p, _DP_SHARD, False) or ctx.data_parallel_rank == 0
+
+
+def _total_norm(owned: list[Tensor], norm_type: float, device: torch.device) -> Tensor:
+    if math.isinf(norm_type):
+        local = torch.stack([g.abs().max().float() for g in owned]).max() if owned else torch.zeros((), device=device)
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        return local
+    norms = [torch.linalg.vector_norm(g, norm_type).float() for g in owned]
+    local = torch.stack(norms).pow(norm_type).sum() if norms else torch.zeros((), device=device)
+    dist.all_reduce(local)
+    return local.pow(1.0 / norm_type)
+
+
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, ctx: ParallelContext,
+                    norm_type: float = 2.0, *,
+                    is_duplicate: Callable[[Tensor], bool] | None = None) -> Tensor:
+    """Scale gradients in place so the whole model's gradient norm is at most ``max_norm``.
+
+    The same maths as ``torch.nn.utils.clip_grad_norm_`` on the single-device model, for
+    parameters split over tensor-, pipeline- and data-parallel ranks (see the module docstring
+    for who counts what). Collective over every rank of ``ctx``.
+
+    Args:
+        parameters: this rank's parameters (``model.parameters()``); parameters managed by a
+            DistributedOptimizer are replaced by its gradient shards automatically.
+        max_norm: the largest allowed total norm.
+        ctx: the parallel context (its coordinates decide ownership).
+        norm_type: the p of the p-norm; ``float("inf")`` for the max-norm.
+        is_duplicate: returns True for parameters to leave out of the norm (tied copies).
+
+    Returns:
+        The total norm before clipping (a scalar tensor, the same on every rank).
+
+    Raises:
+        ValueError: ``max_norm`` is negative or ``norm_type`` is not positive.
+    """
+    if not max_norm >= 0:
+        raise ValueError(f"max_norm must be >= 0, got {max_norm!r}")
+    if not norm_type > 0:
+        raise ValueError(f"norm_type must be > 0 (2.0, or float('inf')), got {norm_type!r}")
+    tensors = [t for t in _expand(parameters) if t.grad is not None]
+    owned = [t.grad.detach() for t in tensors if _owned(t, ctx, is_duplicate)]
+    total = _total_norm(owned, float(norm_type), ctx.device)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for t in tensors:
+        t.grad.detach().mul_(coef.to(t.grad.device, t.grad.dtype))
+    return total

@@ -1,0 +1,262 @@
+"""ZeRO-1: DistributedOptimizer keeps optimizer state only for this data-parallel rank's shard.
+
+Every step, per bucket of the flattened parameters (padded to split into dp equal shards)::
+
+    grads   [ g0 | g1 | g2 | g3 ]   every rank, local       (DataParallel's hooks, during backward)
+              reduce-scatter, / dp                           each rank: its shard of the mean
+    shard   [ g1 ]                  rank 1                   clip_grad_norm_ sums shards over dp
+              optimizer.step() on the shard (a copy of its parameters, state for it only)
+              all-gather
+    params  [ p0 | p1 | p2 | p3 ]   every rank, replicated   copied back into the model
+              (on gloo the all-gather is one broadcast per shard: same bytes, measured faster)
+
+Reduce-scatter plus all-gather moves the same bytes as one all-reduce (ZeRO paper, sec. 7):
+no full all-reduce happens. With DataParallel, the optimizer takes over DataParallel's gradient
+reducer (same buckets, hooks switched to reduce-scatter), so the reduction still overlaps the
+backward pass; a rank's shard is the r-th slice of every bucket (contiguous per bucket, as in
+Megatron-core's distributed optimizer). Without DataParallel it reduce-scatters at ``step()``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from goose_core.data_parallel.bucket import Bucket, build_buckets
+from goose_core.data_parallel.reducer import GradReducer, reducer_of_param
+from goose_core.distributed.context import ParallelContext
+from goose_core.optim.clip import GRAD_SHARDS_ATTR, mark_dp_shard, norm_kind
+from goose_core.optim.zero_state import consolidate, shard_consolidated
+from goose_core.state import mark_sharded, shard_spec
+
+__all__ = ["DistributedOptimizer"]
+
+
+class DistributedOptimizer(torch.optim.Optimizer):
+    """ZeRO-1 around any ``torch.optim`` optimizer: state for this dp rank's shard only.
+
+    The wrapped optimizer keeps its param groups and per-group options; its groups' ``params``
+    become this rank's flat shards (``param_groups`` is the wrapped optimizer's list, so LR
+    schedulers work unchanged). ``step()``, ``zero_grad()``, ``state_dict()`` and
+    ``load_state_dict()`` behave as the wrapped optimizer's; ``consolidated_state_dict()`` and
+    ``load_consolidated_state_dict()`` speak the plain single-device format.
+
+    The model's parameters stay the truth between steps: each step writes the all-gathered
+    result back into them, and ``load_state_dict`` re-reads them (load model weights first).
+    Parameters with ``requires_grad=False`` are left out, as a plain optimizer skips them.
+
+    Args:
+        optimizer: a fresh optimizer (no state yet) over the model's parameters.
+        ctx: the parallel context; parameters are sharded over its data-parallel group.
+        bucket_size_mb: bucket size when no DataParallel reducer is there to take over.
+
+    Raises:
+        ValueError: on every rank, for an optimizer with state, parameters only partly under
+            one DataParallel, or DataParallel parameters the optimizer does not hold.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, ctx: ParallelContext,
+                 bucket_size_mb: float = 25.0) -> None:
+        _check(optimizer, bucket_size_mb)
+        self.optimizer = optimizer
+        self.ctx = ctx
+        self.defaults = optimizer.defaults
+        for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                      "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, hooks, OrderedDict())
+        self.group_params = [list(g["params"]) for g in optimizer.param_groups]
+        trainable = [[p for p in ps if p.requires_grad] for ps in self.group_params]
+        self.reducer = _take_over_reducer(trainable)
+        self.buckets = self._bucket(trainable, int(bucket_size_mb * 2**20))
+        self.shards = [self._new_shard(b) for b in self.buckets]
+        self._install(trainable)
+        self._reduced = False
+
+    def _bucket(self, trainable: list[list[nn.Parameter]], bucket_bytes: int) -> list[Bucket]:
+        """One run of buckets per param group and gradient-norm kind; DataParallel's if there."""
+        if self.reducer is not None:
+            self.reducer.rebuild(trainable, scatter=True, key=norm_kind)  # hooks now reduce-scatter
+            return self.reducer.buckets
+        dp = self.ctx.data_parallel_size
+        return [b for ps in trainable for b in build_buckets(reversed(ps), bucket_bytes, dp, norm_kind)]
+
+    def _install(self, trainable: list[list[nn.Parameter]]) -> None:
+        """Give the wrapped optimizer this rank's shards in place of each group's parameters."""
+        owner = {p: gi for gi, ps in enumerate(trainable) for p in ps}
+        for group in self.optimizer.param_groups:
+            group["params"] = []
+        for bucket, shard in zip(self.buckets, self.shards):
+            self.optimizer.param_groups[owner[bucket.params[0]]]["params"].append(shard)
+        for p in owner:
+            setattr(p, GRAD_SHARDS_ATTR, self._grad_shards)  # clip_grad_norm_ uses the shards
+
+    # -- what a torch.optim.Optimizer exposes ---------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.optimizer.state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        raise ValueError("DistributedOptimizer cannot add param groups after wrapping; give the "
+                         "wrapped optimizer all its groups before DistributedOptimizer(optimizer, ctx)")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Reduce-scatter (unless the backward already did), step the shard, all-gather."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._grad_shards()
+        self.optimizer.step()
+        self._all_gather()
+        self._reduced = False
+        if self.reducer is not None:
+            self.reducer.reduced = False
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the model's gradients and the shards' (as ``Optimizer.zero_grad``)."""
+        for bucket in self.buckets:
+            for p in bucket.params:
+                if p.grad is not None and not set_to_none:
+                    p.grad.zero_()
+                elif p.grad is not None:
+                    p.grad = None
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._reduced = False
+        if self.reducer is not None:
+            self.reducer.reduced = False  # the next backward starts a fresh accumulation
+
+    # -- the ZeRO-1 steps ------------------------------------------------------------------
+    def _new_shard(self, bucket: Bucket) -> nn.Parameter:
+        lo, hi = bucket.shard_range(self.ctx.data_parallel_rank)
+        shard = nn.Parameter(bucket.flat_params()[lo:hi].clone())
+        first = bucket.params[0]
+        if (spec := shard_spec(first)) is not None:
+            mark_sharded(shard, spec)  # only its tp-replica count matters: it steers the norm
+        for name in ("_goose_norm_duplicate",):
+            if getattr(first, name, False):
+                setattr(shard, name, True)
+        return mark_dp_shard(shard)
+
+    def _grad_shards(self) -> list[nn.Parameter]:
+        """This rank's averaged gradient shards, reduce-scattering first if nobody has."""
+        if not self._reduced:
+            if self.reducer is None or not self.reducer.reduced:
+                self._reduce_scatter()
+            for bucket, shard in zip(self.buckets, self.shards):
+                shard.grad = bucket.shard_grad
+            self._reduced = True
+        return self.shards
+
+    def _reduce_scatter(self) -> None:
+        group = self.ctx.data_parallel_group
+        for bucket in self.buckets:
+            bucket.launch(group, scatter=True)
+        for bucket in self.buckets:
+            bucket.wait()
+            bucket.shard_grad.div_(self.ctx.data_parallel_size)
+
+    def _all_gather(self) -> None:
+        # The flat gradient buffer is free until the next backward: gather parameters into it.
+        works = [w for b, s in zip(self.buckets, self.shards) for w in self._gather_bucket(b, s)]
+        for work in works:
+            work.wait()
+        for bucket in self.buckets:
+            for i, p in enumerate(bucket.params):
+                p.detach().copy_(bucket.slot(i))
+
+    def _gather_bucket(self, bucket: Bucket, shard: nn.Parameter) -> list[dist.Work]:
+        group = self.ctx.data_parallel_group
+        if self.ctx.backend != "gloo":
+            return [dist.all_gather_single(bucket.grad, shard.detach(), group=group, async_op=True)]
+        # gloo: one in-place broadcast per shard moves the same bytes as an all-gather and
+        # measured ~1.5x faster than gloo's all-gather (13 MB, 2 ranks: 4.1 ms against 6.1 ms).
+        lo, hi = bucket.shard_range(self.ctx.data_parallel_rank)
+        bucket.grad[lo:hi].copy_(shard.detach())
+        ranks = self.ctx.group_ranks("dp")
+        return [dist.broadcast(bucket.grad[r * bucket.shard_numel : (r + 1) * bucket.shard_numel],
+                               src=ranks[r], group=group, async_op=True) for r in range(len(ranks))]
+
+    def _refresh_shards(self) -> None:
+        with torch.no_grad():
+            for bucket, shard in zip(self.buckets, self.shards):
+                lo, hi = bucket.shard_range(self.ctx.data_parallel_rank)
+                shard.copy_(bucket.flat_params()[lo:hi])
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _layout(self) -> list[list[int]]:
+        return [[p.numel() for p in b.params] for b in self.buckets]
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """This rank's shard of the optimizer state (tied to this dp size and bucketing)."""
+        return {"zero1_shard": self.ctx.data_parallel_rank, "dp_size": self.ctx.data_parallel_size,
+                "layout": self._layout(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load ``state_dict()`` of the same rank and layout, or a consolidated (plain) one."""
+        if "zero1_shard" not in state_dict:
+            self.load_consolidated_state_dict(state_dict)
+            return
+        mine = (self.ctx.data_parallel_rank, self.ctx.data_parallel_size, self._layout())
+        theirs = (state_dict["zero1_shard"], state_dict["dp_size"], state_dict["layout"])
+        if mine != theirs:
+            raise ValueError(f"this shard state dict is for dp rank {theirs[0]} of {theirs[1]} with another "
+                             f"bucket layout; load a consolidated_state_dict() to change layouts")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self._refresh_shards()
+
+    def consolidated_state_dict(self) -> dict[str, Any]:
+        """The whole state in the plain format of the wrapped optimizer over the model's params.
+
+        Collective over the data-parallel group; every rank returns the same dictionary, which
+        ``torch.optim.<Same>(model.parameters(), ...).load_state_dict`` accepts on one device.
+        """
+        return consolidate(self.optimizer, self.buckets, self.shards, self.group_params,
+                           self.ctx.data_parallel_group)
+
+    def load_consolidated_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a plain (single-device) optimizer state dict: each rank keeps its shard."""
+        inner = shard_consolidated(state_dict, self.optimizer, self.buckets, self.shards,
+                                   self.group_params, self.ctx.data_parallel_rank)
+        self.optimizer.load_state_dict(inner)
+        self._refresh_shards()
+
+
+def _check(optimizer: Any, bucket_size_mb: float) -> None:
+    if not bucket_size_mb > 0:
+        raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb!r}; the default is 25")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, DistributedOptimizer):
+        raise ValueError("this optimizer is already a DistributedOptimizer; wrap the plain one once")
+    if optimizer.state:
+        raise ValueError("wrap a fresh optimizer (no state yet); to resume, wrap first and then call "
+                         "load_state_dict() with a shard or consolidated state dict")
+
+
+def _take_over_reducer(trainable: list[list[nn.Parameter]]) -> GradReducer | None:
+    """DataParallel's reducer for these parameters, if they are under one (checked exactly)."""
+    params = [p for ps in trainable for p in ps]
+    reducers = {id(r): r for r in map(reducer_of_param, params)}
+    if not reducers or list(reducers) == [id(None)]:
+        return None
+    if len(reducers) > 1:
+        raise ValueError("some of the optimizer's parameters are under DataParallel and some are not "
+                         "(or under two); wrap the whole model once with DataParallel")
+    reducer = next(iter(reducers.values()))
+    missing = set(map(id, reducer.params)) - set(map(id, params))
+    if missing:
+        raise ValueError(f"{len(missing)} trainable parameters of the DataParallel model are not in the "
+                         f"optimizer; under ZeRO-1 give the optimizer every trainable parameter "
+                         f"(or set requires_grad=False on the others)")
+    return reducer

@@ -1,0 +1,105 @@
+"""ZeRO-1 state dicts: gather shards into the plain single-device format, and cut it back.
+
+The consolidated form is exactly what ``torch.optim.<Optimizer>(model.parameters())`` writes:
+parameters numbered in param-group order, per-element state (``exp_avg``, ``momentum_buffer``)
+shaped like each parameter, scalars (``step``) repeated per parameter. Padding is dropped on the
+way out and comes back as zeros, which is what it holds anyway (zero gradient, zero weight).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from goose_core.data_parallel.bucket import Bucket
+
+__all__ = ["consolidate", "shard_consolidated"]
+
+
+def _numbering(params: list[list[Any]]) -> dict[Any, int]:
+    return {p: i for i, p in enumerate(p for ps in params for p in ps)}
+
+
+def _options(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def _is_per_element(value: Any, like: Tensor, key: str) -> bool:
+    return torch.is_tensor(value) and value.shape == like.shape and not (key == "step" and value.dim() == 0)
+
+
+def _copy(value: Any) -> Any:
+    return value.detach().cpu().clone() if torch.is_tensor(value) else value
+
+
+def consolidate(optimizer: torch.optim.Optimizer, buckets: list[Bucket], shards: list[nn.Parameter],
+                group_params: list[list[nn.Parameter]], group: dist.ProcessGroup) -> dict[str, Any]:
+    """Every rank's shard state all-gathered into the plain format (collective over ``group``)."""
+    index = _numbering(group_params)
+    state: dict[int, dict[str, Any]] = {}
+    for bucket, shard in zip(buckets, shards):
+        shard_state = optimizer.state.get(shard, {})
+        for key in sorted(shard_state):  # same keys, same order on every rank
+            value = shard_state[key]
+            if _is_per_element(value, shard, key):
+                full = torch.empty(bucket.padded_numel, dtype=value.dtype, device=value.device)
+                dist.all_gather_single(full, value.contiguous(), group=group)
+                pieces = [full[o : o + p.numel()].view(p.shape) for o, p in zip(bucket.offsets, bucket.params)]
+            else:
+                pieces = [value] * len(bucket.params)
+            for p, piece in zip(bucket.params, pieces):
+                state.setdefault(index[p], {})[key] = _copy(piece)
+    groups = [{**_options(g), "params": [index[p] for p in ps]}
+              for g, ps in zip(optimizer.param_groups, group_params)]
+    return {"state": state, "param_groups": groups}
+
+
+def _check_groups(state_dict: dict[str, Any], group_params: list[list[nn.Parameter]]) -> None:
+    theirs = [len(g["params"]) for g in state_dict["param_groups"]]
+    mine = [len(ps) for ps in group_params]
+    if theirs != mine:
+        raise ValueError(f"the state dict has param groups of sizes {theirs}, this optimizer {mine}; "
+                         f"load a state dict saved from the same model and param groups")
+
+
+def _shard_entries(entries: list[dict[str, Any]], bucket: Bucket, lo: int, hi: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in entries[0].items():
+        if _is_per_element(value, bucket.params[0], key):
+            flat = torch.zeros(bucket.padded_numel, dtype=value.dtype)
+            for o, p, entry in zip(bucket.offsets, bucket.params, entries):
+                flat[o : o + p.numel()].copy_(entry[key].reshape(-1))
+            out[key] = flat[lo:hi].clone()
+        else:
+            out[key] = _copy(value)
+    return out
+
+
+def shard_consolidated(state_dict: dict[str, Any], optimizer: torch.optim.Optimizer, buckets: list[Bucket],
+                       shards: list[nn.Parameter], group_params: list[list[nn.Parameter]],
+                       rank: int) -> dict[str, Any]:
+    """The wrapped optimizer's state dict for rank ``rank``'s shards, cut from a plain one.
+
+    Raises:
+        ValueError: the param groups differ, or a bucket's parameters have state only in part.
+    """
+    _check_groups(state_dict, group_params)
+    index = _numbering(group_params)
+    shard_index = _numbering([g["params"] for g in optimizer.param_groups])
+    saved = {int(k): v for k, v in state_dict["state"].items()}
+    state: dict[int, dict[str, Any]] = {}
+    for bucket, shard in zip(buckets, shards):
+        entries = [saved.get(index[p]) for p in bucket.params]
+        if all(e is None for e in entries):
+            continue
+        if any(e is None for e in entries):
+            raise ValueError("some parameters in the state dict have optimizer state and others sharing "
+                             "their bucket do not; step every trainable parameter before saving")
+        lo, hi = bucket.shard_range(rank)
+        state[shard_index[shard]] = _shard_entries(entries, bucket, lo, hi)
+    groups = [{**_options(saved_g), "params": [shard_index[s] for s in g["params"]]}
+              for saved_g, g in zip(state_dict["param_groups"], optimizer.param_groups)]
+    return {"state": state, "param_groups": groups}

@@ -1,0 +1,67 @@
+"""Stage 02: DataParallel equals the single-device run on the whole global batch."""
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from goose_core import DataParallel, ParallelContext
+from goose_core.testing import (SPLIT, SPLIT_ADAMW, RunResult, Tolerance, TrainSpec, assert_matches_reference, reference_run,
+                                run_distributed, snapshot, train_loop)
+from goose_core.testing.stages import load_train_script
+
+train_script = load_train_script("02")
+GPT2 = TrainSpec(family="gpt2", steps=3)
+LLAMA = TrainSpec(family="llama", steps=3)
+
+
+def _train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int, bucket_size_mb: float) -> RunResult:
+    return train_script.train(ctx, spec, micro_batches, bucket_size_mb)
+
+
+# Split into 4+ pieces, AdamW amplifies fp32 reordering where gradient elements are near its
+# eps (SPLIT_ADAMW says by how much); SGD shows the gradients themselves agree to SPLIT, and
+# SGD would expose a wrong gradient scale that AdamW's normalisation hides.
+@pytest.mark.parametrize("spec, dp, micro_batches, bucket_size_mb, tol", [
+    (GPT2, 2, 1, 25.0, SPLIT),                                # one bucket
+    (LLAMA, 4, 2, 0.05, SPLIT_ADAMW),                         # many buckets + accumulation (no_sync)
+    (replace(GPT2, optimizer="sgd"), 4, 1, 0.05, SPLIT),
+    (replace(LLAMA, optimizer="sgd"), 2, 2, 25.0, SPLIT),
+], ids=["gpt2-adamw-dp2", "llama-adamw-dp4-accumulate", "gpt2-sgd-dp4", "llama-sgd-dp2-accumulate"])
+def test_equals_the_single_device_run(spec: TrainSpec, dp: int, micro_batches: int, bucket_size_mb: float,
+                                      tol: Tolerance) -> None:
+    reference = reference_run(spec)
+    for result in run_distributed(_train, 1, 1, dp, spec, micro_batches, bucket_size_mb, timeout=120):
+        assert_matches_reference(result, reference, tol)
+
+
+def _frozen(ctx: ParallelContext | None, spec: TrainSpec) -> RunResult:
+    model = spec.build_model()
+    model.transformer.h[1].requires_grad_(False)  # a frozen layer: no gradients, no hooks
+    batches = (spec.batch(s) for s in range(spec.steps))
+    if ctx is not None:
+        model = DataParallel(model, ctx, bucket_size_mb=0.05).parallelize()
+        batches = train_script.shards(ctx, spec)
+    optimizer = spec.build_optimizer(p for p in model.parameters() if p.requires_grad)
+    return RunResult(train_loop(model, optimizer, batches), snapshot(model))
+
+
+def test_a_frozen_layer_neither_hangs_nor_changes_the_result() -> None:
+    reference = _frozen(None, GPT2)
+    for result in run_distributed(_frozen, 1, 1, 2, GPT2, timeout=60):
+        assert_matches_reference(result, reference, SPLIT)
+        assert torch.equal(result.params["transformer.h.1.mlp.c_fc.weight"],
+                           GPT2.build_model().transformer.h[1].mlp.c_fc.weight.detach())
+
+
+def test_torchrun_prints_losses_beside_the_reference() -> None:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", train_script.__file__,
+                          "--steps", "2", "--micro-batches", "2"],
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "reference" in out.stdout and "DataParallel over 2 ranks" in out.stdout
