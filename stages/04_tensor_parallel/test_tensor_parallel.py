@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from goose_core import ParallelContext, full_state_dict
+from goose_core import DataParallel, ParallelContext, full_state_dict
 from goose_core.data import shard_batch
 from goose_core.testing import (
     REORDER,
@@ -68,8 +68,6 @@ def test_unsplittable_vocab_fails_on_every_rank_with_the_fix() -> None:
 
 
 def _tp_dp(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
-    from goose_core.data_parallel import DataParallel
-
     model = DataParallel(train_script.build(ctx, spec), ctx).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
     shards = (shard_batch(spec.batch(s), ctx.dp_rank, ctx.dp_size) for s in range(spec.steps))
@@ -77,7 +75,6 @@ def _tp_dp(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
 
 
 def test_tp_composes_with_data_parallel() -> None:
-    pytest.importorskip("goose_core.data_parallel", reason="DataParallel (stage 02) is not installed")
     spec = TrainSpec(family="llama", steps=3)
     reference = reference_run(spec)
     for result in run_distributed(_tp_dp, 2, 1, 2, spec, timeout=120):
