@@ -3,8 +3,9 @@
 from goose_core.data_parallel import DataParallel
 from goose_core.distributed import ParallelContext, RankError, spawn
 from goose_core.optim import DistributedOptimizer, clip_grad_norm_
+from goose_core.pipeline import PipelineParallel
 from goose_core.state import full_state_dict
 from goose_core.tensor_parallel import TensorParallel
 
-__all__ = ["DataParallel", "DistributedOptimizer", "ParallelContext", "RankError", "TensorParallel", "clip_grad_norm_", "full_state_dict", "spawn"]
+__all__ = ["DataParallel", "DistributedOptimizer", "ParallelContext", "PipelineParallel", "RankError", "TensorParallel", "clip_grad_norm_", "full_state_dict", "spawn"]
 __version__ = "0.1.0"

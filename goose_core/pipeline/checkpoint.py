@@ -1,0 +1,165 @@
+"""Checkpointing as two autograd functions sharing state: Checkpoint and Recompute.
+
+``Checkpoint`` runs a cell's forward without keeping its activations (only its input and the RNG
+state). ``Recompute`` is a separate node that re-runs that forward with autograd on; it is
+joined into the graph (see :mod:`goose_core.pipeline.dependency`) so autograd runs it before the
+cell's backward, at a moment the executor chooses: just after the *previous* cell's backward, while
+this cell's incoming gradient may still be in flight. The two share a :class:`Checkpointing`
+record: Recompute leaves the rebuilt graph there, Checkpoint's backward runs it::
+
+    forward:   x ──► Checkpoint(no_grad) ──► y           (x and the RNG state kept)
+                          │ shared record
+    backward:  phony ─► Recompute: rebuild y with grad ─┐
+               grad y ─► Checkpoint.backward: backward through the rebuilt y, return grad x
+
+The RNG (CPU and the input's CUDA device) is restored for the replay, so dropout draws the same
+masks and checkpointing changes no bit of the gradients.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal
+
+import torch
+from torch import Tensor
+
+from goose_core.pipeline.callbacks import CallbackList
+
+__all__ = ["CheckpointMode", "MODES", "checkpoint_stop", "is_recomputing", "is_checkpointing",
+           "Checkpointing"]
+
+CheckpointMode = Literal["always", "except_last", "never"]
+MODES: tuple[CheckpointMode, ...] = ("always", "except_last", "never")
+
+_state = threading.local()
+
+
+def checkpoint_stop(mode: str, num_microbatches: int) -> int:
+    """Micro-batches ``i < stop`` are checkpointed.
+
+    ``except_last`` keeps the last micro-batch's activations: its backward starts right after its
+    forward, so recomputing it would buy no memory.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown checkpoint mode {mode!r}; choose one of {list(MODES)}")
+    return {"always": num_microbatches, "except_last": num_microbatches - 1, "never": 0}[mode]
+
+
+@contextmanager
+def _flag(name: str) -> Iterator[None]:
+    old = getattr(_state, name, False)
+    setattr(_state, name, True)
+    try:
+        yield
+    finally:
+        setattr(_state, name, old)
+
+
+def is_recomputing() -> bool:
+    """True inside a recompute: a layer that must act once per step (e.g. count tokens) can skip."""
+    return getattr(_state, "recomputing", False)
+
+
+def is_checkpointing() -> bool:
+    """True inside a checkpointed forward (the one that keeps no activations)."""
+    return getattr(_state, "checkpointing", False)
+
+
+def _rng_devices(x: Tensor) -> list[torch.device]:
+    return [x.device] if x.is_cuda else []
+
+
+class Checkpointing:
+    """One checkpointed cell: its function, its input, its RNG state, its rebuilt graph.
+
+    Args:
+        function: the cell's forward, one tensor in, one tensor out.
+        input: the cell's input (may or may not require grad).
+        cell: (micro-batch, partition), for the recompute callbacks.
+        callbacks: fired around the recompute.
+    """
+
+    def __init__(self, function: Callable[[Tensor], Tensor], input: Tensor, cell: tuple[int, int],
+                 callbacks: CallbackList) -> None:
+        self.function = function
+        self.input: Tensor | None = input
+        self.cell = cell
+        self.callbacks = callbacks
+        self.devices = _rng_devices(input)
+        self.cpu_rng: Tensor | None = None
+        self.cuda_rng: list[Tensor] = []
+        self.rebuilt: tuple[Tensor, Tensor] | None = None  # (output, input leaf)
+
+    def checkpoint(self, phony: Tensor) -> Tensor:
+        """The cell's output, computed without saving activations. ``phony`` must require grad
+        so the output is part of the graph even when the input is not."""
+        return Checkpoint.apply(phony, self, self.input)
+
+    def recompute(self, phony: Tensor) -> Tensor:
+        """A phony whose backward rebuilds the cell's graph (join it where the rebuild should run).
+
+        From here on only the Recompute node holds the input (saved for backward, so saved-tensor
+        hooks see it like any other activation)."""
+        phony = Recompute.apply(phony, self, self.input)
+        self.input = None
+        return phony
+
+    def save_rng(self) -> None:
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    @contextmanager
+    def restored_rng(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=self.devices):
+            assert self.cpu_rng is not None
+            torch.set_rng_state(self.cpu_rng)
+            for device, state in zip(self.devices, self.cuda_rng):
+                torch.cuda.set_rng_state(state, device)
+            yield
+
+
+class Checkpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, phony: Tensor, record: Checkpointing, input: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.record = record
+        record.save_rng()
+        with torch.no_grad(), _flag("checkpointing"):
+            return record.function(input)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[None, None, Tensor | None]:  # type: ignore[override]
+        record: Checkpointing = ctx.record
+        if record.rebuilt is None:
+            raise RuntimeError(f"cell {record.cell} reached its backward before its recompute: the "
+                               f"Recompute node must be joined into the graph upstream of it")
+        output, leaf = record.rebuilt
+        record.rebuilt = None
+        if output.requires_grad:
+            torch.autograd.backward(output, grad_output)
+        return None, None, leaf.grad if leaf.requires_grad else None
+
+
+class Recompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, phony: Tensor, record: Checkpointing, input: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.record = record
+        ctx.save_for_backward(input)
+        return phony.detach()
+
+    @staticmethod
+    def backward(ctx, grad_phony: Tensor) -> tuple[None, None, None]:  # type: ignore[override]
+        record: Checkpointing = ctx.record
+        micro, part = record.cell
+        record.callbacks.fire("recompute", "before", micro, part)
+        (input,) = ctx.saved_tensors
+        leaf = input.detach().requires_grad_(input.requires_grad)
+        with record.restored_rng(), torch.enable_grad(), _flag("recomputing"):
+            output = record.function(leaf)
+        record.rebuilt = (output, leaf)
+        record.callbacks.fire("recompute", "after", micro, part)
+        return None, None, None

@@ -1,0 +1,253 @@
+"""PipelineParallel: turn a Hugging Face causal LM into this rank's pipeline stage.
+
+Every rank of the pipeline group calls ``PipelineParallel(model, ctx, ...).parallelize()``; each
+keeps its blocks (and the embeddings on the first stage, the head on the last) and replaces the
+rest with placeholders, so parameter names stay the single-device model's. The model's
+``forward`` becomes the pipeline's: the same training loop runs on every rank::
+
+    loss = model(input_ids=..., labels=...).loss   # global batch mean, on every stage
+    loss.backward()                                 # runs the whole backward schedule
+
+With input and output embeddings tied (GPT-2, Bloom), the first stage holds the embedding and
+the last the head, one Parameter seen from two ranks: after each backward their gradients are
+summed over the two, so both keep one value.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from goose_core.distributed.context import ParallelContext
+from goose_core.partition import Partitioner, partition_blocks
+from goose_core.pipeline.callbacks import Callback, CallbackList
+from goose_core.pipeline.checkpoint import checkpoint_stop
+from goose_core.pipeline.microbatch import gather, scatter, token_weights
+from goose_core.pipeline.p2p import DistributedTransport
+from goose_core.pipeline.pipeline import Partition, Pipeline, StepOutput
+from goose_core.pipeline.split import Adapter, adapter_for, drop_modules
+from goose_core.pipeline.tied import TiedGradients
+from goose_core.pipeline.transport import LocalTransport, Transport
+
+__all__ = ["PipelineParallel", "local_pipeline"]
+
+_PROFILED = ("time", "memory")
+
+
+class PipelineParallel:
+    """Split ``model`` over the pipeline-parallel group of ``ctx``.
+
+    Args:
+        model: a transformers causal LM (GPT-2, Bloom, or a family with ``base_model_pp_plan``).
+        ctx: this rank's ParallelContext.
+        num_microbatches: M, the number of equal micro-batches each batch is cut into.
+        checkpoint: ``"always"``, ``"except_last"`` or ``"never"``.
+        partitioner: how many blocks each stage gets (see :func:`goose_core.partition.partition_blocks`).
+        callbacks: fired around every forward, backward and recompute of a (micro-batch, stage) cell.
+        sample: for the profiling partitioners, hidden states of one micro-batch (default: one
+            sequence of 32 tokens).
+
+    Raises:
+        ValueError: on every rank, before any collective: M < 1, an unknown checkpoint mode, a
+            model that cannot be split, fewer blocks than stages, a bad partition.
+    """
+
+    def __init__(self, model: nn.Module, ctx: ParallelContext, num_microbatches: int = 1,
+                 checkpoint: str = "except_last", partitioner: Partitioner = "uniform",
+                 callbacks: Iterable[Callback] = (), sample: Tensor | None = None) -> None:
+        if num_microbatches < 1:
+            raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        checkpoint_stop(checkpoint, num_microbatches)
+        self.model, self.ctx, self.num_microbatches = model, ctx, num_microbatches
+        self.checkpoint = checkpoint
+        self.callbacks = CallbackList(callbacks)
+        self.adapter = adapter_for(model)
+        self.counts = self._partition(partitioner, sample)
+
+    def _partition(self, partitioner: Partitioner, sample: Tensor | None) -> list[int]:
+        num_blocks, stages = len(self.adapter.blocks), self.ctx.pipeline_parallel_size
+        if not (isinstance(partitioner, str) and partitioner in _PROFILED):
+            return partition_blocks(num_blocks, stages, partitioner)
+        if sample is None:
+            with torch.no_grad():
+                sample = self.adapter.embed({"input_ids": torch.zeros(1, 32, dtype=torch.long)})
+        block_fns = [functools.partial(_run_block, self.adapter, b) for b in range(num_blocks)]
+        return partition_blocks(num_blocks, stages, partitioner, block_fns=block_fns, sample=sample,
+                                num_microbatches=self.num_microbatches)
+
+    def parallelize(self) -> nn.Module:
+        """This rank's stage: ``model`` itself, trimmed, with a pipelined ``forward``, the
+        :class:`CallbackList` as ``model.callbacks`` and the executor as ``model.pipeline``."""
+        ctx, model, adapter = self.ctx, self.model, self.adapter
+        j, n = ctx.pipeline_parallel_rank, ctx.pipeline_parallel_size
+        start = sum(self.counts[:j])
+        held = range(start, start + self.counts[j])
+        tied = _tied_path(model)
+        drop = [f"{adapter.blocks_path}.{b}" for b in range(len(adapter.blocks)) if b not in held]
+        if j != 0:
+            drop += [p for p in adapter.embed_paths if not (j == n - 1 and p == tied)]
+        if j != n - 1:
+            drop += list(adapter.head_paths)
+        drop_modules(model, drop)
+        model.to(ctx.device)
+        transport: Transport = (LocalTransport([ctx.device]) if n == 1 else DistributedTransport(
+            ctx.pipeline_parallel_group, ctx.prev_pipeline_rank, ctx.next_pipeline_rank, ctx.device))
+        stage = _Stage(model, adapter, {j: list(held)}, n, transport, self.num_microbatches,
+                       self.checkpoint, self.callbacks, ctx, tied, [ctx.device] * n)
+        return _install(model, stage)
+
+
+def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int = 1,
+                   checkpoint: str = "except_last", partitioner: Partitioner = "uniform",
+                   callbacks: Iterable[Callback] = (), devices: list[torch.device] | None = None
+                   ) -> nn.Module:
+    """Every partition of ``model`` in this process (torchgpipe's setting): partition j on
+    ``devices[j]`` (default: all on CPU), tensors hopping devices on copy streams. No processes,
+    no collectives: how the engine is tested without ranks, and how one GPU exercises streams.
+
+    Raises:
+        ValueError: as :class:`PipelineParallel`, or ``devices`` of the wrong length.
+    """
+    devices = [torch.device(d) for d in (devices or ["cpu"] * num_partitions)]
+    if len(devices) != num_partitions:
+        raise ValueError(f"{len(devices)} devices for {num_partitions} partitions: give one per partition")
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    checkpoint_stop(checkpoint, num_microbatches)
+    adapter = adapter_for(model)
+    counts = partition_blocks(len(adapter.blocks), num_partitions, partitioner)
+    starts = [sum(counts[:j]) for j in range(num_partitions)]
+    held = {j: list(range(starts[j], starts[j] + counts[j])) for j in range(num_partitions)}
+    for j, blocks in held.items():
+        for b in blocks:
+            adapter.blocks[b].to(devices[j])
+    for path in adapter.embed_paths:
+        model.get_submodule(path).to(devices[0])
+    for path in adapter.head_paths:
+        model.get_submodule(path).to(devices[-1])
+    if _tied_path(model) is not None and devices[0] != devices[-1]:
+        raise ValueError("tied input/output embeddings need the first and last partitions on one device")
+    stage = _Stage(model, adapter, held, num_partitions, LocalTransport(devices), num_microbatches,
+                   checkpoint, CallbackList(callbacks), devices=devices)
+    return _install(model, stage)
+
+
+def _install(model: nn.Module, stage: "_Stage") -> nn.Module:
+    model.forward = stage.forward  # type: ignore[method-assign]
+    model.callbacks = stage.pipeline.callbacks
+    model.pipeline = stage.pipeline
+    return model
+
+
+def _run_block(adapter: Adapter, index: int, hidden: Tensor) -> Tensor:
+    return adapter.block(index, hidden, adapter.context(hidden, {}))
+
+
+def _tied_path(model: nn.Module) -> str | None:
+    """The input embedding's module path when the output embedding shares its weight."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or inp.weight is not out.weight:
+        return None
+    return next(name for name, module in model.named_modules() if module is inp)
+
+
+class _Stage:
+    """The pipelined forward of the partitions held here: micro-batches in, loss (or logits) out.
+
+    With a ParallelContext it holds one partition and talks to its neighbours; without one it
+    holds them all (the local transport) and needs no collective.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, held: dict[int, list[int]],
+                 num_partitions: int, transport: Transport, num_microbatches: int,
+                 checkpoint: str, callbacks: CallbackList, ctx: ParallelContext | None = None,
+                 tied: str | None = None, devices: list[torch.device] | None = None) -> None:
+        self.model, self.adapter, self.ctx, self.transport = model, adapter, ctx, transport
+        self.num_microbatches, self.num_partitions = num_microbatches, num_partitions
+        self.is_last = num_partitions - 1 in held
+        devices = devices or [torch.device("cpu")] * num_partitions
+        partitions = [Partition(j, functools.partial(self._body, blocks, j == num_partitions - 1),
+                                adapter.embed if j == 0 else None, devices[j])
+                      for j, blocks in held.items()]
+        self.device = devices[max(held)]
+        self.pipeline = Pipeline(partitions, num_partitions, transport, checkpoint, callbacks)
+        self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
+
+    def _body(self, blocks: list[int], last: bool, hidden: Tensor, inputs: dict[str, Any]) -> Tensor:
+        context = self.adapter.context(hidden, inputs)
+        for b in blocks:
+            hidden = self.adapter.block(b, hidden, context)
+        if not last:
+            return hidden
+        logits = self.adapter.head(hidden)
+        if "labels" not in inputs:
+            return logits
+        return self.model.loss_function(logits=logits, labels=inputs["labels"],
+                                        vocab_size=self.model.config.vocab_size)
+
+    def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
+                attention_mask: Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")
+        if input_ids is None or unsupported:
+            raise ValueError(f"the pipelined model takes input_ids, labels and attention_mask; got "
+                             f"input_ids={'given' if input_ids is not None else None}, other "
+                             f"arguments {unsupported}")
+        inputs = {k: v for k, v in (("input_ids", input_ids), ("labels", labels),
+                                    ("attention_mask", attention_mask)) if v is not None}
+        microbatches = scatter(inputs, self.num_microbatches)
+        if labels is None:  # inference: no loss would reach the backward, so build no graph
+            with torch.no_grad():
+                outputs = self._outputs(self.pipeline.run(microbatches))
+            return CausalLMOutputWithPast(logits=gather(outputs) if self.is_last else None)
+        step = self.pipeline.run(microbatches)
+        outputs = self._outputs(step)
+        total = None
+        if self.is_last:
+            weights = token_weights([mb["labels"] for mb in microbatches])
+            total = sum(w * loss for w, loss in zip(weights, outputs))
+        return CausalLMOutputWithPast(loss=self._loss(total, step.roots))
+
+    @staticmethod
+    def _outputs(step: StepOutput) -> list[Tensor]:
+        return [step.outputs[i] for i in sorted(step.outputs)]
+
+    def _loss(self, total: Tensor | None, roots: list[Tensor]) -> Tensor:
+        """The batch loss on every stage; its backward drives this stage's part of the schedule."""
+        value = total.detach().clone() if total is not None else torch.zeros((), device=self.device)
+        if self.ctx is not None and self.num_partitions > 1:
+            last = self.ctx.group_ranks("pp")[-1]
+            dist.broadcast(value, last, group=self.ctx.pipeline_parallel_group)
+        if not torch.is_grad_enabled():
+            return total if total is not None else value
+        anchor = total if total is not None else value
+        return Root.apply(self._end_backward, anchor, *roots)
+
+    def _end_backward(self) -> None:
+        self.transport.end_backward()
+        if self.tied is not None:
+            # Queued again so that it runs after every other end-of-backward callback, e.g. data
+            # parallelism's gradient averaging, which would otherwise overwrite the sum.
+            torch.autograd.Variable._execution_engine.queue_callback(self.tied.sync)
+
+
+class Root(torch.autograd.Function):
+    """The loss every stage returns: its value, and edges to every phony this stage must feed.
+
+    Its backward is the first node of each stage's backward; it queues the end-of-backward work
+    (wait for the last gradient sends, sum the tied embedding's gradient)."""
+
+    @staticmethod
+    def forward(ctx, on_end: Any, value: Tensor, *roots: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.on_end, ctx.num_roots = on_end, len(roots)
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        torch.autograd.Variable._execution_engine.queue_callback(ctx.on_end)
+        empty = torch.empty(0, device=grad.device)
+        return (None, grad) + (empty,) * ctx.num_roots

@@ -1,0 +1,180 @@
+"""The executor: runs a schedule's forward cells and wires the backward order into autograd.
+
+For each forward cell (i, j) held here, the executor builds this piece of graph (the numbers are
+the order in which the backward crosses it)::
+
+      recv / embed                                                  send / loss
+    ──────────────► Join ─► [5 after] ─► cell ─► [2 before] ─► Fork ──────────►
+                     ▲                   (Checkpoint)           │
+     phony of the cell whose             (3) backward          phony ─► Recompute (1) ─► Join of the
+     backward runs next (6)                                              cell whose backward runs
+                                                                         just before (its 6 is our 1)
+
+1. Recompute (checkpointed cells only) rebuilds cell (i, j) as soon as the previous cell of the
+   backward order is done, while (i, j)'s own gradient may still be in flight. The first cell of
+   the backward order hands its phony to the loss instead: it recomputes at once.
+2. The gradient has arrived; ``backward before`` fires. 3. The cell's backward (through the
+   rebuilt graph when checkpointed). 5. ``backward after`` fires. 6. The phony releases the next
+   cell of the backward order.
+
+So the backward on each partition follows ``schedule.backward_order`` exactly, whatever order
+the autograd engine would otherwise pick among ready nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from goose_core.pipeline.callbacks import CallbackList, Phase
+from goose_core.pipeline.checkpoint import Checkpointing, checkpoint_stop
+from goose_core.pipeline.dependency import fork, get_phony, join
+from goose_core.pipeline.schedule import GPipe, Schedule
+from goose_core.pipeline.transport import Transport
+
+__all__ = ["Partition", "Pipeline", "StepOutput"]
+
+Inputs = dict[str, Any]
+
+
+@dataclass
+class Partition:
+    """One pipeline stage's work on a micro-batch.
+
+    Args:
+        index: the partition (stage) number j.
+        body: ``(x, inputs) -> y``, the checkpointable part of a cell.
+        embed: first partition only: ``inputs -> x``, run before ``body`` (never checkpointed:
+            its output is the cell's input, kept anyway).
+        device: where the partition's tensors live.
+    """
+
+    index: int
+    body: Callable[[Tensor, Inputs], Tensor]
+    embed: Callable[[Inputs], Tensor] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+
+@dataclass
+class StepOutput:
+    """What a step leaves on this process: last-partition outputs by micro-batch, and the
+    phonies of the sends (they must reach the loss so that backward fetches their gradients)."""
+
+    outputs: dict[int, Tensor]
+    roots: list[Tensor]
+
+
+class Mark(torch.autograd.Function):
+    """Identity whose backward fires a ``backward`` callback: the cell's boundary in autograd."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, callbacks: CallbackList, phase: Phase, i: int,  # type: ignore[override]
+                j: int) -> Tensor:
+        ctx.args = (callbacks, phase, i, j)
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
+        callbacks, phase, i, j = ctx.args
+        callbacks.fire("backward", phase, i, j)
+        return grad, None, None, None, None
+
+
+class Pipeline:
+    """Runs ``schedule`` over the partitions held by this process.
+
+    Args:
+        partitions: the partitions held here (all of them for a local transport, one per rank
+            for a distributed one).
+        num_partitions: the pipeline's depth.
+        transport: moves tensors between partitions.
+        checkpoint: ``"always"``, ``"except_last"`` or ``"never"``.
+        callbacks: fired around every forward, backward and recompute.
+        schedule: the schedule class (GPipe by default).
+    """
+
+    def __init__(self, partitions: list[Partition], num_partitions: int, transport: Transport,
+                 checkpoint: str = "except_last", callbacks: CallbackList | None = None,
+                 schedule: type[Schedule] = GPipe) -> None:
+        checkpoint_stop(checkpoint, 1)  # validates the mode
+        self.partitions = {p.index: p for p in partitions}
+        self.num_partitions = num_partitions
+        self.transport = transport
+        self.checkpoint = checkpoint
+        self.callbacks = callbacks if callbacks is not None else CallbackList()
+        self.schedule_cls = schedule
+
+    def run(self, microbatches: list[Inputs]) -> StepOutput:
+        """The forward of every cell held here; the backward follows from the returned tensors."""
+        m = len(microbatches)
+        grad = torch.is_grad_enabled()
+        schedule = self.schedule_cls(m, self.num_partitions)
+        stop = checkpoint_stop(self.checkpoint, m) if grad else 0
+        self.transport.begin(m, grad)
+        # after[j][i]: the micro-batch whose backward runs right after i's on partition j.
+        after = {j: _successors(schedule.backward_order(j)) for j in self.partitions}
+        phonies: dict[tuple[int, int], Tensor] = {}
+        step = StepOutput({}, [])
+        for i, j in schedule.forward_cells():
+            if j in self.partitions:
+                self._cell(i, j, microbatches[i], i < stop, after[j], phonies, step)
+        self.transport.end_forward()
+        return step
+
+    def _cell(self, i: int, j: int, inputs: Inputs, checkpointed: bool, after: dict[int, int],
+              phonies: dict[tuple[int, int], Tensor], step: StepOutput) -> None:
+        part, cb = self.partitions[j], self.callbacks
+        inputs = {k: v.to(part.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+        cb.fire("forward", "before", i, j)
+        x = part.embed(inputs) if part.embed is not None else self.transport.recv(i, j)
+        tracked = torch.is_grad_enabled()
+        if tracked and i in after:
+            # The phony of the cell that goes backward next: it stays blocked until this
+            # cell's backward has passed the join.
+            if (j, after[i]) not in phonies:
+                raise RuntimeError(f"schedule {self.schedule_cls.__name__} runs the backward of "
+                                   f"micro-batch {after[i]} after {i}'s on partition {j}, so its "
+                                   f"forward must run first; it did not")
+            x = join(x, phonies.pop((j, after[i])))
+        if tracked and x.requires_grad:
+            x = Mark.apply(x, cb, "after", i, j)
+        record = None
+        if checkpointed:
+            record = Checkpointing(lambda t: part.body(t, inputs), x, (i, j), cb)
+            y = record.checkpoint(get_phony(part.device, requires_grad=True))
+        else:
+            y = part.body(x, inputs)
+        phony = None
+        if tracked and y.requires_grad:
+            y = Mark.apply(y, cb, "before", i, j)
+            if record is not None or i in after.values():
+                y, phony = fork(y)
+        cb.fire("forward", "after", i, j)
+        if j == self.num_partitions - 1:
+            step.outputs[i] = y
+        elif (root := self.transport.send(y, i, j)) is not None:
+            step.roots.append(root)
+        if phony is not None:
+            self._release(i, j, phony, record, after, phonies, step)
+
+    def _release(self, i: int, j: int, phony: Tensor, record: Checkpointing | None,
+                 after: dict[int, int], phonies: dict[tuple[int, int], Tensor], step: StepOutput) -> None:
+        """Decide what the backward of cell (i, j) waits for besides its gradient.
+
+        Recompute is created after the send so that autograd, which runs the most recently
+        created of its ready nodes first, recomputes before it blocks on the incoming gradient.
+        """
+        if record is not None:
+            phony = record.recompute(phony)
+        if i in after.values():
+            phonies[(j, i)] = phony  # joined into the cell whose backward runs just before i's
+        else:
+            step.roots.append(phony)  # first in the backward order: recompute at once
+
+
+def _successors(order: list[int]) -> dict[int, int]:
+    """{micro-batch: the one whose backward runs right after it} for a backward ``order``."""
+    return {order[k]: order[k + 1] for k in range(len(order) - 1)}

@@ -1,0 +1,74 @@
+"""One weight on two stages: the tied input/output embedding's gradients, summed after backward."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from goose_core.distributed.context import ParallelContext
+
+__all__ = ["TiedGradients"]
+
+
+def _data_parallel_reducer(param: nn.Parameter):  # -> GradReducer | None
+    try:
+        from goose_core.data_parallel.reducer import reducer_of_param
+    except ImportError:
+        return None
+    return reducer_of_param(param)
+
+
+class TiedGradients:
+    """Sum this backward's gradient of ``param`` between the first and the last stage.
+
+    Only what this backward added is exchanged (a hook collects it), so gradients accumulated over
+    several backward calls stay right.
+
+    Args:
+        param: the tied weight (the embedding on the first stage, the head on the last).
+        group: the process group of the first and the last stage of this pipeline.
+    """
+
+    def __init__(self, param: nn.Parameter, group: dist.ProcessGroup) -> None:
+        self.param, self.group = param, group
+        self.added: Tensor | None = None
+        param.register_hook(self._collect)
+
+    @classmethod
+    def create(cls, model: nn.Module, ctx: ParallelContext, path: str) -> "TiedGradients | None":
+        """Collective over the world (every rank creates every first/last group in the same
+        order); returns None on stages that hold neither end, or when there is one stage."""
+        pp = ctx.pipeline_parallel_size
+        if pp == 1:
+            return None
+        mine = ctx.pipeline_parallel_group if pp == 2 else None
+        if pp > 2:
+            for line in ctx.grid.all_groups("pp"):
+                group = dist.new_group([line[0], line[-1]], timeout=ctx.timeout)
+                if ctx.rank in (line[0], line[-1]):
+                    mine = group
+        if mine is None:
+            return None
+        return cls(model.get_submodule(path).weight, mine)
+
+    def _collect(self, grad: Tensor) -> None:
+        self.added = grad.clone() if self.added is None else self.added + grad
+
+    def sync(self) -> None:
+        """Add the other stage's contribution to this stage's gradient (collective over the two)."""
+        mine = self.added if self.added is not None else torch.zeros_like(self.param)
+        both = [torch.empty_like(mine) for _ in range(2)]
+        dist.all_gather(both, mine.contiguous(), group=self.group)
+        other = both[1] if dist.get_rank(self.group) == 0 else both[0]
+        reducer = _data_parallel_reducer(self.param)
+        if reducer is not None and reducer.sync and reducer.size > 1:
+            # This stage's own gradient is already averaged over the data-parallel group: the
+            # other stage's share must be averaged the same way.
+            dist.all_reduce(other, group=reducer.group)
+            other.div_(reducer.size)
+        if self.param.grad is None:
+            self.param.grad = other.clone()  # this stage never used the weight this step
+        else:
+            self.param.grad.add_(other)
+        self.added = None

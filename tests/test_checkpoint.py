@@ -1,0 +1,86 @@
+"""Checkpoint/Recompute: same values and gradients as no checkpointing, fewer saved tensors."""
+
+import pytest
+import torch
+from torch import nn
+
+from goose_core.pipeline.callbacks import Callback, CallbackList
+from goose_core.pipeline.checkpoint import (Checkpointing, checkpoint_stop, is_checkpointing,
+                                            is_recomputing)
+from goose_core.pipeline.dependency import fork, get_phony, join
+
+
+def _checkpointed(function, x: torch.Tensor, callbacks: CallbackList | None = None) -> torch.Tensor:
+    """What the executor builds for the first cell of the backward order."""
+    record = Checkpointing(function, x, (0, 0), callbacks or CallbackList())
+    y = record.checkpoint(get_phony(x.device, requires_grad=True))
+    y, phony = fork(y)
+    return join(y, record.recompute(phony))
+
+
+def _layer() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(0.5), nn.Linear(32, 8))
+
+
+def _grads(checkpointed: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    layer = _layer()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    torch.manual_seed(2)  # dropout masks come from here
+    y = _checkpointed(layer, x) if checkpointed else layer(x)
+    torch.randn(100)  # RNG moves on between forward and backward, as in training
+    (y ** 2).sum().backward()
+    return x.grad, [p.grad for p in layer.parameters()]
+
+
+def test_dropout_gradients_are_bit_identical() -> None:
+    (gx, gp), (cx, cp) = _grads(False), _grads(True)
+    assert torch.equal(gx, cx)
+    assert all(torch.equal(a, b) for a, b in zip(gp, cp))
+
+
+def test_checkpoint_saves_only_the_input() -> None:
+    sizes: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        sizes.append(t.numel())
+        return t
+
+    x = torch.randn(4, 8, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _checkpointed(_layer(), x)
+    assert sizes == [x.numel()]
+
+
+def test_flags_and_recompute_callbacks() -> None:
+    seen: list[tuple[str, bool, bool]] = []
+    events: list[str] = []
+
+    def probe(t: torch.Tensor) -> torch.Tensor:
+        seen.append(("call", is_checkpointing(), is_recomputing()))
+        return t * 2
+
+    callbacks = CallbackList([Callback(lambda e: events.append(f"{e.kind} {e.phase}"))])
+    y = _checkpointed(probe, torch.ones(3, requires_grad=True), callbacks)
+    y.sum().backward()
+    assert seen == [("call", True, False), ("call", False, True)]
+    assert events == ["recompute before", "recompute after"]
+    assert not is_checkpointing() and not is_recomputing()
+
+
+def test_backward_without_recompute_explains_itself() -> None:
+    x = torch.ones(3, requires_grad=True)
+    record = Checkpointing(lambda t: t * 2, x, (3, 1), CallbackList())
+    y = record.checkpoint(get_phony(x.device, requires_grad=True))
+    with pytest.raises(RuntimeError, match=r"cell \(3, 1\) reached its backward before its recompute"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("mode, stop", [("always", 4), ("except_last", 3), ("never", 0)])
+def test_checkpoint_stop(mode: str, stop: int) -> None:
+    assert checkpoint_stop(mode, 4) == stop
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown checkpoint mode 'sometimes'"):
+        checkpoint_stop("sometimes", 4)

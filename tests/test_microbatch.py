@@ -1,0 +1,35 @@
+"""Micro-batches: equal chunks of every batched input, clear errors, exact loss weights."""
+
+import pytest
+import torch
+
+from goose_core.pipeline.microbatch import gather, scatter, token_weights
+
+
+def test_scatter_splits_every_tensor_and_copies_the_rest() -> None:
+    ids = torch.arange(24).view(8, 3)
+    chunks = scatter({"input_ids": ids, "labels": ids + 1, "use_cache": False}, 4)
+    assert len(chunks) == 4
+    assert all(c["use_cache"] is False for c in chunks)
+    assert torch.equal(chunks[1]["input_ids"], ids[2:4])
+    assert torch.equal(chunks[3]["labels"], ids[6:8] + 1)
+    assert torch.equal(gather([c["input_ids"] for c in chunks]), ids)
+
+
+@pytest.mark.parametrize("m, match", [(3, "does not split into 3"), (0, "must be >= 1"), (-2, "must be >= 1")])
+def test_bad_micro_batch_counts_name_the_fix(m: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        scatter({"input_ids": torch.zeros(8, 4)}, m)
+
+
+def test_inputs_of_different_batch_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="disagree"):
+        scatter({"input_ids": torch.zeros(8, 4), "labels": torch.zeros(4, 4)}, 2)
+
+
+def test_token_weights_follow_the_predicted_tokens() -> None:
+    full = torch.ones(2, 5, dtype=torch.long)  # 2 rows x 4 predicted tokens
+    padded = full.clone()
+    padded[:, 3:] = -100  # only 2 predicted tokens per row
+    assert token_weights([full, full]) == [0.5, 0.5]
+    assert token_weights([full, padded]) == pytest.approx([8 / 12, 4 / 12])
