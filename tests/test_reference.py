@@ -46,3 +46,24 @@ def test_missing_or_reshaped_parameters_fail() -> None:
     other.params["w"] = other.params["w"][:1]
     with pytest.raises(AssertionError, match=r"w: shape \(1,\), expected \(2,\)"):
         assert_matches_reference(other, _run(), REORDER)
+
+
+def test_accumulation_equals_the_whole_batch_and_uses_no_sync_on_all_but_the_last() -> None:
+    from contextlib import nullcontext
+
+    from goose_core.testing import TrainSpec, reference_run, snapshot, train_loop
+
+    spec = TrainSpec(family="gpt2", steps=2, optimizer="sgd")
+    reference = reference_run(spec)
+    entered = []
+
+    def quiet():
+        entered.append(1)
+        return nullcontext()
+
+    for reverse in (False, True):
+        model = spec.build_model()
+        optimizer = spec.build_optimizer(model.parameters())
+        losses = train_loop(model, optimizer, spec.batches(), micro_batches=4, no_sync=quiet, reverse=reverse)
+        assert_matches_reference(RunResult(losses, snapshot(model)), reference, SPLIT)
+    assert len(entered) == 2 * 2 * 3  # two runs x two steps x (4 - 1) quiet micro-batches

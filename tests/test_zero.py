@@ -1,6 +1,6 @@
 """Unit tests of DistributedOptimizer: param groups, LR schedulers, zero_grad, clear errors."""
 
-from contextlib import nullcontext
+import functools
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from torch import nn
 from goose_core import DataParallel, DistributedOptimizer, ParallelContext
 from goose_core.data import shard_batch
 from goose_core.data_parallel import no_sync
-from goose_core.testing import SPLIT, RunResult, TrainSpec, assert_matches_reference, run_distributed, snapshot
+from goose_core.testing import SPLIT, RunResult, TrainSpec, assert_matches_reference, run_distributed, snapshot, train_loop
 
 SPEC = TrainSpec(family="gpt2", steps=3, optimizer="sgd")
 
@@ -89,20 +89,9 @@ def _accumulate(ctx: ParallelContext | None, use_no_sync: bool) -> RunResult:
     optimizer = SPEC.build_optimizer(model.parameters())
     if ctx is not None:
         optimizer = DistributedOptimizer(optimizer, ctx)
-    losses = []
-    for step in range(SPEC.steps):
-        batch = SPEC.batch(step) if ctx is None else shard_batch(SPEC.batch(step), ctx.dp_rank, ctx.dp_size)
-        total = 0.0
-        for i in range(2):
-            quiet = ctx is not None and use_no_sync and i == 0
-            with no_sync(model) if quiet else nullcontext():
-                loss = model(**shard_batch(batch, i, 2)).loss / 2
-                loss.backward()
-            total += loss.item()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(total)
-    return RunResult(losses, snapshot(model))
+    batches = SPEC.batches() if ctx is None else SPEC.batches(ctx.dp_rank, ctx.dp_size)
+    quiet = functools.partial(no_sync, model) if ctx is not None and use_no_sync else None
+    return RunResult(train_loop(model, optimizer, batches, micro_batches=2, no_sync=quiet), snapshot(model))
 
 
 def _both(ctx: ParallelContext) -> list[RunResult]:

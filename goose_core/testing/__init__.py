@@ -5,6 +5,7 @@ from goose_core.testing.models import FAMILIES, build_model, tiny_config
 from goose_core.testing.reference import (
     RunResult,
     TrainSpec,
+    accumulate,
     assert_matches_reference,
     format_beside_reference,
     reference_run,
@@ -22,6 +23,7 @@ __all__ = [
     "RunResult",
     "Tolerance",
     "TrainSpec",
+    "accumulate",
     "assert_matches_reference",
     "build_model",
     "format_beside_reference",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from goose_core.data import get_batch
+from goose_core.data import get_batch, shard_batch
 from goose_core.data.loader import Batch
 from goose_core.testing.models import build_model
 from goose_core.testing.tolerances import Tolerance
@@ -17,6 +18,7 @@ from goose_core.testing.tolerances import Tolerance
 __all__ = [
     "TrainSpec",
     "RunResult",
+    "accumulate",
     "train_loop",
     "snapshot",
     "reference_run",
@@ -56,6 +58,11 @@ class TrainSpec:
         """The global batch of ``step`` (every rank gets the same; shard it for data parallelism)."""
         return get_batch(step, self.batch_size, self.seq_len, self.seed)
 
+    def batches(self, dp_rank: int = 0, dp_size: int = 1) -> Iterator[Batch]:
+        """Data-parallel rank ``dp_rank``'s shard of every step's global batch, in step order."""
+        for step in range(self.steps):
+            yield shard_batch(self.batch(step), dp_rank, dp_size)
+
 
 @dataclass
 class RunResult:
@@ -65,17 +72,52 @@ class RunResult:
     params: dict[str, Tensor]
 
 
+def accumulate(model: nn.Module, batch: Batch, micro_batches: int,
+               no_sync: Callable[[], ContextManager[Any]] | None = None, reverse: bool = False) -> Tensor:
+    """Forward and backward ``batch`` in ``micro_batches`` equal pieces, accumulating gradients.
+
+    Each piece's loss is scaled by ``1 / micro_batches``, so the gradients sum to the whole
+    batch's mean gradient.
+
+    Args:
+        no_sync: a context-manager factory wrapped around every backward but the last (data
+            parallelism then communicates once, on the last).
+        reverse: take the pieces last-first: the order in which a GPipe backward accumulates.
+
+    Returns:
+        The batch's loss, detached.
+    """
+    order = range(micro_batches - 1, -1, -1) if reverse else range(micro_batches)
+    total: Tensor | None = None
+    for n, i in enumerate(order):
+        quiet = no_sync is not None and n < micro_batches - 1
+        with no_sync() if quiet else nullcontext():  # type: ignore[misc]
+            loss = model(**shard_batch(batch, i, micro_batches)).loss / micro_batches
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    assert total is not None
+    return total
+
+
 def train_loop(model: nn.Module, optimizer: Any, batches: Iterable[Batch],
-               clip: Callable[[], Any] | None = None) -> list[float]:
+               clip: Callable[[], Any] | None = None, micro_batches: int = 1,
+               no_sync: Callable[[], ContextManager[Any]] | None = None,
+               reverse: bool = False) -> list[float]:
     """The training loop every goose run shares: forward, backward, (clip), step, zero_grad.
+
+    With ``micro_batches > 1`` each step's forward and backward go through :func:`accumulate`
+    (``no_sync`` and ``reverse`` are passed on).
 
     Returns:
         The loss of every step as a Python float.
     """
     losses = []
     for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
+        if micro_batches == 1:
+            loss = model(**batch).loss
+            loss.backward()
+        else:
+            loss = accumulate(model, batch, micro_batches, no_sync, reverse)
         if clip is not None:
             clip()
         optimizer.step()

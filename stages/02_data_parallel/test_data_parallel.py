@@ -42,10 +42,10 @@ def test_equals_the_single_device_run(spec: TrainSpec, dp: int, micro_batches: i
 def _frozen(ctx: ParallelContext | None, spec: TrainSpec) -> RunResult:
     model = spec.build_model()
     model.transformer.h[1].requires_grad_(False)  # a frozen layer: no gradients, no hooks
-    batches = (spec.batch(s) for s in range(spec.steps))
+    batches = spec.batches()
     if ctx is not None:
         model = DataParallel(model, ctx, bucket_size_mb=0.05).parallelize()
-        batches = train_script.shards(ctx, spec)
+        batches = spec.batches(ctx.dp_rank, ctx.dp_size)
     optimizer = spec.build_optimizer(p for p in model.parameters() if p.requires_grad)
     return RunResult(train_loop(model, optimizer, batches), snapshot(model))
 

@@ -13,57 +13,12 @@ Run it:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-from contextlib import nullcontext
-from typing import Callable, Iterator
-
-import torch
-from torch import nn
 
 from goose_core import DataParallel, ParallelContext
-from goose_core.data import shard_batch
 from goose_core.data_parallel import no_sync
-from goose_core.data.loader import Batch
 from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run, snapshot, train_loop
-
-
-def shards(ctx: ParallelContext, spec: TrainSpec) -> Iterator[Batch]:
-    """This rank's shard of every global batch of ``spec``."""
-    for step in range(spec.steps):
-        yield shard_batch(spec.batch(step), ctx.data_parallel_rank, ctx.data_parallel_size)
-
-
-def accumulate(model: nn.Module, batch: Batch, micro_batches: int) -> torch.Tensor:
-    """Forward and backward ``batch`` in ``micro_batches`` pieces, communicating on the last only.
-
-    Each piece's loss is scaled by ``1 / micro_batches`` so the gradient is the batch mean's.
-    Returns the batch's loss (global mean over the dp group), detached.
-    """
-    total = torch.zeros(())
-    for i in range(micro_batches):
-        piece = shard_batch(batch, i, micro_batches)
-        last = i == micro_batches - 1
-        with nullcontext() if last else no_sync(model):
-            loss = model(**piece).loss / micro_batches
-            loss.backward()
-        total += loss.detach()
-    return total
-
-
-def run(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch],
-        micro_batches: int = 1, clip: Callable[[], object] | None = None) -> list[float]:
-    """The shared training loop; with accumulation, each step's backward goes in micro-batches."""
-    if micro_batches == 1:
-        return train_loop(model, optimizer, batches, clip)
-    losses = []
-    for batch in batches:
-        loss = accumulate(model, batch, micro_batches)
-        if clip is not None:
-            clip()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int = 1,
@@ -71,7 +26,8 @@ def train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int = 1,
     """Train ``spec`` data-parallel over ``ctx``'s dp group; losses are global means."""
     model = DataParallel(spec.build_model(), ctx, bucket_size_mb=bucket_size_mb).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
-    losses = run(model, optimizer, shards(ctx, spec), micro_batches)
+    losses = train_loop(model, optimizer, spec.batches(ctx.dp_rank, ctx.dp_size),
+                        micro_batches=micro_batches, no_sync=functools.partial(no_sync, model))
     return RunResult(losses, snapshot(model))
 
 

@@ -14,15 +14,15 @@ Run it:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 import torch
 
 from goose_core import DataParallel, DistributedOptimizer, ParallelContext, clip_grad_norm_
-from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run, snapshot
-from goose_core.testing.stages import load_train_script
-
-stage02 = load_train_script("02")  # reuse its batch shards and accumulation loop
+from goose_core.data_parallel import no_sync
+from goose_core.testing import (FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run,
+                                snapshot, train_loop)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -45,7 +45,8 @@ def train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int = 1, bucket_
     clip = None
     if spec.max_grad_norm is not None:
         clip = lambda: clip_grad_norm_(model.parameters(), spec.max_grad_norm, ctx)  # noqa: E731
-    losses = stage02.run(model, optimizer, stage02.shards(ctx, spec), micro_batches, clip)
+    quiet = functools.partial(no_sync, model) if data_parallel else None
+    losses = train_loop(model, optimizer, spec.batches(ctx.dp_rank, ctx.dp_size), clip, micro_batches, quiet)
     if not data_parallel:
         mean = torch.tensor(losses)
         torch.distributed.all_reduce(mean, group=ctx.data_parallel_group)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from goose_core import DataParallel, ParallelContext, full_state_dict
-from goose_core.data import shard_batch
 from goose_core.testing import (
     REORDER,
     RunResult,
@@ -70,7 +69,7 @@ def test_unsplittable_vocab_fails_on_every_rank_with_the_fix() -> None:
 def _tp_dp(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
     model = DataParallel(train_script.build(ctx, spec), ctx).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
-    shards = (shard_batch(spec.batch(s), ctx.dp_rank, ctx.dp_size) for s in range(spec.steps))
+    shards = spec.batches(ctx.dp_rank, ctx.dp_size)
     return RunResult(train_loop(model, optimizer, shards), full_state_dict(model, ctx))
 
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from goose_core import ParallelContext, PipelineParallel, full_state_dict
+from goose_core import DataParallel, ParallelContext, PipelineParallel, TensorParallel, full_state_dict
 from goose_core.pipeline import Callback
 from goose_core.testing import (EXACT, REORDER, SPLIT, RunResult, TrainSpec, assert_matches_reference,
-                                reference_run, run_distributed, snapshot)
+                                reference_run, run_distributed, snapshot, train_loop)
 from goose_core.testing.stages import load_train_script
 
 train_script = load_train_script("05")
@@ -63,18 +63,7 @@ def _microbatched_reference(spec: TrainSpec, m: int) -> RunResult:
     """One device, the same micro-batches, gradients accumulated in the pipeline's backward order."""
     model = spec.build_model()
     optimizer = spec.build_optimizer(model.parameters())
-    losses = []
-    for step in range(spec.steps):
-        chunks = [dict(zip(("input_ids", "labels"), c)) for c in
-                  zip(*(spec.batch(step)[k].chunk(m) for k in ("input_ids", "labels")))]
-        total = 0.0
-        for i in reversed(range(m)):
-            loss = model(**chunks[i]).loss / m
-            loss.backward()
-            total += loss.item()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(total)
+    losses = train_loop(model, optimizer, spec.batches(), micro_batches=m, reverse=True)
     return RunResult(losses, snapshot(model))
 
 
@@ -147,11 +136,6 @@ def test_torchrun_prints_losses_beside_the_reference() -> None:
 
 def _composed(ctx: ParallelContext, spec: TrainSpec, m: int, checkpoint: str) -> RunResult:
     """Pipeline with data parallelism (each dp rank feeds its shard) or tensor parallelism inside."""
-    from goose_core.data import shard_batch
-    from goose_core.data_parallel.wrapper import DataParallel
-    from goose_core.tensor_parallel.parallelize import TensorParallel
-    from goose_core.testing import train_loop
-
     model = spec.build_model()
     if ctx.tensor_parallel_size > 1:
         model = TensorParallel(model, ctx).parallelize()
@@ -159,7 +143,7 @@ def _composed(ctx: ParallelContext, spec: TrainSpec, m: int, checkpoint: str) ->
     if ctx.data_parallel_size > 1:
         model = DataParallel(model, ctx).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
-    batches = (shard_batch(spec.batch(s), ctx.dp_rank, ctx.dp_size) for s in range(spec.steps))
+    batches = spec.batches(ctx.dp_rank, ctx.dp_size)
     return RunResult(train_loop(model, optimizer, batches), full_state_dict(model, ctx))
 
 

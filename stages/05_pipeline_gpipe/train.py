@@ -27,7 +27,7 @@ def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4,
     model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches,
                              checkpoint=checkpoint).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
-    losses = train_loop(model, optimizer, (spec.batch(s) for s in range(spec.steps)))
+    losses = train_loop(model, optimizer, spec.batches())
     return RunResult(losses, full_state_dict(model, ctx))
 
 

@@ -92,7 +92,7 @@ def test_partitioned_uneven_model_equals_the_single_device_run(partitioner: str)
 
 def _train_by_time(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
     model = PipelineParallel(spec.build_model(), ctx, num_microbatches=2, partitioner="time").parallelize()
-    batches = (spec.batch(s) for s in range(spec.steps))
+    batches = spec.batches()
     losses = train_loop(model, spec.build_optimizer(model.parameters()), batches)
     return RunResult(losses, full_state_dict(model, ctx))
 
@@ -129,7 +129,7 @@ def _tensor_and_pipeline(ctx: ParallelContext, spec: TrainSpec) -> tuple[list[in
     model = TensorParallel(spec.build_model(), ctx).parallelize()
     pipeline = PipelineParallel(model, ctx, num_microbatches=2, partitioner="time")
     model = pipeline.parallelize()
-    batches = (spec.batch(s) for s in range(spec.steps))
+    batches = spec.batches()
     losses = train_loop(model, spec.build_optimizer(model.parameters()), batches)
     return pipeline.counts, RunResult(losses, full_state_dict(model, ctx))
 

@@ -58,7 +58,7 @@ def uneven_model(spec: TrainSpec, wide: Sequence[int] = WIDE_LAYERS, factor: int
 def single_device_run(spec: TrainSpec, model: nn.Module) -> RunResult:
     """What ``reference_run`` does, for a model the spec alone cannot build."""
     optimizer = spec.build_optimizer(model.parameters())
-    losses = train_loop(model, optimizer, (spec.batch(s) for s in range(spec.steps)))
+    losses = train_loop(model, optimizer, spec.batches())
     return RunResult(losses, snapshot(model))
 
 
