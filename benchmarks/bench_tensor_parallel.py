@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import torch
 from torch import nn
 
 from benchmarks.results import Record

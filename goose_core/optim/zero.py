@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from goose_core.data_parallel.bucket import Bucket, build_buckets
 from goose_core.data_parallel.reducer import GradReducer, reducer_of_param

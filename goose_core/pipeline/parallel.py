@@ -76,8 +76,8 @@ class PipelineParallel:
         if sample is None:
             with torch.no_grad():
                 sample = self.adapter.embed({"input_ids": torch.zeros(1, 32, dtype=torch.long)})
-        block_fns = [functools.partial(_run_block, self.adapter, b) for b in range(num_blocks)]
-        return partition_blocks(num_blocks, stages, partitioner, block_fns=block_fns, sample=sample,
+        return partition_blocks(num_blocks, stages, partitioner, block_fns=self.adapter.block_fns(),
+                                sample=sample,
                                 num_microbatches=self.num_microbatches)
 
     def parallelize(self) -> nn.Module:
@@ -142,10 +142,6 @@ def _install(model: nn.Module, stage: "_Stage") -> nn.Module:
     model.callbacks = stage.pipeline.callbacks
     model.pipeline = stage.pipeline
     return model
-
-
-def _run_block(adapter: Adapter, index: int, hidden: Tensor) -> Tensor:
-    return adapter.block(index, hidden, adapter.context(hidden, {}))
 
 
 def _tied_path(model: nn.Module) -> str | None:

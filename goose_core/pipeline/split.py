@@ -14,7 +14,9 @@ which declare none, get explicit adapters.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +61,14 @@ class Adapter:
     def block(self, index: int, hidden: Tensor, context: dict[str, Any]) -> Tensor:
         out = self.blocks[index](hidden, **context)
         return out[0] if isinstance(out, tuple) else out
+
+    def block_fn(self, index: int, hidden: Tensor) -> Tensor:
+        """Block ``index`` alone, given only hidden states: the context is built from them."""
+        return self.block(index, hidden, self.context(hidden, {}))
+
+    def block_fns(self) -> list[Callable[[Tensor], Tensor]]:
+        """Every block as ``hidden -> hidden`` (what the time and memory profilers run)."""
+        return [functools.partial(self.block_fn, b) for b in range(len(self.blocks))]
 
     def head(self, hidden: Tensor) -> Tensor:
         raise NotImplementedError

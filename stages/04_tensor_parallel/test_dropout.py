@@ -2,8 +2,8 @@
 
 import torch
 
-from goose_core import ParallelContext, full_state_dict
-from goose_core.testing import EXACT, RunResult, TrainSpec, assert_matches_reference, run_distributed, train_loop
+from goose_core import ParallelContext
+from goose_core.testing import EXACT, RunResult, TrainSpec, assert_matches_reference, run_distributed
 from goose_core.testing.stages import load_train_script
 
 train_script = load_train_script("04")

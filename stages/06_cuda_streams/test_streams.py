@@ -1,6 +1,5 @@
 """Stage 06: the stream code runs on CPU stand-ins; waits are ordered; transfers overlap compute."""
 
-import torch
 
 from goose_core import ParallelContext, PipelineParallel
 from goose_core.pipeline import Callback, local_pipeline

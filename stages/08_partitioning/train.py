@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import os
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
-from goose_core.partition import BlockFn, Partition, Partitioner, plan_partition
+from goose_core.partition import Partition, Partitioner, plan_partition
 from goose_core.pipeline import local_pipeline
-from goose_core.pipeline.split import Adapter, adapter_for
+from goose_core.pipeline.split import adapter_for
 from goose_core.pipeline.timeline import Timeline, busy_time, trim_waits
 from goose_core.testing import RunResult, TrainSpec, format_beside_reference, snapshot, train_loop
 
@@ -62,15 +61,6 @@ def single_device_run(spec: TrainSpec, model: nn.Module) -> RunResult:
     return RunResult(losses, snapshot(model))
 
 
-def block_fns(adapter: Adapter) -> list[BlockFn]:
-    """Each decoder block as ``hidden -> hidden``, with what the parent model would pass it."""
-    return [functools.partial(_run_block, adapter, b) for b in range(len(adapter.blocks))]
-
-
-def _run_block(adapter: Adapter, index: int, hidden: Tensor) -> Tensor:
-    return adapter.block(index, hidden, adapter.context(hidden, {}))
-
-
 def plan(model: nn.Module, spec: TrainSpec, num_stages: int, partitioner: Partitioner,
          num_microbatches: int) -> Partition:
     """Profile ``model``'s blocks on one micro-batch of ``spec`` and split them (every rank calls;
@@ -79,7 +69,7 @@ def plan(model: nn.Module, spec: TrainSpec, num_stages: int, partitioner: Partit
     microbatch = {"input_ids": spec.batch(0)["input_ids"][: spec.batch_size // num_microbatches]}
     with torch.no_grad():
         sample = adapter.embed(microbatch)
-    return plan_partition(len(adapter.blocks), num_stages, partitioner, block_fns=block_fns(adapter),
+    return plan_partition(len(adapter.blocks), num_stages, partitioner, block_fns=adapter.block_fns(),
                           sample=sample, num_microbatches=num_microbatches)
 
 
