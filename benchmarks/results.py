@@ -44,12 +44,14 @@ def _history() -> list[dict]:
 
 
 def latest() -> list[Record]:
-    """The newest record of every (benchmark, metric) in results.json, in first-seen order."""
-    newest: dict[tuple[str, str], dict] = {}
-    for row in _history():
-        newest[(row["benchmark"], row["metric"])] = row
+    """Every record of each benchmark's newest run in results.json (renamed metrics drop out)."""
+    rows = _history()
+    newest = {row["benchmark"]: row["when"] for row in rows}
+    for row in rows:
+        newest[row["benchmark"]] = max(newest[row["benchmark"]], row["when"])
     fields = Record.__dataclass_fields__
-    return [Record(**{k: v for k, v in row.items() if k in fields}) for row in newest.values()]
+    return [Record(**{k: v for k, v in row.items() if k in fields}) for row in rows
+            if row["when"] == newest[row["benchmark"]]]
 
 
 def append(records: list[Record]) -> None:

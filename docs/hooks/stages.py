@@ -1,4 +1,8 @@
-"""mkdocs hook: publish every stages/NN_topic/README.md as the page stages/NN_topic.md."""
+"""mkdocs hook: publish stage chapters and benchmark results from where they live (one source).
+
+Every stages/NN_topic/README.md becomes the page stages/NN_topic.md; benchmarks/results.md and
+results.png (written by ``make bench``) become benchmarks/index.md and its picture.
+"""
 
 from __future__ import annotations
 
@@ -28,4 +32,8 @@ def on_files(files: Files, config: Any) -> Files:
     for readme in _chapters():
         files.append(File.generated(config, f"stages/{readme.parent.name}.md",
                                     content=readme.read_text(encoding="utf-8")))
+    results = ROOT / "benchmarks"
+    files.append(File.generated(config, "benchmarks/index.md",
+                                content=(results / "results.md").read_text(encoding="utf-8")))
+    files.append(File.generated(config, "benchmarks/results.png", content=(results / "results.png").read_bytes()))
     return files
