@@ -56,6 +56,7 @@ class GradReducer:
         self.size = dist.get_world_size(group)
         self.bucket_bytes = bucket_bytes
         self.sync = True
+        self.deferred = False
         #: True once a backward pass has reduced every bucket; ZeRO-1 clears it after its step.
         self.reduced = False
         self.scatter = False
@@ -95,15 +96,38 @@ class GradReducer:
         finally:
             self.sync = before
 
-    def _on_grad(self, param: nn.Parameter) -> None:
+    def defer(self) -> None:
+        """Hold every hook until :meth:`flush`: for a driver whose backward accumulates a
+        parameter's gradient several times (the pipeline's recomputes run nested backward
+        passes, one per micro-batch, so a hook would fire before the gradient is complete)."""
+        self.deferred = True
+
+    def flush(self) -> None:
+        """Reduce every gradient the deferred backward produced, and wait for it."""
+        self.deferred = False
         if not self.sync:
+            return
+        self._begin()
+        for param in self._where:
+            if param.grad is not None:
+                self._ready(param)
+        self.finish()
+
+    def _begin(self) -> None:
+        # A second synced backward before the optimizer consumed the shards (accumulation
+        # without no_sync): keep what the first one reduced, the collectives overwrite it.
+        self._carry = [b.shard_grad.clone() for b in self.buckets] if self.scatter and self.reduced else None
+
+    def _on_grad(self, param: nn.Parameter) -> None:
+        if not self.sync or self.deferred:
             return
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
-            # A second synced backward before the optimizer consumed the shards (accumulation
-            # without no_sync): keep what the first one reduced, the collectives overwrite it.
-            self._carry = [b.shard_grad.clone() for b in self.buckets] if self.scatter and self.reduced else None
+            self._begin()
+        self._ready(param)
+
+    def _ready(self, param: nn.Parameter) -> None:
         bucket, i = self._where[param]
         bucket.mark_ready(i, divisor=1 if self.scatter else self.size)  # all-reduce: pre-divided
         if self.scatter:

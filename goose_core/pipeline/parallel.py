@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from goose_core.data_parallel.reducer import GradReducer, reducer_of_param
 from goose_core.distributed.context import ParallelContext
 from goose_core.partition import Partitioner, partition_blocks
 from goose_core.pipeline.callbacks import Callback, CallbackList
@@ -221,10 +222,24 @@ class _Stage:
         if not torch.is_grad_enabled():
             return total if total is not None else value
         anchor = total if total is not None else value
-        return Root.apply(self._end_backward, anchor, *roots)
+        return Root.apply(self._begin_backward, self._end_backward, anchor, *roots)
+
+    def _reducers(self) -> list[GradReducer]:
+        """Data parallelism's gradient reducers of this stage's parameters (wrapped after us)."""
+        found = {id(r): r for p in self.model.parameters() if (r := reducer_of_param(p)) is not None}
+        return list(found.values())
+
+    def _begin_backward(self) -> None:
+        # Checkpointed cells accumulate each parameter's gradient in a nested backward pass per
+        # micro-batch, so data parallelism must not reduce on its per-parameter hooks: it
+        # reduces once, when this stage's whole backward has ended.
+        for reducer in self._reducers():
+            reducer.defer()
 
     def _end_backward(self) -> None:
         self.transport.end_backward()
+        for reducer in self._reducers():
+            reducer.flush()
         if self.tied is not None:
             # Queued again so that it runs after every other end-of-backward callback, e.g. data
             # parallelism's gradient averaging, which would otherwise overwrite the sum.
@@ -234,16 +249,19 @@ class _Stage:
 class Root(torch.autograd.Function):
     """The loss every stage returns: its value, and edges to every phony this stage must feed.
 
-    Its backward is the first node of each stage's backward; it queues the end-of-backward work
-    (wait for the last gradient sends, sum the tied embedding's gradient)."""
+    Its backward is the first node of each stage's backward: it runs the start-of-backward work
+    (defer data parallelism's hooks) and queues the end-of-backward work (wait for the last
+    gradient sends, reduce data-parallel gradients, sum the tied embedding's gradient)."""
 
     @staticmethod
-    def forward(ctx, on_end: Any, value: Tensor, *roots: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.on_end, ctx.num_roots = on_end, len(roots)
+    def forward(ctx, on_begin: Any, on_end: Any, value: Tensor,  # type: ignore[override]
+                *roots: Tensor) -> Tensor:
+        ctx.on_begin, ctx.on_end, ctx.num_roots = on_begin, on_end, len(roots)
         return value.detach().clone()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        ctx.on_begin()
         torch.autograd.Variable._execution_engine.queue_callback(ctx.on_end)
         empty = torch.empty(0, device=grad.device)
-        return (None, grad) + (empty,) * ctx.num_roots
+        return (None, None, grad) + (empty,) * ctx.num_roots
