@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["STAGES_DIR", "stage_dir", "load_train_script"]
+__all__ = ["STAGES_DIR", "stage_dir", "load_train_script", "run_train_script", "beside_reference_diffs"]
 
 STAGES_DIR = Path(__file__).resolve().parents[2] / "stages"
 
@@ -36,6 +38,28 @@ def load_train_script(number: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_train_script(number: str, nproc: int, *args: str, timeout: float = 180.0) -> str:
+    """Launch stage ``number``'s ``train.py`` under ``torchrun --standalone`` with ``nproc``
+    ranks, as its docstring tells a reader to, and return what it printed.
+
+    Raises:
+        AssertionError: the run failed; the message ends with its stderr.
+    """
+    torchrun = Path(sys.executable).with_name("torchrun")
+    script = stage_dir(number) / "train.py"
+    out = subprocess.run([str(torchrun), "--standalone", f"--nproc_per_node={nproc}", str(script), *args],
+                         capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, f"{script} failed:\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def beside_reference_diffs(stdout: str) -> list[float]:
+    """The ``|diff|`` column of every table row that ``format_beside_reference`` printed."""
+    rows = [line.split() for line in stdout.splitlines()]
+    return [float(row[3]) for row in rows if len(row) == 4 and row[0].isdigit()]
 
 
 if __name__ == "__main__":

@@ -1,15 +1,11 @@
 """Stage 01: data parallelism by hand (train.py) equals the single-device run."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from goose_core import ParallelContext
 from goose_core.testing import SPLIT, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed, snapshot
-from goose_core.testing.stages import load_train_script
+from goose_core.testing.stages import beside_reference_diffs, load_train_script, run_train_script
 
 train_script = load_train_script("01")
 SPEC = TrainSpec(family="gpt2", steps=3)
@@ -31,9 +27,7 @@ def test_averaged_gradients_equal_the_whole_batch(dp: int) -> None:
 
 
 def test_torchrun_prints_losses_beside_the_reference() -> None:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    script = Path(train_script.__file__)
-    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), "--steps", "2"],
-                         capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "reference" in out.stdout and "data parallel over 2 ranks" in out.stdout
+    out = run_train_script("01", 2, "--steps", "2")
+    assert "data parallel over 2 ranks" in out
+    diffs = beside_reference_diffs(out)
+    assert len(diffs) == 2 and max(diffs) < 1e-5, diffs

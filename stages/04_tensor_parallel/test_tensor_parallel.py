@@ -1,9 +1,5 @@
 """Stage 04: tensor-parallel GPT-2, Llama (GQA) and Bloom train exactly like the single-device model."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +13,7 @@ from goose_core.testing import (
     run_distributed,
     train_loop,
 )
-from goose_core.testing.stages import load_train_script
+from goose_core.testing.stages import beside_reference_diffs, load_train_script, run_train_script
 
 train_script = load_train_script("04")
 
@@ -47,14 +43,10 @@ def test_tied_embeddings_stay_one_parameter(family: str) -> None:
 
 
 def test_torchrun_prints_losses_beside_the_reference() -> None:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", train_script.__file__,
-                          "--steps", "2", "--family", "bloom"],
-                         capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "reference" in out.stdout and "tensor parallel over 2 ranks" in out.stdout
-    diffs = [float(line.split()[-1]) for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
-    assert len(diffs) == 2 and max(diffs) < 1e-5
+    out = run_train_script("04", 2, "--steps", "2", "--family", "bloom")
+    assert "tensor parallel over 2 ranks" in out
+    diffs = beside_reference_diffs(out)
+    assert len(diffs) == 2 and max(diffs) < 1e-5, diffs
 
 
 def _bad_vocab(ctx: ParallelContext) -> None:
