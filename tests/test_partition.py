@@ -1,7 +1,6 @@
 """Unit tests of partition planning: uniform, explicit, by time, by memory; reports; agreement."""
 
 import logging
-from typing import Iterator
 
 import pytest
 import torch
@@ -15,13 +14,7 @@ from goose_core.testing import run_distributed
 WIDTHS = [64] * 6 + [2048] * 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Profiling times here: two threads on a busy 2-core box stall in their barriers.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: profiling times on one thread
 
 
 def _blocks() -> list[nn.Module]:

@@ -41,15 +41,11 @@ def test_memory_counts_microbatches_and_optimizer_state() -> None:
         assert total == 4 * act + 4.0 * params
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_wide_blocks_take_longer() -> None:
-    # 16x the hidden units: ~7x the time on one thread (two threads on a busy 2-core box stall
-    # in their barriers); the fastest of 5 runs filters out the other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        narrow, wide = profile_times([_mlp(64), _mlp(1024)], _sample(), repeat=5)
-    finally:
-        torch.set_num_threads(threads)
+    # 16x the hidden units: ~7x the time on one thread; the fastest of 5 runs filters out the
+    # other processes.
+    narrow, wide = profile_times([_mlp(64), _mlp(1024)], _sample(), repeat=5)
     assert 0 < narrow and wide > 3 * narrow
 
 

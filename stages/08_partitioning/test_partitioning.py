@@ -2,7 +2,6 @@
 equals the single-device run."""
 
 import functools
-from typing import Iterator
 
 import pytest
 import torch
@@ -31,13 +30,7 @@ train_script = load_train_script("08")
 SPEC = TrainSpec(family="llama", steps=2, optimizer="sgd", overrides={"num_hidden_layers": 8})
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Profiling in this process: two threads on a busy 2-core box stall in their barriers.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: profiling times on one thread
 
 
 @functools.cache
