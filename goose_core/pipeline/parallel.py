@@ -238,12 +238,10 @@ class _Stage:
 
     def _end_backward(self) -> None:
         self.transport.end_backward()
+        if self.tied is not None:
+            self.tied.sync()  # before the dp reduction: it must average the summed gradient
         for reducer in self._reducers():
             reducer.flush()
-        if self.tied is not None:
-            # Queued again so that it runs after every other end-of-backward callback, e.g. data
-            # parallelism's gradient averaging, which would otherwise overwrite the sum.
-            torch.autograd.Variable._execution_engine.queue_callback(self.tied.sync)
 
 
 class Root(torch.autograd.Function):
@@ -251,7 +249,7 @@ class Root(torch.autograd.Function):
 
     Its backward is the first node of each stage's backward: it runs the start-of-backward work
     (defer data parallelism's hooks) and queues the end-of-backward work (wait for the last
-    gradient sends, reduce data-parallel gradients, sum the tied embedding's gradient)."""
+    gradient sends, sum the tied embedding's gradient, reduce data-parallel gradients)."""
 
     @staticmethod
     def forward(ctx, on_begin: Any, on_end: Any, value: Tensor,  # type: ignore[override]

@@ -7,16 +7,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from goose_core.distributed.context import ParallelContext
+from goose_core.optim.clip import mark_duplicate
 
 __all__ = ["TiedGradients"]
-
-
-def _data_parallel_reducer(param: nn.Parameter):  # -> GradReducer | None
-    try:
-        from goose_core.data_parallel.reducer import reducer_of_param
-    except ImportError:
-        return None
-    return reducer_of_param(param)
 
 
 class TiedGradients:
@@ -50,23 +43,24 @@ class TiedGradients:
                     mine = group
         if mine is None:
             return None
-        return cls(model.get_submodule(path).weight, mine)
+        weight = model.get_submodule(path).weight
+        if dist.get_rank(mine) == 1:
+            mark_duplicate(weight)  # the last stage's copy: the gradient norm counts it once
+        return cls(weight, mine)
 
     def _collect(self, grad: Tensor) -> None:
         self.added = grad.clone() if self.added is None else self.added + grad
 
     def sync(self) -> None:
-        """Add the other stage's contribution to this stage's gradient (collective over the two)."""
+        """Add the other stage's contribution to this stage's gradient (collective over the two).
+
+        Runs before data parallelism reduces (the pipeline defers it to the end of its
+        backward): averaging over dp is linear, so the summed local gradients average right, and
+        ZeRO-1 still finds the whole gradient in ``param.grad``."""
         mine = self.added if self.added is not None else torch.zeros_like(self.param)
         both = [torch.empty_like(mine) for _ in range(2)]
         dist.all_gather(both, mine.contiguous(), group=self.group)
         other = both[1] if dist.get_rank(self.group) == 0 else both[0]
-        reducer = _data_parallel_reducer(self.param)
-        if reducer is not None and reducer.sync and reducer.size > 1:
-            # This stage's own gradient is already averaged over the data-parallel group: the
-            # other stage's share must be averaged the same way.
-            dist.all_reduce(other, group=reducer.group)
-            other.div_(reducer.size)
         if self.param.grad is None:
             self.param.grad = other.clone()  # this stage never used the weight this step
         else:
