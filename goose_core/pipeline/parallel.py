@@ -68,18 +68,7 @@ class PipelineParallel:
         self.checkpoint = checkpoint
         self.callbacks = CallbackList(callbacks)
         self.adapter = adapter_for(model)
-        self.counts = self._partition(partitioner, sample)
-
-    def _partition(self, partitioner: Partitioner, sample: Tensor | None) -> list[int]:
-        num_blocks, stages = len(self.adapter.blocks), self.ctx.pipeline_parallel_size
-        if not (isinstance(partitioner, str) and partitioner in _PROFILED):
-            return partition_blocks(num_blocks, stages, partitioner)
-        if sample is None:
-            with torch.no_grad():
-                sample = self.adapter.embed({"input_ids": torch.zeros(1, 32, dtype=torch.long)})
-        return partition_blocks(num_blocks, stages, partitioner, block_fns=self.adapter.block_fns(),
-                                sample=sample,
-                                num_microbatches=self.num_microbatches)
+        self.counts = _split(self.adapter, ctx.pipeline_parallel_size, partitioner, num_microbatches, sample)
 
     def parallelize(self) -> nn.Module:
         """This rank's stage: ``model`` itself, trimmed, with a pipelined ``forward``, the
@@ -103,6 +92,20 @@ class PipelineParallel:
         return _install(model, stage)
 
 
+def _split(adapter: Adapter, num_stages: int, partitioner: Partitioner, num_microbatches: int,
+           sample: Tensor | None = None) -> list[int]:
+    """Blocks per stage; the time and memory partitioners profile the blocks on ``sample`` (one
+    micro-batch of hidden states; a 1 x 32 embedding when not given)."""
+    num_blocks = len(adapter.blocks)
+    if not (isinstance(partitioner, str) and partitioner in _PROFILED):
+        return partition_blocks(num_blocks, num_stages, partitioner)
+    if sample is None:
+        with torch.no_grad():
+            sample = adapter.embed({"input_ids": torch.zeros(1, 32, dtype=torch.long)})
+    return partition_blocks(num_blocks, num_stages, partitioner, block_fns=adapter.block_fns(),
+                            sample=sample, num_microbatches=num_microbatches)
+
+
 def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int = 1,
                    checkpoint: str = "except_last", partitioner: Partitioner = "uniform",
                    callbacks: Iterable[Callback] = (), devices: list[torch.device] | None = None
@@ -121,7 +124,7 @@ def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int 
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     checkpoint_stop(checkpoint, num_microbatches)
     adapter = adapter_for(model)
-    counts = partition_blocks(len(adapter.blocks), num_partitions, partitioner)
+    counts = _split(adapter, num_partitions, partitioner, num_microbatches)
     starts = [sum(counts[:j]) for j in range(num_partitions)]
     held = {j: list(range(starts[j], starts[j] + counts[j])) for j in range(num_partitions)}
     for j, blocks in held.items():
