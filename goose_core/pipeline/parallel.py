@@ -177,6 +177,7 @@ class _Stage:
         self.device = devices[max(held)]
         self.pipeline = Pipeline(partitions, num_partitions, transport, checkpoint, callbacks)
         self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
+        self._deferred: list[GradReducer] = []  # the dp reducers held during this backward
 
     def _body(self, blocks: list[int], last: bool, hidden: Tensor, inputs: dict[str, Any]) -> Tensor:
         context = self.adapter.context(hidden, inputs)
@@ -236,15 +237,17 @@ class _Stage:
         # Checkpointed cells accumulate each parameter's gradient in a nested backward pass per
         # micro-batch, so data parallelism must not reduce on its per-parameter hooks: it
         # reduces once, when this stage's whole backward has ended.
-        for reducer in self._reducers():
+        self._deferred = self._reducers()
+        for reducer in self._deferred:
             reducer.defer()
 
     def _end_backward(self) -> None:
         self.transport.end_backward()
         if self.tied is not None:
             self.tied.sync()  # before the dp reduction: it must average the summed gradient
-        for reducer in self._reducers():
+        for reducer in self._deferred:
             reducer.flush()
+        self._deferred = []
 
 
 class Root(torch.autograd.Function):
