@@ -6,7 +6,7 @@ from torch import nn
 
 from goose_core.pipeline import Callback, local_pipeline
 from goose_core.pipeline.schedule import GPipe
-from goose_core.testing import SPLIT, RunResult, TrainSpec, assert_matches_reference, build_model, reference_run, snapshot, train_loop
+from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, build_model, reference_run, snapshot, train_loop
 
 SPEC = TrainSpec(family="llama", batch_size=8, seq_len=16)
 
@@ -114,9 +114,9 @@ def test_a_model_without_blocks_cannot_be_split() -> None:
 
 @pytest.mark.parametrize("partitioner", ["time", "memory"])
 def test_local_pipeline_takes_the_profiled_partitioners(partitioner: str) -> None:
-    # SGD: AdamW would amplify micro-batch accumulation's last-bit reordering (see SPLIT_ADAMW).
+    # SGD: AdamW would amplify micro-batch accumulation's last-bit reordering (see PARALLEL).
     spec = TrainSpec(family="llama", steps=2, optimizer="sgd")
     model = local_pipeline(spec.build_model(), 2, 2, partitioner=partitioner)
     optimizer = spec.build_optimizer(model.parameters())
     result = RunResult(train_loop(model, optimizer, spec.batches()), snapshot(model))
-    assert_matches_reference(result, reference_run(spec), SPLIT)
+    assert_matches_reference(result, reference_run(spec), PARALLEL)

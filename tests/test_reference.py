@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from goose_core.testing import EXACT, REORDER, SPLIT, RunResult, assert_matches_reference
+from goose_core.testing import EXACT, PARALLEL, RunResult, assert_matches_reference
 
 
 def _run() -> RunResult:
-    return RunResult([2.5, 2.25], {"w": torch.tensor([1.0, -2.0]), "b": torch.tensor([0.5])})
+    # float64, as the harness trains: one ulp of 1.0 is 2.2e-16, far inside PARALLEL.
+    f64 = torch.float64
+    return RunResult([2.5, 2.25], {"w": torch.tensor([1.0, -2.0], dtype=f64), "b": torch.tensor([0.5], dtype=f64)})
 
 
 def test_identical_runs_pass_exact() -> None:
@@ -19,10 +21,10 @@ def test_one_ulp_fails_exact() -> None:
     other.params["w"][0] = torch.nextafter(other.params["w"][0], torch.tensor(2.0))
     with pytest.raises(AssertionError, match="w: max abs difference"):
         assert_matches_reference(other, _run(), EXACT)
-    assert_matches_reference(other, _run(), SPLIT)
+    assert_matches_reference(other, _run(), PARALLEL)
 
 
-@pytest.mark.parametrize("tol", [SPLIT, REORDER])
+@pytest.mark.parametrize("tol", [PARALLEL])
 def test_parameter_error_beyond_tolerance_fails(tol) -> None:
     other = _run()
     other.params["b"] += 10 * (tol.atol + tol.rtol * 0.5)
@@ -34,18 +36,18 @@ def test_loss_error_fails() -> None:
     other = _run()
     other.losses[1] += 1e-3
     with pytest.raises(AssertionError, match="losses differ"):
-        assert_matches_reference(other, _run(), REORDER)
+        assert_matches_reference(other, _run(), PARALLEL)
 
 
 def test_missing_or_reshaped_parameters_fail() -> None:
     other = _run()
     del other.params["b"]
     with pytest.raises(AssertionError, match=r"missing \['b'\]"):
-        assert_matches_reference(other, _run(), REORDER)
+        assert_matches_reference(other, _run(), PARALLEL)
     other = _run()
     other.params["w"] = other.params["w"][:1]
     with pytest.raises(AssertionError, match=r"w: shape \(1,\), expected \(2,\)"):
-        assert_matches_reference(other, _run(), REORDER)
+        assert_matches_reference(other, _run(), PARALLEL)
 
 
 def test_accumulation_equals_the_whole_batch_and_uses_no_sync_on_all_but_the_last() -> None:
@@ -65,5 +67,5 @@ def test_accumulation_equals_the_whole_batch_and_uses_no_sync_on_all_but_the_las
         model = spec.build_model()
         optimizer = spec.build_optimizer(model.parameters())
         losses = train_loop(model, optimizer, spec.batches(), micro_batches=4, no_sync=quiet, reverse=reverse)
-        assert_matches_reference(RunResult(losses, snapshot(model)), reference, SPLIT)
+        assert_matches_reference(RunResult(losses, snapshot(model)), reference, PARALLEL)
     assert len(entered) == 2 * 2 * 3  # two runs x two steps x (4 - 1) quiet micro-batches

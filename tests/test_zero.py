@@ -9,7 +9,7 @@ from torch import nn
 from goose_core import DataParallel, DistributedOptimizer, ParallelContext
 from goose_core.data import shard_batch
 from goose_core.data_parallel import no_sync
-from goose_core.testing import SPLIT, RunResult, TrainSpec, assert_matches_reference, run_distributed, snapshot, train_loop
+from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, run_distributed, snapshot, train_loop
 
 SPEC = TrainSpec(family="gpt2", steps=3, optimizer="sgd")
 
@@ -48,7 +48,7 @@ def _run(ctx: ParallelContext | None) -> tuple[RunResult, list[list[float]]]:
 def test_param_groups_options_and_lr_scheduler_match_the_plain_optimizer() -> None:
     reference, reference_lrs = _run(None)
     for result, lrs in run_distributed(_run, 1, 1, 2, timeout=60):
-        assert_matches_reference(result, reference, SPLIT)
+        assert_matches_reference(result, reference, PARALLEL)
         assert lrs == reference_lrs == [[5e-4, 1.5e-3], [2.5e-4, 7.5e-4], [1.25e-4, 3.75e-4]]
 
 
@@ -102,4 +102,4 @@ def test_accumulation_with_and_without_no_sync() -> None:
     reference = _accumulate(None, False)
     for results in run_distributed(_both, 1, 1, 2, timeout=60):
         for result in results:
-            assert_matches_reference(result, reference, SPLIT)
+            assert_matches_reference(result, reference, PARALLEL)

@@ -81,13 +81,14 @@ def _owned(p: Tensor, ctx: ParallelContext, is_duplicate: Callable[[Tensor], boo
     return getattr(p, _DP_SHARD, False) or ctx.data_parallel_rank == 0
 
 
-def _total_norm(owned: list[Tensor], norm_type: float, device: torch.device) -> Tensor:
+def _total_norm(owned: list[Tensor], norm_type: float, device: torch.device, dtype: torch.dtype) -> Tensor:
     if math.isinf(norm_type):
-        local = torch.stack([g.abs().max().float() for g in owned]).max() if owned else torch.zeros((), device=device)
+        maxes = [g.abs().max().to(dtype) for g in owned]
+        local = torch.stack(maxes).max() if maxes else torch.zeros((), dtype=dtype, device=device)
         dist.all_reduce(local, op=dist.ReduceOp.MAX)
         return local
-    norms = [torch.linalg.vector_norm(g, norm_type).float() for g in owned]
-    local = torch.stack(norms).pow(norm_type).sum() if norms else torch.zeros((), device=device)
+    norms = [torch.linalg.vector_norm(g, norm_type).to(dtype) for g in owned]
+    local = torch.stack(norms).pow(norm_type).sum() if norms else torch.zeros((), dtype=dtype, device=device)
     dist.all_reduce(local)
     return local.pow(1.0 / norm_type)
 
@@ -121,7 +122,10 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, ctx: Parallel
         raise ValueError(f"norm_type must be > 0 (2.0, or float('inf')), got {norm_type!r}")
     tensors = [t for t in _expand(parameters) if t.grad is not None]
     owned = [t.grad.detach() for t in tensors if _owned(t, ctx, is_duplicate)]
-    total = _total_norm(owned, float(norm_type), ctx.device)
+    # fp32 at least (half-precision squares overflow), the gradients' own precision above it
+    # (torch's clip in fp64 computes in fp64); every rank must agree, owned gradients or not.
+    dtype = torch.promote_types(tensors[0].grad.dtype if tensors else torch.float32, torch.float32)
+    total = _total_norm(owned, float(norm_type), ctx.device, dtype)
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for t in tensors:
         t.grad.detach().mul_(coef.to(t.grad.device, t.grad.dtype))

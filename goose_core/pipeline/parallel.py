@@ -219,7 +219,10 @@ class _Stage:
 
     def _loss(self, total: Tensor | None, roots: list[Tensor]) -> Tensor:
         """The batch loss on every stage; its backward drives this stage's part of the schedule."""
-        value = total.detach().clone() if total is not None else torch.zeros((), device=self.device)
+        # The broadcast's buffer must have the last stage's loss dtype: fp32, or the
+        # parameters' own precision when wider (a float64 model's loss stays float64).
+        dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
+        value = total.detach().to(dtype, copy=True) if total is not None else torch.zeros((), dtype=dtype, device=self.device)
         if self.ctx is not None and self.num_partitions > 1:
             last = self.ctx.group_ranks("pp")[-1]
             dist.broadcast(value, last, group=self.ctx.pipeline_parallel_group)

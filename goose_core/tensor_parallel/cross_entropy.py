@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from goose_core.loss import loss_dtype
+
 __all__ = ["vocab_parallel_cross_entropy", "VocabParallelCausalLMLoss"]
 
 
@@ -96,7 +98,7 @@ class VocabParallelCausalLMLoss:
                              f"(vocab {self.vocab_size} / tp), got {logits.shape[-1]}")
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        per_token = vocab_parallel_cross_entropy(logits.float(), shift_labels.to(logits.device),
+        per_token = vocab_parallel_cross_entropy(logits.to(loss_dtype(logits.dtype)), shift_labels.to(logits.device),
                                                  self.group, ignore_index)
         if num_items_in_batch is None:
             return per_token.sum() / (shift_labels != ignore_index).sum()

@@ -12,14 +12,12 @@ from goose_core.testing.reference import (
     snapshot,
     train_loop,
 )
-from goose_core.testing.tolerances import EXACT, REORDER, SPLIT, SPLIT_ADAMW, Tolerance
+from goose_core.testing.tolerances import EXACT, PARALLEL, Tolerance
 
 __all__ = [
     "EXACT",
     "FAMILIES",
-    "REORDER",
-    "SPLIT",
-    "SPLIT_ADAMW",
+    "PARALLEL",
     "RunResult",
     "Tolerance",
     "TrainSpec",

@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from goose_core.data import ByteTokenizer
+from goose_core.loss import causal_lm_loss
 
 __all__ = ["FAMILIES", "tiny_config", "build_model"]
 
@@ -61,13 +62,19 @@ def tiny_config(family: str, dropout: float = 0.0, **overrides: Any) -> Pretrain
     return config
 
 
-def build_model(family: str, seed: int = 0, dropout: float = 0.0, **overrides: Any) -> PreTrainedModel:
-    """A tiny causal LM with weights drawn from ``torch.manual_seed(seed)``, fp32, on CPU.
+def build_model(family: str, seed: int = 0, dropout: float = 0.0, dtype: torch.dtype = torch.float32,
+                **overrides: Any) -> PreTrainedModel:
+    """A tiny causal LM with weights drawn from ``torch.manual_seed(seed)`` in fp32, cast to
+    ``dtype``, on CPU, its loss goose's :func:`~goose_core.loss.causal_lm_loss`.
 
-    Eager attention everywhere: Bloom supports nothing else, and one attention kernel for all
-    families keeps every comparison about parallelism, not kernels.
+    The weights are drawn in fp32 whatever ``dtype`` is, so an fp32 and an fp64 model start
+    from the same values. The loss is goose's because 🤗's casts the logits to fp32, which
+    would make a float64 run an fp32 one where it matters most (and it gives NaN, not 0, for
+    a piece of a batch with no target). Eager attention everywhere: Bloom supports nothing
+    else, and one attention kernel for all families keeps every comparison about parallelism.
     """
     config = tiny_config(family, dropout, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
+    model.loss_function = causal_lm_loss
     return model.train()

@@ -29,7 +29,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """Everything that decides a training run's numbers: model, data, optimizer, steps."""
+    """Everything that decides a training run's numbers: model, data, optimizer, steps.
+
+    ``dtype`` is float64 by default: a parallel run then differs from the single-device run by
+    fp64 rounding (~1e-16 a sum), which no CPU's kernels and no reordering come near the
+    tolerances of :mod:`goose_core.testing.tolerances`, while every real bug stays ~1e-8 or
+    more. Set ``dtype=torch.float32`` to train as users do.
+    """
 
     family: str = "llama"
     seed: int = 0
@@ -41,11 +47,12 @@ class TrainSpec:
     weight_decay: float = 0.01
     max_grad_norm: float | None = None
     dropout: float = 0.0
+    dtype: torch.dtype = torch.float64
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def build_model(self) -> PreTrainedModel:
         """The seeded tiny model: identical on every rank that calls this."""
-        return build_model(self.family, self.seed, self.dropout, **self.overrides)
+        return build_model(self.family, self.seed, self.dropout, self.dtype, **self.overrides)
 
     def build_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer == "adamw":

@@ -4,7 +4,7 @@
 import pytest
 
 from goose_core import ParallelContext
-from goose_core.testing import SPLIT, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed, snapshot
+from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed, snapshot
 from goose_core.testing.stages import beside_reference_diffs, load_train_script, run_train_script
 
 train_script = load_train_script("01")
@@ -23,7 +23,7 @@ def test_averaged_gradients_equal_the_whole_batch(dp: int) -> None:
     results = run_distributed(_train, 1, 1, dp, SPEC, timeout=120)
     reference = reference_run(SPEC)
     for result in results:
-        assert_matches_reference(result, reference, SPLIT)
+        assert_matches_reference(result, reference, PARALLEL)
 
 
 def test_torchrun_prints_losses_beside_the_reference() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from goose_core import DistributedOptimizer, ParallelContext
-from goose_core.testing import (SPLIT, SPLIT_ADAMW, RunResult, Tolerance, TrainSpec, assert_matches_reference,
+from goose_core.testing import (PARALLEL, RunResult, Tolerance, TrainSpec, assert_matches_reference,
                                 reference_run, run_distributed)
 from goose_core.testing.stages import beside_reference_diffs, load_train_script, run_train_script
 
@@ -21,13 +21,13 @@ def _train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int, bucket_siz
 
 
 # AdamW with weight decay and clipping (the norm is clipped on every step: it starts near 4).
-# SGD without clipping checks the gradients themselves at SPLIT, scale included (clipping and
-# AdamW would both hide a wrong scale; SPLIT_ADAMW says why AdamW split 4+ ways needs more).
+# SGD without clipping checks the gradients themselves, scale included (clipping and AdamW would
+# both hide a wrong scale). float64 runs: PARALLEL everywhere.
 @pytest.mark.parametrize("spec, dp, micro_batches, bucket_size_mb, data_parallel, tol", [
-    (GPT2, 2, 1, 0.05, True, SPLIT),
-    (LLAMA, 4, 2, 25.0, True, SPLIT_ADAMW),
-    (replace(GPT2, optimizer="sgd", max_grad_norm=None), 4, 1, 0.05, False, SPLIT),
-    (replace(LLAMA, optimizer="sgd", max_grad_norm=None), 2, 2, 0.05, True, SPLIT),
+    (GPT2, 2, 1, 0.05, True, PARALLEL),
+    (LLAMA, 4, 2, 25.0, True, PARALLEL),
+    (replace(GPT2, optimizer="sgd", max_grad_norm=None), 4, 1, 0.05, False, PARALLEL),
+    (replace(LLAMA, optimizer="sgd", max_grad_norm=None), 2, 2, 0.05, True, PARALLEL),
 ], ids=["gpt2-adamw-dp2", "llama-adamw-dp4-accumulate", "gpt2-sgd-dp4-no-DataParallel",
         "llama-sgd-dp2-accumulate"])
 def test_equals_the_single_device_run(spec: TrainSpec, dp: int, micro_batches: int, bucket_size_mb: float,
@@ -41,8 +41,10 @@ def test_equals_the_single_device_run(spec: TrainSpec, dp: int, micro_batches: i
 def _bytes_and_checkpoints(ctx: ParallelContext, spec: TrainSpec) -> dict:
     result, optimizer = train_script.train(ctx, spec, bucket_size_mb=0.05)
     held = train_script.state_bytes(optimizer)
-    # AdamW: exp_avg and exp_avg_sq for each element of this rank's shards, one fp32 step per shard
-    expected = sum(2 * 4 * b.shard_numel + 4 for b in optimizer.buckets)
+    # AdamW: exp_avg and exp_avg_sq for each element of this rank's shards (in the parameters'
+    # dtype), one fp32 step per shard
+    width = torch.empty((), dtype=spec.dtype).element_size()
+    expected = sum(2 * width * b.shard_numel + 4 for b in optimizer.buckets)
     consolidated = optimizer.consolidated_state_dict()
     model = spec.build_model()
     plain = spec.build_optimizer(model.parameters())

@@ -48,7 +48,7 @@ def train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int = 1, bucket_
     quiet = functools.partial(no_sync, model) if data_parallel else None
     losses = train_loop(model, optimizer, spec.batches(ctx.dp_rank, ctx.dp_size), clip, micro_batches, quiet)
     if not data_parallel:
-        mean = torch.tensor(losses)
+        mean = torch.tensor(losses, dtype=torch.float64)  # a Python float's own precision
         torch.distributed.all_reduce(mean, group=ctx.data_parallel_group)
         losses = (mean / ctx.data_parallel_size).tolist()
     return RunResult(losses, snapshot(model)), optimizer

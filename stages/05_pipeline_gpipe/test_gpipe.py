@@ -7,7 +7,7 @@ appears (and every family meets both depths).
 Why SGD where M >= 4: cutting a batch into micro-batches changes where fp32 partial sums of the
 gradient meet (~1 ulp). AdamW divides each update by sqrt(v), so for parameters whose gradient is
 near zero those ulps become a visible share of the update; measured on ONE device, with no
-pipeline at all, accumulating 8 micro-batches then 2 AdamW steps lands 5.6x outside SPLIT (llama;
+pipeline at all, accumulating 8 micro-batches then 2 AdamW steps lands 5.6x outside PARALLEL (llama;
 gpt2 1.0x, bloom 2.4x; 4 micro-batches: up to 4.5x) while SGD stays 1000x inside. What the
 pipeline itself adds is measured separately: against that same micro-batched accumulation on one
 device, with AdamW, the pipelined run is bit-identical (``EXACT``) for untied weights.
@@ -20,7 +20,7 @@ import torch
 
 from goose_core import DataParallel, ParallelContext, PipelineParallel, TensorParallel, full_state_dict
 from goose_core.pipeline import Callback
-from goose_core.testing import (EXACT, REORDER, SPLIT, RunResult, TrainSpec, assert_matches_reference,
+from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference,
                                 reference_run, run_distributed, snapshot, train_loop)
 from goose_core.testing.stages import beside_reference_diffs, load_train_script, run_train_script
 
@@ -50,7 +50,7 @@ def test_every_rank_matches_the_single_device_run(pp: int) -> None:
         reference = reference_run(_spec(family, optimizer))
         for rank, results in enumerate(per_rank):
             try:
-                assert_matches_reference(results[k], reference, SPLIT)
+                assert_matches_reference(results[k], reference, PARALLEL)
             except AssertionError as err:
                 raise AssertionError(f"pp={pp} {family} M={m} {checkpoint} rank {rank}: {err}") from err
 
@@ -118,7 +118,7 @@ def test_eval_returns_logits_on_the_last_stage() -> None:
     with torch.no_grad():
         want = spec.build_model().eval()(input_ids=spec.batch(0)["input_ids"]).logits
     assert first is None
-    torch.testing.assert_close(last, want, rtol=SPLIT.rtol, atol=SPLIT.atol)
+    torch.testing.assert_close(last, want, rtol=PARALLEL.rtol, atol=PARALLEL.atol)
 
 
 def test_torchrun_prints_losses_beside_the_reference() -> None:
@@ -142,11 +142,11 @@ def _composed(ctx: ParallelContext, spec: TrainSpec, m: int, checkpoint: str) ->
 
 
 @pytest.mark.parametrize("tp, dp, family, m, checkpoint, tol", [
-    (1, 2, "gpt2", 4, "always", SPLIT),        # tied embeddings: summed over stages, averaged over dp
+    (1, 2, "gpt2", 4, "always", PARALLEL),        # tied embeddings: summed over stages, averaged over dp
     # The default mode mixes recomputed cells (a nested backward each, so a gradient hook fires
     # once per micro-batch) with plain ones: data parallelism must reduce once, at the end.
-    (1, 2, "llama", 4, "except_last", SPLIT),
-    (2, 1, "bloom", 2, "except_last", REORDER),  # vocab-parallel loss on the last stage
+    (1, 2, "llama", 4, "except_last", PARALLEL),
+    (2, 1, "bloom", 2, "except_last", PARALLEL),  # vocab-parallel loss on the last stage
 ])
 def test_composes_with_data_and_tensor_parallelism(tp: int, dp: int, family: str, m: int,
                                                    checkpoint: str, tol) -> None:

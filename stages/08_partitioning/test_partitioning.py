@@ -9,8 +9,8 @@ import torch
 from goose_core import ParallelContext, PipelineParallel, TensorParallel, full_state_dict, spawn
 from goose_core.partition import ImbalanceWarning, plan_partition, stage_costs
 from goose_core.testing import (
-    REORDER,
-    SPLIT,
+    PARALLEL,
+    PARALLEL,
     RunResult,
     TrainSpec,
     assert_matches_reference,
@@ -80,7 +80,7 @@ def test_partitioned_uneven_model_equals_the_single_device_run(partitioner: str)
     expected = _single_device_run()
     assert results[0][1] == results[1][1] != [4, 4]
     for result, _ in results:
-        assert_matches_reference(result, expected, SPLIT)
+        assert_matches_reference(result, expected, PARALLEL)
 
 
 def _train_by_time(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
@@ -93,7 +93,7 @@ def _train_by_time(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
 def test_time_partitioned_gpt2_equals_reference_run() -> None:
     spec = TrainSpec(family="gpt2", steps=2)
     for result in run_distributed(_train_by_time, 1, 2, 1, spec, timeout=120):
-        assert_matches_reference(result, reference_run(spec), SPLIT)
+        assert_matches_reference(result, reference_run(spec), PARALLEL)
 
 
 def test_a_dominant_block_is_reported_and_too_many_stages_refused() -> None:
@@ -133,4 +133,4 @@ def test_time_partitioner_composes_with_tensor_parallelism() -> None:
     results = run_distributed(_tensor_and_pipeline, 2, 2, 1, spec, timeout=120)
     assert all(counts == results[0][0] for counts, _ in results)
     for _, result in results:
-        assert_matches_reference(result, reference_run(spec), REORDER)
+        assert_matches_reference(result, reference_run(spec), PARALLEL)

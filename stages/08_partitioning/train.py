@@ -50,7 +50,7 @@ def uneven_model(spec: TrainSpec, wide: Sequence[int] = WIDE_LAYERS, factor: int
         torch.manual_seed(spec.seed + 1 + index)
         mlp = LlamaMLP(config)
         mlp.apply(model._init_weights)  # the model's own init: normal(0, initializer_range)
-        model.model.layers[index].mlp = mlp
+        model.model.layers[index].mlp = mlp.to(spec.dtype)  # drawn in fp32, as build_model draws
     return model
 
 

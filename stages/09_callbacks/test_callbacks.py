@@ -10,7 +10,7 @@ from goose_core import ParallelContext, RankError, spawn
 from goose_core.pipeline import Callback, Event
 from goose_core.pipeline.gantt import draw_gantt
 from goose_core.pipeline.timeline import bubble_fraction, cell_order, trim_waits
-from goose_core.testing import SPLIT, TrainSpec, assert_matches_reference, reference_run, run_distributed
+from goose_core.testing import PARALLEL, TrainSpec, assert_matches_reference, reference_run, run_distributed
 from goose_core.testing.stages import load_train_script
 
 train_script = load_train_script("09")
@@ -31,7 +31,7 @@ def test_event_order_is_the_gpipe_schedule(pp: int, checkpoint: str) -> None:
     for j, (result, spans, events) in enumerate(results):
         # Before/after pairs in the schedule's order; recompute just before its backward.
         assert events == train_script.schedule_events(M, pp, j, checkpoint)
-        assert_matches_reference(result, reference, SPLIT)  # callbacks change no number
+        assert_matches_reference(result, reference, PARALLEL)  # callbacks change no number
         # The gathered timeline holds every stage's cells, in the same order, on every rank.
         assert spans == results[0][1]
         assert cell_order(spans, j) == [(k, i) for k, phase, i in events if phase == "before"]
