@@ -94,3 +94,24 @@ def test_every_order_with_a_plain_optimizer(order: tuple[str, ...]) -> None:
 @pytest.mark.parametrize("order", ORDERS, ids="-".join)
 def test_every_order_with_zero1_and_clipping(order: tuple[str, ...]) -> None:
     _check_order(ZERO, order, zero=True)
+
+
+def _misuse(ctx: ParallelContext) -> list[str]:
+    """Wrapping after the optimizer, and pipelining twice: each refused before any step."""
+    messages = []
+    model = DataParallel(PLAIN.build_model(), ctx).parallelize()
+    DistributedOptimizer(PLAIN.build_optimizer(model.parameters()), ctx)
+    with pytest.raises(ValueError) as err:
+        TensorParallel(model, ctx).parallelize()
+    messages.append(str(err.value))
+    model = PipelineParallel(PLAIN.build_model(), ctx).parallelize()
+    with pytest.raises(ValueError) as err:
+        PipelineParallel(model, ctx)
+    messages.append(str(err.value))
+    return messages
+
+
+def test_wrapping_after_the_optimizer_and_pipelining_twice_are_refused_on_every_rank() -> None:
+    for after_optimizer, twice in run_distributed(_misuse, 2, 1, 2, timeout=120):
+        assert "apply every wrapper (TensorParallel, PipelineParallel, DataParallel) first" in after_optimizer
+        assert "already split into pipeline stages" in twice

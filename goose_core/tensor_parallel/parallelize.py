@@ -106,9 +106,9 @@ class TensorParallel:
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, seed: int | None = None,
                  check_batch: str = "first") -> None:
+        self.check_batch = check_policy(check_batch)
         self.model, self.ctx = model, ctx
         self.seed = ctx.seed if seed is None else seed
-        self.check_batch = check_policy(check_batch)
 
     def parallelize(self) -> nn.Module:
         """Shard the model in place and return it (parameters replaced: a DataParallel already
