@@ -4,7 +4,7 @@ from goose_core.data_parallel.bucket import Bucket, build_buckets
 from goose_core.data_parallel.loss import PendingMean, global_mean
 from goose_core.data_parallel.reducer import GradReducer, reducer_of_param
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
-from goose_core.data_parallel.wrapper import DataParallel, no_sync, reducer_of
+from goose_core.data_parallel.wrapper import DataParallel, no_sync, parameters_changed, reducer_of
 
 __all__ = [
     "Bucket",
@@ -16,6 +16,7 @@ __all__ = [
     "check_replicas",
     "global_mean",
     "no_sync",
+    "parameters_changed",
     "reducer_of",
     "reducer_of_param",
 ]

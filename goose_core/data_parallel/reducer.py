@@ -70,9 +70,19 @@ class GradReducer:
 
     def rebuild(self, param_lists: list[list[nn.Parameter]], scatter: bool,
                 key: Callable[[nn.Parameter], Hashable] = lambda p: None) -> None:
-        """Re-bucket: one run of buckets per list (ZeRO-1 passes its param groups), new hooks."""
+        """Re-bucket: one run of buckets per list, new hooks; parameters left out are released.
+
+        ZeRO-1 passes its param groups; DataParallel passes the module's current parameters
+        after a later wrapper replaced or dropped some (see ``DataParallel.refresh``).
+
+        Raises:
+            RuntimeError: a backward pass is in flight (its buckets are half filled).
+        """
+        if self._callback_queued or self.deferred or self._next:
+            raise RuntimeError("cannot re-bucket the gradient reducer while a backward pass is in flight")
         for handle in self._handles:
             handle.remove()
+        before = list(self._where)
         self.scatter = scatter
         self.buckets = [b for params in param_lists
                         for b in build_buckets(reversed(params), self.bucket_bytes, self.size, key,
@@ -81,6 +91,9 @@ class GradReducer:
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
         for p in self._where:
             setattr(p, _ATTR, self)
+        for p in before:
+            if p not in self._where and getattr(p, _ATTR, None) is self:
+                delattr(p, _ATTR)  # replaced or dropped: no longer this reducer's
 
     @property
     def params(self) -> list[nn.Parameter]:

@@ -12,7 +12,7 @@ from goose_core.data_parallel.reducer import GradReducer
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
 from goose_core.distributed.context import ParallelContext
 
-__all__ = ["DataParallel", "no_sync", "reducer_of"]
+__all__ = ["DataParallel", "no_sync", "parameters_changed", "reducer_of"]
 
 _ATTR = "_goose_data_parallel"
 
@@ -28,6 +28,11 @@ class DataParallel:
       :class:`~goose_core.data_parallel.loss.PendingMean` whose async all-reduce overlaps the
       backward (its gradient stays the local loss's: the hooks do the averaging);
     * a check that parameters and buffers are identical on every dp rank (or a broadcast).
+
+    It may come before, between or after ``TensorParallel`` and ``PipelineParallel``: a later
+    wrapper that replaces or drops parameters calls :func:`parameters_changed`, and the
+    reducer is rebuilt over the parameters the module holds then. Build the optimizer (and
+    ``DistributedOptimizer``) after the last wrapper, from ``model.parameters()``.
 
     Each rank feeds its own shard of the global batch (``goose_core.data.shard_batch``), as with
     torch DDP. Frozen parameters (``requires_grad=False``) are left alone. A parameter that
@@ -64,11 +69,34 @@ class DataParallel:
             broadcast_replicas(self.module, group)
         else:
             check_replicas(self.module, group)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        self.reducer = GradReducer(params, group, self.bucket_bytes)
+        self.reducer = GradReducer(self._trainable(), group, self.bucket_bytes)
         self.module.register_forward_hook(self._global_loss)
         setattr(self.module, _ATTR, self)
         return self.module
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def refresh(self) -> None:
+        """Rebuild the gradient reducer over the trainable parameters the module holds now.
+
+        For a wrapper applied after this one that replaces parameters (``TensorParallel``
+        swaps each split linear for a sharded one) or drops them (``PipelineParallel`` keeps
+        one stage): without it the hooks would sit on parameters the model no longer uses and
+        the new ones would never be averaged. Local: no collective (every dp rank holds the
+        same parameters, so every rank builds the same buckets).
+
+        Raises:
+            ValueError: a ``DistributedOptimizer`` already took the reducer over (build the
+                optimizer after the last wrapper).
+        """
+        assert self.reducer is not None, "call parallelize() first"
+        if self.reducer.scatter:
+            raise ValueError("the model's parameters changed after DistributedOptimizer took over its "
+                             "DataParallel reducer: apply every wrapper (TensorParallel, "
+                             "PipelineParallel, DataParallel) first, then build the optimizer from "
+                             "model.parameters()")
+        self.reducer.rebuild([self._trainable()], scatter=False)
 
     def _global_loss(self, module: nn.Module, args: Any, output: Any) -> Any:
         loss = getattr(output, "loss", None)
@@ -82,6 +110,19 @@ class DataParallel:
         assert self.reducer is not None, "call parallelize() first"
         with self.reducer.no_sync():
             yield
+
+
+def parameters_changed(module: nn.Module) -> None:
+    """Tell the DataParallel on ``module`` (if any) that its parameters were replaced or dropped.
+
+    The one rule wrappers follow to compose in any order: a wrapper whose ``parallelize()``
+    changes which ``Parameter`` objects the module holds calls this at its end, and
+    DataParallel re-buckets over the current ones (:meth:`DataParallel.refresh`). A no-op for
+    a module DataParallel has not wrapped.
+    """
+    wrapper = getattr(module, _ATTR, None)
+    if wrapper is not None:
+        wrapper.refresh()
 
 
 def reducer_of(module: nn.Module) -> GradReducer | None:

@@ -247,12 +247,19 @@ def _check(optimizer: Any, bucket_size_mb: float) -> None:
 def _take_over_reducer(trainable: list[list[nn.Parameter]]) -> GradReducer | None:
     """DataParallel's reducer for these parameters, if they are under one (checked exactly)."""
     params = [p for ps in trainable for p in ps]
-    reducers = {id(r): r for r in map(reducer_of_param, params)}
-    if not reducers or list(reducers) == [id(None)]:
+    owners = [reducer_of_param(p) for p in params]
+    reducers = {id(r): r for r in owners if r is not None}
+    if not reducers:
         return None
     if len(reducers) > 1:
-        raise ValueError("some of the optimizer's parameters are under DataParallel and some are not "
-                         "(or under two); wrap the whole model once with DataParallel")
+        raise ValueError(f"the optimizer's parameters are under {len(reducers)} different DataParallel "
+                         f"wrappers; give DistributedOptimizer the parameters of one model")
+    outside = sum(r is None for r in owners)
+    if outside:
+        raise ValueError(f"{outside} of the optimizer's {len(params)} trainable parameters are not under "
+                         f"the model's DataParallel (parameters of another model, or ones a wrapper "
+                         f"replaced after the optimizer was built): apply every wrapper first, then "
+                         f"build the optimizer from model.parameters()")
     reducer = next(iter(reducers.values()))
     missing = set(map(id, reducer.params)) - set(map(id, params))
     if missing:

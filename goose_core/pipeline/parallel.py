@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from goose_core.data_parallel.reducer import GradReducer, reducer_of_param
+from goose_core.data_parallel.wrapper import parameters_changed
+from goose_core.distributed.batch_check import check_policy, install_batch_check
 from goose_core.distributed.context import ParallelContext
 from goose_core.partition import Partitioner, partition_blocks
 from goose_core.pipeline.callbacks import Callback, CallbackList
@@ -35,7 +37,7 @@ from goose_core.pipeline.split import Adapter, adapter_for, drop_modules
 from goose_core.pipeline.tied import TiedGradients
 from goose_core.pipeline.transport import LocalTransport, Transport
 
-__all__ = ["PipelineParallel", "local_pipeline"]
+__all__ = ["PipelineParallel", "is_pipelined", "local_pipeline"]
 
 _PROFILED = ("time", "memory")
 
@@ -52,18 +54,32 @@ class PipelineParallel:
         callbacks: fired around every forward, backward and recompute of a (micro-batch, stage) cell.
         sample: for the profiling partitioners, hidden states of one micro-batch (default: one
             sequence of 32 tokens).
+        check_batch: when to check that every stage got the same batch: ``"first"`` forward,
+            ``"always"`` (one tiny all-reduce per forward) or ``"never"``.
+
+    Order: apply it after ``TensorParallel`` (which refuses a model already split into stages);
+    ``DataParallel`` may come before or after it (its reducer is rebuilt over this stage's
+    parameters). Every stage must be fed the same batch by the training loop: by default the
+    first forward compares a checksum of the inputs over the pipeline group and raises if
+    they differ (see :mod:`goose_core.distributed.batch_check`).
 
     Raises:
-        ValueError: on every rank, before any collective: M < 1, an unknown checkpoint mode, a
-            model that cannot be split, fewer blocks than stages, a bad partition.
+        ValueError: on every rank, before any collective: M < 1, an unknown checkpoint mode or
+            ``check_batch``, a model already pipelined, a model that cannot be split, fewer
+            blocks than stages, a bad partition.
     """
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, num_microbatches: int = 1,
                  checkpoint: str = "except_last", partitioner: Partitioner = "uniform",
-                 callbacks: Iterable[Callback] = (), sample: Tensor | None = None) -> None:
+                 callbacks: Iterable[Callback] = (), sample: Tensor | None = None,
+                 check_batch: str = "first") -> None:
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        if is_pipelined(model):
+            raise ValueError("this model is already split into pipeline stages: call "
+                             "PipelineParallel(...).parallelize() once")
         checkpoint_stop(checkpoint, num_microbatches)
+        self.check_batch = check_policy(check_batch)
         self.model, self.ctx, self.num_microbatches = model, ctx, num_microbatches
         self.checkpoint = checkpoint
         self.callbacks = CallbackList(callbacks)
@@ -89,7 +105,10 @@ class PipelineParallel:
             ctx.pipeline_parallel_group, ctx.prev_pipeline_rank, ctx.next_pipeline_rank, ctx.device))
         stage = _Stage(model, adapter, {j: list(held)}, n, transport, self.num_microbatches,
                        self.checkpoint, self.callbacks, ctx, tied, [ctx.device] * n)
-        return _install(model, stage)
+        _install(model, stage)
+        install_batch_check(model, ctx, "pp", self.check_batch)
+        parameters_changed(model)  # a DataParallel applied before re-buckets over this stage
+        return model
 
 
 def _split(adapter: Adapter, num_stages: int, partitioner: Partitioner, num_microbatches: int,
@@ -122,6 +141,8 @@ def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int 
         raise ValueError(f"{len(devices)} devices for {num_partitions} partitions: give one per partition")
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    if is_pipelined(model):
+        raise ValueError("this model is already split into pipeline partitions: pipeline it once")
     checkpoint_stop(checkpoint, num_microbatches)
     adapter = adapter_for(model)
     counts = _split(adapter, num_partitions, partitioner, num_microbatches)
@@ -139,6 +160,11 @@ def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int 
     stage = _Stage(model, adapter, held, num_partitions, LocalTransport(devices), num_microbatches,
                    checkpoint, CallbackList(callbacks), devices=devices)
     return _install(model, stage)
+
+
+def is_pipelined(model: nn.Module) -> bool:
+    """Whether ``model`` was returned by ``PipelineParallel.parallelize()`` or ``local_pipeline``."""
+    return isinstance(getattr(model, "pipeline", None), Pipeline)
 
 
 def _install(model: nn.Module, stage: "_Stage") -> nn.Module:

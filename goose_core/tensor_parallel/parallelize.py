@@ -20,7 +20,10 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from goose_core.data_parallel.wrapper import parameters_changed
+from goose_core.distributed.batch_check import check_policy, install_batch_check
 from goose_core.distributed.context import ParallelContext
+from goose_core.pipeline.parallel import is_pipelined
 from goose_core.tensor_parallel.cross_entropy import VocabParallelCausalLMLoss
 from goose_core.tensor_parallel.layers import (
     ColumnParallelLinear,
@@ -80,24 +83,44 @@ class TensorParallel:
     With labels, ``model(...).logits`` are this rank's vocabulary shard (the loss never gathers
     them); without labels the LM head all-gathers and the logits are whole.
 
+    Order: apply it before ``PipelineParallel`` (it cuts the embedding, the head and every
+    block, which a pipeline stage no longer holds all of); ``DataParallel`` may come before or
+    after it (its reducer is rebuilt over the sharded parameters). Every rank of the tp group
+    must be fed the same batch: by default the first forward compares a checksum of the
+    inputs over the group and raises if they differ (see
+    :mod:`goose_core.distributed.batch_check`).
+
     Args:
         model: an HF causal LM (``PreTrainedModel`` with input and output embeddings).
         ctx: the parallel context; only its tp group is used.
         seed: seeds the split RNG streams (default ``ctx.seed``).
+        check_batch: when to check that the tp group got the same batch: ``"first"`` forward,
+            ``"always"`` (one tiny all-reduce per forward) or ``"never"``.
 
     Raises:
-        ValueError: from ``parallelize()``, on every rank before any collective: no plan for the
-            family, or a size (heads, kv-heads, vocab, intermediate) that does not split.
+        ValueError: an unknown ``check_batch``; from ``parallelize()``, on every rank before any
+            collective: the model is already a pipeline stage (apply TensorParallel first), no
+            plan for the family, or a size (heads, kv-heads, vocab, intermediate) that does not
+            split.
     """
 
-    def __init__(self, model: nn.Module, ctx: ParallelContext, seed: int | None = None) -> None:
+    def __init__(self, model: nn.Module, ctx: ParallelContext, seed: int | None = None,
+                 check_batch: str = "first") -> None:
+        self.check_batch = check_policy(check_batch)
         self.model, self.ctx = model, ctx
         self.seed = ctx.seed if seed is None else seed
 
     def parallelize(self) -> nn.Module:
+        """Shard the model in place and return it (parameters replaced: a DataParallel already
+        on the model re-buckets over the new ones)."""
         model, ctx, tp = self.model, self.ctx, self.ctx.tensor_parallel_size
         if getattr(model, "goose_rng_tracker", None) is not None:
             raise ValueError("this model is already tensor-parallel: call parallelize() once")
+        if is_pipelined(model):
+            raise ValueError("this model is already split into pipeline stages, so no rank holds all "
+                             "of the embedding, the head and the blocks that TensorParallel cuts: "
+                             "apply TensorParallel before PipelineParallel (supported orders: TP, PP, "
+                             "DP; TP, DP, PP; DP, TP, PP)")
         plan = resolve_plan(model)
         check_sizes(model, plan, tp)
         embedding, head = _vocab_modules(model)
@@ -113,6 +136,8 @@ class TensorParallel:
         before, after = _forward_hooks(head, tracker)
         model.register_forward_pre_hook(before, with_kwargs=True)
         model.register_forward_hook(after, always_call=True)
+        install_batch_check(model, ctx, "tp", self.check_batch)
+        parameters_changed(model)
         return model
 
     def _shard_blocks(self, plan: TPPlan, tracker: RNGTracker) -> None:
