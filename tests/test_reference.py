@@ -69,3 +69,15 @@ def test_accumulation_equals_the_whole_batch_and_uses_no_sync_on_all_but_the_las
         losses = train_loop(model, optimizer, spec.batches(), micro_batches=4, no_sync=quiet, reverse=reverse)
         assert_matches_reference(RunResult(losses, snapshot(model)), reference, PARALLEL)
     assert len(entered) == 2 * 2 * 3  # two runs x two steps x (4 - 1) quiet micro-batches
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_inf_fails(bad: float) -> None:
+    other = _run()
+    other.params["w"][1] = bad
+    with pytest.raises(AssertionError, match="w: max abs difference"):
+        assert_matches_reference(other, _run(), PARALLEL)
+    other = _run()
+    other.losses[0] = bad
+    with pytest.raises(AssertionError, match="losses differ"):
+        assert_matches_reference(other, _run(), PARALLEL)

@@ -150,8 +150,11 @@ def reference_run(spec: TrainSpec) -> RunResult:
 
 
 def _worst(actual: Tensor, expected: Tensor, tol: Tolerance) -> float:
-    """The largest ratio of error to allowance (> 1 means out of tolerance)."""
-    err = (actual.double() - expected.double()).abs()
+    """The largest ratio of error to allowance (> 1 means out of tolerance); inf for a NaN or
+    an infinity the expected run does not have (``NaN > 1`` is False: it would pass)."""
+    if not torch.equal(actual.isfinite(), expected.isfinite()):
+        return float("inf")
+    err = (actual.double() - expected.double()).abs().nan_to_num(0.0, posinf=0.0)
     allowed = tol.atol + tol.rtol * expected.double().abs()
     if tol.atol == 0 and tol.rtol == 0:
         return float("inf") if err.max() > 0 else 0.0
