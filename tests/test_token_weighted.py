@@ -95,8 +95,8 @@ def test_pad_batch_is_deterministic_and_masks_what_it_pads() -> None:
 
 # ---- data parallelism (and ZeRO-1): SGD, so SPLIT checks the gradients themselves -------------
 
-@pytest.mark.parametrize("family", ["llama", "bloom"])
-@pytest.mark.parametrize("padding", PADDED)
+@pytest.mark.parametrize("family, padding", [("llama", "ignore"), ("llama", "right"), ("llama", "left"),
+                                             ("bloom", "right")])
 def test_dp(family: str, padding: str) -> None:
     _run(TrainSpec(family=family, padding=padding, steps=3, optimizer="sgd"), SPLIT)
 
