@@ -148,6 +148,11 @@ def test_pp_dp(family: str, padding: str) -> None:
     _run(TrainSpec(family=family, padding=padding, steps=2, optimizer="sgd"), SPLIT, pp=2)
 
 
+def test_pp_micro_batch_with_no_target() -> None:
+    """pp=2 alone: the second micro-batch holds no target; the pipeline's own count divides."""
+    _run(TrainSpec(family="llama", padding="empty", steps=2, optimizer="sgd"), SPLIT, pp=2, dp=1)
+
+
 def test_pp_dp_with_gradient_accumulation() -> None:
     _run(TrainSpec(family="llama", padding="left", steps=2, optimizer="sgd"), SPLIT, pp=2, micro_batches=2)
 
