@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "targets_of", "count_items", "loss_dtype", "causal_lm_loss"]
+__all__ = ["IGNORE_INDEX", "targets_of", "count_items", "loss_dtype", "nonzero", "causal_lm_loss"]
 
 #: The label of a token that is not a target (🤗 and ``F.cross_entropy``'s default).
 IGNORE_INDEX = -100
@@ -60,8 +60,17 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int | None = None
     total = F.cross_entropy(flat, targets.reshape(-1), ignore_index=ignore_index, reduction="sum")
     if num_items_in_batch is None:
         num_items_in_batch = (targets != ignore_index).sum()
+    return total / nonzero(num_items_in_batch, total.device)
+
+
+def nonzero(num_items_in_batch: Tensor | float, device: torch.device | None = None) -> Tensor | float:
+    """The denominator ``num_items_in_batch`` with 0 replaced by 1 (a tensor moved to ``device``).
+
+    With no target the token-loss sum is exactly 0, and 0/1 keeps it 0 where 0/0 would be NaN.
+    Only 0 is replaced, not everything below 1: data parallelism passes ``N / dp``, which is
+    fractional when a global batch holds fewer targets than there are ranks.
+    """
     if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    # max(N, 1): with no target the sum is exactly 0, and 0/1 keeps it 0 (0/0 would be NaN).
-    return total / (num_items_in_batch.clamp(min=1) if torch.is_tensor(num_items_in_batch)
-                    else max(num_items_in_batch, 1))
+        n = num_items_in_batch.to(device) if device is not None else num_items_in_batch
+        return n.masked_fill(n == 0, 1)
+    return num_items_in_batch if num_items_in_batch != 0 else 1

@@ -1,9 +1,9 @@
-"""Micro-batches: equal chunks of every batched input, clear errors, exact loss weights."""
+"""Micro-batches: equal chunks of every batched input, clear errors."""
 
 import pytest
 import torch
 
-from goose_core.pipeline.microbatch import gather, scatter, token_weights
+from goose_core.pipeline.microbatch import gather, scatter
 
 
 def test_scatter_splits_every_tensor_and_copies_the_rest() -> None:
@@ -26,10 +26,3 @@ def test_inputs_of_different_batch_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="disagree"):
         scatter({"input_ids": torch.zeros(8, 4), "labels": torch.zeros(4, 4)}, 2)
 
-
-def test_token_weights_follow_the_predicted_tokens() -> None:
-    full = torch.ones(2, 5, dtype=torch.long)  # 2 rows x 4 predicted tokens
-    padded = full.clone()
-    padded[:, 3:] = -100  # only 2 predicted tokens per row
-    assert token_weights([full, full]) == [0.5, 0.5]
-    assert token_weights([full, padded]) == pytest.approx([8 / 12, 4 / 12])

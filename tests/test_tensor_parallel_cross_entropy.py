@@ -69,3 +69,39 @@ def _whole_logits(ctx: ParallelContext) -> None:
 def test_whole_logits_are_rejected() -> None:
     with pytest.raises(Exception, match="expects logits with 8 vocabulary columns"):
         run_distributed(_whole_logits, 2, timeout=60)
+
+
+def _token_weighted(ctx: ParallelContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """fp64 logits; the whole batch, then a piece with no target, each over the batch's count."""
+    logits, labels = _inputs()
+    loss_fn = VocabParallelCausalLMLoss(ctx.tp_group, VOCAB)
+    out = []
+    for rows, n in ((slice(None), None), (slice(None), 7), (slice(2, 3), 7), (slice(2, 3), None)):
+        shard = logits[rows].chunk(ctx.tp_size, dim=-1)[ctx.tp_rank].clone().requires_grad_()
+        piece = labels[rows].clone()
+        if rows != slice(None):
+            piece[:] = -100  # no target at all
+        loss = loss_fn(logits=shard, labels=piece, vocab_size=VOCAB, num_items_in_batch=n)
+        loss.backward()
+        out.append((loss.detach(), shard.grad))
+    return out
+
+
+def test_fp64_stays_fp64_and_no_target_gives_zero() -> None:
+    """The same convention as goose_core.loss.causal_lm_loss, to fp64 rounding."""
+    from goose_core.loss import causal_lm_loss
+
+    logits, labels = _inputs()
+    results = run_distributed(_token_weighted, 2, timeout=60)
+    for i, n in enumerate((None, 7)):
+        whole = logits.clone().requires_grad_()
+        want = causal_lm_loss(whole, labels, num_items_in_batch=n)
+        want.backward()
+        for rank, per_rank in enumerate(results):
+            loss, grad = per_rank[i]
+            assert loss.dtype == torch.float64
+            torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=0)
+            torch.testing.assert_close(grad, whole.grad.chunk(2, dim=-1)[rank], rtol=1e-12, atol=1e-15)
+    for per_rank in results:
+        for loss, grad in per_rank[2:]:
+            assert loss.item() == 0.0 and not grad.abs().any()

@@ -1,4 +1,5 @@
-"""The shipped corpus served as fixed, seeded batches, and each data-parallel rank's shard."""
+"""The shipped corpus served as fixed, seeded batches (optionally padded), and each data-parallel
+rank's shard."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ from torch import Tensor
 
 from goose_core.data.tokenizer import ByteTokenizer
 
-__all__ = ["CORPUS_PATH", "corpus_ids", "get_batch", "shard_batch"]
+__all__ = ["CORPUS_PATH", "PAD_ID", "PADDINGS", "corpus_ids", "get_batch", "pad_batch", "shard_batch"]
 
 CORPUS_PATH = Path(__file__).with_name("corpus.txt")
 
 Batch = dict[str, Tensor]
+
+#: The id a padded position holds (its label is ``-100`` and its attention-mask entry 0).
+PAD_ID = 0
+
+#: How :func:`pad_batch` makes rows hold different numbers of targets.
+PADDINGS = ("ignore", "right", "left", "empty")
 
 
 @lru_cache(maxsize=1)
@@ -49,3 +56,37 @@ def shard_batch(batch: Batch, rank: int, world_size: int) -> Batch:
                          f"use a batch size that is a multiple of {world_size}")
     per = size // world_size
     return {k: v[rank * per : (rank + 1) * per] for k, v in batch.items()}
+
+
+def pad_batch(batch: Batch, padding: str, step: int = 0, seed: int = 0) -> Batch:
+    """``batch`` with rows of uneven real length, the same on every rank and every run.
+
+    Row r keeps ``L_r`` real tokens, ``L_r`` drawn from ``[1, seq_len]`` by a generator seeded
+    by ``(seed, step)`` (a row with one token has no target at all). The rest of the row is::
+
+        ignore   labels -100 before the last L_r tokens (a prompt that is not a target)
+        right    [t t t _ _]  padding after the real tokens   ) _ = PAD_ID, label -100,
+        left     [_ _ t t t]  padding before them             )     attention_mask 0
+        empty    the last half of the rows all padding, the first half all real
+
+    so data-parallel shards and micro-batches hold different numbers of targets ("empty": some
+    hold none). Padded variants carry an ``attention_mask``.
+
+    Raises:
+        ValueError: ``padding`` is not one of :data:`PADDINGS`.
+    """
+    if padding not in PADDINGS:
+        raise ValueError(f"unknown padding {padding!r}; choose one of {PADDINGS}")
+    ids = batch["input_ids"]
+    rows, seq_len = ids.shape
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step + 7_919)
+    length = torch.randint(1, seq_len + 1, (rows, 1), generator=gen)
+    if padding == "empty":
+        length = torch.where(torch.arange(rows).unsqueeze(1) < rows // 2, seq_len, 0)
+    position = torch.arange(seq_len).unsqueeze(0)
+    real = position >= seq_len - length if padding in ("left", "ignore") else position < length
+    labels = batch["labels"].masked_fill(~real, -100)
+    if padding == "ignore":
+        return {**batch, "labels": labels}
+    return {**batch, "input_ids": ids.masked_fill(~real, PAD_ID), "labels": labels,
+            "attention_mask": real.long()}

@@ -1,7 +1,7 @@
 """Data parallelism: bucketed gradient averaging that overlaps the backward pass."""
 
 from goose_core.data_parallel.bucket import Bucket, build_buckets
-from goose_core.data_parallel.loss import PendingMean, global_mean
+from goose_core.data_parallel.loss import PendingMean, count_items_over, global_mean
 from goose_core.data_parallel.reducer import GradReducer, reducer_of_param
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
 from goose_core.data_parallel.wrapper import DataParallel, no_sync, parameters_changed, reducer_of
@@ -14,6 +14,7 @@ __all__ = [
     "broadcast_replicas",
     "build_buckets",
     "check_replicas",
+    "count_items_over",
     "global_mean",
     "no_sync",
     "parameters_changed",

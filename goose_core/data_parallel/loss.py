@@ -1,10 +1,32 @@
-"""The loss every data-parallel rank reports: the global mean's value, the local loss's gradient.
+"""The loss every data-parallel rank reports, and the token count that makes it the global mean.
 
-The all-reduce of the value is asynchronous: it runs while the backward pass computes, instead
-of stopping every rank in the forward pass to wait for the slowest one (measured: ~20 % of a
-DataParallel step on the shared CI machine). The loss is returned as a ``PendingMean``, a
-tensor that finishes the all-reduce before anything reads it (``item()``, arithmetic,
-``detach()``, printing). ``backward()`` does not read it and does not wait::
+**The token-weighted mean.** One device divides the summed token losses of the whole batch by
+its number of targets N. The mean of per-rank means is something else whenever ranks hold
+different numbers of targets (padding, ``-100`` labels): a rank with 2 targets would weigh as
+much as one with 200, and a rank with none would give 0/0 = NaN. So DataParallel counts the
+targets of every rank (one all-reduce of one integer, before the forward pass) and hands the
+model ``num_items_in_batch = N / dp`` (🤗's convention: the model returns its token-loss sum
+divided by it). The gradient hooks average over dp, which divides by dp once more::
+
+    dp rank       0: [a b c d]          1: [e f _ _]           _ = -100
+    count         4                     2          ─► all-reduce: N = 6
+    model loss    s0 / (N/dp)           s1 / (N/dp)            s_r: rank r's token-loss sum
+    gradients     averaged over dp:     (s0 + s1)' / N         = the one-device gradient
+    .loss         dp mean:              (s0 + s1) / N          = the one-device loss
+
+A rank with no target returns exactly 0 and adds nothing. With gradient accumulation the caller
+passes ``num_items_in_batch`` itself: the number of targets of the whole optimizer step, over
+every micro-step and every dp rank (what one device would divide by; see
+:func:`count_items_over`); each micro-step's ``.loss`` is then its share of the step's mean, and
+the shares add up to it. N/dp is a Python float, exact for a power-of-two dp: a tensor would
+promote an fp32 loss to its own dtype. The count is waited for before the forward pass: the
+model needs it, and it is one integer.
+
+**The reported value.** Its all-reduce is asynchronous: it runs while the backward pass
+computes, instead of stopping every rank in the forward pass to wait for the slowest one
+(measured: ~20 % of a DataParallel step on the shared CI machine). The loss is returned as a
+``PendingMean``, a tensor that finishes the all-reduce before anything reads it (``item()``,
+arithmetic, ``detach()``, printing). ``backward()`` does not read it and does not wait::
 
     forward   loss_r ─► value = loss_r / dp ─► async all-reduce(value) ─────────────┐
     backward  loss.backward(): local gradient, passed through                       │
@@ -19,7 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["global_mean", "PendingMean"]
+from goose_core.loss import count_items, nonzero
+
+__all__ = ["global_mean", "PendingMean", "count_items_over", "replica_items"]
 
 # Calls that never read the value, so they need not wait for the all-reduce.
 _NO_WAIT: set[Callable[..., Any]] = {Tensor.backward, torch.autograd.backward}
@@ -77,3 +101,29 @@ def global_mean(loss: Tensor, group: dist.ProcessGroup) -> Tensor:
     out = _PassGradient.apply(loss, value).as_subclass(PendingMean)
     out._goose_work = work
     return out
+
+
+def count_items_over(labels: Tensor, group: dist.ProcessGroup, device: torch.device | None = None
+                     ) -> Tensor:
+    """The targets of ``labels`` (unshifted, as passed to the model) summed over ``group``.
+
+    A collective: every rank of ``group`` calls it. Gradient accumulation passes the sum of this
+    over its micro-steps as ``num_items_in_batch``. ``device``: where the collective needs the
+    count (the process group's device; default: the labels').
+    """
+    n = count_items(labels)
+    if device is not None:
+        n = n.to(device)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(n, group=group)
+    return n
+
+
+def replica_items(num_items_in_batch: Tensor | float, dp: int) -> float:
+    """What each of ``dp`` replicas hands its model: ``N / dp`` (N = 0, no target, counts as 1).
+
+    The model divides its token-loss sum by it, and averaging the gradients over dp divides by
+    dp again: the replicas' gradients add up to the sum over all N targets, divided by N.
+    """
+    n = float(num_items_in_batch) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    return float(nonzero(n)) / dp

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from torch import nn
 
-from goose_core.data_parallel.loss import global_mean
+from goose_core.data_parallel.loss import count_items_over, global_mean, replica_items
 from goose_core.data_parallel.reducer import GradReducer
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
 from goose_core.distributed.context import ParallelContext
@@ -24,9 +25,17 @@ class DataParallel:
 
     * per-parameter gradient hooks that average gradients over the dp group in buckets of
       ``bucket_size_mb``, overlapping the backward pass (see :mod:`.reducer`);
+    * a forward pre-hook that makes the loss token-weighted: when ``labels`` is passed (by
+      keyword) it counts the targets over the dp group, N, and passes the model
+      ``num_items_in_batch = N / dp`` (see :mod:`.loss`); a caller's own ``num_items_in_batch``
+      (gradient accumulation: the targets of the whole optimizer step, every micro-step and
+      every dp rank) replaces the count. Models whose forward takes no ``num_items_in_batch``
+      (nor ``**kwargs``) are called unchanged;
     * a forward hook that replaces ``output.loss`` by its mean over the dp group, a
       :class:`~goose_core.data_parallel.loss.PendingMean` whose async all-reduce overlaps the
-      backward (its gradient stays the local loss's: the hooks do the averaging);
+      backward (its gradient stays the local loss's: the hooks do the averaging). With the
+      pre-hook's denominator it is the mean over every target of the global batch, as on one
+      device, however padding and ``-100`` labels fall across ranks;
     * a check that parameters and buffers are identical on every dp rank (or a broadcast).
 
     It may come before, between or after ``TensorParallel`` and ``PipelineParallel``: a later
@@ -70,6 +79,7 @@ class DataParallel:
         else:
             check_replicas(self.module, group)
         self.reducer = GradReducer(self._trainable(), group, self.bucket_bytes)
+        self.module.register_forward_pre_hook(self._count_items, with_kwargs=True)
         self.module.register_forward_hook(self._global_loss)
         setattr(self.module, _ATTR, self)
         return self.module
@@ -98,6 +108,17 @@ class DataParallel:
                              "model.parameters()")
         self.reducer.rebuild([self._trainable()], scatter=False)
 
+    def _count_items(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
+                     ) -> tuple[tuple, dict[str, Any]] | None:
+        """Hand the model the global batch's denominator (N / dp) for its token-loss sum."""
+        dp = self.ctx.data_parallel_size
+        if dp == 1 or kwargs.get("labels") is None or not _takes_num_items(module):
+            return None
+        n = kwargs.get("num_items_in_batch")
+        if n is None:  # one forward is the whole step: its targets over every dp rank
+            n = count_items_over(kwargs["labels"], self.ctx.data_parallel_group, self.ctx.device)
+        return args, {**kwargs, "num_items_in_batch": replica_items(n, dp)}
+
     def _global_loss(self, module: nn.Module, args: Any, output: Any) -> Any:
         loss = getattr(output, "loss", None)
         if loss is not None:
@@ -123,6 +144,12 @@ def parameters_changed(module: nn.Module) -> None:
     wrapper = getattr(module, _ATTR, None)
     if wrapper is not None:
         wrapper.refresh()
+
+
+def _takes_num_items(module: nn.Module) -> bool:
+    """Whether ``module``'s forward (as it is now: a pipeline replaces it) takes the keyword."""
+    params = inspect.signature(module.forward).parameters.values()
+    return any(p.name == "num_items_in_batch" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def reducer_of(module: nn.Module) -> GradReducer | None:

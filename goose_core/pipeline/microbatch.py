@@ -7,9 +7,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["check_microbatches", "scatter", "gather", "token_weights"]
-
-IGNORE_INDEX = -100
+__all__ = ["check_microbatches", "scatter", "gather"]
 
 
 def check_microbatches(batch_size: int, num_microbatches: int) -> None:
@@ -52,16 +50,3 @@ def gather(outputs: list[Tensor]) -> Tensor:
     """The micro-batch outputs concatenated back into one batch (dim 0)."""
     return torch.cat(outputs)
 
-
-def token_weights(labels: list[Tensor]) -> list[float]:
-    """Each micro-batch's share of the batch's predicted tokens.
-
-    A causal LM predicts token t+1 from position t, so the last label of every row is never
-    used; tokens labelled ``-100`` are ignored. The batch-mean loss is then
-    ``sum_i weight_i * mean_loss_i`` whatever the padding, which is what one device computes.
-    """
-    counts = [int((lab[..., 1:] != IGNORE_INDEX).sum()) for lab in labels]
-    total = sum(counts)
-    if total == 0:
-        return [1.0 / len(labels)] * len(labels)
-    return [c / total for c in counts]

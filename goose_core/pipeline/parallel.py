@@ -27,10 +27,11 @@ from goose_core.data_parallel.reducer import GradReducer, reducer_of_param
 from goose_core.data_parallel.wrapper import parameters_changed
 from goose_core.distributed.batch_check import check_policy, install_batch_check
 from goose_core.distributed.context import ParallelContext
+from goose_core.loss import count_items, loss_dtype, nonzero
 from goose_core.partition import Partitioner, partition_blocks
 from goose_core.pipeline.callbacks import Callback, CallbackList
 from goose_core.pipeline.checkpoint import checkpoint_stop
-from goose_core.pipeline.microbatch import gather, scatter, token_weights
+from goose_core.pipeline.microbatch import gather, scatter
 from goose_core.pipeline.p2p import DistributedTransport
 from goose_core.pipeline.pipeline import Partition, Pipeline, StepOutput
 from goose_core.pipeline.split import Adapter, adapter_for, drop_modules
@@ -214,16 +215,27 @@ class _Stage:
         logits = self.adapter.head(hidden)
         if "labels" not in inputs:
             return logits
+        # The micro-batch's token-loss sum over the batch's targets (goose_core.loss): the
+        # micro-batches' losses add up to the batch mean, and one with no target adds 0.
         return self.model.loss_function(logits=logits, labels=inputs["labels"],
-                                        vocab_size=self.model.config.vocab_size)
+                                        vocab_size=self.model.config.vocab_size,
+                                        num_items_in_batch=inputs["num_items_in_batch"])
 
     def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
-                attention_mask: Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+                attention_mask: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        """The batch's loss (with ``labels``) or logits (without), as the unsplit model's.
+
+        Args:
+            num_items_in_batch: the denominator of the token-loss sum (🤗's convention): the
+                targets of the whole step this batch belongs to (data parallelism passes it).
+                Default: this batch's own targets, so the loss is its token mean.
+        """
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")
         if input_ids is None or unsupported:
-            raise ValueError(f"the pipelined model takes input_ids, labels and attention_mask; got "
-                             f"input_ids={'given' if input_ids is not None else None}, other "
-                             f"arguments {unsupported}")
+            raise ValueError(f"the pipelined model takes input_ids, labels, attention_mask and "
+                             f"num_items_in_batch; got input_ids="
+                             f"{'given' if input_ids is not None else None}, other arguments {unsupported}")
         inputs = {k: v for k, v in (("input_ids", input_ids), ("labels", labels),
                                     ("attention_mask", attention_mask)) if v is not None}
         microbatches = scatter(inputs, self.num_microbatches)
@@ -231,12 +243,9 @@ class _Stage:
             with torch.no_grad():
                 outputs = self._outputs(self.pipeline.run(microbatches))
             return CausalLMOutputWithPast(logits=gather(outputs) if self.is_last else None)
-        step = self.pipeline.run(microbatches)
-        outputs = self._outputs(step)
-        total = None
-        if self.is_last:
-            weights = token_weights([mb["labels"] for mb in microbatches])
-            total = sum(w * loss for w, loss in zip(weights, outputs))
+        n = nonzero(count_items(labels) if num_items_in_batch is None else num_items_in_batch)
+        step = self.pipeline.run([{**mb, "num_items_in_batch": n} for mb in microbatches])
+        total = sum(self._outputs(step)) if self.is_last else None
         return CausalLMOutputWithPast(loss=self._loss(total, step.roots))
 
     @staticmethod
@@ -245,10 +254,10 @@ class _Stage:
 
     def _loss(self, total: Tensor | None, roots: list[Tensor]) -> Tensor:
         """The batch loss on every stage; its backward drives this stage's part of the schedule."""
-        # The broadcast's buffer must have the last stage's loss dtype: fp32, or the
-        # parameters' own precision when wider (a float64 model's loss stays float64).
-        dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
-        value = total.detach().to(dtype, copy=True) if total is not None else torch.zeros((), dtype=dtype, device=self.device)
+        # Every stage broadcasts in one dtype: the loss's for this stage's parameters (fp32 or wider).
+        dtype = loss_dtype(next(p.dtype for p in self.model.parameters() if p.is_floating_point()))
+        value = (total.detach().to(dtype, copy=True) if total is not None
+                 else torch.zeros((), dtype=dtype, device=self.device))
         if self.ctx is not None and self.num_partitions > 1:
             last = self.ctx.group_ranks("pp")[-1]
             dist.broadcast(value, last, group=self.ctx.pipeline_parallel_group)

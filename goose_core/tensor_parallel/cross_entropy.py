@@ -11,9 +11,9 @@ all-reduces replace a gather of the whole ``(tokens, V)`` logits::
 
     d loss / d z_v = softmax(z)_v - [v == target]     local: each rank its own columns
 
-Tokens whose label is ``ignore_index`` get loss 0 and gradient 0, and the mean is over the other
-tokens, as ``F.cross_entropy`` does. :func:`causal_lm_loss` adds HF's label shift, so it can be
-installed as an HF model's ``loss_function``.
+Tokens whose label is ``ignore_index`` get loss 0 and gradient 0. :class:`VocabParallelCausalLMLoss`
+adds HF's label shift and the token-weighted reduction of :mod:`goose_core.loss` (the sum over
+``num_items_in_batch``, 0 for no target), so it can be installed as an HF model's ``loss_function``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from goose_core.loss import loss_dtype
+from goose_core.loss import loss_dtype, nonzero, targets_of
 
 __all__ = ["vocab_parallel_cross_entropy", "VocabParallelCausalLMLoss"]
 
@@ -79,7 +79,9 @@ class VocabParallelCausalLMLoss:
 
     Keeps HF's contract: labels are shifted left by one (or ``shift_labels`` is used as given),
     ``ignore_index`` tokens are left out, the mean is over counted tokens or
-    ``sum / num_items_in_batch`` when the caller passes it (gradient accumulation).
+    ``sum / num_items_in_batch`` when the caller passes it (data parallelism, micro-batches,
+    gradient accumulation). As :func:`goose_core.loss.causal_lm_loss`: fp32 and wider logits keep
+    their precision, and no target gives 0, not NaN.
 
     Args:
         group: the tensor-parallel group the vocabulary is split over.
@@ -97,9 +99,10 @@ class VocabParallelCausalLMLoss:
             raise ValueError(f"vocab-parallel loss expects logits with {rows} vocabulary columns "
                              f"(vocab {self.vocab_size} / tp), got {logits.shape[-1]}")
         if shift_labels is None:
-            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        per_token = vocab_parallel_cross_entropy(logits.to(loss_dtype(logits.dtype)), shift_labels.to(logits.device),
+            shift_labels = targets_of(labels, ignore_index)
+        shift_labels = shift_labels.to(logits.device)
+        per_token = vocab_parallel_cross_entropy(logits.to(loss_dtype(logits.dtype)), shift_labels,
                                                  self.group, ignore_index)
         if num_items_in_batch is None:
-            return per_token.sum() / (shift_labels != ignore_index).sum()
-        return per_token.sum() / num_items_in_batch
+            num_items_in_batch = (shift_labels != ignore_index).sum()
+        return per_token.sum() / nonzero(num_items_in_batch, per_token.device)

@@ -10,8 +10,10 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from goose_core.data import get_batch, shard_batch
+from goose_core.data import get_batch, pad_batch, shard_batch
 from goose_core.data.loader import Batch
+from goose_core.data_parallel import count_items_over, reducer_of
+from goose_core.loss import count_items
 from goose_core.testing.models import build_model
 from goose_core.testing.tolerances import Tolerance
 
@@ -48,6 +50,7 @@ class TrainSpec:
     max_grad_norm: float | None = None
     dropout: float = 0.0
     dtype: torch.dtype = torch.float64
+    padding: str | None = None  # rows of uneven real length: see goose_core.data.pad_batch
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def build_model(self) -> PreTrainedModel:
@@ -63,7 +66,8 @@ class TrainSpec:
 
     def batch(self, step: int) -> Batch:
         """The global batch of ``step`` (every rank gets the same; shard it for data parallelism)."""
-        return get_batch(step, self.batch_size, self.seq_len, self.seed)
+        batch = get_batch(step, self.batch_size, self.seq_len, self.seed)
+        return batch if self.padding is None else pad_batch(batch, self.padding, step, self.seed)
 
     def batches(self, dp_rank: int = 0, dp_size: int = 1) -> Iterator[Batch]:
         """Data-parallel rank ``dp_rank``'s shard of every step's global batch, in step order."""
@@ -83,8 +87,10 @@ def accumulate(model: nn.Module, batch: Batch, micro_batches: int,
                no_sync: Callable[[], ContextManager[Any]] | None = None, reverse: bool = False) -> Tensor:
     """Forward and backward ``batch`` in ``micro_batches`` equal pieces, accumulating gradients.
 
-    Each piece's loss is scaled by ``1 / micro_batches``, so the gradients sum to the whole
-    batch's mean gradient.
+    🤗's convention: every piece gets ``num_items_in_batch``, the targets of the whole step (under
+    DataParallel: summed over the dp group, one all-reduce), so each piece's loss is its
+    token-loss sum over the step's count and the gradients add up to the one-device mean of the
+    whole global batch, however padding and ``-100`` labels fall across the pieces.
 
     Args:
         no_sync: a context-manager factory wrapped around every backward but the last (data
@@ -92,14 +98,17 @@ def accumulate(model: nn.Module, batch: Batch, micro_batches: int,
         reverse: take the pieces last-first: the order in which a GPipe backward accumulates.
 
     Returns:
-        The batch's loss, detached.
+        The batch's loss (the sum of the pieces' losses), detached.
     """
+    reducer = reducer_of(model)
+    labels = batch["labels"]
+    n = count_items(labels) if reducer is None else count_items_over(labels, reducer.group)
     order = range(micro_batches - 1, -1, -1) if reverse else range(micro_batches)
     total: Tensor | None = None
-    for n, i in enumerate(order):
-        quiet = no_sync is not None and n < micro_batches - 1
+    for k, i in enumerate(order):
+        quiet = no_sync is not None and k < micro_batches - 1
         with no_sync() if quiet else nullcontext():  # type: ignore[misc]
-            loss = model(**shard_batch(batch, i, micro_batches)).loss / micro_batches
+            loss = model(**shard_batch(batch, i, micro_batches), num_items_in_batch=n).loss
             loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
     assert total is not None
