@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from goose_core import DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel, TensorParallel, full_state_dict
 from goose_core.data import get_batch, pad_batch, shard_batch
@@ -67,13 +68,18 @@ def test_the_batches_hold_uneven_targets_so_the_mean_of_means_is_wrong(padding: 
     want = torch.autograd.grad(model(**batch).loss, params)
     mean_of_means = sum(model(**shard_batch(batch, r, 2)).loss for r in range(2)) / 2
     got = torch.autograd.grad(mean_of_means, params)
-    assert max(float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want)) > 0.1
+    # Each weight's error relative to its own largest gradient element (left padding leaves
+    # some weights with no gradient at all: those are skipped, 0/0).
+    assert max(float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want) if w.abs().max() > 0) > 0.1
 
 
 def test_a_shard_with_no_target_makes_the_plain_mean_nan() -> None:
+    """🤗's own loss (the harness installs goose's) divides 0 by 0 on a shard with no target."""
     spec = TrainSpec(padding="empty")
+    model = spec.build_model()
+    model.loss_function = ForCausalLMLoss
     with torch.no_grad():
-        assert spec.build_model()(**shard_batch(spec.batch(0), 1, 2)).loss.isnan()
+        assert model(**shard_batch(spec.batch(0), 1, 2)).loss.isnan()
 
 
 def test_pad_batch_is_deterministic_and_masks_what_it_pads() -> None:
@@ -134,8 +140,11 @@ def test_single_device_accumulation_is_token_weighted() -> None:
 
 # ---- tensor x data parallelism --------------------------------------------------------------
 
-@pytest.mark.parametrize("family, padding", [("llama", "ignore"), ("llama", "right"), ("bloom", "left"),
-                                             ("llama", "empty")])
+# Bloom only with right padding: its attention normalises in fp32 whatever the model's dtype (no
+# interface to replace it), so a fully masked row (left padding, an empty row) of a float64 Bloom
+# is NaN on one device already. GPT-2 and the harness's Llama normalise in float64.
+@pytest.mark.parametrize("family, padding", [("llama", "ignore"), ("llama", "right"), ("bloom", "right"),
+                                             ("gpt2", "left"), ("llama", "empty")])
 def test_tp_dp(family: str, padding: str) -> None:
     _run(TrainSpec(family=family, padding=padding, steps=2, optimizer="sgd"), PARALLEL, tp=2)
 
@@ -143,7 +152,7 @@ def test_tp_dp(family: str, padding: str) -> None:
 # ---- pipeline (x data) parallelism ----------------------------------------------------------
 
 @pytest.mark.parametrize("family, padding", [("llama", "ignore"), ("gpt2", "right"), ("llama", "left"),
-                                             ("bloom", "left"), ("llama", "empty")])
+                                             ("bloom", "right"), ("llama", "empty")])
 def test_pp_dp(family: str, padding: str) -> None:
     _run(TrainSpec(family=family, padding=padding, steps=2, optimizer="sgd"), PARALLEL, pp=2)
 

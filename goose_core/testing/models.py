@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 from transformers import (
+    AttentionInterface,
     AutoModelForCausalLM,
     BloomConfig,
     GPT2Config,
@@ -13,13 +16,40 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from goose_core.data import ByteTokenizer
 from goose_core.loss import causal_lm_loss
 
-__all__ = ["FAMILIES", "tiny_config", "build_model"]
+__all__ = ["FAMILIES", "EAGER_IN_DTYPE", "tiny_config", "build_model"]
 
 VOCAB = ByteTokenizer.vocab_size  # 256: divides by 2, 4 and 8
+
+
+#: The name harness models of families with 🤗's attention interface run attention under.
+EAGER_IN_DTYPE = "goose_eager_in_dtype"
+
+
+def _eager_in_dtype(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                    attention_mask: Tensor | None, scaling: float, dropout: float = 0.0,
+                    **_: Any) -> tuple[Tensor, Tensor]:
+    """🤗's eager attention (Llama's) with the softmax in the model's own dtype.
+
+    🤗 computes it in fp32 and casts back, so a float64 model is not float64 where attention
+    normalises, and a fully masked row (left padding: a pad position sees no real key) turns
+    the fp64 mask minimum into -inf in fp32 and the row into NaN.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.dropout(weights.softmax(dim=-1), p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register(EAGER_IN_DTYPE, _eager_in_dtype)
+AttentionMaskInterface.register(EAGER_IN_DTYPE, eager_mask)
 
 
 def _gpt2(dropout: float) -> PretrainedConfig:
@@ -70,11 +100,15 @@ def build_model(family: str, seed: int = 0, dropout: float = 0.0, dtype: torch.d
     The weights are drawn in fp32 whatever ``dtype`` is, so an fp32 and an fp64 model start
     from the same values. The loss is goose's because 🤗's casts the logits to fp32, which
     would make a float64 run an fp32 one where it matters most (and it gives NaN, not 0, for
-    a piece of a batch with no target). Eager attention everywhere: Bloom supports nothing
-    else, and one attention kernel for all families keeps every comparison about parallelism.
+    a piece of a batch with no target). Eager attention everywhere (Bloom supports nothing
+    else, and one kernel for all families keeps every comparison about parallelism), Llama's
+    with its softmax in ``dtype`` (:data:`EAGER_IN_DTYPE`).
     """
     config = tiny_config(family, dropout, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
+    # GPT-2's eager attention already normalises in the model's dtype; Bloom's hard-codes fp32
+    # and has no interface to replace it (a fully masked row is NaN in a float64 Bloom).
+    attention = EAGER_IN_DTYPE if family == "llama" else "eager"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(dtype)
     model.loss_function = causal_lm_loss
     return model.train()
