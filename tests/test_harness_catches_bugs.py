@@ -15,11 +15,13 @@ import torch
 from torch import nn
 
 from goose_core import DataParallel, ParallelContext, PipelineParallel, TensorParallel, full_state_dict
+from goose_core.loss import count_items
 from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
                                 run_distributed, train_loop)
 
 SPEC = TrainSpec(family="llama", steps=2, optimizer="sgd")
 TIED = TrainSpec(family="gpt2", steps=2, optimizer="sgd")
+PADDED = TrainSpec(family="llama", steps=2, optimizer="sgd", padding="right", seed=1)
 
 
 def _train(ctx: ParallelContext, model: nn.Module, spec: TrainSpec) -> RunResult:
@@ -33,6 +35,23 @@ def _scaled_gradient(ctx: ParallelContext, plant: bool) -> RunResult:
     if plant:
         model.model.layers[1].mlp.up_proj.weight.register_hook(lambda grad: grad * 1.001)
     return _train(ctx, model, SPEC)
+
+
+def _mean_of_means(ctx: ParallelContext, plant: bool) -> RunResult:
+    """Data parallelism on right-padded shards that averages each rank's own token mean."""
+    model = DataParallel(PADDED.build_model(), ctx).parallelize()
+    optimizer = PADDED.build_optimizer(model.parameters())
+    losses = []
+    for batch in PADDED.batches(ctx.dp_rank, ctx.dp_size):
+        # The planted count is this shard's own (times dp, as DataParallel expects the whole
+        # batch's): every rank then divides by its own number of targets.
+        own = {"num_items_in_batch": int(count_items(batch["labels"])) * ctx.dp_size} if plant else {}
+        loss = model(**batch, **own).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return RunResult(losses, full_state_dict(model, ctx))
 
 
 def _dropped_microbatch(ctx: ParallelContext, plant: bool) -> RunResult:
@@ -71,6 +90,7 @@ def _tied_on_one_stage(ctx: ParallelContext, plant: bool) -> RunResult:
 
 PLANTS: dict[str, tuple[Callable[..., RunResult], tuple[int, int, int], TrainSpec]] = {
     "gradient scaled by 1.001": (_scaled_gradient, (1, 1, 2), SPEC),
+    "dp mean of per-rank means under uneven padding": (_mean_of_means, (1, 1, 2), PADDED),
     "one micro-batch's gradient dropped": (_dropped_microbatch, (1, 2, 1), SPEC),
     "missing all-reduce in a tp block's backward": (_missing_all_reduce, (2, 1, 1), SPEC),
     "tied weight updated on one stage only": (_tied_on_one_stage, (1, 2, 1), TIED),
@@ -79,13 +99,13 @@ PLANTS: dict[str, tuple[Callable[..., RunResult], tuple[int, int, int], TrainSpe
 
 @pytest.fixture(scope="module")
 def references() -> dict[str, RunResult]:
-    return {spec.family: reference_run(spec) for spec in (SPEC, TIED)}
+    return {repr(spec): reference_run(spec) for spec in (SPEC, TIED, PADDED)}
 
 
 @pytest.mark.parametrize("name", sorted(PLANTS))
 def test_the_harness_catches(name: str, references: dict[str, RunResult]) -> None:
     body, (tp, pp, dp), spec = PLANTS[name]
-    reference = references[spec.family]
+    reference = references[repr(spec)]
     for result in run_distributed(body, tp, pp, dp, False, timeout=120):
         assert_matches_reference(result, reference, PARALLEL)
     missed = []
