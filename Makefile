@@ -3,7 +3,19 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LATEST := .venv-latest
 NPROC  ?= 4
+# torch is pinned: 2.13.0 is a local CPU wheel on these machines; an unpinned torch downloads a
+# multi-GB CUDA build from PyPI. (pyproject.toml states the range goose supports: torch >= 2.11.)
+TORCH  := torch==2.13.0
+# `make test-latest`'s fast subset: dp, tp and pp parity at small layouts, the plan tests, the floors.
+LATEST_TESTS := tests/test_versions.py tests/test_tensor_parallel_plan.py \
+	tests/test_tensor_parallel_families.py tests/test_models.py \
+	'stages/02_data_parallel/test_data_parallel.py::test_equals_the_single_device_run[llama-sgd-dp2-accumulate]' \
+	'stages/04_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[gpt2-2]' \
+	'stages/04_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[llama-2]' \
+	'stages/04_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[bloom-2]' \
+	'stages/05_pipeline_gpipe/test_gpipe.py::test_every_rank_matches_the_single_device_run[2]'
 # `make test-stage 3` as well as `make test-stage N=3`: the word after the goal is the number.
 ifeq (test-stage,$(firstword $(MAKECMDGOALS)))
   N ?= $(word 2,$(MAKECMDGOALS))
@@ -14,22 +26,24 @@ endif
 # The most advanced stage that ships a train.py is the demo.
 DEMO_STAGE := $(lastword $(sort $(dir $(wildcard stages/*/train.py))))
 
-.PHONY: help demo test test-stage docs bench clean
+.PHONY: help demo test test-stage test-latest docs bench clean
 
 help:
 	@echo "make demo            train the most advanced stage under torchrun, beside the reference"
 	@echo "make test            the whole suite (stages, unit tests, docs build)"
 	@echo "make test-stage N    one stage's tests (N = 3 or 03; N=3 works too)"
+	@echo "make test-latest     a fast subset against the newest transformers & deps (.venv-latest)"
 	@echo "make docs            strict mkdocs build into site/"
 	@echo "make bench           every benchmark; results in benchmarks/results.json"
-	@echo "make clean           remove the environment and build outputs"
+	@echo "make clean           remove the environments and build outputs"
 
-# torch is pinned: 2.13.0 is a local CPU wheel; an unpinned torch downloads a CUDA build.
-$(STAMP): pyproject.toml
+# Every package at the exact version of constraints.txt: a new upstream release cannot turn
+# main red overnight (`make test-latest` tries the newest releases on purpose).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt $(TORCH)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -42,6 +56,16 @@ test-stage: $(STAMP)
 	@$(PY) -m goose_core.testing.stages "$(N)" > /dev/null
 	$(PY) -m pytest -q $$($(PY) -m goose_core.testing.stages "$(N)")
 
+# A separate venv, upgraded to the newest transformers and other dependencies on every run, so
+# drift is seen here, on purpose, and not on main. torch stays at the local $(TORCH) CPU wheel
+# (the newest torch on PyPI is a multi-GB CUDA build; the floor, 2.11, was tried by hand).
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]' $(TORCH)
+	@$(LATEST)/bin/python -c "import torch, transformers; print('newest: torch', torch.__version__, '/ transformers', transformers.__version__)"
+	$(LATEST)/bin/python -m pytest -q $(LATEST_TESTS)
+
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
@@ -49,5 +73,5 @@ bench: $(STAMP)
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) site .pytest_cache benchmarks/out
+	rm -rf $(VENV) $(LATEST) site .pytest_cache benchmarks/out
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

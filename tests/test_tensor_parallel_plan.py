@@ -1,7 +1,8 @@
 """Unit tests of tensor-parallel plans: declared, adapted, and the errors that say what to change."""
 
 import pytest
-from transformers import AutoModelForCausalLM, OPTConfig
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, OPTConfig
 
 from goose_core.tensor_parallel import check_sizes, resolve_plan
 from goose_core.testing import build_model
@@ -49,3 +50,37 @@ def test_kv_heads_and_tp_must_divide_one_way() -> None:
     model = build_model("llama", num_attention_heads=12, num_key_value_heads=3, hidden_size=96)
     with pytest.raises(ValueError, match="num_key_value_heads=3 and tp=2: one must divide the other"):
         check_sizes(model, resolve_plan(model), 2)
+
+
+def _with_entry(family: str, key: str, style: str, **overrides) -> torch.nn.Module:
+    model = build_model(family, **overrides)
+    model.config.base_model_tp_plan = {**model.config.base_model_tp_plan, key: style}
+    return model
+
+
+def test_embedding_rowwise_names_the_embedding() -> None:
+    # transformers 5.24 declares it for GPT-NeoX's embed_in (older releases do not: add it here).
+    config = GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4)
+    model = AutoModelForCausalLM.from_config(config)
+    model.config.base_model_tp_plan = {**model.config.base_model_tp_plan, "embed_in": "embedding_rowwise"}
+    plan = resolve_plan(model)
+    assert plan.layers["gpt_neox.embed_in"] == "embedding_rowwise"
+    check_sizes(model, plan, 2)
+
+
+def test_an_unsupported_style_is_refused_by_name() -> None:
+    model = _with_entry("llama", "embed_tokens", "embedding_colwise")
+    with pytest.raises(ValueError, match=r"plan entry 'embed_tokens': style 'embedding_colwise' is not "
+                                         r"supported by goose \(supported: \[.*'embedding_rowwise'.*\]\)"):
+        resolve_plan(model)
+
+
+@pytest.mark.parametrize("key, overrides, message", [
+    ("layers.*.mlp.up_proj", {}, r"model.layers.0.mlp.up_proj \(Linear\) is not a plain nn.Embedding"),
+    ("embed_tokens", {"vocab_size": 250}, r"model.embed_tokens: 250 rows do not split into 4 equal parts"),
+])
+def test_embedding_rowwise_sizes_and_types_name_the_fix(key: str, overrides: dict, message: str) -> None:
+    model = _with_entry("llama", key, "embedding_rowwise", **overrides)
+    with pytest.raises(ValueError, match=message):
+        check_sizes(model, resolve_plan(model), 4)

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from goose_core.distributed.compat import reduce_scatter_flat
+
 __all__ = ["Bucket", "build_buckets"]
 
 
@@ -85,7 +87,7 @@ class Bucket:
             if i not in self.ready:
                 self.mark_ready(i, divisor)
         if scatter:
-            self.work = dist.reduce_scatter_single(self.shard_grad, self.grad, group=group, async_op=True)
+            self.work = reduce_scatter_flat(self.shard_grad, self.grad, group=group, async_op=True)
         else:
             self.work = dist.all_reduce(self.grad, group=group, async_op=True)
 

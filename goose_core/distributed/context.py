@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from goose_core.distributed.grid import AXES, Axis, ProcessGrid
 
-__all__ = ["ParallelContext", "DEFAULT_TIMEOUT"]
+__all__ = ["ParallelContext", "DEFAULT_TIMEOUT", "choose_backend", "BACKEND_ENV", "DEVICE_ENV"]
 
 #: Every process group times out after this long, so a lost peer is an error, never a hang.
 DEFAULT_TIMEOUT = timedelta(seconds=120)
@@ -30,28 +30,101 @@ def _world_size_before_init() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
-def _default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+#: Environment defaults for ``backend`` / ``device`` (an argument wins over them). ``spawn`` sets
+#: both to gloo / cpu in its forked ranks: a forked child must never touch CUDA.
+BACKEND_ENV, DEVICE_ENV = "GOOSE_BACKEND", "GOOSE_DEVICE"
+
+_DEVICE_OF = {"gloo": "cpu", "nccl": "cuda"}
+
+
+def _local_ranks() -> tuple[int, int]:
+    """(LOCAL_RANK, LOCAL_WORLD_SIZE) as torchrun sets them; one node when they are missing."""
+    world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
+    rank = int(os.environ.get("RANK", dist.get_rank() if dist.is_initialized() else 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return int(os.environ.get("LOCAL_RANK", rank % local_world)), local_world
+
+
+def _cuda_fits(local_world_size: int) -> bool:
+    # is_available first: device_count alone would not tell a CPU build from an empty node.
+    return torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size
+
+
+def choose_backend(backend: str | None = None, device: str | torch.device | None = None, *,
+                   local_rank: int = 0, local_world_size: int = 1) -> tuple[str, torch.device]:
+    """The (backend, device) pair a rank uses.
+
+    In order: the arguments (one given fixes the other: gloo <-> cpu, nccl <-> cuda); else
+    ``GOOSE_BACKEND`` / ``GOOSE_DEVICE`` the same way; else NCCL on ``cuda:local_rank`` when CUDA
+    is available with at least one GPU per local rank, else gloo on the CPU (by default several
+    ranks never share one GPU). Pure apart from reading the environment and CUDA's device
+    count, so every rank decides (and raises) the same before any collective.
+
+    Raises:
+        ValueError: an unknown backend or device type, NCCL on the CPU, or a CUDA device that
+            this machine does not have.
+    """
+    if backend is None and device is None:
+        backend, device = os.environ.get(BACKEND_ENV) or None, os.environ.get(DEVICE_ENV) or None
+    if backend is not None and backend not in _DEVICE_OF:
+        raise ValueError(f"backend={backend!r} is not supported: use 'gloo' (CPU) or 'nccl' (CUDA)")
+    if backend is None and device is None:
+        backend = "nccl" if _cuda_fits(local_world_size) else "gloo"
+    if device is None:
+        device = _DEVICE_OF[backend]  # type: ignore[index]
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={str(dev)!r} is not supported: use 'cpu' (with gloo) or 'cuda' (with nccl)")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    _check_pair(backend, dev)
+    return backend, dev
+
+
+def _running_backend(asked: str | None) -> str | None:
+    running = dist.get_backend()
+    if asked is not None and asked != running:
+        raise ValueError(f"backend={asked!r} but torch.distributed is already initialised with "
+                         f"{running!r}: drop the argument, or initialise with {asked!r}")
+    return running if running in _DEVICE_OF else asked
+
+
+def _check_pair(backend: str, device: torch.device) -> None:
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"backend='nccl' needs a CUDA device, got device={str(device)!r}: "
+                         f"use backend='gloo' for the CPU")
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.index >= count:  # type: ignore[operator]
+        fewer = f"run at most {count} ranks per node on CUDA, or " if count else ""
+        raise ValueError(f"device={str(device)!r} but this machine has {count} CUDA device(s): "
+                         f"{fewer}pass backend='gloo', device='cpu' (or set {DEVICE_ENV}=cpu)")
 
 
 class ParallelContext:
     """One rank's view of the tp x pp x dp grid.
 
-    Initialises ``torch.distributed`` from torchrun's environment when nobody has yet (NCCL when
-    CUDA is available, else gloo), validates the layout on every rank *before* any collective,
-    then creates one process group per axis line (see :mod:`goose_core.distributed.grid` for
-    the rank order).
+    Initialises ``torch.distributed`` from torchrun's environment when nobody has yet, validates
+    the layout on every rank *before* any collective, then creates one process group per axis
+    line (see :mod:`goose_core.distributed.grid` for the rank order). The backend and device
+    come from :func:`choose_backend`: NCCL on ``cuda:LOCAL_RANK`` only when there is a GPU for
+    every local rank, else gloo on the CPU; ``backend`` / ``device`` override it.
 
     Args:
         tensor_parallel_size: ranks that split each layer (innermost, fastest-varying).
         pipeline_parallel_size: ranks that split the layer sequence into stages (outermost).
         data_parallel_size: ranks that each see a different shard of the batch.
         seed: the seed every rank starts from, so seeded model init is identical everywhere.
-        backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available.
+        backend: ``"gloo"`` or ``"nccl"`` (default: see :func:`choose_backend`).
+        device: where this rank's model and tensors live, ``"cpu"`` or ``"cuda[:i]"`` (default:
+            the backend's; ``cuda`` means ``cuda:LOCAL_RANK``).
         timeout: how long any collective may wait before failing.
 
     Raises:
-        ValueError: a size < 1, or tp * pp * dp != world size (raised on every rank).
+        ValueError: a size < 1, tp * pp * dp != world size, or a backend / device that cannot
+            work here (raised on every rank).
     """
 
     def __init__(
@@ -62,12 +135,20 @@ class ParallelContext:
         *,
         seed: int = 0,
         backend: str | None = None,
+        device: str | torch.device | None = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
     ) -> None:
         self.grid = ProcessGrid(tensor_parallel_size, pipeline_parallel_size, data_parallel_size)
         self.grid.check_world_size(_world_size_before_init())
+        local_rank, local_world = _local_ranks()
+        if dist.is_initialized():  # someone else chose the backend: the device follows it
+            backend = _running_backend(backend)
+        backend, self.device = choose_backend(backend, device, local_rank=local_rank,
+                                              local_world_size=local_world)
+        if self.device.type == "cuda":  # the only CUDA call; gloo-on-CPU ranks never make it.
+            torch.cuda.set_device(self.device)  # before NCCL starts, so it binds this GPU
         if not dist.is_initialized():
-            dist.init_process_group(backend or _default_backend(), timeout=timeout)
+            dist.init_process_group(backend, timeout=timeout)
         self.backend = dist.get_backend()
         self.timeout = timeout
         self.seed = seed
@@ -76,7 +157,6 @@ class ParallelContext:
         self.coords = self.grid.coords(self.rank)
         self._groups = {axis: self._new_groups(axis) for axis in AXES}
         self.prev_pipeline_rank, self.next_pipeline_rank = self.grid.pipeline_neighbours(self.rank)
-        self.device = self._device()
         torch.manual_seed(seed)
 
     def _new_groups(self, axis: Axis) -> dist.ProcessGroup:
@@ -89,13 +169,6 @@ class ParallelContext:
                 mine = group
         assert mine is not None
         return mine
-
-    def _device(self) -> torch.device:
-        if self.backend == "nccl":
-            local = int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count()))
-            torch.cuda.set_device(local)
-            return torch.device("cuda", local)
-        return torch.device("cpu")
 
     # -- by axis ---------------------------------------------------------------------------
     def group(self, axis: Axis) -> dist.ProcessGroup:

@@ -3,11 +3,15 @@
 torchrun is how goose runs in production; ``spawn`` is for tests and notebooks. It forks
 (~0.25 s for 8 ranks, against ~7 s for the ``spawn`` start method, which re-imports torch in
 every child) and sets the same environment variables torchrun would, so code under test runs
-unchanged. Two rules make forking safe and the suite hang-proof:
+unchanged. Three rules make forking safe and the suite hang-proof:
 
 * Each child runs ``torch.set_num_threads(1)`` before any tensor work. A child forked from a
   parent that already ran a multi-threaded op deadlocks in its own thread pool otherwise; and
   8 ranks on 2 cores are much faster with one thread each.
+* Children never touch CUDA: a forked child cannot re-initialise CUDA once the parent has,
+  and several ranks must not share one GPU. Each child gets ``GOOSE_BACKEND=gloo`` and
+  ``GOOSE_DEVICE=cpu``, so ``ParallelContext()`` picks gloo on the CPU even where CUDA is
+  present (an explicit ``ParallelContext(backend=..., device=...)`` still wins).
 * The parent watches every child against one deadline. The first rank that raises (or dies)
   takes all the others down, and the error carries that rank's traceback. At the deadline,
   live ranks dump their Python stacks (faulthandler) before they are killed.
@@ -29,6 +33,8 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from goose_core.distributed.context import BACKEND_ENV, DEVICE_ENV
 
 __all__ = ["spawn", "RankError", "free_port"]
 
@@ -58,6 +64,7 @@ def _child(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        **{BACKEND_ENV: "gloo", DEVICE_ENV: "cpu"},
     )
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
@@ -88,7 +95,8 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
     """Run ``fn(*args, **kwargs)`` on ``world_size`` forked ranks and return their results.
 
     Each rank sees torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...), so
-    ``ParallelContext(...)`` inside ``fn`` initialises from it. Results must be picklable.
+    ``ParallelContext(...)`` inside ``fn`` initialises from it, with gloo on the CPU (forked
+    ranks never use CUDA, see the module docstring). Results must be picklable.
 
     Args:
         fn: the per-rank body.

@@ -28,6 +28,7 @@ from torch import nn
 
 from goose_core.data_parallel.bucket import Bucket, build_buckets
 from goose_core.data_parallel.reducer import GradReducer, reducer_of_param
+from goose_core.distributed.compat import all_gather_flat
 from goose_core.distributed.context import ParallelContext
 from goose_core.optim.clip import GRAD_SHARDS_ATTR, mark_dp_shard, norm_kind
 from goose_core.optim.zero_state import consolidate, shard_consolidated
@@ -178,7 +179,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _gather_bucket(self, bucket: Bucket, shard: nn.Parameter) -> list[dist.Work]:
         group = self.ctx.data_parallel_group
         if self.ctx.backend != "gloo":
-            return [dist.all_gather_single(bucket.grad, shard.detach(), group=group, async_op=True)]
+            return [all_gather_flat(bucket.grad, shard.detach(), group=group, async_op=True)]
         # gloo: one in-place broadcast per shard moves the same bytes as an all-gather and
         # measured ~1.5x faster than gloo's all-gather (13 MB, 2 ranks: 4.1 ms against 6.1 ms).
         lo, hi = bucket.shard_range(self.ctx.data_parallel_rank)

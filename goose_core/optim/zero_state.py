@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from goose_core.data_parallel.bucket import Bucket
+from goose_core.distributed.compat import all_gather_flat
 
 __all__ = ["consolidate", "shard_consolidated"]
 
@@ -46,7 +47,7 @@ def consolidate(optimizer: torch.optim.Optimizer, buckets: list[Bucket], shards:
             value = shard_state[key]
             if _is_per_element(value, shard, key):
                 full = torch.empty(bucket.padded_numel, dtype=value.dtype, device=value.device)
-                dist.all_gather_single(full, value.contiguous(), group=group)
+                all_gather_flat(full, value.contiguous(), group=group)
                 pieces = [full[o : o + p.numel()].view(p.shape) for o, p in zip(bucket.offsets, bucket.params)]
             else:
                 pieces = [value] * len(bucket.params)

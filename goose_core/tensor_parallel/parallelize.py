@@ -3,6 +3,7 @@
 What changes, per rank of the tp group (parameter names stay the HF names)::
 
     embed_tokens / wte        nn.Embedding      -> VocabParallelEmbedding  (rows of its vocab)
+    other embedding_rowwise   nn.Embedding      -> VocabParallelEmbedding  (the same, per the plan)
     each block, per the plan  colwise  Linear   -> ColumnParallelLinear    (opens a region: f)
                               rowwise  Linear   -> RowParallelLinear       (closes it: g)
     attention modules         head counts       -> per-rank head counts (plan's localize)
@@ -31,7 +32,14 @@ from goose_core.tensor_parallel.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from goose_core.tensor_parallel.plan import KV_PROJECTIONS, STYLE_BLOCKS, TPPlan, check_sizes, resolve_plan
+from goose_core.tensor_parallel.plan import (
+    EMBEDDING_STYLES,
+    KV_PROJECTIONS,
+    STYLE_BLOCKS,
+    TPPlan,
+    check_sizes,
+    resolve_plan,
+)
 from goose_core.tensor_parallel.random import RNGTracker
 
 __all__ = ["TensorParallel", "localize_heads", "rng_tracker"]
@@ -55,7 +63,8 @@ def localize_heads(model: nn.Module, plan: TPPlan, tp: int) -> None:
     tp > kv-heads, so each rank keeps one)."""
     heads, kv_heads = model.config.num_attention_heads, _kv_heads(model.config)
     local_heads, local_kv = heads // tp, max(1, kv_heads // tp)
-    parents = {name.rpartition(".")[0] for name, style in plan.layers.items() if style != "rowwise"}
+    parents = {name.rpartition(".")[0] for name, style in plan.layers.items()
+               if style in STYLE_BLOCKS and style != "rowwise"}
     for parent in parents:
         module = model.get_submodule(parent)
         for attr in _HEAD_ATTRS:
@@ -125,7 +134,7 @@ class TensorParallel:
         check_sizes(model, plan, tp)
         embedding, head = _vocab_modules(model)
         tracker = RNGTracker(self.seed, ctx.tensor_parallel_rank, ctx.device)
-        self._shard_blocks(plan, tracker)
+        self._shard_blocks(plan, tracker, skip=embedding)
         if plan.localize is not None:
             plan.localize(model, tp, ctx.tensor_parallel_rank)
         else:
@@ -140,13 +149,20 @@ class TensorParallel:
         parameters_changed(model)
         return model
 
-    def _shard_blocks(self, plan: TPPlan, tracker: RNGTracker) -> None:
+    def _shard_blocks(self, plan: TPPlan, tracker: RNGTracker, skip: nn.Module) -> None:
+        """Replace every module the plan names; ``skip`` (the input embedding) is left to
+        ``_shard_vocab``, which always splits it by vocabulary rows (what ``embedding_rowwise``
+        asks for) and ties the LM head to the shard."""
         group, tp = self.ctx.tensor_parallel_group, self.ctx.tensor_parallel_size
         kv_heads = _kv_heads(self.model.config)
         rows = {name.rpartition(".")[0] for name, style in plan.layers.items() if style == "rowwise"}
         regions = {parent: ParallelRegion(group, tracker) for parent in rows}
         for name, style in plan.layers.items():
             module, region = self.model.get_submodule(name), regions.get(name.rpartition(".")[0])
+            if style in EMBEDDING_STYLES:
+                if module is not skip:
+                    _replace(self.model, name, VocabParallelEmbedding.from_module(module, group))
+                continue
             if style == "rowwise":
                 new: nn.Module = RowParallelLinear.from_module(module, group, region=region)
             else:

@@ -8,6 +8,18 @@ configs declare as ``config.base_model_tp_plan`` (relative to the base model)::
 A family that declares one (Llama, Mistral, Qwen2, GPT-NeoX, ...) needs no goose code. A family
 that declares none registers an :class:`Adapter` (see ``goose_core.models``): the plan, plus a
 ``localize`` step that makes its attention read per-rank head counts.
+
+Styles goose implements (transformers' names and meaning)::
+
+    colwise             Linear split by output features          -> ColumnParallelLinear
+    packed_colwise      the same, output = gate | up, each split  -> ColumnParallelLinear(blocks=2)
+    fused_qkv_colwise   the same, output = q | k | v (goose only) -> ColumnParallelLinear(blocks=3)
+    rowwise             Linear split by input features           -> RowParallelLinear
+    embedding_rowwise   Embedding split by vocabulary rows       -> VocabParallelEmbedding
+                        (masked lookup of the ids a rank owns, then one all-reduce)
+
+transformers declares more (``colwise_gather_output``, ``embedding_colwise``, ``sequence_parallel``,
+...); a plan naming one of those is refused by name, before anything is sharded.
 """
 
 from __future__ import annotations
@@ -21,10 +33,17 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 __all__ = ["Adapter", "ADAPTERS", "register_adapter", "TPPlan", "resolve_plan", "check_sizes",
-           "STYLE_BLOCKS", "KV_PROJECTIONS"]
+           "STYLE_BLOCKS", "EMBEDDING_STYLES", "STYLES", "KV_PROJECTIONS"]
 
-#: Supported styles -> fused blocks along the output (gate|up = 2; GPT-2's q|k|v = 3).
+#: Supported linear styles -> fused blocks along the output (gate|up = 2; GPT-2's q|k|v = 3).
 STYLE_BLOCKS = {"colwise": 1, "packed_colwise": 2, "fused_qkv_colwise": 3, "rowwise": 1}
+
+#: Supported embedding styles: the table split by vocabulary rows (transformers 5.24 declares it
+#: for GPT-NeoX's ``embed_in``, GPT-J's ``wte``, gpt-oss's ``embed_tokens``, ...).
+EMBEDDING_STYLES = ("embedding_rowwise",)
+
+#: Every style goose implements.
+STYLES = (*STYLE_BLOCKS, *EMBEDDING_STYLES)
 
 #: Separate key/value projections: split by kv-heads, replicated when tp > kv-heads.
 KV_PROJECTIONS = ("k_proj", "v_proj")
@@ -94,9 +113,11 @@ def resolve_plan(model: nn.Module) -> TPPlan:
     names = [name for name, _ in model.named_modules()]
     layers: dict[str, str] = {}
     for key, style in declared.items():
-        if style not in STYLE_BLOCKS:
+        if style not in STYLES:
             raise ValueError(f"plan entry {key!r}: style {style!r} is not supported by goose "
-                             f"(supported: {sorted(STYLE_BLOCKS)})")
+                             f"(supported: {sorted(STYLES)}); replace or drop that entry of "
+                             f"model.config.base_model_tp_plan, or register an Adapter for "
+                             f"{getattr(model.config, 'model_type', '?')!r}")
         pattern = _pattern(prefix, key)
         layers.update({name: style for name in names if pattern.match(name)})
     if not layers:
@@ -137,7 +158,23 @@ def check_sizes(model: nn.Module, plan: TPPlan, tp: int) -> None:
         raise ValueError(f"cannot split {type(model).__name__} over tp={tp}:\n  " + "\n  ".join(problems))
 
 
+def _embedding_problem(name: str, module: nn.Module, tp: int) -> list[str]:
+    # A subclass with its own forward (OPT's learned positions take a mask, not ids) cannot be
+    # replaced by a lookup of ids.
+    if not isinstance(module, nn.Embedding) or type(module).forward is not nn.Embedding.forward:
+        return [f"{name} ({type(module).__name__}) is not a plain nn.Embedding; embedding_rowwise "
+                f"replaces a lookup of ids by a vocab-parallel one, so it splits only nn.Embedding"]
+    if module.max_norm is not None or module.sparse:
+        return [f"{name}: a vocab-parallel embedding supports neither max_norm nor sparse=True"]
+    if module.num_embeddings % tp:
+        return [f"{name}: {module.num_embeddings} rows do not split into {tp} equal parts: pad the "
+                f"table to a multiple of tp={tp}"]
+    return []
+
+
 def _layer_problem(name: str, module: nn.Module, style: str, tp: int, kv_heads: int) -> list[str]:
+    if style in EMBEDDING_STYLES:
+        return _embedding_problem(name, module, tp)
     if not hasattr(module, "weight") or module.weight.dim() != 2:
         return [f"{name} ({type(module).__name__}) is not a linear layer; the plan can only split "
                 f"nn.Linear and Conv1D"]

@@ -1,7 +1,7 @@
 """The reference harness: what "correct" means in goose, public so users can check their setups."""
 
 from goose_core.testing.distributed import layouts, run_distributed
-from goose_core.testing.models import FAMILIES, build_model, tiny_config
+from goose_core.testing.models import EAGER_IN_DTYPE, FAMILIES, build_model, seeded_model, tiny_config
 from goose_core.testing.reference import (
     RunResult,
     TrainSpec,
@@ -15,6 +15,7 @@ from goose_core.testing.reference import (
 from goose_core.testing.tolerances import EXACT, PARALLEL, Tolerance
 
 __all__ = [
+    "EAGER_IN_DTYPE",
     "EXACT",
     "FAMILIES",
     "PARALLEL",
@@ -28,6 +29,7 @@ __all__ = [
     "layouts",
     "reference_run",
     "run_distributed",
+    "seeded_model",
     "snapshot",
     "tiny_config",
     "train_loop",

@@ -10,7 +10,10 @@ __all__ = ["run_distributed", "layouts"]
 
 
 def _with_context(fn: Callable[..., Any], tp: int, pp: int, dp: int, args: tuple, kwargs: dict) -> Any:
-    ctx = ParallelContext(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp)
+    # gloo on the CPU, explicitly: the ranks are forked, and a forked child must not touch CUDA
+    # even on a machine that has it (the parent may have initialised it).
+    ctx = ParallelContext(tensor_parallel_size=tp, pipeline_parallel_size=pp, data_parallel_size=dp,
+                          backend="gloo", device="cpu")
     return fn(ctx, *args, **kwargs)
 
 

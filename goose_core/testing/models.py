@@ -21,7 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from goose_core.data import ByteTokenizer
 from goose_core.loss import causal_lm_loss
 
-__all__ = ["FAMILIES", "EAGER_IN_DTYPE", "tiny_config", "build_model"]
+__all__ = ["FAMILIES", "EAGER_IN_DTYPE", "tiny_config", "build_model", "seeded_model"]
 
 VOCAB = ByteTokenizer.vocab_size  # 256: divides by 2, 4 and 8
 
@@ -104,11 +104,21 @@ def build_model(family: str, seed: int = 0, dropout: float = 0.0, dtype: torch.d
     else, and one kernel for all families keeps every comparison about parallelism), Llama's
     with its softmax in ``dtype`` (:data:`EAGER_IN_DTYPE`).
     """
-    config = tiny_config(family, dropout, **overrides)
-    torch.manual_seed(seed)
     # GPT-2's eager attention already normalises in the model's dtype; Bloom's hard-codes fp32
     # and has no interface to replace it (a fully masked row is NaN in a float64 Bloom).
     attention = EAGER_IN_DTYPE if family == "llama" else "eager"
+    return seeded_model(tiny_config(family, dropout, **overrides), seed, dtype, attention)
+
+
+def seeded_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 attention: str = EAGER_IN_DTYPE) -> PreTrainedModel:
+    """Any 🤗 causal LM config as :func:`build_model` builds the tiny families: weights drawn
+    from ``torch.manual_seed(seed)`` in fp32, cast to ``dtype``, goose's loss, train mode.
+
+    ``attention``: :data:`EAGER_IN_DTYPE` for families whose attention goes through 🤗's
+    attention interface (most), ``"eager"`` for those that implement their own (GPT-2, Bloom).
+    """
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(dtype)
     model.loss_function = causal_lm_loss
     return model.train()
