@@ -26,11 +26,12 @@ endif
 # The most advanced stage that ships a train.py is the demo.
 DEMO_STAGE := $(lastword $(sort $(dir $(wildcard stages/*/train.py))))
 
-.PHONY: help demo test test-stage test-latest docs bench clean
+.PHONY: help demo test test-kernels test-stage test-latest docs bench clean
 
 help:
 	@echo "make demo            train the most advanced stage under torchrun, beside the reference"
 	@echo "make test            the whole suite (stages, unit tests, docs build)"
+	@echo "make test-kernels    the suite on other CPU kernels (CAPABILITY=default|avx2|avx512)"
 	@echo "make test-stage N    one stage's tests (N = 3 or 03; N=3 works too)"
 	@echo "make test-latest     a fast subset against the newest transformers & deps (.venv-latest)"
 	@echo "make docs            strict mkdocs build into site/"
@@ -51,6 +52,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The suite again on CPU kernels other than this machine's best: parity must not depend on which
+# kernels a CPU picks (a vectorised sum adds in another order). MKL's instruction set follows.
+CAPABILITY ?= default
+MKL_default := SSE4_2
+MKL_avx2    := AVX2
+MKL_avx512  := AVX512
+test-kernels: $(STAMP)
+	ATEN_CPU_CAPABILITY=$(CAPABILITY) MKL_ENABLE_INSTRUCTIONS=$(MKL_$(CAPABILITY)) $(PY) -c \
+	  "import torch; print('CPU kernels:', torch.backends.cpu.get_cpu_capability())"
+	ATEN_CPU_CAPABILITY=$(CAPABILITY) MKL_ENABLE_INSTRUCTIONS=$(MKL_$(CAPABILITY)) $(PY) -m pytest -q
 
 test-stage: $(STAMP)
 	@$(PY) -m goose_core.testing.stages "$(N)" > /dev/null

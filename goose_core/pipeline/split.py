@@ -14,6 +14,8 @@ which declare none, get explicit adapters.
 
 from __future__ import annotations
 
+import inspect
+
 import functools
 
 from typing import Any, Callable
@@ -32,9 +34,14 @@ def _positions(hidden: Tensor) -> Tensor:
     return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
 
 
+# transformers renamed create_causal_mask's cache argument (past_key_values -> cache; 5.24 warns,
+# 5.40 removes the old name): pass no cache under whichever name this version takes.
+_NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
+
+
 def _mask(config: Any, hidden: Tensor, inputs: Inputs, **extra: Any) -> Tensor | None:
     return create_causal_mask(config=config, inputs_embeds=hidden,
-                              attention_mask=inputs.get("attention_mask"), past_key_values=None, **extra)
+                              attention_mask=inputs.get("attention_mask"), **_NO_CACHE, **extra)
 
 
 class Adapter:
@@ -103,15 +110,13 @@ class BloomAdapter(Adapter):
         return t.word_embeddings_layernorm(t.word_embeddings(inputs["input_ids"]))
 
     def context(self, hidden: Tensor, inputs: Inputs) -> dict[str, Any]:
-        from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
+        from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
         heads, (batch, seq) = self.model.config.n_head, hidden.shape[:2]
-        if inputs.get("attention_mask") is None:  # as BloomModel: slopes x key position
-            slopes = _get_alibi_slopes(heads, hidden.device)
-            alibi = (slopes[:, None, None] * torch.arange(seq, device=hidden.device)).repeat(batch, 1, 1)
-            alibi = alibi.to(hidden.dtype)
-        else:
-            alibi = build_alibi_tensor(inputs["attention_mask"], heads, dtype=hidden.dtype)
+        mask = inputs.get("attention_mask")
+        if mask is None:  # an all-ones mask gives BloomModel's slope x key position, bit for bit
+            mask = torch.ones(batch, seq, dtype=torch.long, device=hidden.device)
+        alibi = build_alibi_tensor(mask, heads, dtype=hidden.dtype)
         return {"alibi": alibi, "attention_mask": _mask(self.model.config, hidden, inputs),
                 "use_cache": False}
 
