@@ -9,8 +9,9 @@ from torch import Tensor, nn
 from goose_core import DistributedOptimizer, ParallelContext, clip_grad_norm_
 from goose_core.optim import mark_duplicate
 from goose_core.state import ShardSpec, mark_sharded
-from goose_core.testing import run_distributed
+from goose_core.testing import PARALLEL, run_distributed
 
+# float64 gradients, so the comparisons are at PARALLEL whatever the CPU's kernels.
 # The single-device model: a column-split layer, a row-split layer (its bias replicated over tp),
 # a GQA-style weight that both tp ranks hold whole (replicas=2), a weight tied across stages.
 SHAPES = {"col.weight": (8, 4), "col.bias": (8,), "row.weight": (4, 8), "row.bias": (4,),
@@ -21,7 +22,7 @@ SPLIT_DIM = {"col.weight": 0, "col.bias": 0, "row.weight": 1}
 
 def _grads(dp_rank: int) -> dict[str, Tensor]:
     gen = torch.Generator().manual_seed(100 + dp_rank)
-    return {name: torch.randn(shape, generator=gen) for name, shape in SHAPES.items()}
+    return {name: torch.randn(shape, generator=gen, dtype=torch.float64) for name, shape in SHAPES.items()}
 
 
 def _full_grads(dp: int) -> dict[str, Tensor]:
@@ -31,7 +32,7 @@ def _full_grads(dp: int) -> dict[str, Tensor]:
 
 
 def _reference(dp: int, max_norm: float, norm_type: float) -> tuple[float, dict[str, Tensor]]:
-    params = {name: nn.Parameter(torch.zeros(shape)) for name, shape in SHAPES.items()}
+    params = {name: nn.Parameter(torch.zeros(shape, dtype=torch.float64)) for name, shape in SHAPES.items()}
     for name, g in _full_grads(dp).items():
         params[name].grad = g.clone()
     total = torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm, norm_type)
@@ -52,11 +53,11 @@ def _stage_params(ctx: ParallelContext) -> dict[str, nn.Parameter]:
     for name, grad in _grads(ctx.dp_rank).items():
         on_stage = ctx.pp_size == 1 or STAGE[name] == ctx.pp_rank
         if name == "tied.weight" and ctx.pp_size == 2 and ctx.pp_rank == 1:
-            params[name] = mark_duplicate(_local(name, torch.zeros(SHAPES[name]), ctx))  # the tied copy
+            params[name] = mark_duplicate(_local(name, torch.zeros(SHAPES[name], dtype=torch.float64), ctx))  # the tied copy
             params[name].grad = _local(name, _full_grads(ctx.dp_size)[name], ctx).detach()
             continue
         if on_stage:
-            params[name] = _local(name, torch.zeros(SHAPES[name]), ctx)
+            params[name] = _local(name, torch.zeros(SHAPES[name], dtype=torch.float64), ctx)
             params[name].grad = _local(name, grad, ctx).detach()
     return params
 
@@ -76,12 +77,12 @@ def _clip(ctx: ParallelContext, zero: bool, max_norm: float, norm_type: float) -
 def test_tensor_and_pipeline_splits_give_the_whole_model_norm(norm_type: float) -> None:
     want_total, want = _reference(1, 1.0, norm_type)
     for rank, (total, grads) in enumerate(run_distributed(_clip, 2, 2, 1, False, 1.0, norm_type, timeout=60)):
-        assert total == pytest.approx(want_total, rel=1e-6) and total > 1.0  # the test clips
+        assert total == pytest.approx(want_total, rel=PARALLEL.rtol) and total > 1.0  # the test clips
         for name, got in grads.items():
             expected = want[name]
             if got.shape != expected.shape:  # a tp shard: rank = pp_rank * 2 + tp_rank
                 expected = expected.chunk(2, SPLIT_DIM[name])[rank % 2]
-            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(got, expected, rtol=PARALLEL.rtol, atol=PARALLEL.atol)
 
 
 def test_data_parallel_replicas_count_once() -> None:
@@ -90,8 +91,8 @@ def test_data_parallel_replicas_count_once() -> None:
     for total, grads in results:
         assert total > 1.0
     want_total = torch.linalg.vector_norm(torch.stack([g.norm() for g in _grads(0).values()]))
-    assert results[0][0] == pytest.approx(float(want_total), rel=1e-6)
-    assert results[1][0] == pytest.approx(float(want_total), rel=1e-6)  # dp rank 0's gradient counts
+    assert results[0][0] == pytest.approx(float(want_total), rel=PARALLEL.rtol)
+    assert results[1][0] == pytest.approx(float(want_total), rel=PARALLEL.rtol)  # dp rank 0's gradient counts
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -99,12 +100,12 @@ def test_zero1_gradient_shards_sum_over_data_parallel(tp: int) -> None:
     results = run_distributed(_clip, tp, 1, 2, True, 1.0, 2.0, timeout=60)
     want_total, want = _reference(2, 1.0, 2.0)
     for rank, (total, params) in enumerate(results):
-        assert total == pytest.approx(want_total, rel=1e-6)
+        assert total == pytest.approx(want_total, rel=PARALLEL.rtol)
         for name, got in params.items():
             expected = want[name]
             if got.shape != expected.shape:
                 expected = expected.chunk(tp, SPLIT_DIM[name])[rank % tp]
-            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(got, expected, rtol=PARALLEL.rtol, atol=PARALLEL.atol)
 
 
 def _bad(ctx: ParallelContext, max_norm: float, norm_type: float) -> str:

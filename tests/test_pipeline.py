@@ -72,13 +72,13 @@ def test_always_saves_far_fewer_activations_than_never() -> None:
 
 
 def test_eval_returns_the_single_device_logits() -> None:
-    reference = build_model("gpt2").eval()
-    model = local_pipeline(build_model("gpt2").eval(), 2, 4)
+    reference = build_model("gpt2", dtype=torch.float64).eval()
+    model = local_pipeline(build_model("gpt2", dtype=torch.float64).eval(), 2, 4)
     ids = SPEC.batch(0)["input_ids"]
     with torch.no_grad():
         want = reference(input_ids=ids).logits
         got = model(input_ids=ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=PARALLEL.rtol, atol=PARALLEL.atol)
 
 
 def test_a_raising_callback_stops_the_step() -> None:

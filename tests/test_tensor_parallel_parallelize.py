@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from goose_core import ParallelContext, TensorParallel
-from goose_core.testing import TrainSpec, run_distributed
+from goose_core.testing import PARALLEL, TrainSpec, run_distributed
 
 
 def _logits(ctx: ParallelContext) -> dict[str, torch.Tensor]:
@@ -24,10 +24,10 @@ def test_logits_are_whole_without_labels_and_shards_with_them() -> None:
     with torch.no_grad():
         want = spec.build_model()(input_ids=spec.batch(0)["input_ids"]).logits
     for rank, got in enumerate(run_distributed(_logits, 2, timeout=60)):
-        torch.testing.assert_close(got["whole"], want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["whole"], want, rtol=PARALLEL.rtol, atol=PARALLEL.atol)
         mine = want.chunk(2, dim=-1)[rank]
-        torch.testing.assert_close(got["shard"], mine, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(got["direct"], mine, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["shard"], mine, rtol=PARALLEL.rtol, atol=PARALLEL.atol)
+        torch.testing.assert_close(got["direct"], mine, rtol=PARALLEL.rtol, atol=PARALLEL.atol)
 
 
 def _attributes(ctx: ParallelContext, family: str) -> list[int]:
