@@ -114,7 +114,7 @@ def test_a_model_without_blocks_cannot_be_split() -> None:
 
 @pytest.mark.parametrize("partitioner", ["time", "memory"])
 def test_local_pipeline_takes_the_profiled_partitioners(partitioner: str) -> None:
-    # SGD: AdamW would amplify micro-batch accumulation's last-bit reordering (see PARALLEL).
+    # SGD: a wrong gradient scale stays visible (AdamW's normalisation would hide it).
     spec = TrainSpec(family="llama", steps=2, optimizer="sgd")
     model = local_pipeline(spec.build_model(), 2, 2, partitioner=partitioner)
     optimizer = spec.build_optimizer(model.parameters())

@@ -17,8 +17,8 @@ def _count(ctx: ParallelContext, family: str) -> dict[str, int]:
     """All-reduces in one decoder layer's forward, the whole forward, and the whole backward."""
     spec = TrainSpec(family=family)
     model = train_script.build(ctx, spec)
-    calls = {"layer": 0, "forward": 0, "backward": 0}
-    phase = ["forward"]
+    calls = {"first": 0, "layer": 0, "forward": 0, "backward": 0}
+    phase = ["first"]
     inside_layer = [False]
     layer = model.base_model.get_submodule("h" if family != "llama" else "layers")[1]
     layer.register_forward_pre_hook(lambda m, a: inside_layer.__setitem__(0, True))
@@ -27,10 +27,12 @@ def _count(ctx: ParallelContext, family: str) -> dict[str, int]:
 
     def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls[phase[0]] += 1
-        calls["layer"] += inside_layer[0]
+        calls["layer"] += inside_layer[0] and phase[0] == "forward"
         return real(*args, **kwargs)
 
     with mock.patch.object(dist, "all_reduce", counting):
+        model(**spec.batch(0))  # the first forward also checks the tp peers' batch (batch_check)
+        phase[0] = "forward"
         loss = model(**spec.batch(0)).loss
         phase[0] = "backward"
         loss.backward()
@@ -41,5 +43,7 @@ def _count(ctx: ParallelContext, family: str) -> dict[str, int]:
 def test_two_all_reduces_per_block_each_way(family: str) -> None:
     # Forward: 2 per block + 1 (vocab-parallel embedding) + 2 (loss: max, then (target, sum-exp)).
     # Backward: 2 per block (the f before attention and before the MLP) + 1 (f before lm_head).
+    # The first forward adds one: the same-batch check over the tp group, once per model.
     for calls in run_distributed(_count, 2, 1, 1, family, timeout=60):
-        assert calls == {"layer": 2, "forward": 2 * LAYERS + 3, "backward": 2 * LAYERS + 1}
+        forward = 2 * LAYERS + 3
+        assert calls == {"first": forward + 1, "layer": 2, "forward": forward, "backward": 2 * LAYERS + 1}

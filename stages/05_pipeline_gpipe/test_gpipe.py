@@ -4,13 +4,10 @@ The matrix pp in {2, 4} x M in {1, 2, 4, 8} x 3 families x 3 checkpoint modes is
 two spawned groups that each train several configurations, so that every value of every axis
 appears (and every family meets both depths).
 
-Why SGD where M >= 4: cutting a batch into micro-batches changes where fp32 partial sums of the
-gradient meet (~1 ulp). AdamW divides each update by sqrt(v), so for parameters whose gradient is
-near zero those ulps become a visible share of the update; measured on ONE device, with no
-pipeline at all, accumulating 8 micro-batches then 2 AdamW steps lands 5.6x outside PARALLEL (llama;
-gpt2 1.0x, bloom 2.4x; 4 micro-batches: up to 4.5x) while SGD stays 1000x inside. What the
-pipeline itself adds is measured separately: against that same micro-batched accumulation on one
-device, with AdamW, the pipelined run is bit-identical (``EXACT``) for untied weights.
+SGD where M >= 4 keeps a wrong gradient scale visible (AdamW's normalisation would hide it).
+The runs are float64, so every configuration is held to PARALLEL. What the pipeline itself adds
+is measured separately: against the same micro-batched accumulation on one device, with AdamW,
+the pipelined run is bit-identical (``EXACT``) for untied weights.
 """
 
 import time
