@@ -7,7 +7,7 @@ from goose_core.pipeline.emulation import ideal_gpipe_time
 from goose_core.pipeline.schedule import GPipe
 from goose_core.pipeline.stream import trace_waits
 from goose_core.testing import TrainSpec, run_distributed
-from goose_core.testing.stages import load_train_script
+from course import load_train_script
 
 train_script = load_train_script("06")
 

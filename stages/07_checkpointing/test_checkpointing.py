@@ -7,7 +7,7 @@ from goose_core.pipeline import Callback
 from goose_core.pipeline.checkpoint import MODES
 from goose_core.pipeline.schedule import GPipe
 from goose_core.testing import TrainSpec, run_distributed
-from goose_core.testing.stages import load_train_script
+from course import load_train_script
 
 train_script = load_train_script("07")
 M = 4
