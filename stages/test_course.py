@@ -1,11 +1,18 @@
-"""The course's tooling: the stage lookup behind ``make test-stage N``."""
+"""The course's tooling and rules: the stage lookup behind ``make test-stage N``, and every
+chapter's ``train.py`` writing its loop out with only the public names its README lists."""
 
+import ast
+import importlib
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from course import STAGES_DIR, stage_dir
+
+TRAIN_SCRIPTS = sorted(STAGES_DIR.glob("[0-9][0-9]_*/train.py"))
 
 
 @pytest.mark.parametrize("number", ["0", "00", "1", "01"])
@@ -27,3 +34,54 @@ def test_make_test_stage_lists_the_stages_for_an_unknown_number() -> None:
     unknown = subprocess.run([sys.executable, str(STAGES_DIR / "course.py"), "99"], capture_output=True, text=True)
     assert unknown.returncode == 1 and "the stages are: 00_reference" in unknown.stderr
     assert "usage: make test-stage 3" in unknown.stderr
+
+
+def _goose_imports(script: Path) -> dict[str, set[str]]:
+    """``{module: names}`` of every ``from goose_core... import ...`` in ``script``."""
+    imports: dict[str, set[str]] = {}
+    for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            assert not any(a.name.startswith("goose_core") for a in node.names), \
+                f"{script}: import names from a goose_core package, not the module itself"
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "goose_core":
+            imports.setdefault(node.module, set()).update(a.name for a in node.names)
+    return imports
+
+
+def _listed(readme: Path) -> dict[str, set[str]]:
+    """The README's "Public names used" list: lines ``- `module`: `name`, `name` ...``."""
+    text = readme.read_text(encoding="utf-8")
+    assert "\n## Public names used\n" in text, f"{readme} has no '## Public names used' section"
+    section = text.split("\n## Public names used\n", 1)[1].split("\n## ", 1)[0]
+    listed = {}
+    for line in section.splitlines():
+        if match := re.match(r"- `([\w.]+)`: (.+)", line):
+            listed[match.group(1)] = set(re.findall(r"`(\w+)`", match.group(2)))
+    return listed
+
+
+@pytest.mark.parametrize("script", TRAIN_SCRIPTS, ids=lambda p: p.parent.name)
+def test_train_py_imports_only_the_public_names_its_readme_lists(script: Path) -> None:
+    imports = _goose_imports(script)
+    assert imports == _listed(script.with_name("README.md"))
+    for module, names in imports.items():
+        # Package level: goose_core or one package (or top-level module) under it, by __all__.
+        assert module.count(".") <= 1, f"{script}: {module} is inside a package; import from the package"
+        public = set(importlib.import_module(module).__all__)
+        assert names <= public, f"{script}: {sorted(names - public)} not in {module}.__all__"
+
+
+@pytest.mark.parametrize("script", TRAIN_SCRIPTS, ids=lambda p: p.parent.name)
+def test_train_py_writes_its_loop_out_and_imports_no_other_stage(script: Path) -> None:
+    text = script.read_text(encoding="utf-8")
+    tree = ast.parse(text)
+    modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "course" not in modules and "load_train_script" not in text, f"{script} loads another stage"
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert not names & {"train_loop", "accumulate"}, f"{script}: write the loop out"
+    for call in (".backward()", "optimizer.step()", "optimizer.zero_grad()"):
+        assert call in text, f"{script}: the loop's {call} is not written out"
+    private = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+               and n.attr.startswith("_") and not n.attr.startswith("__")}
+    assert not private, f"{script} reaches private attributes: {sorted(private)}"
