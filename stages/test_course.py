@@ -1,8 +1,10 @@
-"""The course's tooling and rules: the stage lookup behind ``make test-stage N``, and every
-chapter's ``train.py`` writing its loop out with only the public names its README lists."""
+"""The course's tooling and rules: the stage lookup behind ``make test-stage N``, every chapter's
+``train.py`` writing its loop out with only the public names its README lists, and the lesson
+views that give each stage a git diff of its own."""
 
 import ast
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from course import STAGES_DIR, stage_dir
+from lessons import LESSONS, lesson_commits, stage_of
 
 TRAIN_SCRIPTS = sorted(STAGES_DIR.glob("[0-9][0-9]_*/train.py"))
 
@@ -85,3 +88,46 @@ def test_train_py_writes_its_loop_out_and_imports_no_other_stage(script: Path) -
     private = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
                and n.attr.startswith("_") and not n.attr.startswith("__")}
     assert not private, f"{script} reaches private attributes: {sorted(private)}"
+
+
+def test_every_path_a_lesson_claims_exists() -> None:
+    for stage, claims in LESSONS.items():
+        for claim in claims:
+            assert list(STAGES_DIR.parent.glob(claim + "*")), f"LESSONS[{stage}] names {claim}, which is gone"
+
+
+def test_a_file_belongs_to_the_stage_that_introduces_it() -> None:
+    assert stage_of("stages/05_pipeline_gpipe/train.py") == 5
+    assert stage_of("goose_core/pipeline/parallel.py") == 5
+    assert stage_of("goose_core/pipeline/stream.py") == 6  # the longest claim wins
+    assert stage_of("tests/test_tensor_parallel_layers.py") == 4
+    assert stage_of("Makefile") == stage_of("stages/course.py") == 0
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def test_lesson_views_diff_to_each_stage_s_own_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = ["Makefile", "goose_core/loss.py", "goose_core/distributed/context.py", "stages/00_a/train.py",
+             "stages/01_b/train.py", "goose_core/data_parallel/wrapper.py", "stages/02_c/train.py"]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-qm", "course")
+    monkeypatch.chdir(tmp_path)
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(key, "t@t")
+    (s0, v0), (s1, v1), (s2, head) = lesson_commits("HEAD")
+    assert (s0, s1, s2) == (0, 1, 2) and head == _git(tmp_path, "rev-parse", "HEAD").strip()
+    assert _git(tmp_path, "ls-tree", "-r", "--name-only", v0).split() == [
+        "Makefile", "goose_core/loss.py", "stages/00_a/train.py"]
+    assert _git(tmp_path, "diff", "--name-only", v0, v1).split() == [
+        "goose_core/distributed/context.py", "stages/01_b/train.py"]
+    assert _git(tmp_path, "diff", "--name-only", v1, head).split() == [
+        "goose_core/data_parallel/wrapper.py", "stages/02_c/train.py"]
+    assert lesson_commits("HEAD")[0][1] == v0  # the same commit again: tags can be re-derived
