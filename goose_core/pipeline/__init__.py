@@ -18,7 +18,7 @@ __all__ = ["Callback", "CallbackList", "Event", "GPipe", "PipelineParallel", "Sc
            "Timeline", "clock_cycles", "draw_gantt", "is_checkpointing", "is_recomputing",
            "local_pipeline"]
 
-# Public for the course's train.py files, which import package-level names only.
+# Public at package level, so that scripts import no deeper than goose_core.pipeline.
 from goose_core.pipeline.checkpoint import MODES, checkpoint_stop
 from goose_core.pipeline.emulation import SleepPipeline, ideal_gpipe_time
 from goose_core.pipeline.split import adapter_for
