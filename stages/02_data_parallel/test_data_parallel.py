@@ -8,6 +8,7 @@ import torch
 from goose_core import DataParallel, ParallelContext
 from goose_core.testing import (PARALLEL, RunResult, Tolerance, TrainSpec, assert_matches_reference, reference_run,
                                 run_distributed, snapshot, train_loop)
+
 from course import beside_reference_diffs, load_train_script, run_train_script
 
 train_script = load_train_script("02")

@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from goose_core import ParallelContext
 from goose_core.testing import TrainSpec, run_distributed
+
 from course import load_train_script
 
 train_script = load_train_script("04")

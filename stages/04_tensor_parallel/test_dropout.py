@@ -4,6 +4,7 @@ import torch
 
 from goose_core import ParallelContext
 from goose_core.testing import EXACT, RunResult, TrainSpec, assert_matches_reference, run_distributed
+
 from course import load_train_script
 
 train_script = load_train_script("04")

@@ -19,6 +19,7 @@ from goose_core import DataParallel, ParallelContext, PipelineParallel, TensorPa
 from goose_core.pipeline import Callback
 from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference,
                                 reference_run, run_distributed, snapshot, train_loop)
+
 from course import beside_reference_diffs, load_train_script, run_train_script
 
 train_script = load_train_script("05")

@@ -7,6 +7,7 @@ from goose_core.pipeline.emulation import ideal_gpipe_time
 from goose_core.pipeline.schedule import GPipe
 from goose_core.pipeline.stream import trace_waits
 from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed
+
 from course import load_train_script
 
 train_script = load_train_script("06")

@@ -7,6 +7,7 @@ from goose_core.pipeline import Callback
 from goose_core.pipeline.checkpoint import MODES
 from goose_core.pipeline.schedule import GPipe
 from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed
+
 from course import load_train_script
 
 train_script = load_train_script("07")

@@ -17,6 +17,7 @@ from goose_core.testing import (
     run_distributed,
     train_loop,
 )
+
 from course import load_train_script
 
 train_script = load_train_script("08")

@@ -11,6 +11,7 @@ from goose_core.pipeline import Callback, Event
 from goose_core.pipeline.gantt import draw_gantt
 from goose_core.pipeline.timeline import bubble_fraction, cell_order, trim_waits
 from goose_core.testing import PARALLEL, TrainSpec, assert_matches_reference, reference_run, run_distributed
+
 from course import load_train_script
 
 train_script = load_train_script("09")
