@@ -17,3 +17,12 @@ from goose_core.pipeline.timeline import Span, Timeline
 __all__ = ["Callback", "CallbackList", "Event", "GPipe", "PipelineParallel", "Schedule", "Span",
            "Timeline", "clock_cycles", "draw_gantt", "is_checkpointing", "is_recomputing",
            "local_pipeline"]
+
+# Public at package level, so that scripts import no deeper than goose_core.pipeline.
+from goose_core.pipeline.checkpoint import MODES, checkpoint_stop
+from goose_core.pipeline.emulation import SleepPipeline, ideal_gpipe_time
+from goose_core.pipeline.split import adapter_for
+from goose_core.pipeline.timeline import bubble_fraction, busy_time, trim_waits
+
+__all__ += ["MODES", "SleepPipeline", "adapter_for", "bubble_fraction", "busy_time", "checkpoint_stop",
+            "ideal_gpipe_time", "trim_waits"]

@@ -8,6 +8,10 @@ import pytest
 
 from goose_core.testing import EXACT, FAMILIES, TrainSpec, assert_matches_reference, reference_run
 
+from course import load_train_script
+
+train_script = load_train_script("00")
+
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_same_seed_same_bits(family: str) -> None:
@@ -26,6 +30,11 @@ def test_loss_falls_on_the_corpus(family: str) -> None:
     # Byte-level uniform guessing costs ln(256) = 5.55; English bytes are far more predictable.
     assert losses[0] > 5.0
     assert sum(losses[-5:]) / 5 < losses[0] - 1.5
+
+
+def test_the_loop_written_out_is_the_reference_run() -> None:
+    spec = TrainSpec(family="gpt2", steps=3, max_grad_norm=1.0)
+    assert_matches_reference(train_script.train(spec), reference_run(spec), EXACT)
 
 
 def test_train_script_runs() -> None:

@@ -5,7 +5,8 @@ import pytest
 
 from goose_core import ParallelContext
 from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed, snapshot
-from goose_core.testing.stages import beside_reference_diffs, load_train_script, run_train_script
+
+from course import beside_reference_diffs, load_train_script, run_train_script
 
 train_script = load_train_script("01")
 SPEC = TrainSpec(family="gpt2", steps=3)

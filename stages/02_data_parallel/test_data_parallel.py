@@ -8,7 +8,8 @@ import torch
 from goose_core import DataParallel, ParallelContext
 from goose_core.testing import (PARALLEL, RunResult, Tolerance, TrainSpec, assert_matches_reference, reference_run,
                                 run_distributed, snapshot, train_loop)
-from goose_core.testing.stages import beside_reference_diffs, load_train_script, run_train_script
+
+from course import beside_reference_diffs, load_train_script, run_train_script
 
 train_script = load_train_script("02")
 GPT2 = TrainSpec(family="gpt2", steps=3)

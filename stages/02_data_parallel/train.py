@@ -13,21 +13,36 @@ Run it:
 from __future__ import annotations
 
 import argparse
-import functools
 import os
+from contextlib import nullcontext
 
 from goose_core import DataParallel, ParallelContext
-from goose_core.data_parallel import no_sync
-from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run, snapshot, train_loop
+from goose_core.data import shard_batch
+from goose_core.data_parallel import count_items_over, no_sync
+from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run, snapshot
 
 
 def train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int = 1,
           bucket_size_mb: float = 25.0) -> RunResult:
-    """Train ``spec`` data-parallel over ``ctx``'s dp group; losses are global means."""
+    """Train ``spec`` data-parallel over ``ctx``'s dp group, each step's forward and backward in
+    ``micro_batches`` pieces (gradient accumulation); losses are global means."""
     model = DataParallel(spec.build_model(), ctx, bucket_size_mb=bucket_size_mb).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
-    losses = train_loop(model, optimizer, spec.batches(ctx.dp_rank, ctx.dp_size),
-                        micro_batches=micro_batches, no_sync=functools.partial(no_sync, model))
+    losses = []
+    for batch in spec.batches(ctx.dp_rank, ctx.dp_size):  # this rank's shard of each global batch
+        # The targets of the whole step over every rank: each piece divides its token-loss sum
+        # by it, so the pieces add up to the one-device mean, not to a mean of means.
+        n = count_items_over(batch["labels"], ctx.data_parallel_group, ctx.device)
+        step_loss = 0.0
+        for i in range(micro_batches):
+            last = i == micro_batches - 1
+            with nullcontext() if last else no_sync(model):  # communicate in the last backward only
+                loss = model(**shard_batch(batch, i, micro_batches), num_items_in_batch=n).loss
+                loss.backward()  # full buckets all-reduce while the backward runs
+            step_loss = step_loss + loss.detach()  # each piece: its share of the global mean
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(step_loss))
     return RunResult(losses, snapshot(model))
 
 

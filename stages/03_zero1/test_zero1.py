@@ -8,7 +8,8 @@ import torch
 from goose_core import DistributedOptimizer, ParallelContext
 from goose_core.testing import (PARALLEL, RunResult, Tolerance, TrainSpec, assert_matches_reference,
                                 reference_run, run_distributed)
-from goose_core.testing.stages import beside_reference_diffs, load_train_script, run_train_script
+
+from course import beside_reference_diffs, load_train_script, run_train_script
 
 train_script = load_train_script("03")
 GPT2 = TrainSpec(family="gpt2", steps=3, max_grad_norm=1.0)

@@ -14,15 +14,16 @@ Run it:
 from __future__ import annotations
 
 import argparse
-import functools
 import os
+from contextlib import nullcontext
 
 import torch
 
 from goose_core import DataParallel, DistributedOptimizer, ParallelContext, clip_grad_norm_
-from goose_core.data_parallel import no_sync
-from goose_core.testing import (FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run,
-                                snapshot, train_loop)
+from goose_core.data import shard_batch
+from goose_core.data_parallel import count_items_over, no_sync
+from goose_core.loss import count_items
+from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run, snapshot
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -33,7 +34,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int = 1, bucket_size_mb: float = 25.0,
           data_parallel: bool = True) -> tuple[RunResult, DistributedOptimizer]:
-    """Train ``spec`` with ZeRO-1 over ``ctx``'s dp group (and DataParallel's overlapped hooks).
+    """Train ``spec`` with ZeRO-1 over ``ctx``'s dp group (and DataParallel's overlapped hooks),
+    each step's forward and backward in ``micro_batches`` pieces.
 
     Without ``data_parallel`` the optimizer reduce-scatters the local gradients itself at
     ``step()``, and losses are averaged over the group here.
@@ -42,11 +44,24 @@ def train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int = 1, bucket_
     if data_parallel:
         model = DataParallel(model, ctx, bucket_size_mb=bucket_size_mb).parallelize()
     optimizer = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx, bucket_size_mb=bucket_size_mb)
-    clip = None
-    if spec.max_grad_norm is not None:
-        clip = lambda: clip_grad_norm_(model.parameters(), spec.max_grad_norm, ctx)  # noqa: E731
-    quiet = functools.partial(no_sync, model) if data_parallel else None
-    losses = train_loop(model, optimizer, spec.batches(ctx.dp_rank, ctx.dp_size), clip, micro_batches, quiet)
+    losses = []
+    for batch in spec.batches(ctx.dp_rank, ctx.dp_size):  # this rank's shard of each global batch
+        # The denominator of every piece: under DataParallel the targets of the whole step over
+        # every rank (stage 02); without it this shard's own, and the optimizer averages the ranks.
+        labels = batch["labels"]
+        n = count_items_over(labels, ctx.data_parallel_group, ctx.device) if data_parallel else count_items(labels)
+        step_loss = 0.0
+        for i in range(micro_batches):
+            quiet = data_parallel and i < micro_batches - 1
+            with no_sync(model) if quiet else nullcontext():  # reduce-scatter in the last backward only
+                loss = model(**shard_batch(batch, i, micro_batches), num_items_in_batch=n).loss
+                loss.backward()
+            step_loss = step_loss + loss.detach()
+        if spec.max_grad_norm is not None:
+            clip_grad_norm_(model.parameters(), spec.max_grad_norm, ctx)  # the global norm, from shards
+        optimizer.step()  # each rank steps its shard, then the parameters are all-gathered
+        optimizer.zero_grad()
+        losses.append(float(step_loss))
     if not data_parallel:
         mean = torch.tensor(losses, dtype=torch.float64)  # a Python float's own precision
         torch.distributed.all_reduce(mean, group=ctx.data_parallel_group)

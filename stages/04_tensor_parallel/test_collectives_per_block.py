@@ -7,7 +7,8 @@ import torch.distributed as dist
 
 from goose_core import ParallelContext
 from goose_core.testing import TrainSpec, run_distributed
-from goose_core.testing.stages import load_train_script
+
+from course import load_train_script
 
 train_script = load_train_script("04")
 LAYERS = 4

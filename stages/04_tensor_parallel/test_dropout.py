@@ -4,7 +4,8 @@ import torch
 
 from goose_core import ParallelContext
 from goose_core.testing import EXACT, RunResult, TrainSpec, assert_matches_reference, run_distributed
-from goose_core.testing.stages import load_train_script
+
+from course import load_train_script
 
 train_script = load_train_script("04")
 SPEC = TrainSpec(family="gpt2", steps=2, dropout=0.1)

@@ -13,7 +13,8 @@ from goose_core.testing import (
     run_distributed,
     train_loop,
 )
-from goose_core.testing.stages import beside_reference_diffs, load_train_script, run_train_script
+
+from course import beside_reference_diffs, load_train_script, run_train_script
 
 train_script = load_train_script("04")
 

@@ -19,7 +19,8 @@ from goose_core import DataParallel, ParallelContext, PipelineParallel, TensorPa
 from goose_core.pipeline import Callback
 from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference,
                                 reference_run, run_distributed, snapshot, train_loop)
-from goose_core.testing.stages import beside_reference_diffs, load_train_script, run_train_script
+
+from course import beside_reference_diffs, load_train_script, run_train_script
 
 train_script = load_train_script("05")
 

@@ -18,7 +18,7 @@ import argparse
 import os
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
-from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run, train_loop
+from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run
 
 
 def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4,
@@ -27,7 +27,13 @@ def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4,
     model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches,
                              checkpoint=checkpoint).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
-    losses = train_loop(model, optimizer, spec.batches())
+    losses = []
+    for batch in spec.batches():  # every stage is fed the same whole batch
+        loss = model(**batch).loss  # micro-batches flow forward; every stage gets the batch mean
+        loss.backward()  # the whole backward schedule, across ranks
+        optimizer.step()  # each rank steps the blocks of its stage
+        optimizer.zero_grad()
+        losses.append(loss.item())
     return RunResult(losses, full_state_dict(model, ctx))
 
 

@@ -6,8 +6,9 @@ from goose_core.pipeline import Callback, local_pipeline
 from goose_core.pipeline.emulation import ideal_gpipe_time
 from goose_core.pipeline.schedule import GPipe
 from goose_core.pipeline.stream import trace_waits
-from goose_core.testing import TrainSpec, run_distributed
-from goose_core.testing.stages import load_train_script
+from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed
+
+from course import load_train_script
 
 train_script = load_train_script("06")
 
@@ -70,3 +71,12 @@ def test_sleep_calibrated_stages_overlap_as_gpipe_predicts() -> None:
     assert ideal * 0.98 < measured < 1.3 * ideal, (measured, ideal)
     assert measured < 0.6 * sequential
 
+
+def _train(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
+    return train_script.train(ctx, spec, 4)
+
+
+def test_train_py_equals_the_single_device_run() -> None:
+    spec = TrainSpec(family="gpt2", steps=2, optimizer="sgd")
+    for result in run_distributed(_train, 1, 2, 1, spec, timeout=120):
+        assert_matches_reference(result, reference_run(spec), PARALLEL)

@@ -6,8 +6,9 @@ from goose_core import ParallelContext, PipelineParallel
 from goose_core.pipeline import Callback
 from goose_core.pipeline.checkpoint import MODES
 from goose_core.pipeline.schedule import GPipe
-from goose_core.testing import TrainSpec, run_distributed
-from goose_core.testing.stages import load_train_script
+from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed
+
+from course import load_train_script
 
 train_script = load_train_script("07")
 M = 4
@@ -59,3 +60,13 @@ def test_always_saves_at_most_half_of_never_at_four_blocks_per_stage() -> None:
     for stage in range(2):
         assert always[stage] <= 0.5 * never[stage], (always, never)
         assert always[stage] < except_last[stage] < never[stage]
+
+
+def _train(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
+    return train_script.train(ctx, spec, M, "always")
+
+
+def test_train_py_equals_the_single_device_run() -> None:
+    spec = TrainSpec(family="llama", steps=2, optimizer="sgd")
+    for result in run_distributed(_train, 1, 2, 1, spec, timeout=120):
+        assert_matches_reference(result, reference_run(spec), PARALLEL)

@@ -18,12 +18,24 @@ import os
 import torch
 import torch.distributed as dist
 
-from goose_core import ParallelContext, PipelineParallel
-from goose_core.pipeline.checkpoint import MODES
-from goose_core.testing import FAMILIES, TrainSpec, format_beside_reference, reference_run
-from goose_core.testing.stages import load_train_script
+from goose_core import ParallelContext, PipelineParallel, full_state_dict
+from goose_core.pipeline import MODES
+from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run
 
-gpipe = load_train_script("05")
+
+def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int, checkpoint: str) -> RunResult:
+    """Train ``spec`` pipelined with ``checkpoint`` (stage 05's loop); every rank returns the same result."""
+    model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches,
+                             checkpoint=checkpoint).parallelize()
+    optimizer = spec.build_optimizer(model.parameters())
+    losses = []
+    for batch in spec.batches():
+        loss = model(**batch).loss  # checkpointed cells keep only their inputs
+        loss.backward()  # ... and recompute their forward just before their backward
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return RunResult(losses, full_state_dict(model, ctx))
 
 
 def saved_activation_bytes(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int,
@@ -65,7 +77,7 @@ def main() -> None:
 
     ctx = ParallelContext(pipeline_parallel_size=int(os.environ.get("WORLD_SIZE", "1")))
     spec = TrainSpec(family=args.family, steps=args.steps)
-    result = gpipe.train(ctx, spec, args.microbatches, args.checkpoint)
+    result = train(ctx, spec, args.microbatches, args.checkpoint)
     rows = memory_table(ctx, spec, args.microbatches)
     if ctx.rank == 0:
         print(f"{ctx}: checkpoint={args.checkpoint}, M={args.microbatches}, {args.family}")

@@ -17,7 +17,8 @@ from goose_core.testing import (
     run_distributed,
     train_loop,
 )
-from goose_core.testing.stages import load_train_script
+
+from course import load_train_script
 
 train_script = load_train_script("08")
 

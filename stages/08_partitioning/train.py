@@ -29,10 +29,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
 from goose_core.partition import Partition, Partitioner, plan_partition
-from goose_core.pipeline import local_pipeline
-from goose_core.pipeline.split import adapter_for
-from goose_core.pipeline.timeline import Timeline, busy_time, trim_waits
-from goose_core.testing import RunResult, TrainSpec, format_beside_reference, snapshot, train_loop
+from goose_core.pipeline import Timeline, adapter_for, busy_time, local_pipeline, trim_waits
+from goose_core.testing import RunResult, TrainSpec, format_beside_reference, snapshot
 
 #: Eight Llama layers; the last two get MLPs WIDEN times wider.
 SPEC = TrainSpec(family="llama", steps=4, overrides={"num_hidden_layers": 8})
@@ -47,17 +45,32 @@ def uneven_model(spec: TrainSpec, wide: Sequence[int] = WIDE_LAYERS, factor: int
     config = copy.copy(model.config)
     config.intermediate_size *= factor
     for index in wide:
-        torch.manual_seed(spec.seed + 1 + index)
         mlp = LlamaMLP(config)
-        mlp.apply(model._init_weights)  # the model's own init: normal(0, initializer_range)
-        model.model.layers[index].mlp = mlp.to(spec.dtype)  # drawn in fp32, as build_model draws
+        # Llama's own init, written out: weights normal(0, initializer_range), biases 0, drawn
+        # in fp32 from a generator seeded per layer, then cast, as build_model does.
+        generator = torch.Generator().manual_seed(spec.seed + 1 + index)
+        with torch.no_grad():
+            for linear in (m for m in mlp.modules() if isinstance(m, nn.Linear)):
+                linear.weight.normal_(0.0, config.initializer_range, generator=generator)
+                if linear.bias is not None:
+                    linear.bias.zero_()
+        model.model.layers[index].mlp = mlp.to(spec.dtype)
     return model
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
+    """One step of the loop every stage writes out: forward, backward, step, zero_grad."""
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
 
 
 def single_device_run(spec: TrainSpec, model: nn.Module) -> RunResult:
     """What ``reference_run`` does, for a model the spec alone cannot build."""
     optimizer = spec.build_optimizer(model.parameters())
-    losses = train_loop(model, optimizer, spec.batches())
+    losses = [train_step(model, optimizer, batch) for batch in spec.batches()]
     return RunResult(losses, snapshot(model))
 
 
@@ -89,7 +102,7 @@ def train(ctx: ParallelContext, spec: TrainSpec, partitioner: Partitioner = "tim
     for step in range(spec.steps):
         if step == warmup:
             timeline.clear()  # the first step pays for allocations and thread start-up
-        losses += train_loop(model, optimizer, [spec.batch(step)])
+        losses.append(train_step(model, optimizer, spec.batch(step)))
     busy = busy_time(trim_waits(timeline.gather(ctx.pipeline_parallel_group)))
     measured = [busy[j] / ((spec.steps - warmup) * num_microbatches) for j in sorted(busy)]
     return RunResult(losses, full_state_dict(model, ctx)), partition, measured
@@ -108,7 +121,7 @@ def measure_locally(spec: TrainSpec, num_stages: int, partitioner: Partitioner =
     for step in range(spec.steps):
         if step == min(1, spec.steps - 1):
             timeline.clear()
-        train_loop(model, optimizer, [spec.batch(step)])
+        train_step(model, optimizer, spec.batch(step))
     busy = busy_time(timeline.spans)
     return partition, [busy[j] / (max(1, spec.steps - 1) * num_microbatches) for j in sorted(busy)]
 

@@ -11,7 +11,8 @@ from goose_core.pipeline import Callback, Event
 from goose_core.pipeline.gantt import draw_gantt
 from goose_core.pipeline.timeline import bubble_fraction, cell_order, trim_waits
 from goose_core.testing import PARALLEL, TrainSpec, assert_matches_reference, reference_run, run_distributed
-from goose_core.testing.stages import load_train_script
+
+from course import load_train_script
 
 train_script = load_train_script("09")
 # SGD at M=4, as in stage 05: AdamW turns the ~1 ulp that micro-batching moves in near-zero

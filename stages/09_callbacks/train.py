@@ -19,12 +19,9 @@ import argparse
 import os
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
-from goose_core.pipeline import Callback, CallbackList, GPipe
-from goose_core.pipeline.checkpoint import MODES, checkpoint_stop
-from goose_core.pipeline.emulation import SleepPipeline
-from goose_core.pipeline.gantt import draw_gantt
-from goose_core.pipeline.timeline import Span, Timeline, bubble_fraction, trim_waits
-from goose_core.testing import RunResult, TrainSpec, format_beside_reference, reference_run, train_loop
+from goose_core.pipeline import (MODES, Callback, CallbackList, GPipe, SleepPipeline, Span, Timeline,
+                                 bubble_fraction, checkpoint_stop, draw_gantt, trim_waits)
+from goose_core.testing import RunResult, TrainSpec, format_beside_reference, reference_run
 
 #: Eight Llama layers, 128 wide, micro-batches of 64 tokens: enough work per cell to see it.
 SPEC = TrainSpec(family="llama", steps=3, batch_size=16, seq_len=64,
@@ -60,7 +57,11 @@ def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4, chec
     for step in range(spec.steps):
         timeline.clear()
         events.clear()  # keep the last step only: the first pays for allocations
-        losses += train_loop(model, optimizer, [spec.batch(step)])
+        loss = model(**spec.batch(step)).loss  # callbacks fire around every forward cell
+        loss.backward()  # ... and around every backward and recompute
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
     model.callbacks.remove(observer)
     spans = timeline.gather(ctx.pipeline_parallel_group)
     return RunResult(losses, full_state_dict(model, ctx)), spans, list(events)

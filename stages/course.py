@@ -1,4 +1,10 @@
-"""Find a course stage's folder from its number (``make test-stage N``)."""
+"""The course's own tooling: find a stage, load or launch its train.py, read what it printed.
+
+The library knows nothing of the course; the course stands on the library. Stage tests import
+this module by name (``from course import load_train_script``): ``pyproject.toml`` puts
+``stages/`` on pytest's ``pythonpath``. ``make test-stage N`` runs it as a script to find the
+folder of stage N.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from types import ModuleType
 
 __all__ = ["STAGES_DIR", "stage_dir", "load_train_script", "run_train_script", "beside_reference_diffs"]
 
-STAGES_DIR = Path(__file__).resolve().parents[2] / "stages"
+STAGES_DIR = Path(__file__).resolve().parent
 
 
 def stage_dir(number: str) -> Path:
