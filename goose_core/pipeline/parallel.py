@@ -23,11 +23,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from goose_core.data_parallel.reducer import GradReducer, reducer_of_param
-from goose_core.data_parallel.wrapper import parameters_changed
 from goose_core.distributed.batch_check import check_policy, install_batch_check
 from goose_core.distributed.context import ParallelContext
+from goose_core.grad_sync import GradSync
 from goose_core.loss import count_items, loss_dtype, nonzero
+from goose_core.metadata import grad_syncs, parameters_changed
 from goose_core.partition import Partitioner, partition_blocks
 from goose_core.pipeline.callbacks import Callback, CallbackList
 from goose_core.pipeline.checkpoint import checkpoint_stop
@@ -204,7 +204,7 @@ class _Stage:
         self.device = devices[max(held)]
         self.pipeline = Pipeline(partitions, num_partitions, transport, checkpoint, callbacks)
         self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
-        self._deferred: list[GradReducer] = []  # the dp reducers held during this backward
+        self._deferred: list[GradSync] = []  # the gradient syncs held during this backward
 
     def _body(self, blocks: list[int], last: bool, hidden: Tensor, inputs: dict[str, Any]) -> Tensor:
         context = self.adapter.context(hidden, inputs)
@@ -266,25 +266,21 @@ class _Stage:
         anchor = total if total is not None else value
         return Root.apply(self._begin_backward, self._end_backward, anchor, *roots)
 
-    def _reducers(self) -> list[GradReducer]:
-        """Data parallelism's gradient reducers of this stage's parameters (wrapped after us)."""
-        found = {id(r): r for p in self.model.parameters() if (r := reducer_of_param(p)) is not None}
-        return list(found.values())
-
     def _begin_backward(self) -> None:
         # Checkpointed cells accumulate each parameter's gradient in a nested backward pass per
         # micro-batch, so data parallelism must not reduce on its per-parameter hooks: it
-        # reduces once, when this stage's whole backward has ended.
-        self._deferred = self._reducers()
-        for reducer in self._deferred:
-            reducer.defer()
+        # reduces once, when this stage's whole backward has ended. Looked up now, not when the
+        # stage was built: a DataParallel applied after the pipeline comes later.
+        self._deferred = grad_syncs(self.model.parameters())
+        for sync in self._deferred:
+            sync.defer()
 
     def _end_backward(self) -> None:
         self.transport.end_backward()
         if self.tied is not None:
             self.tied.sync()  # before the dp reduction: it must average the summed gradient
-        for reducer in self._deferred:
-            reducer.flush()
+        for sync in self._deferred:
+            sync.flush()
         self._deferred = []
 
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from goose_core.distributed.context import ParallelContext
-from goose_core.optim.clip import mark_duplicate
+from goose_core.metadata import mark_duplicate
 
 __all__ = ["TiedGradients"]
 
