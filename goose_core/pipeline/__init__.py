@@ -2,9 +2,11 @@
 
 Read it in this order: ``schedule`` (what runs when), ``microbatch``, ``dependency`` (Fork/Join),
 ``checkpoint`` (Checkpoint/Recompute), ``stream``, ``transport`` and ``p2p`` (how tensors cross
-a boundary), ``pipeline`` (the executor), ``split`` (cutting a transformers model), ``tied``,
-``parallel`` (the public entry point); ``emulation`` has sleep-calibrated stages for timing;
-``timeline`` and ``gantt`` record and draw what ran when, through ``callbacks``.
+a boundary), ``pipeline`` (the executor and the ``Root`` of a step's backward), ``split``
+(cutting a transformers model), ``tied``, ``stage`` (one rank's stage: loss broadcast, tied and
+data-parallel gradient syncing), ``parallel`` (the public entry points); ``emulation`` has
+sleep-calibrated stages for timing; ``timeline`` and ``gantt`` record and draw what ran when,
+through ``callbacks``.
 """
 
 from goose_core.pipeline.callbacks import Callback, CallbackList, Event
