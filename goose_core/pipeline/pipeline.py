@@ -42,7 +42,7 @@ Inputs = dict[str, Any]
 
 @dataclass
 class Partition:
-    """One pipeline stage's work on a micro-batch.
+    """One partition of the pipeline (a stage's share of the blocks), as the executor runs it.
 
     Args:
         index: the partition (stage) number j.
