@@ -31,13 +31,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Callable, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from goose_core.data_parallel.bucket import Bucket
 
 __all__ = ["GradSync"]
 
@@ -91,10 +88,12 @@ class GradSync(ABC):
 
     @abstractmethod
     def shard(self, param_lists: list[list[nn.Parameter]],
-              key: Callable[[nn.Parameter], Hashable]) -> list["Bucket"]:
+              key: Callable[[nn.Parameter], Hashable]) -> list[Any]:
         """ZeRO-1 takes over: one run of buckets per list (kept apart by ``key`` too), and every
         backward reduce-scatters, each rank keeping its shard of each bucket's mean gradient.
 
         Returns:
-            the buckets, whose ``shard_grad`` holds this rank's shard after a backward.
+            the buckets (``goose_core.data_parallel.Bucket``: typed loosely here, so that this
+            interface imports nothing of goose), whose ``shard_grad`` holds this rank's shard
+            after a backward.
         """
