@@ -4,7 +4,7 @@ Each parallelism leaves a footprint that this module undoes, so that any layout 
 with (or exported as) the single-device model:
 
 * tensor parallelism splits a parameter along one dimension; the layer that split it marks the
-  parameter with a :class:`ShardSpec` saying how the pieces go back together;
+  parameter with a :class:`~goose_core.metadata.ShardSpec` saying how the pieces go back together;
 * pipeline parallelism leaves each stage holding only some parameters, under their original
   names; the stages' dictionaries are merged over the pipeline group;
 * data parallelism (and ZeRO-1, which all-gathers after every step) keeps parameters replicated,
@@ -13,51 +13,15 @@ with (or exported as) the single-device model:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from goose_core.distributed.context import ParallelContext
+from goose_core.metadata import ShardSpec, mark_sharded, shard_spec
 
+# ShardSpec, mark_sharded and shard_spec live in goose_core.metadata; this was their first home.
 __all__ = ["ShardSpec", "mark_sharded", "shard_spec", "full_state_dict"]
-
-_ATTR = "_goose_shard"
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """How a tensor-parallel parameter was cut.
-
-    Args:
-        dim: the dimension split across the tensor-parallel group.
-        blocks: a fused parameter (GPT-2's ``c_attn`` is q|k|v) is ``blocks`` equal blocks along
-            ``dim``, each split across ranks separately; rank r holds block_0[r] | block_1[r] | ...
-        replicas: consecutive tp ranks holding the same shard (GQA with more tp ranks than
-            key/value heads: ranks 2k and 2k+1 share kv-head k at replicas=2); gather keeps one.
-    """
-
-    dim: int
-    blocks: int = 1
-    replicas: int = 1
-
-    def gather(self, shards: list[Tensor]) -> Tensor:
-        """Reassemble the full tensor from every rank's shard, in tp-rank order."""
-        per_rank = [s.chunk(self.blocks, dim=self.dim) for s in shards[::self.replicas]]
-        return torch.cat([piece for b in range(self.blocks) for piece in (p[b] for p in per_rank)],
-                         dim=self.dim)
-
-
-def mark_sharded(param: nn.Parameter, spec: ShardSpec) -> nn.Parameter:
-    """Record on ``param`` how it was split, for :func:`full_state_dict`."""
-    setattr(param, _ATTR, spec)
-    return param
-
-
-def shard_spec(param: Tensor) -> ShardSpec | None:
-    """The :class:`ShardSpec` of ``param``, or None if it is whole on this rank."""
-    return getattr(param, _ATTR, None)
 
 
 def _unshard(param: Tensor, ctx: ParallelContext) -> Tensor:

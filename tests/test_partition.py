@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from goose_core import ParallelContext
-from goose_core.partition import Partition, partition_blocks, plan_partition
+from goose_core.partition import PartitionPlan, partition_blocks, plan_partition
 from goose_core.testing import run_distributed
 
 # Six narrow blocks, then two 32x wider ones: a uniform split puts both wide ones on the last stage.
@@ -40,7 +40,7 @@ def test_wide_blocks_get_stages_of_their_own(partitioner: str) -> None:
     # Memory is exact; measured times are noisy on a shared machine, so the narrow blocks may
     # split [4, 2] instead of [3, 3], but each wide block always gets a stage of its own.
     assert plan.counts == [3, 3, 1, 1] if partitioner == "memory" else plan.counts[2:] == [1, 1]
-    uniform = Partition([2, 2, 2, 2], "uniform", plan.block_costs, plan.unit)
+    uniform = PartitionPlan([2, 2, 2, 2], "uniform", plan.block_costs, plan.unit)
     assert max(plan.stage_costs) < 0.75 * max(uniform.stage_costs)
     assert plan.partitioner == partitioner and plan.unit == {"time": "s", "memory": "bytes"}[partitioner]
 
@@ -61,7 +61,7 @@ def test_the_plan_is_logged_with_predicted_costs(caplog: pytest.LogCaptureFixtur
 
 
 def test_table_puts_measured_beside_predicted() -> None:
-    plan = Partition([1, 2], "time", [0.001, 0.001, 0.002], "s")
+    plan = PartitionPlan([1, 2], "time", [0.001, 0.001, 0.002], "s")
     lines = plan.table(measured=[0.0011, 0.0029]).splitlines()
     assert lines[0].split() == ["stage", "blocks", "predicted", "share", "measured", "share"]
     assert lines[1].split() == ["0", "1", "1.00", "ms", "25%", "1.10", "ms", "28%"]

@@ -2,7 +2,7 @@
 
 from goose_core.data_parallel.bucket import Bucket, build_buckets
 from goose_core.data_parallel.loss import PendingMean, count_items_over, global_mean
-from goose_core.data_parallel.reducer import GradReducer, reducer_of_param
+from goose_core.data_parallel.reducer import GradReducer
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
 from goose_core.data_parallel.wrapper import DataParallel, no_sync, parameters_changed, reducer_of
 
@@ -19,5 +19,4 @@ __all__ = [
     "no_sync",
     "parameters_changed",
     "reducer_of",
-    "reducer_of_param",
 ]

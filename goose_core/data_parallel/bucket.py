@@ -30,9 +30,10 @@ class Bucket:
     Args:
         params: the parameters, in slot order (same dtype and device).
         pad_to: the buffer's length is rounded up to a multiple of this (the dp size).
+        dtype: the buffer's dtype (default: the parameters').
     """
 
-    def __init__(self, params: list[nn.Parameter], pad_to: int) -> None:
+    def __init__(self, params: list[nn.Parameter], pad_to: int, dtype: torch.dtype | None = None) -> None:
         self.params = params
         self.offsets: list[int] = []
         total = 0
@@ -42,7 +43,7 @@ class Bucket:
         self.numel = total
         self.padded_numel = -(-total // pad_to) * pad_to
         self.shard_numel = self.padded_numel // pad_to
-        self.grad = torch.zeros(self.padded_numel, dtype=params[0].dtype, device=params[0].device)
+        self.grad = torch.zeros(self.padded_numel, dtype=dtype or params[0].dtype, device=params[0].device)
         self.shard_grad = torch.zeros(self.shard_numel, dtype=self.grad.dtype, device=self.grad.device)
         self.ready: set[int] = set()
         self.work: dist.Work | None = None
@@ -101,13 +102,14 @@ class Bucket:
 
 def build_buckets(params: Iterable[nn.Parameter], bucket_bytes: int, pad_to: int,
                   key: Callable[[nn.Parameter], Hashable] = lambda p: None,
-                  first_bucket_bytes: int | None = None) -> list[Bucket]:
+                  first_bucket_bytes: int | None = None, dtype: torch.dtype | None = None) -> list[Bucket]:
     """Pack ``params`` into buckets of about ``bucket_bytes`` each, in the order given.
 
     A bucket closes when it reaches ``bucket_bytes`` or when the next parameter differs from it in
     dtype, device or ``key`` (ZeRO-1 keys by param group and by how the gradient norm counts it).
     The first bucket may close earlier, at ``first_bucket_bytes`` (torch DDP uses 1 MB): the
-    sooner the first collective starts, the more of the backward pass it overlaps.
+    sooner the first collective starts, the more of the backward pass it overlaps. ``dtype`` is
+    the buffers' (default: each bucket's parameters').
     """
     buckets: list[Bucket] = []
     current: list[nn.Parameter] = []
@@ -117,11 +119,11 @@ def build_buckets(params: Iterable[nn.Parameter], bucket_bytes: int, pad_to: int
         p_kind = (p.dtype, p.device, key(p))
         cap = bucket_bytes if buckets or first_bucket_bytes is None else min(first_bucket_bytes, bucket_bytes)
         if current and (size >= cap or p_kind != kind):
-            buckets.append(Bucket(current, pad_to))
+            buckets.append(Bucket(current, pad_to, dtype))
             current, size = [], 0
         current.append(p)
         size += p.numel() * p.element_size()
         kind = p_kind
     if current:
-        buckets.append(Bucket(current, pad_to))
+        buckets.append(Bucket(current, pad_to, dtype))
     return buckets

@@ -52,11 +52,11 @@ _NO_WAIT: set[Callable[..., Any]] = {Tensor.backward, torch.autograd.backward}
 class PendingMean(Tensor):
     """A tensor whose value an async all-reduce is still writing; any read waits for it."""
 
-    _goose_work: dist.Work | None = None
+    _pending_work: dist.Work | None = None
 
     def wait(self) -> None:
         """Block until the value is final (idempotent)."""
-        work, self._goose_work = self._goose_work, None
+        work, self._pending_work = self._pending_work, None
         if work is not None:
             work.wait()
 
@@ -99,7 +99,7 @@ def global_mean(loss: Tensor, group: dist.ProcessGroup) -> Tensor:
     value = loss.detach() / size  # a power-of-two dp divides exactly: same bits as sum / dp
     work = dist.all_reduce(value, group=group, async_op=True)
     out = _PassGradient.apply(loss, value).as_subclass(PendingMean)
-    out._goose_work = work
+    out._pending_work = work
     return out
 
 

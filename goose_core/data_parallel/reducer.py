@@ -19,7 +19,8 @@ engine's backward across ranks) triggers them.
 
 Two modes: all-reduce (plain data parallelism; ``p.grad`` becomes its slot of the averaged
 buffer) and reduce-scatter (ZeRO-1; each rank keeps only its shard of the averaged buffer,
-``bucket.shard_grad``, and ``p.grad`` is freed).
+``bucket.shard_grad``, and ``p.grad`` is freed). The pipeline and ZeRO-1 drive it through
+:class:`goose_core.grad_sync.GradSync`, the interface it implements.
 """
 
 from __future__ import annotations
@@ -33,32 +34,40 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from goose_core.data_parallel.bucket import Bucket, build_buckets
+from goose_core.grad_sync import GradSync
+from goose_core.metadata import link_grad_sync, unlink_grad_sync
 
-__all__ = ["GradReducer", "reducer_of_param", "FIRST_BUCKET_BYTES"]
+__all__ = ["GradReducer", "FIRST_BUCKET_BYTES", "trainable"]
 
 #: The first bucket closes early so that communication starts early in the backward (as DDP).
 FIRST_BUCKET_BYTES = 2**20
 
-_ATTR = "_goose_grad_reducer"
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` that need gradients, in registration order."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-class GradReducer:
+class GradReducer(GradSync):
     """Averages the gradients of ``params`` over ``group`` as the backward pass produces them.
 
     Args:
         params: the parameters that need gradients (in registration order).
         group: the data-parallel process group.
         bucket_bytes: the size at which a bucket closes.
+        reduce_dtype: the buckets' dtype (default: each parameter's own); gradients are cast into
+            it, summed over the group, and cast back into ``p.grad``.
     """
 
-    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int) -> None:
+    def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int,
+                 reduce_dtype: torch.dtype | None = None) -> None:
         self.group = group
         self.size = dist.get_world_size(group)
         self.bucket_bytes = bucket_bytes
+        self.reduce_dtype = reduce_dtype
         self.sync = True
         self.deferred = False
-        #: True once a backward pass has reduced every bucket; ZeRO-1 clears it after its step.
-        self.reduced = False
+        self._reduced = False  # a backward reduced every bucket; ZeRO-1 resets it after its step
         self.scatter = False
         self.buckets: list[Bucket] = []
         self._where: dict[nn.Parameter, tuple[Bucket, int]] = {}
@@ -66,14 +75,37 @@ class GradReducer:
         self._next = 0
         self._callback_queued = False
         self._carry: list[Tensor] | None = None
-        self.rebuild([params], scatter=False)
+        self._rebuild([params], scatter=False)
 
-    def rebuild(self, param_lists: list[list[nn.Parameter]], scatter: bool,
-                key: Callable[[nn.Parameter], Hashable] = lambda p: None) -> None:
+    # -- GradSync ----------------------------------------------------------------------------
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Every parameter whose gradient this reducer averages."""
+        return list(self._where)
+
+    @property
+    def reduced(self) -> bool:
+        return self._reduced
+
+    def reset(self) -> None:
+        self._reduced = False
+
+    def track(self, model: nn.Module) -> None:
+        if self.scatter:
+            raise ValueError("the model's parameters changed after DistributedOptimizer took over its "
+                             "DataParallel reducer: apply every wrapper (TensorParallel, "
+                             "PipelineParallel, DataParallel) first, then build the optimizer from "
+                             "model.parameters()")
+        self._rebuild([trainable(model)], scatter=False)
+
+    def shard(self, param_lists: list[list[nn.Parameter]],
+              key: Callable[[nn.Parameter], Hashable]) -> list[Bucket]:
+        self._rebuild(param_lists, scatter=True, key=key)
+        return self.buckets
+
+    def _rebuild(self, param_lists: list[list[nn.Parameter]], scatter: bool,
+                 key: Callable[[nn.Parameter], Hashable] = lambda p: None) -> None:
         """Re-bucket: one run of buckets per list, new hooks; parameters left out are released.
-
-        ZeRO-1 passes its param groups; DataParallel passes the module's current parameters
-        after a later wrapper replaced or dropped some (see ``DataParallel.refresh``).
 
         Raises:
             RuntimeError: a backward pass is in flight (its buckets are half filled).
@@ -86,19 +118,14 @@ class GradReducer:
         self.scatter = scatter
         self.buckets = [b for params in param_lists
                         for b in build_buckets(reversed(params), self.bucket_bytes, self.size, key,
-                                               FIRST_BUCKET_BYTES)]
+                                               FIRST_BUCKET_BYTES, dtype=self.reduce_dtype)]
         self._where = {p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
         for p in self._where:
-            setattr(p, _ATTR, self)
+            link_grad_sync(p, self)
         for p in before:
-            if p not in self._where and getattr(p, _ATTR, None) is self:
-                delattr(p, _ATTR)  # replaced or dropped: no longer this reducer's
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        """Every parameter whose gradient this reducer averages."""
-        return list(self._where)
+            if p not in self._where:
+                unlink_grad_sync(p, self)  # replaced or dropped: no longer this reducer's
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -129,7 +156,7 @@ class GradReducer:
     def _begin(self) -> None:
         # A second synced backward before the optimizer consumed the shards (accumulation
         # without no_sync): keep what the first one reduced, the collectives overwrite it.
-        self._carry = [b.shard_grad.clone() for b in self.buckets] if self.scatter and self.reduced else None
+        self._carry = [b.shard_grad.clone() for b in self.buckets] if self.scatter and self._reduced else None
 
     def _on_grad(self, param: nn.Parameter) -> None:
         if not self.sync or self.deferred:
@@ -168,10 +195,5 @@ class GradReducer:
                     bucket.shard_grad.add_(earlier)
                 continue
             for i, p in enumerate(bucket.params):
-                p.grad = bucket.slot(i)
-        self.reduced = True
-
-
-def reducer_of_param(param: nn.Parameter) -> GradReducer | None:
-    """The reducer that averages ``param``'s gradient (DataParallel installed it), if any."""
-    return getattr(param, _ATTR, None)
+                p.grad = bucket.slot(i).to(p.dtype)  # the slot itself unless reduce_dtype differs
+        self._reduced = True

@@ -6,16 +6,17 @@ import inspect
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import torch
 from torch import nn
 
 from goose_core.data_parallel.loss import count_items_over, global_mean, replica_items
-from goose_core.data_parallel.reducer import GradReducer
+from goose_core.data_parallel.reducer import GradReducer, trainable
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
 from goose_core.distributed.context import ParallelContext
+from goose_core.metadata import module_grad_sync, parameters_changed, set_module_grad_sync
 
+# parameters_changed lives in goose_core.metadata (the wrapper-order rule); re-exported here.
 __all__ = ["DataParallel", "no_sync", "parameters_changed", "reducer_of"]
-
-_ATTR = "_goose_data_parallel"
 
 
 class DataParallel:
@@ -39,9 +40,11 @@ class DataParallel:
     * a check that parameters and buffers are identical on every dp rank (or a broadcast).
 
     It may come before, between or after ``TensorParallel`` and ``PipelineParallel``: a later
-    wrapper that replaces or drops parameters calls :func:`parameters_changed`, and the
-    reducer is rebuilt over the parameters the module holds then. Build the optimizer (and
-    ``DistributedOptimizer``) after the last wrapper, from ``model.parameters()``.
+    wrapper that replaces or drops parameters calls
+    :func:`~goose_core.metadata.parameters_changed`, and the reducer (the model's
+    :class:`~goose_core.grad_sync.GradSync`) is rebuilt over the parameters the module holds
+    then. Build the optimizer (and ``DistributedOptimizer``) after the last wrapper, from
+    ``model.parameters()``.
 
     Each rank feeds its own shard of the global batch (``goose_core.data.shard_batch``), as with
     torch DDP. Frozen parameters (``requires_grad=False``) are left alone. A parameter that
@@ -54,21 +57,27 @@ class DataParallel:
         ctx: the parallel context; only its data-parallel group is used.
         bucket_size_mb: gradient bytes per bucket (torch DDP's default: 25 MB).
         broadcast: copy dp rank 0's parameters and buffers to every rank instead of checking.
+        reduce_dtype: the dtype gradients are averaged in (default: each parameter's own);
+            ZeRO-1's shards and their optimizer state then live in it too.
 
     Raises:
         ValueError: ``bucket_size_mb`` is not positive; replicas differ (on every rank).
     """
 
     def __init__(self, module: nn.Module, ctx: ParallelContext, bucket_size_mb: float = 25.0,
-                 broadcast: bool = False) -> None:
+                 broadcast: bool = False, reduce_dtype: torch.dtype | None = None) -> None:
         if not bucket_size_mb > 0:
             raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb!r}; torch DDP uses 25")
-        if hasattr(module, _ATTR):
+        if reduce_dtype is not None and not reduce_dtype.is_floating_point:
+            raise ValueError(f"reduce_dtype must be a floating-point dtype, got {reduce_dtype}; "
+                             f"leave it None to average in each parameter's own dtype")
+        if module_grad_sync(module) is not None:
             raise ValueError("this module is already wrapped by DataParallel; wrap it once")
         self.module = module
         self.ctx = ctx
         self.bucket_bytes = int(bucket_size_mb * 2**20)
         self.broadcast = broadcast
+        self.reduce_dtype = reduce_dtype
         self.reducer: GradReducer | None = None
 
     def parallelize(self) -> nn.Module:
@@ -78,35 +87,11 @@ class DataParallel:
             broadcast_replicas(self.module, group)
         else:
             check_replicas(self.module, group)
-        self.reducer = GradReducer(self._trainable(), group, self.bucket_bytes)
+        self.reducer = GradReducer(trainable(self.module), group, self.bucket_bytes, self.reduce_dtype)
         self.module.register_forward_pre_hook(self._count_items, with_kwargs=True)
         self.module.register_forward_hook(self._global_loss)
-        setattr(self.module, _ATTR, self)
+        set_module_grad_sync(self.module, self.reducer)  # later wrappers: parameters_changed
         return self.module
-
-    def _trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-    def refresh(self) -> None:
-        """Rebuild the gradient reducer over the trainable parameters the module holds now.
-
-        For a wrapper applied after this one that replaces parameters (``TensorParallel``
-        swaps each split linear for a sharded one) or drops them (``PipelineParallel`` keeps
-        one stage): without it the hooks would sit on parameters the model no longer uses and
-        the new ones would never be averaged. Local: no collective (every dp rank holds the
-        same parameters, so every rank builds the same buckets).
-
-        Raises:
-            ValueError: a ``DistributedOptimizer`` already took the reducer over (build the
-                optimizer after the last wrapper).
-        """
-        assert self.reducer is not None, "call parallelize() first"
-        if self.reducer.scatter:
-            raise ValueError("the model's parameters changed after DistributedOptimizer took over its "
-                             "DataParallel reducer: apply every wrapper (TensorParallel, "
-                             "PipelineParallel, DataParallel) first, then build the optimizer from "
-                             "model.parameters()")
-        self.reducer.rebuild([self._trainable()], scatter=False)
 
     def _count_items(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
                      ) -> tuple[tuple, dict[str, Any]] | None:
@@ -133,19 +118,6 @@ class DataParallel:
             yield
 
 
-def parameters_changed(module: nn.Module) -> None:
-    """Tell the DataParallel on ``module`` (if any) that its parameters were replaced or dropped.
-
-    The one rule wrappers follow to compose in any order: a wrapper whose ``parallelize()``
-    changes which ``Parameter`` objects the module holds calls this at its end, and
-    DataParallel re-buckets over the current ones (:meth:`DataParallel.refresh`). A no-op for
-    a module DataParallel has not wrapped.
-    """
-    wrapper = getattr(module, _ATTR, None)
-    if wrapper is not None:
-        wrapper.refresh()
-
-
 def _takes_num_items(module: nn.Module) -> bool:
     """Whether ``module``'s forward (as it is now: a pipeline replaces it) takes the keyword."""
     params = inspect.signature(module.forward).parameters.values()
@@ -154,8 +126,8 @@ def _takes_num_items(module: nn.Module) -> bool:
 
 def reducer_of(module: nn.Module) -> GradReducer | None:
     """The gradient reducer DataParallel installed on ``module``, if any."""
-    wrapper = getattr(module, _ATTR, None)
-    return wrapper.reducer if wrapper is not None else None
+    sync = module_grad_sync(module)
+    return sync if isinstance(sync, GradReducer) else None
 
 
 @contextmanager
@@ -165,8 +137,8 @@ def no_sync(module: nn.Module) -> Iterator[None]:
     Raises:
         ValueError: ``module`` was not parallelized by DataParallel.
     """
-    wrapper = getattr(module, _ATTR, None)
-    if wrapper is None:
+    sync = module_grad_sync(module)
+    if sync is None:
         raise ValueError("no_sync(model) needs a model returned by DataParallel(model, ctx).parallelize()")
-    with wrapper.no_sync():
+    with sync.no_sync():
         yield

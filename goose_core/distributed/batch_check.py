@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.grid import Axis
+from goose_core.metadata import batch_check_of, set_batch_check
 
 __all__ = ["BatchCheck", "FIELDS", "POLICIES", "batch_checksum", "check_policy", "check_same_batch",
            "install_batch_check"]
@@ -40,7 +41,6 @@ POLICIES = ("first", "always", "never")
 _PER_FIELD = 4
 _MASK = 2**62 - 1  # keeps checksums non-negative, so -c never overflows
 _WHO = {"tp": "tensor-parallel peers", "pp": "pipeline stages"}
-_ATTR = "_goose_batch_check"
 
 
 def check_policy(policy: str) -> str:
@@ -144,10 +144,10 @@ def install_batch_check(model: nn.Module, ctx: ParallelContext, axis: Axis, poli
     One hook per model: a second wrapper (TensorParallel, then PipelineParallel) adds its axis
     to the same check, so the two groups are compared in one pass over the batch.
     """
-    check = getattr(model, _ATTR, None)
-    if check is None:
+    check = batch_check_of(model)
+    if not isinstance(check, BatchCheck):
         check = BatchCheck(ctx)
         model.register_forward_pre_hook(check, with_kwargs=True)
-        setattr(model, _ATTR, check)
+        set_batch_check(model, check)
     check.add(axis, policy)
     return check

@@ -108,7 +108,8 @@ class ParallelContext:
 
     Initialises ``torch.distributed`` from torchrun's environment when nobody has yet, validates
     the layout on every rank *before* any collective, then creates one process group per axis
-    line (see :mod:`goose_core.distributed.grid` for the rank order). The backend and device
+    line (see :mod:`goose_core.distributed.grid` for the rank order), and one per pipeline for
+    its first and last stage (:attr:`pipeline_ends_group`). The backend and device
     come from :func:`choose_backend`: NCCL on ``cuda:LOCAL_RANK`` only when there is a GPU for
     every local rank, else gloo on the CPU; ``backend`` / ``device`` override it.
 
@@ -155,25 +156,33 @@ class ParallelContext:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.coords = self.grid.coords(self.rank)
-        self._groups = {axis: self._new_groups(axis) for axis in AXES}
+        self._groups = {axis: self._new_groups(self.grid.all_groups(axis)) for axis in AXES}
+        self._ends_group = self._new_ends_group()
         self.prev_pipeline_rank, self.next_pipeline_rank = self.grid.pipeline_neighbours(self.rank)
         torch.manual_seed(seed)
 
-    def _new_groups(self, axis: Axis) -> dist.ProcessGroup:
+    def _new_groups(self, all_ranks: list[list[int]]) -> dist.ProcessGroup | None:
         # new_group is collective over the whole world: every rank creates every group, in the
-        # same order, and keeps the one it belongs to.
+        # same order, and keeps the one it belongs to (None if it is in none).
         mine = None
-        for ranks in self.grid.all_groups(axis):
+        for ranks in all_ranks:
             group = dist.new_group(ranks, timeout=self.timeout)
             if self.rank in ranks:
                 mine = group
-        assert mine is not None
         return mine
+
+    def _new_ends_group(self) -> dist.ProcessGroup | None:
+        pp = self.grid.pp
+        if pp <= 2:  # one stage: no pair; two: the pipeline group is the pair
+            return self._groups["pp"] if pp == 2 else None
+        return self._new_groups([[line[0], line[-1]] for line in self.grid.all_groups("pp")])
 
     # -- by axis ---------------------------------------------------------------------------
     def group(self, axis: Axis) -> dist.ProcessGroup:
         """The process group along ``axis`` that contains this rank."""
-        return self._groups[axis]
+        group = self._groups[axis]
+        assert group is not None  # every rank is on one line of every axis
+        return group
 
     def group_ranks(self, axis: Axis) -> list[int]:
         """Global ranks in this rank's group along ``axis``, in group-rank order."""
@@ -213,15 +222,23 @@ class ParallelContext:
 
     @property
     def tensor_parallel_group(self) -> dist.ProcessGroup:
-        return self._groups["tp"]
+        return self.group("tp")
 
     @property
     def pipeline_parallel_group(self) -> dist.ProcessGroup:
-        return self._groups["pp"]
+        return self.group("pp")
 
     @property
     def data_parallel_group(self) -> dist.ProcessGroup:
-        return self._groups["dp"]
+        return self.group("dp")
+
+    @property
+    def pipeline_ends_group(self) -> dist.ProcessGroup | None:
+        """The group of this pipeline's first and last stage (first = group rank 0), on those two
+        stages; None on a middle stage or with one stage. A weight tied across the pipeline (the
+        input embedding and the LM head) syncs its gradient over it. With two stages it is the
+        pipeline group; with more, one group per pipeline, created with the others."""
+        return self._ends_group
 
     tp_rank = tensor_parallel_rank
     pp_rank = pipeline_parallel_rank

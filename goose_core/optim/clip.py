@@ -28,27 +28,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from goose_core.distributed.context import ParallelContext
-from goose_core.state import shard_spec
+from goose_core.metadata import grad_shards, is_dp_shard, is_duplicate, mark_dp_shard, mark_duplicate, shard_spec
 
-__all__ = ["clip_grad_norm_", "mark_duplicate", "mark_dp_shard", "norm_kind", "GRAD_SHARDS_ATTR"]
-
-_DUPLICATE = "_goose_norm_duplicate"
-_DP_SHARD = "_goose_dp_shard"
-#: A parameter whose gradient ZeRO-1 holds elsewhere carries ``GRAD_SHARDS_ATTR``: a callable
-#: returning the tensors (dp shards) whose ``.grad`` stands for it in the norm and the clipping.
-GRAD_SHARDS_ATTR = "_goose_grad_shards"
-
-
-def mark_duplicate(param: Tensor) -> Tensor:
-    """Leave ``param`` out of the norm: it is a tied copy of a parameter counted elsewhere."""
-    setattr(param, _DUPLICATE, True)
-    return param
-
-
-def mark_dp_shard(tensor: Tensor) -> Tensor:
-    """Count ``tensor`` on every dp rank: each holds a different shard (ZeRO-1)."""
-    setattr(tensor, _DP_SHARD, True)
-    return tensor
+# mark_duplicate and mark_dp_shard live in goose_core.metadata; re-exported where clipping needs them.
+__all__ = ["clip_grad_norm_", "mark_duplicate", "mark_dp_shard", "norm_kind"]
 
 
 def norm_kind(param: Tensor) -> tuple[int, bool]:
@@ -58,27 +41,27 @@ def norm_kind(param: Tensor) -> tuple[int, bool]:
     is counted by one rule.
     """
     spec = shard_spec(param)
-    return (spec.replicas if spec is not None else 0, bool(getattr(param, _DUPLICATE, False)))
+    return (spec.replicas if spec is not None else 0, is_duplicate(param))
 
 
 def _expand(parameters: Iterable[Tensor]) -> list[Tensor]:
     """The tensors whose gradients make up the norm, ZeRO-1 shards in place of their params."""
     out: dict[int, Tensor] = {}
     for p in parameters:
-        shards = getattr(p, GRAD_SHARDS_ATTR, None)
+        shards = grad_shards(p)
         for t in shards() if shards is not None else [p]:
             out.setdefault(id(t), t)
     return list(out.values())
 
 
-def _owned(p: Tensor, ctx: ParallelContext, is_duplicate: Callable[[Tensor], bool] | None) -> bool:
-    if getattr(p, _DUPLICATE, False) or (is_duplicate is not None and is_duplicate(p)):
+def _owned(p: Tensor, ctx: ParallelContext, duplicate: Callable[[Tensor], bool] | None) -> bool:
+    if is_duplicate(p) or (duplicate is not None and duplicate(p)):
         return False
     spec = shard_spec(p)
     replicas = spec.replicas if spec is not None else ctx.tensor_parallel_size
     if ctx.tensor_parallel_rank % replicas:
         return False
-    return getattr(p, _DP_SHARD, False) or ctx.data_parallel_rank == 0
+    return is_dp_shard(p) or ctx.data_parallel_rank == 0
 
 
 def _total_norm(owned: list[Tensor], norm_type: float, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -12,7 +12,7 @@ Every step, per bucket of the flattened parameters (padded to split into dp equa
 
 Reduce-scatter plus all-gather moves the same bytes as one all-reduce (ZeRO paper, sec. 7):
 no full all-reduce happens. With DataParallel, the optimizer takes over DataParallel's gradient
-reducer (same buckets, hooks switched to reduce-scatter), so the reduction still overlaps the
+sync (``GradSync.shard``: same hooks, now reduce-scattering), so the reduction still overlaps the
 backward pass; a rank's shard is the r-th slice of every bucket (contiguous per bucket, as in
 Megatron-core's distributed optimizer). Without DataParallel it reduce-scatters at ``step()``.
 """
@@ -27,12 +27,13 @@ import torch.distributed as dist
 from torch import nn
 
 from goose_core.data_parallel.bucket import Bucket, build_buckets
-from goose_core.data_parallel.reducer import GradReducer, reducer_of_param
 from goose_core.distributed.compat import all_gather_flat
 from goose_core.distributed.context import ParallelContext
-from goose_core.optim.clip import GRAD_SHARDS_ATTR, mark_dp_shard, norm_kind
+from goose_core.grad_sync import GradSync
+from goose_core.metadata import (grad_sync_of, is_duplicate, mark_dp_shard, mark_duplicate, mark_sharded,
+                                 set_grad_shards, shard_spec)
+from goose_core.optim.clip import norm_kind
 from goose_core.optim.zero_state import consolidate, shard_consolidated
-from goose_core.state import mark_sharded, shard_spec
 
 __all__ = ["DistributedOptimizer"]
 
@@ -53,7 +54,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     Args:
         optimizer: a fresh optimizer (no state yet) over the model's parameters.
         ctx: the parallel context; parameters are sharded over its data-parallel group.
-        bucket_size_mb: bucket size when no DataParallel reducer is there to take over.
+        bucket_size_mb: bucket size when no DataParallel gradient sync is there to take over.
 
     Raises:
         ValueError: on every rank, for an optimizer with state, parameters only partly under
@@ -72,7 +73,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             setattr(self, hooks, OrderedDict())
         self.group_params = [list(g["params"]) for g in optimizer.param_groups]
         trainable = [[p for p in ps if p.requires_grad] for ps in self.group_params]
-        self.reducer = _take_over_reducer(trainable)
+        self.grad_sync = _take_over(trainable)
         self.buckets = self._bucket(trainable, int(bucket_size_mb * 2**20))
         self.shards = [self._new_shard(b) for b in self.buckets]
         self._install(trainable)
@@ -80,9 +81,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _bucket(self, trainable: list[list[nn.Parameter]], bucket_bytes: int) -> list[Bucket]:
         """One run of buckets per param group and gradient-norm kind; DataParallel's if there."""
-        if self.reducer is not None:
-            self.reducer.rebuild(trainable, scatter=True, key=norm_kind)  # hooks now reduce-scatter
-            return self.reducer.buckets
+        if self.grad_sync is not None:
+            return self.grad_sync.shard(trainable, key=norm_kind)  # its backward reduce-scatters
         dp = self.ctx.data_parallel_size
         return [b for ps in trainable for b in build_buckets(reversed(ps), bucket_bytes, dp, norm_kind)]
 
@@ -94,7 +94,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         for bucket, shard in zip(self.buckets, self.shards):
             self.optimizer.param_groups[owner[bucket.params[0]]]["params"].append(shard)
         for p in owner:
-            setattr(p, GRAD_SHARDS_ATTR, self._grad_shards)  # clip_grad_norm_ uses the shards
+            set_grad_shards(p, self._grad_shards)  # clip_grad_norm_ uses the shards
 
     # -- what a torch.optim.Optimizer exposes ---------------------------------------------
     @property
@@ -120,8 +120,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.optimizer.step()
         self._all_gather()
         self._reduced = False
-        if self.reducer is not None:
-            self.reducer.reduced = False
+        if self.grad_sync is not None:
+            self.grad_sync.reset()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -134,8 +134,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     p.grad = None
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._reduced = False
-        if self.reducer is not None:
-            self.reducer.reduced = False  # the next backward starts a fresh accumulation
+        if self.grad_sync is not None:
+            self.grad_sync.reset()  # the next backward starts a fresh accumulation
 
     # -- the ZeRO-1 steps ------------------------------------------------------------------
     def _new_shard(self, bucket: Bucket) -> nn.Parameter:
@@ -144,15 +144,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
         first = bucket.params[0]
         if (spec := shard_spec(first)) is not None:
             mark_sharded(shard, spec)  # only its tp-replica count matters: it steers the norm
-        for name in ("_goose_norm_duplicate",):
-            if getattr(first, name, False):
-                setattr(shard, name, True)
+        if is_duplicate(first):
+            mark_duplicate(shard)
         return mark_dp_shard(shard)
 
     def _grad_shards(self) -> list[nn.Parameter]:
         """This rank's averaged gradient shards, reduce-scattering first if nobody has."""
         if not self._reduced:
-            if self.reducer is None or not self.reducer.reduced:
+            if self.grad_sync is None or not self.grad_sync.reduced:
                 self._reduce_scatter()
             for bucket, shard in zip(self.buckets, self.shards):
                 shard.grad = bucket.shard_grad
@@ -245,15 +244,15 @@ def _check(optimizer: Any, bucket_size_mb: float) -> None:
                          "load_state_dict() with a shard or consolidated state dict")
 
 
-def _take_over_reducer(trainable: list[list[nn.Parameter]]) -> GradReducer | None:
-    """DataParallel's reducer for these parameters, if they are under one (checked exactly)."""
+def _take_over(trainable: list[list[nn.Parameter]]) -> GradSync | None:
+    """DataParallel's gradient sync for these parameters, if they are under one (checked exactly)."""
     params = [p for ps in trainable for p in ps]
-    owners = [reducer_of_param(p) for p in params]
-    reducers = {id(r): r for r in owners if r is not None}
-    if not reducers:
+    owners = [grad_sync_of(p) for p in params]
+    syncs = {id(r): r for r in owners if r is not None}
+    if not syncs:
         return None
-    if len(reducers) > 1:
-        raise ValueError(f"the optimizer's parameters are under {len(reducers)} different DataParallel "
+    if len(syncs) > 1:
+        raise ValueError(f"the optimizer's parameters are under {len(syncs)} different DataParallel "
                          f"wrappers; give DistributedOptimizer the parameters of one model")
     outside = sum(r is None for r in owners)
     if outside:
@@ -261,10 +260,10 @@ def _take_over_reducer(trainable: list[list[nn.Parameter]]) -> GradReducer | Non
                          f"the model's DataParallel (parameters of another model, or ones a wrapper "
                          f"replaced after the optimizer was built): apply every wrapper first, then "
                          f"build the optimizer from model.parameters()")
-    reducer = next(iter(reducers.values()))
-    missing = set(map(id, reducer.params)) - set(map(id, params))
+    sync = next(iter(syncs.values()))
+    missing = set(map(id, sync.params)) - set(map(id, params))
     if missing:
         raise ValueError(f"{len(missing)} trainable parameters of the DataParallel model are not in the "
                          f"optimizer; under ZeRO-1 give the optimizer every trainable parameter "
                          f"(or set requires_grad=False on the others)")
-    return reducer
+    return sync

@@ -20,7 +20,7 @@ from torch import Tensor
 from goose_core.partition.profile import ADAM_FACTOR, BlockFn, profile_memory, profile_times
 from goose_core.partition.solve import check_costs, solve, stage_costs
 
-__all__ = ["Partitioner", "Partition", "plan_partition", "partition_blocks"]
+__all__ = ["Partitioner", "PartitionPlan", "plan_partition", "partition_blocks"]
 
 logger = logging.getLogger("goose_core.partition")
 
@@ -31,7 +31,7 @@ _UNITS = {"uniform": "blocks", "explicit": "blocks", "time": "s", "memory": "byt
 
 
 @dataclass(frozen=True)
-class Partition:
+class PartitionPlan:
     """A split of ``len(block_costs)`` blocks into stages, and the cost it predicts per stage.
 
     Attributes:
@@ -81,7 +81,7 @@ class Partition:
 def plan_partition(num_blocks: int, num_stages: int, partitioner: Partitioner = "uniform", *,
                    block_fns: Sequence[BlockFn] | None = None, sample: Tensor | None = None,
                    num_microbatches: int = 1, optimizer_factor: float = ADAM_FACTOR, repeat: int = 5,
-                   group: dist.ProcessGroup | None = None) -> Partition:
+                   group: dist.ProcessGroup | None = None) -> PartitionPlan:
     """Split ``num_blocks`` blocks into ``num_stages`` stages and predict each stage's cost.
 
     Args:
@@ -110,9 +110,9 @@ def plan_partition(num_blocks: int, num_stages: int, partitioner: Partitioner = 
     check_costs([0.0] * num_blocks, num_stages)
     if not isinstance(partitioner, str):
         counts = _explicit(partitioner, num_blocks, num_stages)
-        return Partition(counts, "explicit", [1.0] * num_blocks, "blocks")
+        return PartitionPlan(counts, "explicit", [1.0] * num_blocks, "blocks")
     if partitioner == "uniform":
-        return Partition(_uniform(num_blocks, num_stages), "uniform", [1.0] * num_blocks, "blocks")
+        return PartitionPlan(_uniform(num_blocks, num_stages), "uniform", [1.0] * num_blocks, "blocks")
     if partitioner not in ("time", "memory"):
         raise ValueError(f"unknown partitioner {partitioner!r}; use 'uniform', 'time', 'memory' or a "
                          f"list of block counts")
@@ -131,7 +131,7 @@ def plan_partition(num_blocks: int, num_stages: int, partitioner: Partitioner = 
     # Every rank measures, even though only the first rank's costs are kept: a block sharded by
     # tensor parallelism runs collectives inside, and its tp peers must run it alongside.
     costs = _agree(measure(), group)
-    partition = Partition(solve(costs, num_stages), partitioner, costs, _UNITS[partitioner])
+    partition = PartitionPlan(solve(costs, num_stages), partitioner, costs, _UNITS[partitioner])
     logger.info("%s", partition)
     return partition
 

@@ -2,27 +2,49 @@
 
 Read it in this order: ``schedule`` (what runs when), ``microbatch``, ``dependency`` (Fork/Join),
 ``checkpoint`` (Checkpoint/Recompute), ``stream``, ``transport`` and ``p2p`` (how tensors cross
-a boundary), ``pipeline`` (the executor), ``split`` (cutting a transformers model), ``tied``,
-``parallel`` (the public entry point); ``emulation`` has sleep-calibrated stages for timing;
-``timeline`` and ``gantt`` record and draw what ran when, through ``callbacks``.
+a boundary), ``pipeline`` (the executor and the ``Root`` of a step's backward), ``split``
+(cutting a transformers model), ``tied``, ``stage`` (one rank's stage: loss broadcast, tied and
+data-parallel gradient syncing), ``parallel`` (the public entry points); ``emulation`` has
+sleep-calibrated stages for timing; ``timeline`` and ``gantt`` record and draw what ran when,
+through ``callbacks``.
 """
 
 from goose_core.pipeline.callbacks import Callback, CallbackList, Event
-from goose_core.pipeline.checkpoint import is_checkpointing, is_recomputing
-from goose_core.pipeline.parallel import PipelineParallel, local_pipeline
+from goose_core.pipeline.checkpoint import MODES, CheckpointMode, checkpoint_stop, is_checkpointing, is_recomputing
+from goose_core.pipeline.emulation import Sleep, SleepPipeline, ideal_gpipe_time
 from goose_core.pipeline.gantt import draw_gantt
+from goose_core.pipeline.parallel import PipelineParallel, is_pipelined, local_pipeline
 from goose_core.pipeline.schedule import GPipe, Schedule, clock_cycles
-from goose_core.pipeline.timeline import Span, Timeline
-
-__all__ = ["Callback", "CallbackList", "Event", "GPipe", "PipelineParallel", "Schedule", "Span",
-           "Timeline", "clock_cycles", "draw_gantt", "is_checkpointing", "is_recomputing",
-           "local_pipeline"]
-
-# Public at package level, so that scripts import no deeper than goose_core.pipeline.
-from goose_core.pipeline.checkpoint import MODES, checkpoint_stop
-from goose_core.pipeline.emulation import SleepPipeline, ideal_gpipe_time
 from goose_core.pipeline.split import adapter_for
-from goose_core.pipeline.timeline import bubble_fraction, busy_time, trim_waits
+from goose_core.pipeline.stream import trace_waits
+from goose_core.pipeline.timeline import Span, Timeline, bubble_fraction, busy_time, cell_order, makespan, trim_waits
 
-__all__ += ["MODES", "SleepPipeline", "adapter_for", "bubble_fraction", "busy_time", "checkpoint_stop",
-            "ideal_gpipe_time", "trim_waits"]
+__all__ = [
+    "Callback",
+    "CallbackList",
+    "CheckpointMode",
+    "Event",
+    "GPipe",
+    "MODES",
+    "PipelineParallel",
+    "Schedule",
+    "Sleep",
+    "SleepPipeline",
+    "Span",
+    "Timeline",
+    "adapter_for",
+    "bubble_fraction",
+    "busy_time",
+    "cell_order",
+    "checkpoint_stop",
+    "clock_cycles",
+    "draw_gantt",
+    "ideal_gpipe_time",
+    "is_checkpointing",
+    "is_pipelined",
+    "is_recomputing",
+    "local_pipeline",
+    "makespan",
+    "trace_waits",
+    "trim_waits",
+]

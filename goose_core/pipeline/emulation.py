@@ -15,8 +15,7 @@ from torch import Tensor
 from goose_core.distributed.context import ParallelContext
 from goose_core.pipeline.callbacks import CallbackList
 from goose_core.pipeline.p2p import DistributedTransport
-from goose_core.pipeline.parallel import Root
-from goose_core.pipeline.pipeline import Partition, Pipeline
+from goose_core.pipeline.pipeline import Partition, Pipeline, Root
 
 __all__ = ["Sleep", "ideal_gpipe_time", "SleepPipeline"]
 

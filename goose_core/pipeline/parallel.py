@@ -11,31 +11,28 @@ rest with placeholders, so parameter names stay the single-device model's. The m
 With input and output embeddings tied (GPT-2, Bloom), the first stage holds the embedding and
 the last the head, one Parameter seen from two ranks: after each backward their gradients are
 summed over the two, so both keep one value.
+
+On the model: ``forward`` becomes the stage's (:class:`~goose_core.pipeline.stage.Stage`), and
+``model.callbacks`` (the :class:`CallbackList`) and ``model.pipeline`` (the executor) are added.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from goose_core.data_parallel.reducer import GradReducer, reducer_of_param
-from goose_core.data_parallel.wrapper import parameters_changed
 from goose_core.distributed.batch_check import check_policy, install_batch_check
 from goose_core.distributed.context import ParallelContext
-from goose_core.loss import count_items, loss_dtype, nonzero
+from goose_core.metadata import parameters_changed
 from goose_core.partition import Partitioner, partition_blocks
 from goose_core.pipeline.callbacks import Callback, CallbackList
 from goose_core.pipeline.checkpoint import checkpoint_stop
-from goose_core.pipeline.microbatch import gather, scatter
 from goose_core.pipeline.p2p import DistributedTransport
-from goose_core.pipeline.pipeline import Partition, Pipeline, StepOutput
+from goose_core.pipeline.pipeline import Pipeline
 from goose_core.pipeline.split import Adapter, adapter_for, drop_modules
-from goose_core.pipeline.tied import TiedGradients
+from goose_core.pipeline.stage import Stage
 from goose_core.pipeline.transport import LocalTransport, Transport
 
 __all__ = ["PipelineParallel", "is_pipelined", "local_pipeline"]
@@ -104,7 +101,7 @@ class PipelineParallel:
         model.to(ctx.device)
         transport: Transport = (LocalTransport([ctx.device]) if n == 1 else DistributedTransport(
             ctx.pipeline_parallel_group, ctx.prev_pipeline_rank, ctx.next_pipeline_rank, ctx.device))
-        stage = _Stage(model, adapter, {j: list(held)}, n, transport, self.num_microbatches,
+        stage = Stage(model, adapter, {j: list(held)}, n, transport, self.num_microbatches,
                        self.checkpoint, self.callbacks, ctx, tied, [ctx.device] * n)
         _install(model, stage)
         install_batch_check(model, ctx, "pp", self.check_batch)
@@ -158,7 +155,7 @@ def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int 
         model.get_submodule(path).to(devices[-1])
     if _tied_path(model) is not None and devices[0] != devices[-1]:
         raise ValueError("tied input/output embeddings need the first and last partitions on one device")
-    stage = _Stage(model, adapter, held, num_partitions, LocalTransport(devices), num_microbatches,
+    stage = Stage(model, adapter, held, num_partitions, LocalTransport(devices), num_microbatches,
                    checkpoint, CallbackList(callbacks), devices=devices)
     return _install(model, stage)
 
@@ -168,7 +165,7 @@ def is_pipelined(model: nn.Module) -> bool:
     return isinstance(getattr(model, "pipeline", None), Pipeline)
 
 
-def _install(model: nn.Module, stage: "_Stage") -> nn.Module:
+def _install(model: nn.Module, stage: Stage) -> nn.Module:
     model.forward = stage.forward  # type: ignore[method-assign]
     model.callbacks = stage.pipeline.callbacks
     model.pipeline = stage.pipeline
@@ -181,129 +178,3 @@ def _tied_path(model: nn.Module) -> str | None:
     if out is None or inp.weight is not out.weight:
         return None
     return next(name for name, module in model.named_modules() if module is inp)
-
-
-class _Stage:
-    """The pipelined forward of the partitions held here: micro-batches in, loss (or logits) out.
-
-    With a ParallelContext it holds one partition and talks to its neighbours; without one it
-    holds them all (the local transport) and needs no collective.
-    """
-
-    def __init__(self, model: nn.Module, adapter: Adapter, held: dict[int, list[int]],
-                 num_partitions: int, transport: Transport, num_microbatches: int,
-                 checkpoint: str, callbacks: CallbackList, ctx: ParallelContext | None = None,
-                 tied: str | None = None, devices: list[torch.device] | None = None) -> None:
-        self.model, self.adapter, self.ctx, self.transport = model, adapter, ctx, transport
-        self.num_microbatches, self.num_partitions = num_microbatches, num_partitions
-        self.is_last = num_partitions - 1 in held
-        devices = devices or [torch.device("cpu")] * num_partitions
-        partitions = [Partition(j, functools.partial(self._body, blocks, j == num_partitions - 1),
-                                adapter.embed if j == 0 else None, devices[j])
-                      for j, blocks in held.items()]
-        self.device = devices[max(held)]
-        self.pipeline = Pipeline(partitions, num_partitions, transport, checkpoint, callbacks)
-        self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
-        self._deferred: list[GradReducer] = []  # the dp reducers held during this backward
-
-    def _body(self, blocks: list[int], last: bool, hidden: Tensor, inputs: dict[str, Any]) -> Tensor:
-        context = self.adapter.context(hidden, inputs)
-        for b in blocks:
-            hidden = self.adapter.block(b, hidden, context)
-        if not last:
-            return hidden
-        logits = self.adapter.head(hidden)
-        if "labels" not in inputs:
-            return logits
-        # The micro-batch's token-loss sum over the batch's targets (goose_core.loss): the
-        # micro-batches' losses add up to the batch mean, and one with no target adds 0.
-        return self.model.loss_function(logits=logits, labels=inputs["labels"],
-                                        vocab_size=self.model.config.vocab_size,
-                                        num_items_in_batch=inputs["num_items_in_batch"])
-
-    def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
-                attention_mask: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
-                **kwargs: Any) -> CausalLMOutputWithPast:
-        """The batch's loss (with ``labels``) or logits (without), as the unsplit model's.
-
-        Args:
-            num_items_in_batch: the denominator of the token-loss sum (🤗's convention): the
-                targets of the whole step this batch belongs to (data parallelism passes it).
-                Default: this batch's own targets, so the loss is its token mean.
-        """
-        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")
-        if input_ids is None or unsupported:
-            raise ValueError(f"the pipelined model takes input_ids, labels, attention_mask and "
-                             f"num_items_in_batch; got input_ids="
-                             f"{'given' if input_ids is not None else None}, other arguments {unsupported}")
-        inputs = {k: v for k, v in (("input_ids", input_ids), ("labels", labels),
-                                    ("attention_mask", attention_mask)) if v is not None}
-        microbatches = scatter(inputs, self.num_microbatches)
-        if labels is None:  # inference: no loss would reach the backward, so build no graph
-            with torch.no_grad():
-                outputs = self._outputs(self.pipeline.run(microbatches))
-            return CausalLMOutputWithPast(logits=gather(outputs) if self.is_last else None)
-        n = nonzero(count_items(labels) if num_items_in_batch is None else num_items_in_batch)
-        step = self.pipeline.run([{**mb, "num_items_in_batch": n} for mb in microbatches])
-        total = sum(self._outputs(step)) if self.is_last else None
-        return CausalLMOutputWithPast(loss=self._loss(total, step.roots))
-
-    @staticmethod
-    def _outputs(step: StepOutput) -> list[Tensor]:
-        return [step.outputs[i] for i in sorted(step.outputs)]
-
-    def _loss(self, total: Tensor | None, roots: list[Tensor]) -> Tensor:
-        """The batch loss on every stage; its backward drives this stage's part of the schedule."""
-        # Every stage broadcasts in one dtype: the loss's for this stage's parameters (fp32 or wider).
-        dtype = loss_dtype(next(p.dtype for p in self.model.parameters() if p.is_floating_point()))
-        value = (total.detach().to(dtype, copy=True) if total is not None
-                 else torch.zeros((), dtype=dtype, device=self.device))
-        if self.ctx is not None and self.num_partitions > 1:
-            last = self.ctx.group_ranks("pp")[-1]
-            dist.broadcast(value, last, group=self.ctx.pipeline_parallel_group)
-        if not torch.is_grad_enabled():
-            return total if total is not None else value
-        anchor = total if total is not None else value
-        return Root.apply(self._begin_backward, self._end_backward, anchor, *roots)
-
-    def _reducers(self) -> list[GradReducer]:
-        """Data parallelism's gradient reducers of this stage's parameters (wrapped after us)."""
-        found = {id(r): r for p in self.model.parameters() if (r := reducer_of_param(p)) is not None}
-        return list(found.values())
-
-    def _begin_backward(self) -> None:
-        # Checkpointed cells accumulate each parameter's gradient in a nested backward pass per
-        # micro-batch, so data parallelism must not reduce on its per-parameter hooks: it
-        # reduces once, when this stage's whole backward has ended.
-        self._deferred = self._reducers()
-        for reducer in self._deferred:
-            reducer.defer()
-
-    def _end_backward(self) -> None:
-        self.transport.end_backward()
-        if self.tied is not None:
-            self.tied.sync()  # before the dp reduction: it must average the summed gradient
-        for reducer in self._deferred:
-            reducer.flush()
-        self._deferred = []
-
-
-class Root(torch.autograd.Function):
-    """The loss every stage returns: its value, and edges to every phony this stage must feed.
-
-    Its backward is the first node of each stage's backward: it runs the start-of-backward work
-    (defer data parallelism's hooks) and queues the end-of-backward work (wait for the last
-    gradient sends, sum the tied embedding's gradient, reduce data-parallel gradients)."""
-
-    @staticmethod
-    def forward(ctx, on_begin: Any, on_end: Any, value: Tensor,  # type: ignore[override]
-                *roots: Tensor) -> Tensor:
-        ctx.on_begin, ctx.on_end, ctx.num_roots = on_begin, on_end, len(roots)
-        return value.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        ctx.on_begin()
-        torch.autograd.Variable._execution_engine.queue_callback(ctx.on_end)
-        empty = torch.empty(0, device=grad.device)
-        return (None, None, grad) + (empty,) * ctx.num_roots

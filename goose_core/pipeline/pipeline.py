@@ -35,14 +35,14 @@ from goose_core.pipeline.dependency import fork, get_phony, join
 from goose_core.pipeline.schedule import GPipe, Schedule
 from goose_core.pipeline.transport import Transport
 
-__all__ = ["Partition", "Pipeline", "StepOutput"]
+__all__ = ["Partition", "Pipeline", "Root", "StepOutput"]
 
 Inputs = dict[str, Any]
 
 
 @dataclass
 class Partition:
-    """One pipeline stage's work on a micro-batch.
+    """One partition of the pipeline (a stage's share of the blocks), as the executor runs it.
 
     Args:
         index: the partition (stage) number j.
@@ -65,6 +65,29 @@ class StepOutput:
 
     outputs: dict[int, Tensor]
     roots: list[Tensor]
+
+
+class Root(torch.autograd.Function):
+    """The loss a process returns for a step: its value, with edges to every root of the step.
+
+    ``Root.apply(on_begin, on_end, value, *step.roots)``: the backward of ``value`` reaches every
+    phony in :attr:`StepOutput.roots` too, so one ``loss.backward()`` runs this process's whole
+    part of the schedule. Its backward is the first node of that part: it calls ``on_begin()``
+    and queues ``on_end()`` on the autograd engine, which runs it when the whole backward has
+    ended (the stage defers and then flushes data parallelism there, see :mod:`.stage`)."""
+
+    @staticmethod
+    def forward(ctx, on_begin: Callable[[], None], on_end: Callable[[], None],  # type: ignore[override]
+                value: Tensor, *roots: Tensor) -> Tensor:
+        ctx.on_begin, ctx.on_end, ctx.num_roots = on_begin, on_end, len(roots)
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        ctx.on_begin()
+        torch.autograd.Variable._execution_engine.queue_callback(ctx.on_end)
+        empty = torch.empty(0, device=grad.device)
+        return (None, None, grad) + (empty,) * ctx.num_roots
 
 
 class Mark(torch.autograd.Function):

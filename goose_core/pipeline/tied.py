@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from goose_core.distributed.context import ParallelContext
-from goose_core.optim.clip import mark_duplicate
+from goose_core.metadata import mark_duplicate
 
 __all__ = ["TiedGradients"]
 
@@ -30,23 +30,15 @@ class TiedGradients:
 
     @classmethod
     def create(cls, model: nn.Module, ctx: ParallelContext, path: str) -> "TiedGradients | None":
-        """Collective over the world (every rank creates every first/last group in the same
-        order); returns None on stages that hold neither end, or when there is one stage."""
-        pp = ctx.pipeline_parallel_size
-        if pp == 1:
-            return None
-        mine = ctx.pipeline_parallel_group if pp == 2 else None
-        if pp > 2:
-            for line in ctx.grid.all_groups("pp"):
-                group = dist.new_group([line[0], line[-1]], timeout=ctx.timeout)
-                if ctx.rank in (line[0], line[-1]):
-                    mine = group
-        if mine is None:
+        """The tied weight at ``path`` on the first or the last stage (over
+        ``ctx.pipeline_ends_group``); None on a middle stage, or when there is one stage."""
+        group = ctx.pipeline_ends_group
+        if group is None:
             return None
         weight = model.get_submodule(path).weight
-        if dist.get_rank(mine) == 1:
+        if dist.get_rank(group) == 1:
             mark_duplicate(weight)  # the last stage's copy: the gradient norm counts it once
-        return cls(weight, mine)
+        return cls(weight, group)
 
     def _collect(self, grad: Tensor) -> None:
         self.added = grad.clone() if self.added is None else self.added + grad

@@ -19,7 +19,7 @@ nothing is gathered::
           Z + bias (replicated; the bias is added once, after the sum)
 
 Weights are cut from the full, seeded single-device tensors, and every cut parameter is marked
-with a :class:`~goose_core.state.ShardSpec` so ``full_state_dict`` can put it back together.
+with a :class:`~goose_core.metadata.ShardSpec` so ``full_state_dict`` can put it back together.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from goose_core.distributed.collectives import (
     reduce_from_region,
     scatter_to_region,
 )
-from goose_core.state import ShardSpec, mark_sharded
+from goose_core.metadata import ShardSpec, mark_sharded
 from goose_core.tensor_parallel.random import RNGTracker
 
 __all__ = [

@@ -21,9 +21,9 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from goose_core.data_parallel.wrapper import parameters_changed
 from goose_core.distributed.batch_check import check_policy, install_batch_check
 from goose_core.distributed.context import ParallelContext
+from goose_core.metadata import parameters_changed
 from goose_core.pipeline.parallel import is_pipelined
 from goose_core.tensor_parallel.cross_entropy import VocabParallelCausalLMLoss
 from goose_core.tensor_parallel.layers import (

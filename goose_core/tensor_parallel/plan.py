@@ -64,7 +64,7 @@ class Adapter:
     check: Callable[[PretrainedConfig, int], list[str]] = field(default=lambda config, tp: [])
 
 
-#: model_type -> Adapter, filled by ``goose_core.models``.
+#: model_type -> Adapter; ``goose_core.models`` registers the built-in ones when goose_core loads.
 ADAPTERS: dict[str, Adapter] = {}
 
 
@@ -103,8 +103,6 @@ def resolve_plan(model: nn.Module) -> TPPlan:
     Raises:
         ValueError: no plan and no adapter, or a style goose does not implement.
     """
-    import goose_core.models  # noqa: F401  (registers the built-in adapters)
-
     adapter = ADAPTERS.get(getattr(model.config, "model_type", ""))
     declared = adapter.plan if adapter else getattr(model.config, "base_model_tp_plan", None)
     if not declared:

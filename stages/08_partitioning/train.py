@@ -28,7 +28,7 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
-from goose_core.partition import Partition, Partitioner, plan_partition
+from goose_core.partition import PartitionPlan, Partitioner, plan_partition
 from goose_core.pipeline import Timeline, adapter_for, busy_time, local_pipeline, trim_waits
 from goose_core.testing import RunResult, TrainSpec, format_beside_reference, snapshot
 
@@ -75,7 +75,7 @@ def single_device_run(spec: TrainSpec, model: nn.Module) -> RunResult:
 
 
 def plan(model: nn.Module, spec: TrainSpec, num_stages: int, partitioner: Partitioner,
-         num_microbatches: int) -> Partition:
+         num_microbatches: int) -> PartitionPlan:
     """Profile ``model``'s blocks on one micro-batch of ``spec`` and split them (every rank calls;
     every rank profiles, and the first rank's costs are broadcast, so all agree)."""
     adapter = adapter_for(model)
@@ -87,7 +87,7 @@ def plan(model: nn.Module, spec: TrainSpec, num_stages: int, partitioner: Partit
 
 
 def train(ctx: ParallelContext, spec: TrainSpec, partitioner: Partitioner = "time",
-          num_microbatches: int = 4, warmup: int = 1) -> tuple[RunResult, Partition, list[float]]:
+          num_microbatches: int = 4, warmup: int = 1) -> tuple[RunResult, PartitionPlan, list[float]]:
     """Train the uneven model split by ``partitioner``; also return the plan and the measured
     seconds per micro-batch of each stage (forward + backward, averaged over the steps after
     ``warmup``)."""
@@ -109,7 +109,7 @@ def train(ctx: ParallelContext, spec: TrainSpec, partitioner: Partitioner = "tim
 
 
 def measure_locally(spec: TrainSpec, num_stages: int, partitioner: Partitioner = "time",
-                    num_microbatches: int = 4) -> tuple[Partition, list[float]]:
+                    num_microbatches: int = 4) -> tuple[PartitionPlan, list[float]]:
     """The same plan and measurement with every stage in this process (``local_pipeline``): the
     stages run one after the other, so no rank waits for a CPU core and the busy times are clean."""
     model = uneven_model(spec)

@@ -1,0 +1,152 @@
+"""The stage a rank runs: a pipelined forward in, the batch loss out, gradients synced after backward.
+
+What one training step does on a stage, around the executor (:mod:`.pipeline`)::
+
+    forward   inputs -> M micro-batches -> Pipeline.run -> last stage: sum of micro-batch losses
+              loss broadcast from the last stage over the pipeline group, so every stage
+              returns the same value, wrapped in Root (its backward drives this stage's part)
+    backward  Root.backward: begin  -> defer the gradient syncs of this stage's parameters
+              ... every cell's backward, in the schedule's order ...
+              engine callback: end  -> wait for the last gradient sends
+                                    -> sum the tied embedding's gradient over the first/last stage
+                                    -> flush the gradient syncs (data-parallel reduction)
+
+The stage knows data parallelism only through :class:`goose_core.grad_sync.GradSync`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from goose_core.distributed.context import ParallelContext
+from goose_core.grad_sync import GradSync
+from goose_core.loss import count_items, loss_dtype, nonzero
+from goose_core.metadata import grad_syncs
+from goose_core.pipeline.callbacks import CallbackList
+from goose_core.pipeline.microbatch import gather, scatter
+from goose_core.pipeline.pipeline import Partition, Pipeline, Root, StepOutput
+from goose_core.pipeline.split import Adapter
+from goose_core.pipeline.tied import TiedGradients
+from goose_core.pipeline.transport import Transport
+
+__all__ = ["Stage"]
+
+
+class Stage:
+    """The pipelined forward of the partitions held here: micro-batches in, loss (or logits) out.
+
+    With a ParallelContext it holds one partition and talks to its neighbours; without one it
+    holds them all (the local transport) and needs no collective.
+
+    Args:
+        model: the (trimmed) 🤗 model whose blocks the partitions run.
+        adapter: how to call the model's pieces (:func:`goose_core.pipeline.split.adapter_for`).
+        held: partition index -> the blocks it runs, for every partition held here.
+        num_partitions: the pipeline's depth.
+        transport: moves activations and gradients between partitions.
+        num_microbatches: M.
+        checkpoint: ``"always"``, ``"except_last"`` or ``"never"``.
+        callbacks: fired around every cell.
+        ctx: this rank's context (None: every partition here, no collective).
+        tied: the module path of an input embedding tied to the LM head, if any.
+        devices: partition j's device (default: all CPU).
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, held: dict[int, list[int]],
+                 num_partitions: int, transport: Transport, num_microbatches: int,
+                 checkpoint: str, callbacks: CallbackList, ctx: ParallelContext | None = None,
+                 tied: str | None = None, devices: list[torch.device] | None = None) -> None:
+        self.model, self.adapter, self.ctx, self.transport = model, adapter, ctx, transport
+        self.num_microbatches, self.num_partitions = num_microbatches, num_partitions
+        self.is_last = num_partitions - 1 in held
+        devices = devices or [torch.device("cpu")] * num_partitions
+        partitions = [Partition(j, functools.partial(self._body, blocks, j == num_partitions - 1),
+                                adapter.embed if j == 0 else None, devices[j])
+                      for j, blocks in held.items()]
+        self.device = devices[max(held)]
+        self.pipeline = Pipeline(partitions, num_partitions, transport, checkpoint, callbacks)
+        self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
+        self._deferred: list[GradSync] = []  # the gradient syncs held during this backward
+
+    def _body(self, blocks: list[int], last: bool, hidden: Tensor, inputs: dict[str, Any]) -> Tensor:
+        context = self.adapter.context(hidden, inputs)
+        for b in blocks:
+            hidden = self.adapter.block(b, hidden, context)
+        if not last:
+            return hidden
+        logits = self.adapter.head(hidden)
+        if "labels" not in inputs:
+            return logits
+        # The micro-batch's token-loss sum over the batch's targets (goose_core.loss): the
+        # micro-batches' losses add up to the batch mean, and one with no target adds 0.
+        return self.model.loss_function(logits=logits, labels=inputs["labels"],
+                                        vocab_size=self.model.config.vocab_size,
+                                        num_items_in_batch=inputs["num_items_in_batch"])
+
+    def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
+                attention_mask: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        """The batch's loss (with ``labels``) or logits (without), as the unsplit model's.
+
+        Args:
+            num_items_in_batch: the denominator of the token-loss sum (🤗's convention): the
+                targets of the whole step this batch belongs to (data parallelism passes it).
+                Default: this batch's own targets, so the loss is its token mean.
+        """
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")
+        if input_ids is None or unsupported:
+            raise ValueError(f"the pipelined model takes input_ids, labels, attention_mask and "
+                             f"num_items_in_batch; got input_ids="
+                             f"{'given' if input_ids is not None else None}, other arguments {unsupported}")
+        inputs = {k: v for k, v in (("input_ids", input_ids), ("labels", labels),
+                                    ("attention_mask", attention_mask)) if v is not None}
+        microbatches = scatter(inputs, self.num_microbatches)
+        if labels is None:  # inference: no loss would reach the backward, so build no graph
+            with torch.no_grad():
+                outputs = self._outputs(self.pipeline.run(microbatches))
+            return CausalLMOutputWithPast(logits=gather(outputs) if self.is_last else None)
+        n = nonzero(count_items(labels) if num_items_in_batch is None else num_items_in_batch)
+        step = self.pipeline.run([{**mb, "num_items_in_batch": n} for mb in microbatches])
+        total = sum(self._outputs(step)) if self.is_last else None
+        return CausalLMOutputWithPast(loss=self._loss(total, step.roots))
+
+    @staticmethod
+    def _outputs(step: StepOutput) -> list[Tensor]:
+        return [step.outputs[i] for i in sorted(step.outputs)]
+
+    def _loss(self, total: Tensor | None, roots: list[Tensor]) -> Tensor:
+        """The batch loss on every stage; its backward drives this stage's part of the schedule."""
+        # Every stage broadcasts in one dtype: the loss's for this stage's parameters (fp32 or wider).
+        dtype = loss_dtype(next(p.dtype for p in self.model.parameters() if p.is_floating_point()))
+        value = (total.detach().to(dtype, copy=True) if total is not None
+                 else torch.zeros((), dtype=dtype, device=self.device))
+        if self.ctx is not None and self.num_partitions > 1:
+            last = self.ctx.group_ranks("pp")[-1]
+            dist.broadcast(value, last, group=self.ctx.pipeline_parallel_group)
+        if not torch.is_grad_enabled():
+            return total if total is not None else value
+        anchor = total if total is not None else value
+        return Root.apply(self._begin_backward, self._end_backward, anchor, *roots)
+
+    def _begin_backward(self) -> None:
+        # Checkpointed cells accumulate each parameter's gradient in a nested backward pass per
+        # micro-batch, so data parallelism must not reduce on its per-parameter hooks: it
+        # reduces once, when this stage's whole backward has ended. Looked up now, not when the
+        # stage was built: a DataParallel applied after the pipeline comes later.
+        self._deferred = grad_syncs(self.model.parameters())
+        for sync in self._deferred:
+            sync.defer()
+
+    def _end_backward(self) -> None:
+        self.transport.end_backward()
+        if self.tied is not None:
+            self.tied.sync()  # before the dp reduction: it must average the summed gradient
+        for sync in self._deferred:
+            sync.flush()
+        self._deferred = []
