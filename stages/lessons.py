@@ -36,9 +36,10 @@ __all__ = ["LESSONS", "stage_of", "lesson_commits"]
 #: prefix); the longest match wins, so a file of goose_core/pipeline/ that stage 06 names is 06's.
 LESSONS: dict[int, tuple[str, ...]] = {
     0: ("goose_core/__init__.py", "goose_core/data/", "goose_core/loss.py", "goose_core/testing/"),
-    1: ("goose_core/distributed/", "goose_core/testing/distributed.py", "tests/test_grid.py",
+    1: ("goose_core/distributed/", "goose_core/testing/distributed.py", "tests/test_grid.py", "tests/test_context.py",
         "tests/test_launch.py", "benchmarks/bench_launch.py"),
-    2: ("goose_core/data_parallel/", "tests/test_data_parallel.py", "tests/test_token_weighted.py",
+    2: ("goose_core/data_parallel/", "goose_core/grad_sync.py", "goose_core/metadata.py",
+        "tests/test_grad_sync.py", "tests/test_metadata.py", "tests/test_data_parallel.py", "tests/test_token_weighted.py",
         "benchmarks/bench_data_parallel.py"),
     3: ("goose_core/optim/", "tests/test_zero.py", "tests/test_clip.py", "benchmarks/bench_zero.py"),
     4: ("goose_core/tensor_parallel/", "goose_core/models/", "goose_core/state.py", "tests/test_tensor_parallel_",
