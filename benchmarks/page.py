@@ -39,8 +39,10 @@ HOW_TO_READ = """\
 - **The environment** of every run is recorded with its results (`results.json`): the CPU
   and the ATen kernel set in use, the cores, the 1-minute load average before and after each
   benchmark, the versions. These figures come from a 2-core machine shared with other jobs:
-  a load average above 2 means the benchmark competed for the cores, which widens the
-  intervals rather than moving the ratio.
+  a load average above the core count means the benchmark competed for the cores, which
+  widens the intervals rather than moving the ratio. The load counts the benchmark's own
+  ranks too (2 to 8 processes, the previous benchmark's still decaying in the 1-minute
+  average), so compare it between runs rather than reading it as other jobs alone.
 - Records from before paired measurement stay in `results.json`, marked `"paired": false`
   (one goose time over one peer time, no interval); they are no longer shown here.
 """
