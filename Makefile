@@ -24,9 +24,10 @@ ifeq (test-stage,$(firstword $(MAKECMDGOALS)))
   endif
 endif
 # The most advanced stage that ships a train.py is the demo.
+comma := ,
 DEMO_STAGE := $(lastword $(sort $(dir $(wildcard stages/*/train.py))))
 
-.PHONY: help demo test test-kernels test-stage test-latest docs bench clean
+.PHONY: help demo test test-kernels test-stage test-latest docs bench bench-gpu clean
 
 help:
 	@echo "make demo            train the most advanced stage under torchrun, beside the reference"
@@ -35,7 +36,8 @@ help:
 	@echo "make test-stage N    one stage's tests (N = 3 or 03; N=3 works too)"
 	@echo "make test-latest     a fast subset against the newest transformers & deps (.venv-latest)"
 	@echo "make docs            strict mkdocs build into site/"
-	@echo "make bench           every benchmark; results in benchmarks/results.json"
+	@echo "make bench           goose beside torch peers, paired; benchmarks/results.json, results.md"
+	@echo "make bench-gpu       tokens/s, memory, MFU on one CUDA GPU (skips without); benchmarks/gpu.md"
 	@echo "make clean           remove the environments and build outputs"
 
 # Every package at the exact version of constraints.txt: a new upstream release cannot turn
@@ -82,8 +84,16 @@ test-latest:
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
+# Paired and interleaved (benchmarks/paired.py): each ratio with its 95% interval and the
+# environment it ran in. BENCH=zero,pipeline runs some (the names of benchmarks/bench_*.py).
 bench: $(STAMP)
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(subst $(comma), ,$(BENCH))
+
+# One CUDA GPU: 🤗 beside goose's local_pipeline, GPT-2 124M and a 1B Llama, TF32 and bf16.
+# Without CUDA (this environment pins a CPU torch) it says so and exits 0. BENCH_GPU_ARGS passes
+# options, e.g. BENCH_GPU_ARGS='--model llama-1b --precision bf16'; see benchmarks/gpu.md.
+bench-gpu: $(STAMP)
+	$(PY) -m benchmarks.gpu $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) site .pytest_cache benchmarks/out

@@ -1,6 +1,8 @@
 """Pipeline engine: GPipe against its ideal time and against torch.distributed.pipelining.
 
-Three measurements, each in one spawned group of gloo ranks on CPU:
+Three measurements, each in one spawned group of gloo ranks on CPU, the two sides built in the
+same ranks and timed in alternating rounds (``benchmarks.paired``), a sample being one step
+between barriers:
 
 * sleep-calibrated stages (p=4, M=8, t_f=20 ms, t_b=40 ms): goose's step time against the ideal
   (M + p - 1) * (t_f + t_b), and against ``ScheduleGPipe`` running the same sleeping stages, with
@@ -8,17 +10,21 @@ Three measurements, each in one spawned group of gloo ranks on CPU:
 * tiny GPT-2 (8 blocks, p=4, M=8, batch 32 x 64 tokens), real compute, manual stages for torch;
 * checkpointing, p=2 with 4 blocks per stage: bytes saved for backward with ``always`` against
   ``never``, and the step time with ``always`` against ``never``.
+
+The ideal is a constant: its ratio pairs each goose sample of the 4 KB run with it.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
+from benchmarks.paired import Pairs, alternate
 from benchmarks.results import Record
 from goose_core import ParallelContext, PipelineParallel
 from goose_core.pipeline.emulation import Sleep, SleepPipeline, ideal_gpipe_time
@@ -26,9 +32,10 @@ from goose_core.pipeline.split import adapter_for
 from goose_core.testing import TrainSpec, run_distributed
 
 P, M, TF, TB = 4, 8, 0.02, 0.04
-REPEATS = 3
+SLEEP_ROUNDS = 9  # a sleep step takes ~0.7 s
+ROUNDS = 12
 SMALL, BIG = 1024, 2**22  # floats per activation: 4 KB (nothing to hide), 16 MB (transfers to hide)
-GPT2 = TrainSpec(family="gpt2", batch_size=32, seq_len=64, overrides={"n_layer": 8})
+GPT2 = TrainSpec(family="gpt2", batch_size=32, seq_len=64, dtype=torch.float32, overrides={"n_layer": 8})
 
 
 class _SleepStage(nn.Module):
@@ -40,16 +47,15 @@ class _SleepStage(nn.Module):
         return Sleep.apply(x * self.weight, TF, TB)
 
 
-def _timed(step, ctx: ParallelContext) -> float:
-    step()  # warm-up (shape exchange, allocations)
-    times = []
-    for _ in range(REPEATS):
+def _sample(step: Callable[[], None]) -> Callable[[], float]:
+    """One timed step of the whole pipeline: from a barrier to a barrier."""
+    def sample() -> float:
         dist.barrier()
         start = time.perf_counter()
         step()
         dist.barrier()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        return time.perf_counter() - start
+    return sample
 
 
 def _torch_schedule(ctx: ParallelContext, module: nn.Module, loss_fn) -> ScheduleGPipe:
@@ -68,12 +74,11 @@ def _torch_step(ctx: ParallelContext, schedule: ScheduleGPipe, x: Tensor, target
     return step
 
 
-def _sleep(ctx: ParallelContext, hidden: int) -> tuple[float, float]:
+def _sleep(ctx: ParallelContext, hidden: int) -> Pairs:
     goose = SleepPipeline(ctx, M, TF, TB, hidden=hidden)
-    goose_time = _timed(goose.run_step, ctx)
     schedule = _torch_schedule(ctx, _SleepStage(hidden), lambda out, target: out.sum())
-    torch_time = _timed(_torch_step(ctx, schedule, torch.ones(M, hidden), torch.zeros(M)), ctx)
-    return goose_time, torch_time
+    peer = _torch_step(ctx, schedule, torch.ones(M, hidden), torch.zeros(M))
+    return alternate(_sample(goose.run_step), _sample(peer), SLEEP_ROUNDS)
 
 
 class _GPT2Stage(nn.Module):
@@ -95,20 +100,19 @@ class _GPT2Stage(nn.Module):
         return self.adapter.head(h) if self.last else h
 
 
-def _gpt2(ctx: ParallelContext) -> tuple[float, float]:
+def _gpt2(ctx: ParallelContext) -> Pairs:
     batch = GPT2.batch(0)
     model = PipelineParallel(GPT2.build_model(), ctx, num_microbatches=M, checkpoint="never").parallelize()
 
     def goose_step() -> None:
         model(**batch).loss.backward()
 
-    goose_time = _timed(goose_step, ctx)
     stage = _GPT2Stage(ctx)
     loss_fn = lambda logits, labels: stage.model.loss_function(  # noqa: E731
         logits=logits, labels=labels, vocab_size=stage.model.config.vocab_size)
     schedule = _torch_schedule(ctx, stage, loss_fn)
-    torch_time = _timed(_torch_step(ctx, schedule, batch["input_ids"], batch["labels"]), ctx)
-    return goose_time, torch_time
+    peer = _torch_step(ctx, schedule, batch["input_ids"], batch["labels"])
+    return alternate(_sample(goose_step), _sample(peer), ROUNDS)
 
 
 def _saved_bytes(model: nn.Module, batch: dict) -> int:
@@ -125,39 +129,33 @@ def _saved_bytes(model: nn.Module, batch: dict) -> int:
     return saved
 
 
-def _checkpointing(ctx: ParallelContext) -> dict[str, tuple[int, float]]:
+def _checkpointing(ctx: ParallelContext) -> tuple[dict[str, int], Pairs]:
     batch = GPT2.batch(0)
     models = {mode: PipelineParallel(GPT2.build_model(), ctx, num_microbatches=M, checkpoint=mode).parallelize()
               for mode in ("always", "never")}
     saved = {mode: _saved_bytes(model, batch) for mode, model in models.items()}
-    times: dict[str, list[float]] = {mode: [] for mode in models}
-    for _ in range(2 * REPEATS):  # alternate, so both modes see the same load on a shared machine
-        for mode, model in models.items():
-            times[mode].append(_timed(lambda: model(**batch).loss.backward(), ctx))
-    return {mode: (saved[mode], min(times[mode])) for mode in models}
+    always, never = (_sample(lambda m=m: m(**batch).loss.backward()) for m in models.values())
+    return saved, alternate(always, never, ROUNDS)
 
 
 def run() -> list[Record]:
     ideal = ideal_gpipe_time(M, P, TF, TB)
-    sleep_goose, sleep_torch = run_distributed(_sleep, 1, P, 1, SMALL, timeout=600)[0]
-    big_goose, big_torch = run_distributed(_sleep, 1, P, 1, BIG, timeout=600)[0]
-    gpt2_goose, gpt2_torch = run_distributed(_gpt2, 1, P, 1, timeout=600)[0]
+    small = run_distributed(_sleep, 1, P, 1, SMALL, timeout=600)[0]
+    big = run_distributed(_sleep, 1, P, 1, BIG, timeout=600)[0]
+    gpt2 = run_distributed(_gpt2, 1, P, 1, timeout=600)[0]
     ckpt = run_distributed(_checkpointing, 1, 2, 1, timeout=600)
-    mem_always = max(r["always"][0] for r in ckpt)
-    mem_never = max(r["never"][0] for r in ckpt)
-    t_always, t_never = ckpt[0]["always"][1], ckpt[0]["never"][1]
+    mem_always = max(saved["always"] for saved, _ in ckpt)
+    mem_never = max(saved["never"] for saved, _ in ckpt)
     where = f"p={P}, M={M}, gloo on CPU"
     return [
-        Record("pipeline", f"sleep stages t_f={TF * 1e3:.0f} ms t_b={TB * 1e3:.0f} ms, {where}",
-               sleep_goose, ideal, "ideal GPipe (M+p-1)(t_f+t_b)"),
-        Record("pipeline", f"sleep stages, 4 KB activations, {where}", sleep_goose, sleep_torch,
-               "torch ScheduleGPipe"),
-        Record("pipeline", f"sleep stages, 16 MB activations, {where}", big_goose, big_torch,
-               "torch ScheduleGPipe"),
-        Record("pipeline", f"tiny GPT-2 8 blocks, batch 32x64, {where}", gpt2_goose, gpt2_torch,
-               "torch ScheduleGPipe, manual stages"),
-        Record("pipeline", "checkpoint always vs never: bytes saved for backward, p=2, 4 blocks/stage",
-               mem_always / 1e6, mem_never / 1e6, "checkpoint never", unit="MB"),
-        Record("pipeline", "checkpoint always vs never: step time, p=2, 4 blocks/stage, M=8",
-               t_always, t_never, "checkpoint never"),
+        Record.timed("pipeline", f"sleep stages t_f={TF * 1e3:.0f} ms t_b={TB * 1e3:.0f} ms, {where}",
+                     Pairs(small.goose, (ideal,) * len(small.goose)), "ideal GPipe (M+p-1)(t_f+t_b)"),
+        Record.timed("pipeline", f"sleep stages, 4 KB activations, {where}", small, "torch ScheduleGPipe"),
+        Record.timed("pipeline", f"sleep stages, 16 MB activations, {where}", big, "torch ScheduleGPipe"),
+        Record.timed("pipeline", f"tiny GPT-2 fp32 8 blocks, batch 32x64, {where}", gpt2,
+                     "torch ScheduleGPipe, manual stages"),
+        Record.count("pipeline", "checkpoint always vs never: bytes saved for backward, p=2, 4 blocks/stage",
+                     mem_always / 1e6, mem_never / 1e6, "checkpoint never", "MB"),
+        Record.timed("pipeline", "checkpoint always vs never: step time, p=2, 4 blocks/stage, M=8",
+                     ckpt[0][1], "checkpoint never"),
     ]

@@ -1,11 +1,12 @@
 """Tensor parallelism: goose TensorParallel beside torch DTensor ``parallelize_module``, tiny Llama, tp=2.
 
-Both sides train the same seeded model on the same batches with AdamW, each on 2 forked gloo
-ranks; the time of a step (forward, backward, optimizer) is the median over the timed steps on
-rank 0, and the median over REPEATS alternating runs of each side. DTensor gets Megatron's layout: Colwise/Rowwise on the block's linears (the plan Llama
-declares), a row-split embedding and a column-split LM head with gathered logits (DTensor's
-loss_parallel needs logits as a DTensor, which HF's loss does not take). goose splits the same
-layers and keeps the logits split through its vocab-parallel loss.
+Both sides train the same seeded fp32 model on the same batches with AdamW, built side by side
+in the same 2 forked gloo ranks and timed in alternating rounds (``benchmarks.paired``): a sample
+is the mean step (forward, backward, optimizer) over STEPS steps between barriers. DTensor gets
+Megatron's layout: Colwise/Rowwise on the block's linears (the plan Llama declares), a row-split
+embedding and a column-split LM head with gathered logits (DTensor's loss_parallel needs logits
+as a DTensor, which HF's loss does not take). goose splits the same layers and keeps the logits
+split through its vocab-parallel loss.
 
 Where DTensor cannot run at all (probed, reported by ``probe()``): GPT-2, whose ``Conv1D``
 layers are not ``nn.Linear``; Llama with 2 kv-heads at tp=4 (a rank would hold half a kv-head).
@@ -13,18 +14,22 @@ layers are not ``nn.Linear``; Llama with 2 kv-heads at tp=4 (a rank would hold h
 
 from __future__ import annotations
 
-import statistics
 import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
 from torch import nn
 
+from benchmarks.paired import alternate
 from benchmarks.results import Record
 from goose_core import ParallelContext, TensorParallel
 from goose_core.testing import TrainSpec, run_distributed
 
 TP = 2
-WARMUP, STEPS = 3, 20
-REPEATS = 3  # goose and DTensor alternate, so load from other work hits both alike
-SPEC = TrainSpec(family="llama", steps=WARMUP + STEPS, batch_size=8, seq_len=64)
+ROUNDS = 12
+STEPS = 5  # training steps per sample
+SPEC = TrainSpec(family="llama", batch_size=8, seq_len=64, dtype=torch.float32)
 
 
 def _dtensor(model: nn.Module, tp: int, blocks: dict[str, str] | None = None) -> nn.Module:
@@ -48,24 +53,33 @@ def _goose(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     return TensorParallel(model, ctx).parallelize()
 
 
-def _step_times(ctx: ParallelContext, peer: bool) -> tuple[float, list[float]]:
-    model = _dtensor(SPEC.build_model(), ctx.tp_size) if peer else _goose(SPEC.build_model(), ctx)
-    optimizer = SPEC.build_optimizer(model.parameters())
-    times, losses = [], []
-    for step in range(SPEC.steps):
-        batch = SPEC.batch(step)
+class _Trainer:
+    """One side's model and optimizer; each call trains STEPS more steps and returns seconds per step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.optimizer = model, SPEC.build_optimizer(model.parameters())
+        self.losses: list[float] = []
+
+    def __call__(self) -> float:
+        dist.barrier()
         start = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    return statistics.median(times[WARMUP:]), losses
+        for _ in range(STEPS):
+            loss = self.model(**SPEC.batch(len(self.losses))).loss
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            self.losses.append(loss.item())
+        dist.barrier()
+        return (time.perf_counter() - start) / STEPS
 
 
-def _median_step(peer: bool) -> tuple[float, list[float]]:
-    return run_distributed(_step_times, TP, 1, 1, peer, timeout=300)[0]
+def _paired(ctx: ParallelContext) -> dict[str, Any]:
+    goose = _Trainer(_goose(SPEC.build_model(), ctx))
+    peer = _Trainer(_dtensor(SPEC.build_model(), ctx.tp_size))
+    pairs = alternate(goose, peer, ROUNDS)
+    # Same init, same batches: the two must train alike, or the timing compares different work.
+    drift = max(abs(a - b) for a, b in zip(goose.losses, peer.losses))
+    return {"pairs": pairs, "drift": drift}
 
 
 def _try(ctx: ParallelContext, family: str, blocks: dict[str, str] | None = None) -> str:
@@ -92,16 +106,11 @@ def probe() -> dict[str, str]:
 
 
 def run() -> list[Record]:
-    goose_runs, peer_runs = [], []
-    for _ in range(REPEATS):
-        goose_runs.append(_median_step(peer=False))
-        peer_runs.append(_median_step(peer=True))
-    goose = statistics.median(t for t, _ in goose_runs)
-    peer = statistics.median(t for t, _ in peer_runs)
-    drift = max(abs(a - b) for a, b in zip(goose_runs[0][1], peer_runs[0][1]))
+    result = run_distributed(_paired, TP, 1, 1, timeout=600)[0]
+    pairs = result["pairs"]
     for case, outcome in probe().items():
         print(f"DTensor {case}: {outcome}")
-    print(f"goose {goose * 1e3:.2f} ms/step, DTensor {peer * 1e3:.2f} ms/step, max |loss diff| {drift:.2e}")
-    return [Record("tensor_parallel", f"tiny Llama tp=2 step (fwd+bwd+AdamW), batch {SPEC.batch_size}x"
-                   f"{SPEC.seq_len}, median of {STEPS} steps x {REPEATS} runs", goose, peer,
-                   "torch DTensor parallelize_module")]
+    print(f"goose / DTensor {pairs.ratio:.3f}, max |loss diff| {result['drift']:.2e}")
+    return [Record.timed("tensor_parallel", f"tiny Llama fp32 tp=2 step (fwd+bwd+AdamW), batch "
+                         f"{SPEC.batch_size}x{SPEC.seq_len}, {ROUNDS} rounds x {STEPS} steps", pairs,
+                         "torch DTensor parallelize_module")]

@@ -1,13 +1,15 @@
-"""goose ZeRO-1 beside torch's ZeroRedundancyOptimizer: step time and optimizer-state bytes."""
+"""goose ZeRO-1 beside torch's ZeroRedundancyOptimizer: step time (paired) and optimizer-state bytes."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks.bench_data_parallel import ROUNDS, SPEC, STEPS, WORLD, interleave
+from benchmarks.bench_data_parallel import ROUNDS, SPEC, STEPS, WORLD, paired_steps
 from benchmarks.results import Record
 from goose_core import DataParallel, DistributedOptimizer, ParallelContext, spawn
 
@@ -18,7 +20,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if torch.is_tensor(v))
 
 
-def _body() -> dict[str, float]:
+def _body() -> dict[str, Any]:
     ctx = ParallelContext(data_parallel_size=WORLD)
     built: dict[str, torch.optim.Optimizer] = {}
 
@@ -33,10 +35,11 @@ def _body() -> dict[str, float]:
                                                 lr=SPEC.lr, weight_decay=SPEC.weight_decay)
         return model, built["peer"]
 
-    times = interleave(ctx, {"goose": goose, "peer": zero_redundancy})
-    n = sum(p.numel() for p in SPEC.build_model().parameters())
-    return {**times, "goose_bytes": state_bytes(built["goose"]), "peer_bytes": state_bytes(built["peer"].optim),
-            "ideal_bytes": 2 * 4 * n / WORLD}
+    pairs = paired_steps(ctx, goose, zero_redundancy)
+    params = list(SPEC.build_model().parameters())
+    total = sum(p.numel() * p.element_size() for p in params)
+    return {"pairs": pairs, "goose_bytes": state_bytes(built["goose"]),
+            "peer_bytes": state_bytes(built["peer"].optim), "ideal_bytes": 2 * total / WORLD}
 
 
 def run() -> list[Record]:
@@ -44,12 +47,12 @@ def run() -> list[Record]:
     r = ranks[0]
     worst_goose = max(x["goose_bytes"] for x in ranks)
     worst_peer = max(x["peer_bytes"] for x in ranks)
-    what = f"gpt2 3.2M params, AdamW, dp={WORLD}"
+    what = f"gpt2 3.2M params fp32, AdamW, dp={WORLD}"
     return [
-        Record("zero1", f"step time, {what}, median of {ROUNDS}x{STEPS} steps", r["goose"], r["peer"],
-               "torch ZeroRedundancyOptimizer (+DDP)"),
-        Record("zero1", f"optimizer-state bytes on the fullest rank, {what}", worst_goose, worst_peer,
-               "torch ZeroRedundancyOptimizer", unit="B"),
-        Record("zero1", f"optimizer-state bytes on the fullest rank / (total / dp), {what}", worst_goose,
-               r["ideal_bytes"], "exp_avg + exp_avg_sq of all params / dp", unit="B"),
+        Record.timed("zero1", f"step time, {what}, {ROUNDS} rounds x {STEPS} steps", r["pairs"],
+                     "torch ZeroRedundancyOptimizer (+DDP)"),
+        Record.count("zero1", f"optimizer-state bytes on the fullest rank, {what}", worst_goose, worst_peer,
+                     "torch ZeroRedundancyOptimizer", "B"),
+        Record.count("zero1", f"optimizer-state bytes on the fullest rank / (total / dp), {what}", worst_goose,
+                     r["ideal_bytes"], "exp_avg + exp_avg_sq of all params / dp", "B"),
     ]

@@ -16,3 +16,5 @@ def test_mkdocs_strict_build(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     for stage in sorted((ROOT / "stages").glob("[0-9][0-9]_*/README.md")):
         assert (tmp_path / "stages" / stage.parent.name / "index.html").exists()
+    for page in ("benchmarks/index.html", "benchmarks/gpu/index.html"):  # make bench / make bench-gpu
+        assert (tmp_path / page).exists()

@@ -1,7 +1,8 @@
 """mkdocs hook: publish stage chapters and benchmark results from where they live (one source).
 
 Every stages/NN_topic/README.md becomes the page stages/NN_topic.md; benchmarks/results.md and
-results.png (written by ``make bench``) become benchmarks/index.md and its picture.
+its plots/*.png (written by ``make bench``) become benchmarks/index.md and its pictures, and
+benchmarks/gpu.md (written by ``make bench-gpu``) becomes benchmarks/gpu.md.
 """
 
 from __future__ import annotations
@@ -35,5 +36,7 @@ def on_files(files: Files, config: Any) -> Files:
     results = ROOT / "benchmarks"
     files.append(File.generated(config, "benchmarks/index.md",
                                 content=(results / "results.md").read_text(encoding="utf-8")))
-    files.append(File.generated(config, "benchmarks/results.png", content=(results / "results.png").read_bytes()))
+    files.append(File.generated(config, "benchmarks/gpu.md", content=(results / "gpu.md").read_text(encoding="utf-8")))
+    for plot in sorted((results / "plots").glob("*.png")):
+        files.append(File.generated(config, f"benchmarks/plots/{plot.name}", content=plot.read_bytes()))
     return files
