@@ -27,8 +27,7 @@ from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 from benchmarks.paired import Pairs, alternate
 from benchmarks.results import Record
 from goose_core import ParallelContext, PipelineParallel
-from goose_core.pipeline.emulation import Sleep, SleepPipeline, ideal_gpipe_time
-from goose_core.pipeline.split import adapter_for
+from goose_core.pipeline import Sleep, SleepPipeline, adapter_for, ideal_gpipe_time
 from goose_core.testing import TrainSpec, run_distributed
 
 P, M, TF, TB = 4, 8, 0.02, 0.04
