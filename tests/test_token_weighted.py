@@ -216,6 +216,32 @@ def test_a_model_that_takes_no_count_is_called_unchanged() -> None:
     assert run_distributed(_plain, 1, 1, 2, timeout=60) == [[0.0], [1.0]]
 
 
+def _plain_uneven(ctx: ParallelContext) -> str:
+    """The same module, rank 1's labels half ignored: its own mean is not the token mean."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
+            return {"loss": (self.w * x).mean()}
+
+    model = DataParallel(Net(), ctx).parallelize()
+    labels = torch.zeros(1, 5, dtype=torch.long)
+    labels[0, 2:] = -100 if ctx.dp_rank else 0
+    try:
+        model(torch.ones(2), labels=labels)
+    except ValueError as err:
+        return str(err)
+    return "trained"
+
+
+def test_a_model_that_takes_no_count_is_refused_on_uneven_targets() -> None:
+    for message in run_distributed(_plain_uneven, 1, 1, 2, timeout=60):
+        assert "between 1 and 4 targets" in message and "num_items_in_batch" in message
+
+
 def test_the_dp_loss_is_the_token_mean_of_the_global_batch() -> None:
     """The value every rank reports at step 0 is the single-device token mean (float64: PARALLEL)."""
     spec = TrainSpec(family="llama", padding="left", steps=1, optimizer="sgd")

@@ -7,12 +7,14 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from goose_core.data_parallel.loss import count_items_over, global_mean, replica_items
 from goose_core.data_parallel.reducer import GradReducer, trainable
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
 from goose_core.distributed.context import ParallelContext
+from goose_core.loss import count_items
 from goose_core.metadata import module_grad_sync, parameters_changed, set_module_grad_sync
 
 # parameters_changed lives in goose_core.metadata (the wrapper-order rule); re-exported here.
@@ -97,7 +99,10 @@ class DataParallel:
                      ) -> tuple[tuple, dict[str, Any]] | None:
         """Hand the model the global batch's denominator (N / dp) for its token-loss sum."""
         dp = self.ctx.data_parallel_size
-        if dp == 1 or kwargs.get("labels") is None or not _takes_num_items(module):
+        if dp == 1 or kwargs.get("labels") is None:
+            return None
+        if not _takes_num_items(module):
+            _refuse_uneven_targets(kwargs["labels"], self.ctx.data_parallel_group, self.ctx.device)
             return None
         n = kwargs.get("num_items_in_batch")
         if n is None:  # one forward is the whole step: its targets over every dp rank
@@ -116,6 +121,22 @@ class DataParallel:
         assert self.reducer is not None, "call parallelize() first"
         with self.reducer.no_sync():
             yield
+
+
+def _refuse_uneven_targets(labels: Tensor, group: dist.ProcessGroup, device: torch.device) -> None:
+    """A forward that cannot take ``num_items_in_batch`` leaves each rank its own mean, and the
+    dp mean of those is the global token mean only when every rank holds as many targets: raise
+    on every rank (one all-reduce of the count's max and min) rather than train on another mean.
+    """
+    n = count_items(labels).to(device)
+    spread = torch.stack([n, -n])
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=group)
+    if int(spread[0]) != -int(spread[1]):
+        raise ValueError(f"the data-parallel ranks hold between {-int(spread[1])} and {int(spread[0])} targets "
+                         f"(labels other than -100), and this module's forward takes no num_items_in_batch: "
+                         f"the mean of the ranks' means would not be the batch's token mean. Accept "
+                         f"num_items_in_batch (or **kwargs) and divide the token-loss sum by it, as 🤗 "
+                         f"models do, or feed every rank as many targets")
 
 
 def _takes_num_items(module: nn.Module) -> bool:
