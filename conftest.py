@@ -1,5 +1,6 @@
 """Fixtures shared by the unit tests and the stage tests."""
 
+import inspect
 from typing import Iterator
 
 import pytest
@@ -14,3 +15,31 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def nccl_matching(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test matches point-to-point messages as NCCL does: tags are ignored, each pair's
+    sends meet its receives in issue order. gloo honours tags, so force them all to 0 (the ranks
+    are forked, so they inherit the patch). Code that relied on tags fails here as on a GPU."""
+    import torch.distributed as dist
+
+    for name in ("isend", "irecv", "send", "recv"):
+        original = getattr(dist, name)
+        signature = inspect.signature(original)
+
+        def untagged(*args, _original=original, _signature=signature, **kwargs):  # type: ignore[no-untyped-def]
+            bound = _signature.bind(*args, **kwargs)
+            bound.arguments["tag"] = 0
+            return _original(*bound.args, **bound.kwargs)
+
+        monkeypatch.setattr(dist, name, untagged)
+
+    class P2POp(dist.P2POp):
+        def __new__(cls, op, tensor, peer=None, group=None, tag=0, group_peer=None):  # type: ignore[no-untyped-def]
+            return super().__new__(cls, op, tensor, peer, group, 0, group_peer)
+
+        def __init__(self, op, tensor, peer=None, group=None, tag=0, group_peer=None):  # type: ignore[no-untyped-def]
+            super().__init__(op, tensor, peer, group, 0, group_peer)
+
+    monkeypatch.setattr(dist, "P2POp", P2POp)

@@ -46,7 +46,10 @@ def _in_flight(ctx: ParallelContext) -> list[tuple[int, bool, int]]:
     transport = model.pipeline.transport
 
     def probe(event) -> None:
-        seen.append((event.microbatch_idx, event.microbatch_idx + 1 in transport.recvs, len(transport.sends)))
+        channel = transport.channels.get("prev")  # none before the step's first receive
+        posted = channel.posted if channel else {}  # receives posted, not yet waited for
+        seen.append((event.microbatch_idx, ("activation", event.microbatch_idx + 1) in posted,
+                     len(transport.sends)))
 
     model.callbacks.add(Callback(probe, partition_idx=1, kinds=["forward"]))
     model(**SPEC.batch(0)).loss.backward()
