@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from goose_core.pipeline.schedule import Schedule
 from goose_core.pipeline.stream import (AbstractStream, CPUStream, current_stream, default_stream,
                                         get_device, new_stream, record_stream, use_stream,
                                         wait_stream)
@@ -31,8 +32,8 @@ __all__ = ["Transport", "LocalTransport", "Copy", "Wait"]
 class Transport(ABC):
     """Moves cell outputs of partition j to partition j+1 (and, for processes, gradients back)."""
 
-    def begin(self, num_microbatches: int, requires_grad: bool) -> None:
-        """A new step of ``num_microbatches`` is about to run its forward."""
+    def begin(self, num_microbatches: int, requires_grad: bool, schedule: Schedule | None = None) -> None:
+        """A new step of ``num_microbatches`` is about to run its forward, in ``schedule``'s order."""
 
     @abstractmethod
     def send(self, output: Tensor, microbatch: int, partition: int) -> Tensor | None:
@@ -113,7 +114,7 @@ class LocalTransport(Transport):
 
     def __init__(self, devices: list[torch.device]) -> None:
         self.devices = [torch.device(d) for d in devices]
-        self.compute = [default_stream(d) if d.type == "cuda" else CPUStream(f"compute{j}")
+        self.compute = [default_stream(d) if d.type == "cuda" else CPUStream(f"compute{j}", default_stream(d))
                         for j, d in enumerate(self.devices)]
         self.copy = [new_stream(d, f"copy{j}") for j, d in enumerate(self.devices)]
         self.mailbox: dict[tuple[int, int], Tensor] = {}
