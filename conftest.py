@@ -43,3 +43,13 @@ def nccl_matching(monkeypatch: pytest.MonkeyPatch) -> None:
             super().__init__(op, tensor, peer, group, 0, group_peer)
 
     monkeypatch.setattr(dist, "P2POp", P2POp)
+
+
+@pytest.fixture(autouse=True)
+def stream_checker() -> Iterator[None]:
+    """Every test runs under the CPU stream checker: a read before the wait for its writer, or
+    memory reused without record_stream, raises StreamRace as a GPU would race."""
+    from goose_core.pipeline.stream import check_streams
+
+    with check_streams():
+        yield

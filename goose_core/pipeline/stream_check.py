@@ -31,6 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from goose_core.pipeline import stream as stream_module
 from goose_core.pipeline.stream import CPUStream, current_stream
 
 __all__ = ["StreamChecker", "StreamRace"]
@@ -76,6 +77,8 @@ class StreamChecker(TorchDispatchMode):
     # -- every operation ---------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if stream_module._checker is not self:  # an inner checker has taken over
+            return func(*args, **kwargs)
         stream = current_stream(torch.device("cpu")).actual
         n = self.count[stream] = self.count.get(stream, 0) + 1
         inputs = {_address(t): t for t in _tensors((args, kwargs))}
@@ -84,8 +87,9 @@ class StreamChecker(TorchDispatchMode):
         out = func(*args, **kwargs)
         for t in _tensors(out):
             address = _address(t)
-            if address in inputs:  # in place or a view: a write to memory it already read
-                self.memory[address].written = (stream, n)
+            if address in inputs:  # a view reads; an in-place op writes memory it already read
+                if func._schema.is_mutable:
+                    self.memory[address].written = (stream, n)
             else:
                 self._allocate(address, stream, n, func)
         return out

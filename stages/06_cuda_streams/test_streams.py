@@ -28,6 +28,7 @@ def test_stream_waits_follow_the_schedule_forward_and_mirror_backward() -> None:
             expected.append((f"compute{j}", f"copy{j}"))  # the input must have arrived
         if j < n - 1:
             expected.append((f"copy{j}", f"compute{j}"))  # the output must have been computed
+            expected.append((f"copy{j + 1}", f"copy{j}"))  # the copy runs on copy{j+1}
     assert forward == expected
     backward = waits[len(forward):]
     assert sorted(backward) == sorted((b, a) for a, b in expected)
