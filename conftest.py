@@ -49,7 +49,7 @@ def nccl_matching(monkeypatch: pytest.MonkeyPatch) -> None:
 def stream_checker() -> Iterator[None]:
     """Every test runs under the CPU stream checker: a read before the wait for its writer, or
     memory reused without record_stream, raises StreamRace as a GPU would race."""
-    from goose_core.pipeline.stream import check_streams
+    from goose_core.pipeline.stream_check import check_streams
 
     with check_streams():
         yield

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from goose_core.pipeline.stream import (check_streams, current_stream, new_stream, record_stream,
-                                        use_stream, wait_stream)
-from goose_core.pipeline.stream_check import StreamRace
+from goose_core.pipeline.stream import (current_stream, new_stream, record_stream, use_stream,
+                                        wait_stream)
+from goose_core.pipeline.stream_check import StreamRace, check_streams
 from goose_core.pipeline.transport import AbstractStream, LocalTransport
 
 CPU = torch.device("cpu")

@@ -10,8 +10,8 @@ streams. Two rules keep that correct on a GPU:
 
 On CPU every operation is synchronous, so a :class:`CPUStream` changes no result. It still
 plays a GPU's part for two observers: :func:`trace_waits` records each ``wait_stream`` call, and
-:func:`check_streams` (:mod:`.stream_check`) raises where a GPU would race: a stream reading a
-tensor before it waited for the stream that wrote it, or memory handed out again while another
+:func:`~goose_core.pipeline.stream_check.check_streams` raises where a GPU would race: a stream
+reading a tensor before it waited for the stream that wrote it, or memory handed out again while another
 stream may still read it (a missing ``record_stream``). The CPU is one device, so its stand-ins
 model partitions on *one* GPU: every partition's compute stream is the device's default stream.
 """
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["CPUStream", "AbstractStream", "new_stream", "current_stream", "default_stream",
-           "use_stream", "get_device", "wait_stream", "record_stream", "trace_waits", "check_streams"]
+           "use_stream", "get_device", "wait_stream", "record_stream", "trace_waits"]
 
 
 class CPUStream:
@@ -126,19 +126,6 @@ def trace_waits() -> Iterator[list[tuple[str, str]]]:
         _trace = old
 
 
-_checker: Any = None  # the active StreamChecker (see check_streams)
 
-
-@contextmanager
-def check_streams() -> Iterator[Any]:
-    """Check every CPU tensor operation inside the block as a GPU would run it (see
-    :class:`~goose_core.pipeline.stream_check.StreamChecker`); raises ``StreamRace``."""
-    from goose_core.pipeline.stream_check import StreamChecker  # it imports this module
-
-    global _checker
-    old, _checker = _checker, StreamChecker()
-    try:
-        with _checker:
-            yield _checker
-    finally:
-        _checker = old
+#: The active checker, set by :func:`goose_core.pipeline.stream_check.check_streams`.
+_checker: Any = None

@@ -24,8 +24,9 @@ runs there too, except where the code enters a copy stream, as on a GPU.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -34,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 from goose_core.pipeline import stream as stream_module
 from goose_core.pipeline.stream import CPUStream, current_stream
 
-__all__ = ["StreamChecker", "StreamRace"]
+__all__ = ["StreamChecker", "StreamRace", "check_streams"]
 
 
 class StreamRace(RuntimeError):
@@ -123,3 +124,16 @@ def _tensors(tree: Any) -> list[torch.Tensor]:
 
 def _address(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
+
+
+@contextmanager
+def check_streams() -> Iterator[StreamChecker]:
+    """Check every CPU tensor operation inside the block as a GPU would queue it; raises
+    :class:`StreamRace`. An inner block takes over from an outer one until it ends."""
+    old = stream_module._checker
+    checker = stream_module._checker = StreamChecker()
+    try:
+        with checker:
+            yield checker
+    finally:
+        stream_module._checker = old
