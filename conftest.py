@@ -24,6 +24,7 @@ def nccl_matching(monkeypatch: pytest.MonkeyPatch) -> None:
     are forked, so they inherit the patch). Code that relied on tags fails here as on a GPU."""
     import torch.distributed as dist
 
+    originals = {}  # patched function -> torch's (P2POp accepts only torch's isend/irecv)
     for name in ("isend", "irecv", "send", "recv"):
         original = getattr(dist, name)
         signature = inspect.signature(original)
@@ -34,13 +35,14 @@ def nccl_matching(monkeypatch: pytest.MonkeyPatch) -> None:
             return _original(*bound.args, **bound.kwargs)
 
         monkeypatch.setattr(dist, name, untagged)
+        originals[untagged] = original
 
     class P2POp(dist.P2POp):
         def __new__(cls, op, tensor, peer=None, group=None, tag=0, group_peer=None):  # type: ignore[no-untyped-def]
-            return super().__new__(cls, op, tensor, peer, group, 0, group_peer)
+            return super().__new__(cls, originals.get(op, op), tensor, peer, group, 0, group_peer)
 
         def __init__(self, op, tensor, peer=None, group=None, tag=0, group_peer=None):  # type: ignore[no-untyped-def]
-            super().__init__(op, tensor, peer, group, 0, group_peer)
+            super().__init__(originals.get(op, op), tensor, peer, group, 0, group_peer)
 
     monkeypatch.setattr(dist, "P2POp", P2POp)
 
