@@ -1,5 +1,6 @@
 """Fixtures shared by the unit tests and the stage tests."""
 
+import inspect
 from typing import Iterator
 
 import pytest
@@ -14,3 +15,56 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def nccl_matching(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test matches point-to-point messages as NCCL does: tags are ignored, each pair's
+    sends meet its receives in issue order. gloo honours tags, so force them all to 0 (the ranks
+    are forked, so they inherit the patch). Code that relied on tags fails here as on a GPU."""
+    import torch.distributed as dist
+
+    originals = {}  # patched function -> torch's (P2POp accepts only torch's isend/irecv)
+    for name in ("isend", "irecv", "send", "recv"):
+        original = getattr(dist, name)
+        signature = inspect.signature(original)
+
+        def untagged(*args, _original=original, _signature=signature, **kwargs):  # type: ignore[no-untyped-def]
+            bound = _signature.bind(*args, **kwargs)
+            bound.arguments["tag"] = 0
+            return _original(*bound.args, **bound.kwargs)
+
+        monkeypatch.setattr(dist, name, untagged)
+        originals[untagged] = original
+
+    class P2POp(dist.P2POp):
+        def __new__(cls, op, tensor, peer=None, group=None, tag=0, group_peer=None):  # type: ignore[no-untyped-def]
+            return super().__new__(cls, originals.get(op, op), tensor, peer, group, 0, group_peer)
+
+        def __init__(self, op, tensor, peer=None, group=None, tag=0, group_peer=None):  # type: ignore[no-untyped-def]
+            super().__init__(originals.get(op, op), tensor, peer, group, 0, group_peer)
+
+    monkeypatch.setattr(dist, "P2POp", P2POp)
+
+
+# The pipeline and stream tests; the others skip the checker: it costs a Python call per
+# operation, which timing tests (profiles, overlap) would measure.
+_STREAM_CHECKED = ("tests/test_pipeline.py", "tests/test_stream", "tests/test_transport.py",
+                   "tests/test_messages.py", "tests/test_checkpoint.py", "tests/test_dependency.py",
+                   "tests/test_composition.py", "tests/test_wrapper_order.py",
+                   "tests/test_token_weighted.py", "tests/test_callbacks.py", "stages/05_",
+                   "stages/06_", "stages/07_", "stages/09_")
+
+
+@pytest.fixture(autouse=True)
+def stream_checker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The pipeline and stream tests run under the CPU stream checker: a read before the wait
+    for its writer, or memory reused without record_stream, raises StreamRace as a GPU would."""
+    from goose_core.pipeline.stream_check import check_streams
+
+    path = request.node.path.as_posix()
+    if not any(f"/{part}" in path for part in _STREAM_CHECKED):
+        yield
+        return
+    with check_streams():
+        yield

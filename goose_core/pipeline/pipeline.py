@@ -136,7 +136,7 @@ class Pipeline:
         grad = torch.is_grad_enabled()
         schedule = self.schedule_cls(m, self.num_partitions)
         stop = checkpoint_stop(self.checkpoint, m) if grad else 0
-        self.transport.begin(m, grad)
+        self.transport.begin(m, grad, schedule)
         # after[j][i]: the micro-batch whose backward runs right after i's on partition j.
         after = {j: _successors(schedule.backward_order(j)) for j in self.partitions}
         phonies: dict[tuple[int, int], Tensor] = {}

@@ -8,15 +8,19 @@ streams. Two rules keep that correct on a GPU:
 * ``record_stream(t, s)``: tell the caching allocator that ``t`` is used on ``s`` too, so
   freeing ``t`` on its own stream does not hand its memory out while ``s`` still reads it.
 
-On CPU every operation is synchronous, so a :class:`CPUStream` does nothing, except that
-:func:`trace_waits` can record each ``wait_stream`` call, which is how the tests check that the
-waits come in the right order without a GPU.
+On CPU every operation is synchronous, so a :class:`CPUStream` changes no result. It still
+plays a GPU's part for two observers: :func:`trace_waits` records each ``wait_stream`` call, and
+:func:`~goose_core.pipeline.stream_check.check_streams` raises where a GPU would race: a stream
+reading a tensor before it waited for the stream that wrote it, or memory handed out again while another
+stream may still read it (a missing ``record_stream``). The CPU is one device, so its stand-ins
+model partitions on *one* GPU: every partition's compute stream is the device's default stream.
 """
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
-from typing import Iterator, Union
+from typing import Any, Iterator, Union
 
 import torch
 from torch import Tensor
@@ -26,12 +30,14 @@ __all__ = ["CPUStream", "AbstractStream", "new_stream", "current_stream", "defau
 
 
 class CPUStream:
-    """A stand-in for a CUDA stream on CPU. ``name`` only labels it in traces."""
+    """A stand-in for a CUDA stream on CPU. ``name`` labels it in traces; ``same_as``: another
+    name for that stream (a partition's compute stream is the device's default one)."""
 
     device = torch.device("cpu")
 
-    def __init__(self, name: str = "cpu") -> None:
+    def __init__(self, name: str = "cpu", same_as: CPUStream | None = None) -> None:
         self.name = name
+        self.actual: CPUStream = same_as.actual if same_as is not None else self
 
     def __repr__(self) -> str:
         return f"CPUStream({self.name!r})"
@@ -41,6 +47,7 @@ AbstractStream = Union[torch.cuda.Stream, CPUStream]
 
 _DEFAULT_CPU = CPUStream("default")
 _trace: list[tuple[str, str]] | None = None
+_current = threading.local()  # .stack: the CPU stand-ins entered by use_stream, innermost last
 
 
 def new_stream(device: torch.device, name: str = "copy") -> AbstractStream:
@@ -53,7 +60,8 @@ def new_stream(device: torch.device, name: str = "copy") -> AbstractStream:
 def current_stream(device: torch.device) -> AbstractStream:
     """The stream work is queued on right now."""
     if device.type != "cuda":
-        return _DEFAULT_CPU
+        stack = getattr(_current, "stack", None)
+        return stack[-1] if stack else _DEFAULT_CPU
     return torch.cuda.current_stream(device)
 
 
@@ -68,7 +76,12 @@ def default_stream(device: torch.device) -> AbstractStream:
 def use_stream(stream: AbstractStream) -> Iterator[None]:
     """Queue work on ``stream`` inside the block."""
     if isinstance(stream, CPUStream):
-        yield
+        # One CPU "device": the innermost stream is current, as on one GPU.
+        _current.stack = getattr(_current, "stack", []) + [stream]
+        try:
+            yield
+        finally:
+            _current.stack = _current.stack[:-1]
         return
     with torch.cuda.stream(stream):
         yield
@@ -87,6 +100,8 @@ def wait_stream(source: AbstractStream, target: AbstractStream) -> None:
     if _trace is not None:
         _trace.append((_label(source), _label(target)))
     if isinstance(source, CPUStream) or isinstance(target, CPUStream):
+        if _checker is not None:
+            _checker.wait(source, target)
         return
     source.wait_stream(target)
 
@@ -94,6 +109,8 @@ def wait_stream(source: AbstractStream, target: AbstractStream) -> None:
 def record_stream(tensor: Tensor, stream: AbstractStream) -> None:
     """Keep ``tensor``'s memory from reuse until the work queued on ``stream`` so far is done."""
     if isinstance(stream, CPUStream) or not tensor.is_cuda:
+        if _checker is not None and isinstance(stream, CPUStream):
+            _checker.record(tensor, stream)
         return
     tensor.record_stream(stream)
 
@@ -107,3 +124,8 @@ def trace_waits() -> Iterator[list[tuple[str, str]]]:
         yield _trace
     finally:
         _trace = old
+
+
+
+#: The active checker, set by :func:`goose_core.pipeline.stream_check.check_streams`.
+_checker: Any = None

@@ -7,7 +7,7 @@ next partition's input; it never knows where partitions live. Two transports imp
   (torchgpipe's setting). The autograd graph stays connected; tensors hop devices through
   ``Copy`` on copy streams, fenced by ``Wait``::
 
-      compute_j ─Wait─► copy_j ═Copy═► copy_j+1 ─Wait─► compute_j+1
+      compute_j ─Wait─► copy_j ─wait─► copy_j+1 ═Copy═► ─Wait─► compute_j+1
       (forward: each stream waits for the one on its left; backward: the mirror image)
 
 * :class:`~goose_core.pipeline.p2p.DistributedTransport`: one partition per rank; the graph is
@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from goose_core.pipeline.schedule import Schedule
 from goose_core.pipeline.stream import (AbstractStream, CPUStream, current_stream, default_stream,
                                         get_device, new_stream, record_stream, use_stream,
                                         wait_stream)
@@ -31,8 +32,8 @@ __all__ = ["Transport", "LocalTransport", "Copy", "Wait"]
 class Transport(ABC):
     """Moves cell outputs of partition j to partition j+1 (and, for processes, gradients back)."""
 
-    def begin(self, num_microbatches: int, requires_grad: bool) -> None:
-        """A new step of ``num_microbatches`` is about to run its forward."""
+    def begin(self, num_microbatches: int, requires_grad: bool, schedule: Schedule | None = None) -> None:
+        """A new step of ``num_microbatches`` is about to run its forward, in ``schedule``'s order."""
 
     @abstractmethod
     def send(self, output: Tensor, microbatch: int, partition: int) -> Tensor | None:
@@ -71,11 +72,16 @@ class Copy(torch.autograd.Function):
 
 def _copy(x: Tensor, from_stream: AbstractStream, to_stream: AbstractStream) -> Tensor:
     consumer = current_stream(get_device(to_stream))
+    # The copy is queued on to_stream, the innermost of the block (with both partitions on one
+    # device, the only current one), so to_stream must wait for from_stream, which waited for
+    # x's producer. Without it the copy can read x before it is written.
+    wait_stream(to_stream, from_stream)
     with use_stream(from_stream), use_stream(to_stream):
         y = x.to(get_device(to_stream), copy=True)
-        # x is read on from_stream, not the stream it was allocated on; y is allocated on
+        # x is read on the copy streams, not the stream it was allocated on; y is allocated on
         # to_stream but will be read on the consumer's (compute) stream.
         record_stream(x, from_stream)
+        record_stream(x, to_stream)
         record_stream(y, consumer)
     return y
 
@@ -113,7 +119,7 @@ class LocalTransport(Transport):
 
     def __init__(self, devices: list[torch.device]) -> None:
         self.devices = [torch.device(d) for d in devices]
-        self.compute = [default_stream(d) if d.type == "cuda" else CPUStream(f"compute{j}")
+        self.compute = [default_stream(d) if d.type == "cuda" else CPUStream(f"compute{j}", default_stream(d))
                         for j, d in enumerate(self.devices)]
         self.copy = [new_stream(d, f"copy{j}") for j, d in enumerate(self.devices)]
         self.mailbox: dict[tuple[int, int], Tensor] = {}

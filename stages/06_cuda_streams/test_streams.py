@@ -28,6 +28,7 @@ def test_stream_waits_follow_the_schedule_forward_and_mirror_backward() -> None:
             expected.append((f"compute{j}", f"copy{j}"))  # the input must have arrived
         if j < n - 1:
             expected.append((f"copy{j}", f"compute{j}"))  # the output must have been computed
+            expected.append((f"copy{j + 1}", f"copy{j}"))  # the copy runs on copy{j+1}
     assert forward == expected
     backward = waits[len(forward):]
     assert sorted(backward) == sorted((b, a) for a, b in expected)
@@ -46,7 +47,10 @@ def _in_flight(ctx: ParallelContext) -> list[tuple[int, bool, int]]:
     transport = model.pipeline.transport
 
     def probe(event) -> None:
-        seen.append((event.microbatch_idx, event.microbatch_idx + 1 in transport.recvs, len(transport.sends)))
+        channel = transport.channels.get("prev")  # none before the step's first receive
+        posted = channel.posted if channel else {}  # receives posted, not yet waited for
+        seen.append((event.microbatch_idx, ("activation", event.microbatch_idx + 1) in posted,
+                     len(transport.sends)))
 
     model.callbacks.add(Callback(probe, partition_idx=1, kinds=["forward"]))
     model(**SPEC.batch(0)).loss.backward()
