@@ -32,9 +32,11 @@ def _reuse(record: bool) -> None:
         record_stream(t, compute)
     address = t.data_ptr()
     del t
+    held = []  # keep each miss alive, so the next allocation has to take another block
     with use_stream(copy):  # copy's caching allocator would hand the block out again at once;
-        for _ in range(64):  # the CPU's usually does too
-            if torch.empty(1000).data_ptr() == address:
+        for _ in range(256):  # the CPU's does too, within a few allocations
+            held.append(torch.empty(1000))
+            if held[-1].data_ptr() == address:
                 return
     pytest.skip("the CPU allocator did not reuse the block; nothing to check")
 
