@@ -196,18 +196,21 @@ def test_tp_pp_dp(family: str, padding: str) -> None:
 
 # ---- the model's own loss ---------------------------------------------------------------------
 
+class _OwnMean(torch.nn.Module):
+    """Takes labels, but neither num_items_in_batch nor **kwargs: its loss is its own mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
+        return {"loss": (self.w * x).mean()}
+
+
 def _plain(ctx: ParallelContext) -> list[float]:
     """A module with labels but no num_items_in_batch is called as it is (its own mean)."""
 
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(()))
-
-        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
-            return {"loss": (self.w * x).mean()}
-
-    model = DataParallel(Net(), ctx).parallelize()
+    model = DataParallel(_OwnMean(), ctx).parallelize()
     out = model(torch.full((2,), float(ctx.dp_rank)), labels=torch.zeros(2, dtype=torch.long))
     return [float(out["loss"])]
 
@@ -219,15 +222,7 @@ def test_a_model_that_takes_no_count_is_called_unchanged() -> None:
 def _plain_uneven(ctx: ParallelContext) -> str:
     """The same module, rank 1's labels half ignored: its own mean is not the token mean."""
 
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(()))
-
-        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
-            return {"loss": (self.w * x).mean()}
-
-    model = DataParallel(Net(), ctx).parallelize()
+    model = DataParallel(_OwnMean(), ctx).parallelize()
     labels = torch.zeros(1, 5, dtype=torch.long)
     labels[0, 2:] = -100 if ctx.dp_rank else 0
     try:
