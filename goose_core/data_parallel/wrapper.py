@@ -33,7 +33,8 @@ class DataParallel:
       ``num_items_in_batch = N / dp`` (see :mod:`.loss`); a caller's own ``num_items_in_batch``
       (gradient accumulation: the targets of the whole optimizer step, every micro-step and
       every dp rank) replaces the count. Models whose forward takes no ``num_items_in_batch``
-      (nor ``**kwargs``) are called unchanged;
+      (nor ``**kwargs``) are called unchanged while every rank holds as many targets, and
+      refused on every rank when they don't;
     * a forward hook that replaces ``output.loss`` by its mean over the dp group, a
       :class:`~goose_core.data_parallel.loss.PendingMean` whose async all-reduce overlaps the
       backward (its gradient stays the local loss's: the hooks do the averaging). With the
