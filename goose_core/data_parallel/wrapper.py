@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from goose_core.data_parallel.loss import count_items_over, global_mean, replica_items
 from goose_core.data_parallel.reducer import GradReducer, trainable
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
+from goose_core.distributed.batch_check import extremes
 from goose_core.distributed.context import ParallelContext
 from goose_core.loss import count_items
 from goose_core.metadata import module_grad_sync, parameters_changed, set_module_grad_sync
@@ -129,11 +130,9 @@ def _refuse_uneven_targets(labels: Tensor, group: dist.ProcessGroup, device: tor
     dp mean of those is the global token mean only when every rank holds as many targets: raise
     on every rank (one all-reduce of the count's max and min) rather than train on another mean.
     """
-    n = count_items(labels).to(device)
-    spread = torch.stack([n, -n])
-    dist.all_reduce(spread, op=dist.ReduceOp.MAX, group=group)
-    if int(spread[0]) != -int(spread[1]):
-        raise ValueError(f"the data-parallel ranks hold between {-int(spread[1])} and {int(spread[0])} targets "
+    high, low = (int(v) for v in extremes(count_items(labels).to(device), [group]))
+    if high != low:
+        raise ValueError(f"the data-parallel ranks hold between {low} and {high} targets "
                          f"(labels other than -100), and this module's forward takes no num_items_in_batch: "
                          f"the mean of the ranks' means would not be the batch's token mean. Accept "
                          f"num_items_in_batch (or **kwargs) and divide the token-loss sum by it, as 🤗 "

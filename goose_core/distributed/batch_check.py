@@ -31,7 +31,7 @@ from goose_core.distributed.grid import Axis
 from goose_core.metadata import batch_check_of, set_batch_check
 
 __all__ = ["BatchCheck", "FIELDS", "POLICIES", "batch_checksum", "check_policy", "check_same_batch",
-           "install_batch_check"]
+           "extremes", "install_batch_check"]
 
 #: The forward arguments compared (a fixed list: every rank's checksum has the same length).
 FIELDS = ("input_ids", "attention_mask", "labels", "position_ids")
@@ -77,6 +77,17 @@ def batch_checksum(batch: Mapping[str, Any]) -> Tensor:
     return torch.cat(parts)
 
 
+def extremes(values: Tensor, groups: Sequence[dist.ProcessGroup]) -> tuple[Tensor, Tensor]:
+    """The elementwise max and min of ``values`` over the ranks of ``groups`` (one after the
+    other: over their product), in one all-reduce per group: MAX of ``[values, -values]``.
+    Collective: every rank of each group calls it. Values must negate exactly (integers)."""
+    both = torch.cat([values.reshape(-1), -values.reshape(-1)])
+    for group in groups:
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    n = values.numel()
+    return both[:n].view_as(values), -both[n:].view_as(values)
+
+
 def check_same_batch(batch: Mapping[str, Any], ctx: ParallelContext, axes: Sequence[Axis]) -> None:
     """Raise on every rank compared if the ranks along ``axes`` were given different batches.
 
@@ -89,11 +100,7 @@ def check_same_batch(batch: Mapping[str, Any], ctx: ParallelContext, axes: Seque
     axes = [axis for axis in axes if ctx.size(axis) > 1]
     if not axes:
         return
-    checksum = batch_checksum(batch)
-    both = torch.cat([checksum, -checksum]).to(ctx.device)
-    for axis in axes:
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=ctx.group(axis))
-    high, low = both[: len(checksum)], -both[len(checksum):]
+    high, low = extremes(batch_checksum(batch).to(ctx.device), [ctx.group(axis) for axis in axes])
     differ = (high != low).view(len(FIELDS), _PER_FIELD).any(dim=1).tolist()
     if any(differ):
         fields = ", ".join(name for name, bad in zip(FIELDS, differ) if bad)
