@@ -88,7 +88,8 @@ def block_memory(block: BlockFn, x: Tensor) -> tuple[int, int]:
     """``(activation bytes, parameter bytes)`` of one forward of ``block`` on ``x``.
 
     Activations are what the forward keeps alive for the backward. On CUDA the allocator's
-    ``memory_allocated`` grows by exactly what the graph and the output hold. On CPU, where no
+    ``memory_allocated`` grows by exactly what the graph and the output hold, once one forward
+    without a graph has made CUDA's one-time allocations (see :func:`_warm_up`). On CPU, where no
     allocator counts, the tensors autograd saves are caught by ``saved_tensors_hooks``, each
     storage once. Parameters are the leaves the graph reaches (the weights the block trains),
     found the same way for a module or a closure, and never counted as activations.
@@ -99,6 +100,8 @@ def block_memory(block: BlockFn, x: Tensor) -> tuple[int, int]:
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
+    if x.is_cuda:
+        _warm_up(block, x)
     _synchronize(x)
     before = torch.cuda.memory_allocated(x.device) if x.is_cuda else 0
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -112,6 +115,14 @@ def block_memory(block: BlockFn, x: Tensor) -> tuple[int, int]:
         # A weight saved by a matmul (or a transposed view of it) shares the weight's storage.
         activations = sum(n for ptr, n in saved.items() if ptr not in weights)
     return activations, sum(weights.values())
+
+
+def _warm_up(block: BlockFn, x: Tensor) -> None:
+    """One forward of ``block`` without a graph, its random draws undone. The first matmul on a
+    stream makes cuBLAS allocate that stream's workspace through the caching allocator and keep
+    it (32 MiB on Hopper): measured in the forward, it would count as the block's activations."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[x.device]):
+        block(x)
 
 
 def _chained(block_fns: Sequence[BlockFn], sample: Tensor) -> Iterator[tuple[BlockFn, Tensor]]:
