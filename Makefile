@@ -27,12 +27,13 @@ endif
 comma := ,
 DEMO_STAGE := $(lastword $(sort $(dir $(wildcard stages/*/train.py))))
 
-.PHONY: help demo test test-kernels test-stage test-latest docs bench bench-gpu clean
+.PHONY: help demo test test-kernels test-gpu test-stage test-latest docs bench bench-gpu clean
 
 help:
 	@echo "make demo            train the most advanced stage under torchrun, beside the reference"
 	@echo "make test            the whole suite (stages, unit tests, docs build)"
 	@echo "make test-kernels    the suite on other CPU kernels (CAPABILITY=default|avx2|avx512)"
+	@echo "make test-gpu        tests/gpu on one CUDA GPU (skips, saying why, without); GPU_PYTHON=python3 uses that python"
 	@echo "make test-stage N    one stage's tests (N = 3 or 03; N=3 works too)"
 	@echo "make test-latest     a fast subset against the newest transformers & deps (.venv-latest)"
 	@echo "make docs            strict mkdocs build into site/"
@@ -65,6 +66,16 @@ test-kernels: $(STAMP)
 	ATEN_CPU_CAPABILITY=$(CAPABILITY) MKL_ENABLE_INSTRUCTIONS=$(MKL_$(CAPABILITY)) $(PY) -c \
 	  "import torch; print('CPU kernels:', torch.backends.cpu.get_cpu_capability())"
 	ATEN_CPU_CAPABILITY=$(CAPABILITY) MKL_ENABLE_INSTRUCTIONS=$(MKL_$(CAPABILITY)) $(PY) -m pytest -q
+
+# tests/gpu (pytest -m gpu) on one CUDA GPU: the one-GPU pipeline against the plain run, stream races,
+# the CUDA sanitizer, NCCL under torchrun, the profiler's allocator path. Without CUDA it says so
+# and every test skips (exit 0). .venv holds the pinned CPU torch: on a GPU machine whose python
+# already has a CUDA torch, `make test-gpu GPU_PYTHON=python3` runs with it (no venv is built).
+GPU_PYTHON ?=
+GPU_PY := $(or $(GPU_PYTHON),$(PY))
+test-gpu: $(if $(GPU_PYTHON),,$(STAMP))
+	@$(GPU_PY) -c "import torch; print('test-gpu: ' + (f'torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}' if torch.cuda.is_available() else f'no CUDA device (torch {torch.__version__}, CUDA build: {torch.version.cuda}): every gpu test skips'))"
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m pytest -q -rs -m gpu tests/gpu
 
 # stages/course.py prints stage N's folder, or lists the stages and fails for an unknown N.
 test-stage: $(STAMP)
