@@ -8,7 +8,8 @@ with AdamW (forward, backward, optimizer step)::
     hf-accumulate     🤗, the same micro-batches one after another, gradients accumulated
                       (checkpoint never, or always = 🤗's gradient checkpointing of every layer)
     goose-1 / -2      goose's local_pipeline, 1 partition, or 2 on the same device, GPipe over
-                      the same micro-batches, in each checkpoint mode (never, except_last, always)
+                      the same micro-batches, in each checkpoint mode (never, except_last, always);
+                      and the same in 1F1B's order once local_pipeline takes schedule="1f1b"
 
 Timing: ``--warmup`` steps first (allocator growth, cuBLAS heuristics), then ``--steps`` steps
 with a CUDA event at each step boundary and one synchronisation at the end; the median step
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import statistics
 import sys
 import time
@@ -97,23 +99,30 @@ TINY = {
 
 @dataclass(frozen=True)
 class Case:
-    """What trains: ``runner`` is hf-batch, hf-accumulate or goose (``partitions`` on one device)."""
+    """What trains: ``runner`` is hf-batch, hf-accumulate or goose (``partitions`` on one device,
+    in ``schedule``'s order)."""
 
     runner: str
     checkpoint: str = "never"
     partitions: int = 1
+    schedule: str = "gpipe"
 
     @property
     def name(self) -> str:
         if self.runner == "goose":
-            return f"goose local_pipeline x{self.partitions}, checkpoint {self.checkpoint}"
+            order = "" if self.schedule == "gpipe" else f" {self.schedule.upper()}"
+            return f"goose local_pipeline x{self.partitions}{order}, checkpoint {self.checkpoint}"
         if self.runner == "hf-batch":
             return "🤗 one batch"
         return "🤗 accumulation" + (", gradient checkpointing" if self.checkpoint == "always" else "")
 
 
+#: 1F1B (issue 10, item 4) keeps at most p micro-batches' activations where GPipe keeps M: at
+#: p=1 it should hold what 🤗 accumulation holds. Its cases run once local_pipeline takes it.
+SCHEDULES = ("gpipe", "1f1b") if "schedule" in inspect.signature(local_pipeline).parameters else ("gpipe",)
+
 CASES = (Case("hf-batch"), Case("hf-accumulate", "never"), Case("hf-accumulate", "always"),
-         *(Case("goose", mode, p) for p in (1, 2) for mode in CHECKPOINT_MODES))
+         *(Case("goose", mode, p, schedule) for schedule in SCHEDULES for p in (1, 2) for mode in CHECKPOINT_MODES))
 
 
 def build_model(shape: Shape, device: torch.device, seed: int = 0) -> nn.Module:
@@ -126,8 +135,9 @@ def build_model(shape: Shape, device: torch.device, seed: int = 0) -> nn.Module:
 
 def _prepare(case: Case, model: nn.Module, shape: Shape, device: torch.device) -> nn.Module:
     if case.runner == "goose":
+        order = {} if case.schedule == "gpipe" else {"schedule": case.schedule}  # GPipe: the default
         return local_pipeline(model, case.partitions, shape.microbatches, checkpoint=case.checkpoint,
-                              devices=[device] * case.partitions)
+                              devices=[device] * case.partitions, **order)
     if case.checkpoint == "always":
         # Every layer, non-reentrant: it keeps the autocast and RNG state for the recompute, as
         # torch recommends. (transformers 5 renamed gradient_checkpointing_enable.)
@@ -165,7 +175,7 @@ def run_case(case: Case, shape: Shape, precision: str, device: torch.device, war
     if device.type == "cuda":
         torch.cuda.empty_cache()
     row: dict[str, Any] = {"case": case.name, "runner": case.runner, "checkpoint": case.checkpoint,
-                           "partitions": case.partitions, "precision": precision,
+                           "partitions": case.partitions, "schedule": case.schedule, "precision": precision,
                            "tokens_per_step": shape.batch_size * shape.seq_len, "micro_batch": shape.micro_batch,
                            "microbatches": shape.microbatches, "seq_len": shape.seq_len, "peak_flops": peak_flops}
     reset_peak_memory(device)
