@@ -22,7 +22,10 @@ environment pins a CPU build of torch, so on a GPU machine install a CUDA build 
 (`.venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cu128`).
 `--model gpt2-124m|llama-1b` and `--precision tf32|bf16` (each repeatable) run a part;
 `--device cpu --tiny` runs every case on tiny configs in seconds, a smoke test of the script
-whose numbers mean nothing (`tests/test_bench_gpu.py` runs it).
+whose numbers mean nothing (`tests/test_bench_gpu.py` runs it). On a GPU machine lent for
+minutes, `bash benchmarks/gpu_check.sh` runs `make test-gpu` and then this benchmark (GPT-2 124M
+in TF32 unless `BENCH_GPU_ARGS` says otherwise) with the python that has a CUDA torch, and
+keeps the logs, the environment and these records in `$OUT`.
 
 ## What runs
 
