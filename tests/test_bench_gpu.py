@@ -88,3 +88,16 @@ def test_every_case_runs_tiny_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> Non
         assert row["tokens_per_s"] > 0 and row["mfu"] > 0 and row["flops_per_step"] == flops[row["model"]]
     goose = next(r for r in rows if r["runner"] == "goose" and r["checkpoint"] == "always")
     assert versus_accumulation(goose, rows).count("[") == 1  # beside 🤗 accumulation + checkpointing
+
+
+def test_each_case_has_its_own_name_and_1f1b_cases_ask_for_their_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert len({case.name for case in gpu.CASES}) == len(gpu.CASES)
+    calls: list[dict] = []
+    monkeypatch.setattr(gpu, "local_pipeline", lambda model, *args, **kwargs: calls.append(kwargs) or model)
+    shape, cpu = gpu.TINY["gpt2-124m"], torch.device("cpu")
+    for schedule in ("gpipe", "1f1b"):
+        gpu._prepare(gpu.Case("goose", "always", 2, schedule), torch.nn.Linear(1, 1), shape, cpu)
+    # GPipe is the default and is never named: the benchmark also runs where local_pipeline has no schedule=.
+    assert calls == [{"checkpoint": "always", "devices": [cpu, cpu]},
+                     {"checkpoint": "always", "devices": [cpu, cpu], "schedule": "1f1b"}]
+    assert gpu.Case("goose", "never", 1, "1f1b").name == "goose local_pipeline x1 1F1B, checkpoint never"
