@@ -12,6 +12,9 @@ from typing import Callable
 
 import pytest
 import torch
+from torch import Tensor
+
+from goose_core.pipeline.stream import AbstractStream, current_stream, get_device, record_stream, use_stream
 
 #: Set by the sanitizer test in its child pytest: tiny models, two steps (the sanitizer runs a
 #: Python check on every kernel launch, so only the race logic matters there, not the size).
@@ -63,3 +66,30 @@ def cuda_sleep() -> Callable[[float], None]:
     def sleep(seconds: float) -> None:
         torch.cuda._sleep(int(seconds * cycles_per_s))
     return sleep
+
+
+def _issue_10_copy(x: Tensor, from_stream: AbstractStream, to_stream: AbstractStream) -> Tensor:
+    """``transport._copy`` as it was before issue 10's fix: with both partitions on one device
+    the copy runs on ``to_stream``, which never waited for ``from_stream`` (nor so for the
+    producer): it reads the cell's output whenever it gets to run."""
+    consumer = current_stream(get_device(to_stream))
+    with use_stream(from_stream), use_stream(to_stream):
+        y = x.to(get_device(to_stream), copy=True)
+        record_stream(x, from_stream)
+        record_stream(y, consumer)
+    return y
+
+
+@pytest.fixture
+def issue_10_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local transport copies as it did before issue 10's fix: the tests that use this show
+    that the race tests, the parity test and the sanitizer all catch it on a GPU."""
+    import goose_core.pipeline.transport as transport
+
+    monkeypatch.setattr(transport, "_copy", _issue_10_copy)
+
+
+@pytest.fixture
+def sanitized() -> bool:
+    """Whether this process runs under the CUDA sanitizer (TORCH_CUDA_SANITIZER, read at torch's import)."""
+    return "TORCH_CUDA_SANITIZER" in os.environ

@@ -136,3 +136,26 @@ def test_a_received_block_the_consumer_still_reads_is_not_handed_out_again(
     assert other.data_ptr() != block, "the allocator handed out a block the compute stream still reads"
     with use_stream(transport.compute[1]):
         assert torch.equal(doubled, _full(2 * value, devices[1]))
+
+
+@pytest.mark.usefixtures("issue_10_copy")
+def test_issue_10_copy_reads_a_late_output_too_early(cuda_sleep: Callable[[float], None], sanitized: bool) -> None:
+    # These tests have teeth: with the copy of issue 10, both partitions on one GPU, the next
+    # partition reads the output before the sleeping producer wrote it. Under the sanitizer the
+    # copy's launch is the race it reports (test_sanitizer.py checks that it does).
+    device = torch.device("cuda", 0)
+    value = _fresh()
+    transport = LocalTransport([device, device])
+    with use_stream(transport.compute[0]):
+        cuda_sleep(SLEEP_S)
+        output = _full(value, device)
+    if sanitized:
+        from torch.cuda._sanitizer import CUDASanitizerErrors
+
+        with pytest.raises(CUDASanitizerErrors):
+            transport.send(output, 0, 0)
+        return
+    transport.send(output, 0, 0)
+    x = transport.recv(0, 1)
+    with use_stream(transport.compute[1]):
+        assert not torch.equal(x, _full(value, device)), "the racing copy read the finished output"
