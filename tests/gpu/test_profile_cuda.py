@@ -4,7 +4,8 @@ On the CPU :func:`block_memory` counts the storages autograd saves; on CUDA it r
 ``torch.cuda.memory_allocated`` grew over the forward (the graph's saved tensors and the output).
 For these MLPs both come to the same bytes: ReLU's output (saved by ReLU and by the second
 Linear, one storage) plus one 64-wide tensor, the saved input on the CPU and the output on CUDA.
-Float64 so the sizes are those of the training harness.
+Float64 so the sizes are those of the training harness. Last, the profiling partitioners on a
+model that already lives on the GPU, as the profiler is used in training.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from goose_core.partition import ADAM_FACTOR, block_memory, profile_memory, profile_times
+from goose_core.pipeline import local_pipeline
+from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, snapshot, train_loop
 
 pytestmark = pytest.mark.gpu
 
@@ -63,3 +66,19 @@ def test_profiling_on_cuda_leaves_the_model_and_the_cuda_generator_alone() -> No
     for block, state in zip(blocks, before):
         assert all(p.grad is None for p in block.parameters())
         assert all(torch.equal(v, state[k]) for k, v in block.state_dict().items())
+
+
+@pytest.mark.parametrize("partitioner", ["time", "memory"])
+def test_the_profiled_partitioners_split_a_model_already_on_the_gpu(partitioner: str) -> None:
+    # The user's model is on its device before it is split (as with ctx.device): the profiling
+    # sample must be made there too. SGD keeps a wrong gradient scale visible.
+    device = torch.device("cuda", 0)
+    spec = TrainSpec(family="llama", steps=2, optimizer="sgd")
+    model = local_pipeline(spec.build_model().to(device), 2, 2, partitioner=partitioner, devices=[device] * 2)
+    optimizer = spec.build_optimizer(model.parameters())
+    batches = ({k: v.to(device) for k, v in batch.items()} for batch in spec.batches())
+    result = RunResult(train_loop(model, optimizer, batches), snapshot(model))
+    plain = spec.build_model().to(device)
+    plain_optimizer = spec.build_optimizer(plain.parameters())
+    batches = ({k: v.to(device) for k, v in batch.items()} for batch in spec.batches())
+    assert_matches_reference(result, RunResult(train_loop(plain, plain_optimizer, batches), snapshot(plain)), PARALLEL)
