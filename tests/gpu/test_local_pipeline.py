@@ -9,9 +9,9 @@ All partitions share the device's default stream for compute, and copies run on 
 partition's copy stream. A race needs a producer that is still running when its reader starts,
 so every cell begins with ``torch.cuda._sleep`` on its stream (a callback): the copy of a cell's
 output, or of a gradient, that forgot to wait for it reads memory not written yet and the run
-leaves the plain one at once. Without the sleeps the GPU is often idle when the CPU queues the
-next kernel, and the race of issue 10 (10.419 vs 10.142 at step 2) needed a 768-wide GPT-2 at
-8 x 1024 tokens to show.
+leaves the plain one at once (``test_issue_10_race_fails_the_comparison`` checks that). Without
+the sleeps a race shows only when the GPU happens to lag behind the CPU: issue 10's (10.419 vs
+10.142 at step 2) was seen on a 768-wide GPT-2 at 8 x 1024 tokens.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _schedule_kwargs(schedule: str) -> dict[str, str]:
 
 def _pipelined(family: str, partitions: int, checkpoint: str, tiny: bool, sleep: Callable[[float], None],
                **kwargs: str) -> RunResult:
-    """``spec`` trained through local_pipeline on cuda:0, every cell starting ``CELL_SLEEP_S`` late."""
+    """The family's run through local_pipeline on cuda:0, every cell starting ``CELL_SLEEP_S`` late."""
     device = torch.device("cuda", 0)
     spec = _spec(family, tiny)
 
