@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from goose_core.checkpoint import atomic, rng
@@ -76,6 +76,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     Raises:
         ValueError: on every rank, for ``extra`` that differs between ranks, or a save inside a
             forward pass.
+        RuntimeError: on every rank, when a rank failed to write (the previous checkpoint stays).
     """
     path = Path(path)
     errors: list[str] = []
@@ -97,7 +98,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         layout = {"format": 1, "tp": ctx.tensor_parallel_size, "pp": ctx.pipeline_parallel_size,
                   "dp": ctx.data_parallel_size, "coords": [f[2] for f in found], "rng_keys": found[0][3]}
         (atomic.staging(path) / LAYOUT_FILE).write_text(json.dumps(layout))
-    dcp.save(entries, storage_writer=FileSystemWriter(atomic.staging(path)), planner=PiecesSavePlanner())
+    try:
+        dcp.save(entries, storage_writer=FileSystemWriter(atomic.staging(path)), planner=PiecesSavePlanner())
+    except CheckpointException as err:  # a BaseException: `except Exception` would not see it
+        raise RuntimeError(f"saving the checkpoint failed on ranks {sorted(err.failures)}; the checkpoint "
+                           f"at {path} (if any) is unchanged:\n{err}") from None
     if ctx.rank == 0:
         atomic.publish(path)
     dist.barrier()  # every rank returns once the checkpoint is in place
@@ -164,6 +169,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
         ValueError: on every rank, when the model or the optimizer does not fit the checkpoint.
+        RuntimeError: on every rank, when a rank failed to read.
     """
     folder = atomic.complete(Path(path))
     metadata = FileSystemReader(folder).read_metadata()
@@ -176,7 +182,10 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     dests[EXTRA] = None
     _agree(errors, ctx, f"the checkpoint at {folder} does not fit this model")
     planner = PiecesLoadPlanner()
-    dcp.load(dests, storage_reader=FileSystemReader(folder), planner=planner)
+    try:
+        dcp.load(dests, storage_reader=FileSystemReader(folder), planner=planner)
+    except CheckpointException as err:
+        raise RuntimeError(f"loading {folder} failed on ranks {sorted(err.failures)}:\n{err}") from None
     dests.update(planner.loaded)
     if optimizer is not None:
         load_state(optimizer, _names(model), dests)
