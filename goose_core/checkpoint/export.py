@@ -54,6 +54,7 @@ def _single_device_model(config: Any, state: dict[str, torch.Tensor]) -> PreTrai
     with torch.device("meta"):
         single = AutoModelForCausalLM.from_config(config, dtype=dtype)
     single.to_empty(device="cpu")  # non-persistent buffers (rotary tables) are not saved
+    single.tie_weights()  # to_empty gave each tied name its own tensor; 🤗 writes a tied one once
     single.load_state_dict(state, strict=True)
     return single
 
