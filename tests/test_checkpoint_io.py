@@ -23,6 +23,10 @@ RESUME = TrainSpec(family="gpt2", steps=5, dropout=0.1)
 # No dropout, so every layout equals the single-device run; Llama's GQA has kv replicas at tp=2.
 RESHARD = TrainSpec(family="llama", steps=5)
 
+# The single-device reference runs in this process: on one thread (two threads on a busy 2-core
+# box spend their time in barriers, ~20x slower here). The ranks are forked and pick their own.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _build(ctx: ParallelContext, spec: TrainSpec) -> tuple[Any, Any]:
     """The model and the optimizer at ctx's layout: ZeRO-1 whenever dp > 1."""

@@ -44,6 +44,9 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: this process's own model on one thread
+
+
 # GPT-2: fused q|k|v over tp, the tied head on the last stage; Llama: GQA kv replicas, ZeRO-1.
 @pytest.mark.parametrize("family, tp, pp, dp", [("gpt2", 2, 2, 1), ("llama", 2, 1, 2)])
 def test_export_loads_on_one_device_with_the_parallel_models_logits(tmp_path: Path, family: str, tp: int,
