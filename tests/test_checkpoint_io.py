@@ -13,15 +13,18 @@ from torch.distributed.checkpoint import FileSystemWriter
 from goose_core import (DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel, RankError,
                         TensorParallel, full_state_dict, load_checkpoint, save_checkpoint)
 from goose_core.checkpoint import atomic
+from goose_core.checkpoint.chunks import pieces_of
 from goose_core.data import shard_batch
+from goose_core.metadata import ShardSpec
 from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
                                 run_distributed, train_loop)
 
 # Dropout on: a resume is exact only if every random stream (CPU, the tp split stream) comes back.
 # GPT-2: fused q|k|v (three pieces per tp shard), the tied embedding on the first and last stage.
 RESUME = TrainSpec(family="gpt2", steps=5, dropout=0.1)
-# No dropout, so every layout equals the single-device run; Llama's GQA has kv replicas at tp=2.
-RESHARD = TrainSpec(family="llama", steps=5)
+# No dropout, so every layout equals the single-device run. AdamW on Llama; SGD on GPT-2, whose
+# tied embedding AdamW's division would amplify to last-bit noise beyond PARALLEL (test_composition).
+RESHARD = [TrainSpec(family="llama", steps=5), TrainSpec(family="gpt2", steps=5, optimizer="sgd")]
 
 # The single-device reference runs in this process: on one thread (two threads on a busy 2-core
 # box spend their time in barriers, ~20x slower here). The ranks are forked and pick their own.
@@ -82,18 +85,18 @@ def test_resume_at_the_same_layout_is_bit_exact(tmp_path: Path) -> None:
     _check_ranks(resumed, RunResult(whole.losses[3:], whole.params), EXACT)
 
 
-def _chain(layouts: list[tuple[int, int, int]], tmp_path: Path) -> None:
+def _chain(spec: TrainSpec, layouts: list[tuple[int, int, int]], tmp_path: Path) -> None:
     """Save at the first layout after 2 steps, load at each next one, 1 step and save again; the
     last continues to the end. Every step equals the single-device run."""
-    reference = reference_run(RESHARD)
+    reference = reference_run(spec)
     path = str(tmp_path / "l0")
-    first = run_distributed(_train_save_train, *layouts[0], RESHARD, path, 2, timeout=180)
+    first = run_distributed(_train_save_train, *layouts[0], spec, path, 2, timeout=180)
     _check_ranks(first, reference, PARALLEL)
     step = 2
     for i, layout in enumerate(layouts[1:], 1):
-        until = RESHARD.steps if i == len(layouts) - 1 else step + 1
-        nxt = None if until == RESHARD.steps else str(tmp_path / f"l{i}")
-        results = run_distributed(_resume, *layout, RESHARD, path, until, nxt, timeout=180)
+        until = spec.steps if i == len(layouts) - 1 else step + 1
+        nxt = None if until == spec.steps else str(tmp_path / f"l{i}")
+        results = run_distributed(_resume, *layout, spec, path, until, nxt, timeout=180)
         for rank, result in enumerate(results):
             got = reference.losses[step:until]
             assert result.losses == pytest.approx(got, rel=PARALLEL.rtol, abs=PARALLEL.atol), (layout, rank)
@@ -101,15 +104,46 @@ def _chain(layouts: list[tuple[int, int, int]], tmp_path: Path) -> None:
     _check_ranks(results, RunResult(results[0].losses, reference.params), PARALLEL)
 
 
-def test_a_checkpoint_reshards_and_continues_as_the_single_device_run(tmp_path: Path) -> None:
-    """tp 2 -> pp 2 -> dp 2 (ZeRO-1): every parameter and its AdamW state move between tp
-    shards (GQA replicas included), pipeline stages and ZeRO flat shards."""
-    _chain([(2, 1, 1), (1, 2, 1), (1, 1, 2)], tmp_path)
+@pytest.mark.parametrize("spec", RESHARD, ids=lambda s: s.family)
+def test_a_checkpoint_reshards_and_continues_as_the_single_device_run(tmp_path: Path, spec: TrainSpec) -> None:
+    """tp 2 -> pp 2 -> dp 2 (ZeRO-1): every parameter and its optimizer state move between tp
+    shards (GPT-2's fused q|k|v in pieces), pipeline stages (its tied head) and ZeRO flat shards."""
+    _chain(spec, [(2, 1, 1), (1, 2, 1), (1, 1, 2)], tmp_path)
 
 
-@pytest.mark.skipif(not os.environ.get("GOOSE_FULL"), reason="8-rank layouts, ~8 s: GOOSE_FULL=1 runs it")
-def test_a_3d_checkpoint_reshards_over_8_ranks(tmp_path: Path) -> None:
-    _chain([(2, 2, 2), (1, 2, 4), (4, 1, 2)], tmp_path)
+@pytest.mark.skipif(not os.environ.get("GOOSE_FULL"), reason="8-rank layouts, ~7 s each: GOOSE_FULL=1 runs them")
+@pytest.mark.parametrize("spec", RESHARD, ids=lambda s: s.family)
+def test_a_3d_checkpoint_reshards_over_8_ranks(tmp_path: Path, spec: TrainSpec) -> None:
+    """The founding layout and back: 2x2x2 -> 1x2x4 -> 4x1x2 (Llama's kv replicas at tp=4)."""
+    _chain(spec, [(2, 2, 2), (1, 2, 4), (4, 1, 2)], tmp_path)
+
+
+def _shards(full: torch.Tensor, spec: ShardSpec, tp: int) -> list[torch.Tensor]:
+    """Every tp rank's shard of ``full``, cut as the tensor-parallel layers cut it."""
+    distinct = tp // spec.replicas
+    return [torch.cat([b.chunk(distinct, spec.dim)[r // spec.replicas] for b in full.chunk(spec.blocks, spec.dim)],
+                      spec.dim) for r in range(tp)]
+
+
+@pytest.mark.parametrize("spec", [ShardSpec(0), ShardSpec(1, blocks=3), ShardSpec(0, replicas=2),
+                                  ShardSpec(1, blocks=2, replicas=2)], ids=repr)
+@pytest.mark.parametrize("tp", [2, 4])
+def test_the_pieces_of_every_rank_tile_the_full_tensor(spec: ShardSpec, tp: int) -> None:
+    full = torch.arange(24 * 12.0).reshape(24, 12)
+    shards = _shards(full, spec, tp)
+    assert torch.equal(spec.gather(shards), full)  # the shards are the layers' own
+    cover = torch.zeros_like(full)
+    seen = set()
+    for rank, shard in enumerate(shards):
+        pieces = pieces_of(shard, spec, tp, rank)
+        assert pieces.size == full.shape
+        for offset, t in zip(pieces.offsets, pieces.tensors):
+            box = tuple(slice(o, o + n) for o, n in zip(offset, t.shape))
+            assert torch.equal(full[box], t), (rank, offset)
+            if offset not in seen:  # replicas write one copy (DCP drops equal offsets)
+                seen.add(offset)
+                cover[box] += 1
+    assert torch.equal(cover, torch.ones_like(full))
 
 
 # -- crashes and refusals ----------------------------------------------------------------------
