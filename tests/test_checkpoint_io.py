@@ -194,6 +194,10 @@ def _refusals(ctx: ParallelContext, path: str) -> dict[str, str]:
         save_checkpoint(path, model, optimizer, ctx, step=ctx.rank)
     except ValueError as err:
         seen["extra"] = str(err)
+    try:
+        save_checkpoint(Path(path).parent, model, optimizer, ctx, step=0)  # the folder holding it
+    except ValueError as err:
+        seen["overwrite"] = str(err)
     write = FileSystemWriter.write_data
     if ctx.rank == 1:
         def fail(self: Any, plan: Any, planner: Any) -> Any:
@@ -218,6 +222,7 @@ def test_bad_calls_raise_on_every_rank_and_leave_the_checkpoint(tmp_path: Path) 
         assert "extra=['step'] differs between rank 0 and ranks [1]" in seen["extra"]
         assert "No space left on device" in seen["write"] and "is unchanged" in seen["write"]
         assert seen["step"] == "0"
+        assert "exists and is not a goose checkpoint" in seen["overwrite"]
         assert "the checkpoint has no parameter 'model.embed_tokens.weight'" in seen["model"]
 
 

@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["staging", "old", "publish", "complete"]
+__all__ = ["METADATA", "staging", "old", "clear", "publish", "complete"]
 
 #: The file DCP writes last (its metadata): a folder without it is not a checkpoint.
 METADATA = ".metadata"

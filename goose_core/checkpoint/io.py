@@ -60,8 +60,12 @@ def _agree(errors: list[str], ctx: ParallelContext, what: str) -> None:
         raise ValueError(f"{what}:\n  " + "\n  ".join(problems[:8]))
 
 
-def _digest(extra: dict[str, Any]) -> str:
-    return hashlib.sha256(pickle.dumps(sorted(extra.items()))).hexdigest()
+def _digest(extra: dict[str, Any], errors: list[str]) -> str:
+    try:
+        return hashlib.sha256(pickle.dumps(sorted(extra.items()))).hexdigest()
+    except Exception as err:  # reported on every rank, not raised here before the collective
+        errors.append(f"extra={sorted(extra)} cannot be pickled ({err}); pass plain values")
+        return ""
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -87,7 +91,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if ctx.rank == 0:
         errors += _prepare(path)
     found: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(found, (errors, _digest(extra), [ctx.tensor_parallel_rank, ctx.pipeline_parallel_rank, ctx.data_parallel_rank], sorted(states)))
+    dist.all_gather_object(found, (errors, _digest(extra, errors), [ctx.tensor_parallel_rank, ctx.pipeline_parallel_rank, ctx.data_parallel_rank], sorted(states)))
     _check_save(found, extra)
     entries = _model_entries(model, ctx)
     if optimizer is not None:
@@ -110,6 +114,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 
 def _prepare(path: Path) -> list[str]:
     """Rank 0 clears a crashed save's leftovers and makes the staging folder."""
+    if path.exists() and not (path / LAYOUT_FILE).is_file():
+        return [f"{path} exists and is not a goose checkpoint (no {LAYOUT_FILE}); a save would replace it: "
+                f"choose a new path, or remove it first"]
     try:
         atomic.clear(atomic.staging(path))
         atomic.staging(path).mkdir(parents=True)
