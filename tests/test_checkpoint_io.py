@@ -198,6 +198,11 @@ def _refusals(ctx: ParallelContext, path: str) -> dict[str, str]:
         save_checkpoint(Path(path).parent, model, optimizer, ctx, step=0)  # the folder holding it
     except ValueError as err:
         seen["overwrite"] = str(err)
+    try:
+        stray = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        save_checkpoint(path, model, stray, ctx, step=0)
+    except ValueError as err:
+        seen["optimizer"] = str(err)
     write = FileSystemWriter.write_data
     if ctx.rank == 1:
         def fail(self: Any, plan: Any, planner: Any) -> Any:
@@ -223,6 +228,7 @@ def test_bad_calls_raise_on_every_rank_and_leave_the_checkpoint(tmp_path: Path) 
         assert "No space left on device" in seen["write"] and "is unchanged" in seen["write"]
         assert seen["step"] == "0"
         assert "exists and is not a goose checkpoint" in seen["overwrite"]
+        assert "the optimizer holds 1 parameters that are not the model's" in seen["optimizer"]
         assert "the checkpoint has no parameter 'model.embed_tokens.weight'" in seen["model"]
 
 

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 from goose_core.checkpoint import atomic, rng
 from goose_core.checkpoint.chunks import Pieces, pieces_of, whole
-from goose_core.checkpoint.optim_state import load_state, state_destinations, state_entries
+from goose_core.checkpoint.optim_state import load_state, optimizer_problems, state_destinations, state_entries
 from goose_core.checkpoint.planner import PiecesLoadPlanner, PiecesSavePlanner
 from goose_core.distributed.context import ParallelContext
 from goose_core.metadata import shard_spec
@@ -78,21 +78,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     ``path`` stays loadable until the new one has replaced it.
 
     Raises:
-        ValueError: on every rank, for ``extra`` that differs between ranks, or a save inside a
-            forward pass.
+        ValueError: on every rank, before writing: ``extra`` that differs between ranks or does
+            not pickle, an optimizer over parameters that are not the model's, a ``path`` that
+            exists and is not a goose checkpoint, a save inside a forward pass.
         RuntimeError: on every rank, when a rank failed to write (the previous checkpoint stays).
     """
     path = Path(path)
-    errors: list[str] = []
-    try:
-        states = rng.capture(model, ctx)
-    except ValueError as err:
-        states, errors = {}, [str(err)]
-    if ctx.rank == 0:
-        errors += _prepare(path)
-    found: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(found, (errors, _digest(extra, errors), [ctx.tensor_parallel_rank, ctx.pipeline_parallel_rank, ctx.data_parallel_rank], sorted(states)))
-    _check_save(found, extra)
+    states, found = _preflight(path, model, optimizer, ctx, extra)
     entries = _model_entries(model, ctx)
     if optimizer is not None:
         entries.update(state_entries(optimizer, _names(model), _cutter(ctx)))
@@ -110,6 +102,27 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if ctx.rank == 0:
         atomic.publish(path)
     dist.barrier()  # every rank returns once the checkpoint is in place
+
+
+def _preflight(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: ParallelContext,
+               extra: dict[str, Any]) -> tuple[dict[str, Tensor], list[Any]]:
+    """This rank's random states, and every rank's (problems, extra digest, coordinates, rng
+    keys): one all-gather, the save's first collective, so every rank raises the same problems."""
+    errors: list[str] = []
+    try:
+        states = rng.capture(model, ctx)
+    except ValueError as err:
+        states, errors = {}, [str(err)]
+    if optimizer is not None:
+        errors += optimizer_problems(optimizer, _names(model))
+    if ctx.rank == 0:
+        errors += _prepare(path)
+    digest = _digest(extra, errors)
+    coords = [ctx.tensor_parallel_rank, ctx.pipeline_parallel_rank, ctx.data_parallel_rank]
+    found: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(found, (errors, digest, coords, sorted(states)))
+    _check_save(found, extra)
+    return states, found
 
 
 def _prepare(path: Path) -> list[str]:

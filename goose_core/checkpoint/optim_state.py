@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from goose_core.checkpoint.chunks import Pieces, whole
 from goose_core.optim.zero import DistributedOptimizer
 
-__all__ = ["GROUPS", "state_entries", "state_destinations", "load_state"]
+__all__ = ["GROUPS", "optimizer_problems", "state_entries", "state_destinations", "load_state"]
 
 STATE = "optim/state/"
 GROUPS = "optim/param_groups"
@@ -49,12 +49,17 @@ def _per_element(value: Any, param: Tensor, key: str) -> bool:
     return torch.is_tensor(value) and value.shape == param.shape and not (key == "step" and value.dim() == 0)
 
 
-def _named(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> list[str]:
-    missing = [i for i, p in enumerate(_ordered(optimizer)) if p not in names]
+def optimizer_problems(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> list[str]:
+    """Why the optimizer's state cannot go under the model's names (empty if it can)."""
+    missing = sum(p not in names for p in _ordered(optimizer))
     if missing:
-        raise ValueError(f"the optimizer holds {len(missing)} parameters that are not the model's; "
-                         f"build it from model.parameters() after every wrapper")
-    return [names[p] for p in _ordered(optimizer)]
+        return [f"the optimizer holds {missing} parameters that are not the model's; build it from "
+                f"model.parameters() after every wrapper"]
+    return []
+
+
+def _named(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str]) -> list[str]:
+    return [names[p] for p in _ordered(optimizer)]  # optimizer_problems() checked every one is there
 
 
 def state_entries(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str], cut: Cutter) -> dict[str, Any]:
@@ -89,6 +94,9 @@ def state_destinations(optimizer: torch.optim.Optimizer, names: dict[nn.Paramete
                        metadata: Metadata, errors: list[str]) -> dict[str, Any]:
     """Where each saved state entry of this rank's parameters is read to (empty tensors cut
     like their parameters, or whole); problems are appended to ``errors``."""
+    if problems := optimizer_problems(optimizer, names):
+        errors += problems
+        return {}
     if GROUPS not in metadata.state_dict_metadata:
         errors.append("the checkpoint holds no optimizer state (it was saved with optimizer=None); "
                       "pass optimizer=None to load_checkpoint, or load a checkpoint saved with one")
