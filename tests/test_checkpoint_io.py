@@ -58,6 +58,13 @@ def _train_save_train(ctx: ParallelContext, spec: TrainSpec, path: str, at: int)
     return RunResult(losses, full_state_dict(model, ctx))
 
 
+def _uninterrupted_then_saved(ctx: ParallelContext, spec: TrainSpec, path: str, at: int) -> list[RunResult]:
+    """The run without a checkpoint, then (rebuilt from the same seeds) the run that saves at ``at``."""
+    model, optimizer = _build(ctx, spec)
+    plain = RunResult(_steps(model, optimizer, ctx, spec, 0, spec.steps), full_state_dict(model, ctx))
+    return [plain, _train_save_train(ctx, spec, path, at)]
+
+
 def _resume(ctx: ParallelContext, spec: TrainSpec, path: str, until: int, save_to: str | None) -> RunResult:
     """A fresh process group: load, train up to step ``until`` (and save there)."""
     model, optimizer = _build(ctx, spec)
@@ -80,7 +87,8 @@ def test_resume_at_the_same_layout_is_bit_exact(tmp_path: Path) -> None:
     """tp=2 x pp=2 x dp=2 with ZeRO-1: 3 steps, save, a new process group, load, 2 steps ==
     the 5 steps of the uninterrupted run, every loss and every parameter bit (EXACT)."""
     path = str(tmp_path / "ckpt")
-    whole = run_distributed(_train_save_train, 2, 2, 2, RESUME, path, 3, timeout=180)[0]
+    whole, saved = run_distributed(_uninterrupted_then_saved, 2, 2, 2, RESUME, path, 3, timeout=180)[0]
+    assert_matches_reference(saved, whole, EXACT)  # saving changed nothing
     resumed = run_distributed(_resume, 2, 2, 2, RESUME, path, 5, None, timeout=180)
     _check_ranks(resumed, RunResult(whole.losses[3:], whole.params), EXACT)
 

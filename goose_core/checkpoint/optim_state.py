@@ -132,11 +132,11 @@ def load_state(optimizer: torch.optim.Optimizer, names: dict[nn.Parameter, str],
         raise ValueError(f"the checkpoint's optimizer has {len(groups)} param groups, this one {len(mine)}; "
                          f"build the optimizer with the same groups as the saved run")
     index = {p: i for i, p in enumerate(_ordered(optimizer))}
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}  # by parameter name
     for fqn, entry in loaded.items():
         if fqn.startswith(STATE):
             name, key = fqn[len(STATE):].rsplit("/", 1)
-            state.setdefault(name, {})[key] = _value(entry)  # type: ignore[index]
+            state.setdefault(name, {})[key] = _value(entry)
     by_index = {index[p]: state[names[p]] for p in index if names[p] in state}
     plain = {"state": by_index,
              "param_groups": [{**g, "params": [index[p] for p in ps]} for g, ps in zip(groups, mine)]}
