@@ -184,7 +184,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 
     Collective: call it on every rank, after building the model, the wrappers and the optimizer
     as for training, at the saved layout (bit-exact resume) or any other (resharded). A
-    ``DistributedOptimizer`` gets its ZeRO-1 shards of this layout.
+    ``DistributedOptimizer`` gets its ZeRO-1 shards of this layout. ``extra`` and the optimizer's
+    options are unpickled (as ``torch.load(weights_only=False)``): load checkpoints you trust.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
