@@ -9,6 +9,10 @@ with (or exported as) the single-device model:
   names; the stages' dictionaries are merged over the pipeline group;
 * data parallelism (and ZeRO-1, which all-gathers after every step) keeps parameters replicated,
   so nothing is gathered over the data-parallel group.
+
+Tied weights appear under every name the single-device model's ``state_dict`` has (GPT-2's
+``lm_head.weight`` beside ``transformer.wte.weight``), so a strict ``load_state_dict`` into a
+fresh model works.
 """
 
 from __future__ import annotations
@@ -37,9 +41,13 @@ def _unshard(param: Tensor, ctx: ParallelContext) -> Tensor:
 def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, Tensor]:
     """Every parameter of the unparallelized model, complete, on CPU, on every rank.
 
-    Collective over the tensor- and pipeline-parallel groups: call it on every rank.
+    Collective over the tensor- and pipeline-parallel groups: call it on every rank. A tied
+    parameter is gathered once and appears under each of its names.
     """
     local = {name: _unshard(p, ctx) for name, p in model.named_parameters()}
+    first = {p: name for name, p in model.named_parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        local.setdefault(name, local[first[p]])  # a tied alias (remove_duplicate dropped it)
     if ctx.pipeline_parallel_size == 1:
         return local
     stages: list[dict[str, Tensor] | None] = [None] * ctx.pipeline_parallel_size

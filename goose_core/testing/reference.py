@@ -143,8 +143,9 @@ def train_loop(model: nn.Module, optimizer: Any, batches: Iterable[Batch],
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
-    """Detached CPU copies of ``model``'s parameters by name (tied weights appear once)."""
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
+    """Detached CPU copies of ``model``'s parameters by name; a tied weight under each of its
+    names, as in ``state_dict`` and :func:`goose_core.full_state_dict`."""
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters(remove_duplicate=False)}
 
 
 def reference_run(spec: TrainSpec) -> RunResult:
