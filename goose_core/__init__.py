@@ -1,5 +1,6 @@
 """goose: 3D-parallel (tensor x pipeline x data) training of Hugging Face causal LMs."""
 
+from goose_core.amp import GradScaler
 from goose_core.data_parallel import DataParallel
 from goose_core.distributed import ParallelContext, RankError, spawn
 from goose_core.optim import DistributedOptimizer, clip_grad_norm_
@@ -8,5 +9,5 @@ from goose_core.state import full_state_dict
 from goose_core.tensor_parallel import TensorParallel
 from goose_core import models  # noqa: F401  (registers the tp adapters of families without a plan)
 
-__all__ = ["DataParallel", "DistributedOptimizer", "ParallelContext", "PipelineParallel", "RankError", "TensorParallel", "clip_grad_norm_", "full_state_dict", "spawn"]
+__all__ = ["DataParallel", "DistributedOptimizer", "GradScaler", "ParallelContext", "PipelineParallel", "RankError", "TensorParallel", "clip_grad_norm_", "full_state_dict", "spawn"]
 __version__ = "0.1.0"
