@@ -17,11 +17,12 @@ tensors. Too large an S overflows somewhere: then the step is skipped and S halv
 Which ranks must agree? Every rank that steps a copy or a piece of the same parameters, and
 every stage, since a model half-updated across stages or tp shards is no model at all::
 
-                 tp 0      tp 1                 found_inf: one MAX all-reduce over the world
-    dp 0  pp 0  [ r0 ]    [ r1 ]   shards of the same matrices: must agree (tp)
-          pp 1  [ r2 ]    [ r3 ]   later layers of the same model: must agree (pp)
-    dp 1  pp 0  [ r4 ]    [ r5 ]   replicas (or ZeRO-1 shards of the optimizer) of r0..r3:
-          pp 1  [ r6 ]    [ r7 ]   must agree (dp); under ZeRO-1 an inf lands in ONE dp shard
+                     tp 0   tp 1        found_inf: one MAX all-reduce over the world
+    pp 0   dp 0     [r0]   [r1]     shards of the same matrices: must agree (tp)
+           dp 1     [r2]   [r3]     replicas of r0, r1 (under ZeRO-1 other optimizer shards, and
+                                    an inf lands in ONE dp rank's shard): must agree (dp)
+    pp 1   dp 0     [r4]   [r5]     the later layers of the same model: must agree (pp)
+           dp 1     [r6]   [r7]
 
 tp x pp x dp is the whole world, so the agreement is one all-reduce of one float over the
 default group: the same latency as a per-axis reduction, and it cannot miss an axis.
