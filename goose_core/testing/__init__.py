@@ -3,6 +3,7 @@
 from goose_core.testing.distributed import layouts, run_distributed
 from goose_core.testing.models import EAGER_IN_DTYPE, FAMILIES, build_model, seeded_model, tiny_config
 from goose_core.testing.reference import (
+    PRECISIONS,
     RunResult,
     TrainSpec,
     accumulate,
@@ -19,6 +20,7 @@ __all__ = [
     "EXACT",
     "FAMILIES",
     "PARALLEL",
+    "PRECISIONS",
     "RunResult",
     "Tolerance",
     "TrainSpec",
