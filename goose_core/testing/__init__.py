@@ -13,7 +13,7 @@ from goose_core.testing.reference import (
     snapshot,
     train_loop,
 )
-from goose_core.testing.tolerances import EXACT, PARALLEL, Tolerance
+from goose_core.testing.tolerances import EXACT, PARALLEL, Tolerance, noise_floor_tolerances
 
 __all__ = [
     "EAGER_IN_DTYPE",
@@ -28,6 +28,7 @@ __all__ = [
     "assert_matches_reference",
     "build_model",
     "format_beside_reference",
+    "noise_floor_tolerances",
     "layouts",
     "reference_run",
     "run_distributed",

@@ -1,0 +1,109 @@
+"""Stage 10: bf16 with fp32 master weights equals the single-device bf16 recipe within its measured
+noise floor at tp=2, pp=2, dp=2 and 3D with ZeRO-1; masters stay fp32 and travel in state dicts;
+bytes per parameter on the fullest rank equal 2 + 4 + 12/dp; bf16 tracks the fp32 run."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from goose_core import ParallelContext
+from goose_core.optim import DistributedOptimizer, MasterWeights
+from goose_core.testing import (RunResult, Tolerance, TrainSpec, assert_matches_reference, noise_floor_tolerances,
+                                reference_run, run_distributed)
+
+from course import load_train_script
+
+train_script = load_train_script("10")
+
+# SGD with momentum: AdamW turns a near-zero gradient's rounding noise into an lr-sized step
+# (see goose_core/testing/tolerances.py); lr 0.1 so that 4 steps move bf16 weights by many ulps.
+SPEC = TrainSpec(family="llama", steps=4, optimizer="sgd", lr=0.1, precision="bf16")
+
+
+@pytest.fixture(scope="module")
+def floor() -> tuple[RunResult, Tolerance, Tolerance]:
+    """The bf16 reference, and the allowances its noise floor gives (measured here, every run)."""
+    reference = reference_run(SPEC)
+    floor_runs = [reference_run(SPEC, 2), reference_run(SPEC, 4, reverse=True)]
+    return reference, *noise_floor_tolerances(reference, floor_runs)
+
+
+def _train(ctx: ParallelContext, spec: TrainSpec, zero: bool) -> RunResult:
+    return train_script.train(ctx, spec, zero)[0]
+
+
+@pytest.mark.parametrize("tp, pp, dp, zero", [(2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False),
+                                              (1, 1, 2, True), (2, 2, 2, True)],
+                         ids=["tp2", "pp2", "dp2", "dp2-zero1", "3d-zero1"])
+def test_equals_the_single_device_bf16_recipe(floor: tuple[RunResult, Tolerance, Tolerance],
+                                              tp: int, pp: int, dp: int, zero: bool) -> None:
+    reference, losses, params = floor
+    for rank, result in enumerate(run_distributed(_train, tp, pp, dp, SPEC, zero, timeout=180)):
+        try:
+            assert_matches_reference(result, reference, losses, params)
+        except AssertionError as err:
+            raise AssertionError(f"rank {rank}: {err}\n({losses.why}; {params.why})") from err
+
+
+def test_a_one_percent_gradient_error_lands_outside(floor: tuple[RunResult, Tolerance, Tolerance]) -> None:
+    # SGD's step is lr x momentum buffer, linear in the gradient: lr x 1.01 is every gradient 1 % too large.
+    reference, losses, params = floor
+    with pytest.raises(AssertionError, match="losses differ"):
+        assert_matches_reference(reference_run(replace(SPEC, lr=SPEC.lr * 1.01)), reference, losses, params)
+
+
+def _state(ctx: ParallelContext, spec: TrainSpec) -> dict:
+    _, model, optimizer = train_script.train(ctx, spec, zero=True)
+    consolidated = optimizer.consolidated_state_dict()
+    again = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
+    again.load_state_dict(optimizer.state_dict())  # its shard, masters included
+    back = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
+    back.load_state_dict(consolidated)  # the single-device format: each rank cuts its shard
+    return {"shards": {s.dtype for s in optimizer.shards}, "params": {p.dtype for p in model.parameters()},
+            "moments": {v.dtype for s in optimizer.state.values() for v in s.values() if v.dim() > 0},
+            "masters": [s.detach().clone() for s in optimizer.shards],
+            "again": [s.detach().clone() for s in again.shards], "back": [s.detach().clone() for s in back.shards],
+            "consolidated": consolidated}
+
+
+def test_master_weights_stay_fp32_and_travel_in_state_dicts() -> None:
+    spec = replace(SPEC, optimizer="adamw", lr=1e-3, steps=2)
+    results = run_distributed(_state, 1, 1, 2, spec, timeout=120)
+    for r in results:
+        assert r["shards"] == r["moments"] == {torch.float32} and r["params"] == {torch.bfloat16}
+        assert all(torch.equal(a, b) for a, b in zip(r["masters"], r["again"]))
+        assert all(torch.equal(a, b) for a, b in zip(r["masters"], r["back"]))
+    # The consolidated dict is MasterWeights' single-device format: a plain optimizer loads it.
+    model = spec.build_model()
+    single = MasterWeights(spec.build_optimizer(model.parameters()))
+    single.load_state_dict(results[0]["consolidated"])
+    saved = single.state_dict()
+    assert saved["master_weights"].keys() == results[0]["consolidated"]["master_weights"].keys()
+    for i, master in saved["master_weights"].items():
+        assert master.dtype == torch.float32 and torch.equal(master, results[0]["consolidated"]["master_weights"][i])
+        assert torch.equal(saved["state"][i]["exp_avg"], results[0]["consolidated"]["state"][i]["exp_avg"])
+
+
+def _bytes(ctx: ParallelContext, spec: TrainSpec) -> dict:
+    _, model, optimizer = train_script.train(ctx, spec, zero=True)
+    held = train_script.bytes_per_parameter(model, optimizer)
+    n = held["params"]
+    padding = sum(b.padded_numel - b.numel for b in optimizer.buckets)
+    return {**held, "formula": 2 + 4 + 12 / ctx.data_parallel_size, "padding": padding / n,
+            "shard_padding": sum(b.shard_numel for b in optimizer.buckets) / n - 1 / ctx.data_parallel_size}
+
+
+@pytest.mark.parametrize("tp, pp, dp", [(1, 1, 2), (2, 2, 2)])
+def test_bytes_per_parameter_on_the_fullest_rank_equal_the_formula(tp: int, pp: int, dp: int) -> None:
+    spec = replace(SPEC, optimizer="adamw", lr=1e-3, steps=1)
+    results = run_distributed(_bytes, tp, pp, dp, spec, timeout=120)
+    fullest = max(results, key=lambda r: r["weights"] + r["grads"] + r["masters"] + r["moments"])
+    # 2 bf16 weight bytes; 4 fp32 gradient bytes (+ the buckets' padding); 4 master + 8 moment
+    # bytes for 1/dp of the elements (+ this rank's share of the padding).
+    assert fullest["weights"] == 2
+    assert fullest["grads"] == pytest.approx(4 * (1 + fullest["padding"]))
+    assert fullest["masters"] == pytest.approx(4 * (1 / dp + fullest["shard_padding"]))
+    assert fullest["moments"] == pytest.approx(8 * (1 / dp + fullest["shard_padding"]))
+    total = fullest["weights"] + fullest["grads"] + fullest["masters"] + fullest["moments"]
+    assert fullest["formula"] <= total <= fullest["formula"] + 16 * fullest["padding"]
