@@ -61,6 +61,7 @@ def _state(ctx: ParallelContext, spec: TrainSpec) -> dict:
     back = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
     back.load_state_dict(consolidated)  # the single-device format: each rank cuts its shard
     return {"shards": {s.dtype for s in optimizer.shards}, "params": {p.dtype for p in model.parameters()},
+            "buckets": {b.grad.dtype for b in optimizer.buckets},  # DataParallel's default for bf16
             "moments": {v.dtype for s in optimizer.state.values() for v in s.values() if v.dim() > 0},
             "masters": [s.detach().clone() for s in optimizer.shards],
             "again": [s.detach().clone() for s in again.shards], "back": [s.detach().clone() for s in back.shards],
@@ -71,7 +72,7 @@ def test_master_weights_stay_fp32_and_travel_in_state_dicts() -> None:
     spec = replace(SPEC, optimizer="adamw", lr=1e-3, steps=2)
     results = run_distributed(_state, 1, 1, 2, spec, timeout=120)
     for r in results:
-        assert r["shards"] == r["moments"] == {torch.float32} and r["params"] == {torch.bfloat16}
+        assert r["shards"] == r["moments"] == r["buckets"] == {torch.float32} and r["params"] == {torch.bfloat16}
         assert all(torch.equal(a, b) for a, b in zip(r["masters"], r["again"]))
         assert all(torch.equal(a, b) for a, b in zip(r["masters"], r["back"]))
     # The consolidated dict is MasterWeights' single-device format: a plain optimizer loads it.
