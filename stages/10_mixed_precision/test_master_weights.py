@@ -7,7 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from goose_core import ParallelContext
+from goose_core import DataParallel, ParallelContext
+from goose_core.data import shard_batch
+from goose_core.data_parallel import no_sync, reducer_of
 from goose_core.optim import DistributedOptimizer, MasterWeights
 from goose_core.testing import (RunResult, Tolerance, TrainSpec, assert_matches_reference, noise_floor_tolerances,
                                 reference_run, run_distributed)
@@ -146,3 +148,42 @@ def test_micro_batches_sum_in_fp32_and_masters_stay_fp32() -> None:
     optimizer.step()
     assert all(p.dtype == torch.bfloat16 and torch.equal(p, m.to(torch.bfloat16))
                for p, m in zip(model.parameters(), optimizer.master_params()))
+
+
+def _accumulate_under_no_sync(ctx: ParallelContext, zero: bool) -> list[bool]:
+    model = SPEC.build_model()
+    batch = shard_batch(SPEC.batch(0), ctx.dp_rank, ctx.dp_size)
+    pieces = [shard_batch(batch, i, 2) for i in range(2)]
+    local = [torch.zeros_like(p, dtype=torch.float32) for p in model.parameters()]
+    for piece in pieces:  # this rank's two bf16 micro-batch gradients, summed in fp32 by hand
+        for acc, g in zip(local, torch.autograd.grad(model(**piece).loss / 2, list(model.parameters()))):
+            acc.add_(g.float())
+    expected = []
+    for acc in local:  # halve (exact), then the sum of two ranks (exact in either order)
+        acc.div_(2)
+        torch.distributed.all_reduce(acc, group=ctx.dp_group)
+        expected.append(acc)
+    model = DataParallel(model, ctx).parallelize()
+    optimizer = DistributedOptimizer(SPEC.build_optimizer(model.parameters()), ctx) if zero else None
+    with no_sync(model):
+        (model(**pieces[0]).loss / 2).backward()  # added into the fp32 bucket, nothing sent
+    (model(**pieces[1]).loss / 2).backward()
+    reducer = reducer_of(model)
+    assert reducer is not None
+    if optimizer is None:
+        return [torch.equal(reducer.main_grad(p), e) for p, e in zip(model.parameters(), expected)]
+    want = dict(zip(model.parameters(), expected))
+    equal = []
+    for bucket in optimizer.buckets:  # ZeRO-1: this rank's reduce-scattered fp32 shard of each bucket
+        flat = torch.zeros_like(bucket.grad)
+        for o, p in zip(bucket.offsets, bucket.params):
+            flat[o : o + p.numel()] = want[p].reshape(-1)
+        lo, hi = bucket.shard_range(ctx.dp_rank)
+        equal.append(bucket.shard_grad.dtype == torch.float32 and torch.equal(bucket.shard_grad, flat[lo:hi]))
+    return equal
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["all-reduce", "zero1"])
+def test_accumulation_under_no_sync_sums_in_fp32_and_reduces_in_fp32(zero: bool) -> None:
+    for equal in run_distributed(_accumulate_under_no_sync, 1, 1, 2, zero, timeout=120):
+        assert all(equal)
