@@ -1,6 +1,6 @@
 """Data parallelism: bucketed gradient averaging that overlaps the backward pass."""
 
-from goose_core.data_parallel.bucket import Bucket, build_buckets
+from goose_core.data_parallel.bucket import Bucket, build_buckets, main_dtype
 from goose_core.data_parallel.loss import PendingMean, count_items_over, global_mean
 from goose_core.data_parallel.reducer import GradReducer
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
@@ -16,6 +16,7 @@ __all__ = [
     "check_replicas",
     "count_items_over",
     "global_mean",
+    "main_dtype",
     "no_sync",
     "parameters_changed",
     "reducer_of",

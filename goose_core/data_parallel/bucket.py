@@ -9,6 +9,15 @@ needs)::
 
 Parameters go in reverse registration order, the order in which the backward pass usually
 produces their gradients, so the first bucket fills (and starts communicating) first.
+
+A buffer wider than its parameters (fp32 for bf16/fp16 parameters, the default: see
+:func:`main_dtype`) is Megatron's ``main_grad``: each gradient is *added* into its slot as soon as
+autograd produces it, and ``p.grad`` is freed, so a step accumulated over many micro-batches sums
+in fp32 rather than rounding to bf16 after every micro-batch::
+
+    micro-batch 1   p.grad (bf16) --+--> slot (fp32) += ..., p.grad = None
+    micro-batch 2   p.grad (bf16) --+
+    ...                                  the collective reduces the fp32 sums
 """
 
 from __future__ import annotations
@@ -21,7 +30,14 @@ from torch import Tensor, nn
 
 from goose_core.distributed.compat import reduce_scatter_flat
 
-__all__ = ["Bucket", "build_buckets"]
+__all__ = ["Bucket", "build_buckets", "main_dtype"]
+
+
+def main_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype gradients of ``dtype`` parameters are accumulated and reduced in by default:
+    fp32 for bf16 and fp16 (8 and 11 significant bits lose a micro-batch's contribution to a
+    large sum), the parameters' own dtype from fp32 up."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class Bucket:
@@ -30,7 +46,7 @@ class Bucket:
     Args:
         params: the parameters, in slot order (same dtype and device).
         pad_to: the buffer's length is rounded up to a multiple of this (the dp size).
-        dtype: the buffer's dtype (default: the parameters').
+        dtype: the buffer's dtype (default: :func:`main_dtype` of the parameters').
     """
 
     def __init__(self, params: list[nn.Parameter], pad_to: int, dtype: torch.dtype | None = None) -> None:
@@ -43,8 +59,15 @@ class Bucket:
         self.numel = total
         self.padded_numel = -(-total // pad_to) * pad_to
         self.shard_numel = self.padded_numel // pad_to
-        self.grad = torch.zeros(self.padded_numel, dtype=dtype or params[0].dtype, device=params[0].device)
-        self.shard_grad = torch.zeros(self.shard_numel, dtype=self.grad.dtype, device=self.grad.device)
+        self.grad = torch.zeros(self.padded_numel, dtype=dtype or main_dtype(params[0].dtype),
+                                device=params[0].device)
+        # A view, not a copy: the reduce-scatter writes this rank's shard in place, so the
+        # gradients cost one buffer in all (launch points it at this rank's piece).
+        self.shard_grad = self.grad[: self.shard_numel]
+        #: Wider than the parameters: gradients are added in (main_grad), not copied.
+        self.accumulates = self.grad.element_size() > params[0].element_size()
+        #: Holds nothing of the current accumulation yet: zeroed before the first gradient is added.
+        self.fresh = True
         self.ready: set[int] = set()
         self.work: dist.Work | None = None
 
@@ -53,9 +76,10 @@ class Bucket:
         p = self.params[i]
         return self.grad[self.offsets[i] : self.offsets[i] + p.numel()].view_as(p)
 
-    def flat_params(self) -> Tensor:
-        """The parameters' values, flattened in slot order and zero-padded like ``grad``."""
-        flat = torch.zeros_like(self.grad)
+    def flat_params(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The parameters' values, flattened in slot order and zero-padded like ``grad``, in
+        ``dtype`` (default: the buffer's)."""
+        flat = torch.zeros_like(self.grad, dtype=dtype or self.grad.dtype)
         for i, p in enumerate(self.params):
             flat[self.offsets[i] : self.offsets[i] + p.numel()].copy_(p.detach().reshape(-1))
         return flat
@@ -68,11 +92,28 @@ class Bucket:
     def full(self) -> bool:
         return len(self.ready) == len(self.params)
 
+    def add(self, i: int) -> None:
+        """Add parameter ``i``'s gradient into its slot and free it (``accumulates`` buffers)."""
+        param = self.params[i]
+        if param.grad is None:
+            return
+        if self.fresh:
+            self.grad.zero_()
+            self.fresh = False
+        self.slot(i).add_(param.grad)
+        param.grad = None
+
     def mark_ready(self, i: int, divisor: int = 1) -> None:
         """Copy parameter ``i``'s gradient / ``divisor`` into its slot (zeros if it has none).
 
-        Dividing on the way in (as torch DDP does) saves a pass over the buffer afterwards.
+        Dividing on the way in (as torch DDP does) saves a pass over the buffer afterwards. An
+        ``accumulates`` buffer adds a gradient still in ``p.grad`` to the slot's sum instead, and
+        :meth:`launch` divides the whole buffer.
         """
+        if self.accumulates:
+            self.add(i)
+            self.ready.add(i)
+            return
         grad = self.params[i].grad
         if grad is None:
             self.slot(i).zero_()
@@ -87,7 +128,15 @@ class Bucket:
         for i in range(len(self.params)):
             if i not in self.ready:
                 self.mark_ready(i, divisor)
+        if self.accumulates:
+            if self.fresh:  # no gradient at all this step: they count as zeros
+                self.grad.zero_()
+                self.fresh = False
+            if divisor != 1:
+                self.grad.div_(divisor)
         if scatter:
+            lo, hi = self.shard_range(dist.get_rank(group))
+            self.shard_grad = self.grad[lo:hi]
             self.work = reduce_scatter_flat(self.shard_grad, self.grad, group=group, async_op=True)
         else:
             self.work = dist.all_reduce(self.grad, group=group, async_op=True)
@@ -109,7 +158,7 @@ def build_buckets(params: Iterable[nn.Parameter], bucket_bytes: int, pad_to: int
     dtype, device or ``key`` (ZeRO-1 keys by param group and by how the gradient norm counts it).
     The first bucket may close earlier, at ``first_bucket_bytes`` (torch DDP uses 1 MB): the
     sooner the first collective starts, the more of the backward pass it overlaps. ``dtype`` is
-    the buffers' (default: each bucket's parameters').
+    the buffers' (default: :func:`main_dtype` of each bucket's parameters).
     """
     buckets: list[Bucket] = []
     current: list[nn.Parameter] = []

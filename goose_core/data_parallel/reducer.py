@@ -19,7 +19,11 @@ engine's backward across ranks) triggers them.
 
 Two modes: all-reduce (plain data parallelism; ``p.grad`` becomes its slot of the averaged
 buffer) and reduce-scatter (ZeRO-1; each rank keeps only its shard of the averaged buffer,
-``bucket.shard_grad``, and ``p.grad`` is freed). The pipeline and ZeRO-1 drive it through
+``bucket.shard_grad``, and ``p.grad`` is freed). Buffers wider than their parameters (fp32 for a bf16
+model, the default) add every gradient in as autograd produces it, under ``no_sync`` and inside a
+pipeline's deferred backward too, so micro-batches and accumulation steps sum in fp32
+(Megatron's ``main_grad``, see :mod:`.bucket`); :meth:`GradReducer.main_grad` hands the reduced
+fp32 gradient to master weights. The pipeline and ZeRO-1 drive it through
 :class:`goose_core.grad_sync.GradSync`, the interface it implements.
 """
 
@@ -55,8 +59,10 @@ class GradReducer(GradSync):
         params: the parameters that need gradients (in registration order).
         group: the data-parallel process group.
         bucket_bytes: the size at which a bucket closes.
-        reduce_dtype: the buckets' dtype (default: each parameter's own); gradients are cast into
-            it, summed over the group, and cast back into ``p.grad``.
+        reduce_dtype: the buckets' dtype (default: :func:`~.bucket.main_dtype`, fp32 for bf16 and
+            fp16 parameters, else their own); gradients are cast into it, summed over the group,
+            and cast back into ``p.grad``. ``torch.bfloat16`` for a bf16 model halves the bytes
+            moved and accumulates and sums in bf16.
     """
 
     def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int,
@@ -89,6 +95,8 @@ class GradReducer(GradSync):
 
     def reset(self) -> None:
         self._reduced = False
+        for bucket in self.buckets:
+            bucket.fresh = True  # the optimizer consumed the sums (ZeRO-1 gathered params into them)
 
     def track(self, model: nn.Module) -> None:
         if self.scatter:
@@ -153,12 +161,24 @@ class GradReducer(GradSync):
                 self._ready(param)
         self.finish()
 
+    def main_grad(self, param: nn.Parameter) -> Tensor | None:
+        """``param``'s averaged gradient in its bucket's wider dtype (fp32 for a bf16 parameter),
+        valid from the end of a synced backward until the next backward starts; ``None`` when
+        its bucket is not wider than the parameter (all-reduce mode only: ZeRO-1 reads shards)."""
+        bucket, i = self._where[param]
+        return bucket.slot(i) if bucket.accumulates and not self.scatter else None
+
     def _begin(self) -> None:
         # A second synced backward before the optimizer consumed the shards (accumulation
         # without no_sync): keep what the first one reduced, the collectives overwrite it.
-        self._carry = [b.shard_grad.clone() for b in self.buckets] if self.scatter and self._reduced else None
+        # Accumulating buffers keep the first backward's sum themselves (nothing reset them).
+        self._carry = ([None if b.accumulates else b.shard_grad.clone() for b in self.buckets]
+                       if self.scatter and self._reduced else None)
 
     def _on_grad(self, param: nn.Parameter) -> None:
+        bucket, i = self._where[param]
+        if bucket.accumulates:
+            bucket.add(i)  # main_grad: summed in the wide dtype whether or not this backward syncs
         if not self.sync or self.deferred:
             return
         if not self._callback_queued:
@@ -196,4 +216,7 @@ class GradReducer(GradSync):
                 continue
             for i, p in enumerate(bucket.params):
                 p.grad = bucket.slot(i).to(p.dtype)  # the slot itself unless reduce_dtype differs
+            # p.grad carries the sum on if another backward comes before zero_grad (as autograd
+            # does without DataParallel); the slot keeps main_grad() until that backward starts.
+            bucket.fresh = True
         self._reduced = True

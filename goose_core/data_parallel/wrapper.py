@@ -61,8 +61,12 @@ class DataParallel:
         ctx: the parallel context; only its data-parallel group is used.
         bucket_size_mb: gradient bytes per bucket (torch DDP's default: 25 MB).
         broadcast: copy dp rank 0's parameters and buffers to every rank instead of checking.
-        reduce_dtype: the dtype gradients are averaged in (default: each parameter's own);
-            ZeRO-1's shards and their optimizer state then live in it too.
+        reduce_dtype: the dtype gradients are accumulated and averaged in (default:
+            :func:`~goose_core.data_parallel.main_dtype`: fp32 for a bf16 or fp16 model, each
+            parameter's own dtype from fp32 up). A buffer wider than the parameters sums every
+            micro-batch's gradient as it comes (Megatron's main_grad). ``torch.bfloat16`` on a
+            bf16 model halves the bytes moved and sums in bf16 (stage 10 measures the error).
+            ZeRO-1's shards and their optimizer state live in it, or in fp32 if it is narrower.
 
     Raises:
         ValueError: ``bucket_size_mb`` is not positive; replicas differ (on every rank).

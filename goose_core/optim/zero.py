@@ -15,6 +15,20 @@ no full all-reduce happens. With DataParallel, the optimizer takes over DataPara
 sync (``GradSync.shard``: same hooks, now reduce-scattering), so the reduction still overlaps the
 backward pass; a rank's shard is the r-th slice of every bucket (contiguous per bucket, as in
 Megatron-core's distributed optimizer). Without DataParallel it reduce-scatters at ``step()``.
+
+Mixed precision (a bf16 model), Megatron's way: the shard the optimizer steps is the *master*
+copy of the parameters, in fp32 (:func:`~goose_core.data_parallel.main_dtype`), so master weights
+and Adam moments cost 12 bytes per parameter divided by dp; gradients are reduced in fp32 buffers
+(DataParallel's default for bf16 parameters) and the all-gather after the step moves bf16, written
+into the first half of the bytes of the (now free) fp32 gradient buffer::
+
+    rank r     fp32 grad shard --> AdamW on the fp32 master shard --> bf16 copy of the shard
+    all ranks  all-gather bf16 shards --> bf16 parameters        (2 bytes a parameter moved)
+
+    bytes a parameter, on every rank:  2 (bf16 weight) + 4 (fp32 gradient) + 12 / dp (master, m, v)
+
+The master shards are part of ``state_dict()`` (and ``consolidated_state_dict()``, under
+``"master_weights"``, as :class:`~goose_core.optim.MasterWeights` writes it on one device).
 """
 
 from __future__ import annotations
@@ -26,14 +40,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from goose_core.data_parallel.bucket import Bucket, build_buckets
+from goose_core.data_parallel.bucket import Bucket, build_buckets, main_dtype
 from goose_core.distributed.compat import all_gather_flat
 from goose_core.distributed.context import ParallelContext
 from goose_core.grad_sync import GradSync
 from goose_core.metadata import (grad_sync_of, is_duplicate, mark_dp_shard, mark_duplicate, mark_sharded,
                                  set_grad_shards, shard_spec)
 from goose_core.optim.clip import norm_kind
-from goose_core.optim.zero_state import consolidate, shard_consolidated
+from goose_core.optim.master import MasterWeights
+from goose_core.optim.zero_state import consolidate, gather_masters, shard_consolidated, shard_masters
 
 __all__ = ["DistributedOptimizer"]
 
@@ -119,9 +134,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._grad_shards()
         self.optimizer.step()
         self._all_gather()
-        self._reduced = False
-        if self.grad_sync is not None:
-            self.grad_sync.reset()
+        self._reset()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -133,14 +146,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 elif p.grad is not None:
                     p.grad = None
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._reset()
+
+    def _reset(self) -> None:
+        """The next backward starts a fresh accumulation (the buffers hold gathered params)."""
         self._reduced = False
+        for bucket in self.buckets:
+            bucket.fresh = True
         if self.grad_sync is not None:
-            self.grad_sync.reset()  # the next backward starts a fresh accumulation
+            self.grad_sync.reset()
 
     # -- the ZeRO-1 steps ------------------------------------------------------------------
     def _new_shard(self, bucket: Bucket) -> nn.Parameter:
         lo, hi = bucket.shard_range(self.ctx.data_parallel_rank)
-        shard = nn.Parameter(bucket.flat_params()[lo:hi].clone())
+        shard = nn.Parameter(bucket.flat_params(_master_dtype(bucket))[lo:hi].clone())
         first = bucket.params[0]
         if (spec := shard_spec(first)) is not None:
             mark_sharded(shard, spec)  # only its tp-replica count matters: it steers the norm
@@ -154,7 +173,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             if self.grad_sync is None or not self.grad_sync.reduced:
                 self._reduce_scatter()
             for bucket, shard in zip(self.buckets, self.shards):
-                shard.grad = bucket.shard_grad
+                shard.grad = bucket.shard_grad.to(shard.dtype)  # itself, unless reduced in bf16
             self._reduced = True
         return self.shards
 
@@ -167,31 +186,41 @@ class DistributedOptimizer(torch.optim.Optimizer):
             bucket.shard_grad.div_(self.ctx.data_parallel_size)
 
     def _all_gather(self) -> None:
-        # The flat gradient buffer is free until the next backward: gather parameters into it.
-        works = [w for b, s in zip(self.buckets, self.shards) for w in self._gather_bucket(b, s)]
+        # The flat gradient buffer is free until the next backward: gather parameters into it,
+        # in the parameters' dtype (bf16 under mixed precision: half the bytes of the masters).
+        flats = [_gather_buffer(b) for b in self.buckets]
+        works = [w for b, f, s in zip(self.buckets, flats, self.shards) for w in self._gather_bucket(b, f, s)]
         for work in works:
             work.wait()
-        for bucket in self.buckets:
+        for bucket, flat in zip(self.buckets, flats):
             for i, p in enumerate(bucket.params):
-                p.detach().copy_(bucket.slot(i))
+                p.detach().copy_(flat[bucket.offsets[i] : bucket.offsets[i] + p.numel()].view_as(p))
 
-    def _gather_bucket(self, bucket: Bucket, shard: nn.Parameter) -> list[dist.Work]:
+    def _gather_bucket(self, bucket: Bucket, flat: torch.Tensor, shard: nn.Parameter) -> list[dist.Work]:
         group = self.ctx.data_parallel_group
+        lo, hi = bucket.shard_range(self.ctx.data_parallel_rank)
+        mine = shard.detach().to(flat.dtype)  # the master shard rounded once to bf16
         if self.ctx.backend != "gloo":
-            return [all_gather_flat(bucket.grad, shard.detach(), group=group, async_op=True)]
+            return [all_gather_flat(flat, mine, group=group, async_op=True)]
         # gloo: one in-place broadcast per shard moves the same bytes as an all-gather and
         # measured ~1.5x faster than gloo's all-gather (13 MB, 2 ranks: 4.1 ms against 6.1 ms).
-        lo, hi = bucket.shard_range(self.ctx.data_parallel_rank)
-        bucket.grad[lo:hi].copy_(shard.detach())
+        flat[lo:hi].copy_(mine)
         ranks = self.ctx.group_ranks("dp")
-        return [dist.broadcast(bucket.grad[r * bucket.shard_numel : (r + 1) * bucket.shard_numel],
+        return [dist.broadcast(flat[r * bucket.shard_numel : (r + 1) * bucket.shard_numel],
                                src=ranks[r], group=group, async_op=True) for r in range(len(ranks))]
 
-    def _refresh_shards(self) -> None:
+    def _refresh_shards(self, masters: list[torch.Tensor] | None = None) -> None:
+        """Re-read the shards from the model's parameters, or take saved ``masters`` (the
+        parameters are a rounded copy of the masters under mixed precision)."""
         with torch.no_grad():
-            for bucket, shard in zip(self.buckets, self.shards):
+            for k, (bucket, shard) in enumerate(zip(self.buckets, self.shards)):
                 lo, hi = bucket.shard_range(self.ctx.data_parallel_rank)
-                shard.copy_(bucket.flat_params()[lo:hi])
+                shard.copy_(masters[k] if masters is not None else bucket.flat_params(shard.dtype)[lo:hi])
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the shards are master copies wider than the parameters (a bf16 model)."""
+        return any(s.dtype != b.params[0].dtype for b, s in zip(self.buckets, self.shards))
 
     # -- checkpoints -------------------------------------------------------------------------
     def _layout(self) -> list[list[int]]:
@@ -199,8 +228,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """This rank's shard of the optimizer state (tied to this dp size and bucketing)."""
-        return {"zero1_shard": self.ctx.data_parallel_rank, "dp_size": self.ctx.data_parallel_size,
-                "layout": self._layout(), "optimizer": self.optimizer.state_dict()}
+        state = {"zero1_shard": self.ctx.data_parallel_rank, "dp_size": self.ctx.data_parallel_size,
+                 "layout": self._layout(), "optimizer": self.optimizer.state_dict()}
+        if self.mixed:
+            state["master_weights"] = [s.detach().clone() for s in self.shards]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load ``state_dict()`` of the same rank and layout, or a consolidated (plain) one."""
@@ -213,7 +245,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"this shard state dict is for dp rank {theirs[0]} of {theirs[1]} with another "
                              f"bucket layout; load a consolidated_state_dict() to change layouts")
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        self._refresh_shards()
+        self._refresh_shards(state_dict.get("master_weights") if self.mixed else None)
 
     def consolidated_state_dict(self) -> dict[str, Any]:
         """The whole state in the plain format of the wrapped optimizer over the model's params.
@@ -221,15 +253,38 @@ class DistributedOptimizer(torch.optim.Optimizer):
         Collective over the data-parallel group; every rank returns the same dictionary, which
         ``torch.optim.<Same>(model.parameters(), ...).load_state_dict`` accepts on one device.
         """
-        return consolidate(self.optimizer, self.buckets, self.shards, self.group_params,
-                           self.ctx.data_parallel_group)
+        state = consolidate(self.optimizer, self.buckets, self.shards, self.group_params,
+                            self.ctx.data_parallel_group)
+        if self.mixed:
+            state["master_weights"] = gather_masters(self.buckets, self.shards, self.group_params,
+                                                     self.ctx.data_parallel_group)
+        return state
 
     def load_consolidated_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a plain (single-device) optimizer state dict: each rank keeps its shard."""
         inner = shard_consolidated(state_dict, self.optimizer, self.buckets, self.shards,
                                    self.group_params, self.ctx.data_parallel_rank)
         self.optimizer.load_state_dict(inner)
-        self._refresh_shards()
+        masters = state_dict.get("master_weights")
+        if masters is not None and self.mixed:
+            masters = shard_masters(masters, self.buckets, self.shards, self.group_params,
+                                    self.ctx.data_parallel_rank)
+        self._refresh_shards(masters if self.mixed else None)
+
+
+def _master_dtype(bucket: Bucket) -> torch.dtype:
+    """The shard's dtype: fp32 at least (master weights of a bf16 model), wider if reduced wider."""
+    return torch.promote_types(bucket.grad.dtype, main_dtype(bucket.params[0].dtype))
+
+
+def _gather_buffer(bucket: Bucket) -> torch.Tensor:
+    """Where the step all-gathers the parameters: the gradient buffer's bytes, read in the
+    parameters' dtype (a bf16 view of the first half of an fp32 buffer), or a new tensor when
+    the buffer is narrower than the parameters."""
+    dtype = bucket.params[0].dtype
+    if bucket.grad.element_size() < torch.empty((), dtype=dtype).element_size():
+        return torch.empty(bucket.padded_numel, dtype=dtype, device=bucket.grad.device)
+    return bucket.grad.view(dtype)[: bucket.padded_numel]
 
 
 def _check(optimizer: Any, bucket_size_mb: float) -> None:
@@ -239,6 +294,9 @@ def _check(optimizer: Any, bucket_size_mb: float) -> None:
         raise ValueError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, DistributedOptimizer):
         raise ValueError("this optimizer is already a DistributedOptimizer; wrap the plain one once")
+    if isinstance(optimizer, MasterWeights):
+        raise ValueError("DistributedOptimizer keeps fp32 master shards itself: give it the plain optimizer, "
+                         "not MasterWeights(optimizer)")
     if optimizer.state:
         raise ValueError("wrap a fresh optimizer (no state yet); to resume, wrap first and then call "
                          "load_state_dict() with a shard or consolidated state dict")

@@ -4,6 +4,9 @@ The consolidated form is exactly what ``torch.optim.<Optimizer>(model.parameters
 parameters numbered in param-group order, per-element state (``exp_avg``, ``momentum_buffer``)
 shaped like each parameter, scalars (``step``) repeated per parameter. Padding is dropped on the
 way out and comes back as zeros, which is what it holds anyway (zero gradient, zero weight).
+Under mixed precision the fp32 master weights ride along as ``"master_weights"``: parameter
+number -> fp32 tensor shaped like the parameter, the key :class:`~goose_core.optim.MasterWeights`
+writes on one device (a plain torch optimizer's ``load_state_dict`` ignores it).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import Tensor, nn
 from goose_core.data_parallel.bucket import Bucket
 from goose_core.distributed.compat import all_gather_flat
 
-__all__ = ["consolidate", "shard_consolidated"]
+__all__ = ["consolidate", "shard_consolidated", "gather_masters", "shard_masters"]
 
 
 def _numbering(params: list[list[Any]]) -> dict[Any, int]:
@@ -104,3 +107,39 @@ def shard_consolidated(state_dict: dict[str, Any], optimizer: torch.optim.Optimi
     groups = [{**_options(saved_g), "params": [shard_index[s] for s in g["params"]]}
               for saved_g, g in zip(state_dict["param_groups"], optimizer.param_groups)]
     return {"state": state, "param_groups": groups}
+
+
+def gather_masters(buckets: list[Bucket], shards: list[nn.Parameter], group_params: list[list[nn.Parameter]],
+                   group: dist.ProcessGroup) -> dict[int, Tensor]:
+    """Every rank's master shards all-gathered: parameter number -> master shaped like it."""
+    index = _numbering(group_params)
+    masters: dict[int, Tensor] = {}
+    for bucket, shard in zip(buckets, shards):
+        full = torch.empty(bucket.padded_numel, dtype=shard.dtype, device=shard.device)
+        all_gather_flat(full, shard.detach().contiguous(), group=group)
+        for o, p in zip(bucket.offsets, bucket.params):
+            masters[index[p]] = _copy(full[o : o + p.numel()].view(p.shape))
+    return masters
+
+
+def shard_masters(masters: dict[Any, Tensor], buckets: list[Bucket], shards: list[nn.Parameter],
+                  group_params: list[list[nn.Parameter]], rank: int) -> list[Tensor]:
+    """Rank ``rank``'s master shard of every bucket, cut from :func:`gather_masters`' form.
+
+    Raises:
+        ValueError: a trainable parameter has no master weight in ``masters``.
+    """
+    index = _numbering(group_params)
+    saved = {int(k): v for k, v in masters.items()}
+    out = []
+    for bucket, shard in zip(buckets, shards):
+        missing = [index[p] for p in bucket.params if index[p] not in saved]
+        if missing:
+            raise ValueError(f"the state dict's master_weights lack parameters {missing}; save it from "
+                             f"the same model with MasterWeights or DistributedOptimizer")
+        flat = torch.zeros(bucket.padded_numel, dtype=shard.dtype)
+        for o, p in zip(bucket.offsets, bucket.params):
+            flat[o : o + p.numel()].copy_(saved[index[p]].reshape(-1))
+        lo, hi = bucket.shard_range(rank)
+        out.append(flat[lo:hi].to(shard.device))
+    return out

@@ -3,6 +3,7 @@
 from goose_core.testing.distributed import layouts, run_distributed
 from goose_core.testing.models import EAGER_IN_DTYPE, FAMILIES, build_model, seeded_model, tiny_config
 from goose_core.testing.reference import (
+    PRECISIONS,
     RunResult,
     TrainSpec,
     accumulate,
@@ -12,13 +13,14 @@ from goose_core.testing.reference import (
     snapshot,
     train_loop,
 )
-from goose_core.testing.tolerances import EXACT, PARALLEL, Tolerance
+from goose_core.testing.tolerances import EXACT, PARALLEL, Tolerance, noise_floor_tolerances
 
 __all__ = [
     "EAGER_IN_DTYPE",
     "EXACT",
     "FAMILIES",
     "PARALLEL",
+    "PRECISIONS",
     "RunResult",
     "Tolerance",
     "TrainSpec",
@@ -26,6 +28,7 @@ __all__ = [
     "assert_matches_reference",
     "build_model",
     "format_beside_reference",
+    "noise_floor_tolerances",
     "layouts",
     "reference_run",
     "run_distributed",

@@ -15,9 +15,11 @@ from goose_core.data.loader import Batch
 from goose_core.data_parallel import count_items_over, reducer_of
 from goose_core.loss import count_items
 from goose_core.testing.models import build_model
+from goose_core.optim import MasterWeights
 from goose_core.testing.tolerances import Tolerance
 
 __all__ = [
+    "PRECISIONS",
     "TrainSpec",
     "RunResult",
     "accumulate",
@@ -29,6 +31,10 @@ __all__ = [
 ]
 
 
+#: ``TrainSpec.precision`` -> the model's dtype (``None``: ``TrainSpec.dtype``).
+PRECISIONS: dict[str, torch.dtype | None] = {"full": None, "bf16": torch.bfloat16}
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """Everything that decides a training run's numbers: model, data, optimizer, steps.
@@ -37,6 +43,13 @@ class TrainSpec:
     fp64 rounding (~1e-16 a sum), which no CPU's kernels and no reordering come near the
     tolerances of :mod:`goose_core.testing.tolerances`, while every real bug stays ~1e-8 or
     more. Set ``dtype=torch.float32`` to train as users do.
+
+    ``precision="bf16"`` trains the mixed-precision recipe instead (stage 10): the model cast to
+    bf16 (``dtype`` is then unused), fp32 master weights and fp32 gradient accumulation
+    (:meth:`recipe_optimizer`: :class:`~goose_core.optim.MasterWeights`; under ZeRO-1 the
+    ``DistributedOptimizer`` keeps the masters), fp32 gradient reduction (DataParallel's default).
+    Its parity is stated against a noise floor measured in the same run
+    (:func:`~goose_core.testing.tolerances.noise_floor_tolerance`), not against ``PARALLEL``.
     """
 
     family: str = "llama"
@@ -52,10 +65,26 @@ class TrainSpec:
     dtype: torch.dtype = torch.float64
     padding: str | None = None  # rows of uneven real length: see goose_core.data.pad_batch
     overrides: dict[str, Any] = field(default_factory=dict)
+    precision: str = "full"  # "full": train in dtype; "bf16": bf16 model, fp32 masters and grads
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {sorted(PRECISIONS)}")
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype of the model's parameters and activations."""
+        return PRECISIONS[self.precision] or self.dtype
 
     def build_model(self) -> PreTrainedModel:
         """The seeded tiny model: identical on every rank that calls this."""
-        return build_model(self.family, self.seed, self.dropout, self.dtype, **self.overrides)
+        return build_model(self.family, self.seed, self.dropout, self.model_dtype, **self.overrides)
+
+    def recipe_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """:meth:`build_optimizer`, wrapped in fp32 :class:`~goose_core.optim.MasterWeights` for a
+        mixed precision: what a run without ZeRO-1 steps (ZeRO-1 wraps the plain one)."""
+        optimizer = self.build_optimizer(params)
+        return optimizer if self.precision == "full" else MasterWeights(optimizer)
 
     def build_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer == "adamw":
@@ -148,14 +177,19 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters(remove_duplicate=False)}
 
 
-def reference_run(spec: TrainSpec) -> RunResult:
-    """Train ``spec`` on one device, on the whole global batch of every step."""
+def reference_run(spec: TrainSpec, micro_batches: int = 1, reverse: bool = False) -> RunResult:
+    """Train ``spec`` on one device, on the whole global batch of every step (or accumulated over
+    ``micro_batches`` pieces, last-first if ``reverse``: the same sums in another order, the
+    noise floor of a low precision)."""
     model = spec.build_model()
-    optimizer = spec.build_optimizer(model.parameters())
+    optimizer = spec.recipe_optimizer(model.parameters())
     clip = None
     if spec.max_grad_norm is not None:
-        clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)  # noqa: E731
-    losses = train_loop(model, optimizer, (spec.batch(s) for s in range(spec.steps)), clip)
+        # Mixed precision clips the fp32 master gradients, as the parallel runs do.
+        params = optimizer.master_params if isinstance(optimizer, MasterWeights) else model.parameters
+        clip = lambda: torch.nn.utils.clip_grad_norm_(params(), spec.max_grad_norm)  # noqa: E731
+    losses = train_loop(model, optimizer, (spec.batch(s) for s in range(spec.steps)), clip,
+                        micro_batches, reverse=reverse)
     return RunResult(losses, snapshot(model))
 
 
@@ -171,8 +205,10 @@ def _worst(actual: Tensor, expected: Tensor, tol: Tolerance) -> float:
     return float((err / allowed).max())
 
 
-def assert_matches_reference(actual: RunResult, expected: RunResult, tol: Tolerance) -> None:
-    """Raise AssertionError naming the worst loss or parameter outside ``tol``.
+def assert_matches_reference(actual: RunResult, expected: RunResult, tol: Tolerance,
+                             params_tol: Tolerance | None = None) -> None:
+    """Raise AssertionError naming the worst loss or parameter outside ``tol`` (parameters:
+    ``params_tol`` when given, as low-precision allowances differ for the two).
 
     Both runs must hold the same parameter names and shapes: a gathered parallel run has to give
     back exactly what the single-device model has.
@@ -188,6 +224,7 @@ def assert_matches_reference(actual: RunResult, expected: RunResult, tol: Tolera
     extra = actual.params.keys() - expected.params.keys()
     if missing or extra:
         raise AssertionError(f"parameter names differ: missing {sorted(missing)}, extra {sorted(extra)}")
+    tol = params_tol or tol
     for name, want_p in expected.params.items():
         got_p = actual.params[name]
         if got_p.shape != want_p.shape:

@@ -20,13 +20,44 @@ AVX2 and baseline kernels (a vectorised sum adds in another order), and a noise 
 beside them (gradient accumulation on one device) was 6-7x smaller under AdamW, 1x under SGD:
 no factor of it is safe on every CPU. So goose proves parity in float64, where kernels and
 reorderings stay 100x inside the allowance and bugs land far outside it.
+
+bf16 (stage 10) is the opposite case: 8 significant bits, so a reordered sum moves the result by
+~2**-9 relative, 10**13 times fp64's, and no machine-independent constant exists either. Its
+allowance is measured in the same test, from the noise floor of the single-device bf16 recipe
+itself: the reference trained again with each batch accumulated in 2 and in 4 (last-first)
+micro-batches, the same sums in other orders (:func:`noise_floor_tolerances`)::
+
+    f_loss    max |loss - reference loss| over the floor runs and steps
+    f_param   max over elements of |p - p_ref| - eps_bf16 |p_ref|: what a parameter moved
+              beyond one flip of its last bf16 bit (fp32 masters straddling a rounding point
+              flip it; eps_bf16 = 2**-7 bounds one ulp relative to the value)
+    losses    |x - ref| <= 2 f_loss
+    params    |x - ref| <= 2 f_param + eps_bf16 |ref|
+
+Why 2x the floor: a data or pipeline split is exactly such a reordering (dp=2 reproduces the
+2-micro-batch floor run bit for bit), but tensor parallelism also rounds each rank's partial
+row-parallel output to bf16 before the all-reduce sums it: one more rounding per split sum,
+up to twice the rounding of one sum. Measured (GQA Llama, SGD with momentum, 4 steps, lr 0.1):
+tp=2 and tp x pp x dp = 2x2x2 land at 1.0-1.4x the floor, dp and pp at <= 1.0x; a wrong
+gradient scale of 1 % lands far outside (stage 10's planted bug). AdamW is left out of bf16
+parity: it turns the noise of a near-zero gradient into a full lr-sized step, so its parameters
+differ by ~lr per step whatever the ordering (tp measured 2-3.3x its floor).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, Sequence
 
-__all__ = ["Tolerance", "EXACT", "PARALLEL"]
+import torch
+from torch import Tensor
+
+__all__ = ["Tolerance", "EXACT", "PARALLEL", "noise_floor_tolerances"]
+
+
+class _Run(Protocol):
+    losses: list[float]
+    params: dict[str, Tensor]
 
 
 @dataclass(frozen=True)
@@ -47,3 +78,27 @@ EXACT = Tolerance(0.0, 0.0, "same operations in the same order must give the sam
 PARALLEL = Tolerance(1e-10, 1e-12, "float64 runs that only reorder sums differ by ~200 ulp; "
                                    "every planted bug lands outside it")
 
+
+
+def noise_floor_tolerances(reference: _Run, floor_runs: Sequence[_Run],
+                           dtype: torch.dtype = torch.bfloat16) -> tuple[Tolerance, Tolerance]:
+    """The (losses, parameters) allowances of a low-precision parallel run, from the noise floor
+    that ``floor_runs`` (the reference recipe with its sums reordered) measure around
+    ``reference``: twice the floor, plus one flip of the parameters' last ``dtype`` bit (see the
+    module docstring for why).
+
+    Raises:
+        ValueError: no floor runs, or floor runs identical to the reference (nothing measured).
+    """
+    if not floor_runs:
+        raise ValueError("give at least one floor run: the reference recipe with its sums reordered")
+    eps = torch.finfo(dtype).eps
+    f_loss = max(abs(a - b) for run in floor_runs for a, b in zip(run.losses, reference.losses))
+    f_param = max(float(((run.params[k].double() - ref.double()).abs() - eps * ref.double().abs()).max())
+                  for run in floor_runs for k, ref in reference.params.items())
+    if f_loss == 0 or f_param <= 0:
+        raise ValueError(f"the floor runs measure no noise (loss {f_loss}, parameters {f_param}): reorder "
+                         f"the sums (micro-batches) so that the floor is measured, not assumed")
+    why = f"2x the {dtype} noise floor measured beside it (reordered micro-batches on one device)"
+    return (Tolerance(0.0, 2 * f_loss, f"losses: {why}: f_loss = {f_loss:.2e}"),
+            Tolerance(eps, 2 * f_param, f"parameters: {why}: f_param = {f_param:.2e}, plus one last-bit flip"))
