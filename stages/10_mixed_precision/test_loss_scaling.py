@@ -125,3 +125,35 @@ def test_an_inf_on_one_rank_skips_the_step_on_every_rank(zero: bool) -> None:
         assert got["unchanged"], f"rank {rank}: a parameter or the optimizer state changed in the skipped step"
         assert got["scales"] == [2.0**15, 2.0**15], f"rank {rank}: {got['scales']}"  # halved, then kept
         assert got["moved"], f"rank {rank}: the step after the skip did not train"
+
+
+# -- real fp16 --------------------------------------------------------------------------------
+def _fp16(ctx: ParallelContext, spec: TrainSpec) -> tuple[list[float], list[float]]:
+    """fp32 parameters, fp16 autocast (torch's AMP recipe), a scale far too large to start."""
+    model, optimizer = _build(ctx, spec, zero=True)
+    scaler = GradScaler(ctx, init_scale=2.0**24, growth_interval=3)
+    losses, scales = [], []
+    for batch in spec.batches(ctx.dp_rank, ctx.dp_size):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(**batch).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        clip_grad_norm_(model.parameters(), spec.max_grad_norm, ctx)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        scales.append(scaler.get_scale())
+    return losses, scales
+
+
+def test_fp16_autocast_backs_off_from_overflow_together_then_trains() -> None:
+    spec = TrainSpec(family="gpt2", steps=12, dtype=torch.float32, max_grad_norm=1.0)
+    results = run_distributed(_fp16, 1, 2, 2, spec, timeout=180)
+    losses, scales = results[0]
+    for rank, (_, theirs) in enumerate(results):
+        assert theirs == scales, f"rank {rank} scales {theirs}, rank 0 {scales}"
+    skipped = [i for i in range(1, len(scales)) if scales[i] < scales[i - 1]]
+    assert scales[0] == 2.0**23 and skipped, scales  # 2**24 overflows fp16's 65504
+    assert scales[-1] >= 2.0**10 and all(map(torch.isfinite, torch.tensor(losses))), (scales, losses)
+    assert losses[-1] < losses[0] - 0.2, losses  # the steps that ran trained the model
