@@ -16,7 +16,11 @@ The replay runs under the forward's RNG state (CPU and the input's CUDA device) 
 autocast state (CPU and the input's device type), so dropout draws the same masks, every op runs
 in the same dtype, and checkpointing changes no bit of the gradients. The backward usually runs
 outside the ``torch.autocast`` block of the forward: a replay under the backward's state would
-recompute a bf16 forward in fp32 and differentiate another function.
+recompute a bf16 forward in fp32 and differentiate another function. (One exception under
+autocast, by design: uncheckpointed micro-batches share the autocast cache's bf16 cast of a weight,
+so their weight gradients add up in bf16 first, while a recomputed cell casts afresh and its
+gradient joins in fp32; ``torch.autocast(..., cache_enabled=False)`` makes the two bit-identical,
+at a bf16 copy of the stage's weights per micro-batch in flight.)
 """
 
 from __future__ import annotations
