@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+import goose_core.optim
 from goose_core import (DataParallel, DistributedOptimizer, GradScaler, ParallelContext, PipelineParallel,
                         TensorParallel, clip_grad_norm_, full_state_dict)
 from goose_core.metadata import grad_shards
@@ -157,3 +158,30 @@ def test_fp16_autocast_backs_off_from_overflow_together_then_trains() -> None:
     assert scales[0] == 2.0**23 and skipped, scales  # 2**24 overflows fp16's 65504
     assert scales[-1] >= 2.0**10 and all(map(torch.isfinite, torch.tensor(losses))), (scales, losses)
     assert losses[-1] < losses[0] - 0.2, losses  # the steps that ran trained the model
+
+
+# -- fp16 parameters with fp32 master weights (Megatron's fp16 recipe) -------------------------
+HAS_MASTERS = hasattr(goose_core.optim, "MasterWeights")  # fp32 masters in ZeRO-1 land with it
+
+
+def _fp16_masters(ctx: ParallelContext, spec: TrainSpec) -> dict:
+    model = DataParallel(spec.build_model(), ctx).parallelize()
+    optimizer = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
+    scaler = GradScaler(ctx, growth_interval=3)
+    losses, scales = [], []
+    for batch in spec.batches(ctx.dp_rank, ctx.dp_size):
+        losses.append(_step(ctx, model, optimizer, scaler, batch, spec))
+        scales.append(scaler.get_scale())
+    masters = {p.dtype for g in optimizer.param_groups for p in g["params"]}
+    return {"losses": losses, "scales": scales, "masters": masters, "params": {p.dtype for p in model.parameters()}}
+
+
+@pytest.mark.skipif(not HAS_MASTERS, reason="fp32 master weights for fp16 parameters come with issue 13's "
+                                            "master-weights part (goose_core.optim.MasterWeights)")
+def test_fp16_parameters_with_zero1_fp32_masters() -> None:
+    spec = TrainSpec(family="gpt2", steps=8, dtype=torch.float16, max_grad_norm=1.0)
+    results = run_distributed(_fp16_masters, 1, 1, 2, spec, timeout=180)
+    for rank, got in enumerate(results):
+        assert got["params"] == {torch.float16} and got["masters"] == {torch.float32}, (rank, got)
+        assert got["scales"] == results[0]["scales"], f"rank {rank}: {got['scales']}"
+        assert got["losses"][-1] < got["losses"][0] - 0.3, got["losses"]
