@@ -36,7 +36,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from goose_core import DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel, TensorParallel, full_state_dict
+from goose_core import (DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel, TensorParallel,
+                        full_state_dict)
 from goose_core.pipeline import local_pipeline
 from goose_core.testing import EXACT, RunResult, TrainSpec, assert_matches_reference, run_distributed, snapshot
 
@@ -63,7 +64,8 @@ def _single_device(spec: TrainSpec, autocast: bool = True, grad_factor: float = 
     model = spec.build_model()
     if grad_factor != 1.0:  # a planted bug: one tensor's gradient a little off
         model.transformer.h[1].mlp.c_fc.weight.register_hook(lambda g: g * grad_factor)
-    losses = _loop(model, spec.build_optimizer(model.parameters()), (spec.batch(s) for s in range(spec.steps)), autocast)
+    batches = (spec.batch(s) for s in range(spec.steps))
+    losses = _loop(model, spec.build_optimizer(model.parameters()), batches, autocast)
     return RunResult(losses, snapshot(model))
 
 
