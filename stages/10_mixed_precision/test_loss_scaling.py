@@ -4,6 +4,7 @@ The parity runs are float64 with a scaler: the scale is a power of two, so the s
 is the unscaled one times S in every operation, and unscaling divides S out exactly (EXACT).
 """
 
+import functools
 from typing import Any
 
 import pytest
@@ -68,9 +69,14 @@ def _scaled_and_unscaled(ctx: ParallelContext, spec: TrainSpec, zero: bool) -> t
     return _train(ctx, spec, zero, scaled=False), _train(ctx, spec, zero, scaled=True)
 
 
+@functools.cache
+def _reference() -> RunResult:
+    return reference_run(SPEC)
+
+
 @pytest.mark.parametrize("tp, pp, dp, zero", LAYOUTS)
 def test_scaled_run_equals_unscaled_run_exactly_and_the_scale_grows(tp: int, pp: int, dp: int, zero: bool) -> None:
-    reference = reference_run(SPEC)
+    reference = _reference()
     for rank, ((plain, _), (scaled, scales)) in enumerate(
             run_distributed(_scaled_and_unscaled, tp, pp, dp, SPEC, zero, timeout=180)):
         assert_matches_reference(scaled, plain, EXACT)
