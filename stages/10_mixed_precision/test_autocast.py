@@ -46,6 +46,9 @@ from goose_core.testing import EXACT, RunResult, TrainSpec, assert_matches_refer
 SPEC = TrainSpec(family="gpt2", steps=3, optimizer="sgd", lr=0.05, dtype=torch.float32)
 K = 2.0
 M = 2  # micro-batches of the pipelines
+# The in-process runs on one thread, as every spawned rank runs: on the shared 2-core box, under the
+# same load, this module's tests took 60 s with two threads and 5.7 s with one (threads wait on barriers)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, autocast: bool = True) -> list[float]:

@@ -22,6 +22,7 @@ SPEC = TrainSpec(family="gpt2", steps=4, max_grad_norm=0.5)
 GROWTH = 2  # growth_interval: the scale doubles after steps 2 and 4
 # (tp, pp, dp, ZeRO-1): each axis alone, ZeRO-1 and plain DP over dp, and all at once.
 LAYOUTS = [(2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False), (1, 1, 2, True), (2, 2, 2, True)]
+pytestmark = pytest.mark.usefixtures("one_thread")  # the reference run in-process, as the ranks run
 
 
 def _build(ctx: ParallelContext, spec: TrainSpec, zero: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
