@@ -84,3 +84,33 @@ def test_checkpoint_stop(mode: str, stop: int) -> None:
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown checkpoint mode 'sometimes'"):
         checkpoint_stop("sometimes", 4)
+
+
+def _autocast_grads(checkpointed: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+    layer = _layer()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    torch.manual_seed(2)
+    with torch.autocast("cpu", dtype=dtype):
+        y = _checkpointed(layer, x) if checkpointed else layer(x)
+    y.float().square().sum().backward()  # outside the autocast block, as training loops do
+    return [x.grad, *(p.grad for p in layer.parameters())]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_recompute_runs_under_the_forwards_autocast_state(dtype: torch.dtype) -> None:
+    plain, checkpointed = _autocast_grads(False, dtype), _autocast_grads(True, dtype)
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))
+
+
+def test_recompute_keeps_autocast_off_when_the_forward_had_it_off() -> None:
+    seen: list[torch.dtype] = []
+
+    def probe(t: torch.Tensor) -> torch.Tensor:
+        out = t @ torch.ones(3, 3)
+        seen.append(out.dtype)
+        return out
+
+    y = _checkpointed(probe, torch.ones(2, 3, requires_grad=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a backward inside someone's autocast
+        y.sum().backward()
+    assert seen == [torch.float32, torch.float32]

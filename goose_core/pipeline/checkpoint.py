@@ -12,14 +12,21 @@ record: Recompute leaves the rebuilt graph there, Checkpoint's backward runs it:
     backward:  phony ─► Recompute: rebuild y with grad ─┐
                grad y ─► Checkpoint.backward: backward through the rebuilt y, return grad x
 
-The RNG (CPU and the input's CUDA device) is restored for the replay, so dropout draws the same
-masks and checkpointing changes no bit of the gradients.
+The replay runs under the forward's RNG state (CPU and the input's CUDA device) and the forward's
+autocast state (CPU and the input's device type), so dropout draws the same masks, every op runs
+in the same dtype, and checkpointing changes no bit of the gradients. The backward usually runs
+outside the ``torch.autocast`` block of the forward: a replay under the backward's state would
+recompute a bf16 forward in fp32 and differentiate another function. (One exception under
+autocast, by design: uncheckpointed micro-batches share the autocast cache's bf16 cast of a weight,
+so their weight gradients add up in bf16 first, while a recomputed cell casts afresh and its
+gradient joins in fp32; ``torch.autocast(..., cache_enabled=False)`` makes the two bit-identical,
+at a bf16 copy of the stage's weights per micro-batch in flight.)
 """
 
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator, Literal
 
 import torch
@@ -93,6 +100,9 @@ class Checkpointing:
         self.devices = _rng_devices(input)
         self.cpu_rng: Tensor | None = None
         self.cuda_rng: list[Tensor] = []
+        self.device_types = sorted({"cpu", input.device.type})
+        self.autocast: list[tuple[str, bool, torch.dtype]] = []
+        self.autocast_cache = True
         self.rebuilt: tuple[Tensor, Tensor] | None = None  # (output, input leaf)
 
     def checkpoint(self, phony: Tensor) -> Tensor:
@@ -122,12 +132,26 @@ class Checkpointing:
                 torch.cuda.set_rng_state(state, device)
             yield
 
+    def save_autocast(self) -> None:
+        self.autocast = [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in self.device_types]
+        self.autocast_cache = torch.is_autocast_cache_enabled()
+
+    @contextmanager
+    def restored_autocast(self) -> Iterator[None]:
+        """The forward's autocast state, enabled or not, for every device type it ran on."""
+        with ExitStack() as stack:
+            for device_type, enabled, dtype in self.autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
+                                                   cache_enabled=self.autocast_cache))
+            yield
+
 
 class Checkpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, phony: Tensor, record: Checkpointing, input: Tensor) -> Tensor:  # type: ignore[override]
         ctx.record = record
         record.save_rng()
+        record.save_autocast()
         with torch.no_grad(), _flag("checkpointing"):
             return record.function(input)
 
@@ -158,7 +182,7 @@ class Recompute(torch.autograd.Function):
         record.callbacks.fire("recompute", "before", micro, part)
         (input,) = ctx.saved_tensors
         leaf = input.detach().requires_grad_(input.requires_grad)
-        with record.restored_rng(), torch.enable_grad(), _flag("recomputing"):
+        with record.restored_rng(), record.restored_autocast(), torch.enable_grad(), _flag("recomputing"):
             output = record.function(leaf)
         record.rebuilt = (output, leaf)
         record.callbacks.fire("recompute", "after", micro, part)

@@ -4,11 +4,13 @@ The parity runs are float64 with a scaler: the scale is a power of two, so the s
 is the unscaled one times S in every operation, and unscaling divides S out exactly (EXACT).
 """
 
+import functools
 from typing import Any
 
 import pytest
 import torch
 
+import goose_core.optim
 from goose_core import (DataParallel, DistributedOptimizer, GradScaler, ParallelContext, PipelineParallel,
                         TensorParallel, clip_grad_norm_, full_state_dict)
 from goose_core.metadata import grad_shards
@@ -20,6 +22,7 @@ SPEC = TrainSpec(family="gpt2", steps=4, max_grad_norm=0.5)
 GROWTH = 2  # growth_interval: the scale doubles after steps 2 and 4
 # (tp, pp, dp, ZeRO-1): each axis alone, ZeRO-1 and plain DP over dp, and all at once.
 LAYOUTS = [(2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False), (1, 1, 2, True), (2, 2, 2, True)]
+pytestmark = pytest.mark.usefixtures("one_thread")  # the reference run in-process, as the ranks run
 
 
 def _build(ctx: ParallelContext, spec: TrainSpec, zero: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -67,9 +70,14 @@ def _scaled_and_unscaled(ctx: ParallelContext, spec: TrainSpec, zero: bool) -> t
     return _train(ctx, spec, zero, scaled=False), _train(ctx, spec, zero, scaled=True)
 
 
+@functools.cache
+def _reference() -> RunResult:
+    return reference_run(SPEC)
+
+
 @pytest.mark.parametrize("tp, pp, dp, zero", LAYOUTS)
 def test_scaled_run_equals_unscaled_run_exactly_and_the_scale_grows(tp: int, pp: int, dp: int, zero: bool) -> None:
-    reference = reference_run(SPEC)
+    reference = _reference()
     for rank, ((plain, _), (scaled, scales)) in enumerate(
             run_distributed(_scaled_and_unscaled, tp, pp, dp, SPEC, zero, timeout=180)):
         assert_matches_reference(scaled, plain, EXACT)
@@ -125,3 +133,62 @@ def test_an_inf_on_one_rank_skips_the_step_on_every_rank(zero: bool) -> None:
         assert got["unchanged"], f"rank {rank}: a parameter or the optimizer state changed in the skipped step"
         assert got["scales"] == [2.0**15, 2.0**15], f"rank {rank}: {got['scales']}"  # halved, then kept
         assert got["moved"], f"rank {rank}: the step after the skip did not train"
+
+
+# -- real fp16 --------------------------------------------------------------------------------
+def _fp16(ctx: ParallelContext, spec: TrainSpec) -> tuple[list[float], list[float]]:
+    """fp32 parameters, fp16 autocast (torch's AMP recipe), a scale far too large to start."""
+    model, optimizer = _build(ctx, spec, zero=True)
+    scaler = GradScaler(ctx, init_scale=2.0**24, growth_interval=3)
+    losses, scales = [], []
+    for batch in spec.batches(ctx.dp_rank, ctx.dp_size):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(**batch).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        clip_grad_norm_(model.parameters(), spec.max_grad_norm, ctx)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        scales.append(scaler.get_scale())
+    return losses, scales
+
+
+def test_fp16_autocast_backs_off_from_overflow_together_then_trains() -> None:
+    spec = TrainSpec(family="gpt2", steps=10, dtype=torch.float32, max_grad_norm=1.0)
+    results = run_distributed(_fp16, 1, 2, 2, spec, timeout=180)
+    losses, scales = results[0]
+    for rank, (_, theirs) in enumerate(results):
+        assert theirs == scales, f"rank {rank} scales {theirs}, rank 0 {scales}"
+    skipped = [i for i in range(1, len(scales)) if scales[i] < scales[i - 1]]
+    assert scales[0] == 2.0**23 and skipped, scales  # 2**24 overflows fp16's 65504
+    assert scales[-1] >= 2.0**10 and all(map(torch.isfinite, torch.tensor(losses))), (scales, losses)
+    assert losses[-1] < losses[0] - 0.2, losses  # the steps that ran trained the model
+
+
+# -- fp16 parameters with fp32 master weights (Megatron's fp16 recipe) -------------------------
+HAS_MASTERS = hasattr(goose_core.optim, "MasterWeights")  # fp32 masters in ZeRO-1 land with it
+
+
+def _fp16_masters(ctx: ParallelContext, spec: TrainSpec) -> dict:
+    model = DataParallel(spec.build_model(), ctx).parallelize()
+    optimizer = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
+    scaler = GradScaler(ctx, growth_interval=3)
+    losses, scales = [], []
+    for batch in spec.batches(ctx.dp_rank, ctx.dp_size):
+        losses.append(_step(ctx, model, optimizer, scaler, batch, spec))
+        scales.append(scaler.get_scale())
+    masters = {p.dtype for g in optimizer.param_groups for p in g["params"]}
+    return {"losses": losses, "scales": scales, "masters": masters, "params": {p.dtype for p in model.parameters()}}
+
+
+@pytest.mark.skipif(not HAS_MASTERS, reason="fp32 master weights for fp16 parameters come with issue 13's "
+                                            "master-weights part (goose_core.optim.MasterWeights)")
+def test_fp16_parameters_with_zero1_fp32_masters() -> None:
+    spec = TrainSpec(family="gpt2", steps=8, dtype=torch.float16, max_grad_norm=1.0)
+    results = run_distributed(_fp16_masters, 1, 1, 2, spec, timeout=180)
+    for rank, got in enumerate(results):
+        assert got["params"] == {torch.float16} and got["masters"] == {torch.float32}, (rank, got)
+        assert got["scales"] == results[0]["scales"], f"rank {rank}: {got['scales']}"
+        assert got["losses"][-1] < got["losses"][0] - 0.3, got["losses"]
