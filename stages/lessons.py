@@ -53,7 +53,8 @@ LESSONS: dict[int, tuple[str, ...]] = {
     8: ("goose_core/partition/", "tests/test_partition.py", "tests/test_profile.py", "tests/test_solve.py"),
     9: ("goose_core/pipeline/callbacks.py", "goose_core/pipeline/timeline.py", "goose_core/pipeline/gantt.py",
         "tests/test_callbacks.py", "tests/test_timeline.py", "tests/test_gantt.py", "docs/img/gantt"),
-    11: ("goose_core/checkpoint/", "tests/test_checkpoint_io.py", "tests/test_export.py"),
+    11: ("goose_core/checkpoint/", "tests/test_checkpoint_io.py", "tests/test_export.py",
+         "docs/img/demo"),
 }
 
 _STAGE_FOLDER = re.compile(r"stages/(\d\d)_[^/]+/")

@@ -1,9 +1,9 @@
 """Stage 11: train.py's assembled run (tp=2 x pp=2 x dp=2, ZeRO-1, clipping) equals the
 single-device run, and its resume is the uninterrupted run bit for bit.
 
-The library's own checkpoint and export tests (every layout, resharding, a kill during a save,
-every tensor of the exported folder) are tests/test_checkpoint_io.py and tests/test_export.py;
-``make test-stage 11`` runs them beside these.
+The library's own checkpoint and export tests (resharding, a kill during a save, every tensor
+of the exported folder) are tests/test_checkpoint_io.py and tests/test_export.py (``make test``
+runs them; ``make test-stage 11`` runs this folder).
 """
 
 import os

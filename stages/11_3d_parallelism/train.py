@@ -262,8 +262,9 @@ def report(losses: list[float], resumed: list[float], at: int, bits: bool, logit
            export: str, reference: list[float]) -> None:
     """Print the checks, raising if one fails."""
     same = resumed == losses[at:]
-    print(f"resumed (steps {at}-{len(losses) - 1} below) == uninterrupted: losses "
-          f"{'bit for bit' if same else 'DIFFER'}, every rank's parameters {'bit for bit' if bits else 'DIFFER'} (EXACT)")
+    verdict = {True: "bit for bit", False: "DIFFER"}
+    print(f"resumed (steps {at}-{len(losses) - 1} below) == uninterrupted: losses {verdict[same]}, "
+          f"every rank's parameters {verdict[bits]} (EXACT)")
     print(f"export: {export} loads with AutoModelForCausalLM.from_pretrained on one device; its logits "
           f"beside the 3D model's: max |diff| {logits[0]:.1e}, {logits[1]:.2%} of PARALLEL's allowance")
     print(format_beside_reference(losses, reference))
