@@ -2,7 +2,8 @@
 
 Both optimizers go through the plain single-device format (``torch.optim``'s state dict; for
 ``DistributedOptimizer`` its ``consolidated_state_dict()``, which all-gathers the ZeRO-1 shards
-over the data-parallel group), so whatever state an optimizer keeps rides along::
+over the data-parallel group: for the save's duration each rank holds its tp shard of its
+stage's whole state, as without ZeRO), so whatever state an optimizer keeps rides along::
 
     plain:   {"state": {3: {"step": s, "exp_avg": m}}, "param_groups": [{"lr": ..., "params": [..3..]}]}
     entries: optim/state/model.layers.0.mlp.up_proj.weight/step       s (whole)
