@@ -37,8 +37,8 @@ from goose_core import (DataParallel, DistributedOptimizer, ParallelContext, Pip
 from goose_core.data import shard_batch
 from goose_core.loss import causal_lm_loss
 from goose_core.pipeline import Span, Timeline, draw_gantt, trim_waits
-from goose_core.testing import (EXACT, FAMILIES, PARALLEL, Tolerance, TrainSpec, format_beside_reference,
-                                reference_run)
+from goose_core.testing import (EAGER_IN_DTYPE, EXACT, FAMILIES, PARALLEL, Tolerance, TrainSpec,
+                                format_beside_reference, reference_run)
 
 #: The founding example's Bloom, tiny: 4 layers, 64 wide, a 256-byte vocabulary. Global batches
 #: of 8 x 32 tokens, AdamW, the gradient norm clipped to 1.0 (it is 1.2 to 2.3 in these steps: the clip acts).
@@ -52,7 +52,10 @@ class FolderSpec(TrainSpec):
     folder: str = ""
 
     def build_model(self) -> PreTrainedModel:
-        model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=self.dtype, attn_implementation="eager")
+        # Softmax in the model's dtype where the family takes 🤗's attention interface (Llama's
+        # eager runs it in fp32); families with their own attention (Bloom, GPT-2) ignore it.
+        model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=self.dtype,
+                                                     attn_implementation=EAGER_IN_DTYPE)
         model.loss_function = causal_lm_loss  # goose's loss keeps float64 (see goose_core.loss)
         return model.train()
 
@@ -168,7 +171,7 @@ def export_check(ctx: ParallelContext, model: Any, spec: TrainSpec, path: str) -
         logits = model(input_ids=probe).logits  # a collective: every rank runs its stage
     found = torch.zeros(2, dtype=torch.float64)
     if ctx.pipeline_parallel_rank == ctx.pipeline_parallel_size - 1 and ctx.tp_rank == 0 and ctx.dp_rank == 0:
-        single = AutoModelForCausalLM.from_pretrained(path, dtype=spec.dtype, attn_implementation="eager")
+        single = AutoModelForCausalLM.from_pretrained(path, dtype=spec.dtype)  # as any 🤗 user loads it
         with torch.no_grad():
             want = single(input_ids=probe).logits
         found += torch.tensor([(logits - want).abs().max(), allowance_used(logits, want, PARALLEL)])
@@ -182,21 +185,22 @@ def allowance_used(got: torch.Tensor, want: torch.Tensor, tol: Tolerance) -> flo
 
 
 def draw(losses: list[float], resumed: list[float], at: int, reference: list[float], spans: list[Span],
-         path: Path, title: str) -> Path:
+         path: Path, model: str, ctx: ParallelContext) -> Path:
     """One PNG: the loss curves (3D run, resumed run, one device) above one step's pipeline timeline."""
     import matplotlib.image as mpimg
     from matplotlib.figure import Figure
 
-    gantt = draw_gantt(spans, path.with_name(path.stem + "-timeline.png"), title="one step, pp=2")
+    layout = f"tp={ctx.tp_size} x pp={ctx.pp_size} x dp={ctx.dp_size}"
+    gantt = draw_gantt(spans, path.with_name(path.stem + "-timeline.png"), title=f"one step, pp={ctx.pp_size}")
     fig = Figure(figsize=(10, 7.5))
     top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [1.2, 1]})
     steps = range(1, len(reference) + 1)
     top.plot(steps, reference, "k-", linewidth=4, alpha=0.25, label="1 device (reference_run)")
-    top.plot(steps, losses, "o-", label="tp=2 x pp=2 x dp=2, ZeRO-1")
+    top.plot(steps, losses, "o-", label=f"{layout}, ZeRO-1")
     top.plot(range(at + 1, at + len(resumed) + 1), resumed, "x--", markersize=9,
              label=f"resumed from the checkpoint after {at} steps")
     top.axvline(at + 0.5, color="grey", linestyle=":")
-    top.set(xlabel="step", ylabel="loss", title=title)
+    top.set(xlabel="step", ylabel="loss", title=f"{model} at {layout}, ZeRO-1")
     top.legend()
     bottom.imshow(mpimg.imread(gantt))
     bottom.set_axis_off()
@@ -253,8 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     logits = export_check(ctx, resumed_model, spec, export)
     if lead:
         report(losses, resumed, at, bits, logits, export, reference)
-        title = f"{args.model} at tp={ctx.tp_size} x pp={ctx.pp_size} x dp={ctx.dp_size}, ZeRO-1"
-        print(f"picture: {draw(losses, resumed, at, reference, spans, out / 'demo.png', title)}")
+        print(f"picture: {draw(losses, resumed, at, reference, spans, out / 'demo.png', args.model, ctx)}")
     ctx.destroy()
 
 
