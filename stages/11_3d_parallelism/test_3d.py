@@ -28,26 +28,32 @@ M = 2  # micro-batches: 8 rows / dp 2 = 4 rows a rank, 2 a micro-batch
 pytestmark = pytest.mark.usefixtures("one_thread")  # the reference runs in this process
 
 
-def _run_and_resume(ctx: ParallelContext, spec: TrainSpec, path: str) -> tuple[RunResult, list[float], bool]:
-    """train.py's run (a checkpoint after 2 steps) and its resume from there, in one process group."""
+def _run_and_resume(ctx: ParallelContext, spec: TrainSpec, path: str) -> tuple[RunResult, list[float], bool,
+                                                                             tuple[float, float]]:
+    """train.py's run (a checkpoint after 2 steps), its resume from there and its export check."""
     model, optimizer = train_script.build(ctx, spec, M)
     losses = train_script.train(ctx, model, optimizer, spec, 0, spec.steps, save_at=2, path=path)
     resumed_model, at, resumed = train_script.resume(ctx, spec, M, path, spec.steps)
     assert at == 2
     same = train_script.same_everywhere(ctx, model, resumed_model)
-    return RunResult(losses, full_state_dict(model, ctx)), resumed, same
+    export = train_script.export_check(ctx, resumed_model, spec, path + "-export")
+    return RunResult(losses, full_state_dict(model, ctx)), resumed, same, export
 
 
-def test_3d_with_zero1_and_clipping_equals_the_single_device_run_and_resumes_bit_exactly(tmp_path: Path) -> None:
+def test_3d_with_zero1_and_clipping_equals_the_single_device_run_resumes_bit_exactly_and_exports(
+        tmp_path: Path) -> None:
     reference = reference_run(SPEC)
     results = run_distributed(_run_and_resume, 2, 2, 2, SPEC, str(tmp_path / "ckpt"), timeout=180)
-    for rank, (result, resumed, same) in enumerate(results):
+    for rank, (result, resumed, same, (diff, share)) in enumerate(results):
         try:
             assert_matches_reference(result, reference, PARALLEL)
             assert_matches_reference(RunResult(resumed, {}), RunResult(result.losses[2:], {}), EXACT)
         except AssertionError as err:
             raise AssertionError(f"rank {rank}: {err}") from err
         assert same, f"rank {rank}: the resumed model's parameters differ from the uninterrupted run's"
+        # The exported folder, loaded by from_pretrained on one device, gives the 3D model's logits.
+        assert share <= 1, f"rank {rank}: logits differ by {diff:.2e}, {share:.0%} of PARALLEL's allowance"
+    assert (tmp_path / "ckpt-export" / "model.safetensors").is_file()
 
 
 def test_progress_line_shows_loss_tokens_per_second_and_eta() -> None:
