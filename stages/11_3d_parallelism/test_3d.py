@@ -6,6 +6,7 @@ of the exported folder) are tests/test_checkpoint_io.py and tests/test_export.py
 runs them; ``make test-stage 11`` runs this folder).
 """
 
+import io
 import os
 from pathlib import Path
 
@@ -63,6 +64,23 @@ def test_progress_line_shows_loss_tokens_per_second_and_eta() -> None:
     assert line == ("[##########..........]  6/12 steps  loss 4.250000 (1 device 4.250000)  256 tok/s  "
                     "ETA 6.0s")
     assert "1 device" not in bar.line(11, 4.0, None, elapsed=8.0)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_redraws_one_line_on_a_terminal_and_writes_lines_into_a_pipe() -> None:
+    terminal, pipe = _Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        bar = train_script.Progress(first=0, last=3, tokens_per_step=256, stream=stream)
+        for step, reference in enumerate([1.0, None, None]):  # the line gets shorter after step 0
+            bar.update(step, 2.0, reference)
+    drawn = terminal.getvalue().split("\r")[1:]
+    assert len(drawn) == 3 and terminal.getvalue().count("\n") == 1 and drawn[-1].endswith("\n")
+    assert len(drawn[1]) == len(drawn[0])  # padded over the longer line before it
+    assert "\r" not in pipe.getvalue() and pipe.getvalue().count("\n") == 3
 
 
 def test_a_local_folder_trains_as_its_own_weights(tmp_path: Path) -> None:

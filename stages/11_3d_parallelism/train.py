@@ -96,7 +96,7 @@ class Progress:
                  width: int = 20) -> None:
         self.first, self.last, self.tokens, self.stream, self.width = first, last, tokens_per_step, stream, width
         self.start = time.perf_counter()
-        self.redraw = stream.isatty()
+        self.redraw, self.shown = stream.isatty(), 0
 
     def restart(self, first: int) -> None:
         """Count from step ``first`` (a resumed run) and from now."""
@@ -115,7 +115,9 @@ class Progress:
     def update(self, step: int, loss: float, reference: float | None = None) -> None:
         text = self.line(step, loss, reference, time.perf_counter() - self.start)
         end = "" if self.redraw and step + 1 < self.last else "\n"
-        self.stream.write(("\r" if self.redraw else "") + text + end)
+        if self.redraw:  # blank out what a longer previous line left behind
+            text, self.shown = "\r" + text.ljust(self.shown), len(text)
+        self.stream.write(text + end)
         self.stream.flush()
 
 
