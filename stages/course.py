@@ -42,6 +42,7 @@ def load_train_script(number: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"goose_stage_{int(number):02d}_train", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import does: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -55,7 +55,8 @@ LESSONS: dict[int, tuple[str, ...]] = {
         "tests/test_callbacks.py", "tests/test_timeline.py", "tests/test_gantt.py", "docs/img/gantt"),
     10: ("goose_core/amp/", "tests/test_amp", "goose_core/optim/master.py", "benchmarks/bench_mixed_precision.py",
          "docs/img/mixed_precision"),
-    11: ("goose_core/checkpoint/", "tests/test_checkpoint_io.py", "tests/test_export.py"),
+    11: ("goose_core/checkpoint/", "tests/test_checkpoint_io.py", "tests/test_export.py",
+         "docs/img/demo"),
 }
 
 _STAGE_FOLDER = re.compile(r"stages/(\d\d)_[^/]+/")
