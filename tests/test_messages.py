@@ -69,7 +69,7 @@ def test_each_side_can_issue_its_plan_in_program_order(schedule_cls: type[Schedu
                 plan = plans[peer]
                 k = plan.index(Message(kind, action.microbatch, peer, j))
                 blocked = [m.key for m in plan[:k] if m.src == j and m.key not in produced]
-                assert not blocked, f"partition {j} needs {kind} {action.microbatch} behind its unsent {blocked}"
+                assert not blocked, f"partition {j} needs {kind} {action.microbatch} behind unsent {blocked}"
             produced.add(("activation" if action.kind == "F" else "gradient", action.microbatch))
 
 

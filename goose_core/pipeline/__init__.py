@@ -17,7 +17,8 @@ from goose_core.pipeline.emulation import Sleep, SleepPipeline, ideal_gpipe_time
 from goose_core.pipeline.gantt import draw_gantt
 from goose_core.pipeline.parallel import PipelineParallel, is_pipelined, local_pipeline
 from goose_core.pipeline.activations import InFlight, LiveActivations
-from goose_core.pipeline.schedule import SCHEDULES, GPipe, OneFOneB, Schedule, clock_cycles, format_timetable, timetable
+from goose_core.pipeline.schedule import (SCHEDULES, GPipe, OneFOneB, Schedule, clock_cycles, format_timetable,
+                                          timetable)
 from goose_core.pipeline.split import adapter_for
 from goose_core.pipeline.stream import trace_waits
 from goose_core.pipeline.timeline import Span, Timeline, bubble_fraction, busy_time, cell_order, makespan, trim_waits

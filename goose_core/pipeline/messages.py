@@ -77,6 +77,7 @@ def messages(schedule: Schedule, partition: int, requires_grad: bool = True) -> 
     for peer in (partition - 1, partition + 1):
         if 0 <= peer < n:
             low = min(peer, partition)
-            plan[peer] = [Message("header", -1, low, low + 1)] + [
-                msg for _, _, msg in sorted(produced, key=lambda p: p[:2]) if {msg.src, msg.dst} == {low, low + 1}]
+            crossing = [msg for _, _, msg in sorted(produced, key=lambda p: p[:2])
+                        if {msg.src, msg.dst} == {low, low + 1}]
+            plan[peer] = [Message("header", -1, low, low + 1)] + crossing
     return plan

@@ -1,8 +1,8 @@
 """The executor: runs a schedule's cells, wiring GPipe's backward order into autograd or running 1F1B's.
 
 GPipe (``Schedule.backward_in_step`` False): the forward call runs the forward cells;
-``loss.backward()`` runs the backward. For each forward cell (i, j) held here, the executor builds this piece of graph (the numbers are
-the order in which the backward crosses it)::
+``loss.backward()`` runs the backward. For each forward cell (i, j) held here, the executor
+builds this piece of graph (the numbers are the order in which the backward crosses it)::
 
       recv / embed                                                  send / loss
     ──────────────► Join ─► [5 after] ─► cell ─► [2 before] ─► Fork ──────────►

@@ -147,7 +147,8 @@ class Stage:
     def _outputs(step: StepOutput) -> list[Tensor]:
         return [step.outputs[i] for i in sorted(step.outputs)]
 
-    def _loss(self, total: Tensor | None, roots: list[Tensor], parked: ParkedGradients | None = None) -> Tensor:
+    def _loss(self, total: Tensor | None, roots: list[Tensor],
+              parked: ParkedGradients | None = None) -> Tensor:
         """The batch loss on every stage; its backward drives this stage's part of the schedule."""
         # Every stage broadcasts in one dtype: the loss's for this stage's parameters (fp32 or wider).
         dtype = loss_dtype(next(p.dtype for p in self.model.parameters() if p.is_floating_point()))

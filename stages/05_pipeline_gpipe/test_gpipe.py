@@ -59,7 +59,8 @@ def test_every_rank_matches_the_single_device_run(pp: int, schedule: str) -> Non
             try:
                 assert_matches_reference(results[k], reference, PARALLEL)
             except AssertionError as err:
-                raise AssertionError(f"{schedule} pp={pp} {family} M={m} {checkpoint} rank {rank}: {err}") from err
+                where = f"{schedule} pp={pp} {family} M={m} {checkpoint} rank {rank}"
+                raise AssertionError(f"{where}: {err}") from err
 
 
 def _microbatched_reference(spec: TrainSpec, m: int, reverse: bool) -> RunResult:

@@ -10,7 +10,8 @@ Run it:
     torchrun --standalone --nproc_per_node=4 stages/05_pipeline_gpipe/train.py
     torchrun --standalone --nproc_per_node=2 stages/05_pipeline_gpipe/train.py --family gpt2 --microbatches 8
     torchrun --standalone --nproc_per_node=4 stages/05_pipeline_gpipe/train.py --checkpoint always
-    torchrun --standalone --nproc_per_node=4 stages/05_pipeline_gpipe/train.py --schedule 1f1b --microbatches 8
+    torchrun --standalone --nproc_per_node=4 stages/05_pipeline_gpipe/train.py --schedule 1f1b \
+        --microbatches 8
 """
 
 from __future__ import annotations
