@@ -1,4 +1,4 @@
-"""Pipeline engine: GPipe against its ideal time and against torch.distributed.pipelining.
+"""Pipeline engine: GPipe and 1F1B against the ideal time and against torch.distributed.pipelining.
 
 Three measurements, each in one spawned group of gloo ranks on CPU, the two sides built in the
 same ranks and timed in alternating rounds (``benchmarks.paired``), a sample being one step
@@ -9,7 +9,11 @@ between barriers:
   4 KB activations (nothing to hide) and 16 MB ones (transfers worth overlapping);
 * tiny GPT-2 (8 blocks, p=4, M=8, batch 32 x 64 tokens), real compute, manual stages for torch;
 * checkpointing, p=2 with 4 blocks per stage: bytes saved for backward with ``always`` against
-  ``never``, and the step time with ``always`` against ``never``.
+  ``never``, and the step time with ``always`` against ``never``;
+* 1F1B on the same tiny GPT-2 (p=4, M=8): goose's ``schedule="1f1b"`` against torch's
+  ``Schedule1F1B`` (same manual stages, same micro-batches), step time; and the peak bytes saved
+  for backward alive at once on the first stage (``LiveActivations``), against torch's 1F1B and
+  against goose's GPipe (M=8 micro-batches in flight there, p=4 under 1F1B).
 
 The ideal is a constant: its ratio pairs each goose sample of the 4 KB run with it.
 """
@@ -22,12 +26,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from benchmarks.paired import Pairs, alternate
 from benchmarks.results import Record
 from goose_core import ParallelContext, PipelineParallel
-from goose_core.pipeline import Sleep, SleepPipeline, adapter_for, ideal_gpipe_time
+from goose_core.pipeline import LiveActivations, Sleep, SleepPipeline, adapter_for, ideal_gpipe_time
 from goose_core.testing import TrainSpec, run_distributed
 
 P, M, TF, TB = 4, 8, 0.02, 0.04
@@ -57,12 +61,14 @@ def _sample(step: Callable[[], None]) -> Callable[[], float]:
     return sample
 
 
-def _torch_schedule(ctx: ParallelContext, module: nn.Module, loss_fn) -> ScheduleGPipe:
+def _torch_schedule(ctx: ParallelContext, module: nn.Module, loss_fn,
+                    cls: type[ScheduleGPipe | Schedule1F1B] = ScheduleGPipe) -> ScheduleGPipe | Schedule1F1B:
     stage = PipelineStage(module, ctx.pp_rank, ctx.pp_size, ctx.device, group=ctx.pp_group)
-    return ScheduleGPipe(stage, M, loss_fn=loss_fn)
+    return cls(stage, M, loss_fn=loss_fn)
 
 
-def _torch_step(ctx: ParallelContext, schedule: ScheduleGPipe, x: Tensor, target: Tensor | None):
+def _torch_step(ctx: ParallelContext, schedule: ScheduleGPipe | Schedule1F1B, x: Tensor,
+                target: Tensor | None):
     def step() -> None:
         if ctx.is_first_stage:
             schedule.step(x)
@@ -99,9 +105,13 @@ class _GPT2Stage(nn.Module):
         return self.adapter.head(h) if self.last else h
 
 
-def _gpt2(ctx: ParallelContext) -> Pairs:
+def _gpt2_pair(ctx: ParallelContext, schedule: str) -> tuple[nn.Module, Callable[[], None],
+                                                               nn.Module, Callable[[], None]]:
+    """goose's pipelined tiny GPT-2 and torch's manual stages under the same schedule: each
+    model and a function running one training step of it (forward and backward)."""
     batch = GPT2.batch(0)
-    model = PipelineParallel(GPT2.build_model(), ctx, num_microbatches=M, checkpoint="never").parallelize()
+    model = PipelineParallel(GPT2.build_model(), ctx, num_microbatches=M, checkpoint="never",
+                             schedule=schedule).parallelize()
 
     def goose_step() -> None:
         model(**batch).loss.backward()
@@ -109,9 +119,31 @@ def _gpt2(ctx: ParallelContext) -> Pairs:
     stage = _GPT2Stage(ctx)
     loss_fn = lambda logits, labels: stage.model.loss_function(  # noqa: E731
         logits=logits, labels=labels, vocab_size=stage.model.config.vocab_size)
-    schedule = _torch_schedule(ctx, stage, loss_fn)
-    peer = _torch_step(ctx, schedule, batch["input_ids"], batch["labels"])
+    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    peer = _torch_step(ctx, _torch_schedule(ctx, stage, loss_fn, cls), batch["input_ids"], batch["labels"])
+    return model, goose_step, stage, peer
+
+
+def _gpt2(ctx: ParallelContext) -> Pairs:
+    _, goose_step, _, peer = _gpt2_pair(ctx, "gpipe")
     return alternate(_sample(goose_step), _sample(peer), ROUNDS)
+
+
+def _peak_saved(module: nn.Module, step: Callable[[], None]) -> int:
+    """The most bytes saved for backward alive at once during one step, on this rank."""
+    with LiveActivations(module.parameters()) as live:
+        step()
+    return live.peak
+
+
+def _one_f_one_b(ctx: ParallelContext) -> tuple[Pairs, dict[str, int]]:
+    model, goose_step, stage, peer = _gpt2_pair(ctx, "1f1b")
+    gpipe_model, gpipe_step, _, _ = _gpt2_pair(ctx, "gpipe")
+    for step in (goose_step, peer, gpipe_step):
+        step()  # warm up: the first step allocates and plans
+    peaks = {"goose 1f1b": _peak_saved(model, goose_step), "torch 1f1b": _peak_saved(stage, peer),
+             "goose gpipe": _peak_saved(gpipe_model, gpipe_step)}
+    return alternate(_sample(goose_step), _sample(peer), ROUNDS), peaks
 
 
 def _saved_bytes(model: nn.Module, batch: dict) -> int:
@@ -137,6 +169,20 @@ def _checkpointing(ctx: ParallelContext) -> tuple[dict[str, int], Pairs]:
     return saved, alternate(always, never, ROUNDS)
 
 
+def run_1f1b() -> list[Record]:
+    """The 1F1B records alone (``python -c 'from benchmarks.bench_pipeline import run_1f1b'``)."""
+    pairs, peaks = run_distributed(_one_f_one_b, 1, P, 1, timeout=600)[0]  # rank 0: the first stage
+    what = f"tiny GPT-2 fp32 8 blocks, batch 32x64, p={P}, M={M}, gloo on CPU"
+    mb = {k: v / 1e6 for k, v in peaks.items()}
+    return [
+        Record.timed("pipeline_1f1b", f"1F1B step time, {what}", pairs, "torch Schedule1F1B, manual stages"),
+        Record.count("pipeline_1f1b", f"1F1B activation peak, first stage, {what}", mb["goose 1f1b"],
+                     mb["torch 1f1b"], "torch Schedule1F1B, manual stages", "MB"),
+        Record.count("pipeline_1f1b", f"1F1B vs GPipe activation peak, first stage, {what}", mb["goose 1f1b"],
+                     mb["goose gpipe"], "goose GPipe", "MB"),
+    ]
+
+
 def run() -> list[Record]:
     ideal = ideal_gpipe_time(M, P, TF, TB)
     small = run_distributed(_sleep, 1, P, 1, SMALL, timeout=600)[0]
@@ -157,4 +203,5 @@ def run() -> list[Record]:
                      mem_always / 1e6, mem_never / 1e6, "checkpoint never", "MB"),
         Record.timed("pipeline", "checkpoint always vs never: step time, p=2, 4 blocks/stage, M=8",
                      ckpt[0][1], "checkpoint never"),
+        *run_1f1b(),
     ]

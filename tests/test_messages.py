@@ -7,10 +7,10 @@ import torch.distributed as dist
 
 from goose_core import ParallelContext
 from goose_core.pipeline.messages import Message, messages
-from goose_core.pipeline.schedule import GPipe, Schedule
+from goose_core.pipeline.schedule import GPipe, OneFOneB, Schedule
 from goose_core.testing import run_distributed
 
-SCHEDULES: list[type[Schedule]] = [GPipe]
+SCHEDULES: list[type[Schedule]] = [GPipe, OneFOneB]
 
 
 @pytest.mark.parametrize("schedule_cls", SCHEDULES)
@@ -41,6 +41,36 @@ def test_gpipe_sends_activations_then_receives_gradients_last_first() -> None:
     assert [(m.kind, m.microbatch) for m in plan] == [
         ("header", -1), ("activation", 0), ("activation", 1), ("activation", 2),
         ("gradient", 2), ("gradient", 1), ("gradient", 0)]
+
+
+def test_1f1b_interleaves_activations_and_gradients_in_one_agreed_order() -> None:
+    plan = messages(OneFOneB(3, 2), 0)[1]
+    assert [(m.kind, m.microbatch) for m in plan] == [
+        ("header", -1), ("activation", 0), ("activation", 1), ("gradient", 0), ("activation", 2),
+        ("gradient", 1), ("gradient", 2)]
+
+
+@pytest.mark.parametrize("schedule_cls", SCHEDULES)
+@pytest.mark.parametrize("p", [2, 4, 8])
+@pytest.mark.parametrize("m", [1, 2, 4, 8])
+def test_each_side_can_issue_its_plan_in_program_order(schedule_cls: type[Schedule], p: int, m: int) -> None:
+    """Walk each partition's program: a message is sent when its cell has run and received when
+    its cell needs it; issuing in plan order, no receive may wait behind a send not yet produced
+    (on NCCL, messages of a pair complete in issue order: that would deadlock)."""
+    schedule = schedule_cls(m, p)
+    for j in range(p):
+        plans = messages(schedule, j)
+        produced: set[tuple[str, int]] = {("header", -1)}
+        for action in schedule.actions(j):
+            needs = [("activation", j - 1)] if action.kind == "F" else [("gradient", j + 1)]
+            for kind, peer in needs:
+                if peer not in plans:
+                    continue
+                plan = plans[peer]
+                k = plan.index(Message(kind, action.microbatch, peer, j))
+                blocked = [m.key for m in plan[:k] if m.src == j and m.key not in produced]
+                assert not blocked, f"partition {j} needs {kind} {action.microbatch} behind unsent {blocked}"
+            produced.add(("activation" if action.kind == "F" else "gradient", action.microbatch))
 
 
 def test_a_partition_outside_the_schedule_is_refused() -> None:

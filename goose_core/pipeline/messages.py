@@ -6,11 +6,13 @@ that pair's stream. So both sides of every pipeline boundary must issue the *sam
 messages in the *same* order. That list is a function of the schedule, which is data::
 
     partition j                                             partition j+1
-    forward  (its forward cells, in order)                  forward  (its cells, in order)
       send header (shapes, dtype: once per step) ════════►   recv header
-      send activation i ═════════════════════════════════►   recv activation i
-    backward (its backward_order)                           backward (its backward_order)
-      recv gradient i ◄══════════════════════════════════   send gradient i
+    F(i): send activation i ═════════════════════════════►   recv activation i: F(i)
+    B(k): recv gradient k ◄══════════════════════════════   send gradient k: B(k)
+
+in one order both sides agree on: by the clock tick of :func:`~.schedule.timetable` at which the
+sender produces each message. For GPipe that is every activation, then every gradient; for 1F1B
+the two interleave (at p=2, M=3: act 0, act 1, grad 0, act 2, grad 1, grad 2).
 
 :func:`messages` lists them, per neighbour, as each partition issues them; the transport
 (:mod:`.p2p`) issues exactly that list, and a pure test checks that the two sides of every
@@ -22,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from goose_core.pipeline.schedule import Schedule
+from goose_core.pipeline.schedule import Schedule, timetable
 
 __all__ = ["Message", "Kind", "messages", "forward_order"]
 
@@ -46,12 +48,16 @@ class Message:
 
 def forward_order(schedule: Schedule, partition: int) -> list[int]:
     """The micro-batches whose forward runs on ``partition``, in the order they run."""
-    return [i for i, j in schedule.forward_cells() if j == partition]
+    return [a.microbatch for a in schedule.actions(partition) if a.kind == "F"]
 
 
 def messages(schedule: Schedule, partition: int, requires_grad: bool = True) -> dict[int, list[Message]]:
     """{neighbour partition: the messages ``partition`` sends to or receives from it, in issue order}.
 
+    Each boundary's messages are ordered by the tick of :func:`~.schedule.timetable` at which
+    their sender produces them (activation i: forward (i, j); gradient i: backward (i, j+1));
+    at a tie the activation goes first. Both sides can follow that order: when a side's program
+    needs a message before it produces another, the needed one was produced at an earlier tick.
     A step without gradients (``requires_grad=False``) has no gradient messages.
 
     Raises:
@@ -60,21 +66,18 @@ def messages(schedule: Schedule, partition: int, requires_grad: bool = True) -> 
     n = schedule.num_partitions
     if not 0 <= partition < n:
         raise ValueError(f"partition {partition} is not in [0, {n}) for a {n}-partition schedule")
-    prev, next_ = partition - 1, partition + 1
-    plan: dict[int, list[Message]] = {k: [] for k in (prev, next_) if 0 <= k < n}
-    for i in forward_order(schedule, partition):
-        if prev in plan:
-            if not plan[prev]:
-                plan[prev].append(Message("header", -1, prev, partition))
-            plan[prev].append(Message("activation", i, prev, partition))
-        if next_ in plan:
-            if not plan[next_]:
-                plan[next_].append(Message("header", -1, partition, next_))
-            plan[next_].append(Message("activation", i, partition, next_))
-    if requires_grad:
-        for i in schedule.backward_order(partition):
-            if next_ in plan:
-                plan[next_].append(Message("gradient", i, next_, partition))
-            if prev in plan:
-                plan[prev].append(Message("gradient", i, partition, prev))
+    produced: list[tuple[int, int, Message]] = []  # (tick, activations first, message)
+    for tick, work in enumerate(timetable(schedule)):
+        for j, action in work.items():
+            if action.kind == "F" and j + 1 < n:
+                produced.append((tick, 0, Message("activation", action.microbatch, j, j + 1)))
+            elif action.kind == "B" and j > 0 and requires_grad:
+                produced.append((tick, 1, Message("gradient", action.microbatch, j, j - 1)))
+    plan: dict[int, list[Message]] = {}
+    for peer in (partition - 1, partition + 1):
+        if 0 <= peer < n:
+            low = min(peer, partition)
+            crossing = [msg for _, _, msg in sorted(produced, key=lambda p: p[:2])
+                        if {msg.src, msg.dst} == {low, low + 1}]
+            plan[peer] = [Message("header", -1, low, low + 1)] + crossing
     return plan

@@ -7,6 +7,8 @@ rest with placeholders, so parameter names stay the single-device model's. The m
 
     loss = model(input_ids=..., labels=...).loss   # global batch mean, on every stage
     loss.backward()                                 # runs the whole backward schedule
+                                                    # (1F1B: ran in the forward; this hands
+                                                    #  over the gradients)
 
 With input and output embeddings tied (GPT-2, Bloom), the first stage holds the embedding and
 the last the head, one Parameter seen from two ranks: after each backward their gradients are
@@ -31,6 +33,7 @@ from goose_core.pipeline.callbacks import Callback, CallbackList
 from goose_core.pipeline.checkpoint import checkpoint_stop
 from goose_core.pipeline.p2p import DistributedTransport
 from goose_core.pipeline.pipeline import Pipeline
+from goose_core.pipeline.schedule import schedule_named
 from goose_core.pipeline.split import Adapter, adapter_for, drop_modules
 from goose_core.pipeline.stage import Stage
 from goose_core.pipeline.transport import LocalTransport, Transport
@@ -54,6 +57,10 @@ class PipelineParallel:
             sequence of 32 tokens).
         check_batch: when to check that every stage got the same batch: ``"first"`` forward,
             ``"always"`` (one tiny all-reduce per forward) or ``"never"``.
+        schedule: ``"gpipe"`` (default: every forward, then ``loss.backward()`` runs every
+            backward) or ``"1f1b"`` (at most p micro-batches in flight instead of M: the forward
+            call runs each micro-batch's backward too, and ``loss.backward()`` hands over the
+            gradients; see :mod:`goose_core.pipeline.parked`).
 
     Order: apply it after ``TensorParallel`` (which refuses a model already split into stages);
     ``DataParallel`` may come before or after it (its reducer is rebuilt over this stage's
@@ -62,15 +69,16 @@ class PipelineParallel:
     they differ (see :mod:`goose_core.distributed.batch_check`).
 
     Raises:
-        ValueError: on every rank, before any collective: M < 1, an unknown checkpoint mode or
-            ``check_batch``, a model already pipelined, a model that cannot be split, fewer
+        ValueError: on every rank, before any collective: M < 1, an unknown schedule,
+            checkpoint mode or ``check_batch``, a model already pipelined, a model that cannot be split, fewer
             blocks than stages, a bad partition.
     """
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, num_microbatches: int = 1,
                  checkpoint: str = "except_last", partitioner: Partitioner = "uniform",
                  callbacks: Iterable[Callback] = (), sample: Tensor | None = None,
-                 check_batch: str = "first") -> None:
+                 check_batch: str = "first", schedule: str = "gpipe") -> None:
+        self.schedule = schedule_named(schedule)
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
         if is_pipelined(model):
@@ -102,7 +110,7 @@ class PipelineParallel:
         transport: Transport = (LocalTransport([ctx.device]) if n == 1 else DistributedTransport(
             ctx.pipeline_parallel_group, ctx.prev_pipeline_rank, ctx.next_pipeline_rank, ctx.device))
         stage = Stage(model, adapter, {j: list(held)}, n, transport, self.num_microbatches,
-                       self.checkpoint, self.callbacks, ctx, tied, [ctx.device] * n)
+                       self.checkpoint, self.callbacks, ctx, tied, [ctx.device] * n, self.schedule)
         _install(model, stage)
         install_batch_check(model, ctx, "pp", self.check_batch)
         parameters_changed(model)  # a DataParallel applied before re-buckets over this stage
@@ -125,15 +133,17 @@ def _split(adapter: Adapter, num_stages: int, partitioner: Partitioner, num_micr
 
 def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int = 1,
                    checkpoint: str = "except_last", partitioner: Partitioner = "uniform",
-                   callbacks: Iterable[Callback] = (), devices: list[torch.device] | None = None
-                   ) -> nn.Module:
+                   callbacks: Iterable[Callback] = (), devices: list[torch.device] | None = None,
+                   schedule: str = "gpipe") -> nn.Module:
     """Every partition of ``model`` in this process (torchgpipe's setting): partition j on
     ``devices[j]`` (default: all on CPU), tensors hopping devices on copy streams. No processes,
     no collectives: how the engine is tested without ranks, and how one GPU exercises streams.
+    ``schedule`` as for :class:`PipelineParallel`.
 
     Raises:
         ValueError: as :class:`PipelineParallel`, or ``devices`` of the wrong length.
     """
+    schedule_cls = schedule_named(schedule)
     devices = [torch.device(d) for d in (devices or ["cpu"] * num_partitions)]
     if len(devices) != num_partitions:
         raise ValueError(f"{len(devices)} devices for {num_partitions} partitions: give one per partition")
@@ -156,7 +166,7 @@ def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int 
     if _tied_path(model) is not None and devices[0] != devices[-1]:
         raise ValueError("tied input/output embeddings need the first and last partitions on one device")
     stage = Stage(model, adapter, held, num_partitions, LocalTransport(devices), num_microbatches,
-                   checkpoint, CallbackList(callbacks), devices=devices)
+                   checkpoint, CallbackList(callbacks), devices=devices, schedule=schedule_cls)
     return _install(model, stage)
 
 

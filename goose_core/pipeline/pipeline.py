@@ -1,7 +1,8 @@
-"""The executor: runs a schedule's forward cells and wires the backward order into autograd.
+"""The executor: runs a schedule's cells, wiring GPipe's backward order into autograd or running 1F1B's.
 
-For each forward cell (i, j) held here, the executor builds this piece of graph (the numbers are
-the order in which the backward crosses it)::
+GPipe (``Schedule.backward_in_step`` False): the forward call runs the forward cells;
+``loss.backward()`` runs the backward. For each forward cell (i, j) held here, the executor
+builds this piece of graph (the numbers are the order in which the backward crosses it)::
 
       recv / embed                                                  send / loss
     ──────────────► Join ─► [5 after] ─► cell ─► [2 before] ─► Fork ──────────►
@@ -19,6 +20,12 @@ the order in which the backward crosses it)::
 
 So the backward on each partition follows ``schedule.backward_order`` exactly, whatever order
 the autograd engine would otherwise pick among ready nodes.
+
+1F1B (``backward_in_step`` True, grad on): the forward call runs ``schedule.steps()`` in order;
+a cell is built as above without the joins (no phony links micro-batches), and each backward
+action is an explicit ``torch.autograd.backward`` of that micro-batch's roots with seed 1
+(:meth:`Pipeline._run_in_step`). The stage parks the resulting gradients until the caller's
+``loss.backward()`` (:mod:`.parked`). Without grad both schedules just run the forward cells.
 """
 
 from __future__ import annotations
@@ -131,12 +138,15 @@ class Pipeline:
         self.schedule_cls = schedule
 
     def run(self, microbatches: list[Inputs]) -> StepOutput:
-        """The forward of every cell held here; the backward follows from the returned tensors."""
+        """The forward of every cell held here; the backward follows from the returned tensors
+        (GPipe), or has run too when the schedule runs it in the step and grad is on (1F1B)."""
         m = len(microbatches)
         grad = torch.is_grad_enabled()
         schedule = self.schedule_cls(m, self.num_partitions)
         stop = checkpoint_stop(self.checkpoint, m) if grad else 0
         self.transport.begin(m, grad, schedule)
+        if grad and schedule.backward_in_step:
+            return self._run_in_step(schedule, microbatches, stop)
         # after[j][i]: the micro-batch whose backward runs right after i's on partition j.
         after = {j: _successors(schedule.backward_order(j)) for j in self.partitions}
         phonies: dict[tuple[int, int], Tensor] = {}
@@ -145,6 +155,37 @@ class Pipeline:
             if j in self.partitions:
                 self._cell(i, j, microbatches[i], i < stop, after[j], phonies, step)
         self.transport.end_forward()
+        return step
+
+    def _run_in_step(self, schedule: Schedule, microbatches: list[Inputs], stop: int) -> StepOutput:
+        """Every action held here in :meth:`Schedule.steps` order, backwards included (1F1B).
+
+        No virtual dependency links micro-batches: each backward is its own
+        ``torch.autograd.backward`` over the roots of that micro-batch's cells (the loss or the
+        send's phony, and the recompute's phony of a checkpointed cell), with seed 1. With every
+        partition here (local transport) the graph of a micro-batch is connected, so its first
+        backward action (on the last partition) runs it through all partitions.
+
+        Returns:
+            the micro-batch losses (last partition), detached: their backward has run.
+        """
+        step = StepOutput({}, [])
+        roots: dict[int, list[Tensor]] = {}  # micro-batch -> roots of its cells not yet backward
+        for action in schedule.steps():
+            i, j = action.microbatch, action.partition
+            if j not in self.partitions:
+                continue
+            if action.kind == "F":
+                cell = StepOutput({}, [])
+                self._cell(i, j, microbatches[i], i < stop, {}, {}, cell)
+                roots.setdefault(i, []).extend(cell.roots + list(cell.outputs.values()))
+                step.outputs.update({k: v.detach() for k, v in cell.outputs.items()})
+            elif i in roots:
+                tensors = [t for t in roots.pop(i) if t.requires_grad]
+                if tensors:
+                    torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+        self.transport.end_forward()
+        self.transport.end_backward()
         return step
 
     def _cell(self, i: int, j: int, inputs: Inputs, checkpointed: bool, after: dict[int, int],
@@ -195,7 +236,7 @@ class Pipeline:
         if i in after.values():
             phonies[(j, i)] = phony  # joined into the cell whose backward runs just before i's
         else:
-            step.roots.append(phony)  # first in the backward order: recompute at once
+            step.roots.append(phony)  # first of the backward order, or 1F1B's own: recompute at once
 
 
 def _successors(order: list[int]) -> dict[int, int]:

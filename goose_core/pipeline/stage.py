@@ -11,6 +11,10 @@ What one training step does on a stage, around the executor (:mod:`.pipeline`)::
                                     -> sum the tied embedding's gradient over the first/last stage
                                     -> flush the gradient syncs (data-parallel reduction)
 
+With 1F1B (``schedule="1f1b"``) the backward runs inside the forward: ``defer``, every cell's
+forward and backward in the schedule's order, the tied sum, then the gradients are parked
+(:mod:`.parked`); ``loss.backward()`` adds seed x parked to ``.grad`` and flushes.
+
 The stage knows data parallelism only through :class:`goose_core.grad_sync.GradSync`.
 """
 
@@ -30,7 +34,9 @@ from goose_core.loss import count_items, loss_dtype, nonzero
 from goose_core.metadata import grad_syncs
 from goose_core.pipeline.callbacks import CallbackList
 from goose_core.pipeline.microbatch import gather, scatter
+from goose_core.pipeline.parked import ParkedGradients
 from goose_core.pipeline.pipeline import Partition, Pipeline, Root, StepOutput
+from goose_core.pipeline.schedule import GPipe, Schedule
 from goose_core.pipeline.split import Adapter
 from goose_core.pipeline.tied import TiedGradients
 from goose_core.pipeline.transport import Transport
@@ -56,12 +62,14 @@ class Stage:
         ctx: this rank's context (None: every partition here, no collective).
         tied: the module path of an input embedding tied to the LM head, if any.
         devices: partition j's device (default: all CPU).
+        schedule: the schedule class (GPipe by default).
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, held: dict[int, list[int]],
                  num_partitions: int, transport: Transport, num_microbatches: int,
                  checkpoint: str, callbacks: CallbackList, ctx: ParallelContext | None = None,
-                 tied: str | None = None, devices: list[torch.device] | None = None) -> None:
+                 tied: str | None = None, devices: list[torch.device] | None = None,
+                 schedule: type[Schedule] = GPipe) -> None:
         self.model, self.adapter, self.ctx, self.transport = model, adapter, ctx, transport
         self.num_microbatches, self.num_partitions = num_microbatches, num_partitions
         self.is_last = num_partitions - 1 in held
@@ -70,7 +78,7 @@ class Stage:
                                 adapter.embed if j == 0 else None, devices[j])
                       for j, blocks in held.items()]
         self.device = devices[max(held)]
-        self.pipeline = Pipeline(partitions, num_partitions, transport, checkpoint, callbacks)
+        self.pipeline = Pipeline(partitions, num_partitions, transport, checkpoint, callbacks, schedule)
         self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
         self._deferred: list[GradSync] = []  # the gradient syncs held during this backward
 
@@ -112,15 +120,35 @@ class Stage:
                 outputs = self._outputs(self.pipeline.run(microbatches))
             return CausalLMOutputWithPast(logits=gather(outputs) if self.is_last else None)
         n = nonzero(count_items(labels) if num_items_in_batch is None else num_items_in_batch)
-        step = self.pipeline.run([{**mb, "num_items_in_batch": n} for mb in microbatches])
+        microbatches = [{**mb, "num_items_in_batch": n} for mb in microbatches]
+        if torch.is_grad_enabled() and self.pipeline.schedule_cls.backward_in_step:
+            return CausalLMOutputWithPast(loss=self._step_with_backward(microbatches))
+        step = self.pipeline.run(microbatches)
         total = sum(self._outputs(step)) if self.is_last else None
         return CausalLMOutputWithPast(loss=self._loss(total, step.roots))
+
+    def _step_with_backward(self, microbatches: list[dict[str, Any]]) -> Tensor:
+        """1F1B: the forward and the backward of every micro-batch, now; the returned loss's
+        backward hands the parked gradients to ``.grad`` and flushes data parallelism."""
+        parked = ParkedGradients(list(self.model.parameters()))
+        try:
+            self._begin_backward()
+            step = self.pipeline.run(microbatches)
+            if self.tied is not None:
+                self.tied.sync()  # a collective of the two end stages, which both run this now
+            parked.park()
+        finally:
+            if parked.grads is None:  # the step failed: drop its partial gradients
+                parked.restore()
+        total = sum(self._outputs(step)) if self.is_last else None
+        return self._loss(total, [], parked)
 
     @staticmethod
     def _outputs(step: StepOutput) -> list[Tensor]:
         return [step.outputs[i] for i in sorted(step.outputs)]
 
-    def _loss(self, total: Tensor | None, roots: list[Tensor]) -> Tensor:
+    def _loss(self, total: Tensor | None, roots: list[Tensor],
+              parked: ParkedGradients | None = None) -> Tensor:
         """The batch loss on every stage; its backward drives this stage's part of the schedule."""
         # Every stage broadcasts in one dtype: the loss's for this stage's parameters (fp32 or wider).
         dtype = loss_dtype(next(p.dtype for p in self.model.parameters() if p.is_floating_point()))
@@ -132,6 +160,8 @@ class Stage:
         if not torch.is_grad_enabled():
             return total if total is not None else value
         anchor = total if total is not None else value
+        if parked is not None:
+            return parked.loss(anchor, self._flush)
         return Root.apply(self._begin_backward, self._end_backward, anchor, *roots)
 
     def _begin_backward(self) -> None:
@@ -147,6 +177,9 @@ class Stage:
         self.transport.end_backward()
         if self.tied is not None:
             self.tied.sync()  # before the dp reduction: it must average the summed gradient
+        self._flush()
+
+    def _flush(self) -> None:
         for sync in self._deferred:
             sync.flush()
         self._deferred = []

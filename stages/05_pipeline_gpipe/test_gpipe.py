@@ -1,4 +1,4 @@
-"""Stage 05: GPipe over processes equals the single-device run, for three families.
+"""Stage 05: GPipe and 1F1B over processes equal the single-device run, for three families.
 
 The matrix pp in {2, 4} x M in {1, 2, 4, 8} x 3 families x 3 checkpoint modes is covered by
 two spawned groups that each train several configurations, so that every value of every axis
@@ -31,42 +31,60 @@ MATRIX = {
     4: [("bloom", 1, "always", "adamw"), ("gpt2", 2, "except_last", "adamw"),
         ("llama", 4, "never", "sgd"), ("llama", 8, "except_last", "sgd"), ("bloom", 8, "never", "sgd")],
 }
+# 1F1B: every family and mode at each depth, M below, at and above the depth. The Llama at pp=2
+# is also held to EXACT against one-device accumulation (test_pipeline_is_exactly_...).
+MATRIX_1F1B = {
+    2: [("gpt2", 8, "except_last", "sgd"), ("llama", 8, "always", "adamw"), ("bloom", 2, "never", "sgd")],
+    4: [("llama", 8, "never", "sgd"), ("bloom", 1, "always", "adamw"), ("gpt2", 4, "except_last", "sgd")],
+}
+MATRICES = {"gpipe": MATRIX, "1f1b": MATRIX_1F1B}
 
 
 def _spec(family: str, optimizer: str) -> TrainSpec:
     return TrainSpec(family=family, steps=2, optimizer=optimizer)
 
 
-def _train_many(ctx: ParallelContext, configs: list[tuple[str, int, str, str]]) -> list[RunResult]:
-    return [train_script.train(ctx, _spec(f, o), m, c) for f, m, c, o in configs]
+def _train_many(ctx: ParallelContext, configs: list[tuple[str, int, str, str]],
+                schedule: str = "gpipe") -> list[RunResult]:
+    return [train_script.train(ctx, _spec(f, o), m, c, schedule) for f, m, c, o in configs]
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("pp", [2, 4])
-def test_every_rank_matches_the_single_device_run(pp: int) -> None:
-    per_rank = run_distributed(_train_many, 1, pp, 1, MATRIX[pp], timeout=150)
-    for k, (family, m, checkpoint, optimizer) in enumerate(MATRIX[pp]):
+def test_every_rank_matches_the_single_device_run(pp: int, schedule: str) -> None:
+    configs = MATRICES[schedule][pp]
+    per_rank = run_distributed(_train_many, 1, pp, 1, configs, schedule, timeout=150)
+    for k, (family, m, checkpoint, optimizer) in enumerate(configs):
         reference = reference_run(_spec(family, optimizer))
         for rank, results in enumerate(per_rank):
             try:
                 assert_matches_reference(results[k], reference, PARALLEL)
             except AssertionError as err:
-                raise AssertionError(f"pp={pp} {family} M={m} {checkpoint} rank {rank}: {err}") from err
+                where = f"{schedule} pp={pp} {family} M={m} {checkpoint} rank {rank}"
+                raise AssertionError(f"{where}: {err}") from err
+    if (schedule, pp) == ("1f1b", 2):  # 1F1B's backward runs the micro-batches first to last
+        _assert_exactly_micro_batch_accumulation(per_rank[-1][1], reverse=False)
 
 
-def _microbatched_reference(spec: TrainSpec, m: int) -> RunResult:
+def _microbatched_reference(spec: TrainSpec, m: int, reverse: bool) -> RunResult:
     """One device, the same micro-batches, gradients accumulated in the pipeline's backward order."""
     model = spec.build_model()
     optimizer = spec.build_optimizer(model.parameters())
-    losses = train_loop(model, optimizer, spec.batches(), micro_batches=m, reverse=True)
+    losses = train_loop(model, optimizer, spec.batches(), micro_batches=m, reverse=reverse)
     return RunResult(losses, snapshot(model))
 
 
+def _assert_exactly_micro_batch_accumulation(last_rank: RunResult, reverse: bool) -> None:
+    """Llama, M=8, ``always``, AdamW on the last stage equals one-device accumulation bit for bit."""
+    expected = _microbatched_reference(_spec("llama", "adamw"), 8, reverse)
+    expected.losses = last_rank.losses  # the loss is summed in another order; params are not
+    assert_matches_reference(last_rank, expected, EXACT)
+
+
 def test_pipeline_is_exactly_micro_batch_accumulation() -> None:
-    spec = _spec("llama", "adamw")
+    # GPipe's backward runs the micro-batches last first (1F1B's: in the pp=2 matrix above).
     results = run_distributed(_train_many, 1, 2, 1, [("llama", 8, "always", "adamw")], timeout=120)
-    expected = _microbatched_reference(spec, 8)
-    expected.losses = results[0][0].losses  # the loss is summed in another order; params are not
-    assert_matches_reference(results[-1][0], expected, EXACT)
+    _assert_exactly_micro_batch_accumulation(results[-1][0], reverse=True)
 
 
 def _bad(ctx: ParallelContext, kwargs: dict) -> None:
@@ -126,12 +144,13 @@ def test_torchrun_prints_losses_beside_the_reference() -> None:
     assert len(diffs) == 2 and max(diffs) < 1e-5, diffs
 
 
-def _composed(ctx: ParallelContext, spec: TrainSpec, m: int, checkpoint: str) -> RunResult:
+def _composed(ctx: ParallelContext, spec: TrainSpec, m: int, checkpoint: str, schedule: str) -> RunResult:
     """Pipeline with data parallelism (each dp rank feeds its shard) or tensor parallelism inside."""
     model = spec.build_model()
     if ctx.tensor_parallel_size > 1:
         model = TensorParallel(model, ctx).parallelize()
-    model = PipelineParallel(model, ctx, num_microbatches=m, checkpoint=checkpoint).parallelize()
+    model = PipelineParallel(model, ctx, num_microbatches=m, checkpoint=checkpoint,
+                             schedule=schedule).parallelize()
     if ctx.data_parallel_size > 1:
         model = DataParallel(model, ctx).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
@@ -139,17 +158,20 @@ def _composed(ctx: ParallelContext, spec: TrainSpec, m: int, checkpoint: str) ->
     return RunResult(train_loop(model, optimizer, batches), full_state_dict(model, ctx))
 
 
-@pytest.mark.parametrize("tp, dp, family, m, checkpoint, tol", [
-    (1, 2, "gpt2", 4, "always", PARALLEL),        # tied embeddings: summed over stages, averaged over dp
+@pytest.mark.parametrize("tp, dp, family, m, checkpoint, schedule, tol", [
+    (1, 2, "gpt2", 4, "always", "gpipe", PARALLEL),  # tied embeddings: summed over stages, averaged over dp
     # The default mode mixes recomputed cells (a nested backward each, so a gradient hook fires
     # once per micro-batch) with plain ones: data parallelism must reduce once, at the end.
-    (1, 2, "llama", 4, "except_last", PARALLEL),
-    (2, 1, "bloom", 2, "except_last", PARALLEL),  # vocab-parallel loss on the last stage
+    (1, 2, "llama", 4, "except_last", "gpipe", PARALLEL),
+    (2, 1, "bloom", 2, "except_last", "gpipe", PARALLEL),  # vocab-parallel loss on the last stage
+    # 1F1B: the tied sum runs inside the forward call, the dp flush in loss.backward().
+    (1, 2, "gpt2", 4, "except_last", "1f1b", PARALLEL),
+    (2, 1, "llama", 4, "always", "1f1b", PARALLEL),
 ])
 def test_composes_with_data_and_tensor_parallelism(tp: int, dp: int, family: str, m: int,
-                                                   checkpoint: str, tol) -> None:
+                                                   checkpoint: str, schedule: str, tol) -> None:
     spec = _spec(family, "sgd")
-    results = run_distributed(_composed, tp, 2, dp, spec, m, checkpoint, timeout=120)
+    results = run_distributed(_composed, tp, 2, dp, spec, m, checkpoint, schedule, timeout=120)
     reference = reference_run(spec)
     for result in results:
         assert_matches_reference(result, reference, tol)
