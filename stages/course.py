@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["STAGES_DIR", "stage_dir", "load_train_script", "run_train_script", "beside_reference_diffs"]
+__all__ = ["STAGES_DIR", "stage_dir", "stage_tests", "load_train_script", "run_train_script", "beside_reference_diffs"]
 
 STAGES_DIR = Path(__file__).resolve().parent
 
@@ -34,6 +34,19 @@ def stage_dir(number: str) -> Path:
             return path
     known = ", ".join(p.name for p in stages)
     raise ValueError(f"no stage {number}; the stages are: {known}")
+
+
+def stage_tests(number: str) -> list[Path]:
+    """What ``make test-stage N`` runs: the stage's folder, and the unit tests of ``tests/`` that
+    ``lessons.LESSONS`` says the stage introduces (a path there may be a file-name prefix)."""
+    from lessons import LESSONS  # stages/ is on the path: this file's folder
+
+    folder = stage_dir(number)
+    root = STAGES_DIR.parent
+    tests = sorted({path for entry in LESSONS.get(int(number), ()) if entry.startswith("tests/")
+                    for path in root.glob(entry + ("*" if not entry.endswith(".py") else ""))
+                    if path.is_file() and path.suffix == ".py"})
+    return [folder, *tests]
 
 
 def load_train_script(number: str) -> ModuleType:
@@ -71,6 +84,6 @@ def beside_reference_diffs(stdout: str) -> list[float]:
 
 if __name__ == "__main__":
     try:
-        print(stage_dir(sys.argv[1] if len(sys.argv) > 1 else ""))
+        print(" ".join(str(path) for path in stage_tests(sys.argv[1] if len(sys.argv) > 1 else "")))
     except ValueError as err:
         sys.exit(f"make test-stage: {err} (usage: make test-stage 3)")

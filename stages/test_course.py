@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from course import STAGES_DIR, stage_dir
+from course import STAGES_DIR, stage_dir, stage_tests
 from lessons import LESSONS, lesson_commits, stage_of
 
 TRAIN_SCRIPTS = sorted(STAGES_DIR.glob("[0-9][0-9]_*/train.py"))
@@ -30,10 +30,16 @@ def test_unknown_stage_is_a_clear_error(number: str, message: str) -> None:
         stage_dir(number)
 
 
+def test_a_stage_s_tests_include_the_unit_tests_it_introduces() -> None:
+    names = [path.name for path in stage_tests("11")]
+    assert names[0].startswith("11_") and "test_checkpoint_io.py" in names and "test_export.py" in names
+    assert {p.name for p in stage_tests("4")} >= {"04_tensor_parallel", "test_tensor_parallel_plan.py"}
+
+
 def test_make_test_stage_lists_the_stages_for_an_unknown_number() -> None:
-    # What `make test-stage 99` runs: the folder on stdout, or the stages and the usage.
+    # What `make test-stage 99` runs: the paths on stdout, or the stages and the usage.
     found = subprocess.run([sys.executable, str(STAGES_DIR / "course.py"), "3"], capture_output=True, text=True)
-    assert found.returncode == 0 and found.stdout.strip().endswith("03_zero1")
+    assert found.returncode == 0 and found.stdout.split()[0].endswith("03_zero1")
     unknown = subprocess.run([sys.executable, str(STAGES_DIR / "course.py"), "99"], capture_output=True, text=True)
     assert unknown.returncode == 1 and "the stages are: 00_reference" in unknown.stderr
     assert "usage: make test-stage 3" in unknown.stderr
