@@ -6,7 +6,6 @@ from goose_core.optim import DistributedOptimizer, clip_grad_norm_
 from goose_core.pipeline import PipelineParallel
 from goose_core.state import full_state_dict
 from goose_core.tensor_parallel import TensorParallel
-from goose_core import models  # noqa: F401  (registers the tp adapters of families without a plan)
 
 __all__ = ["DataParallel", "DistributedOptimizer", "ParallelContext", "PipelineParallel", "RankError", "TensorParallel", "clip_grad_norm_", "full_state_dict", "spawn"]
 __version__ = "0.1.0"

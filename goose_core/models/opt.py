@@ -1,0 +1,19 @@
+"""OPT: its module layout for the pipeline split (it declares no ``base_model_pp_plan``).
+
+The first stage holds the token table, the learned positions (OPT offsets them by 2 and reads
+the attention mask: the family's own forward does that) and the optional ``project_in``; the
+last the final norm, the optional ``project_out`` and the head. No tensor-parallel half yet.
+"""
+
+from __future__ import annotations
+
+from goose_core.models.family import Family, PipelineLayout
+
+__all__ = ["LAYOUT", "FAMILY"]
+
+LAYOUT = PipelineLayout(
+    embed=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
+    blocks="model.decoder.layers",
+    head=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"))
+
+FAMILY = Family("opt", pp=LAYOUT)
