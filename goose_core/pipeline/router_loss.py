@@ -166,7 +166,7 @@ def _mismatch(model: nn.Module, recorder: Any) -> str | None:
         return "its model records no router_logits through an OutputRecorder"
     if not all(hasattr(model, a) for a in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")):
         return "it has no num_experts / num_experts_per_tok / router_aux_loss_coef"
-    module = sys.modules[type(model).__module__]
+    module = sys.modules[type(model).forward.__module__]  # where the forward that calls it lives
     func = getattr(module, "load_balancing_loss_func", None)
     if func is None or _digest(inspect.getsource(func)) != _MIRRORED:
         return (f"its load_balancing_loss_func is not the one goose mirrors (transformers 5.24's "
