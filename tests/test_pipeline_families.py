@@ -7,8 +7,8 @@ window, Gemma3's per-layer-type masks and rotary tables, the partial rotary of G
 StableLM, Bloom's ALiBi, OPT's mask-derived positions, and Mixtral's and Qwen2-MoE's auxiliary
 router loss (carried along the pipeline as running sums). float64, as the harness trains.
 
-Cost: one pp=2 spawn trains every family in turn; pp=4 runs in one process (``local_pipeline``,
-the same split, four partitions), as does each refusal.
+Cost: one pp=2 spawn trains every family in turn (micro-batches, checkpointing); pp=4 runs in
+this process (``local_pipeline``: the same split, four partitions), as does each refusal.
 """
 
 from __future__ import annotations
@@ -108,7 +108,9 @@ def test_every_family_at_pp2_equals_the_single_device_run() -> None:
 
 @pytest.mark.parametrize("family", list(FEATURES))
 def test_four_partitions_equal_the_single_device_run(family: str) -> None:
-    model = local_pipeline(build(family), 4, num_microbatches=microbatches(family))
+    # Two middle stages (no embedding, early exit). One micro-batch, no checkpointing: the pp=2
+    # run covers both, and this one stays as cheap as the reference.
+    model = local_pipeline(build(family), 4, checkpoint="never")
     assert_matches_reference(RunResult(_train(model), snapshot(model)), reference(family), PARALLEL)
 
 
