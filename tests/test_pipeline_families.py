@@ -45,6 +45,7 @@ FEATURES: dict[str, dict] = {
     "gpt_neox": {},                                                      # rotary_pct=0.25
     "phi": {},                                                           # partial_rotary_factor=0.5
     "stablelm": {},                                                      # partial_rotary_factor=0.25
+    "falcon": dict(new_decoder_architecture=True, num_kv_heads=2),       # rotary, parallel attention
     "opt": dict(ffn_dim=128, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0, layerdrop=0.0),
     "mixtral": dict(num_local_experts=4, **_MOE),
     "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32, **_MOE),
@@ -56,7 +57,7 @@ FEATURES: dict[str, dict] = {
 _ONE_MICROBATCH = {"gemma2", "gemma3_text", "mixtral", "qwen2_moe"}
 # Attention implemented by the family alone (no 🤗 attention interface), or softcapped (Gemma2's
 # eager attention applies attn_logit_softcapping, goose's fp64 stand-in would drop it).
-_EAGER = {"gpt2", "bloom", "gemma2"}
+_EAGER = {"gpt2", "bloom", "falcon", "gemma2"}
 
 
 def tiny_config(model_type: str) -> PretrainedConfig:

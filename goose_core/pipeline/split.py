@@ -147,7 +147,9 @@ class Adapter:
             x: the first stage's embedding (:meth:`embed`), or the activation received.
         Returns:
             The activation to send; on the last stage the micro-batch's loss (with ``labels``)
-            or its logits.
+            or its logits. The loss is the family's ``loss_function`` given ``num_items_in_batch``:
+            the micro-batch's token-loss sum over the batch's targets (goose_core.loss), so the
+            micro-batches' losses add up to the batch mean and one with no target adds 0.
         """
         return self._run(blocks, first, last, x, inputs, carry=self.router is not None)
 
