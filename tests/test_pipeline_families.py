@@ -7,8 +7,8 @@ window, Gemma3's per-layer-type masks and rotary tables, the partial rotary of G
 StableLM, Bloom's ALiBi, OPT's mask-derived positions, and Mixtral's and Qwen2-MoE's auxiliary
 router loss (carried along the pipeline as running sums). float64, as the harness trains.
 
-Cost: one pp=2 spawn trains every family in turn (micro-batches, checkpointing); pp=4 runs in
-this process (``local_pipeline``: the same split, four partitions), as does each refusal.
+Cost: one pp=2 spawn trains every family in turn (micro-batches, checkpointing), one tp=2 x pp=2
+spawn two of them; pp=4 runs in this process (``local_pipeline``: the same split, four partitions), as does each refusal.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from goose_core import ParallelContext, PipelineParallel, full_state_dict
+from goose_core import ParallelContext, PipelineParallel, TensorParallel, full_state_dict
 from goose_core.pipeline import local_pipeline
 from goose_core.testing import FAMILIES, tiny_config as harness_config
 from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, run_distributed,
@@ -103,6 +103,28 @@ def test_every_family_at_pp2_equals_the_single_device_run() -> None:
         for family in families:
             try:
                 assert_matches_reference(results[family], references[family], PARALLEL)
+            except AssertionError as err:
+                raise AssertionError(f"{family}, rank {rank}: {err}") from err
+
+
+def _tp_pp_runs(ctx: ParallelContext, families: list[str]) -> dict[str, RunResult]:
+    results = {}
+    for family in families:
+        model = TensorParallel(build(family), ctx).parallelize()
+        model = PipelineParallel(model, ctx, num_microbatches=microbatches(family)).parallelize()
+        results[family] = RunResult(_train(model), full_state_dict(model, ctx))
+    return results
+
+
+def test_tensor_parallel_stages_run_the_family_code_too() -> None:
+    # GPT-NeoX's embed_in is vocab-parallel (embedding_rowwise): the first stage looks it up
+    # across the tp group, later stages put a full-width stand-in in its place. Gemma2: its
+    # embedding scale and softcapping stay the family's under tp x pp.
+    families = ["gpt_neox", "gemma2"]
+    for rank, results in enumerate(run_distributed(_tp_pp_runs, 2, 2, 1, families, timeout=300)):
+        for family in families:
+            try:
+                assert_matches_reference(results[family], reference(family), PARALLEL)
             except AssertionError as err:
                 raise AssertionError(f"{family}, rank {rank}: {err}") from err
 
