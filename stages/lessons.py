@@ -43,7 +43,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
         "benchmarks/bench_data_parallel.py"),
     3: ("goose_core/optim/", "tests/test_zero.py", "tests/test_clip.py", "benchmarks/bench_zero.py"),
     4: ("goose_core/tensor_parallel/", "goose_core/models/", "goose_core/state.py", "tests/test_tensor_parallel_",
-        "tests/test_state.py", "benchmarks/bench_tensor_parallel.py"),
+        "tests/test_models_registry.py", "tests/test_state.py", "benchmarks/bench_tensor_parallel.py"),
     5: ("goose_core/pipeline/", "tests/test_pipeline.py", "tests/test_pipeline_families.py", "tests/test_schedule.py",
         "tests/test_microbatch.py",
         "tests/test_dependency.py", "tests/test_transport.py", "tests/test_messages.py", "tests/test_composition.py",

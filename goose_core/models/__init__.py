@@ -1,8 +1,8 @@
 """The one home of family knowledge: one module per family that needs more than its config declares.
 
 ``family.py`` holds the record (:class:`Family`: a tensor-parallel half and a pipeline half),
-``registry.py`` the explicit list of goose's families; ``gpt2.py`` and ``bloom.py`` carry both
-halves, ``opt.py``, ``falcon.py`` and ``stablelm.py`` the pipeline half.
+``registry.py`` the explicit list of goose's families; ``gpt2.py``, ``bloom.py``, ``opt.py`` and
+``stablelm.py`` carry both halves, ``falcon.py`` the pipeline half.
 """
 
 from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter

@@ -22,12 +22,13 @@ class TensorParallelAdapter:
     Args:
         plan: patterns relative to the base model -> style (as ``base_model_tp_plan``).
         localize: ``localize(model, tp, tp_rank)`` sets per-rank head counts (and anything else
-            the attention reads) after the layers are sharded.
+            the attention reads) after the layers are sharded; None: goose's generic one (every
+            module owning column-parallel layers gets per-rank ``num_heads`` and kv-heads).
         check: ``check(config, tp)`` -> problems (strings) that make the model unsplittable.
     """
 
     plan: dict[str, str]
-    localize: Callable[[nn.Module, int, int], None]
+    localize: Callable[[nn.Module, int, int], None] | None = None
     check: Callable[[PretrainedConfig, int], list[str]] = field(default=_no_problems)
 
 
