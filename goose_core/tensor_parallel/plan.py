@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
-from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from goose_core.models.family import TensorParallelAdapter as Adapter
