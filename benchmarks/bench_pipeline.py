@@ -98,11 +98,10 @@ class _GPT2Stage(nn.Module):
         self.first, self.last = ctx.is_first_stage, ctx.is_last_stage
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.adapter.embed({"input_ids": x}) if self.first else x
-        context = self.adapter.context(h, {})
-        for b in self.blocks:
-            h = self.adapter.block(b, h, context)
-        return self.adapter.head(h) if self.last else h
+        # The cell goose's stage runs (GPT-2's own forward over these blocks); logits last.
+        inputs = {"input_ids": x} if self.first else {}
+        h = self.adapter.embed(inputs) if self.first else x
+        return self.adapter.run(list(self.blocks), self.first, self.last, h, inputs)
 
 
 def _gpt2_pair(ctx: ParallelContext, schedule: str) -> tuple[nn.Module, Callable[[], None],

@@ -8,7 +8,6 @@ from goose_core.optim import DistributedOptimizer, MasterWeights, clip_grad_norm
 from goose_core.pipeline import PipelineParallel
 from goose_core.state import full_state_dict
 from goose_core.tensor_parallel import TensorParallel
-from goose_core import models  # noqa: F401  (registers the tp adapters of families without a plan)
 
 __all__ = ["DataParallel", "DistributedOptimizer", "GradScaler", "MasterWeights", "ParallelContext",
            "PipelineParallel", "RankError", "TensorParallel", "clip_grad_norm_", "export_pretrained", "full_state_dict", "load_checkpoint",

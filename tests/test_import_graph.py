@@ -80,3 +80,11 @@ def test_the_seams_stay_low(module: str, allowed: set[str] | None) -> None:
         assert imports == allowed
     else:
         assert not {m for m in imports if m.startswith(("goose_core.data_parallel", "goose_core.optim"))}
+
+
+def test_family_knowledge_imports_no_parallelism() -> None:
+    # goose_core.models is read by tensor_parallel and pipeline; it must not read them back (the
+    # old tp adapters imported tensor_parallel.plan and registered themselves on import).
+    graph = _graph()
+    for module in (m for m in graph if m.startswith("goose_core.models")):
+        assert {m for m in graph[module] if not m.startswith("goose_core.models")} == set(), module

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, OPTConfig
+from transformers import AutoModelForCausalLM, GPTBigCodeConfig, GPTNeoXConfig
 
 from goose_core.tensor_parallel import check_sizes, resolve_plan
 from goose_core.testing import build_model
@@ -23,9 +23,9 @@ def test_families_without_a_plan_use_goose_adapters(family: str, fused: str) -> 
 
 
 def test_a_family_without_plan_or_adapter_says_how_to_add_one() -> None:
-    config = OPTConfig(vocab_size=256, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
-                       word_embed_proj_dim=16)
-    with pytest.raises(ValueError, match="model_type 'opt'.*base_model_tp_plan.*register_adapter"):
+    # GPTBigCode declares no plan and goose_core.models has no entry for it (OPT now has one).
+    config = GPTBigCodeConfig(vocab_size=256, n_embd=16, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match="model_type 'gpt_bigcode'.*base_model_tp_plan.*register_adapter"):
         resolve_plan(AutoModelForCausalLM.from_config(config))
 
 

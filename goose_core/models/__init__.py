@@ -1,5 +1,11 @@
-"""Per-family tensor-parallel adapters for HF models that declare no ``base_model_tp_plan``."""
+"""The one home of family knowledge: one module per family that needs more than its config declares.
 
-from goose_core.models import bloom, gpt2
+``family.py`` holds the record (:class:`Family`: a tensor-parallel half and a pipeline half),
+``registry.py`` the explicit list of goose's families; ``gpt2.py``, ``bloom.py``, ``opt.py`` and
+``stablelm.py`` carry both halves, ``falcon.py`` the pipeline half.
+"""
 
-__all__ = ["bloom", "gpt2"]
+from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter
+from goose_core.models.registry import FAMILIES, family, register_family
+
+__all__ = ["FAMILIES", "Family", "PipelineLayout", "TensorParallelAdapter", "family", "register_family"]

@@ -1,10 +1,13 @@
-"""Bloom's tensor-parallel adapter: head-interleaved fused QKV, and ALiBi sliced per rank.
+"""Bloom: head-interleaved fused QKV and ALiBi sliced per rank (tensor parallel); its layout (pipeline).
 
 Bloom declares no plan. Its ``query_key_value`` output is laid out head by head,
 ``[h0: q k v | h1: q k v | ...]``, so a plain contiguous column split already gives each rank
 whole heads with their own q, k and v. The parent model builds the ALiBi bias for *all* heads,
 ``(batch * n_head, 1, seq)``; each rank's attention keeps its own heads' rows (a pre-hook), so a
 decoder layer called alone by a pipeline stage still gets the right slopes.
+
+The pipeline stages run Bloom's own forward (it builds the ALiBi tensor and the mask on every
+stage); the first stage holds the embedding and its layer norm, the last the final norm and head.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.models.bloom.modeling_bloom import BloomAttention
 
-from goose_core.tensor_parallel.plan import Adapter, register_adapter
+from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter
 
-__all__ = ["PLAN", "localize", "check", "slice_alibi"]
+__all__ = ["PLAN", "LAYOUT", "FAMILY", "localize", "check", "slice_alibi"]
 
 PLAN = {
     "h.*.self_attention.query_key_value": "colwise",
@@ -25,6 +28,9 @@ PLAN = {
     "h.*.mlp.dense_h_to_4h": "colwise",
     "h.*.mlp.dense_4h_to_h": "rowwise",
 }
+
+LAYOUT = PipelineLayout(embed=("transformer.word_embeddings", "transformer.word_embeddings_layernorm"),
+                        blocks="transformer.h", head=("transformer.ln_f", "lm_head"))
 
 
 def slice_alibi(alibi: Tensor, heads: int, tp: int, tp_rank: int) -> Tensor:
@@ -62,4 +68,4 @@ def check(config: PretrainedConfig, tp: int) -> list[str]:
     return []
 
 
-register_adapter("bloom", Adapter(PLAN, localize, check))
+FAMILY = Family("bloom", tp=TensorParallelAdapter(PLAN, localize, check), pp=LAYOUT)

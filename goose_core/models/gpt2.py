@@ -1,9 +1,12 @@
-"""GPT-2's tensor-parallel adapter: Conv1D layers and the fused q|k|v ``c_attn``.
+"""GPT-2: Conv1D layers and the fused q|k|v ``c_attn`` (tensor parallel); its module layout (pipeline).
 
 GPT-2 declares no plan. Its ``Conv1D`` stores weights as ``(in, out)`` (the layers handle the
 transposed layout), and ``c_attn`` computes ``q | k | v`` in one matmul, so its output is cut
 as three blocks, each split by heads: rank r holds ``q_r | k_r | v_r``. The attention then
 splits its output by ``split_size``, which becomes the per-rank width.
+
+The pipeline stages run GPT-2's own forward; the first stage holds the token and position
+tables (the parent adds them), the last the final norm and the head (tied to ``wte``).
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
-from goose_core.tensor_parallel.plan import Adapter, register_adapter
+from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter
 
-__all__ = ["PLAN", "localize", "check"]
+__all__ = ["PLAN", "LAYOUT", "FAMILY", "localize", "check"]
 
 PLAN = {
     "h.*.attn.c_attn": "fused_qkv_colwise",
@@ -22,6 +25,9 @@ PLAN = {
     "h.*.mlp.c_fc": "colwise",
     "h.*.mlp.c_proj": "rowwise",
 }
+
+LAYOUT = PipelineLayout(embed=("transformer.wte", "transformer.wpe", "transformer.drop"),
+                        blocks="transformer.h", head=("transformer.ln_f", "lm_head"))
 
 
 def localize(model: nn.Module, tp: int, tp_rank: int) -> None:
@@ -39,4 +45,4 @@ def check(config: PretrainedConfig, tp: int) -> list[str]:
     return []
 
 
-register_adapter("gpt2", Adapter(PLAN, localize, check))
+FAMILY = Family("gpt2", tp=TensorParallelAdapter(PLAN, localize, check), pp=LAYOUT)

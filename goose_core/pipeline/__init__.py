@@ -5,7 +5,8 @@ implies), ``microbatch``, ``dependency`` (Fork/Join),
 ``checkpoint`` (Checkpoint/Recompute), ``stream``, ``transport`` and ``p2p`` (how tensors cross
 a boundary), ``pipeline`` (the executor and the ``Root`` of a step's backward), ``parked`` (1F1B's
 gradients, handed over by ``loss.backward()``), ``activations`` (memory in flight, measured), ``split``
-(cutting a transformers model), ``tied``, ``stage`` (one rank's stage: loss broadcast, tied and
+(cutting a transformers model: each cell runs the family's own forward; ``router_loss`` carries
+the MoE auxiliary loss across stages), ``tied``, ``stage`` (one rank's stage: loss broadcast, tied and
 data-parallel gradient syncing), ``parallel`` (the public entry points); ``emulation`` has
 sleep-calibrated stages for timing; ``timeline`` and ``gantt`` record and draw what ran when,
 through ``callbacks``.

@@ -1,177 +1,280 @@
-"""Cutting a Hugging Face causal LM into pipeline stages: embeddings, blocks, head.
+"""Cutting a Hugging Face causal LM into pipeline stages that each run the family's own forward.
 
-Each family has an adapter that knows three things about its model:
+A stage does not rebuild the parent model's forward: it calls it, so whatever a family adds
+between the embedding and the blocks, around them, or after them stays the family's code
+(embedding scales and multipliers, sliding-window and per-layer-type masks, rotary tables with
+partial dimensions or per layer type, ALiBi, final-logit softcapping, logit scaling, the loss).
+What the stage changes, for the duration of one cell::
 
-* which modules embed the tokens (first stage) and which make the logits (last stage);
-* the list of decoder blocks (the only thing partitioned);
-* what the parent model computes for its blocks and passes to each of them: the causal mask
-  (without it eager attention silently attends both ways), Llama's rotary
-  ``position_embeddings``, Bloom's ``alibi``. Every stage rebuilds these for itself.
+    model.forward(inputs_embeds=e, labels=..., ...)            (the ...ForCausalLM's own code)
+      embedding modules   first stage: real; e = the table's lookup (Adapter.embed)
+                          other stages: stand-ins, e = zeros of the right shape and dtype
+                          (masks and rotary tables read only shapes, dtypes and positions)
+      parent code         masks, rotary, ALiBi, scales: computed on every stage
+      block b not owned   a pass-through
+      first owned block   non-first stages: its hidden-states input replaced by the received
+                          activation (a forward pre-hook)
+      last owned block    non-last stages: raises _Exit(its output), caught here: that is sent
+      head, loss          last stage only (the family's norm, lm_head, softcapping, loss)
 
-Llama-like families read the names from transformers' ``base_model_pp_plan``; GPT-2 and Bloom,
-which declare none, get explicit adapters.
+Only pass-throughs *before* the first owned block ever run, and that block's input is replaced,
+so what they return never matters. A family's layout (which modules the first and the last
+stage hold, where the blocks are) comes from ``config.base_model_pp_plan`` or from its entry in
+:mod:`goose_core.models.registry`. MoE families with ``output_router_logits=True`` carry the
+router loss's running sums along the pipeline (:mod:`.router_loss`).
 """
 
 from __future__ import annotations
 
-import inspect
-
 import functools
-
-from typing import Any, Callable
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
-from transformers.masking_utils import create_causal_mask
 
-__all__ = ["Adapter", "adapter_for", "Placeholder", "drop_modules"]
+from goose_core.models.family import PipelineLayout
+from goose_core.models.registry import PIPELINE
+from goose_core.pipeline.router_loss import RouterLoss, router_loss_of
+
+__all__ = ["Adapter", "adapter_for", "layout_of", "Placeholder", "drop_modules"]
 
 Inputs = dict[str, Any]
 
 
-def _positions(hidden: Tensor) -> Tensor:
-    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+class _Exit(Exception):
+    """Raised by the last block a non-last stage owns: carries its output past the parent."""
+
+    def __init__(self, hidden: Tensor) -> None:
+        super().__init__("pipeline stage exit")
+        self.hidden = hidden
 
 
-# transformers renamed create_causal_mask's cache argument (past_key_values -> cache; 5.24 warns,
-# 5.40 removes the old name): pass no cache under whichever name this version takes.
-_NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
+class _PassThrough(nn.Module):
+    """A block this stage does not run: hands its hidden states on."""
+
+    def forward(self, hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
+        return hidden_states
 
 
-def _mask(config: Any, hidden: Tensor, inputs: Inputs, **extra: Any) -> Tensor | None:
-    return create_causal_mask(config=config, inputs_embeds=hidden,
-                              attention_mask=inputs.get("attention_mask"), **_NO_CACHE, **extra)
+class _StandIn(nn.Module):
+    """A first-stage module the parent calls before the blocks, on a later stage: an output of
+    the right shape (zeros; a lookup or a projection) or its input (a norm, a dropout)."""
+
+    def __init__(self, width: int | None, lookup: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.width, self.lookup, self.dtype = width, lookup, dtype
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.width is None:
+            return x
+        shape = x.shape if self.lookup else x.shape[:-1]
+        return torch.zeros(*shape, self.width, dtype=self.dtype, device=x.device)
+
+
+def _stand_in_shape(module: nn.Module) -> tuple[int | None, bool]:
+    """(output width, whether it looks ids up) of a module a stand-in replaces."""
+    if isinstance(module, nn.Embedding) or type(module).__name__.endswith("Embedding"):
+        return int(module.weight.shape[-1]), True  # a vocab-parallel table: the full width
+    if isinstance(module, nn.Linear):
+        return module.out_features, False
+    return None, False
+
+
+def _swap(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = parent[int(name)] if name.isdigit() else getattr(parent, name)
+    if name.isdigit():
+        parent[int(name)] = module
+    else:
+        setattr(parent, name, module)
+    return old
+
+
+def _exists(model: nn.Module, path: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(path), nn.Module)
+    except AttributeError:
+        return False
 
 
 class Adapter:
-    """How to run one family's pieces. Subclasses set the module paths and the three calls."""
+    """One model cut into stages: its layout, and a cell of a stage run through its own forward.
 
-    embed_paths: tuple[str, ...] = ()   # modules of the first stage
-    head_paths: tuple[str, ...] = ()    # modules of the last stage
-    blocks_path: str = ""
+    Args:
+        model: a 🤗 causal LM (``...ForCausalLM``).
+        layout: where its first-stage, last-stage and block modules are.
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    Attributes:
+        embed_paths, head_paths, blocks_path: the layout's module paths (absent optional
+            modules, e.g. OPT's ``project_in``, left out).
+    """
+
+    def __init__(self, model: PreTrainedModel, layout: PipelineLayout) -> None:
         self.model = model
+        self.embed_paths = tuple(p for p in layout.embed if _exists(model, p))
+        self.head_paths = tuple(p for p in layout.head if _exists(model, p))
+        self.blocks_path = layout.blocks
+        table = model.get_input_embeddings()
+        self._table = next(name for name, m in model.named_modules() if m is table)
+        self._width, self._dtype = int(table.weight.shape[-1]), table.weight.dtype
+        self._stand_ins = {p: _stand_in_shape(model.get_submodule(p)) for p in self.embed_paths}
+        self.router: RouterLoss | None = router_loss_of(model)
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.get_submodule(self.blocks_path)
 
+    def check(self, num_microbatches: int) -> None:
+        """Raise before any step what this split cannot reproduce with ``num_microbatches``."""
+        if self.router is not None and num_microbatches > 1:
+            raise ValueError(
+                f"{type(self.model).__name__} has output_router_logits=True: its auxiliary router loss "
+                f"is a nonlinear function of the whole batch's routing, so num_microbatches="
+                f"{num_microbatches} would change it; use num_microbatches=1, or set "
+                f"config.output_router_logits=False")
+
     def embed(self, inputs: Inputs) -> Tensor:
-        raise NotImplementedError
+        """The first stage's input: the token embedding's lookup (the parent does the rest)."""
+        return self.model.get_submodule(self._table)(inputs["input_ids"])
 
-    def context(self, hidden: Tensor, inputs: Inputs) -> dict[str, Any]:
-        """What the parent model passes to every block besides the hidden states."""
-        raise NotImplementedError
+    def run(self, blocks: list[int], first: bool, last: bool, x: Tensor, inputs: Inputs) -> Tensor:
+        """One cell: ``blocks`` on ``x`` through the family's forward.
 
-    def block(self, index: int, hidden: Tensor, context: dict[str, Any]) -> Tensor:
-        out = self.blocks[index](hidden, **context)
-        return out[0] if isinstance(out, tuple) else out
+        Args:
+            x: the first stage's embedding (:meth:`embed`), or the activation received.
+        Returns:
+            The activation to send; on the last stage the micro-batch's loss (with ``labels``)
+            or its logits. The loss is the family's ``loss_function`` given ``num_items_in_batch``:
+            the micro-batch's token-loss sum over the batch's targets (goose_core.loss), so the
+            micro-batches' losses add up to the batch mean and one with no target adds 0.
+        """
+        return self._run(blocks, first, last, x, inputs, carry=self.router is not None)
 
     def block_fn(self, index: int, hidden: Tensor) -> Tensor:
-        """Block ``index`` alone, given only hidden states: the context is built from them."""
-        return self.block(index, hidden, self.context(hidden, {}))
+        """Block ``index`` alone, ``hidden -> hidden``, with the context its parent builds."""
+        return self._run([index], False, False, hidden, {}, carry=False)
 
     def block_fns(self) -> list[Callable[[Tensor], Tensor]]:
         """Every block as ``hidden -> hidden`` (what the time and memory profilers run)."""
         return [functools.partial(self.block_fn, b) for b in range(len(self.blocks))]
 
-    def head(self, hidden: Tensor) -> Tensor:
-        raise NotImplementedError
+    def _run(self, blocks: list[int], first: bool, last: bool, x: Tensor, inputs: Inputs,
+             carry: bool) -> Tensor:
+        ids = inputs.get("input_ids")
+        shape = (*(ids.shape if ids is not None else x.shape[:-1]), self._width)
+        sums = None
+        if first:
+            hidden = embeds = x
+        else:
+            hidden, sums = self.router.unpack(x, shape, self._dtype) if carry else (x, None)
+            embeds = torch.zeros(shape, dtype=hidden.dtype, device=hidden.device)
+        kwargs = {k: inputs[k] for k in ("attention_mask", "labels", "num_items_in_batch") if k in inputs}
+        if self.router is not None:
+            kwargs["output_router_logits"] = False  # goose adds the loss over all stages itself
+        with self._only(blocks, first, last, hidden) as logits:
+            try:
+                out = type(self.model).forward(self.model, inputs_embeds=embeds, use_cache=False, **kwargs)
+            except _Exit as done:
+                out = done.hidden
+        if carry:
+            sums = self.router.add(sums if sums is not None else self.router.zeros(x.device),
+                                   logits, inputs.get("attention_mask"))
+        if not last:
+            return self.router.pack(out, sums) if carry else out
+        if "labels" not in inputs:
+            return out.logits
+        return out.loss + self.router.loss(sums) if carry else out.loss
+
+    @contextmanager
+    def _only(self, owned: list[int], first: bool, last: bool, incoming: Tensor) -> Iterator[list[Tensor]]:
+        """During one forward: only ``owned`` blocks run, the first fed ``incoming`` (unless this
+        is the first stage), the last one exits (unless this is the last stage); yields the
+        router logits the owned blocks produce (empty without router loss)."""
+        swaps: dict[str, nn.Module] = {f"{self.blocks_path}.{b}": _PassThrough()
+                                       for b in range(len(self.blocks)) if b not in owned}
+        if not first:
+            swaps.update({p: _StandIn(*self._stand_ins[p], incoming.dtype) for p in self.embed_paths})
+        old = {p: _swap(self.model, p, m) for p, m in swaps.items()}
+        head, tail = self.blocks[owned[0]], self.blocks[owned[-1]]
+        hooks = []
+        if not first:
+            hooks.append(head.register_forward_pre_hook(_feed(incoming), with_kwargs=True))
+        if not last:
+            hooks.append(tail.register_forward_hook(_exit))
+        routers = self.router.routers(self.model, [self.blocks[b] for b in owned]) if self.router else []
+        with ExitStack() as stack:
+            logits = stack.enter_context(self.router.collect(routers)) if self.router else []
+            try:
+                yield logits
+            finally:
+                for h in hooks:
+                    h.remove()
+                for p, m in old.items():
+                    _swap(self.model, p, m)
 
 
-class GPT2Adapter(Adapter):
-    embed_paths = ("transformer.wte", "transformer.wpe", "transformer.drop")
-    head_paths = ("transformer.ln_f", "lm_head")
-    blocks_path = "transformer.h"
-
-    def embed(self, inputs: Inputs) -> Tensor:
-        t = self.model.transformer
-        ids = inputs["input_ids"]
-        return t.drop(t.wte(ids) + t.wpe(_positions(ids)))
-
-    def context(self, hidden: Tensor, inputs: Inputs) -> dict[str, Any]:
-        pos = _positions(hidden)
-        return {"attention_mask": _mask(self.model.config, hidden, inputs, position_ids=pos),
-                "position_ids": pos, "use_cache": False}
-
-    def head(self, hidden: Tensor) -> Tensor:
-        return self.model.lm_head(self.model.transformer.ln_f(hidden))
+def _feed(incoming: Tensor) -> Callable[..., tuple[tuple, dict]]:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (incoming, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": incoming}
+    return hook
 
 
-class BloomAdapter(Adapter):
-    embed_paths = ("transformer.word_embeddings", "transformer.word_embeddings_layernorm")
-    head_paths = ("transformer.ln_f", "lm_head")
-    blocks_path = "transformer.h"
-
-    def embed(self, inputs: Inputs) -> Tensor:
-        t = self.model.transformer
-        return t.word_embeddings_layernorm(t.word_embeddings(inputs["input_ids"]))
-
-    def context(self, hidden: Tensor, inputs: Inputs) -> dict[str, Any]:
-        from transformers.models.bloom.modeling_bloom import build_alibi_tensor
-
-        heads, (batch, seq) = self.model.config.n_head, hidden.shape[:2]
-        mask = inputs.get("attention_mask")
-        if mask is None:  # an all-ones mask gives BloomModel's slope x key position, bit for bit
-            mask = torch.ones(batch, seq, dtype=torch.long, device=hidden.device)
-        alibi = build_alibi_tensor(mask, heads, dtype=hidden.dtype)
-        return {"alibi": alibi, "attention_mask": _mask(self.model.config, hidden, inputs),
-                "use_cache": False}
-
-    def head(self, hidden: Tensor) -> Tensor:
-        return self.model.lm_head(self.model.transformer.ln_f(hidden))
+def _exit(module: nn.Module, args: Any, output: Any) -> None:
+    raise _Exit(output[0] if isinstance(output, tuple) else output)
 
 
-class PPPlanAdapter(Adapter):
-    """Families that declare ``base_model_pp_plan`` (Llama, Mistral, Qwen2, ...): embedding ->
-    layers -> norm inside the base model, ``lm_head`` beside it, rotary embeddings if any."""
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        super().__init__(model)
-        plan = list(model.config.base_model_pp_plan)
-        prefix = model.base_model_prefix
-        embed, layers, norm = plan[0], plan[1], plan[-1]
-        self.base = model.get_submodule(prefix)
-        self.embed_paths = (f"{prefix}.{embed}",)
-        self.blocks_path = f"{prefix}.{layers}"
-        self.head_paths = (f"{prefix}.{norm}", "lm_head")
-        self._names = (embed, norm)
-
-    def embed(self, inputs: Inputs) -> Tensor:
-        return getattr(self.base, self._names[0])(inputs["input_ids"])
-
-    def context(self, hidden: Tensor, inputs: Inputs) -> dict[str, Any]:
-        pos = _positions(hidden)
-        context = {"attention_mask": _mask(self.model.config, hidden, inputs, position_ids=pos),
-                   "position_ids": pos, "use_cache": False}
-        if hasattr(self.base, "rotary_emb"):
-            context["position_embeddings"] = self.base.rotary_emb(hidden, position_ids=pos)
-        return context
-
-    def head(self, hidden: Tensor) -> Tensor:
-        return self.model.lm_head(getattr(self.base, self._names[1])(hidden))
+_PLAN_EXAMPLE = ('{"embed_tokens": (["input_ids"], ["inputs_embeds"]), '
+                 '"layers": (["hidden_states", "attention_mask"], ["hidden_states"]), '
+                 '"norm": (["hidden_states"], ["hidden_states"])}')
 
 
-_ADAPTERS: dict[str, type[Adapter]] = {"gpt2": GPT2Adapter, "bloom": BloomAdapter}
-
-
-def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter of ``model``'s family.
+def layout_of(model: nn.Module) -> PipelineLayout:
+    """Where ``model``'s first-stage, block and last-stage modules are: its family's entry in
+    the registry, else its config's ``base_model_pp_plan`` (names relative to the base model:
+    the entries before the block list embed, those after it and the output embedding make the
+    logits).
 
     Raises:
-        ValueError: not a Hugging Face causal LM of a family goose knows how to split.
+        ValueError: neither, or a plan that names no ``nn.ModuleList`` of blocks.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in _ADAPTERS:
-        return _ADAPTERS[model_type](model)
-    if getattr(config, "base_model_pp_plan", None) and hasattr(model, "lm_head"):
-        return PPPlanAdapter(model)
-    raise ValueError(f"cannot split {type(model).__name__} (model_type={model_type!r}) into pipeline "
-                     f"stages: it is not a transformers causal LM with a base_model_pp_plan, nor one of "
-                     f"{sorted(_ADAPTERS)}; add an Adapter for it in goose_core.pipeline.split")
+    if model_type in PIPELINE:
+        return PIPELINE[model_type]
+    plan = getattr(config, "base_model_pp_plan", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not plan or head is None:
+        raise ValueError(
+            f"cannot split {type(model).__name__} (model_type={model_type!r}) into pipeline stages: "
+            f"it declares no config.base_model_pp_plan and goose_core.models has no layout for it. "
+            f"Declare one before PipelineParallel, names relative to the base model "
+            f"(model.{getattr(model, 'base_model_prefix', '')}), "
+            f"the embeddings, then the decoder-block list, then what follows it, e.g. "
+            f"model.config.base_model_pp_plan = {_PLAN_EXAMPLE}; or register a layout with "
+            f"goose_core.models.register_family(Family({model_type!r}, pp=PipelineLayout(...)))")
+    prefix = model.base_model_prefix
+    paths = [f"{prefix}.{name}" for name in plan]
+    lists = [k for k, p in enumerate(paths) if isinstance(model.get_submodule(p), nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__}'s base_model_pp_plan {list(plan)} names no "
+                         f"nn.ModuleList of decoder blocks")
+    k = lists[0]
+    out = next(name for name, m in model.named_modules() if m is head)
+    return PipelineLayout(embed=tuple(paths[:k]), blocks=paths[k], head=(*paths[k + 1:], out))
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The pipeline adapter of ``model`` (see :func:`layout_of`).
+
+    Raises:
+        ValueError: no layout for it, or a family feature the split cannot reproduce.
+    """
+    return Adapter(model, layout_of(model))  # type: ignore[arg-type]
 
 
 class Placeholder(nn.Module):
@@ -192,9 +295,4 @@ class Placeholder(nn.Module):
 def drop_modules(model: nn.Module, paths: list[str]) -> None:
     """Replace each module at ``paths`` (dotted; list items by index) by a :class:`Placeholder`."""
     for path in paths:
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        if name.isdigit():
-            parent[int(name)] = Placeholder(path)
-        else:
-            setattr(parent, name, Placeholder(path))
+        _swap(model, path, Placeholder(path))

@@ -74,28 +74,14 @@ class Stage:
         self.num_microbatches, self.num_partitions = num_microbatches, num_partitions
         self.is_last = num_partitions - 1 in held
         devices = devices or [torch.device("cpu")] * num_partitions
-        partitions = [Partition(j, functools.partial(self._body, blocks, j == num_partitions - 1),
+        # Each cell runs the family's own forward over this partition's blocks (split.Adapter.run).
+        partitions = [Partition(j, functools.partial(adapter.run, blocks, j == 0, j == num_partitions - 1),
                                 adapter.embed if j == 0 else None, devices[j])
                       for j, blocks in held.items()]
         self.device = devices[max(held)]
         self.pipeline = Pipeline(partitions, num_partitions, transport, checkpoint, callbacks, schedule)
         self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
         self._deferred: list[GradSync] = []  # the gradient syncs held during this backward
-
-    def _body(self, blocks: list[int], last: bool, hidden: Tensor, inputs: dict[str, Any]) -> Tensor:
-        context = self.adapter.context(hidden, inputs)
-        for b in blocks:
-            hidden = self.adapter.block(b, hidden, context)
-        if not last:
-            return hidden
-        logits = self.adapter.head(hidden)
-        if "labels" not in inputs:
-            return logits
-        # The micro-batch's token-loss sum over the batch's targets (goose_core.loss): the
-        # micro-batches' losses add up to the batch mean, and one with no target adds 0.
-        return self.model.loss_function(logits=logits, labels=inputs["labels"],
-                                        vocab_size=self.model.config.vocab_size,
-                                        num_items_in_batch=inputs["num_items_in_batch"])
 
     def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
                 attention_mask: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,

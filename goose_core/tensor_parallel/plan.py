@@ -25,12 +25,14 @@ transformers declares more (``colwise_gather_output``, ``embedding_colwise``, ``
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
-from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
+
+from goose_core.models.family import TensorParallelAdapter as Adapter
+from goose_core.models.registry import TENSOR_PARALLEL, register_tensor_parallel
 
 __all__ = ["Adapter", "ADAPTERS", "register_adapter", "TPPlan", "resolve_plan", "check_sizes",
            "STYLE_BLOCKS", "EMBEDDING_STYLES", "STYLES", "KV_PROJECTIONS"]
@@ -48,29 +50,13 @@ STYLES = (*STYLE_BLOCKS, *EMBEDDING_STYLES)
 #: Separate key/value projections: split by kv-heads, replicated when tp > kv-heads.
 KV_PROJECTIONS = ("k_proj", "v_proj")
 
-@dataclass(frozen=True)
-class Adapter:
-    """What goose needs for a family that declares no ``base_model_tp_plan``.
-
-    Args:
-        plan: patterns relative to the base model -> style (as ``base_model_tp_plan``).
-        localize: ``localize(model, tp, tp_rank)`` sets per-rank head counts (and anything else
-            the attention reads) after the layers are sharded.
-        check: ``check(config, tp)`` -> problems (strings) that make the model unsplittable.
-    """
-
-    plan: dict[str, str]
-    localize: Callable[[nn.Module, int, int], None]
-    check: Callable[[PretrainedConfig, int], list[str]] = field(default=lambda config, tp: [])
-
-
-#: model_type -> Adapter; ``goose_core.models`` registers the built-in ones when goose_core loads.
-ADAPTERS: dict[str, Adapter] = {}
+#: model_type -> Adapter: a view of the tensor-parallel halves in goose_core.models.registry.
+ADAPTERS = TENSOR_PARALLEL
 
 
 def register_adapter(model_type: str, adapter: Adapter) -> None:
     """Teach goose a family without a declared plan (``config.model_type`` names it)."""
-    ADAPTERS[model_type] = adapter
+    register_tensor_parallel(model_type, adapter)
 
 
 @dataclass(frozen=True)

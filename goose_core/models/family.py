@@ -1,0 +1,60 @@
+"""What goose knows about one model family: its tensor-parallel half and its pipeline half."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+from transformers import PretrainedConfig
+
+__all__ = ["TensorParallelAdapter", "PipelineLayout", "Family"]
+
+
+def _no_problems(config: PretrainedConfig, tp: int) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class TensorParallelAdapter:
+    """What goose needs to shard a family that declares no ``base_model_tp_plan``.
+
+    Args:
+        plan: patterns relative to the base model -> style (as ``base_model_tp_plan``).
+        localize: ``localize(model, tp, tp_rank)`` sets per-rank head counts (and anything else
+            the attention reads) after the layers are sharded; None: goose's generic one (every
+            module owning column-parallel layers gets per-rank ``num_heads`` and kv-heads).
+        check: ``check(config, tp)`` -> problems (strings) that make the model unsplittable.
+    """
+
+    plan: dict[str, str]
+    localize: Callable[[nn.Module, int, int], None] | None = None
+    check: Callable[[PretrainedConfig, int], list[str]] = field(default=_no_problems)
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """Where a causal LM's pieces live, as module paths from the ``...ForCausalLM`` model.
+
+    The pipeline split runs the family's own forward on every stage; the layout says only which
+    modules the first stage holds (``embed``: the token embedding and whatever the parent applies
+    to it before the first block), which the last (``head``: after the last block), and where the
+    decoder blocks are (``blocks``, an ``nn.ModuleList``, the only thing partitioned).
+    """
+
+    embed: tuple[str, ...]
+    blocks: str
+    head: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family's knowledge beyond what its config declares (``config.model_type`` names it).
+
+    ``tp`` replaces a missing ``base_model_tp_plan``, ``pp`` a missing ``base_model_pp_plan``;
+    None for a half the config's own plan covers.
+    """
+
+    model_type: str
+    tp: TensorParallelAdapter | None = None
+    pp: PipelineLayout | None = None
