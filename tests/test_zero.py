@@ -103,3 +103,15 @@ def test_accumulation_with_and_without_no_sync() -> None:
     for results in run_distributed(_both, 1, 1, 2, timeout=60):
         for result in results:
             assert_matches_reference(result, reference, PARALLEL)
+
+
+def test_master_weight_keepers_refuse_each_other() -> None:
+    # Both keep fp32 masters of their own: one wrapping the other would keep them twice.
+    from goose_core.optim import MasterWeights
+
+    params = [torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))]
+    masters = MasterWeights(torch.optim.SGD(params, lr=0.1))
+    with pytest.raises(ValueError, match="master shards itself: give it the plain optimizer, not MasterWeights"):
+        DistributedOptimizer(masters, ctx=None)  # refused before the context is used
+    with pytest.raises(ValueError, match="MasterWeights wraps a plain optimizer, got a MasterWeights"):
+        MasterWeights(masters)

@@ -48,6 +48,9 @@ class MasterWeights(torch.optim.Optimizer):
         ValueError: not a plain optimizer, or one with state.
     """
 
+    #: Keeps its own fp32 masters: neither MasterWeights nor DistributedOptimizer wraps it.
+    keeps_masters = True
+
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         _check(optimizer)
         self.optimizer = optimizer
@@ -159,11 +162,9 @@ class MasterWeights(torch.optim.Optimizer):
 
 
 def _check(optimizer: Any) -> None:
-    from goose_core.optim.zero import DistributedOptimizer  # zero imports nothing of this module
-
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"MasterWeights wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(optimizer, (MasterWeights, DistributedOptimizer)):
+    if getattr(optimizer, "keeps_masters", False):  # MasterWeights, DistributedOptimizer
         raise ValueError(f"MasterWeights wraps a plain optimizer, got a {type(optimizer).__name__} "
                          f"(DistributedOptimizer keeps fp32 master shards itself)")
     if optimizer.state:

@@ -47,7 +47,6 @@ from goose_core.grad_sync import GradSync
 from goose_core.metadata import (grad_sync_of, is_duplicate, mark_dp_shard, mark_duplicate, mark_sharded,
                                  set_grad_shards, shard_spec)
 from goose_core.optim.clip import norm_kind
-from goose_core.optim.master import MasterWeights
 from goose_core.optim.zero_state import consolidate, gather_masters, shard_consolidated, shard_masters
 
 __all__ = ["DistributedOptimizer"]
@@ -75,6 +74,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         ValueError: on every rank, for an optimizer with state, parameters only partly under
             one DataParallel, or DataParallel parameters the optimizer does not hold.
     """
+
+    #: Keeps its own fp32 masters: neither MasterWeights nor DistributedOptimizer wraps it.
+    keeps_masters = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, ctx: ParallelContext,
                  bucket_size_mb: float = 25.0) -> None:
@@ -294,9 +296,9 @@ def _check(optimizer: Any, bucket_size_mb: float) -> None:
         raise ValueError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, DistributedOptimizer):
         raise ValueError("this optimizer is already a DistributedOptimizer; wrap the plain one once")
-    if isinstance(optimizer, MasterWeights):
+    if getattr(optimizer, "keeps_masters", False):  # MasterWeights: masters of its own
         raise ValueError("DistributedOptimizer keeps fp32 master shards itself: give it the plain optimizer, "
-                         "not MasterWeights(optimizer)")
+                         f"not {type(optimizer).__name__}(optimizer)")
     if optimizer.state:
         raise ValueError("wrap a fresh optimizer (no state yet); to resume, wrap first and then call "
                          "load_state_dict() with a shard or consolidated state dict")
