@@ -2,11 +2,13 @@
 
 from goose_core.tensor_parallel.cross_entropy import VocabParallelCausalLMLoss, vocab_parallel_cross_entropy
 from goose_core.tensor_parallel.layers import (
+    ColumnParallelEmbedding,
     ColumnParallelLinear,
     ParallelRegion,
     RowParallelLinear,
     VocabParallelEmbedding,
     shard_tensor,
+    split_embedding,
 )
 from goose_core.tensor_parallel.parallelize import TensorParallel, localize_heads, rng_tracker
 from goose_core.tensor_parallel.plan import ADAPTERS, Adapter, TPPlan, check_sizes, register_adapter, resolve_plan
@@ -15,6 +17,7 @@ from goose_core.tensor_parallel.random import RNGTracker
 __all__ = [
     "ADAPTERS",
     "Adapter",
+    "ColumnParallelEmbedding",
     "ColumnParallelLinear",
     "ParallelRegion",
     "RNGTracker",
@@ -29,5 +32,6 @@ __all__ = [
     "resolve_plan",
     "rng_tracker",
     "shard_tensor",
+    "split_embedding",
     "vocab_parallel_cross_entropy",
 ]
