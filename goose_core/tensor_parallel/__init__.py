@@ -10,7 +10,7 @@ from goose_core.tensor_parallel.layers import (
     shard_tensor,
     split_embedding,
 )
-from goose_core.tensor_parallel.parallelize import TensorParallel, localize_heads, rng_tracker
+from goose_core.tensor_parallel.parallelize import TensorParallel, apply_styles, localize_heads, rng_tracker
 from goose_core.tensor_parallel.plan import ADAPTERS, Adapter, TPPlan, check_sizes, register_adapter, resolve_plan
 from goose_core.tensor_parallel.random import RNGTracker
 
@@ -26,6 +26,7 @@ __all__ = [
     "TensorParallel",
     "VocabParallelCausalLMLoss",
     "VocabParallelEmbedding",
+    "apply_styles",
     "check_sizes",
     "localize_heads",
     "register_adapter",

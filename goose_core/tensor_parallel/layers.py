@@ -304,26 +304,31 @@ class _SplitLookup(nn.Embedding):
     forward runs unchanged and its ``super().forward(ids)`` lands here."""
 
     group: dist.ProcessGroup
-    goose_looked_up: bool
-
-    def _lookup(self, ids: Tensor) -> Tensor:
-        raise NotImplementedError
 
     def forward(self, ids: Tensor) -> Tensor:
-        self.goose_looked_up = True
-        return self._lookup(ids)
+        raise NotImplementedError
 
 
 class _VocabRowsLookup(_SplitLookup):
     vocab_start: int
 
-    def _lookup(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor) -> Tensor:
         return _vocab_lookup(ids, self.weight, self.vocab_start, self.padding_idx, self.group)
 
 
 class _ColumnsLookup(_SplitLookup):
-    def _lookup(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor) -> Tensor:
         return _column_lookup(ids, self.weight, self.padding_idx, self.group)
+
+
+class _ProbeLookup(_SplitLookup):
+    """The whole table's lookup, noting that the family's forward reached it."""
+
+    goose_looked_up: bool
+
+    def forward(self, ids: Tensor) -> Tensor:
+        self.goose_looked_up = True
+        return nn.Embedding.forward(self, ids)
 
 
 _CARRIED: dict[tuple[type, type], type] = {}
@@ -331,17 +336,23 @@ _CARRIED: dict[tuple[type, type], type] = {}
 
 def _carried_class(family: type, lookup: type) -> type:
     if (family, lookup) not in _CARRIED:
-        name = ("VocabParallel" if lookup is _VocabRowsLookup else "ColumnParallel") + family.__name__
-        _CARRIED[family, lookup] = type(name, (family, lookup), {"__module__": __name__})
+        prefix = {_VocabRowsLookup: "VocabParallel", _ColumnsLookup: "ColumnParallel"}.get(lookup, "Probed")
+        _CARRIED[family, lookup] = type(prefix + family.__name__, (family, lookup), {"__module__": __name__})
     return _CARRIED[family, lookup]
 
 
-def _must_have_looked_up(module: nn.Module, args: tuple, output: Any) -> None:
-    if not module.goose_looked_up:
-        raise RuntimeError(f"{type(module).__mro__[1].__name__}.forward never calls nn.Embedding.forward, "
-                           f"so goose's split lookup was not used and its output would be wrong; drop the "
-                           f"embedding_* entry for this module or register an Adapter that splits it")
+def _reaches_lookup(module: nn.Embedding) -> bool:
+    """Whether ``module``'s forward calls ``nn.Embedding.forward`` (one no-grad call on id 0)."""
+    family = type(module)
+    module.__class__ = _carried_class(family, _ProbeLookup)
     module.goose_looked_up = False
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 1, dtype=torch.long, device=module.weight.device))
+        return module.goose_looked_up
+    finally:
+        module.__class__ = family
+        del module.goose_looked_up
 
 
 def split_embedding(module: nn.Embedding, group: dist.ProcessGroup, style: str) -> nn.Module:
@@ -350,22 +361,27 @@ def split_embedding(module: nn.Embedding, group: dist.ProcessGroup, style: str) 
 
     A plain ``nn.Embedding`` becomes a :class:`VocabParallelEmbedding` or :class:`ColumnParallelEmbedding`.
     A subclass with its own forward is kept, in place, with its split table: its forward still
-    runs (a scale, a multiplier), with the inherited lookup swapped for the split one. A forward
-    that never reaches ``nn.Embedding.forward`` raises on its first call instead of computing
-    with a piece of the table.
+    runs (a scale, a multiplier), with the inherited lookup swapped for the split one.
+
+    Raises:
+        ValueError: the subclass's forward never calls ``nn.Embedding.forward`` (found by one
+            call on the whole table, before anything is split), so no lookup could be swapped.
     """
     rows = style == "embedding_rowwise"
     if type(module).forward is nn.Embedding.forward:
         return (VocabParallelEmbedding if rows else ColumnParallelEmbedding).from_module(module, group)
     _check_plain_lookup(module)
+    if not _reaches_lookup(module):
+        raise ValueError(f"{type(module).__name__}.forward never calls nn.Embedding.forward, so goose cannot "
+                         f"swap in the split lookup ({style}) and keep the rest of its forward; drop that "
+                         f"plan entry or register an Adapter that splits it")
     weight, rank = module.weight, dist.get_rank(group)
     module.__class__ = _carried_class(type(module), _VocabRowsLookup if rows else _ColumnsLookup)
     module.weight = _sharded_param(weight, 0 if rows else 1, group)
-    module.group, module.goose_looked_up = group, False
+    module.group = group
     if rows:
         module.vocab_start = rank * module.weight.shape[0]
         module.padding_idx = _local_padding(module.padding_idx, module.vocab_start, module.weight.shape[0])
-    module.register_forward_hook(_must_have_looked_up)
     return module
 
 

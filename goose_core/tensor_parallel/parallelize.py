@@ -44,7 +44,7 @@ from goose_core.tensor_parallel.plan import (
 )
 from goose_core.tensor_parallel.random import RNGTracker
 
-__all__ = ["TensorParallel", "localize_heads", "rng_tracker"]
+__all__ = ["TensorParallel", "apply_styles", "localize_heads", "rng_tracker"]
 
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
@@ -82,6 +82,68 @@ def localize_heads(model: nn.Module, plan: TPPlan, tp: int) -> None:
 def rng_tracker(model: nn.Module) -> RNGTracker:
     """The RNG tracker a tensor-parallel model draws its dropout masks from."""
     return model.goose_rng_tracker
+
+
+def apply_styles(root: nn.Module, plan: TPPlan, ctx: ParallelContext, tracker: RNGTracker | None = None,
+                 skip: nn.Module | None = None) -> None:
+    """Apply every style of ``plan`` to the modules and parameters of ``root`` (in place).
+
+    ``skip`` (the input embedding) is left to ``TensorParallel``, which always splits it by
+    vocabulary rows (what ``embedding_rowwise`` asks for) and ties the LM head to the shard.
+    ``root.config`` gives the kv-heads (and MLA's ``qk_rope_head_dim``).
+    """
+    group = ctx.tensor_parallel_group
+    _split_parameters(root, plan, group)
+    rows = {name.rpartition(".")[0] for name, style in plan.layers.items() if style == "rowwise"}
+    regions = {parent: ParallelRegion(group, tracker) for parent in rows}
+    for name, style in plan.layers.items():
+        module = root.get_submodule(name)
+        if style in EMBEDDING_STYLES:
+            if module is not skip:
+                _replace(root, name, split_embedding(module, group, style))
+        elif style in STYLE_BLOCKS:
+            region = regions.get(name.rpartition(".")[0])
+            _replace(root, name, _linear(root, name, module, style, ctx, region))
+        else:
+            _keep(root, module, style, ctx)
+
+
+def _linear(root: nn.Module, name: str, module: nn.Module, style: str, ctx: ParallelContext,
+            region: ParallelRegion | None) -> nn.Module:
+    group, tp = ctx.tensor_parallel_group, ctx.tensor_parallel_size
+    if style == "rowwise":
+        return RowParallelLinear.from_module(module, group, region=region)
+    if style == "rowwise_split_input":
+        return RowParallelLinear.from_module(module, group, input_is_parallel=False)
+    if style == "colwise_gather_output":
+        return ColumnParallelLinear.from_module(module, group, gather_output=True)
+    kv_heads = _kv_heads(root.config)
+    replicas = tp // kv_heads if name.endswith(KV_PROJECTIONS) and tp > kv_heads else 1
+    return ColumnParallelLinear.from_module(module, group, blocks=STYLE_BLOCKS[style], replicas=replicas,
+                                            region=region)
+
+
+def _split_parameters(root: nn.Module, plan: TPPlan, group: dist.ProcessGroup) -> None:
+    by_owner: dict[str, dict[str, str]] = {}
+    for name, style in plan.params.items():
+        owner, _, local = name.rpartition(".")
+        by_owner.setdefault(owner, {})[local] = style
+    for owner, entries in by_owner.items():
+        styles.split_parameters(root.get_submodule(owner), entries, group)
+
+
+def _keep(root: nn.Module, module: nn.Module, style: str, ctx: ParallelContext) -> None:
+    """The styles that keep the family's module (experts, norms, MLA's kv_a)."""
+    group, tp = ctx.tensor_parallel_group, ctx.tensor_parallel_size
+    if style in PARTIAL_SUM_STYLES:
+        styles.partial_sum(module, group)
+    elif style == "moe_identity_expert":
+        styles.identity_expert(module, tp)
+    elif style == "replicated_with_grad_allreduce":
+        styles.all_reduce_grads(module, group)
+    elif style == "mla_kv_a_proj":
+        styles.mla_kv_a_proj(module, root.config.qk_rope_head_dim, group)
+    # local_params, replicate: goose's parameters are plain local tensors already.
 
 
 class TensorParallel:
@@ -136,7 +198,7 @@ class TensorParallel:
         check_sizes(model, plan, tp)
         embedding, head = _vocab_modules(model)
         tracker = RNGTracker(self.seed, ctx.tensor_parallel_rank, ctx.device)
-        self._shard_blocks(plan, tracker, skip=embedding)
+        apply_styles(model, plan, ctx, tracker, skip=embedding)
         if plan.localize is not None:
             plan.localize(model, tp, ctx.tensor_parallel_rank)
         else:
@@ -150,58 +212,6 @@ class TensorParallel:
         install_batch_check(model, ctx, "tp", self.check_batch)
         parameters_changed(model)
         return model
-
-    def _shard_blocks(self, plan: TPPlan, tracker: RNGTracker, skip: nn.Module) -> None:
-        """Replace every module the plan names; ``skip`` (the input embedding) is left to
-        ``_shard_vocab``, which always splits it by vocabulary rows (what ``embedding_rowwise``
-        asks for) and ties the LM head to the shard."""
-        group = self.ctx.tensor_parallel_group
-        self._split_parameters(plan)
-        rows = {name.rpartition(".")[0] for name, style in plan.layers.items() if style == "rowwise"}
-        regions = {parent: ParallelRegion(group, tracker) for parent in rows}
-        for name, style in plan.layers.items():
-            module = self.model.get_submodule(name)
-            if style in EMBEDDING_STYLES:
-                if module is not skip:
-                    _replace(self.model, name, split_embedding(module, group, style))
-            elif style in STYLE_BLOCKS:
-                _replace(self.model, name, self._linear(name, module, style, regions.get(name.rpartition(".")[0])))
-            else:
-                self._keep(module, style)
-
-    def _linear(self, name: str, module: nn.Module, style: str, region: ParallelRegion | None) -> nn.Module:
-        group, tp = self.ctx.tensor_parallel_group, self.ctx.tensor_parallel_size
-        if style == "rowwise":
-            return RowParallelLinear.from_module(module, group, region=region)
-        if style == "rowwise_split_input":
-            return RowParallelLinear.from_module(module, group, input_is_parallel=False)
-        if style == "colwise_gather_output":
-            return ColumnParallelLinear.from_module(module, group, gather_output=True)
-        kv_heads = _kv_heads(self.model.config)
-        replicas = tp // kv_heads if name.endswith(KV_PROJECTIONS) and tp > kv_heads else 1
-        return ColumnParallelLinear.from_module(module, group, blocks=STYLE_BLOCKS[style],
-                                                replicas=replicas, region=region)
-
-    def _split_parameters(self, plan: TPPlan) -> None:
-        by_owner: dict[str, dict[str, str]] = {}
-        for name, style in plan.params.items():
-            owner, _, local = name.rpartition(".")
-            by_owner.setdefault(owner, {})[local] = style
-        for owner, entries in by_owner.items():
-            styles.split_parameters(self.model.get_submodule(owner), entries, self.ctx.tensor_parallel_group)
-
-    def _keep(self, module: nn.Module, style: str) -> None:
-        """The styles that keep the family's module (experts, norms, MLA's kv_a)."""
-        group, tp = self.ctx.tensor_parallel_group, self.ctx.tensor_parallel_size
-        if style in PARTIAL_SUM_STYLES:
-            styles.partial_sum(module, group)
-        elif style == "moe_identity_expert":
-            styles.identity_expert(module, tp)
-        elif style == "replicated_with_grad_allreduce":
-            styles.all_reduce_grads(module, group)
-        elif style == "mla_kv_a_proj":
-            styles.mla_kv_a_proj(module, self.model.config.qk_rope_head_dim, group)
-        # local_params, replicate: goose's parameters are plain local tensors already.
 
     def _shard_vocab(self, embedding: nn.Embedding, head: nn.Linear) -> ColumnParallelLinear:
         """Split the input embedding by vocabulary rows (its family subclass kept) and the LM head

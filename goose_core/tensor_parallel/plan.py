@@ -266,14 +266,16 @@ def _linear_problem(name: str, module: nn.Module, style: str, tp: int, kv_heads:
 
 
 def _module_problem(name: str, module: nn.Module, style: str, plan: TPPlan, model_config: object) -> list[str]:
-    if style in PARTIAL_SUM_STYLES:
-        # A replicated parameter here would be counted once per rank in the summed output.
-        kept = [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)
-                if f"{name}.{p}" not in plan.params]
-        if kept:
-            return [f"{name} ({type(module).__name__}, {style}): its output is summed over tp ranks, so "
-                    f"every parameter it holds needs its own plan entry (colwise/rowwise/packed_*), "
-                    f"or 'replicate' if it only scales; missing: {kept}"]
+    if style in _PARAM_OWNERS:
+        # Its forward runs on this rank's share (of the heads, of every expert): a parameter
+        # held whole would get only this rank's share of its gradient (and, in a summed
+        # output, be counted once per rank).
+        whole = [f"{name}.{p}" for p, param in module.named_parameters(recurse=False)
+                 if f"{name}.{p}" not in plan.params or param_split(plan.params[f"{name}.{p}"], param.dim()) is None]
+        if whole:
+            return [f"{name} ({type(module).__name__}, {style}): its forward runs on this rank's share, so "
+                    f"every parameter it holds must be split by its own plan entry (colwise, rowwise, "
+                    f"packed_colwise, packed_rowwise on a matrix; colwise on a vector); held whole: {whole}"]
     if style == "mla_kv_a_proj":
         if not isinstance(module, nn.Linear):
             return [f"{name} ({type(module).__name__}): mla_kv_a_proj expects an nn.Linear"]
@@ -296,7 +298,9 @@ def _layer_problem(name: str, module: nn.Module, style: str, tp: int, kv_heads: 
 
 def _param_problem(name: str, param: nn.Parameter, style: str, tp: int, plan: TPPlan) -> list[str]:
     owner = name.rpartition(".")[0]
-    if plan.layers.get(owner) not in _PARAM_OWNERS and style != "replicate":
+    if style == "replicate":  # whole, as if unnamed (an owner that splits its work refuses it)
+        return []
+    if plan.layers.get(owner) not in _PARAM_OWNERS:
         return [f"{name}: a parameter entry ({style}) needs its module {owner!r} styled one of "
                 f"{list(_PARAM_OWNERS)}, whose forward runs on the split parameter; it has "
                 f"{plan.layers.get(owner)!r}"]
