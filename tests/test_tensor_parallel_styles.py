@@ -289,6 +289,16 @@ def test_a_parameter_held_whole_where_the_work_is_split_is_refused(case: str, pa
         check_sizes(root, TPPlan(plan.layers, None, params), 2)
 
 
+@pytest.mark.parametrize("style", ["colwise", "rowwise"])
+def test_a_packed_gate_up_split_plainly_is_refused(style: str) -> None:
+    # Inkling's declared plan: plain colwise on its experts' gate | up.
+    root, plan, _ = _build("moe_tp_experts, packed_colwise + rowwise")
+    params = {**plan.params, "experts.gate_up_proj": style}
+    with pytest.raises(ValueError, match=rf"experts.gate_up_proj: the name says gate \| up are packed.*"
+                                         rf"declare it packed_{style}"):
+        check_sizes(root, TPPlan(plan.layers, None, params), 2)
+
+
 def test_a_parameter_entry_needs_an_owner_that_runs_on_the_split() -> None:
     root, plan, _ = _build("replicated_with_grad_allreduce")
     with pytest.raises(ValueError, match=r"q_norm.weight: a parameter entry \(colwise\) needs its module 'q_norm' "

@@ -252,6 +252,8 @@ def _linear_problem(name: str, module: nn.Module, style: str, tp: int, kv_heads:
         return [f"{name} ({type(module).__name__}) overrides {base.__name__}.forward; {style} would "
                 f"replace it by a plain split matmul and lose what it adds: declare that entry "
                 f"'replicate' or register an Adapter that splits it"]
+    if _packed_problem(name, style):
+        return _packed_problem(name, style)
     transposed = isinstance(module, Conv1D)
     out_features, in_features = module.weight.shape[::-1] if transposed else module.weight.shape
     size, what = (in_features, "input features") if style in ROW_STYLES else (out_features, "output features")
@@ -262,6 +264,16 @@ def _linear_problem(name: str, module: nn.Module, style: str, tp: int, kv_heads:
     if size % (blocks * parts):
         return [f"{name}: {size} {what} do not split into {blocks} block(s) x {parts} parts "
                 f"(e.g. intermediate_size must divide by tp={tp})"]
+    return []
+
+
+def _packed_problem(name: str, style: str) -> list[str]:
+    # transformers 5.24 declares plain colwise for Inkling's experts.gate_up_proj, whose forward
+    # chunks it into gate | up: a plain split gives rank 0 the gates and rank 1 the ups.
+    if "gate_up" in name.rpartition(".")[2] and style in ("colwise", "rowwise"):
+        return [f"{name}: the name says gate | up are packed, and a plain {style} split would give the "
+                f"first ranks only gates and the last only ups; declare it packed_{style} in "
+                f"model.config.base_model_tp_plan"]
     return []
 
 
@@ -305,6 +317,8 @@ def _param_problem(name: str, param: nn.Parameter, style: str, tp: int, plan: TP
                 f"{list(_PARAM_OWNERS)}, whose forward runs on the split parameter; it has "
                 f"{plan.layers.get(owner)!r}"]
     split = param_split(style, param.dim())
+    if split is not None and _packed_problem(name, style):
+        return _packed_problem(name, style)
     if split is not None and param.shape[split[0]] % (split[1] * tp):
         return [f"{name}: dimension {split[0]} of size {param.shape[split[0]]} does not split into "
                 f"{split[1]} block(s) x {tp} parts"]
