@@ -34,7 +34,9 @@ Every style transformers 5.24 declares, as goose implements it (Megatron-style, 
     local_params, replicate   nothing to do: goose's parameters are already local tensors
 
 transformers' ``sequence_parallel`` (not in any ``base_model_tp_plan``) and any unknown style are
-refused by name, before anything is sharded.
+refused by name, before anything is sharded; so is what a style would silently change: a linear
+subclass with its own forward, a parameter held whole in a module that runs on a share, a
+``gate_up`` weight split plainly (transformers 5.24 declares ``colwise`` for Inkling's packed one).
 """
 
 from __future__ import annotations
