@@ -304,3 +304,21 @@ def test_a_parameter_entry_needs_an_owner_that_runs_on_the_split() -> None:
     with pytest.raises(ValueError, match=r"q_norm.weight: a parameter entry \(colwise\) needs its module 'q_norm' "
                                          r"styled one of \['moe_tp_experts', 'all_reduce', 'local_params'\]"):
         check_sizes(root, TPPlan(plan.layers, None, {"q_norm.weight": "colwise"}), 2)
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) * 2.0
+
+
+@pytest.mark.parametrize("layers, message", [
+    ({"up": "packed_rowwise", "down": "rowwise_split_input"},
+     r"up: packed_rowwise applies to a parameter \(an experts' gate_up_proj\), not to a Linear module"),
+    ({"up": "colwise_gather_output", "down": "rowwise_split_input", "scaled": "colwise"},
+     r"scaled \(_ScaledLinear\) overrides Linear.forward; colwise would replace it by a plain split matmul"),
+])
+def test_a_module_a_style_would_change_is_refused(layers: dict, message: str) -> None:
+    root, _, _ = _build("colwise_gather_output+rowwise_split_input")
+    root.scaled = _ScaledLinear(H, H)
+    with pytest.raises(ValueError, match=message):
+        check_sizes(root, TPPlan(layers, None), 2)
