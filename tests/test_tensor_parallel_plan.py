@@ -69,15 +69,17 @@ def test_embedding_rowwise_names_the_embedding() -> None:
     check_sizes(model, plan, 2)
 
 
-def test_an_unsupported_style_is_refused_by_name() -> None:
-    model = _with_entry("llama", "embed_tokens", "embedding_colwise")
-    with pytest.raises(ValueError, match=r"plan entry 'embed_tokens': style 'embedding_colwise' is not "
-                                         r"supported by goose \(supported: \[.*'embedding_rowwise'.*\]\)"):
+@pytest.mark.parametrize("style, reason", [("sequence_parallel", "goose's norms and dropout run on the whole"),
+                                           ("colwise_sideways", "goose does not know this style")])
+def test_an_unsupported_style_is_refused_by_name(style: str, reason: str) -> None:
+    model = _with_entry("llama", "layers.*.input_layernorm", style)
+    with pytest.raises(ValueError, match=rf"plan entry 'layers.\*.input_layernorm': style '{style}' is not "
+                                         rf"supported by goose \({reason}.*supported: \[.*'embedding_rowwise'.*\]\)"):
         resolve_plan(model)
 
 
 @pytest.mark.parametrize("key, overrides, message", [
-    ("layers.*.mlp.up_proj", {}, r"model.layers.0.mlp.up_proj \(Linear\) is not a plain nn.Embedding"),
+    ("layers.*.mlp.up_proj", {}, r"model.layers.0.mlp.up_proj \(Linear\) is not an nn.Embedding"),
     ("embed_tokens", {"vocab_size": 250}, r"model.embed_tokens: 250 rows do not split into 4 equal parts"),
 ])
 def test_embedding_rowwise_sizes_and_types_name_the_fix(key: str, overrides: dict, message: str) -> None:

@@ -1,4 +1,4 @@
-"""Megatron's tensor-parallel layers: column- and row-parallel linear, vocab-parallel embedding.
+"""Megatron's tensor-parallel layers: column- and row-parallel linear, split embeddings.
 
 A column-parallel layer splits its *output* features across the tp group, the row-parallel
 layer after it splits its *input* features, so the activation between them stays split and
@@ -20,6 +20,15 @@ nothing is gathered::
 
 Weights are cut from the full, seeded single-device tensors, and every cut parameter is marked
 with a :class:`~goose_core.metadata.ShardSpec` so ``full_state_dict`` can put it back together.
+
+An embedding table is split by vocabulary rows (each rank looks up the ids it owns, zeros for
+the rest, then g) or by hidden columns (each rank looks up its columns, then an all-gather). A
+family's own embedding subclass (Gemma multiplies by ``embed_scale``) is kept: only the lookup
+its forward inherits from ``nn.Embedding`` is swapped for the split one::
+
+    Gemma2TextScaledWordEmbedding.forward  ->  super().forward(ids) * embed_scale
+                                                   |
+                                  VocabRowsLookup.forward (split lookup + g), then nn.Embedding
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ __all__ = [
     "ColumnParallelLinear",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "ColumnParallelEmbedding",
+    "split_embedding",
+    "split_parameter",
 ]
 
 
@@ -214,6 +226,24 @@ class RowParallelLinear(nn.Module):
         return f"weight={tuple(self.weight.shape)}, input_is_parallel={self.input_is_parallel}"
 
 
+def _vocab_lookup(ids: Tensor, weight: Tensor, start: int, padding_idx: int | None,
+                  group: dist.ProcessGroup) -> Tensor:
+    outside = (ids < start) | (ids >= start + weight.shape[0])
+    local = (ids - start).masked_fill(outside, 0)
+    rows = F.embedding(local, weight, padding_idx)
+    return reduce_from_region(rows.masked_fill(outside.unsqueeze(-1), 0.0), group)
+
+
+def _column_lookup(ids: Tensor, weight: Tensor, padding_idx: int | None, group: dist.ProcessGroup) -> Tensor:
+    # Downstream is replicated: the all-gather's backward keeps this rank's columns of the gradient.
+    return gather_from_region(F.embedding(ids, weight, padding_idx), group, dim=-1)
+
+
+def _local_padding(padding_idx: int | None, start: int, rows: int) -> int | None:
+    local = None if padding_idx is None else padding_idx - start
+    return local if local is not None and 0 <= local < rows else None
+
+
 class VocabParallelEmbedding(nn.Module):
     """The embedding table split by vocabulary rows: rank r owns ids ``[r V/tp, (r+1) V/tp)``.
 
@@ -228,20 +258,134 @@ class VocabParallelEmbedding(nn.Module):
         rows = self.weight.shape[0]
         self.vocab_start = dist.get_rank(group) * rows
         self.vocab_end = self.vocab_start + rows
-        local_pad = None if padding_idx is None else padding_idx - self.vocab_start
-        self.padding_idx = local_pad if local_pad is not None and 0 <= local_pad < rows else None
+        self.padding_idx = _local_padding(padding_idx, self.vocab_start, rows)
 
     @classmethod
     def from_module(cls, module: nn.Embedding, group: dist.ProcessGroup) -> "VocabParallelEmbedding":
-        if module.max_norm is not None or module.sparse:
-            raise ValueError("VocabParallelEmbedding supports neither max_norm nor sparse embeddings")
+        _check_plain_lookup(module)
         return cls(module.weight, group, module.padding_idx)
 
     def forward(self, ids: Tensor) -> Tensor:
-        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
-        local = (ids - self.vocab_start).masked_fill(outside, 0)
-        rows = F.embedding(local, self.weight, self.padding_idx)
-        return reduce_from_region(rows.masked_fill(outside.unsqueeze(-1), 0.0), self.group)
+        return _vocab_lookup(ids, self.weight, self.vocab_start, self.padding_idx, self.group)
 
     def extra_repr(self) -> str:
         return f"rows=[{self.vocab_start}, {self.vocab_end}), dim={self.weight.shape[1]}"
+
+
+class ColumnParallelEmbedding(nn.Module):
+    """The embedding table split by hidden columns (transformers' ``embedding_colwise``): every
+    rank looks up every id in its ``dim/tp`` columns, one all-gather assembles the vectors."""
+
+    def __init__(self, weight: Tensor, group: dist.ProcessGroup, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.group, self.padding_idx = group, padding_idx
+        self.weight = _sharded_param(weight, 1, group)
+
+    @classmethod
+    def from_module(cls, module: nn.Embedding, group: dist.ProcessGroup) -> "ColumnParallelEmbedding":
+        _check_plain_lookup(module)
+        return cls(module.weight, group, module.padding_idx)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return _column_lookup(ids, self.weight, self.padding_idx, self.group)
+
+    def extra_repr(self) -> str:
+        return f"rows={self.weight.shape[0]}, columns={self.weight.shape[1]} (of {self.weight.shape[1]} x tp)"
+
+
+def _check_plain_lookup(module: nn.Embedding) -> None:
+    if module.max_norm is not None or module.sparse or module.scale_grad_by_freq:
+        raise ValueError(f"{type(module).__name__}: a split embedding supports neither max_norm, "
+                         f"sparse=True nor scale_grad_by_freq")
+
+
+class _SplitLookup(nn.Embedding):
+    """Sits between a family's embedding subclass and ``nn.Embedding`` in the MRO: the family's
+    forward runs unchanged and its ``super().forward(ids)`` lands here."""
+
+    group: dist.ProcessGroup
+
+    def forward(self, ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class _VocabRowsLookup(_SplitLookup):
+    vocab_start: int
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return _vocab_lookup(ids, self.weight, self.vocab_start, self.padding_idx, self.group)
+
+
+class _ColumnsLookup(_SplitLookup):
+    def forward(self, ids: Tensor) -> Tensor:
+        return _column_lookup(ids, self.weight, self.padding_idx, self.group)
+
+
+class _ProbeLookup(_SplitLookup):
+    """The whole table's lookup, noting that the family's forward reached it."""
+
+    goose_looked_up: bool
+
+    def forward(self, ids: Tensor) -> Tensor:
+        self.goose_looked_up = True
+        return nn.Embedding.forward(self, ids)
+
+
+_CARRIED: dict[tuple[type, type], type] = {}
+
+
+def _carried_class(family: type, lookup: type) -> type:
+    if (family, lookup) not in _CARRIED:
+        prefix = {_VocabRowsLookup: "VocabParallel", _ColumnsLookup: "ColumnParallel"}.get(lookup, "Probed")
+        _CARRIED[family, lookup] = type(prefix + family.__name__, (family, lookup), {"__module__": __name__})
+    return _CARRIED[family, lookup]
+
+
+def _reaches_lookup(module: nn.Embedding) -> bool:
+    """Whether ``module``'s forward calls ``nn.Embedding.forward`` (one no-grad call on id 0)."""
+    family = type(module)
+    module.__class__ = _carried_class(family, _ProbeLookup)
+    module.goose_looked_up = False
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 1, dtype=torch.long, device=module.weight.device))
+        return module.goose_looked_up
+    finally:
+        module.__class__ = family
+        del module.goose_looked_up
+
+
+def split_embedding(module: nn.Embedding, group: dist.ProcessGroup, style: str) -> nn.Module:
+    """The embedding split as ``style`` (``embedding_rowwise``: vocabulary rows; ``embedding_colwise``:
+    hidden columns).
+
+    A plain ``nn.Embedding`` becomes a :class:`VocabParallelEmbedding` or :class:`ColumnParallelEmbedding`.
+    A subclass with its own forward is kept, in place, with its split table: its forward still
+    runs (a scale, a multiplier), with the inherited lookup swapped for the split one.
+
+    Raises:
+        ValueError: the subclass's forward never calls ``nn.Embedding.forward`` (found by one
+            call on the whole table, before anything is split), so no lookup could be swapped.
+    """
+    rows = style == "embedding_rowwise"
+    if type(module).forward is nn.Embedding.forward:
+        return (VocabParallelEmbedding if rows else ColumnParallelEmbedding).from_module(module, group)
+    _check_plain_lookup(module)
+    if not _reaches_lookup(module):
+        raise ValueError(f"{type(module).__name__}.forward never calls nn.Embedding.forward, so goose cannot "
+                         f"swap in the split lookup ({style}) and keep the rest of its forward; drop that "
+                         f"plan entry or register an Adapter that splits it")
+    weight, rank = module.weight, dist.get_rank(group)
+    module.__class__ = _carried_class(type(module), _VocabRowsLookup if rows else _ColumnsLookup)
+    module.weight = _sharded_param(weight, 0 if rows else 1, group)
+    module.group = group
+    if rows:
+        module.vocab_start = rank * module.weight.shape[0]
+        module.padding_idx = _local_padding(module.padding_idx, module.vocab_start, module.weight.shape[0])
+    return module
+
+
+def split_parameter(param: nn.Parameter, dim: int, group: dist.ProcessGroup, blocks: int = 1) -> nn.Parameter:
+    """This rank's piece of a parameter named by a plan entry (an experts' ``gate_up_proj``),
+    marked for ``full_state_dict``."""
+    return _sharded_param(param, dim, group, blocks)

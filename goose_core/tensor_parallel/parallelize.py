@@ -2,10 +2,13 @@
 
 What changes, per rank of the tp group (parameter names stay the HF names)::
 
-    embed_tokens / wte        nn.Embedding      -> VocabParallelEmbedding  (rows of its vocab)
-    other embedding_rowwise   nn.Embedding      -> VocabParallelEmbedding  (the same, per the plan)
+    embed_tokens / wte        nn.Embedding      -> VocabParallelEmbedding  (rows of its vocab; a
+                                                   family subclass keeps its forward, e.g. a scale)
+    other embedding_* entries nn.Embedding      -> split by rows or columns, per the plan
     each block, per the plan  colwise  Linear   -> ColumnParallelLinear    (opens a region: f)
                               rowwise  Linear   -> RowParallelLinear       (closes it: g)
+                              *_gather_output / *_split_input: the same, replicated on the outside
+                              experts, norms, MLA: the family module kept, collectives hooked on
     attention modules         head counts       -> per-rank head counts (plan's localize)
     lm_head                   nn.Linear         -> ColumnParallelLinear, vocab-split, tied if it was
     loss_function             ForCausalLMLoss   -> VocabParallelCausalLMLoss (never gathers logits)
@@ -26,15 +29,14 @@ from goose_core.distributed.context import ParallelContext
 from goose_core.metadata import parameters_changed
 from goose_core.pipeline.parallel import is_pipelined
 from goose_core.tensor_parallel.cross_entropy import VocabParallelCausalLMLoss
-from goose_core.tensor_parallel.layers import (
-    ColumnParallelLinear,
-    ParallelRegion,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
+from goose_core.tensor_parallel import styles
+from goose_core.tensor_parallel.layers import ColumnParallelLinear, ParallelRegion, RowParallelLinear, split_embedding
 from goose_core.tensor_parallel.plan import (
     EMBEDDING_STYLES,
+    GATHERED_STYLES,
     KV_PROJECTIONS,
+    PARTIAL_SUM_STYLES,
+    ROW_STYLES,
     STYLE_BLOCKS,
     TPPlan,
     check_sizes,
@@ -42,7 +44,7 @@ from goose_core.tensor_parallel.plan import (
 )
 from goose_core.tensor_parallel.random import RNGTracker
 
-__all__ = ["TensorParallel", "localize_heads", "rng_tracker"]
+__all__ = ["TensorParallel", "apply_styles", "localize_heads", "rng_tracker"]
 
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
@@ -64,7 +66,7 @@ def localize_heads(model: nn.Module, plan: TPPlan, tp: int) -> None:
     heads, kv_heads = model.config.num_attention_heads, _kv_heads(model.config)
     local_heads, local_kv = heads // tp, max(1, kv_heads // tp)
     parents = {name.rpartition(".")[0] for name, style in plan.layers.items()
-               if style in STYLE_BLOCKS and style != "rowwise"}
+               if style in STYLE_BLOCKS and style not in ROW_STYLES and style not in GATHERED_STYLES}
     for parent in parents:
         module = model.get_submodule(parent)
         for attr in _HEAD_ATTRS:
@@ -80,6 +82,68 @@ def localize_heads(model: nn.Module, plan: TPPlan, tp: int) -> None:
 def rng_tracker(model: nn.Module) -> RNGTracker:
     """The RNG tracker a tensor-parallel model draws its dropout masks from."""
     return model.goose_rng_tracker
+
+
+def apply_styles(root: nn.Module, plan: TPPlan, ctx: ParallelContext, tracker: RNGTracker | None = None,
+                 skip: nn.Module | None = None) -> None:
+    """Apply every style of ``plan`` to the modules and parameters of ``root`` (in place).
+
+    ``skip`` (the input embedding) is left to ``TensorParallel``, which always splits it by
+    vocabulary rows (what ``embedding_rowwise`` asks for) and ties the LM head to the shard.
+    ``root.config`` gives the kv-heads (and MLA's ``qk_rope_head_dim``).
+    """
+    group = ctx.tensor_parallel_group
+    _split_parameters(root, plan, group)
+    rows = {name.rpartition(".")[0] for name, style in plan.layers.items() if style == "rowwise"}
+    regions = {parent: ParallelRegion(group, tracker) for parent in rows}
+    for name, style in plan.layers.items():
+        module = root.get_submodule(name)
+        if style in EMBEDDING_STYLES:
+            if module is not skip:
+                _replace(root, name, split_embedding(module, group, style))
+        elif style in STYLE_BLOCKS:
+            region = regions.get(name.rpartition(".")[0])
+            _replace(root, name, _linear(root, name, module, style, ctx, region))
+        else:
+            _keep(root, module, style, ctx)
+
+
+def _linear(root: nn.Module, name: str, module: nn.Module, style: str, ctx: ParallelContext,
+            region: ParallelRegion | None) -> nn.Module:
+    group, tp = ctx.tensor_parallel_group, ctx.tensor_parallel_size
+    if style == "rowwise":
+        return RowParallelLinear.from_module(module, group, region=region)
+    if style == "rowwise_split_input":
+        return RowParallelLinear.from_module(module, group, input_is_parallel=False)
+    if style == "colwise_gather_output":
+        return ColumnParallelLinear.from_module(module, group, gather_output=True)
+    kv_heads = _kv_heads(root.config)
+    replicas = tp // kv_heads if name.endswith(KV_PROJECTIONS) and tp > kv_heads else 1
+    return ColumnParallelLinear.from_module(module, group, blocks=STYLE_BLOCKS[style], replicas=replicas,
+                                            region=region)
+
+
+def _split_parameters(root: nn.Module, plan: TPPlan, group: dist.ProcessGroup) -> None:
+    by_owner: dict[str, dict[str, str]] = {}
+    for name, style in plan.params.items():
+        owner, _, local = name.rpartition(".")
+        by_owner.setdefault(owner, {})[local] = style
+    for owner, entries in by_owner.items():
+        styles.split_parameters(root.get_submodule(owner), entries, group)
+
+
+def _keep(root: nn.Module, module: nn.Module, style: str, ctx: ParallelContext) -> None:
+    """The styles that keep the family's module (experts, norms, MLA's kv_a)."""
+    group, tp = ctx.tensor_parallel_group, ctx.tensor_parallel_size
+    if style in PARTIAL_SUM_STYLES:
+        styles.partial_sum(module, group)
+    elif style == "moe_identity_expert":
+        styles.identity_expert(module, tp)
+    elif style == "replicated_with_grad_allreduce":
+        styles.all_reduce_grads(module, group)
+    elif style == "mla_kv_a_proj":
+        styles.mla_kv_a_proj(module, root.config.qk_rope_head_dim, group)
+    # local_params, replicate: goose's parameters are plain local tensors already.
 
 
 class TensorParallel:
@@ -134,7 +198,7 @@ class TensorParallel:
         check_sizes(model, plan, tp)
         embedding, head = _vocab_modules(model)
         tracker = RNGTracker(self.seed, ctx.tensor_parallel_rank, ctx.device)
-        self._shard_blocks(plan, tracker, skip=embedding)
+        apply_styles(model, plan, ctx, tracker, skip=embedding)
         if plan.localize is not None:
             plan.localize(model, tp, ctx.tensor_parallel_rank)
         else:
@@ -149,33 +213,13 @@ class TensorParallel:
         parameters_changed(model)
         return model
 
-    def _shard_blocks(self, plan: TPPlan, tracker: RNGTracker, skip: nn.Module) -> None:
-        """Replace every module the plan names; ``skip`` (the input embedding) is left to
-        ``_shard_vocab``, which always splits it by vocabulary rows (what ``embedding_rowwise``
-        asks for) and ties the LM head to the shard."""
-        group, tp = self.ctx.tensor_parallel_group, self.ctx.tensor_parallel_size
-        kv_heads = _kv_heads(self.model.config)
-        rows = {name.rpartition(".")[0] for name, style in plan.layers.items() if style == "rowwise"}
-        regions = {parent: ParallelRegion(group, tracker) for parent in rows}
-        for name, style in plan.layers.items():
-            module, region = self.model.get_submodule(name), regions.get(name.rpartition(".")[0])
-            if style in EMBEDDING_STYLES:
-                if module is not skip:
-                    _replace(self.model, name, VocabParallelEmbedding.from_module(module, group))
-                continue
-            if style == "rowwise":
-                new: nn.Module = RowParallelLinear.from_module(module, group, region=region)
-            else:
-                replicas = tp // kv_heads if name.endswith(KV_PROJECTIONS) and tp > kv_heads else 1
-                new = ColumnParallelLinear.from_module(module, group, blocks=STYLE_BLOCKS[style],
-                                                       replicas=replicas, region=region)
-            _replace(self.model, name, new)
-
     def _shard_vocab(self, embedding: nn.Embedding, head: nn.Linear) -> ColumnParallelLinear:
+        """Split the input embedding by vocabulary rows (its family subclass kept) and the LM head
+        by vocabulary columns, sharing the table's shard when they were tied."""
         model, group = self.model, self.ctx.tensor_parallel_group
         tied = head.weight is embedding.weight
         names = {id(m): n for n, m in model.named_modules()}
-        vocab = VocabParallelEmbedding.from_module(embedding, group)
+        vocab = split_embedding(embedding, group, "embedding_rowwise")
         _replace(model, names[id(embedding)], vocab)
         new_head = ColumnParallelLinear.from_module(head, group, shared_weight=vocab.weight if tied else None)
         _replace(model, names[id(head)], new_head)
@@ -187,8 +231,11 @@ def _vocab_modules(model: nn.Module) -> tuple[nn.Embedding, nn.Linear]:
     if not isinstance(embedding, nn.Embedding) or not isinstance(head, nn.Linear):
         raise ValueError(f"{type(model).__name__}: expected an nn.Embedding input and an nn.Linear "
                          f"LM head, got {type(embedding).__name__} and {type(head).__name__}")
-    if embedding.max_norm is not None or embedding.sparse:
-        raise ValueError("a vocab-parallel embedding supports neither max_norm nor sparse=True")
+    if embedding.max_norm is not None or embedding.sparse or embedding.scale_grad_by_freq:
+        raise ValueError("a vocab-parallel embedding supports neither max_norm, sparse=True nor scale_grad_by_freq")
+    if type(head).forward is not nn.Linear.forward:
+        raise ValueError(f"{type(model).__name__}: its LM head {type(head).__name__} overrides nn.Linear.forward; "
+                         f"goose's vocab-parallel head computes x W^T + b only and would lose what it adds")
     return embedding, head
 
 
