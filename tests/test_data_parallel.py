@@ -1,5 +1,7 @@
 """Unit tests of goose_core.data_parallel: buckets, overlap, the global loss, replica checks."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -134,3 +136,18 @@ def test_no_sync_skips_communication_until_the_last_micro_batch() -> None:
         # two micro-batches of the same data: the mean of both ranks' doubled local gradients
         for got, *locals_ in zip(r["grads"], *(q["local"] for q in results)):
             torch.testing.assert_close(got, sum(2 * g for g in locals_) / 2, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("on, coef", [(True, 0.02), (True, 0.0), (False, 0.02)])
+def test_a_router_loss_is_refused_at_dp_above_one(on: bool, coef: float) -> None:
+    # The MoE load-balancing loss is a product of batch means: per-shard losses averaged over dp
+    # are another loss. Refused in the constructor, before any collective (no group needed here).
+    model = nn.Linear(2, 2)
+    model.config = SimpleNamespace(output_router_logits=on, router_aux_loss_coef=coef)
+    ctx = SimpleNamespace(data_parallel_size=2)
+    if on and coef:
+        with pytest.raises(ValueError, match="output_router_logits=True: its auxiliary router loss"):
+            DataParallel(model, ctx)
+    else:
+        DataParallel(model, ctx)  # nothing to refuse: the constructor touches no group
+    DataParallel(nn.Linear(2, 2), SimpleNamespace(data_parallel_size=1))

@@ -69,7 +69,8 @@ class DataParallel:
             ZeRO-1's shards and their optimizer state live in it, or in fp32 if it is narrower.
 
     Raises:
-        ValueError: ``bucket_size_mb`` is not positive; replicas differ (on every rank).
+        ValueError: ``bucket_size_mb`` is not positive; replicas differ (on every rank); a MoE
+            model whose router loss is on, at dp > 1 (that loss is not a sum over tokens).
     """
 
     def __init__(self, module: nn.Module, ctx: ParallelContext, bucket_size_mb: float = 25.0,
@@ -81,6 +82,8 @@ class DataParallel:
                              f"leave it None to average in each parameter's own dtype")
         if module_grad_sync(module) is not None:
             raise ValueError("this module is already wrapped by DataParallel; wrap it once")
+        if ctx.data_parallel_size > 1:
+            _refuse_router_loss(module)
         self.module = module
         self.ctx = ctx
         self.bucket_bytes = int(bucket_size_mb * 2**20)
@@ -167,3 +170,17 @@ def no_sync(module: nn.Module) -> Iterator[None]:
         raise ValueError("no_sync(model) needs a model returned by DataParallel(model, ctx).parallelize()")
     with sync.no_sync():
         yield
+
+
+def _refuse_router_loss(module: nn.Module) -> None:
+    """A MoE load-balancing loss is a product of two means over the whole batch (tokens per
+    expert x router probability per expert), not a sum over tokens: dp ranks each computing it on
+    their shard and averaging would train on another loss than one device's, silently."""
+    config = getattr(module, "config", None)
+    if getattr(config, "output_router_logits", False) and getattr(config, "router_aux_loss_coef", 1.0):
+        raise ValueError(
+            f"{type(module).__name__} has output_router_logits=True: its auxiliary router loss is "
+            f"nonlinear in the batch, so data parallelism (dp > 1) cannot reproduce the single-device "
+            f"value from per-shard losses. Set config.output_router_logits=False (or "
+            f"router_aux_loss_coef=0), or train it without data parallelism (tensor parallelism "
+            f"keeps it exact, the pipeline at one micro-batch)")

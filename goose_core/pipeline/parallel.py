@@ -127,7 +127,9 @@ def _split(adapter: Adapter, num_stages: int, partitioner: Partitioner, num_micr
         return partition_blocks(num_blocks, num_stages, partitioner)
     if sample is None:
         with torch.no_grad():
-            sample = adapter.embed({"input_ids": torch.zeros(1, 32, dtype=torch.long)})
+            # the ids on the table's device: a model already on a GPU looks them up there
+            table = adapter.model.get_input_embeddings().weight
+            sample = adapter.embed({"input_ids": torch.zeros(1, 32, dtype=torch.long, device=table.device)})
     return partition_blocks(num_blocks, num_stages, partitioner, block_fns=adapter.block_fns(),
                             sample=sample, num_microbatches=num_microbatches)
 
