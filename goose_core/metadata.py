@@ -15,6 +15,7 @@ Wrappers leave facts on the tensors and modules they change, and other wrappers 
                                               module_grad_sync,               tensor_parallel, pipeline
                                               parameters_changed
     a model's same-batch check              set_batch_check, batch_check_of distributed.batch_check
+    save_pretrained refusing a split model  mark_split_guard, is_split_guard checkpoint.export
 
 Each fact is one ``_goose_*`` attribute, named here alone. A fact is not carried over when a
 wrapper replaces a parameter: whoever makes the new one marks it.
@@ -23,7 +24,7 @@ wrapper replaces a parameter: whoever makes the new one marks it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Generic, Iterable, TypeVar
+from typing import Any, Callable, Generic, Iterable, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,7 @@ from goose_core.grad_sync import GradSync
 __all__ = ["ShardSpec", "mark_sharded", "shard_spec", "mark_duplicate", "is_duplicate", "mark_dp_shard",
            "is_dp_shard", "set_grad_shards", "grad_shards", "link_grad_sync", "unlink_grad_sync",
            "grad_sync_of", "grad_syncs", "set_module_grad_sync", "module_grad_sync", "parameters_changed",
-           "set_batch_check", "batch_check_of"]
+           "set_batch_check", "batch_check_of", "mark_split_guard", "is_split_guard"]
 
 T = TypeVar("T")
 
@@ -200,3 +201,18 @@ def set_batch_check(model: nn.Module, check: object) -> None:
 def batch_check_of(model: nn.Module) -> object | None:
     """The same-batch hook installed on ``model``, if any."""
     return _BATCH_CHECK.get(model)
+
+
+# -- the save_pretrained guard (goose_core.checkpoint.export) ---------------------------------
+_SPLIT_GUARD: _Fact[bool] = _Fact("split_guard")
+
+
+def mark_split_guard(fn: Callable[..., Any]) -> None:
+    """``fn`` is goose's ``save_pretrained`` that refuses a split model (installed once)."""
+    _SPLIT_GUARD.set(fn, True)
+
+
+def is_split_guard(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is that guard already."""
+    return bool(_SPLIT_GUARD.get(fn))
+

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from goose_core.distributed.context import ParallelContext
-from goose_core.metadata import shard_spec
+from goose_core.metadata import is_split_guard, mark_split_guard, shard_spec
 from goose_core.pipeline.split import Placeholder
 from goose_core.state import full_state_dict
 
@@ -67,10 +67,10 @@ def _refuse_split(save: Any) -> Any:
                              f"save_pretrained would write this rank's part only. Call "
                              f"goose_core.export_pretrained(model, ctx, path) on every rank instead")
         return save(self, *args, **kwargs)
-    save_pretrained._goose_guard = True  # type: ignore[attr-defined]
+    mark_split_guard(save_pretrained)
     return save_pretrained
 
 
 # One guard for every wrapper order: the split is detected on the model itself when it is saved.
-if not getattr(PreTrainedModel.save_pretrained, "_goose_guard", False):
+if not is_split_guard(PreTrainedModel.save_pretrained):
     PreTrainedModel.save_pretrained = _refuse_split(PreTrainedModel.save_pretrained)  # type: ignore[method-assign]
