@@ -1,0 +1,142 @@
+"""The family sweep's record: JSON for machines, a Markdown compatibility table for the docs site."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from goose_core.testing.coverage import BUILD, MICROBATCHES, MODES, STATUSES, STEPS, Outcome
+from goose_core.testing.families import Family
+
+__all__ = ["write_json", "write_markdown", "markdown"]
+
+_TITLES = {"tp2": "tp=2", "pp2": "pp=2", "tp2xpp2": "tp=2 × pp=2"}
+_NOT_BUILDABLE = "not buildable"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_json(path: Path, chosen: list[Family], modes: list[str], outcomes: dict[tuple[str, str], Outcome],
+               seconds: float) -> dict[str, Any]:
+    """Write and return the record: versions, settings, counts per mode, every family's outcomes."""
+    rows = {}
+    for family in chosen:
+        build = outcomes.get((family.model_type, BUILD))
+        row: dict[str, Any] = {"class": family.model_class, "declares": family.declares,
+                               "build": None if build is None or build.status == "ok" else build.detail}
+        for mode in modes:
+            if (o := outcomes.get((family.model_type, mode))) is not None:
+                row[mode] = {k: v for k, v in asdict(o).items() if k not in ("family", "mode")}
+        rows[family.model_type] = row
+    counts = {mode: {s: sum(1 for r in rows.values() if r.get(mode, {}).get("status") == s) for s in STATUSES}
+              for mode in modes}
+    for mode in modes:
+        counts[mode][_NOT_BUILDABLE] = sum(1 for r in rows.values() if r["build"] is not None)
+    record = {
+        "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "goose_commit": _commit(),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "settings": {"dtype": "float64", "tolerance": "PARALLEL", "optimizer": "SGD(momentum=0.9)",
+                     "steps": STEPS, "last_step": "right-padded with an attention_mask",
+                     "num_microbatches": MICROBATCHES, "modes": {m: dict(zip(("tp", "pp"), MODES[m])) for m in modes}},
+        "seconds": round(seconds, 1),
+        "counts": counts,
+        "families": rows,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
+    return record
+
+
+def _cell(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "–"
+    status = result["status"]
+    if status == "equal":
+        return "equal"
+    if status == "wrong":
+        return f"**wrong** ({result['error']:.1e}×)"
+    return "refused" if status == "refused" else "**crash**"
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The docs page of ``record``."""
+    modes = [m for m in MODES if m in record["counts"]]
+    rows = record["families"]
+    s = record["settings"]
+    out = [
+        "# Family coverage",
+        "",
+        "Every causal-LM family of the installed 🤗 transformers that declares its plans "
+        "(`base_model_tp_plan` and/or `base_model_pp_plan`), plus a few that declare none, built tiny "
+        "(hidden 64, 4 heads, 2 kv-heads, 4 layers, vocab 256; MoE: 4 experts, top-2, router loss on; "
+        "sliding windows of 8 tokens), seeded, and trained "
+        f"{s['steps']} SGD steps in {s['dtype']} on one fixed batch (the last step right-padded with an "
+        "`attention_mask`) under goose's tensor and pipeline parallelism, against the single-device run "
+        f"at the `{s['tolerance']}` tolerance. The pipeline runs {s['num_microbatches']} micro-batches.",
+        "",
+        f"Measured {record['measured']} with **transformers {record['transformers']}**, **torch "
+        f"{record['torch']}**, Python {record['python']}, goose commit `{record['goose_commit']}` "
+        f"({record['seconds']:.0f} s). Regenerate with `make coverage` (`python -m "
+        "goose_core.testing.coverage --help` for a subset); the raw record is "
+        "[coverage.json](coverage.json).",
+        "",
+        "- **equal**: every rank's losses and gathered parameters match the single-device run.",
+        "- **refused**: goose raised a clear error before the first step (its message is below).",
+        "- **wrong**: the numbers differ; the worst error as a multiple of the tolerance's allowance.",
+        "- **crash**: any other exception, a hang, or ranks that disagree: a bug.",
+        "",
+        "## Counts",
+        "",
+        "| mode | " + " | ".join(list(STATUSES) + [_NOT_BUILDABLE]) + " |",
+        "|---|" + "---:|" * (len(STATUSES) + 1),
+    ]
+    for mode in modes:
+        c = record["counts"][mode]
+        out.append(f"| {_TITLES[mode]} | " + " | ".join(str(c[k]) for k in list(STATUSES) + [_NOT_BUILDABLE]) + " |")
+    out += ["", "## Families", "",
+            "| family | declares | " + " | ".join(_TITLES[m] for m in modes) + " |",
+            "|---|---|" + "---|" * len(modes)]
+    for name, row in rows.items():
+        if row["build"] is None:
+            out.append(f"| `{name}` | {row['declares']} | " + " | ".join(_cell(row.get(m)) for m in modes) + " |")
+    out += ["", "## Reasons", "",
+            "What goose said for every refusal, and what went wrong for every crash and wrong result.", ""]
+    for name, row in rows.items():
+        for mode in modes:
+            r = row.get(mode)
+            if r is not None and r["status"] != "equal":
+                out.append(f"- `{name}` {_TITLES[mode]}, {r['status']}: {_one_line(r['detail'])}")
+    out += ["", "## Not buildable", "",
+            "Families the sweep could not build or train on one device at the tiny size in float64 (not "
+            "goose's verdict on them: the reason says what failed).", ""]
+    out += [f"- `{name}` ({row['declares']}): {_one_line(row['build'])}" for name, row in rows.items()
+            if row["build"] is not None]
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown(record))
