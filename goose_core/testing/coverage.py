@@ -67,6 +67,7 @@ SEED = 0
 STEPS = 3  # the last one padded
 MICROBATCHES = 2  # GPipe as users run it: a micro-batched split must equal the whole batch too
 LR = 1e-2
+GRACE = 10.0  # seconds the ranks may finish apart once one has raised
 _KEY = "goose_coverage"
 
 
@@ -241,12 +242,48 @@ def _rank_sweep(mode: str, names: list[str], expected: dict[str, RunResult], tim
         if i:  # fresh groups: a family that failed half-way leaves its collectives out of step
             ctx = ParallelContext(tp, pp, 1, backend="gloo", device="cpu", timeout=groups_timeout)
         mine = _attempt(ctx, name, expected[name], timeout)
-        store.set(f"{_KEY}/{name}/{ctx.rank}", json.dumps(mine))
-        keys = [f"{_KEY}/{name}/{r}" for r in range(ctx.world_size)]
-        store.wait(keys)  # a rank that never reports: the store times out, the driver takes over
+        ranks = _agree(store, name, ctx.rank, ctx.world_size, mine, timeout)
+        if ranks is None:  # ranks stuck in a collective after another raised: end this group
+            _give_up(store, Path(state), name, mode, ctx.rank, ctx.world_size)
         if ctx.rank == 0:
-            outcome = combine(name, mode, [json.loads(store.get(k)) for k in keys])
-            _append(Path(state), outcome)
+            _append(Path(state), combine(name, mode, ranks))
+
+
+def _agree(store: dist.Store, name: str, rank: int, world: int, mine: dict[str, Any],
+           timeout: float) -> list[dict[str, Any]] | None:
+    """Every rank's outcome of ``name``, or None when this rank raised and another has not
+    reported within GRACE seconds: it waits in a collective the raising rank never joins, and
+    would only leave it at the groups' timeout."""
+    keys = [f"{_KEY}/{name}/{r}" for r in range(world)]
+    store.set(keys[rank], json.dumps(mine))
+    start = time.monotonic()
+    while not store.check(keys):
+        waited = time.monotonic() - start
+        if mine["status"] in ("refused", "crash") and waited > GRACE:
+            return None
+        if waited > 2 * timeout:
+            raise TimeoutError(f"{name}: ranks did not report within {2 * timeout:.0f} s")
+        time.sleep(0.02)
+    return [json.loads(store.get(k)) for k in keys]
+
+
+def _give_up(store: dist.Store, state: Path, name: str, mode: str, rank: int, world: int) -> None:
+    """Record ``name`` as a crash (by the lowest rank that reported) and end this process; the
+    driver starts a new group for the families left."""
+    keys = [f"{_KEY}/{name}/{r}" for r in range(world)]
+    reported = [r for r in range(world) if store.check([keys[r]])]
+    if rank == min(reported):
+        stuck = {"status": "crash", "error": None, "seconds": GRACE,
+                 "detail": f"still running {GRACE:.0f} s after another rank raised (waiting in a collective?)"}
+        ranks = [json.loads(store.get(keys[r])) if r in reported else stuck for r in range(world)]
+        _append(state, combine(name, mode, ranks))
+        _ended(state).write_text(name)  # the driver must not blame the next family
+    os._exit(3)
+
+
+def _ended(state: Path) -> Path:
+    """Where a group that ended itself names the family it ended on."""
+    return state.with_suffix(".ended")
 
 
 def _append(state: Path, outcome: Outcome) -> None:
@@ -280,7 +317,9 @@ def _run_mode(mode: str, names: list[str], expected: dict[str, RunResult], timeo
         except (RankError, TimeoutError) as err:
             done = load_state(state)
             culprit = next((n for n in pending if (n, mode) not in done), None)
-            if culprit is not None:
+            if _ended(state).exists():  # the group recorded its last family and ended itself
+                _ended(state).unlink()
+            elif culprit is not None:
                 lines = [x for x in str(err).strip().splitlines() if x.strip()]
                 _append(state, Outcome(culprit, mode, "crash", "the process group died or hung: "
                                        + " | ".join(lines[-3:])[:600], None, time.monotonic() - start))
