@@ -367,14 +367,15 @@ def run_sweep(names: list[str], modes: list[str], timeout: float = 120.0, jobs: 
             installed transformers and torch); ``fresh`` deletes it first.
     """
     state = state or default_state()
-    if fresh and state.exists():
-        state.unlink()
-    state.parent.mkdir(parents=True, exist_ok=True)
     parts = [names[i::jobs] for i in range(max(1, jobs))]
+    if fresh:
+        for f in [state, _ended(state)] + [_part(state, i) for i in range(len(parts))]:
+            f.unlink(missing_ok=True)
+    state.parent.mkdir(parents=True, exist_ok=True)
     if len(parts) == 1:
         _sweep_part(parts[0], modes, timeout, state)
     else:  # each job its own state file, merged when all are done
-        files = [state.with_suffix(f".part{i}.jsonl") for i in range(len(parts))]
+        files = [_part(state, i) for i in range(len(parts))]
         procs = [mp.get_context("fork").Process(target=_sweep_part, args=(p, modes, timeout, f))
                  for p, f in zip(parts, files)]
         for p in procs:
@@ -387,6 +388,10 @@ def run_sweep(names: list[str], modes: list[str], timeout: float = 120.0, jobs: 
             f.unlink(missing_ok=True)
     done = load_state(state)
     return {key: o for key, o in done.items() if key[0] in names and (key[1] in modes or key[1] == BUILD)}
+
+
+def _part(state: Path, i: int) -> Path:
+    return state.with_suffix(f".part{i}.jsonl")
 
 
 def default_state() -> Path:
