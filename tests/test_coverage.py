@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from goose_core.testing import RunResult
-from goose_core.testing.coverage import BUILD, MODES, Outcome, classify_error, combine, compare, run_sweep
+from goose_core.testing.coverage import (BUILD, MODES, Outcome, classify_error, combine, compare, run_sweep,
+                                         settings)
 from goose_core.testing.coverage_report import markdown, write_json
 from goose_core.testing.families import families, tiny_family_config
 
@@ -95,7 +96,7 @@ def test_the_page_names_the_versions_counts_and_reasons(tmp_path: Path) -> None:
                 ("opt", BUILD): Outcome("opt", BUILD, "not buildable", "config rejects the tiny size"),
                 ("llama", "tp2"): Outcome("llama", "tp2", "equal", "", 0.01),
                 ("qwen3", "tp2"): Outcome("qwen3", "tp2", "refused", "style 'replicated_with_grad_allreduce'")}
-    record = write_json(tmp_path / "coverage.json", chosen, ["tp2"], outcomes, 1.0)
+    record = write_json(tmp_path / "coverage.json", chosen, ["tp2"], outcomes, 1.0, settings(["tp2"]))
     assert record["counts"]["tp2"] == {"equal": 1, "refused": 1, "wrong": 0, "crash": 0, "not buildable": 1}
     page = markdown(record)
     import transformers

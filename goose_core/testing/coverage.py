@@ -36,7 +36,7 @@ import tempfile
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,35 +52,22 @@ from goose_core.distributed import ParallelContext, RankError, spawn
 from goose_core.pipeline import PipelineParallel
 from goose_core.state import full_state_dict
 from goose_core.tensor_parallel import TensorParallel
+from goose_core.testing.coverage_report import BUILD, STATUSES, Outcome, write_json, write_markdown
 from goose_core.testing.families import Family, NotBuildable, families, tiny_family_config
 from goose_core.testing.models import EAGER_IN_DTYPE, seeded_model
 from goose_core.testing.reference import RunResult, snapshot
 from goose_core.testing.tolerances import PARALLEL
 
-__all__ = ["MODES", "STATUSES", "Outcome", "build_family_model", "reference", "run_sweep", "main"]
+__all__ = ["MODES", "STATUSES", "BUILD", "Outcome", "build_family_model", "reference", "run_sweep", "settings", "main"]
 
 #: Mode name -> (tp, pp). dp is left out: it only shards the batch, which every family allows.
 MODES: dict[str, tuple[int, int]] = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
-STATUSES = ("equal", "refused", "wrong", "crash")
-BUILD = "build"  # the pseudo-mode of a family's reference run ("not buildable" when it fails)
 SEED = 0
 STEPS = 3  # the last one padded
 MICROBATCHES = 2  # GPipe as users run it: a micro-batched split must equal the whole batch too
 LR = 1e-2
 GRACE = 10.0  # seconds the ranks may finish apart once one has raised
 _KEY = "goose_coverage"
-
-
-@dataclass
-class Outcome:
-    """One (family, mode): its status, the reason or the numbers, and how long it took."""
-
-    family: str
-    mode: str
-    status: str  # one of STATUSES, or "not buildable" for mode BUILD
-    detail: str = ""
-    error: float | None = None  # worst |got - want| as a multiple of PARALLEL's allowance
-    seconds: float = 0.0
 
 
 # -- one family on one device ---------------------------------------------------------------
@@ -400,9 +387,14 @@ def default_state() -> Path:
     return Path(tempfile.gettempdir()) / "goose-coverage" / f"{tag}.jsonl"
 
 
-def main(argv: list[str] | None = None) -> int:
-    from goose_core.testing.coverage_report import write_json, write_markdown
+def settings(modes: list[str]) -> dict[str, Any]:
+    """How the sweep runs, for the record."""
+    return {"dtype": "float64", "tolerance": "PARALLEL", "optimizer": f"SGD(lr={LR}, momentum=0.9)",
+            "steps": STEPS, "last_step": "right-padded with an attention_mask", "num_microbatches": MICROBATCHES,
+            "modes": {m: dict(zip(("tp", "pp"), MODES[m])) for m in modes}}
 
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m goose_core.testing.coverage", description=__doc__.split("\n")[0])
     parser.add_argument("--families", help="comma-separated model types (default: every family that declares plans)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
@@ -424,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     outcomes = run_sweep(names, modes, args.timeout, args.jobs, args.state, args.fresh)
     chosen: list[Family] = [known[n] for n in names]
-    record = write_json(Path(args.json), chosen, modes, outcomes, time.monotonic() - start)
+    record = write_json(Path(args.json), chosen, modes, outcomes, time.monotonic() - start, settings(modes))
     if args.markdown:
         write_markdown(Path(args.markdown), record)
     for mode in modes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -13,13 +13,30 @@ from typing import Any
 import torch
 import transformers
 
-from goose_core.testing.coverage import BUILD, MICROBATCHES, MODES, STATUSES, STEPS, Outcome
 from goose_core.testing.families import Family
 
-__all__ = ["write_json", "write_markdown", "markdown"]
+__all__ = ["BUILD", "STATUSES", "Outcome", "write_json", "write_markdown", "markdown"]
 
-_TITLES = {"tp2": "tp=2", "pp2": "pp=2", "tp2xpp2": "tp=2 × pp=2"}
+STATUSES = ("equal", "refused", "wrong", "crash")
+BUILD = "build"  # the pseudo-mode of a family's reference run ("not buildable" when it fails)
 _NOT_BUILDABLE = "not buildable"
+
+
+@dataclass
+class Outcome:
+    """One (family, mode): its status, the reason or the numbers, and how long it took."""
+
+    family: str
+    mode: str
+    status: str  # one of STATUSES, or "ok" / "not buildable" for mode BUILD
+    detail: str = ""
+    error: float | None = None  # worst |got - want| as a multiple of PARALLEL's allowance
+    seconds: float = 0.0
+
+
+def _title(layout: dict[str, int]) -> str:
+    """ "tp=2", "pp=2", "tp=2 × pp=2" from {"tp": 2, "pp": 1}."""
+    return " × ".join(f"{axis}={n}" for axis, n in layout.items() if n > 1)
 
 
 def _commit() -> str:
@@ -32,8 +49,9 @@ def _commit() -> str:
 
 
 def write_json(path: Path, chosen: list[Family], modes: list[str], outcomes: dict[tuple[str, str], Outcome],
-               seconds: float) -> dict[str, Any]:
-    """Write and return the record: versions, settings, counts per mode, every family's outcomes."""
+               seconds: float, settings: dict[str, Any]) -> dict[str, Any]:
+    """Write and return the record: versions, ``settings`` (how the sweep ran: ``modes`` maps
+    each mode to its layout), counts per mode, every family's outcomes."""
     rows = {}
     for family in chosen:
         build = outcomes.get((family.model_type, BUILD))
@@ -53,9 +71,7 @@ def write_json(path: Path, chosen: list[Family], modes: list[str], outcomes: dic
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "settings": {"dtype": "float64", "tolerance": "PARALLEL", "optimizer": "SGD(momentum=0.9)",
-                     "steps": STEPS, "last_step": "right-padded with an attention_mask",
-                     "num_microbatches": MICROBATCHES, "modes": {m: dict(zip(("tp", "pp"), MODES[m])) for m in modes}},
+        "settings": settings,
         "seconds": round(seconds, 1),
         "counts": counts,
         "families": rows,
@@ -83,9 +99,10 @@ def _one_line(text: str, limit: int = 400) -> str:
 
 def markdown(record: dict[str, Any]) -> str:
     """The docs page of ``record``."""
-    modes = [m for m in MODES if m in record["counts"]]
+    modes = list(record["counts"])
     rows = record["families"]
     s = record["settings"]
+    titles = {m: _title(s["modes"][m]) for m in modes}
     out = [
         "# Family coverage",
         "",
@@ -115,9 +132,9 @@ def markdown(record: dict[str, Any]) -> str:
     ]
     for mode in modes:
         c = record["counts"][mode]
-        out.append(f"| {_TITLES[mode]} | " + " | ".join(str(c[k]) for k in list(STATUSES) + [_NOT_BUILDABLE]) + " |")
+        out.append(f"| {titles[mode]} | " + " | ".join(str(c[k]) for k in list(STATUSES) + [_NOT_BUILDABLE]) + " |")
     out += ["", "## Families", "",
-            "| family | declares | " + " | ".join(_TITLES[m] for m in modes) + " |",
+            "| family | declares | " + " | ".join(titles[m] for m in modes) + " |",
             "|---|---|" + "---|" * len(modes)]
     for name, row in rows.items():
         if row["build"] is None:
@@ -128,7 +145,7 @@ def markdown(record: dict[str, Any]) -> str:
         for mode in modes:
             r = row.get(mode)
             if r is not None and r["status"] != "equal":
-                out.append(f"- `{name}` {_TITLES[mode]}, {r['status']}: {_one_line(r['detail'])}")
+                out.append(f"- `{name}` {titles[mode]}, {r['status']}: {_one_line(r['detail'])}")
     out += ["", "## Not buildable", "",
             "Families the sweep could not build or train on one device at the tiny size in float64 (not "
             "goose's verdict on them: the reason says what failed).", ""]
