@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from torch import Tensor, nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from goose_core.data import get_batch, pad_batch
 from goose_core.data.loader import Batch
@@ -76,10 +77,8 @@ def build_family_model(model_type: str) -> nn.Module:
     """``model_type``'s tiny model, float64, seeded: 🤗's attention interface with the softmax in
     float64 where the family uses it, the family's own eager attention where it does not."""
     config = tiny_family_config(model_type)
-    try:
-        return seeded_model(config, SEED, torch.float64, EAGER_IN_DTYPE)
-    except ValueError:  # the family implements its own attention (GPT-2-like): no interface
-        return seeded_model(config, SEED, torch.float64, "eager")
+    interface = getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_attention_backend", False)
+    return seeded_model(config, SEED, torch.float64, EAGER_IN_DTYPE if interface else "eager")
 
 
 def batches() -> list[Batch]:
