@@ -96,11 +96,11 @@ def test_the_page_names_the_versions_counts_and_reasons(tmp_path: Path) -> None:
                 ("opt", BUILD): Outcome("opt", BUILD, "not buildable", "config rejects the tiny size"),
                 ("llama", "tp2"): Outcome("llama", "tp2", "equal", "", 0.01),
                 ("qwen3", "tp2"): Outcome("qwen3", "tp2", "refused", "style 'replicated_with_grad_allreduce'")}
-    record = write_json(tmp_path / "coverage.json", chosen, ["tp2"], outcomes, 1.0, settings(["tp2"]))
+    record = write_json(tmp_path / "coverage.json", chosen, ["tp2"], outcomes, settings(["tp2"]))
     assert record["counts"]["tp2"] == {"equal": 1, "refused": 1, "wrong": 0, "crash": 0, "not buildable": 1}
     page = markdown(record)
     import transformers
     assert f"transformers {transformers.__version__}" in page and f"torch {torch.__version__}" in page
-    assert "| tp=2 | 1 | 1 | 0 | 0 | 1 |" in page
+    assert "| tp=2 | 1 | 1 | 0 | 0 | 1 | 50 % |" in page
     assert "- `qwen3` tp=2, refused: style 'replicated_with_grad_allreduce'" in page
     assert "- `opt` (none): config rejects the tiny size" in page

@@ -49,7 +49,7 @@ def _commit() -> str:
 
 
 def write_json(path: Path, chosen: list[Family], modes: list[str], outcomes: dict[tuple[str, str], Outcome],
-               seconds: float, settings: dict[str, Any]) -> dict[str, Any]:
+               settings: dict[str, Any]) -> dict[str, Any]:
     """Write and return the record: versions, ``settings`` (how the sweep ran: ``modes`` maps
     each mode to its layout), counts per mode, every family's outcomes."""
     rows = {}
@@ -72,7 +72,7 @@ def write_json(path: Path, chosen: list[Family], modes: list[str], outcomes: dic
         "torch": torch.__version__,
         "python": platform.python_version(),
         "settings": settings,
-        "seconds": round(seconds, 1),
+        "seconds": round(sum(o.seconds for o in outcomes.values()), 1),
         "counts": counts,
         "families": rows,
     }
@@ -88,7 +88,7 @@ def _cell(result: dict[str, Any] | None) -> str:
     if status == "equal":
         return "equal"
     if status == "wrong":
-        return f"**wrong** ({result['error']:.1e}×)"
+        return "**wrong**"
     return "refused" if status == "refused" else "**crash**"
 
 
@@ -116,7 +116,7 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"Measured {record['measured']} with **transformers {record['transformers']}**, **torch "
         f"{record['torch']}**, Python {record['python']}, goose commit `{record['goose_commit']}` "
-        f"({record['seconds']:.0f} s). Regenerate with `make coverage` (`python -m "
+        f"(its runs took {record['seconds']:.0f} s). Regenerate with `make coverage` (`python -m "
         "goose_core.testing.coverage --help` for a subset); the raw record is "
         "[coverage.json](coverage.json).",
         "",
@@ -127,12 +127,15 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         "## Counts",
         "",
-        "| mode | " + " | ".join(list(STATUSES) + [_NOT_BUILDABLE]) + " |",
-        "|---|" + "---:|" * (len(STATUSES) + 1),
+        "| mode | " + " | ".join(list(STATUSES) + [_NOT_BUILDABLE]) + " | equal of those built |",
+        "|---|" + "---:|" * (len(STATUSES) + 2),
     ]
     for mode in modes:
         c = record["counts"][mode]
-        out.append(f"| {titles[mode]} | " + " | ".join(str(c[k]) for k in list(STATUSES) + [_NOT_BUILDABLE]) + " |")
+        built = sum(c[k] for k in STATUSES)
+        share = f"{100 * c['equal'] / built:.0f} %" if built else "–"
+        out.append(f"| {titles[mode]} | " + " | ".join(str(c[k]) for k in list(STATUSES) + [_NOT_BUILDABLE])
+                   + f" | {share} |")
     out += ["", "## Families", "",
             "| family | declares | " + " | ".join(titles[m] for m in modes) + " |",
             "|---|---|" + "---|" * len(modes)]
