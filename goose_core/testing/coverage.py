@@ -100,13 +100,37 @@ def _train(model: nn.Module, progress: dict[str, bool]) -> list[float]:
     return losses
 
 
-def reference(model_type: str) -> RunResult:
-    """The single-device run of ``model_type`` (raises what building or training raises)."""
+def reference(model_type: str) -> tuple[RunResult, list[str]]:
+    """The single-device run of ``model_type`` and the modules that compute in a narrower
+    dtype than float64 (raises what building or training raises)."""
     model = build_family_model(model_type)
-    losses = _train(model, {})
+    with _narrow_modules(model) as narrow:
+        losses = _train(model, {})
     if not all(map(lambda x: x == x and abs(x) != float("inf"), losses)):
         raise FloatingPointError(f"the single-device losses are not finite: {losses}")
-    return RunResult(losses, snapshot(model))
+    return RunResult(losses, snapshot(model)), sorted(narrow)
+
+
+@contextmanager
+def _narrow_modules(model: nn.Module) -> Iterator[set[str]]:
+    """The names (layer numbers as *) of modules whose output is a float tensor narrower than
+    float64: 🤗 code that casts to float32 inside a float64 model (DeepSeek's router does), so
+    its sums round in float32 and a reordering moves them by float32 noise, beyond PARALLEL."""
+    narrow: set[str] = set()
+
+    def hook(name: str) -> Any:
+        def check(module: nn.Module, args: Any, output: Any) -> None:
+            first = output[0] if isinstance(output, (tuple, list)) and output else output
+            if isinstance(first, Tensor) and first.is_floating_point() and first.dtype != torch.float64:
+                narrow.add(".".join("*" if part.isdigit() else part for part in name.split(".")))
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        yield narrow
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class _Deadline(Exception):
@@ -141,7 +165,8 @@ def _ratio(got: Tensor, want: Tensor) -> float:
 
 def compare(result: RunResult, expected: RunResult) -> tuple[str, str, float | None]:
     """(status, detail, error) of one rank's result against the reference."""
-    got, want = torch.tensor(result.losses), torch.tensor(expected.losses)
+    got = torch.tensor(result.losses, dtype=torch.float64)
+    want = torch.tensor(expected.losses, dtype=torch.float64)
     if got.shape != want.shape:
         return "crash", f"{len(result.losses)} losses, expected {len(expected.losses)}", None
     if result.params.keys() != expected.params.keys():
@@ -314,7 +339,8 @@ def _run_mode(mode: str, names: list[str], expected: dict[str, RunResult], timeo
 
 
 def _reference_all(names: list[str], timeout: float, state: Path) -> dict[str, RunResult]:
-    """The reference of every family that builds; the others are recorded as not buildable."""
+    """The reference of every family that builds; the others are recorded as not buildable.
+    A family's BUILD detail names the modules that compute in float32 (empty: none)."""
     expected, done = {}, load_state(state)
     for name in names:
         if (name, BUILD) in done and done[name, BUILD].status != "ok":
@@ -322,8 +348,8 @@ def _reference_all(names: list[str], timeout: float, state: Path) -> dict[str, R
         start = time.monotonic()
         try:
             with _deadline(timeout):
-                expected[name] = reference(name)
-            status, detail = "ok", ""
+                expected[name], narrow = reference(name)
+            status, detail = "ok", ", ".join(narrow)
         except NotBuildable as err:
             status, detail = "not buildable", str(err)
         except Exception as err:  # the family does not train on one device in float64 here

@@ -55,8 +55,10 @@ def write_json(path: Path, chosen: list[Family], modes: list[str], outcomes: dic
     rows = {}
     for family in chosen:
         build = outcomes.get((family.model_type, BUILD))
+        built = build is not None and build.status == "ok"
         row: dict[str, Any] = {"class": family.model_class, "declares": family.declares,
-                               "build": None if build is None or build.status == "ok" else build.detail}
+                               "build": None if built else (build.detail if build else "not run"),
+                               "float32_modules": build.detail.split(", ") if built and build.detail else []}
         for mode in modes:
             if (o := outcomes.get((family.model_type, mode))) is not None:
                 row[mode] = {k: v for k, v in asdict(o).items() if k not in ("family", "mode")}
@@ -141,7 +143,14 @@ def markdown(record: dict[str, Any]) -> str:
             "|---|---|" + "---|" * len(modes)]
     for name, row in rows.items():
         if row["build"] is None:
-            out.append(f"| `{name}` | {row['declares']} | " + " | ".join(_cell(row.get(m)) for m in modes) + " |")
+            mark = " †" if row["float32_modules"] else ""
+            out.append(f"| `{name}`{mark} | {row['declares']} | " + " | ".join(_cell(row.get(m)) for m in modes) + " |")
+    narrow = {name: row["float32_modules"] for name, row in rows.items() if row.get("float32_modules")}
+    if narrow:
+        out += ["", "† The family computes these modules in float32 inside the float64 model (🤗's code casts), "
+                "so a parallel run that reorders their sums differs by float32 rounding: beyond `PARALLEL` "
+                "without a bug in goose. Read a † family's wrong result by its size (below).", ""]
+        out += [f"- `{name}`: " + ", ".join(f"`{m}`" for m in mods) for name, mods in narrow.items()]
     out += ["", "## Reasons", "",
             "What goose said for every refusal, and what went wrong for every crash and wrong result.", ""]
     for name, row in rows.items():
