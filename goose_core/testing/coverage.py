@@ -284,8 +284,10 @@ def _give_up(store: dist.Store, state: Path, name: str, mode: str, rank: int, wo
     keys = [f"{_KEY}/{name}/{r}" for r in range(world)]
     reported = [r for r in range(world) if store.check([keys[r]])]
     if rank == min(reported):
+        raised = json.loads(store.get(keys[rank]))
         stuck = {"status": "crash", "error": None, "seconds": GRACE,
-                 "detail": f"still running {GRACE:.0f} s after another rank raised (waiting in a collective?)"}
+                 "detail": f"still running {GRACE:.0f} s after rank {rank} raised (waiting in a collective "
+                           f"it never joins): {raised['status']}: {raised['detail']}"}
         ranks = [json.loads(store.get(keys[r])) if r in reported else stuck for r in range(world)]
         _append(state, combine(name, mode, ranks))
         _ended(state).write_text(name)  # the driver must not blame the next family
