@@ -90,7 +90,7 @@ def _cell(result: dict[str, Any] | None) -> str:
     if status == "equal":
         return "equal"
     if status == "wrong":
-        return "**wrong**"
+        return f"**wrong** ({result['error']:.0e}×)"
     return "refused" if status == "refused" else "**crash**"
 
 
@@ -114,7 +114,10 @@ def markdown(record: dict[str, Any]) -> str:
         "sliding windows of 8 tokens), seeded, and trained "
         f"{s['steps']} SGD steps in {s['dtype']} on one fixed batch (the last step right-padded with an "
         "`attention_mask`) under goose's tensor and pipeline parallelism, against the single-device run "
-        f"at the `{s['tolerance']}` tolerance. The pipeline runs {s['num_microbatches']} micro-batches.",
+        f"at the `{s['tolerance']}` tolerance. The pipeline runs {s['num_microbatches']} micro-batches and "
+        "is equal when it matches either single-device run: on the whole batch, or accumulating the same "
+        "micro-batches (🤗's gradient accumulation with `num_items_in_batch`; the two differ where a family "
+        "sums in float32 or adds a per-batch auxiliary loss, and the reason says which one matched).",
         "",
         f"Measured {record['measured']} with **transformers {record['transformers']}**, **torch "
         f"{record['torch']}**, Python {record['python']}, goose commit `{record['goose_commit']}` "
@@ -147,9 +150,11 @@ def markdown(record: dict[str, Any]) -> str:
             out.append(f"| `{name}`{mark} | {row['declares']} | " + " | ".join(_cell(row.get(m)) for m in modes) + " |")
     narrow = {name: row["float32_modules"] for name, row in rows.items() if row.get("float32_modules")}
     if narrow:
-        out += ["", "† The family computes these modules in float32 inside the float64 model (🤗's code casts), "
-                "so a parallel run that reorders their sums differs by float32 rounding: beyond `PARALLEL` "
-                "without a bug in goose. Read a † family's wrong result by its size (below).", ""]
+        out += ["", "† Modules whose output is float32 inside the float64 model (🤗's code casts; a cast "
+                "that returns float64 again is not seen). Where such a module sums over tokens (a router's "
+                "or a norm's weight gradient), splitting the batch into micro-batches changes the float32 "
+                "rounding: the pipeline is then compared with the single-device run that accumulates the "
+                "same micro-batches as well.", ""]
         out += [f"- `{name}`: " + ", ".join(f"`{m}`" for m in mods) for name, mods in narrow.items()]
     out += ["", "## Reasons", "",
             "What goose said for every refusal, and what went wrong for every crash and wrong result.", ""]
