@@ -87,8 +87,8 @@ docs: $(STAMP)
 
 # Every causal-LM family of the installed transformers that declares its plans, tiny, at tp=2,
 # pp=2 and tp=2 x pp=2 against the single-device run: docs/coverage.md and docs/coverage.json.
-# CPU-heavy (~10 min alone); an interrupted run resumes. COVERAGE_ARGS passes options, e.g.
-# COVERAGE_ARGS='--families llama,mixtral --jobs 2' or '--fresh' to forget recorded outcomes.
+# CPU-heavy (~13 min on 2 loaded cores). COVERAGE_ARGS passes options, e.g.
+# COVERAGE_ARGS='--families llama,mixtral --jobs 2', or '--resume' to continue an interrupted run.
 coverage: $(STAMP)
 	$(PY) -m goose_core.testing.coverage $(COVERAGE_ARGS)
 

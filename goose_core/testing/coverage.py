@@ -18,7 +18,7 @@ Each (family, mode) is one of:
     wrong     the numbers differ (the worst error, as a multiple of PARALLEL's allowance)
     crash     anything else: another exception, a hang, ranks that disagree (a bug)
 
-Results go line by line to a state file (a rerun resumes; ``--fresh`` starts over), then to
+Results go line by line to a state file (``--resume`` continues an interrupted run), then to
 JSON and the Markdown table of the docs site (:mod:`goose_core.testing.coverage_report`)::
 
     python -m goose_core.testing.coverage                      # every family, every mode
@@ -451,24 +451,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
     parser.add_argument("--jobs", type=int, default=1, help="sweeps side by side (default 1)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per family and mode")
-    parser.add_argument("--json", default="docs/coverage.json", help="where the JSON goes")
-    parser.add_argument("--markdown", default="docs/coverage.md", help="where the table goes ('' for none)")
+    parser.add_argument("--json", help="where the JSON goes (default: docs/coverage.json for a full run, "
+                                       "none for a subset, which prints its outcomes instead)")
+    parser.add_argument("--markdown", help="where the table goes (default: docs/coverage.md for a full run)")
     parser.add_argument("--state", type=Path, help="the resumable record (default: in the temp folder)")
-    parser.add_argument("--fresh", action="store_true", help="forget the recorded outcomes first")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the outcomes an interrupted run recorded (default: start afresh, so a "
+                             "changed goose is measured anew)")
     args = parser.parse_args(argv)
     known = {f.model_type: f for f in families()}
     names = args.families.split(",") if args.families else sorted(known)
     modes = args.modes.split(",")
+    full = args.families is None and set(modes) == set(MODES)  # only a full run replaces the docs page
+    json_path = args.json or ("docs/coverage.json" if full else None)
+    markdown_path = args.markdown or ("docs/coverage.md" if full else None)
     if bad := [n for n in names if n not in known]:
         parser.error(f"unknown or planless families {bad}; see goose_core.testing.families.families()")
     if bad := [m for m in modes if m not in MODES]:
         parser.error(f"unknown modes {bad}; choose from {list(MODES)}")
     transformers.logging.set_verbosity_error()  # tiny configs trip many warnings meant for real ones
-    outcomes = run_sweep(names, modes, args.timeout, args.jobs, args.state, args.fresh)
+    outcomes = run_sweep(names, modes, args.timeout, args.jobs, args.state, fresh=not args.resume)
     chosen: list[Family] = [known[n] for n in names]
-    record = write_json(Path(args.json), chosen, modes, outcomes, settings(modes))
-    if args.markdown:
-        write_markdown(Path(args.markdown), record)
+    record = write_json(Path(json_path) if json_path else None, chosen, modes, outcomes, settings(modes))
+    if markdown_path:
+        write_markdown(Path(markdown_path), record)
+    if not full:
+        for (name, mode), o in sorted(outcomes.items()):
+            print(f"{name:24} {mode:8} {o.status:14} {o.detail[:200]}")
     for mode in modes:
         print(mode, record["counts"][mode])
     return 0

@@ -48,9 +48,9 @@ def _commit() -> str:
         return "unknown"
 
 
-def write_json(path: Path, chosen: list[Family], modes: list[str], outcomes: dict[tuple[str, str], Outcome],
+def write_json(path: Path | None, chosen: list[Family], modes: list[str], outcomes: dict[tuple[str, str], Outcome],
                settings: dict[str, Any]) -> dict[str, Any]:
-    """Write and return the record: versions, ``settings`` (how the sweep ran: ``modes`` maps
+    """Write (unless ``path`` is None) and return the record: versions, ``settings`` (how the sweep ran: ``modes`` maps
     each mode to its layout), counts per mode, every family's outcomes."""
     rows = {}
     for family in chosen:
@@ -78,8 +78,9 @@ def write_json(path: Path, chosen: list[Family], modes: list[str], outcomes: dic
         "counts": counts,
         "families": rows,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
     return record
 
 
