@@ -8,6 +8,7 @@ declare none (:data:`PLANLESS`), at one tiny size::
     MoE: 4 experts, top-2, expert width 32, the router's auxiliary loss on
     MLA: kv rank 16, q rank 32, rope/nope head dims 8/8, value head dim 16
     sliding windows of 8 tokens (shorter than the 32-token batch, so a dropped window shows),
+    multipliers and scales away from 1 (Granite's), so a dropped one shows,
     layer types alternating sliding/full where the family has both
 
 A field is set only where the family's config has it, so one table serves every family; the
@@ -53,6 +54,9 @@ TINY: dict[str, Any] = {
     "rotary_dim": 8,
     # GPT-Neo: one global and one local layer, twice
     "attention_types": [[["global", "local"], 2]],
+    # Granite's multipliers (its 3.0 2B values: 1.0, the default, would hide a dropped one)
+    "embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
+    "attention_multiplier": 0.015625,
     # training: no key/value cache (hybrids whose 4 tiny layers hold no attention layer have none)
     "use_cache": False,
 }
