@@ -28,7 +28,7 @@ endif
 comma := ,
 DEMO_STAGE := $(lastword $(sort $(dir $(wildcard stages/*/train.py))))
 
-.PHONY: help demo test test-kernels test-gpu test-stage test-latest docs bench bench-gpu clean
+.PHONY: help demo test test-kernels test-gpu test-stage test-latest docs coverage bench bench-gpu clean
 
 help:
 	@echo "make demo            the most advanced stage on $(NPROC) ranks: 3D beside one device, resume, export"
@@ -38,6 +38,7 @@ help:
 	@echo "make test-stage N    one stage's tests (N = 3 or 03; N=3 works too)"
 	@echo "make test-latest     a fast subset against the newest transformers & deps (.venv-latest)"
 	@echo "make docs            strict mkdocs build into site/"
+	@echo "make coverage        every 🤗 family at tp=2, pp=2, tp=2xpp=2 vs one device; docs/coverage.md"
 	@echo "make bench           goose beside torch peers, paired; benchmarks/results.json, results.md"
 	@echo "make bench-gpu       tokens/s, memory, MFU on one CUDA GPU (skips without); benchmarks/gpu.md"
 	@echo "make clean           remove the environments and build outputs"
@@ -97,6 +98,13 @@ test-latest:
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# Every causal-LM family of the installed transformers that declares its plans, tiny, at tp=2,
+# pp=2 and tp=2 x pp=2 against the single-device run: docs/coverage.md and docs/coverage.json.
+# CPU-heavy (~13 min on 2 loaded cores). COVERAGE_ARGS passes options, e.g.
+# COVERAGE_ARGS='--families llama,mixtral --jobs 2', or '--resume' to continue an interrupted run.
+coverage: $(STAMP)
+	$(PY) -m goose_core.testing.coverage $(COVERAGE_ARGS)
 
 # Paired and interleaved (benchmarks/paired.py): each ratio with its 95% interval and the
 # environment it ran in. BENCH=zero,pipeline runs some (the names of benchmarks/bench_*.py).
