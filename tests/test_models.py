@@ -33,3 +33,22 @@ def test_overrides_and_bad_names() -> None:
         tiny_config("opt")
     with pytest.raises(ValueError, match="has no attribute 'n_lyaer'"):
         tiny_config("gpt2", n_lyaer=8)
+
+
+def test_gemma_style_norms_run_in_the_model_dtype_in_float64() -> None:
+    from transformers import AutoConfig
+
+    from goose_core.testing.models import norms_in_dtype, seeded_model
+
+    config = AutoConfig.for_model("gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=256)
+    model = seeded_model(config, 0, torch.float64)
+    norm = model.model.norm
+    x = torch.randn(2, 3, 32, dtype=torch.float64, requires_grad=True)
+    norm(x).sum().backward()
+    assert norm.weight.grad.dtype == torch.float64
+    expected = x.detach() * torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + norm.eps)
+    torch.testing.assert_close(norm.weight.grad, expected.sum((0, 1)), rtol=1e-15, atol=1e-15)
+    fp32 = seeded_model(config, 0, torch.float32)
+    assert "forward" in norm.__dict__ and "forward" not in fp32.model.norm.__dict__  # float64 only
+    assert norms_in_dtype(fp32) == ["Gemma3RMSNorm"]

@@ -58,23 +58,10 @@ def _config(family: str) -> PretrainedConfig:
     return AutoConfig.for_model(family, experts_implementation="eager", **{**SIZES, **FAMILIES[family][0]})
 
 
-def _gemma_norm_in_dtype(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return norm._norm(x) * (1.0 + norm.weight)
-
-
 def _build(family: str) -> torch.nn.Module:
     if family in ("gpt2", "bloom"):  # the harness's own tiny configs, goose's adapters
         return build_model(family, SPEC.seed, dtype=SPEC.dtype, num_hidden_layers=2)
     model = seeded_model(_config(family), SPEC.seed, SPEC.dtype)
-    if family == "gemma3_text":
-        # Gemma3's RMSNorm multiplies by its weight in float32 ((x.float() * (1 + w.float()))), so
-        # the gradient of a q/k norm's weight is a float32 sum over heads; tp splits that sum and
-        # its reordering noise is float32's (1.3e-12 on q_norm after 2 steps, 1.3x PARALLEL). The
-        # same norm in the model's dtype, in both runs (as the harness does for attention's
-        # softmax), keeps the comparison about tensor parallelism: 1e-18 then.
-        for module in model.modules():
-            if type(module).__name__ == "Gemma3RMSNorm":
-                module.forward = _gemma_norm_in_dtype.__get__(module)
     return model
 
 

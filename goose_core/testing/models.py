@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -21,7 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from goose_core.data import ByteTokenizer
 from goose_core.loss import causal_lm_loss
 
-__all__ = ["FAMILIES", "EAGER_IN_DTYPE", "tiny_config", "build_model", "seeded_model"]
+__all__ = ["FAMILIES", "EAGER_IN_DTYPE", "tiny_config", "build_model", "seeded_model", "norms_in_dtype"]
 
 VOCAB = ByteTokenizer.vocab_size  # 256: divides by 2, 4 and 8
 
@@ -121,4 +122,39 @@ def seeded_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = t
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(dtype)
     model.loss_function = causal_lm_loss
+    if dtype == torch.float64:
+        norms_in_dtype(model)
     return model.train()
+
+
+#: Gemma-style RMSNorms (Gemma 1-3, VaultGemma, Qwen3-Next, ...) scale by ``1 + weight`` in float32.
+_FLOAT32_SCALE = "(1.0 + self.weight.float())"
+
+
+def _source(fn: Callable[..., Any]) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):  # built at run time: not a Gemma-style norm goose knows
+        return ""
+
+
+def _scale_in_dtype(norm: nn.Module, x: Tensor) -> Tensor:
+    return (norm._norm(x) * (1.0 + norm.weight)).type_as(x)
+
+
+def norms_in_dtype(model: nn.Module) -> list[str]:
+    """Run Gemma-style RMSNorms in the model's dtype; returns the classes changed.
+
+    Those norms compute ``_norm(x.float()) * (1 + w.float())``: in a float64 model the weight's
+    gradient is then a float32 sum (over tokens, and over heads for a per-head q/k norm). A
+    parallel layout that splits that sum (tensor parallelism splits the heads) reorders it with
+    float32's noise, ~1e-12 after a few steps: beyond ``PARALLEL``, which is float64's. Like
+    :data:`EAGER_IN_DTYPE` for the softmax, the same norm in the model's dtype, in the reference
+    and in the parallel run alike, keeps a float64 comparison about the parallelism.
+    """
+    changed = set()
+    for module in model.modules():
+        if hasattr(module, "_norm") and _FLOAT32_SCALE in _source(type(module).forward):
+            module.forward = _scale_in_dtype.__get__(module)
+            changed.add(type(module).__name__)
+    return sorted(changed)
