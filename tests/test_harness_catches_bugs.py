@@ -76,7 +76,9 @@ def _missing_all_reduce(ctx: ParallelContext, plant: bool) -> RunResult:
     if plant:
         import goose_core.tensor_parallel.layers as layers
         layers.copy_to_region = lambda x, group: x  # forward unchanged, backward not summed
-    return _train(ctx, TensorParallel(SPEC.build_model(), ctx).parallelize(), SPEC)
+    # goose's own first-backward check refuses this bug too (the norms' gradients then differ over
+    # tp: tests/test_tensor_parallel_parallelize.py); off here, so the harness is what must catch it
+    return _train(ctx, TensorParallel(SPEC.build_model(), ctx, check_grads=False).parallelize(), SPEC)
 
 
 def _tied_on_one_stage(ctx: ParallelContext, plant: bool) -> RunResult:

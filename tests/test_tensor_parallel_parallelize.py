@@ -95,3 +95,42 @@ def _layer_by_layer(ctx: ParallelContext, family: str) -> tuple[float, float]:
 def test_decoder_layers_run_alone_with_what_the_parent_passes(family: str) -> None:
     for whole, staged in run_distributed(_layer_by_layer, 2, 1, 1, family, timeout=60):
         assert staged == whole
+
+
+class _ScaledSiLU(torch.nn.Module):
+    """A learnable activation (xIELU-like): one whole parameter acting on tp-split activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.alpha * torch.nn.functional.silu(x)
+
+
+def _replica_grads(ctx: ParallelContext, planted: str) -> str:
+    spec = TrainSpec(family="llama")
+    model = spec.build_model()
+    if planted == "activation":
+        model.model.layers[1].mlp.act_fn = _ScaledSiLU()
+    elif planted == "f":  # Megatron's f forgotten: the block's input gradient is never summed
+        import goose_core.tensor_parallel.layers as layers
+        layers.copy_to_region = lambda x, group: x
+    model = TensorParallel(model, ctx).parallelize()
+    for step in range(2):  # checked once: the second backward runs without the hooks
+        try:
+            model(**spec.batch(step)).loss.backward()
+        except (ValueError, RuntimeError) as err:
+            return f"step {step}: {err}"
+    return "trained"
+
+
+def test_a_whole_parameter_on_split_activations_is_refused_at_the_first_backward() -> None:
+    # The plan splits the MLP around act_fn; alpha stays whole, so each tp rank would hold only its
+    # share of alpha's gradient: silently wrong. Refused on every rank before any optimizer step.
+    for got in run_distributed(_replica_grads, 2, 1, 1, "activation", timeout=60):
+        assert got.startswith("step 0:") and "model.layers.1.mlp.act_fn.alpha" in got, got
+        assert "replicated_with_grad_allreduce" in got
+    for got in run_distributed(_replica_grads, 2, 1, 1, "f", timeout=60):  # a goose bug, caught too
+        assert got.startswith("step 0:") and "input_layernorm.weight" in got, got
+    assert run_distributed(_replica_grads, 2, 1, 1, "", timeout=60) == ["trained", "trained"]

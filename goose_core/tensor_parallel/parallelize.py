@@ -31,6 +31,7 @@ from goose_core.pipeline.parallel import is_pipelined
 from goose_core.tensor_parallel.cross_entropy import VocabParallelCausalLMLoss
 from goose_core.tensor_parallel import styles
 from goose_core.tensor_parallel.layers import ColumnParallelLinear, ParallelRegion, RowParallelLinear, split_embedding
+from goose_core.tensor_parallel.grad_check import ReplicaGradCheck
 from goose_core.tensor_parallel.plan import (
     EMBEDDING_STYLES,
     GATHERED_STYLES,
@@ -169,6 +170,9 @@ class TensorParallel:
         seed: seeds the split RNG streams (default ``ctx.seed``).
         check_batch: when to check that the tp group got the same batch: ``"first"`` forward,
             ``"always"`` (one tiny all-reduce per forward) or ``"never"``.
+        check_grads: compare, in the first backward, the gradients of the parameters left whole
+            over the tp group, and raise if they differ (see
+            :mod:`goose_core.tensor_parallel.grad_check`): one tiny all-reduce, once.
 
     Raises:
         ValueError: an unknown ``check_batch``; from ``parallelize()``, on every rank before any
@@ -178,8 +182,9 @@ class TensorParallel:
     """
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, seed: int | None = None,
-                 check_batch: str = "first") -> None:
+                 check_batch: str = "first", check_grads: bool = True) -> None:
         self.check_batch = check_policy(check_batch)
+        self.check_grads = check_grads
         self.model, self.ctx = model, ctx
         self.seed = ctx.seed if seed is None else seed
 
@@ -210,6 +215,8 @@ class TensorParallel:
         model.register_forward_pre_hook(before, with_kwargs=True)
         model.register_forward_hook(after, always_call=True)
         install_batch_check(model, ctx, "tp", self.check_batch)
+        if self.check_grads and tp > 1:  # before DataParallel's hooks, which may move .grad away
+            ReplicaGradCheck(model, ctx.tensor_parallel_group, ctx.device)
         parameters_changed(model)
         return model
 

@@ -32,7 +32,9 @@ def _count(ctx: ParallelContext, family: str) -> dict[str, int]:
         return real(*args, **kwargs)
 
     with mock.patch.object(dist, "all_reduce", counting):
-        model(**spec.batch(0))  # the first forward also checks the tp peers' batch (batch_check)
+        # the first step also checks the tp peers' batch (batch_check) and, in its backward, that
+        # the parameters left whole got one gradient (tensor_parallel.grad_check)
+        model(**spec.batch(0)).loss.backward()
         phase[0] = "forward"
         loss = model(**spec.batch(0)).loss
         phase[0] = "backward"
@@ -44,7 +46,8 @@ def _count(ctx: ParallelContext, family: str) -> dict[str, int]:
 def test_two_all_reduces_per_block_each_way(family: str) -> None:
     # Forward: 2 per block + 1 (vocab-parallel embedding) + 2 (loss: max, then (target, sum-exp)).
     # Backward: 2 per block (the f before attention and before the MLP) + 1 (f before lm_head).
-    # The first forward adds one: the same-batch check over the tp group, once per model.
+    # The first step adds two, once per model: the same-batch check in its forward, the check of
+    # the whole parameters' gradients in its backward.
     for calls in run_distributed(_count, 2, 1, 1, family, timeout=60):
-        forward = 2 * LAYERS + 3
-        assert calls == {"first": forward + 1, "layer": 2, "forward": forward, "backward": 2 * LAYERS + 1}
+        forward, backward = 2 * LAYERS + 3, 2 * LAYERS + 1
+        assert calls == {"first": forward + 1 + backward + 1, "layer": 2, "forward": forward, "backward": backward}
