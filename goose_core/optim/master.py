@@ -17,7 +17,6 @@ same reason: a sum of many bf16 pieces rounds at every addition.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -25,11 +24,12 @@ from torch import nn
 
 from goose_core.data_parallel.bucket import main_dtype
 from goose_core.metadata import grad_sync_of, is_duplicate, mark_duplicate, mark_sharded, set_grad_shards, shard_spec
+from goose_core.optim.wrapper import OptimizerWrapper
 
 __all__ = ["MasterWeights"]
 
 
-class MasterWeights(torch.optim.Optimizer):
+class MasterWeights(OptimizerWrapper):
     """Any ``torch.optim`` optimizer stepping fp32 master copies of low-precision parameters.
 
     Parameters in bf16 or fp16 get an fp32 master (:func:`~goose_core.data_parallel.main_dtype`);
@@ -48,18 +48,9 @@ class MasterWeights(torch.optim.Optimizer):
         ValueError: not a plain optimizer, or one with state.
     """
 
-    #: Keeps its own fp32 masters: neither MasterWeights nor DistributedOptimizer wraps it.
-    keeps_masters = True
-
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         _check(optimizer)
-        self.optimizer = optimizer
-        self.defaults = optimizer.defaults
-        for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-                      "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
-            setattr(self, hooks, OrderedDict())
-        self.group_params = [list(g["params"]) for g in optimizer.param_groups]
+        super().__init__(optimizer)
         self.masters: dict[nn.Parameter, nn.Parameter] = {}
         for group in optimizer.param_groups:
             group["params"] = [self._master(p) for p in group["params"]]
@@ -107,26 +98,10 @@ class MasterWeights(torch.optim.Optimizer):
                 self._take(p)
         return [m for g in self.optimizer.param_groups for m in g["params"]]
 
-    # -- what a torch.optim.Optimizer exposes ---------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        raise ValueError("MasterWeights cannot add param groups after wrapping; give the wrapped "
-                         "optimizer all its groups before MasterWeights(optimizer)")
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Step the masters, then round them into the model's parameters."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.closure_loss(closure)
         self.master_params()
         self.optimizer.step()
         for p, master in self.masters.items():

@@ -33,7 +33,6 @@ The master shards are part of ``state_dict()`` (and ``consolidated_state_dict()`
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -48,11 +47,12 @@ from goose_core.metadata import (grad_sync_of, is_duplicate, mark_dp_shard, mark
                                  set_grad_shards, shard_spec)
 from goose_core.optim.clip import norm_kind
 from goose_core.optim.zero_state import consolidate, gather_masters, shard_consolidated, shard_masters
+from goose_core.optim.wrapper import OptimizerWrapper
 
 __all__ = ["DistributedOptimizer"]
 
 
-class DistributedOptimizer(torch.optim.Optimizer):
+class DistributedOptimizer(OptimizerWrapper):
     """ZeRO-1 around any ``torch.optim`` optimizer: state for this dp rank's shard only.
 
     The wrapped optimizer keeps its param groups and per-group options; its groups' ``params``
@@ -75,20 +75,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
             one DataParallel, or DataParallel parameters the optimizer does not hold.
     """
 
-    #: Keeps its own fp32 masters: neither MasterWeights nor DistributedOptimizer wraps it.
-    keeps_masters = True
+    call = "(optimizer, ctx)"
 
     def __init__(self, optimizer: torch.optim.Optimizer, ctx: ParallelContext,
                  bucket_size_mb: float = 25.0) -> None:
         _check(optimizer, bucket_size_mb)
-        self.optimizer = optimizer
+        super().__init__(optimizer)
         self.ctx = ctx
-        self.defaults = optimizer.defaults
-        for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
-                      "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
-                      "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"):
-            setattr(self, hooks, OrderedDict())
-        self.group_params = [list(g["params"]) for g in optimizer.param_groups]
         trainable = [[p for p in ps if p.requires_grad] for ps in self.group_params]
         self.grad_sync = _take_over(trainable)
         self.buckets = self._bucket(trainable, int(bucket_size_mb * 2**20))
@@ -113,26 +106,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         for p in owner:
             set_grad_shards(p, self._grad_shards)  # clip_grad_norm_ uses the shards
 
-    # -- what a torch.optim.Optimizer exposes ---------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        raise ValueError("DistributedOptimizer cannot add param groups after wrapping; give the "
-                         "wrapped optimizer all its groups before DistributedOptimizer(optimizer, ctx)")
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Reduce-scatter (unless the backward already did), step the shard, all-gather."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.closure_loss(closure)
         self._grad_shards()
         self.optimizer.step()
         self._all_gather()
