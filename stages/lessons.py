@@ -49,7 +49,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
         "tests/test_dependency.py", "tests/test_transport.py", "tests/test_messages.py", "tests/test_composition.py",
         "tests/test_wrapper_order.py", "tests/test_batch_check.py", "benchmarks/bench_pipeline.py",
         # the family sweep runs tensor and pipeline parallelism: it needs both stages
-        "goose_core/testing/coverage", "goose_core/testing/families.py", "tests/test_coverage.py",
+        "goose_core/testing/coverage", "goose_core/testing/families.py", "goose_core/testing/layout.py", "tests/test_coverage.py",
         "docs/coverage."),
     6: ("goose_core/pipeline/stream.py", "goose_core/pipeline/stream_check.py", "goose_core/pipeline/emulation.py",
         "tests/test_stream.py", "tests/test_stream_check.py"),

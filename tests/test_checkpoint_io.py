@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
-from goose_core import (DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel, RankError,
-                        TensorParallel, full_state_dict, load_checkpoint, save_checkpoint)
+from goose_core import (DistributedOptimizer, ParallelContext, RankError, full_state_dict, load_checkpoint,
+                        save_checkpoint)
 from goose_core.checkpoint import atomic
 from goose_core.checkpoint.chunks import pieces_of
 from goose_core.data import shard_batch
 from goose_core.metadata import ShardSpec
-from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
-                                run_distributed, train_loop)
+from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, at_layout,
+                                reference_run, run_distributed, train_loop)
 
 # Dropout on: a resume is exact only if every random stream (CPU, the tp split stream) comes back.
 # GPT-2: fused q|k|v (three pieces per tp shard), the tied embedding on the first and last stage.
@@ -33,13 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _build(ctx: ParallelContext, spec: TrainSpec) -> tuple[Any, Any]:
     """The model and the optimizer at ctx's layout: ZeRO-1 whenever dp > 1."""
-    model = spec.build_model()
-    if ctx.tp_size > 1:
-        model = TensorParallel(model, ctx).parallelize()
-    if ctx.pp_size > 1:
-        model = PipelineParallel(model, ctx, num_microbatches=2).parallelize()
-    if ctx.dp_size > 1:
-        model = DataParallel(model, ctx).parallelize()
+    model = at_layout(spec.build_model(), ctx, num_microbatches=2)
     optimizer = spec.build_optimizer(model.parameters())
     return model, DistributedOptimizer(optimizer, ctx) if ctx.dp_size > 1 else optimizer
 

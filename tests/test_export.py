@@ -10,21 +10,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from goose_core import (DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel, TensorParallel,
-                        export_pretrained, full_state_dict)
+from goose_core import DistributedOptimizer, ParallelContext, export_pretrained, full_state_dict
 from goose_core.data import shard_batch
-from goose_core.testing import PARALLEL, TrainSpec, run_distributed, train_loop
+from goose_core.testing import PARALLEL, TrainSpec, at_layout, run_distributed, train_loop
 
 
 def _export(ctx: ParallelContext, spec: TrainSpec, path: str) -> tuple[Any, dict[str, torch.Tensor], str]:
     """Train, export, try save_pretrained; the parallel model's logits (last stage) and weights."""
-    model = spec.build_model()
-    if ctx.tp_size > 1:
-        model = TensorParallel(model, ctx).parallelize()
-    if ctx.pp_size > 1:
-        model = PipelineParallel(model, ctx, num_microbatches=2).parallelize()
-    if ctx.dp_size > 1:
-        model = DataParallel(model, ctx).parallelize()
+    model = at_layout(spec.build_model(), ctx, num_microbatches=2)
     optimizer = spec.build_optimizer(model.parameters())
     optimizer = DistributedOptimizer(optimizer, ctx) if ctx.dp_size > 1 else optimizer
     train_loop(model, optimizer, (shard_batch(spec.batch(s), ctx.dp_rank, ctx.dp_size) for s in range(spec.steps)))

@@ -1,6 +1,7 @@
 """The reference harness: what "correct" means in goose, public so users can check their setups."""
 
 from goose_core.testing.distributed import layouts, run_distributed
+from goose_core.testing.layout import at_layout
 from goose_core.testing.models import EAGER_IN_DTYPE, FAMILIES, build_model, seeded_model, tiny_config
 from goose_core.testing.reference import (
     PRECISIONS,
@@ -25,6 +26,7 @@ __all__ = [
     "Tolerance",
     "TrainSpec",
     "accumulate",
+    "at_layout",
     "assert_matches_reference",
     "build_model",
     "format_beside_reference",

@@ -36,10 +36,10 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from goose_core import (DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel, TensorParallel,
-                        full_state_dict)
+from goose_core import DistributedOptimizer, ParallelContext, full_state_dict
 from goose_core.pipeline import local_pipeline
-from goose_core.testing import EXACT, RunResult, TrainSpec, assert_matches_reference, run_distributed, snapshot
+from goose_core.testing import (EXACT, RunResult, TrainSpec, assert_matches_reference, at_layout, run_distributed,
+                                snapshot)
 
 # SGD: an update is the gradient times lr, so update distances are gradient distances (AdamW
 # would blow the noise of near-zero gradients up to whole steps).
@@ -103,13 +103,7 @@ def assert_within_noise(run: RunResult, what: str) -> None:
 # -- the wrappers -----------------------------------------------------------------------------
 def _wrapped(ctx: ParallelContext, spec: TrainSpec, zero: bool = False, checkpoint: str = "always",
              micro_batches: int = M) -> RunResult:
-    model = spec.build_model()
-    if ctx.tp_size > 1:
-        model = TensorParallel(model, ctx).parallelize()
-    if ctx.pp_size > 1:
-        model = PipelineParallel(model, ctx, num_microbatches=micro_batches, checkpoint=checkpoint).parallelize()
-    if ctx.dp_size > 1:
-        model = DataParallel(model, ctx).parallelize()
+    model = at_layout(spec.build_model(), ctx, num_microbatches=micro_batches, checkpoint=checkpoint)
     optimizer = spec.build_optimizer(model.parameters())
     if zero:
         optimizer = DistributedOptimizer(optimizer, ctx)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import goose_core.optim
-from goose_core import (DataParallel, DistributedOptimizer, GradScaler, ParallelContext, PipelineParallel,
-                        TensorParallel, clip_grad_norm_, full_state_dict)
+from goose_core import (DataParallel, DistributedOptimizer, GradScaler, ParallelContext, clip_grad_norm_,
+                        full_state_dict)
 from goose_core.metadata import grad_shards
-from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
-                                run_distributed)
+from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, at_layout,
+                                reference_run, run_distributed)
 
 # AdamW with clipping: the norm and Adam's moments must see the unscaled gradients.
 SPEC = TrainSpec(family="gpt2", steps=4, max_grad_norm=0.5)
@@ -26,13 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the reference run in-proce
 
 
 def _build(ctx: ParallelContext, spec: TrainSpec, zero: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = spec.build_model()
-    if ctx.tp_size > 1:
-        model = TensorParallel(model, ctx).parallelize()
-    if ctx.pp_size > 1:
-        model = PipelineParallel(model, ctx, num_microbatches=2).parallelize()  # GPipe
-    if ctx.dp_size > 1:
-        model = DataParallel(model, ctx).parallelize()
+    model = at_layout(spec.build_model(), ctx, num_microbatches=2)  # GPipe
     optimizer = spec.build_optimizer(model.parameters())
     return model, DistributedOptimizer(optimizer, ctx) if zero else optimizer
 
