@@ -73,10 +73,9 @@ backward outside it).
 Targets (issue 15): goose within 1.03x of 🤗 accumulation at the same micro-batches; bf16 MFU
 of the 1B config at least 45% with activation checkpointing on one H200.
 
-Known, until the mixed-precision issue (13) lands: goose's checkpointed cells recompute
-outside the forward's autocast, so under bf16 the recompute and the backward of those cells
-run in fp32 (measured on the CPU: every backward matmul of a checkpointed tiny Llama is fp32).
-The bf16 goose rows with checkpoint `except_last` or `always` measure that.
+Checkpointed cells recompute under the forward's autocast state (the mixed-precision issue,
+13, fixed this), so the bf16 goose rows with checkpoint `except_last` or `always` recompute in
+bf16 as 🤗's checkpointing does.
 """
 
 

@@ -29,9 +29,11 @@ pytestmark = pytest.mark.gpu
 
 SCHEDULES = ("gpipe", "1f1b")
 MICROBATCHES = 4
-#: Each cell's sleep: longer than the CPU takes to queue the cell's kernels, short enough that a
-#: step of 4 partitions x 4 micro-batches x (forward, recompute, backward) stays well under 1 s.
-CELL_SLEEP_S = 0.002
+#: Each cell's sleep: longer than the host takes to queue the cell's kernels, so that a copy that
+#: forgot to wait runs while its producer has not started. On an H200 (host: the machine's own
+#: 16-core x86) issue 10's copy passed the comparison at 0.5 and 2 ms and failed it at 8 ms;
+#: 10 ms keeps a margin and costs ~0.3 s a test.
+CELL_SLEEP_S = 0.010
 
 #: Wide enough that the kernels of a cell are real work; 8 blocks fill 4 partitions twice.
 GPU_SIZES: dict[str, dict[str, Any]] = {
