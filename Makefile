@@ -40,7 +40,7 @@ help:
 	@echo "make docs            strict mkdocs build into site/"
 	@echo "make coverage        every 🤗 family at tp=2, pp=2, tp=2xpp=2 vs one device; docs/coverage.md"
 	@echo "make bench           goose beside torch peers, paired; benchmarks/results.json, results.md"
-	@echo "make bench-gpu       tokens/s, memory, MFU on one CUDA GPU (skips without); benchmarks/gpu.md"
+	@echo "make bench-gpu       tokens/s, memory, MFU on one CUDA GPU (skips without); GPU_PYTHON as for test-gpu"
 	@echo "make clean           remove the environments and build outputs"
 
 # Every package at the exact version of constraints.txt: a new upstream release cannot turn
@@ -114,8 +114,9 @@ bench: $(STAMP)
 # One CUDA GPU: 🤗 beside goose's local_pipeline, GPT-2 124M and a 1B Llama, TF32 and bf16.
 # Without CUDA (this environment pins a CPU torch) it says so and exits 0. BENCH_GPU_ARGS passes
 # options, e.g. BENCH_GPU_ARGS='--model llama-1b --precision bf16'; see benchmarks/gpu.md.
-bench-gpu: $(STAMP)
-	$(PY) -m benchmarks.gpu $(BENCH_GPU_ARGS)
+# GPU_PYTHON=python3 runs it with a python that has a CUDA torch, as for test-gpu.
+bench-gpu: $(if $(GPU_PYTHON),,$(STAMP))
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m benchmarks.gpu $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) site .pytest_cache benchmarks/out demo-out

@@ -66,9 +66,14 @@ fi
 if [ -z "${SKIP_BENCH:-}" ]; then
     echo "== make bench-gpu ($PYTHON -m benchmarks.gpu $BENCH_GPU_ARGS)"
     start=$SECONDS
-    # make bench-gpu's recipe, run by $PYTHON (the target itself would build .venv's CPU torch).
-    # shellcheck disable=SC2086  # the options are words
-    "$PYTHON" -m benchmarks.gpu $BENCH_GPU_ARGS 2>&1 | tee "$OUT_DIR/bench-gpu.log"
+    if command -v make >/dev/null; then
+        make --no-print-directory bench-gpu GPU_PYTHON="$PYTHON" BENCH_GPU_ARGS="$BENCH_GPU_ARGS" 2>&1 \
+            | tee "$OUT_DIR/bench-gpu.log"
+    else  # the same recipe as the Makefile's
+        # shellcheck disable=SC2086  # the options are words
+        PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m benchmarks.gpu $BENCH_GPU_ARGS 2>&1 \
+            | tee "$OUT_DIR/bench-gpu.log"
+    fi
     echo "== make bench-gpu: exit $? after $((SECONDS - start)) s"
     if [ -f benchmarks/gpu_results.json ]; then cp benchmarks/gpu_results.json benchmarks/gpu.md "$OUT_DIR/"; fi
 fi
