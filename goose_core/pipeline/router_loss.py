@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 __all__ = ["RouterLoss", "WholeBatchProbs", "router_loss_of"]
 
@@ -240,7 +241,7 @@ def router_loss_of(model: nn.Module) -> RouterLoss | None:
         ValueError: the forward adds something goose does not mirror, naming what differs.
     """
     config = getattr(model, "config", None)
-    if not getattr(config, "output_router_logits", False) or not _loss_terms(model):
+    if not getattr(config, "output_router_logits", False) or _adds_nothing(model):
         return None
     recorder = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
     problem = _mismatch(model, recorder)
@@ -251,6 +252,16 @@ def router_loss_of(model: nn.Module) -> RouterLoss | None:
             f"config.output_router_logits=False to train without it, or train it without pipeline "
             f"parallelism")
     return RouterLoss(model.num_experts, model.num_experts_per_tok, model.router_aux_loss_coef, recorder)
+
+
+def _adds_nothing(model: nn.Module) -> bool:
+    """Whether ``type(model).forward`` visibly returns the language-model loss alone: no
+    statement sets ``loss`` to anything else (:func:`_loss_terms`), it delegates to no
+    ``super()`` forward (whose code this cannot see), and ``loss_function`` is 🤗's own."""
+    forward = type(model).forward
+    source = inspect.getsource(forward)
+    return (not _loss_terms(model) and "super(" not in source
+            and getattr(type(model), "loss_function", None) is getattr(PreTrainedModel, "loss_function", None))
 
 
 def _loss_terms(model: nn.Module) -> list[str]:
@@ -280,7 +291,8 @@ def _mismatch(model: nn.Module, recorder: Any) -> str | None:
     module = sys.modules[type(model).forward.__module__]  # where the forward that calls it lives
     func = getattr(module, "load_balancing_loss_func", None)
     if func is None:
-        return f"its forward adds {' / '.join(_loss_terms(model))}, and {module.__name__} has no load_balancing_loss_func"
+        return (f"its forward may add more than the language-model loss ({'; '.join(_loss_terms(model)) or 'it calls super().forward or an own loss_function'}), "
+                f"and {module.__name__}, where it is defined, has no load_balancing_loss_func")
     parameters = tuple(inspect.signature(func).parameters)
     if parameters != _MIRRORED_PARAMETERS:
         return (f"{module.__name__}.load_balancing_loss_func{parameters} is not the Switch-Transformer "
