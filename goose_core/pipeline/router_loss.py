@@ -291,8 +291,9 @@ def _mismatch(model: nn.Module, recorder: Any) -> str | None:
     module = sys.modules[type(model).forward.__module__]  # where the forward that calls it lives
     func = getattr(module, "load_balancing_loss_func", None)
     if func is None:
-        return (f"its forward may add more than the language-model loss ({'; '.join(_loss_terms(model)) or 'it calls super().forward or an own loss_function'}), "
-                f"and {module.__name__}, where it is defined, has no load_balancing_loss_func")
+        terms = "; ".join(_loss_terms(model)) or "it calls super().forward or its own loss_function"
+        return (f"its forward may add more than the language-model loss ({terms}), and "
+                f"{module.__name__}, where it is defined, has no load_balancing_loss_func")
     parameters = tuple(inspect.signature(func).parameters)
     if parameters != _MIRRORED_PARAMETERS:
         return (f"{module.__name__}.load_balancing_loss_func{parameters} is not the Switch-Transformer "

@@ -166,9 +166,10 @@ class Adapter:
         Returns:
             The activation to send; on the last stage the micro-batch's loss (with ``labels``)
             or its logits; with the router loss over M > 1 micro-batches, ``[loss, sums...]``
-            (``inputs["microbatch"]``, its index, keys what :attr:`probs` records). The loss is the family's ``loss_function`` given ``num_items_in_batch``:
-            the micro-batch's token-loss sum over the batch's targets (goose_core.loss), so the
-            micro-batches' losses add up to the batch mean and one with no target adds 0.
+            (``inputs["microbatch"]``, its index, keys what :attr:`probs` records). The loss is
+            the family's ``loss_function`` given ``num_items_in_batch``: the micro-batch's
+            token-loss sum over the batch's targets (goose_core.loss), so the micro-batches'
+            losses add up to the batch mean and one with no target adds 0.
         """
         return self._run(blocks, first, last, x, inputs, carry=self.router is not None)
 
@@ -209,7 +210,8 @@ class Adapter:
             return out.loss
         return out.loss + self.router.loss(sums) if self._finish_in_cell else self.router.pack_loss(out.loss, sums)
 
-    def _recorder(self, blocks: list[int], inputs: Inputs, logits: list[Tensor]) -> Callable[[int, Tensor], None] | None:
+    def _recorder(self, blocks: list[int], inputs: Inputs,
+                  logits: list[Tensor]) -> Callable[[int, Tensor], None] | None:
         """Where this cell's routers' probability rows go (M > 1 only: at M = 1 the sums are
         the whole batch's already)."""
         if self._finish_in_cell or "microbatch" not in inputs or "labels" not in inputs:
