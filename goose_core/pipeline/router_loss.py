@@ -23,7 +23,10 @@ sums'; its value is made the single device's: every stage keeps each of its rout
 micro-batch (detached), sums each router over the whole batch (the rows concatenated in
 micro-batch order: the batch's rows), one all-reduce over the pipeline group gathers the
 per-router sums (zeros elsewhere: adding them is exact), and the last stage accumulates them
-in layer order as 🤗 does (:class:`WholeBatchProbs`, :meth:`RouterLoss.finish`).
+in layer order as 🤗 does (:class:`WholeBatchProbs`, :meth:`RouterLoss.finish`). Cost, at
+M > 1 only: each stage holds its routers' rows x E float32 values until the step's forward
+ends (the single device holds every layer's router logits for its loss too), and one all-reduce
+of routers x E floats per step.
 
 1F1B runs a micro-batch's backward before the next one's forward, so the batch's sums never
 exist before a backward: a pipeline with router loss and 1F1B takes one micro-batch. Families
