@@ -94,17 +94,7 @@ class RouterLoss:
 
     def routers(self, model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
         """The router modules inside ``blocks``, matched as transformers' output recorder does."""
-        spec, owned = self.recorder, {id(m) for b in blocks for m in b.modules()}
-        found = []
-        for name, module in model.named_modules():
-            if id(module) not in owned:
-                continue
-            by_class = spec.target_class is not None and isinstance(module, spec.target_class)
-            by_name = spec.class_name is not None and name.endswith(spec.class_name)
-            if (by_class or by_name) and (spec.layer_name is None
-                                          or f".{spec.layer_name.strip('.')}." in f".{name}."):
-                found.append(module)
-        return found
+        return _routers(self.recorder, model, blocks)
 
     @contextmanager
     def collect(self, modules: list[nn.Module]) -> Iterator[list[Tensor]]:
@@ -236,9 +226,23 @@ class WholeBatchProbs:
         return out
 
 
+def _routers(spec: Any, model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    owned = {id(m) for b in blocks for m in b.modules()}
+    found = []
+    for name, module in model.named_modules():
+        if id(module) not in owned:
+            continue
+        by_class = spec.target_class is not None and isinstance(module, spec.target_class)
+        by_name = spec.class_name is not None and name.endswith(spec.class_name)
+        if (by_class or by_name) and (spec.layer_name is None
+                                      or f".{spec.layer_name.strip('.')}." in f".{name}."):
+            found.append(module)
+    return found
+
+
 def router_loss_of(model: nn.Module) -> RouterLoss | None:
-    """The router loss of ``model`` when its config turns it on (``output_router_logits``) and
-    its ``...ForCausalLM.forward`` adds it to the language-model loss.
+    """The router loss of ``model`` when its config turns it on (``output_router_logits``), its
+    ``...ForCausalLM.forward`` adds it to the language-model loss, and it has routers.
 
     Raises:
         ValueError: the forward adds something goose does not mirror, naming what differs.
@@ -247,6 +251,8 @@ def router_loss_of(model: nn.Module) -> RouterLoss | None:
     if not getattr(config, "output_router_logits", False) or _adds_nothing(model):
         return None
     recorder = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    if hasattr(recorder, "index") and not _routers(recorder, model, [model]):
+        return None  # no router anywhere (a dense Doge): no stage records logits, as on one device
     problem = _mismatch(model, recorder)
     if problem:
         raise ValueError(
