@@ -90,7 +90,7 @@ class PipelineParallel:
         self.checkpoint = checkpoint
         self.callbacks = CallbackList(callbacks)
         self.adapter = adapter_for(model)
-        self.adapter.check(num_microbatches)
+        self.adapter.check(num_microbatches, self.schedule)
         self.counts = _split(self.adapter, ctx.pipeline_parallel_size, partitioner, num_microbatches, sample)
 
     def parallelize(self) -> nn.Module:
@@ -156,7 +156,7 @@ def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int 
         raise ValueError("this model is already split into pipeline partitions: pipeline it once")
     checkpoint_stop(checkpoint, num_microbatches)
     adapter = adapter_for(model)
-    adapter.check(num_microbatches)
+    adapter.check(num_microbatches, schedule_cls)
     counts = _split(adapter, num_partitions, partitioner, num_microbatches)
     starts = [sum(counts[:j]) for j in range(num_partitions)]
     held = {j: list(range(starts[j], starts[j] + counts[j])) for j in range(num_partitions)}

@@ -1,44 +1,67 @@
-"""The MoE load-balancing loss across pipeline stages: its running sums ride with the activation.
+"""The MoE load-balancing loss across pipeline stages and micro-batches, as the single device computes it.
 
 🤗's ``load_balancing_loss_func`` (Switch Transformer, eq. 4-6) is a nonlinear function of every
-layer's router logits, but it is built from sums over layers and tokens, accumulated layer by
-layer (transformers 5.24)::
+layer's router logits over the whole batch, but it is built from sums over layers and tokens,
+accumulated layer by layer (transformers 5.24)::
 
     tokens_e += #(top-k choices of expert e)      probs_e += sum over tokens of softmax_e
     rows     += #tokens                           loss = E * sum_e (tokens_e/rows) * (probs_e/rows)
 
-So each stage adds its own layers' terms to the sums it received and sends them on, packed
-behind the hidden states; the last stage finishes the loss. The additions run in the single
-device's order and in its dtype (fp32), so the sums are the single-device sums bit for bit, and
-the gradient of ``probs`` flows back through the same message as the hidden states'::
+So each micro-batch's sums ride behind its hidden states: each stage adds its own layers' terms
+to the sums it received and sends them on; the last stage adds the micro-batches' sums (in
+micro-batch order) and adds ``coef * loss(sums)`` once to the step's loss, so ``loss.backward()``
+sends the aux gradient back through every micro-batch's message::
 
-    stage 0: [hidden | sums(l0, l1)] ──► stage 1: [hidden | sums(l0..l3)] ──► loss + coef * aux
+    mb 0  stage 0: [hidden | sums(l0, l1)] ──► stage 1: [hidden | sums(l0..l3)] ──┐
+    mb 1  stage 0: [hidden | sums(l0, l1)] ──► stage 1: [hidden | sums(l0..l3)] ──┴► + ─► coef * aux
 
-Only micro-batches of the whole batch would change the value (the loss of a batch is not the sum
-of its pieces' losses), so a pipeline with router loss takes one micro-batch.
+Exact, not only close: ``tokens`` and ``rows`` are integer counts (exact in fp32), but ``probs``
+is a float32 sum, and 🤗 sums each layer over the whole batch at once: the sum of the
+micro-batches' float32 sums rounds differently (~1e-8 relative). Its gradient does not depend
+on it (``d aux / d probs`` is a function of ``tokens`` and ``rows`` only), so the graph is the
+sums'; its value is made the single device's: every stage keeps each of its routers' rows per
+micro-batch (detached), sums each router over the whole batch (the rows concatenated in
+micro-batch order: the batch's rows), one all-reduce over the pipeline group gathers the
+per-router sums (zeros elsewhere: adding them is exact), and the last stage accumulates them
+in layer order as 🤗 does (:class:`WholeBatchProbs`, :meth:`RouterLoss.finish`). Cost, at
+M > 1 only: each stage holds its routers' rows x E float32 values until the step's forward
+ends (the single device holds every layer's router logits for its loss too), and one all-reduce
+of routers x E floats per step.
+
+1F1B runs a micro-batch's backward before the next one's forward, so the batch's sums never
+exist before a backward: a pipeline with router loss and 1F1B takes one micro-batch. Families
+whose ``...ForCausalLM.forward`` adds nothing to the language-model loss (DeepSeek-V3-style
+aux-loss-free routing) have nothing to carry (:func:`router_loss_of` returns None).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import inspect
 import sys
+import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
-__all__ = ["RouterLoss", "router_loss_of"]
+__all__ = ["RouterLoss", "WholeBatchProbs", "router_loss_of"]
 
 # sha256 of transformers 5.24's load_balancing_loss_func source, the one this module mirrors.
 # Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, PhiMoE, gpt-oss, ... share it verbatim.
 _MIRRORED = "ba57772e23a0d78b840472cd38c1872abe2fa593f38e644ac2aab1defcd536f7"
+_MIRRORED_PARAMETERS = ("gate_logits", "num_experts", "top_k", "attention_mask")
 # The call each family's ...ForCausalLM.forward makes, whitespace removed.
 _CALL = ("load_balancing_loss_func(outputs.router_logits,self.num_experts,self.num_experts_per_tok,"
          "attention_mask,)")
 _ADD = "loss+=self.router_aux_loss_coef*aux_loss.to(loss.device)"
+
+#: ``record(k, rows)``: the k-th router of a cell produced these fp32 probability rows.
+Record = Callable[[int, Tensor], None]
 
 
 def _digest(source: str) -> str:
@@ -71,17 +94,7 @@ class RouterLoss:
 
     def routers(self, model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
         """The router modules inside ``blocks``, matched as transformers' output recorder does."""
-        spec, owned = self.recorder, {id(m) for b in blocks for m in b.modules()}
-        found = []
-        for name, module in model.named_modules():
-            if id(module) not in owned:
-                continue
-            by_class = spec.target_class is not None and isinstance(module, spec.target_class)
-            by_name = spec.class_name is not None and name.endswith(spec.class_name)
-            if (by_class or by_name) and (spec.layer_name is None
-                                          or f".{spec.layer_name.strip('.')}." in f".{name}."):
-                found.append(module)
-        return found
+        return _routers(self.recorder, model, blocks)
 
     @contextmanager
     def collect(self, modules: list[nn.Module]) -> Iterator[list[Tensor]]:
@@ -99,27 +112,32 @@ class RouterLoss:
             for h in handles:
                 h.remove()
 
-    def add(self, sums: Tensor, logits: list[Tensor], attention_mask: Tensor | None) -> Tensor:
-        """``sums`` plus these layers' terms, each added as 🤗's loop adds it."""
+    def add(self, sums: Tensor, logits: list[Tensor], attention_mask: Tensor | None,
+            record: Record | None = None) -> Tensor:
+        """``sums`` plus these layers' terms, each added as 🤗's loop adds it; ``record(k, rows)``
+        gets layer k's fp32 probability rows (masked), whose sum the loop adds to ``probs``."""
         e = self.num_experts
         tokens, probs, rows = sums[:e], sums[e:2 * e], sums[2 * e:]
         device = sums.device
         histc_dtype = torch.float32 if device.type in ("cpu", "mps") else torch.int32
         if attention_mask is not None:
             flat_mask = attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
-        for layer_gate in logits:
+        for k, layer_gate in enumerate(logits):
             routing_weights = torch.nn.functional.softmax(layer_gate.to(device), dim=-1)
             _, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
             if attention_mask is None:
                 tokens = tokens + torch.histc(selected_experts.reshape(-1).to(histc_dtype),
                                               bins=e, min=0, max=e)
-                probs = probs + routing_weights.float().sum(dim=0)
+                weights = routing_weights.float()
                 rows = rows + routing_weights.shape[0]
             else:
                 tokens = tokens + torch.zeros(e, dtype=torch.float32, device=device).scatter_add_(
                     0, selected_experts.reshape(-1), flat_mask.repeat_interleave(self.top_k))
-                probs = probs + (routing_weights.float() * flat_mask.unsqueeze(-1)).sum(dim=0)
+                weights = routing_weights.float() * flat_mask.unsqueeze(-1)
                 rows = rows + flat_mask.sum()
+            probs = probs + weights.sum(dim=0)
+            if record is not None:
+                record(k, weights.detach())
         return torch.cat([tokens, probs, rows])
 
     def loss(self, sums: Tensor) -> Tensor:
@@ -128,6 +146,31 @@ class RouterLoss:
         rows = sums[2 * e:]
         tokens_per_expert, router_prob_per_expert = sums[:e] / rows, sums[e:2 * e] / rows
         return self.coef * (torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0)) * e)
+
+    def finish(self, outputs: list[Tensor], per_router: Tensor | None) -> Tensor:
+        """The step's loss from the last stage's micro-batch outputs (:meth:`pack_loss`): their
+        language-model losses, plus ``coef * aux`` of all their sums, once.
+
+        Args:
+            per_router: every router's probability sum over the whole batch, in layer order
+                (:meth:`WholeBatchProbs.sums`, all-reduced): the value of ``probs`` is then
+                🤗's to the bit; the gradient is the micro-batches' sums' (the same, see the
+                module docstring). None: the micro-batches' sums, value too.
+        """
+        losses = [o[0] for o in outputs]
+        sums = outputs[0][1:].float()
+        for o in outputs[1:]:
+            sums = sums + o[1:].float()  # micro-batch order: fixed, every step the same
+        aux = self.loss(sums)
+        total = sum(losses)
+        if per_router is None:
+            return total + aux
+        e = self.num_experts
+        probs = torch.zeros(e, dtype=torch.float32, device=per_router.device)
+        for router_sum in per_router:
+            probs = probs + router_sum  # 🤗's layer loop: probs = probs + layer.sum(0)
+        exact = self.loss(torch.cat([sums[:e].detach(), probs.to(sums.device), sums[2 * e:].detach()]))
+        return total + exact + (aux - aux.detach())  # the value exact's, the gradient aux's
 
     def pack(self, hidden: Tensor, sums: Tensor) -> Tensor:
         """One flat tensor to send: the hidden states, then the sums, in a dtype exact for both."""
@@ -140,17 +183,76 @@ class RouterLoss:
         cut = x.numel() - self.width
         return x[:cut].view(*shape[:-1], -1).to(dtype), x[cut:].to(torch.float32)
 
+    def pack_loss(self, loss: Tensor, sums: Tensor) -> Tensor:
+        """The last stage's output of one micro-batch: ``[loss, sums...]`` (see :meth:`finish`)."""
+        dtype = torch.promote_types(loss.dtype, torch.float32)
+        return torch.cat([loss.reshape(1).to(dtype), sums.to(dtype)])
+
+
+class WholeBatchProbs:
+    """Per step, the fp32 probability rows each router of this process produced, per micro-batch:
+    what 🤗 sums over the whole batch at once (see the module docstring).
+
+    Args:
+        num_routers: routers in the whole model (every stage's), in call order.
+        num_experts: E.
+    """
+
+    def __init__(self, num_routers: int, num_experts: int) -> None:
+        self.num_routers, self.num_experts = num_routers, num_experts
+        self._rows: dict[int, dict[int, Tensor]] = {}
+
+    def reset(self) -> None:
+        self._rows = {}
+
+    def record(self, router: int, microbatch: int, rows: Tensor) -> None:
+        # A recomputed (checkpointed) cell records the same rows again: same key, same value.
+        self._rows.setdefault(router, {})[microbatch] = rows
+
+    def sums(self, num_microbatches: int, device: torch.device) -> Tensor:
+        """``[num_routers, E]``: each router's sum over the batch's rows (zeros for routers
+        another process runs). Clears the record.
+
+        Raises:
+            RuntimeError: a router held here missed a micro-batch (nothing to sum it over).
+        """
+        out = torch.zeros(self.num_routers, self.num_experts, dtype=torch.float32, device=device)
+        for router, by_mb in self._rows.items():
+            if sorted(by_mb) != list(range(num_microbatches)):
+                raise RuntimeError(f"router {router} ran on micro-batches {sorted(by_mb)} of "
+                                   f"{num_microbatches} in this step: its whole-batch sum is unknown")
+            out[router] = torch.cat([by_mb[i] for i in range(num_microbatches)]).sum(dim=0).to(device)
+        self.reset()
+        return out
+
+
+def _routers(spec: Any, model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    owned = {id(m) for b in blocks for m in b.modules()}
+    found = []
+    for name, module in model.named_modules():
+        if id(module) not in owned:
+            continue
+        by_class = spec.target_class is not None and isinstance(module, spec.target_class)
+        by_name = spec.class_name is not None and name.endswith(spec.class_name)
+        if (by_class or by_name) and (spec.layer_name is None
+                                      or f".{spec.layer_name.strip('.')}." in f".{name}."):
+            found.append(module)
+    return found
+
 
 def router_loss_of(model: nn.Module) -> RouterLoss | None:
-    """The router loss of ``model`` when its config turns it on (``output_router_logits``).
+    """The router loss of ``model`` when its config turns it on (``output_router_logits``), its
+    ``...ForCausalLM.forward`` adds it to the language-model loss, and it has routers.
 
     Raises:
-        ValueError: the router loss is on but the family computes it in a way goose does not mirror.
+        ValueError: the forward adds something goose does not mirror, naming what differs.
     """
     config = getattr(model, "config", None)
-    if not getattr(config, "output_router_logits", False):
+    if not getattr(config, "output_router_logits", False) or _adds_nothing(model):
         return None
     recorder = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    if hasattr(recorder, "index") and not _routers(recorder, model, [model]):
+        return None  # no router anywhere (a dense Doge): no stage records logits, as on one device
     problem = _mismatch(model, recorder)
     if problem:
         raise ValueError(
@@ -161,16 +263,56 @@ def router_loss_of(model: nn.Module) -> RouterLoss | None:
     return RouterLoss(model.num_experts, model.num_experts_per_tok, model.router_aux_loss_coef, recorder)
 
 
+def _adds_nothing(model: nn.Module) -> bool:
+    """Whether ``type(model).forward`` visibly returns the language-model loss alone: no
+    statement sets ``loss`` to anything else (:func:`_loss_terms`), it delegates to no
+    ``super()`` forward (whose code this cannot see), and ``loss_function`` is 🤗's own."""
+    forward = type(model).forward
+    source = inspect.getsource(forward)
+    return (not _loss_terms(model) and "super(" not in source
+            and getattr(type(model), "loss_function", None) is getattr(PreTrainedModel, "loss_function", None))
+
+
+def _loss_terms(model: nn.Module) -> list[str]:
+    """The statements of ``type(model).forward`` that set ``loss`` to anything but None or the
+    family's ``self.loss_function(...)``: empty when the loss is the language model's alone
+    (DeepSeek-V3-style aux-loss-free routing records router logits and adds nothing)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(type(model).forward)))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AugAssign) and ast.unparse(node.target) == "loss":
+            found.append(ast.unparse(node))
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            value = node.value
+            if "loss" not in {ast.unparse(t) for t in targets} or value is None:
+                continue
+            plain = (isinstance(value, ast.Constant) and value.value is None) or (
+                isinstance(value, ast.Call) and ast.unparse(value.func) == "self.loss_function")
+            if not plain:
+                found.append(ast.unparse(node))
+    return found
+
+
 def _mismatch(model: nn.Module, recorder: Any) -> str | None:
     if recorder is None or not hasattr(recorder, "index"):
         return "its model records no router_logits through an OutputRecorder"
-    if not all(hasattr(model, a) for a in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")):
-        return "it has no num_experts / num_experts_per_tok / router_aux_loss_coef"
     module = sys.modules[type(model).forward.__module__]  # where the forward that calls it lives
     func = getattr(module, "load_balancing_loss_func", None)
-    if func is None or _digest(inspect.getsource(func)) != _MIRRORED:
-        return (f"its load_balancing_loss_func is not the one goose mirrors (transformers 5.24's "
-                f"Mixtral function)")
+    if func is None:
+        terms = "; ".join(_loss_terms(model)) or "it calls super().forward or its own loss_function"
+        return (f"its forward may add more than the language-model loss ({terms}), and "
+                f"{module.__name__}, where it is defined, has no load_balancing_loss_func")
+    parameters = tuple(inspect.signature(func).parameters)
+    if parameters != _MIRRORED_PARAMETERS:
+        return (f"{module.__name__}.load_balancing_loss_func{parameters} is not the Switch-Transformer "
+                f"function goose mirrors (transformers 5.24's Mixtral load_balancing_loss_func"
+                f"{_MIRRORED_PARAMETERS})")
+    if _digest(inspect.getsource(func)) != _MIRRORED:
+        return (f"{module.__name__}.load_balancing_loss_func has the mirrored parameters but another body "
+                f"than transformers 5.24's Mixtral one")
+    if not all(hasattr(model, a) for a in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")):
+        return "it has no num_experts / num_experts_per_tok / router_aux_loss_coef"
     forward = "".join(inspect.getsource(type(model).forward).split())
     if _CALL not in forward or _ADD not in forward:
         return "its forward combines the router logits into the loss differently from Mixtral's"

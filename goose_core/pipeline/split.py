@@ -21,7 +21,8 @@ Only pass-throughs *before* the first owned block ever run, and that block's inp
 so what they return never matters. A family's layout (which modules the first and the last
 stage hold, where the blocks are) comes from ``config.base_model_pp_plan`` or from its entry in
 :mod:`goose_core.models.registry`. MoE families with ``output_router_logits=True`` carry the
-router loss's running sums along the pipeline (:mod:`.router_loss`).
+router loss's running sums along the pipeline, one message per micro-batch; the stage adds the
+aux loss of the whole batch once (:mod:`.router_loss`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from transformers import PreTrainedModel
 
 from goose_core.models.family import PipelineLayout
 from goose_core.models.registry import PIPELINE
-from goose_core.pipeline.router_loss import RouterLoss, router_loss_of
+from goose_core.pipeline.router_loss import RouterLoss, WholeBatchProbs, router_loss_of
+from goose_core.pipeline.schedule import GPipe, Schedule
 
 __all__ = ["Adapter", "adapter_for", "layout_of", "Placeholder", "drop_modules"]
 
@@ -122,19 +124,35 @@ class Adapter:
         self._width, self._dtype = int(table.weight.shape[-1]), table.weight.dtype
         self._stand_ins = {p: _stand_in_shape(model.get_submodule(p)) for p in self.embed_paths}
         self.router: RouterLoss | None = router_loss_of(model)
+        # Routers per block, counted on the whole model (a stage drops the blocks it does not
+        # run): block b's k-th router is router first[b] + k of the model.
+        counts = [len(self.router.routers(model, [b])) for b in self.blocks] if self.router else []
+        self._first_router = [sum(counts[:b]) for b in range(len(counts))]
+        self._routers_per_block = counts
+        self.probs = WholeBatchProbs(sum(counts), self.router.num_experts) if self.router else None
+        self._finish_in_cell = True  # M=1: the last cell adds the aux loss (check() decides)
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.get_submodule(self.blocks_path)
 
-    def check(self, num_microbatches: int) -> None:
-        """Raise before any step what this split cannot reproduce with ``num_microbatches``."""
-        if self.router is not None and num_microbatches > 1:
+    def check(self, num_microbatches: int, schedule: type[Schedule] = GPipe) -> None:
+        """Raise before any step what this split cannot reproduce with ``num_microbatches``
+        under ``schedule``; else set where the router loss is added (the last cell at M=1,
+        :meth:`batch_router`'s caller at M > 1)."""
+        if self.router is not None and num_microbatches > 1 and schedule.backward_in_step:
             raise ValueError(
                 f"{type(self.model).__name__} has output_router_logits=True: its auxiliary router loss "
-                f"is a nonlinear function of the whole batch's routing, so num_microbatches="
-                f"{num_microbatches} would change it; use num_microbatches=1, or set "
+                f"is a function of the whole batch's routing, which schedule={schedule.__name__} never "
+                f"has before a backward (it runs micro-batch i's backward before the forward of i+1); "
+                f"use schedule='gpipe', or num_microbatches=1 (got {num_microbatches}), or set "
                 f"config.output_router_logits=False")
+        self._finish_in_cell = num_microbatches == 1
+
+    def batch_router(self) -> RouterLoss | None:
+        """The router loss when the stage must add it for the batch: the last cell then returns
+        ``[loss, sums...]`` per micro-batch (:meth:`RouterLoss.finish`, :attr:`probs`)."""
+        return None if self._finish_in_cell else self.router
 
     def embed(self, inputs: Inputs) -> Tensor:
         """The first stage's input: the token embedding's lookup (the parent does the rest)."""
@@ -147,9 +165,11 @@ class Adapter:
             x: the first stage's embedding (:meth:`embed`), or the activation received.
         Returns:
             The activation to send; on the last stage the micro-batch's loss (with ``labels``)
-            or its logits. The loss is the family's ``loss_function`` given ``num_items_in_batch``:
-            the micro-batch's token-loss sum over the batch's targets (goose_core.loss), so the
-            micro-batches' losses add up to the batch mean and one with no target adds 0.
+            or its logits; with the router loss over M > 1 micro-batches, ``[loss, sums...]``
+            (``inputs["microbatch"]``, its index, keys what :attr:`probs` records). The loss is
+            the family's ``loss_function`` given ``num_items_in_batch``: the micro-batch's
+            token-loss sum over the batch's targets (goose_core.loss), so the micro-batches'
+            losses add up to the batch mean and one with no target adds 0.
         """
         return self._run(blocks, first, last, x, inputs, carry=self.router is not None)
 
@@ -181,12 +201,27 @@ class Adapter:
                 out = done.hidden
         if carry:
             sums = self.router.add(sums if sums is not None else self.router.zeros(x.device),
-                                   logits, inputs.get("attention_mask"))
+                                   logits, inputs.get("attention_mask"), self._recorder(blocks, inputs, logits))
         if not last:
             return self.router.pack(out, sums) if carry else out
         if "labels" not in inputs:
             return out.logits
-        return out.loss + self.router.loss(sums) if carry else out.loss
+        if not carry:
+            return out.loss
+        return out.loss + self.router.loss(sums) if self._finish_in_cell else self.router.pack_loss(out.loss, sums)
+
+    def _recorder(self, blocks: list[int], inputs: Inputs,
+                  logits: list[Tensor]) -> Callable[[int, Tensor], None] | None:
+        """Where this cell's routers' probability rows go (M > 1 only: at M = 1 the sums are
+        the whole batch's already)."""
+        if self._finish_in_cell or "microbatch" not in inputs or "labels" not in inputs:
+            return None
+        expected = sum(self._routers_per_block[b] for b in blocks)
+        if len(logits) != expected:
+            raise RuntimeError(f"blocks {blocks} have {expected} routers but produced {len(logits)} "
+                               f"router logits: each router must run once per forward")
+        first, i = self._first_router[blocks[0]], inputs["microbatch"]
+        return lambda k, rows: self.probs.record(first + k, i, rows)
 
     @contextmanager
     def _only(self, owned: list[int], first: bool, last: bool, incoming: Tensor) -> Iterator[list[Tensor]]:

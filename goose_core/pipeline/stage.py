@@ -3,6 +3,7 @@
 What one training step does on a stage, around the executor (:mod:`.pipeline`)::
 
     forward   inputs -> M micro-batches -> Pipeline.run -> last stage: sum of micro-batch losses
+              (+ the MoE router loss of the whole batch, once: see :mod:`.router_loss`)
               loss broadcast from the last stage over the pipeline group, so every stage
               returns the same value, wrapped in Root (its backward drives this stage's part)
     backward  Root.backward: begin  -> defer the gradient syncs of this stage's parameters
@@ -100,7 +101,8 @@ class Stage:
                              f"{'given' if input_ids is not None else None}, other arguments {unsupported}")
         inputs = {k: v for k, v in (("input_ids", input_ids), ("labels", labels),
                                     ("attention_mask", attention_mask)) if v is not None}
-        microbatches = scatter(inputs, self.num_microbatches)
+        # Each micro-batch knows its index: the router loss keys its whole-batch record by it.
+        microbatches = [{**mb, "microbatch": i} for i, mb in enumerate(scatter(inputs, self.num_microbatches))]
         if labels is None:  # inference: no loss would reach the backward, so build no graph
             with torch.no_grad():
                 outputs = self._outputs(self.pipeline.run(microbatches))
@@ -109,9 +111,22 @@ class Stage:
         microbatches = [{**mb, "num_items_in_batch": n} for mb in microbatches]
         if torch.is_grad_enabled() and self.pipeline.schedule_cls.backward_in_step:
             return CausalLMOutputWithPast(loss=self._step_with_backward(microbatches))
+        if self.adapter.probs is not None:
+            self.adapter.probs.reset()  # a recompute of the last step's cells recorded again
         step = self.pipeline.run(microbatches)
-        total = sum(self._outputs(step)) if self.is_last else None
-        return CausalLMOutputWithPast(loss=self._loss(total, step.roots))
+        return CausalLMOutputWithPast(loss=self._loss(self._total(step), step.roots))
+
+    def _total(self, step: StepOutput) -> Tensor | None:
+        """The last stage's batch loss: the micro-batch losses' sum, plus the router loss of the
+        whole batch when the stage adds it (every stage joins the all-reduce of its routers'
+        whole-batch sums, so the last one adds 🤗's value; see :mod:`.router_loss`)."""
+        router = self.adapter.batch_router()
+        if router is None:
+            return sum(self._outputs(step)) if self.is_last else None
+        per_router = self.adapter.probs.sums(self.num_microbatches, self.device)
+        if self.ctx is not None and self.num_partitions > 1:
+            dist.all_reduce(per_router, group=self.ctx.pipeline_parallel_group)  # zeros elsewhere: exact
+        return router.finish(self._outputs(step), per_router) if self.is_last else None
 
     def _step_with_backward(self, microbatches: list[dict[str, Any]]) -> Tensor:
         """1F1B: the forward and the backward of every micro-batch, now; the returned loss's
