@@ -52,19 +52,39 @@ class _Exit(Exception):
 
 
 class _PassThrough(nn.Module):
-    """A block this stage does not run: hands its hidden states on."""
+    """A block this stage does not run: hands its hidden states on (as ``(hidden, None)`` where
+    the parent unpacks a block's output as a pair)."""
+
+    def __init__(self, pair: bool = False) -> None:
+        super().__init__()
+        self.pair = pair
 
     def forward(self, hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return hidden_states
+        return (hidden_states, None) if self.pair else hidden_states
+
+
+class _Given(nn.Module):
+    """The token table on the first stage, during a cell: the lookup :meth:`Adapter.embed` made.
+    The parent is called with the ids, as on one device, so what it does only to looked-up ids
+    (Falcon-H1's embedding multiplier) is done."""
+
+    def __init__(self, embeds: Tensor, table: nn.Module) -> None:
+        super().__init__()
+        self.embeds, self.weight = embeds, table.weight  # a parent may read the table's device
+
+    def forward(self, ids: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self.embeds
 
 
 class _StandIn(nn.Module):
     """A first-stage module the parent calls before the blocks, on a later stage: an output of
     the right shape (zeros; a lookup or a projection) or its input (a norm, a dropout)."""
 
-    def __init__(self, width: int | None, lookup: bool, dtype: torch.dtype) -> None:
+    def __init__(self, width: int | None, lookup: bool, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.width, self.lookup, self.dtype = width, lookup, dtype
+        # an empty table: a parent that reads its weight's device (Llama 4) finds the stage's
+        self.register_buffer("weight", torch.empty(0, width or 0, dtype=dtype, device=device), persistent=False)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.width is None:
@@ -117,6 +137,7 @@ class Adapter:
         self.embed_paths = tuple(p for p in layout.embed if _exists(model, p))
         self.head_paths = tuple(p for p in layout.head if _exists(model, p))
         self.blocks_path = layout.blocks
+        self._pair = layout.tuple_blocks
         table = model.get_input_embeddings()
         self._table = next(name for name, m in model.named_modules() if m is table)
         self._width, self._dtype = int(table.weight.shape[-1]), table.weight.dtype
@@ -174,9 +195,12 @@ class Adapter:
         kwargs = {k: inputs[k] for k in ("attention_mask", "labels", "num_items_in_batch") if k in inputs}
         if self.router is not None:
             kwargs["output_router_logits"] = False  # goose adds the loss over all stages itself
+        # Called with the ids as on one device: the table gives the first stage's lookup, a
+        # stand-in's zeros elsewhere (block_fn has no ids: the embedding is given instead).
+        kwargs.update({"input_ids": ids} if ids is not None else {"inputs_embeds": embeds})
         with self._only(blocks, first, last, hidden) as logits:
             try:
-                out = type(self.model).forward(self.model, inputs_embeds=embeds, use_cache=False, **kwargs)
+                out = type(self.model).forward(self.model, use_cache=False, **kwargs)
             except _Exit as done:
                 out = done.hidden
         if carry:
@@ -193,10 +217,13 @@ class Adapter:
         """During one forward: only ``owned`` blocks run, the first fed ``incoming`` (unless this
         is the first stage), the last one exits (unless this is the last stage); yields the
         router logits the owned blocks produce (empty without router loss)."""
-        swaps: dict[str, nn.Module] = {f"{self.blocks_path}.{b}": _PassThrough()
+        swaps: dict[str, nn.Module] = {f"{self.blocks_path}.{b}": _PassThrough(self._pair)
                                        for b in range(len(self.blocks)) if b not in owned}
         if not first:
-            swaps.update({p: _StandIn(*self._stand_ins[p], incoming.dtype) for p in self.embed_paths})
+            swaps.update({p: _StandIn(*self._stand_ins[p], incoming.dtype, incoming.device)
+                          for p in self.embed_paths})
+        else:
+            swaps[self._table] = _Given(incoming, self.model.get_submodule(self._table))
         old = {p: _swap(self.model, p, m) for p, m in swaps.items()}
         head, tail = self.blocks[owned[0]], self.blocks[owned[-1]]
         hooks = []
@@ -272,9 +299,32 @@ def adapter_for(model: nn.Module) -> Adapter:
     """The pipeline adapter of ``model`` (see :func:`layout_of`).
 
     Raises:
-        ValueError: no layout for it, or a family feature the split cannot reproduce.
+        ValueError: no layout for it, a family feature the split cannot reproduce (the
+            layout's ``check``), or parameters the layout leaves on every stage.
     """
-    return Adapter(model, layout_of(model))  # type: ignore[arg-type]
+    layout = layout_of(model)
+    problems = layout.check(model.config)
+    if problems:
+        raise ValueError(f"cannot split {type(model).__name__} into pipeline stages: " + "; ".join(problems))
+    _check_covers(model, layout)
+    return Adapter(model, layout)  # type: ignore[arg-type]
+
+
+def _check_covers(model: nn.Module, layout: PipelineLayout) -> None:
+    """Every parameter belongs to the embedding, a block or the head: one outside would stay on
+    every stage, each training its own copy on its own share of the gradient."""
+    held = (*layout.embed, layout.blocks, *layout.head)
+    table = next(name for name, m in model.named_modules() if m is model.get_input_embeddings())
+    if table not in layout.embed:
+        raise ValueError(f"cannot split {type(model).__name__} into pipeline stages: its token embedding "
+                         f"{table!r} is not among the layout's first-stage modules {list(layout.embed)}")
+    loose = [name for name, _ in model.named_parameters()
+             if not any(name == p or name.startswith(p + ".") for p in held)]
+    if loose:
+        raise ValueError(f"cannot split {type(model).__name__} into pipeline stages: parameters "
+                         f"{loose[:4]}{' ...' if len(loose) > 4 else ''} lie outside its layout's embedding "
+                         f"{list(layout.embed)}, blocks {layout.blocks!r} and head {list(layout.head)}; every "
+                         f"stage would train its own copy. Name their modules in the layout")
 
 
 class Placeholder(nn.Module):
