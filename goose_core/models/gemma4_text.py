@@ -1,4 +1,4 @@
-"""Gemma 4 (text): its declared pipeline layout, and the two features the split refuses.
+"""Gemma 4 (text, and unified text): its declared pipeline layout, and two features the split refuses.
 
 Gemma 4's parent computes, before the blocks, a per-layer input for every block (a lookup of
 ``input_ids`` in ``embed_tokens_per_layer`` mixed with a projection of the token embedding), and
@@ -11,6 +11,7 @@ attention type stored during the same forward::
 
 Neither travels between stages (a later stage would project zeros, or find no stored keys), so
 both are refused under pp; without them the family's own forward splits like Gemma 3's.
+Gemma 4 unified shares the key/value sharing (it has no per-layer inputs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from transformers import PretrainedConfig
 
 from goose_core.models.family import Family, PipelineLayout
 
-__all__ = ["LAYOUT", "FAMILY", "check"]
+__all__ = ["LAYOUT", "FAMILIES", "check"]
 
 
 def check(config: PretrainedConfig) -> list[str]:
@@ -40,4 +41,4 @@ def check(config: PretrainedConfig) -> list[str]:
 LAYOUT = PipelineLayout(embed=("model.embed_tokens",), blocks="model.layers", head=("model.norm", "lm_head"),
                         check=check)
 
-FAMILY = Family("gemma4_text", pp=LAYOUT)
+FAMILIES = (Family("gemma4_text", pp=LAYOUT), Family("gemma4_unified_text", pp=LAYOUT))

@@ -54,7 +54,6 @@ LAYOUTS: dict[str, PipelineLayout] = {
     "granitemoe_swa": decoder(),    # per-layer rope theta and sliding masks
     "hunyuan_v1_moe": decoder(),
     "olmoe": decoder(),
-    "phimoe": decoder(),
     # hybrids: the parent builds the attention and the recurrent (Mamba / conv) masks per layer type
     "bamba": decoder("final_layernorm", tuple_blocks=True),  # unpacks (hidden, attn_weights)
     "falcon_h1": decoder("final_layernorm"),  # embedding multiplier applied to the looked-up ids
@@ -77,6 +76,10 @@ REFUSED: dict[str, PipelineLayout] = {
     "dory": unsplittable(
         "Dory runs its recurrent section's blocks n_recurrent_loops times per forward, each loop restarting "
         "from the input section's normed output: a stage cannot own a contiguous share of one pass; use pp=1"),
+    "phimoe": unsplittable(
+        "PhiMoE's router (sparsemixer) draws random numbers in training (torch.rand_like in every MoE "
+        "layer): each stage draws from its own generator, so the routing would differ from one device's; "
+        "use pp=1"),
     "hrm_text": unsplittable(
         "HRM runs its two block stacks (L_module, H_module) H_cycles x L_cycles times, mixing their states "
         "in the parent: there is no single list of blocks run once each to cut into stages; use pp=1"),

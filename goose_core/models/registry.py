@@ -24,7 +24,7 @@ __all__ = ["FAMILIES", "PIPELINE", "TENSOR_PARALLEL", "family", "register_family
 FAMILIES: dict[str, Family] = {
     **{name: Family(name, pp=layout) for name, layout in {**layouts.LAYOUTS, **layouts.REFUSED}.items()},
     **{f.model_type: f for f in (gpt2.FAMILY, bloom.FAMILY, opt.FAMILY, falcon.FAMILY, stablelm.FAMILY,
-                                 gemma4_text.FAMILY)},
+                                 *gemma4_text.FAMILIES)},
 }
 
 

@@ -55,8 +55,9 @@ class _PassThrough(nn.Module):
     """A block this stage does not run: hands its hidden states on (as ``(hidden, None)`` where
     the parent unpacks a block's output as a pair)."""
 
-    def __init__(self, pair: bool = False) -> None:
+    def __init__(self, pair: bool = False, plain: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.__dict__.update(plain or {})  # the block's plain attributes, which the parent may read
         self.pair = pair
 
     def forward(self, hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -91,6 +92,15 @@ class _StandIn(nn.Module):
             return x
         shape = x.shape if self.lookup else x.shape[:-1]
         return torch.zeros(*shape, self.width, dtype=self.dtype, device=x.device)
+
+
+def _plain(module: nn.Module) -> dict[str, Any]:
+    """A module's plain attributes (strings, numbers): what a parent reads of a block without
+    running it (NemotronH's ``block_type``, a layer's ``attention_type``)."""
+    if isinstance(module, Placeholder):
+        return dict(module.plain)
+    return {k: v for k, v in vars(module).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, (str, int, float, bool))}
 
 
 def _stand_in_shape(module: nn.Module) -> tuple[int | None, bool]:
@@ -217,7 +227,7 @@ class Adapter:
         """During one forward: only ``owned`` blocks run, the first fed ``incoming`` (unless this
         is the first stage), the last one exits (unless this is the last stage); yields the
         router logits the owned blocks produce (empty without router loss)."""
-        swaps: dict[str, nn.Module] = {f"{self.blocks_path}.{b}": _PassThrough(self._pair)
+        swaps: dict[str, nn.Module] = {f"{self.blocks_path}.{b}": _PassThrough(self._pair, _plain(self.blocks[b]))
                                        for b in range(len(self.blocks)) if b not in owned}
         if not first:
             swaps.update({p: _StandIn(*self._stand_ins[p], incoming.dtype, incoming.device)
@@ -331,9 +341,10 @@ class Placeholder(nn.Module):
     """Stands where a module held by another stage was, so the module tree (and every parameter
     name this stage does hold) stays the single-device model's."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, plain: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.name = name
+        self.plain = plain or {}  # the plain attributes of the module it replaces
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"{self.name} lives on another pipeline stage")
@@ -345,4 +356,4 @@ class Placeholder(nn.Module):
 def drop_modules(model: nn.Module, paths: list[str]) -> None:
     """Replace each module at ``paths`` (dotted; list items by index) by a :class:`Placeholder`."""
     for path in paths:
-        _swap(model, path, Placeholder(path))
+        _swap(model, path, Placeholder(path, _plain(model.get_submodule(path))))
