@@ -6,12 +6,14 @@ between the embedding and the blocks, around them, or after them stays the famil
 partial dimensions or per layer type, ALiBi, final-logit softcapping, logit scaling, the loss).
 What the stage changes, for the duration of one cell::
 
-    model.forward(inputs_embeds=e, labels=..., ...)            (the ...ForCausalLM's own code)
-      embedding modules   first stage: real; e = the table's lookup (Adapter.embed)
-                          other stages: stand-ins, e = zeros of the right shape and dtype
-                          (masks and rotary tables read only shapes, dtypes and positions)
+    model.forward(input_ids=ids, labels=..., ...)              (the ...ForCausalLM's own code)
+      embedding modules   first stage: real; the table hands back its lookup (Adapter.embed),
+                          so what the parent does to looked-up ids only is done
+                          other stages: stand-ins, the table's gives zeros of the right shape
+                          and dtype (masks and rotary tables read only shapes, dtypes, positions)
       parent code         masks, rotary, ALiBi, scales: computed on every stage
-      block b not owned   a pass-through
+      block b not owned   a pass-through (the block's plain attributes kept; ``(hidden, None)``
+                          where the layout says the parent unpacks pairs)
       first owned block   non-first stages: its hidden-states input replaced by the received
                           activation (a forward pre-hook)
       last owned block    non-last stages: raises _Exit(its output), caught here: that is sent
@@ -19,8 +21,9 @@ What the stage changes, for the duration of one cell::
 
 Only pass-throughs *before* the first owned block ever run, and that block's input is replaced,
 so what they return never matters. A family's layout (which modules the first and the last
-stage hold, where the blocks are) comes from ``config.base_model_pp_plan`` or from its entry in
-:mod:`goose_core.models.registry`. MoE families with ``output_router_logits=True`` carry the
+stage hold, where the blocks are) comes from its entry in :mod:`goose_core.models.registry` or
+from ``config.base_model_pp_plan``; its ``check`` and the rule that every parameter lies in the
+layout refuse what the split cannot reproduce, before any collective. MoE families with ``output_router_logits=True`` carry the
 router loss's running sums along the pipeline (:mod:`.router_loss`).
 """
 
