@@ -23,8 +23,9 @@ Only pass-throughs *before* the first owned block ever run, and that block's inp
 so what they return never matters. A family's layout (which modules the first and the last
 stage hold, where the blocks are) comes from its entry in :mod:`goose_core.models.registry` or
 from ``config.base_model_pp_plan``; its ``check`` and the rule that every parameter lies in the
-layout refuse what the split cannot reproduce, before any collective. MoE families with ``output_router_logits=True`` carry the
-router loss's running sums along the pipeline (:mod:`.router_loss`).
+layout refuse what the split cannot reproduce, before any collective. MoE families with
+``output_router_logits=True`` carry the router loss's running sums along the pipeline
+(:mod:`.router_loss`).
 """
 
 from __future__ import annotations
