@@ -8,12 +8,14 @@ standard shape, with the final norm or the embedding under another name::
 
 Every entry was read against the family's modeling code in transformers 5.24 and checked by the
 sweep (``python -m goose_core.testing.coverage --families ... --modes pp2,tp2xpp2``): equal to
-the single-device run. Goose does not guess this shape for a family missing here: whether a
+the single-device run (the MoE ones with ``output_router_logits=False``; their router loss is
+:mod:`goose_core.pipeline.router_loss`'s to carry or refuse). Goose does not guess this shape for a family missing here: whether a
 parent's forward does something between the blocks that a pass-through breaks (a recurrent
 loop, a norm used before and after them, a block output unpacked as a tuple, a scale applied
 only to looked-up ids) is not visible from the module tree.
 
-Families whose blocks do not run once each in order are refused (:data:`REFUSED`).
+Families whose blocks do not run once each in order, or run differently on each stage, are
+refused by name (:data:`REFUSED`).
 """
 
 from __future__ import annotations
