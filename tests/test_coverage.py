@@ -16,9 +16,14 @@ from goose_core.testing.families import families, tiny_family_config
 # GPT-2 and Bloom (goose's own adapters), Llama/Mistral/Qwen2 (colwise/rowwise, sliding windows),
 # Gemma2/Gemma3 (embedding scale, softcapping, per-layer-type rotary), Granite (multipliers),
 # Mixtral (moe_tp_experts, router loss on), Phi3 (colwise_gather_output, packed), Qwen3 (q/k norms
-# replicated_with_grad_allreduce), GPT-NeoX (embedding_rowwise, parallel residual).
+# replicated_with_grad_allreduce), GPT-NeoX (embedding_rowwise, parallel residual). Layouts of
+# goose_core.models.layouts (no base_model_pp_plan): Bamba (a Mamba/attention hybrid whose parent
+# unpacks each block's output as a pair), Falcon-H1 (its multiplier applies to looked-up ids only),
+# GraniteMoE (MoE, multipliers).
 FAST = ("gpt2", "bloom", "llama", "mistral", "qwen2", "gemma2", "granite", "mixtral", "phi3", "qwen3",
-        "gpt_neox", "gemma3_text")
+        "gpt_neox", "gemma3_text", "bamba", "falcon_h1", "granitemoe")
+#: Families split by a registry layout that must be equal, not merely refused, at pp=2.
+LAID_OUT = ("bamba", "falcon_h1")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +40,13 @@ def test_family_is_equal_or_refused_with_a_reason(fast_sweep: dict[tuple[str, st
     assert not bad, "\n".join(bad)
     for mode in MODES:
         assert fast_sweep[family, mode].status != "refused" or fast_sweep[family, mode].detail.strip()
+
+
+@pytest.mark.parametrize("family", LAID_OUT)
+def test_a_registry_layout_splits_equal(fast_sweep: dict[tuple[str, str], Outcome], family: str) -> None:
+    for mode in ("pp2", "tp2xpp2"):
+        outcome = fast_sweep[family, mode]
+        assert outcome.status == "equal", f"{mode}: {outcome.status} {outcome.detail}"
 
 
 def test_every_declaring_family_is_listed_and_the_fast_ones_build() -> None:

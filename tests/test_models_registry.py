@@ -6,21 +6,26 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from goose_core import ParallelContext, TensorParallel, full_state_dict
 from goose_core.models import FAMILIES, Family, PipelineLayout, register_family
-from goose_core.models import registry
+from goose_core.models import layouts, registry
 from goose_core.models.registry import PIPELINE, TENSOR_PARALLEL
-from goose_core.pipeline.split import layout_of
+from goose_core.pipeline.split import adapter_for, layout_of
 from goose_core.tensor_parallel import ADAPTERS, register_adapter
 from goose_core.testing import PARALLEL, RunResult, assert_matches_reference, run_distributed
+from goose_core.testing.families import tiny_family_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pipeline_families import _train, build, reference  # noqa: E402  (the tiny configs)
 
 
 def test_the_builtin_families_are_listed_with_their_halves() -> None:
-    assert sorted(FAMILIES) == ["bloom", "falcon", "gpt2", "opt", "stablelm"]
+    modules = {"bloom", "falcon", "gpt2", "opt", "stablelm", "gemma4_text", "gemma4_unified_text"}
+    assert set(FAMILIES) == modules | set(layouts.LAYOUTS) | set(layouts.REFUSED)
     assert sorted(TENSOR_PARALLEL) == ["bloom", "gpt2", "opt", "stablelm"]
     assert sorted(PIPELINE) == sorted(FAMILIES)
     assert ADAPTERS["gpt2"] is FAMILIES["gpt2"].tp  # the old name is a view of the registry
@@ -59,3 +64,55 @@ def test_opt_and_stablelm_train_tensor_parallel() -> None:
                 assert_matches_reference(results[family], reference(family), PARALLEL)
             except AssertionError as err:
                 raise AssertionError(f"{family}, rank {rank}: {err}") from err
+
+
+def _tiny(model_type: str, **fields: object) -> PreTrainedModel:
+    """The sweep's tiny model of ``model_type`` (router loss off: its refusals are router_loss.py's)."""
+    config = tiny_family_config(model_type)
+    for name, value in {"output_router_logits": False, **fields}.items():
+        setattr(config, name, value)
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+
+
+@pytest.mark.parametrize("model_type", sorted(layouts.LAYOUTS))
+def test_every_layout_names_modules_of_its_family(model_type: str) -> None:
+    # The sweep checks each entry equal at pp=2; this catches a renamed module at once.
+    model = _tiny(model_type)
+    layout = layout_of(model)
+    assert layout is layouts.LAYOUTS[model_type]
+    for path in (*layout.embed, *layout.head):
+        assert isinstance(model.get_submodule(path), nn.Module), path
+    assert isinstance(model.get_submodule(layout.blocks), nn.ModuleList)
+    assert len(adapter_for(model).blocks) == model.config.num_hidden_layers
+    assert model.get_submodule(layout.embed[0]) is model.get_input_embeddings()
+
+
+@pytest.mark.parametrize("model_type, reason", [
+    ("dory", "runs its recurrent section's blocks n_recurrent_loops times"),
+    ("hrm_text", "H_cycles x L_cycles times"),
+    ("phimoe", "draws random numbers in training"),
+])
+def test_families_whose_blocks_the_split_cannot_reproduce_are_refused(model_type: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=f"cannot split .*{reason}.*use pp=1"):
+        adapter_for(_tiny(model_type))
+
+
+def test_gemma4_per_layer_inputs_and_shared_keys_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"per-layer inputs \(hidden_size_per_layer_input=16\).*"
+                                         r"set config.hidden_size_per_layer_input=0"):
+        adapter_for(_tiny("gemma4_text", hidden_size_per_layer_input=16, vocab_size_per_layer_input=256))
+    with pytest.raises(ValueError, match="num_kv_shared_layers=2: .*set config.num_kv_shared_layers=0"):
+        adapter_for(_tiny("gemma4_text", hidden_size_per_layer_input=0, num_kv_shared_layers=2))
+    assert adapter_for(_tiny("gemma4_text", hidden_size_per_layer_input=0)).blocks_path == "model.layers"
+
+
+def test_a_layout_must_hold_every_parameter_and_the_token_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A parameter outside the layout would stay on every stage, each training its own copy.
+    model = build("llama")
+    monkeypatch.setattr(registry, "FAMILIES", dict(FAMILIES))
+    register_family(Family("llama", pp=PipelineLayout(("model.embed_tokens",), "model.layers", ("lm_head",))))
+    with pytest.raises(ValueError, match=r"\['model.norm.weight'\] lie outside its layout"):
+        adapter_for(model)
+    register_family(Family("llama", pp=PipelineLayout((), "model.layers", ("model.norm", "lm_head"))))
+    with pytest.raises(ValueError, match="its token embedding 'model.embed_tokens' is not among"):
+        adapter_for(model)

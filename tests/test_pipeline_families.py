@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from goose_core import ParallelContext, PipelineParallel, TensorParallel, full_state_dict
+from goose_core.models import registry
 from goose_core.pipeline import local_pipeline
 from goose_core.testing import FAMILIES, tiny_config as harness_config
 from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, run_distributed,
@@ -163,9 +164,10 @@ def test_a_router_loss_computed_otherwise_is_refused() -> None:
         local_pipeline(model, 2)
 
 
-def test_a_family_without_a_layout_is_told_how_to_declare_one() -> None:
-    # GPTBigCode declares no base_model_pp_plan and goose has no entry for it: the error shows
-    # the plan to declare, and declaring it is enough.
+def test_a_family_without_a_layout_is_told_how_to_declare_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # GPTBigCode declares no base_model_pp_plan; without its registry entry (taken away here) the
+    # error shows the plan to declare, and declaring it is enough.
+    monkeypatch.setattr(registry, "FAMILIES", {k: v for k, v in registry.FAMILIES.items() if k != "gpt_bigcode"})
     config = AutoConfig.for_model("gpt_bigcode", vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = seeded_model(config, 0, torch.float64, "eager")

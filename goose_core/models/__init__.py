@@ -2,7 +2,9 @@
 
 ``family.py`` holds the record (:class:`Family`: a tensor-parallel half and a pipeline half),
 ``registry.py`` the explicit list of goose's families; ``gpt2.py``, ``bloom.py``, ``opt.py`` and
-``stablelm.py`` carry both halves, ``falcon.py`` the pipeline half.
+``stablelm.py`` carry both halves, ``falcon.py`` the pipeline half, ``gemma4_text.py`` a layout
+with what it refuses; ``layouts.py`` is one table of the pipeline layouts of the standard-shaped
+families that declare no ``base_model_pp_plan``, and of the families the split refuses.
 """
 
 from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter

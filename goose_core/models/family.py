@@ -8,10 +8,14 @@ from typing import Callable
 from torch import nn
 from transformers import PretrainedConfig
 
-__all__ = ["TensorParallelAdapter", "PipelineLayout", "Family"]
+__all__ = ["TensorParallelAdapter", "PipelineLayout", "Family", "unsplittable"]
 
 
 def _no_problems(config: PretrainedConfig, tp: int) -> list[str]:
+    return []
+
+
+def _splittable(config: PretrainedConfig) -> list[str]:
     return []
 
 
@@ -40,11 +44,19 @@ class PipelineLayout:
     modules the first stage holds (``embed``: the token embedding and whatever the parent applies
     to it before the first block), which the last (``head``: after the last block), and where the
     decoder blocks are (``blocks``, an ``nn.ModuleList``, the only thing partitioned).
+
+    Args:
+        tuple_blocks: the parent unpacks each block's output as ``(hidden, attn_weights)``
+            (Bamba), so a block a stage does not run hands on ``(hidden, None)``.
+        check: ``check(config)`` -> what this config has that the split cannot reproduce
+            (strings naming it and the fix); raised before any collective.
     """
 
     embed: tuple[str, ...]
     blocks: str
     head: tuple[str, ...]
+    tuple_blocks: bool = False
+    check: Callable[[PretrainedConfig], list[str]] = field(default=_splittable, compare=False)
 
 
 @dataclass(frozen=True)
@@ -58,3 +70,8 @@ class Family:
     model_type: str
     tp: TensorParallelAdapter | None = None
     pp: PipelineLayout | None = None
+
+
+def unsplittable(reason: str) -> PipelineLayout:
+    """The pipeline half of a family the split refuses whatever its config: ``reason`` says why."""
+    return PipelineLayout(embed=(), blocks="", head=(), check=lambda config: [reason])

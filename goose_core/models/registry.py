@@ -1,8 +1,10 @@
 """The one registry of model families: ``config.model_type`` -> :class:`Family`, listed explicitly.
 
 A family whose config declares ``base_model_tp_plan`` and ``base_model_pp_plan`` needs no entry.
-The built-in entries are written out below (no module registers itself when imported); users
-add theirs with :func:`register_family`::
+The built-in entries are written out below (no module registers itself when imported): the
+modules of families that need more than a layout, then the table of pipeline layouts
+(:mod:`goose_core.models.layouts`: the standard-shaped families that declare no
+``base_model_pp_plan``, and those refused). Users add theirs with :func:`register_family`::
 
     register_family(Family("my_lm", pp=PipelineLayout(embed=("model.embed_tokens",),
                                                       blocks="model.layers",
@@ -13,14 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from goose_core.models import bloom, falcon, gpt2, opt, stablelm
+from goose_core.models import bloom, falcon, gemma4_text, gpt2, layouts, opt, stablelm
 from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter
 
 __all__ = ["FAMILIES", "PIPELINE", "TENSOR_PARALLEL", "family", "register_family", "register_tensor_parallel"]
 
 #: model_type -> Family: goose's built-in knowledge.
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (gpt2.FAMILY, bloom.FAMILY, opt.FAMILY,
-                                                          falcon.FAMILY, stablelm.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    **{name: Family(name, pp=layout) for name, layout in {**layouts.LAYOUTS, **layouts.REFUSED}.items()},
+    **{f.model_type: f for f in (gpt2.FAMILY, bloom.FAMILY, opt.FAMILY, falcon.FAMILY, stablelm.FAMILY,
+                                 *gemma4_text.FAMILIES)},
+}
 
 
 def family(model_type: str | None) -> Family | None:

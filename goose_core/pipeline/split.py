@@ -6,12 +6,14 @@ between the embedding and the blocks, around them, or after them stays the famil
 partial dimensions or per layer type, ALiBi, final-logit softcapping, logit scaling, the loss).
 What the stage changes, for the duration of one cell::
 
-    model.forward(inputs_embeds=e, labels=..., ...)            (the ...ForCausalLM's own code)
-      embedding modules   first stage: real; e = the table's lookup (Adapter.embed)
-                          other stages: stand-ins, e = zeros of the right shape and dtype
-                          (masks and rotary tables read only shapes, dtypes and positions)
+    model.forward(input_ids=ids, labels=..., ...)              (the ...ForCausalLM's own code)
+      embedding modules   first stage: real; the table hands back its lookup (Adapter.embed),
+                          so what the parent does to looked-up ids only is done
+                          other stages: stand-ins, the table's gives zeros of the right shape
+                          and dtype (masks and rotary tables read only shapes, dtypes, positions)
       parent code         masks, rotary, ALiBi, scales: computed on every stage
-      block b not owned   a pass-through
+      block b not owned   a pass-through (the block's plain attributes kept; ``(hidden, None)``
+                          where the layout says the parent unpacks pairs)
       first owned block   non-first stages: its hidden-states input replaced by the received
                           activation (a forward pre-hook)
       last owned block    non-last stages: raises _Exit(its output), caught here: that is sent
@@ -19,10 +21,11 @@ What the stage changes, for the duration of one cell::
 
 Only pass-throughs *before* the first owned block ever run, and that block's input is replaced,
 so what they return never matters. A family's layout (which modules the first and the last
-stage hold, where the blocks are) comes from ``config.base_model_pp_plan`` or from its entry in
-:mod:`goose_core.models.registry`. MoE families with ``output_router_logits=True`` carry the
-router loss's running sums along the pipeline, one message per micro-batch; the stage adds the
-aux loss of the whole batch once (:mod:`.router_loss`).
+stage hold, where the blocks are) comes from its entry in :mod:`goose_core.models.registry` or
+from ``config.base_model_pp_plan``; its ``check`` and the rule that every parameter lies in the
+layout refuse what the split cannot reproduce, before any collective. MoE families with
+``output_router_logits=True`` carry the router loss's running sums along the pipeline, one
+message per micro-batch; the stage adds the aux loss of the whole batch once (:mod:`.router_loss`).
 """
 
 from __future__ import annotations
@@ -54,25 +57,55 @@ class _Exit(Exception):
 
 
 class _PassThrough(nn.Module):
-    """A block this stage does not run: hands its hidden states on."""
+    """A block this stage does not run: hands its hidden states on (as ``(hidden, None)`` where
+    the parent unpacks a block's output as a pair)."""
+
+    def __init__(self, pair: bool = False, plain: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.__dict__.update(plain or {})  # the block's plain attributes, which the parent may read
+        self.pair = pair
 
     def forward(self, hidden_states: Any = None, *args: Any, **kwargs: Any) -> Any:
-        return hidden_states
+        return (hidden_states, None) if self.pair else hidden_states
+
+
+class _Given(nn.Module):
+    """The token table on the first stage, during a cell: the lookup :meth:`Adapter.embed` made.
+    The parent is called with the ids, as on one device, so what it does only to looked-up ids
+    (Falcon-H1's embedding multiplier) is done."""
+
+    def __init__(self, embeds: Tensor, table: nn.Module) -> None:
+        super().__init__()
+        self.embeds, self.weight = embeds, table.weight  # a parent may read the table's device
+
+    def forward(self, ids: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self.embeds
 
 
 class _StandIn(nn.Module):
     """A first-stage module the parent calls before the blocks, on a later stage: an output of
     the right shape (zeros; a lookup or a projection) or its input (a norm, a dropout)."""
 
-    def __init__(self, width: int | None, lookup: bool, dtype: torch.dtype) -> None:
+    def __init__(self, width: int | None, lookup: bool, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.width, self.lookup, self.dtype = width, lookup, dtype
+        # an empty table: a parent that reads its weight's device (Llama 4) finds the stage's
+        self.register_buffer("weight", torch.empty(0, width or 0, dtype=dtype, device=device), persistent=False)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.width is None:
             return x
         shape = x.shape if self.lookup else x.shape[:-1]
         return torch.zeros(*shape, self.width, dtype=self.dtype, device=x.device)
+
+
+def _plain(module: nn.Module) -> dict[str, Any]:
+    """A module's plain attributes (strings, numbers): what a parent reads of a block without
+    running it (NemotronH's ``block_type``, a layer's ``attention_type``)."""
+    if isinstance(module, Placeholder):
+        return dict(module.plain)
+    return {k: v for k, v in vars(module).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, (str, int, float, bool))}
 
 
 def _stand_in_shape(module: nn.Module) -> tuple[int | None, bool]:
@@ -119,6 +152,7 @@ class Adapter:
         self.embed_paths = tuple(p for p in layout.embed if _exists(model, p))
         self.head_paths = tuple(p for p in layout.head if _exists(model, p))
         self.blocks_path = layout.blocks
+        self._pair = layout.tuple_blocks
         table = model.get_input_embeddings()
         self._table = next(name for name, m in model.named_modules() if m is table)
         self._width, self._dtype = int(table.weight.shape[-1]), table.weight.dtype
@@ -194,9 +228,12 @@ class Adapter:
         kwargs = {k: inputs[k] for k in ("attention_mask", "labels", "num_items_in_batch") if k in inputs}
         if self.router is not None:
             kwargs["output_router_logits"] = False  # goose adds the loss over all stages itself
+        # Called with the ids as on one device: the table gives the first stage's lookup, a
+        # stand-in's zeros elsewhere (block_fn has no ids: the embedding is given instead).
+        kwargs.update({"input_ids": ids} if ids is not None else {"inputs_embeds": embeds})
         with self._only(blocks, first, last, hidden) as logits:
             try:
-                out = type(self.model).forward(self.model, inputs_embeds=embeds, use_cache=False, **kwargs)
+                out = type(self.model).forward(self.model, use_cache=False, **kwargs)
             except _Exit as done:
                 out = done.hidden
         if carry:
@@ -228,10 +265,13 @@ class Adapter:
         """During one forward: only ``owned`` blocks run, the first fed ``incoming`` (unless this
         is the first stage), the last one exits (unless this is the last stage); yields the
         router logits the owned blocks produce (empty without router loss)."""
-        swaps: dict[str, nn.Module] = {f"{self.blocks_path}.{b}": _PassThrough()
+        swaps: dict[str, nn.Module] = {f"{self.blocks_path}.{b}": _PassThrough(self._pair, _plain(self.blocks[b]))
                                        for b in range(len(self.blocks)) if b not in owned}
         if not first:
-            swaps.update({p: _StandIn(*self._stand_ins[p], incoming.dtype) for p in self.embed_paths})
+            swaps.update({p: _StandIn(*self._stand_ins[p], incoming.dtype, incoming.device)
+                          for p in self.embed_paths})
+        else:
+            swaps[self._table] = _Given(incoming, self.model.get_submodule(self._table))
         old = {p: _swap(self.model, p, m) for p, m in swaps.items()}
         head, tail = self.blocks[owned[0]], self.blocks[owned[-1]]
         hooks = []
@@ -307,18 +347,42 @@ def adapter_for(model: nn.Module) -> Adapter:
     """The pipeline adapter of ``model`` (see :func:`layout_of`).
 
     Raises:
-        ValueError: no layout for it, or a family feature the split cannot reproduce.
+        ValueError: no layout for it, a family feature the split cannot reproduce (the
+            layout's ``check``), or parameters the layout leaves on every stage.
     """
-    return Adapter(model, layout_of(model))  # type: ignore[arg-type]
+    layout = layout_of(model)
+    problems = layout.check(model.config)
+    if problems:
+        raise ValueError(f"cannot split {type(model).__name__} into pipeline stages: " + "; ".join(problems))
+    _check_covers(model, layout)
+    return Adapter(model, layout)  # type: ignore[arg-type]
+
+
+def _check_covers(model: nn.Module, layout: PipelineLayout) -> None:
+    """Every parameter belongs to the embedding, a block or the head: one outside would stay on
+    every stage, each training its own copy on its own share of the gradient."""
+    held = (*layout.embed, layout.blocks, *layout.head)
+    table = next(name for name, m in model.named_modules() if m is model.get_input_embeddings())
+    if table not in layout.embed:
+        raise ValueError(f"cannot split {type(model).__name__} into pipeline stages: its token embedding "
+                         f"{table!r} is not among the layout's first-stage modules {list(layout.embed)}")
+    loose = [name for name, _ in model.named_parameters()
+             if not any(name == p or name.startswith(p + ".") for p in held)]
+    if loose:
+        raise ValueError(f"cannot split {type(model).__name__} into pipeline stages: parameters "
+                         f"{loose[:4]}{' ...' if len(loose) > 4 else ''} lie outside its layout's embedding "
+                         f"{list(layout.embed)}, blocks {layout.blocks!r} and head {list(layout.head)}; every "
+                         f"stage would train its own copy. Name their modules in the layout")
 
 
 class Placeholder(nn.Module):
     """Stands where a module held by another stage was, so the module tree (and every parameter
     name this stage does hold) stays the single-device model's."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, plain: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.name = name
+        self.plain = plain or {}  # the plain attributes of the module it replaces
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"{self.name} lives on another pipeline stage")
@@ -330,4 +394,4 @@ class Placeholder(nn.Module):
 def drop_modules(model: nn.Module, paths: list[str]) -> None:
     """Replace each module at ``paths`` (dotted; list items by index) by a :class:`Placeholder`."""
     for path in paths:
-        _swap(model, path, Placeholder(path))
+        _swap(model, path, Placeholder(path, _plain(model.get_submodule(path))))

@@ -59,6 +59,8 @@ TINY: dict[str, Any] = {
     "attention_multiplier": 0.015625,
     # training: no key/value cache (hybrids whose 4 tiny layers hold no attention layer have none)
     "use_cache": False,
+    # Gemma 4's per-layer table at the tiny vocabulary (its default, 262144 x 4 x 256, is 268M parameters)
+    "vocab_size_per_layer_input": 256,
 }
 _SLIDING_AND_FULL = ["sliding_attention", "full_attention"]
 
