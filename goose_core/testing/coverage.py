@@ -28,6 +28,7 @@ JSON and the Markdown table of the docs site (:mod:`goose_core.testing.coverage_
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -401,10 +402,10 @@ def run_sweep(names: list[str], modes: list[str], timeout: float = 120.0, jobs: 
     Args:
         timeout: seconds one family may take in one mode (its reference run too).
         jobs: sweeps running side by side, each on a share of the families.
-        state: the resumable record (default: a file in the temp folder named after the
-            installed transformers and torch); ``fresh`` deletes it first.
+        state: the resumable record (default: :func:`default_state`, a file in the temp
+            folder of this checkout and selection); ``fresh`` deletes it first.
     """
-    state = state or default_state()
+    state = state or default_state(names, modes)
     parts = [names[i::jobs] for i in range(max(1, jobs))]
     if fresh:
         for f in [state, _ended(state)] + [_part(state, i) for i in range(len(parts))]:
@@ -432,10 +433,13 @@ def _part(state: Path, i: int) -> Path:
     return state.with_suffix(f".part{i}.jsonl")
 
 
-def default_state() -> Path:
-    """The state file of this installation's sweep (resumed by the next run)."""
+def default_state(names: list[str] | None = None, modes: list[str] | None = None) -> Path:
+    """The state file of this checkout's sweep over ``names`` x ``modes`` (resumed by the next
+    run with the same arguments). Named after the versions, the checkout and the selection, so
+    sweeps of other checkouts or other families, side by side, never share (and truncate) one."""
     tag = f"transformers-{transformers.__version__}-torch-{torch.__version__}".replace("+", "_")
-    return Path(tempfile.gettempdir()) / "goose-coverage" / f"{tag}.jsonl"
+    key = repr((str(Path(__file__).resolve()), sorted(names or []), sorted(modes or [])))
+    return Path(tempfile.gettempdir()) / "goose-coverage" / f"{tag}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
 
 
 def settings(modes: list[str]) -> dict[str, Any]:
