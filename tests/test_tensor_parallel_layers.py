@@ -44,8 +44,14 @@ def _mlp_grads(ctx: ParallelContext, transposed: bool) -> tuple[torch.Tensor, di
     col = ColumnParallelLinear.from_module(up, ctx.tp_group, region=region)
     row = RowParallelLinear.from_module(down, ctx.tp_group, region=region)
     x.requires_grad_()
-    y = row(torch.relu(col(x)))
+    hidden = col(x)
+    y = row(torch.relu(hidden))
     y.square().sum().backward()
+    # nn.Linear's attributes name the widths this rank's forward takes and returns
+    assert (col.in_features, col.out_features) == (x.shape[-1], hidden.shape[-1]) == (6, 4)
+    assert (row.in_features, row.out_features) == (hidden.shape[-1], y.shape[-1]) == (4, 6)
+    col.gather_output, row.input_is_parallel = True, False
+    assert (col.out_features, col(x).shape[-1], row.in_features) == (8, 8, 8)
     return y.detach(), {"x": x.grad, "col": col.weight.grad, "row": row.weight.grad, "bias": row.bias.grad}
 
 

@@ -180,6 +180,19 @@ class ColumnParallelLinear(nn.Module):
         bias = None if self.bias is None else _SumOverReplicas.apply(self.bias, self.group, self.replicas)
         return _SumOverReplicas.apply(self.weight, self.group, self.replicas), bias
 
+    @property
+    def in_features(self) -> int:
+        """The width of the input this layer takes (whole: it is replicated), as ``nn.Linear``'s."""
+        return int(self.weight.shape[0 if self.transposed else 1])
+
+    @property
+    def out_features(self) -> int:
+        """The width of the output this rank returns now, as ``nn.Linear``'s: its shard's columns,
+        all of them while ``gather_output`` is on. Family code reshapes by it (🤗's loss views
+        the logits as ``(-1, lm_head.out_features)``), so it names what the forward returns."""
+        local = int(self.weight.shape[1 if self.transposed else 0])
+        return local * dist.get_world_size(self.group) if self.gather_output else local
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.region.enter(x) if self.region is not None else copy_to_region(x, self.group)
         y = _linear(x, *self._weights(), self.transposed)
@@ -213,6 +226,18 @@ class RowParallelLinear(nn.Module):
     def from_module(cls, module: nn.Module, group: dist.ProcessGroup, **kwargs: Any) -> "RowParallelLinear":
         kwargs.setdefault("transposed", isinstance(module, Conv1D))
         return cls(module.weight, module.bias, group, **kwargs)
+
+    @property
+    def in_features(self) -> int:
+        """The width of the input this layer takes, as ``nn.Linear``'s: this rank's slice when the
+        input arrives split, the whole width when it takes its own slice of a replicated input."""
+        local = int(self.weight.shape[0 if self.transposed else 1])
+        return local if self.input_is_parallel else local * dist.get_world_size(self.group)
+
+    @property
+    def out_features(self) -> int:
+        """The width of the output (whole: the partial products are summed), as ``nn.Linear``'s."""
+        return int(self.weight.shape[1 if self.transposed else 0])
 
     def forward(self, x: Tensor) -> Tensor:
         if self.region is not None:
