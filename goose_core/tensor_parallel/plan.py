@@ -148,6 +148,15 @@ def _unsupported(key: str, style: str, model: nn.Module) -> ValueError:
                       f"{getattr(model.config, 'model_type', '?')!r}")
 
 
+def _base_prefix(model: nn.Module) -> str:
+    """Where the plan's names start: the base model's attribute. 🤗's ``base_model_prefix`` names
+    it, except where a class keeps its base model elsewhere (Llama 4's text model declares
+    ``language_model`` and holds ``model``): then ``model``, else the root."""
+    children = dict(model.named_children())
+    declared = getattr(model, "base_model_prefix", "")
+    return next((p for p in (declared, "model") if p and p in children), "")
+
+
 def resolve_plan(model: nn.Module) -> TPPlan:
     """Match ``model``'s declared plan (or its family's adapter) against its module and
     parameter names.
@@ -160,7 +169,7 @@ def resolve_plan(model: nn.Module) -> TPPlan:
     declared = adapter.plan if adapter else getattr(model.config, "base_model_tp_plan", None)
     if not declared:
         raise _no_plan_error(model)
-    prefix = getattr(model, "base_model_prefix", "")
+    prefix = _base_prefix(model)
     modules = [name for name, _ in model.named_modules()]
     params = [name for name, _ in model.named_parameters()]
     layers: dict[str, str] = {}
