@@ -20,7 +20,8 @@ from test_pipeline_families import _train, build, reference  # noqa: E402  (the 
 
 
 def test_the_builtin_families_are_listed_with_their_halves() -> None:
-    extended = ["apertus", "apertus1p5_text", "doge", "sarvam_moe"]  # tp: a declared plan plus entries it lacks
+    extended = ["apertus", "apertus1p5_text", "doge", "inkling2_loop_text", "inkling2_text", "inkling_text",
+                "sarvam_moe"]  # tp: a declared plan plus entries it lacks
     assert sorted(FAMILIES) == sorted(["bloom", "falcon", "gpt2", "opt", "stablelm", *extended])
     assert sorted(TENSOR_PARALLEL) == sorted(["bloom", "gpt2", "opt", "stablelm", *extended])
     assert sorted(PIPELINE) == ["bloom", "falcon", "gpt2", "opt", "stablelm"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from goose_core.models import apertus, bloom, doge, falcon, gpt2, opt, sarvam_moe, stablelm
+from goose_core.models import apertus, bloom, doge, falcon, gpt2, inkling, opt, sarvam_moe, stablelm
 from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter
 
 __all__ = ["FAMILIES", "PIPELINE", "TENSOR_PARALLEL", "family", "register_family", "register_tensor_parallel"]
@@ -21,7 +21,7 @@ __all__ = ["FAMILIES", "PIPELINE", "TENSOR_PARALLEL", "family", "register_family
 #: model_type -> Family: goose's built-in knowledge.
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (gpt2.FAMILY, bloom.FAMILY, opt.FAMILY,
                                                           falcon.FAMILY, stablelm.FAMILY)}
-FAMILIES.update({f.model_type: f for f in (*apertus.FAMILIES, doge.FAMILY, sarvam_moe.FAMILY)})  # tp: declared plan + entries
+FAMILIES.update({f.model_type: f for f in (*apertus.FAMILIES, doge.FAMILY, *inkling.FAMILIES, sarvam_moe.FAMILY)})  # tp: declared plan + entries
 
 
 def family(model_type: str | None) -> Family | None:

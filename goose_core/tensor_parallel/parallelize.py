@@ -239,6 +239,12 @@ def _vocab_modules(model: nn.Module) -> tuple[nn.Embedding, nn.Linear]:
                          f"LM head, got {type(embedding).__name__} and {type(head).__name__}")
     if embedding.max_norm is not None or embedding.sparse or embedding.scale_grad_by_freq:
         raise ValueError("a vocab-parallel embedding supports neither max_norm, sparse=True nor scale_grad_by_freq")
+    vocab = getattr(model.config, "vocab_size", None)
+    if head.out_features != vocab:
+        raise ValueError(f"{type(model).__name__}: its LM head has {head.out_features} output rows but "
+                         f"config.vocab_size is {vocab}; goose's vocab-parallel head and loss split "
+                         f"config.vocab_size rows (a head narrower than the padded table, as Inkling 2's "
+                         f"unpadded_vocab_size, is not supported: make them equal)")
     if type(head).forward is not nn.Linear.forward:
         raise ValueError(f"{type(model).__name__}: its LM head {type(head).__name__} overrides nn.Linear.forward; "
                          f"goose's vocab-parallel head computes x W^T + b only and would lose what it adds")

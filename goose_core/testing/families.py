@@ -35,7 +35,7 @@ PLANLESS: tuple[str, ...] = ("gpt2", "bloom", "opt", "falcon", "stablelm", "gpt_
 
 #: The tiny size, by 🤗 config field name; a family gets the fields its config has.
 TINY: dict[str, Any] = {
-    "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+    "vocab_size": 256, "unpadded_vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 128,
     # mixtures of experts
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
