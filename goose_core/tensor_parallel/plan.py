@@ -202,7 +202,10 @@ def check_sizes(model: nn.Module, plan: TPPlan, tp: int) -> None:
     any collective.
     """
     config = model.config
+    modules = dict(model.named_modules())
     all_heads, all_kv = layer_values(config)  # one value each, or one per kind of layer
+    all_kv += [kv for kv in dict.fromkeys(module_heads(modules[n.rpartition(".")[0]], config)[1]
+                                          for n in plan.layers if n.endswith(KV_PROJECTIONS)) if kv not in all_kv]
     problems = []
     for heads in all_heads:
         if heads % tp:
@@ -215,7 +218,6 @@ def check_sizes(model: nn.Module, plan: TPPlan, tp: int) -> None:
     if config.vocab_size % tp:
         problems.append(f"vocab_size={config.vocab_size} does not divide by tp={tp}: pad the vocabulary, "
                         f"e.g. model.resize_token_embeddings(n, pad_to_multiple_of={tp})")
-    modules = dict(model.named_modules())
     for name, style in plan.layers.items():
         kv_heads = module_heads(modules[name.rpartition(".")[0]], config)[1]
         problems += _layer_problem(name, modules[name], style, tp, kv_heads)
