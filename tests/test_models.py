@@ -36,9 +36,11 @@ def test_overrides_and_bad_names() -> None:
 
 
 def test_gemma_style_norms_run_in_the_model_dtype_in_float64() -> None:
+    """Gemma's norm computes ``_norm(x.float()) * (1 + w.float())``: widened in a float64 model."""
     from transformers import AutoConfig
 
-    from goose_core.testing.models import norms_in_dtype, seeded_model
+    from goose_core.testing.models import seeded_model
+    from goose_core.testing.widen import is_widened
 
     config = AutoConfig.for_model("gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=256)
@@ -49,6 +51,31 @@ def test_gemma_style_norms_run_in_the_model_dtype_in_float64() -> None:
     assert norm.weight.grad.dtype == torch.float64
     expected = x.detach() * torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + norm.eps)
     torch.testing.assert_close(norm.weight.grad, expected.sum((0, 1)), rtol=1e-15, atol=1e-15)
-    fp32 = seeded_model(config, 0, torch.float32)
-    assert "forward" in norm.__dict__ and "forward" not in fp32.model.norm.__dict__  # float64 only
-    assert norms_in_dtype(fp32) == ["Gemma3RMSNorm"]
+    assert is_widened(model) and not is_widened(seeded_model(config, 0, torch.float32))  # float64 only
+
+
+def test_widened_model_keeps_float32_requests_in_float64() -> None:
+    from torch import nn
+
+    from goose_core.testing.widen import widen_float32
+
+    class Narrowing(nn.Module):  # the 🤗 idioms for "at least float32"
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return [x.float(), x.to(torch.float32), x.to("cpu", torch.float32), x.to(dtype=torch.float32),
+                    x.softmax(-1, dtype=torch.float32), torch.zeros(2, dtype=torch.float32),
+                    x.type(torch.float32), torch.arange(3).float(), x.to(torch.bfloat16), self.w * x]
+
+    outer = nn.Sequential(Narrowing()).double()
+    x = torch.randn(3, dtype=torch.float64)
+    assert [t.dtype for t in outer(x)][:3] == [torch.float32] * 3  # not widened: float32 as asked
+    widen_float32(outer)
+    assert [t.dtype for t in outer(x)] == [torch.float64] * 8 + [torch.bfloat16, torch.float64]
+    assert outer[0](x)[0].dtype == torch.float64  # an inner module called alone is covered too
+    assert x.float().dtype == torch.float32  # only while the model runs
+    with pytest.raises(RuntimeError):
+        outer(torch.randn(2, 5, dtype=torch.float64))  # the mode is left when the forward raises
+    assert x.float().dtype == torch.float32

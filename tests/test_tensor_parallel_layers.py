@@ -44,8 +44,14 @@ def _mlp_grads(ctx: ParallelContext, transposed: bool) -> tuple[torch.Tensor, di
     col = ColumnParallelLinear.from_module(up, ctx.tp_group, region=region)
     row = RowParallelLinear.from_module(down, ctx.tp_group, region=region)
     x.requires_grad_()
-    y = row(torch.relu(col(x)))
+    hidden = col(x)
+    y = row(torch.relu(hidden))
     y.square().sum().backward()
+    # nn.Linear's attributes name the widths this rank's forward takes and returns
+    assert (col.in_features, col.out_features) == (x.shape[-1], hidden.shape[-1]) == (6, 4)
+    assert (row.in_features, row.out_features) == (hidden.shape[-1], y.shape[-1]) == (4, 6)
+    col.gather_output, row.input_is_parallel = True, False
+    assert (col.out_features, col(x).shape[-1], row.in_features) == (8, 8, 8)
     return y.detach(), {"x": x.grad, "col": col.weight.grad, "row": row.weight.grad, "bias": row.bias.grad}
 
 
@@ -106,3 +112,29 @@ def test_replicated_kv_heads_sum_their_gradients() -> None:
     full = sum(per_rank)
     for rank, grad in enumerate(grads):
         torch.testing.assert_close(grad, full[2 * (rank // 2):2 * (rank // 2) + 2])
+
+
+def _scatter_output(ctx: ParallelContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    # Doge's dt_proj: every head's values in (split), this rank's kv-heads out.
+    _, down, _, _, _ = _dense()
+    torch.manual_seed(1)
+    x = torch.randn(3, 8).chunk(2, dim=-1)[ctx.tp_rank].clone().requires_grad_()
+    layer = RowParallelLinear.from_module(down, ctx.tp_group, scatter_output=True)
+    y = layer(x)
+    assert (layer.in_features, layer.out_features, y.shape[-1]) == (4, 3, 3)
+    (y * torch.arange(1.0, 4.0)).sum().backward()  # a different weight per output column
+    return y.detach(), {"x": x.grad, "weight": layer.weight.grad, "bias": layer.bias.grad}
+
+
+def test_row_parallel_scatter_output_keeps_each_ranks_slice() -> None:
+    _, down, _, _, _ = _dense()
+    torch.manual_seed(1)
+    x = torch.randn(3, 8).requires_grad_()
+    want = down(x)
+    (want * torch.arange(1.0, 4.0).repeat(2)).sum().backward()  # rank r's columns weighted alike
+    results = run_distributed(_scatter_output, 2, timeout=60)
+    torch.testing.assert_close(torch.cat([y for y, _ in results], dim=-1), want.detach())
+    torch.testing.assert_close(torch.cat([g["x"] for _, g in results], dim=-1), x.grad)
+    torch.testing.assert_close(torch.cat([g["weight"] for _, g in results], dim=1), down.weight.grad)
+    for _, grads in results:  # the bias is whole on every rank, with the whole gradient
+        torch.testing.assert_close(grads["bias"], down.bias.grad)

@@ -67,6 +67,17 @@ def test_parallelizing_twice_is_an_error() -> None:
         run_distributed(_twice, 2, timeout=60)
 
 
+def _narrow_head(ctx: ParallelContext) -> None:
+    model = TrainSpec(family="llama").build_model()
+    model.lm_head = torch.nn.Linear(64, 200, bias=False, dtype=model.lm_head.weight.dtype)  # Inkling 2's unpadded head
+    TensorParallel(model, ctx).parallelize()
+
+
+def test_a_head_narrower_than_the_vocabulary_is_refused_before_any_collective() -> None:
+    with pytest.raises(Exception, match="LM head has 200 output rows but config.vocab_size is 256"):
+        run_distributed(_narrow_head, 1, timeout=60)
+
+
 def _layer_by_layer(ctx: ParallelContext, family: str) -> tuple[float, float]:
     """Call the tp model the way a pipeline does: each decoder layer alone with what the parent
     passed it (captured), then lm_head and model.loss_function on the last stage."""

@@ -22,6 +22,17 @@ def test_families_without_a_plan_use_goose_adapters(family: str, fused: str) -> 
     assert plan.localize is not None and len(plan.layers) == 4 * 4 and fused in plan.layers
 
 
+def test_a_plan_starts_at_the_base_model_the_class_really_holds() -> None:
+    # Llama 4's text LM declares base_model_prefix "language_model" but keeps its base model at "model".
+    from transformers import Llama4TextConfig
+
+    config = Llama4TextConfig(vocab_size=256, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                              num_local_experts=2)
+    plan = resolve_plan(AutoModelForCausalLM.from_config(config))
+    assert plan.layers["model.layers.0.self_attn.q_proj"] == "colwise"
+
+
 def test_a_family_without_plan_or_adapter_says_how_to_add_one() -> None:
     # GPTBigCode declares no plan and goose_core.models has no entry for it (OPT now has one).
     config = GPTBigCodeConfig(vocab_size=256, n_embd=16, n_layer=1, n_head=2)

@@ -140,9 +140,9 @@ def test_single_device_accumulation_is_token_weighted() -> None:
 
 # ---- tensor x data parallelism --------------------------------------------------------------
 
-# Bloom only with right padding: its attention normalises in fp32 whatever the model's dtype (no
-# interface to replace it), so a fully masked row (left padding, an empty row) of a float64 Bloom
-# is NaN on one device already. GPT-2 and the harness's Llama normalise in float64.
+# Bloom with right padding only, for the suite's time: its attention asks for fp32 (no interface to
+# replace it), which the harness widens to float64 (goose_core.testing.widen), so its fully masked
+# rows (left padding, an empty row) are finite too; GPT-2 and Llama cover those paddings here.
 @pytest.mark.parametrize("family, padding", [("llama", "ignore"), ("llama", "right"), ("bloom", "right"),
                                              ("gpt2", "left"), ("llama", "empty")])
 def test_tp_dp(family: str, padding: str) -> None:

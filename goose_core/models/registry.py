@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from goose_core.models import bloom, falcon, gemma4_text, gpt2, layouts, opt, stablelm
+from goose_core.models import (apertus, bloom, doge, falcon, gemma4_text, gpt2, inkling, layouts, opt,
+                                sarvam_moe, stablelm)
 from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter
 
 __all__ = ["FAMILIES", "PIPELINE", "TENSOR_PARALLEL", "family", "register_family", "register_tensor_parallel"]
@@ -25,6 +26,8 @@ FAMILIES: dict[str, Family] = {
     **{name: Family(name, pp=layout) for name, layout in {**layouts.LAYOUTS, **layouts.REFUSED}.items()},
     **{f.model_type: f for f in (gpt2.FAMILY, bloom.FAMILY, opt.FAMILY, falcon.FAMILY, stablelm.FAMILY,
                                  *gemma4_text.FAMILIES)},
+    # tp: a declared plan plus the entries it lacks
+    **{f.model_type: f for f in (*apertus.FAMILIES, doge.FAMILY, *inkling.FAMILIES, sarvam_moe.FAMILY)},
 }
 
 

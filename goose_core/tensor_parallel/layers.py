@@ -180,6 +180,19 @@ class ColumnParallelLinear(nn.Module):
         bias = None if self.bias is None else _SumOverReplicas.apply(self.bias, self.group, self.replicas)
         return _SumOverReplicas.apply(self.weight, self.group, self.replicas), bias
 
+    @property
+    def in_features(self) -> int:
+        """The width of the input this layer takes (whole: it is replicated), as ``nn.Linear``'s."""
+        return int(self.weight.shape[0 if self.transposed else 1])
+
+    @property
+    def out_features(self) -> int:
+        """The width of the output this rank returns now, as ``nn.Linear``'s: its shard's columns,
+        all of them while ``gather_output`` is on. Family code reshapes by it (🤗's loss views
+        the logits as ``(-1, lm_head.out_features)``), so it names what the forward returns."""
+        local = int(self.weight.shape[1 if self.transposed else 0])
+        return local * dist.get_world_size(self.group) if self.gather_output else local
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.region.enter(x) if self.region is not None else copy_to_region(x, self.group)
         y = _linear(x, *self._weights(), self.transposed)
@@ -198,13 +211,16 @@ class RowParallelLinear(nn.Module):
         input_is_parallel: X arrives split (after a column-parallel layer); otherwise this
             layer takes its own slice of a replicated X.
         region: the :class:`ParallelRegion` this layer closes.
+        scatter_output: keep this rank's slice of the (summed) output features; backward
+            all-gathers the gradient (Doge's ``dt_proj``: every head's values in, this rank's
+            kv-heads out).
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, group: dist.ProcessGroup, *,
                  input_is_parallel: bool = True, transposed: bool = False,
-                 region: ParallelRegion | None = None) -> None:
+                 region: ParallelRegion | None = None, scatter_output: bool = False) -> None:
         super().__init__()
-        self.group, self.input_is_parallel = group, input_is_parallel
+        self.group, self.input_is_parallel, self.scatter_output = group, input_is_parallel, scatter_output
         self.transposed, self.region = transposed, region
         self.weight = _sharded_param(weight, 0 if transposed else 1, group)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
@@ -214,16 +230,32 @@ class RowParallelLinear(nn.Module):
         kwargs.setdefault("transposed", isinstance(module, Conv1D))
         return cls(module.weight, module.bias, group, **kwargs)
 
+    @property
+    def in_features(self) -> int:
+        """The width of the input this layer takes, as ``nn.Linear``'s: this rank's slice when the
+        input arrives split, the whole width when it takes its own slice of a replicated input."""
+        local = int(self.weight.shape[0 if self.transposed else 1])
+        return local if self.input_is_parallel else local * dist.get_world_size(self.group)
+
+    @property
+    def out_features(self) -> int:
+        """The width of the output, as ``nn.Linear``'s: whole (the partial products are summed),
+        this rank's slice with ``scatter_output``."""
+        whole = int(self.weight.shape[1 if self.transposed else 0])
+        return whole // dist.get_world_size(self.group) if self.scatter_output else whole
+
     def forward(self, x: Tensor) -> Tensor:
         if self.region is not None:
             self.region.leave()
         if not self.input_is_parallel:
             x = scatter_to_region(x, self.group, dim=-1)
         y = reduce_from_region(_linear(x, self.weight, None, self.transposed), self.group)
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return scatter_to_region(y, self.group, dim=-1) if self.scatter_output else y
 
     def extra_repr(self) -> str:
-        return f"weight={tuple(self.weight.shape)}, input_is_parallel={self.input_is_parallel}"
+        return (f"weight={tuple(self.weight.shape)}, input_is_parallel={self.input_is_parallel}, "
+                f"scatter_output={self.scatter_output}")
 
 
 def _vocab_lookup(ids: Tensor, weight: Tensor, start: int, padding_idx: int | None,

@@ -32,6 +32,7 @@ from goose_core.tensor_parallel.cross_entropy import VocabParallelCausalLMLoss
 from goose_core.tensor_parallel import styles
 from goose_core.tensor_parallel.layers import ColumnParallelLinear, ParallelRegion, RowParallelLinear, split_embedding
 from goose_core.tensor_parallel.grad_check import ReplicaGradCheck
+from goose_core.tensor_parallel.heads import HEAD_ATTRS, KV_ATTRS, module_heads, module_value
 from goose_core.tensor_parallel.plan import (
     EMBEDDING_STYLES,
     GATHERED_STYLES,
@@ -47,8 +48,6 @@ from goose_core.tensor_parallel.random import RNGTracker
 
 __all__ = ["TensorParallel", "apply_styles", "localize_heads", "rng_tracker"]
 
-_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
-_KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -56,24 +55,21 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _kv_heads(config: Any) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-
-
 def localize_heads(model: nn.Module, plan: TPPlan, tp: int) -> None:
     """The generic localize for declared plans: every module that owns column-parallel layers
-    and has head-count attributes gets this rank's counts (GQA: kv-heads replicated when
-    tp > kv-heads, so each rank keeps one)."""
-    heads, kv_heads = model.config.num_attention_heads, _kv_heads(model.config)
-    local_heads, local_kv = heads // tp, max(1, kv_heads // tp)
+    and has head-count attributes gets this rank's counts, from its own counts (a layer may have
+    other counts than the config's: :mod:`.heads`; GQA: kv-heads replicated when tp > kv-heads,
+    so each rank keeps one)."""
     parents = {name.rpartition(".")[0] for name, style in plan.layers.items()
                if style in STYLE_BLOCKS and style not in ROW_STYLES and style not in GATHERED_STYLES}
     for parent in parents:
         module = model.get_submodule(parent)
-        for attr in _HEAD_ATTRS:
+        heads, kv_heads = module_heads(module, model.config)
+        local_heads, local_kv = heads // tp, max(1, kv_heads // tp)
+        for attr in HEAD_ATTRS:
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, local_heads)
-        for attr in _KV_ATTRS:
+        for attr in KV_ATTRS:
             if isinstance(getattr(module, attr, None), int):
                 setattr(module, attr, local_kv)
         if isinstance(getattr(module, "num_key_value_groups", None), int):
@@ -106,7 +102,7 @@ def apply_styles(root: nn.Module, plan: TPPlan, ctx: ParallelContext, tracker: R
             region = regions.get(name.rpartition(".")[0])
             _replace(root, name, _linear(root, name, module, style, ctx, region))
         else:
-            _keep(root, module, style, ctx)
+            _keep(root, name, module, style, ctx)
 
 
 def _linear(root: nn.Module, name: str, module: nn.Module, style: str, ctx: ParallelContext,
@@ -116,9 +112,11 @@ def _linear(root: nn.Module, name: str, module: nn.Module, style: str, ctx: Para
         return RowParallelLinear.from_module(module, group, region=region)
     if style == "rowwise_split_input":
         return RowParallelLinear.from_module(module, group, input_is_parallel=False)
+    if style == "rowwise_scatter_output":  # inside a region: not the row layer that closes it
+        return RowParallelLinear.from_module(module, group, scatter_output=True)
     if style == "colwise_gather_output":
         return ColumnParallelLinear.from_module(module, group, gather_output=True)
-    kv_heads = _kv_heads(root.config)
+    kv_heads = module_heads(root.get_submodule(name.rpartition(".")[0]), root.config)[1]
     replicas = tp // kv_heads if name.endswith(KV_PROJECTIONS) and tp > kv_heads else 1
     return ColumnParallelLinear.from_module(module, group, blocks=STYLE_BLOCKS[style], replicas=replicas,
                                             region=region)
@@ -133,7 +131,7 @@ def _split_parameters(root: nn.Module, plan: TPPlan, group: dist.ProcessGroup) -
         styles.split_parameters(root.get_submodule(owner), entries, group)
 
 
-def _keep(root: nn.Module, module: nn.Module, style: str, ctx: ParallelContext) -> None:
+def _keep(root: nn.Module, name: str, module: nn.Module, style: str, ctx: ParallelContext) -> None:
     """The styles that keep the family's module (experts, norms, MLA's kv_a)."""
     group, tp = ctx.tensor_parallel_group, ctx.tensor_parallel_size
     if style in PARTIAL_SUM_STYLES:
@@ -143,7 +141,8 @@ def _keep(root: nn.Module, module: nn.Module, style: str, ctx: ParallelContext) 
     elif style == "replicated_with_grad_allreduce":
         styles.all_reduce_grads(module, group)
     elif style == "mla_kv_a_proj":
-        styles.mla_kv_a_proj(module, root.config.qk_rope_head_dim, group)
+        attention = root.get_submodule(name.rpartition(".")[0])
+        styles.mla_kv_a_proj(module, module_value(attention, root.config, "qk_rope_head_dim"), group)
     # local_params, replicate: goose's parameters are plain local tensors already.
 
 
@@ -240,6 +239,12 @@ def _vocab_modules(model: nn.Module) -> tuple[nn.Embedding, nn.Linear]:
                          f"LM head, got {type(embedding).__name__} and {type(head).__name__}")
     if embedding.max_norm is not None or embedding.sparse or embedding.scale_grad_by_freq:
         raise ValueError("a vocab-parallel embedding supports neither max_norm, sparse=True nor scale_grad_by_freq")
+    vocab = getattr(model.config, "vocab_size", None)
+    if head.out_features != vocab:
+        raise ValueError(f"{type(model).__name__}: its LM head has {head.out_features} output rows but "
+                         f"config.vocab_size is {vocab}; goose's vocab-parallel head and loss split "
+                         f"config.vocab_size rows (a head narrower than the padded table, as Inkling 2's "
+                         f"unpadded_vocab_size, is not supported: make them equal)")
     if type(head).forward is not nn.Linear.forward:
         raise ValueError(f"{type(model).__name__}: its LM head {type(head).__name__} overrides nn.Linear.forward; "
                          f"goose's vocab-parallel head computes x W^T + b only and would lose what it adds")

@@ -18,6 +18,8 @@ Every style transformers 5.24 declares, as goose implements it (Megatron-style, 
     colwise_gather_output  split by output features, output all-gathered -> ColumnParallelLinear(gather_output)
     rowwise              split by input features, input arrives split    -> RowParallelLinear
     rowwise_split_input  the same, input replicated: keep my slice       -> RowParallelLinear(input_is_parallel=False)
+    rowwise_scatter_output  rowwise, then keep my slice of the output   -> RowParallelLinear(scatter_output)
+                         (goose only: Doge's dt_proj, all heads' values -> this rank's kv-heads)
     on an Embedding (a family subclass keeps its own forward: Gemma's embed_scale)
     embedding_rowwise    split by vocabulary rows, one all-reduce        -> VocabParallelEmbedding
     embedding_colwise    split by hidden columns, one all-gather         -> ColumnParallelEmbedding
@@ -50,6 +52,7 @@ from transformers.pytorch_utils import Conv1D
 
 from goose_core.models.family import TensorParallelAdapter as Adapter
 from goose_core.models.registry import TENSOR_PARALLEL, register_tensor_parallel
+from goose_core.tensor_parallel.heads import layer_values, module_heads, module_value
 
 __all__ = ["Adapter", "ADAPTERS", "register_adapter", "TPPlan", "resolve_plan", "check_sizes",
            "STYLE_BLOCKS", "ROW_STYLES", "GATHERED_STYLES", "EMBEDDING_STYLES", "MODULE_STYLES",
@@ -57,10 +60,10 @@ __all__ = ["Adapter", "ADAPTERS", "register_adapter", "TPPlan", "resolve_plan", 
 
 #: Linear styles -> fused blocks along the output (gate|up = 2; GPT-2's q|k|v = 3).
 STYLE_BLOCKS = {"colwise": 1, "packed_colwise": 2, "fused_qkv_colwise": 3, "colwise_gather_output": 1,
-                "rowwise": 1, "rowwise_split_input": 1}
+                "rowwise": 1, "rowwise_split_input": 1, "rowwise_scatter_output": 1}
 
 #: Linear styles split by input features (the rest split by output features).
-ROW_STYLES = ("rowwise", "rowwise_split_input")
+ROW_STYLES = ("rowwise", "rowwise_split_input", "rowwise_scatter_output")
 
 #: Linear styles whose replicated side faces the rest of the block (no region, no per-rank heads).
 GATHERED_STYLES = ("colwise_gather_output", "rowwise_split_input")
@@ -145,6 +148,15 @@ def _unsupported(key: str, style: str, model: nn.Module) -> ValueError:
                       f"{getattr(model.config, 'model_type', '?')!r}")
 
 
+def _base_prefix(model: nn.Module) -> str:
+    """Where the plan's names start: the base model's attribute. 🤗's ``base_model_prefix`` names
+    it, except where a class keeps its base model elsewhere (Llama 4's text model declares
+    ``language_model`` and holds ``model``): then ``model``, else the root."""
+    children = dict(model.named_children())
+    declared = getattr(model, "base_model_prefix", "")
+    return next((p for p in (declared, "model") if p and p in children), "")
+
+
 def resolve_plan(model: nn.Module) -> TPPlan:
     """Match ``model``'s declared plan (or its family's adapter) against its module and
     parameter names.
@@ -157,7 +169,7 @@ def resolve_plan(model: nn.Module) -> TPPlan:
     declared = adapter.plan if adapter else getattr(model.config, "base_model_tp_plan", None)
     if not declared:
         raise _no_plan_error(model)
-    prefix = getattr(model, "base_model_prefix", "")
+    prefix = _base_prefix(model)
     modules = [name for name, _ in model.named_modules()]
     params = [name for name, _ in model.named_parameters()]
     layers: dict[str, str] = {}
@@ -190,22 +202,27 @@ def check_sizes(model: nn.Module, plan: TPPlan, tp: int) -> None:
     any collective.
     """
     config = model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    modules = dict(model.named_modules())
+    all_heads, all_kv = layer_values(config)  # one value each, or one per kind of layer
+    all_kv += [kv for kv in dict.fromkeys(module_heads(modules[n.rpartition(".")[0]], config)[1]
+                                          for n in plan.layers if n.endswith(KV_PROJECTIONS)) if kv not in all_kv]
     problems = []
-    if heads % tp:
-        problems.append(f"num_attention_heads={heads} does not divide by tp={tp}: "
-                        f"choose tp in {_divisors(heads)}")
-    if kv_heads % tp and tp % kv_heads:
-        problems.append(f"num_key_value_heads={kv_heads} and tp={tp}: one must divide the other "
-                        f"(kv-heads are split when tp <= {kv_heads}, replicated when tp is a multiple)")
+    for heads in all_heads:
+        if heads % tp:
+            problems.append(f"num_attention_heads={heads} does not divide by tp={tp}: "
+                            f"choose tp in {_divisors(heads)}")
+    for kv_heads in all_kv:
+        if kv_heads % tp and tp % kv_heads:
+            problems.append(f"num_key_value_heads={kv_heads} and tp={tp}: one must divide the other "
+                            f"(kv-heads are split when tp <= {kv_heads}, replicated when tp is a multiple)")
     if config.vocab_size % tp:
         problems.append(f"vocab_size={config.vocab_size} does not divide by tp={tp}: pad the vocabulary, "
                         f"e.g. model.resize_token_embeddings(n, pad_to_multiple_of={tp})")
-    modules = dict(model.named_modules())
     for name, style in plan.layers.items():
+        kv_heads = module_heads(modules[name.rpartition(".")[0]], config)[1]
         problems += _layer_problem(name, modules[name], style, tp, kv_heads)
-        problems += _module_problem(name, modules[name], style, plan, config)
+        problems += _module_problem(name, modules[name], style, plan,
+                                    module_value(modules[name.rpartition(".")[0]], config, "qk_rope_head_dim"))
     params = dict(model.named_parameters())
     for name, style in plan.params.items():
         problems += _param_problem(name, params[name], style, tp, plan)
@@ -244,6 +261,9 @@ def _linear_problem(name: str, module: nn.Module, style: str, tp: int, kv_heads:
         return _packed_problem(name, style)
     transposed = isinstance(module, Conv1D)
     out_features, in_features = module.weight.shape[::-1] if transposed else module.weight.shape
+    if style == "rowwise_scatter_output" and out_features % tp:
+        return [f"{name}: {out_features} output features do not split into {tp} parts (rowwise_scatter_output "
+                f"keeps each rank's slice of the output)"]
     size, what = (in_features, "input features") if style in ROW_STYLES else (out_features, "output features")
     # split kv projections with tp > kv-heads are cut into kv-heads pieces, each on tp/kv ranks.
     replicated = name.endswith(KV_PROJECTIONS) and tp > kv_heads and style not in GATHERED_STYLES
@@ -265,7 +285,7 @@ def _packed_problem(name: str, style: str) -> list[str]:
     return []
 
 
-def _module_problem(name: str, module: nn.Module, style: str, plan: TPPlan, model_config: object) -> list[str]:
+def _module_problem(name: str, module: nn.Module, style: str, plan: TPPlan, rope_dim: object) -> list[str]:
     if style in _PARAM_OWNERS:
         # Its forward runs on this rank's share (of the heads, of every expert): a parameter
         # held whole would get only this rank's share of its gradient (and, in a summed
@@ -279,7 +299,7 @@ def _module_problem(name: str, module: nn.Module, style: str, plan: TPPlan, mode
     if style == "mla_kv_a_proj":
         if not isinstance(module, nn.Linear):
             return [f"{name} ({type(module).__name__}): mla_kv_a_proj expects an nn.Linear"]
-        if not isinstance(getattr(model_config, "qk_rope_head_dim", None), int):
+        if not isinstance(rope_dim, int):
             return [f"{name}: mla_kv_a_proj needs config.qk_rope_head_dim (the width of the rope part "
                     f"of its output)"]
     return []

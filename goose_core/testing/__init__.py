@@ -15,6 +15,7 @@ from goose_core.testing.reference import (
     train_loop,
 )
 from goose_core.testing.tolerances import EXACT, PARALLEL, Tolerance, noise_floor_tolerances
+from goose_core.testing.widen import widen_float32
 
 __all__ = [
     "EAGER_IN_DTYPE",
@@ -38,4 +39,5 @@ __all__ = [
     "snapshot",
     "tiny_config",
     "train_loop",
+    "widen_float32",
 ]

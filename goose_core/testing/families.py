@@ -35,7 +35,7 @@ PLANLESS: tuple[str, ...] = ("gpt2", "bloom", "opt", "falcon", "stablelm", "gpt_
 
 #: The tiny size, by 🤗 config field name; a family gets the fields its config has.
 TINY: dict[str, Any] = {
-    "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+    "vocab_size": 256, "unpadded_vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 128,
     # mixtures of experts
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
@@ -57,11 +57,18 @@ TINY: dict[str, Any] = {
     # Granite's multipliers (its 3.0 2B values: 1.0, the default, would hide a dropped one)
     "embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
     "attention_multiplier": 0.015625,
+    # Gemma 4: the per-layer-input embedding (262144 x 1024 by default: 2 GB a float64 copy) and
+    # the full-attention layers' head dim (512 by default: scaled-1.0 logits over 512-wide normed
+    # heads amplify float64 noise ~1000x) at the tiny size too
+    "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16, "global_head_dim": 16,
     # training: no key/value cache (hybrids whose 4 tiny layers hold no attention layer have none)
     "use_cache": False,
     # Gemma 4's per-layer table at the tiny vocabulary (its default, 262144 x 4 x 256, is 268M parameters)
     "vocab_size_per_layer_input": 256,
 }
+
+#: TINY fields some constructors take only as keyword arguments they pop (no config attribute).
+_POPPED = ("global_head_dim",)
 _SLIDING_AND_FULL = ["sliding_attention", "full_attention"]
 
 
@@ -108,6 +115,13 @@ def _fields(config_class: type[PretrainedConfig]) -> set[str]:
     return names | set(getattr(config_class, "attribute_map", {}))
 
 
+def _source(config_class: type[PretrainedConfig]) -> str:
+    try:
+        return inspect.getsource(config_class)
+    except (OSError, TypeError):
+        return ""
+
+
 def tiny_family_config(model_type: str) -> PretrainedConfig:
     """``model_type``'s config at the :data:`TINY` size, no dropout, token ids inside the vocabulary.
 
@@ -119,7 +133,7 @@ def tiny_family_config(model_type: str) -> PretrainedConfig:
     if getattr(config_class, "sub_configs", None):
         raise NotBuildable(f"composite config (sub-configs {sorted(config_class.sub_configs)}); "
                            f"not a plain text model at the tiny size")
-    fields = _fields(config_class)
+    fields = _fields(config_class) | {k for k in _POPPED if f'kwargs.pop("{k}"' in _source(config_class)}
     tiny = {k: v for k, v in TINY.items() if k in fields}
     if "kv_lora_rank" in fields:  # MLA: the rotary part of a head is its head_dim; no GQA
         tiny.update(head_dim=TINY["qk_rope_head_dim"], num_key_value_heads=TINY["num_attention_heads"])

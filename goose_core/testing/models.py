@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable
 
 import torch
@@ -21,8 +20,9 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from goose_core.data import ByteTokenizer
 from goose_core.loss import causal_lm_loss
+from goose_core.testing.widen import widen_float32
 
-__all__ = ["FAMILIES", "EAGER_IN_DTYPE", "tiny_config", "build_model", "seeded_model", "norms_in_dtype"]
+__all__ = ["FAMILIES", "EAGER_IN_DTYPE", "tiny_config", "build_model", "seeded_model"]
 
 VOCAB = ByteTokenizer.vocab_size  # 256: divides by 2, 4 and 8
 
@@ -105,8 +105,8 @@ def build_model(family: str, seed: int = 0, dropout: float = 0.0, dtype: torch.d
     else, and one kernel for all families keeps every comparison about parallelism), Llama's
     with its softmax in ``dtype`` (:data:`EAGER_IN_DTYPE`).
     """
-    # GPT-2's eager attention already normalises in the model's dtype; Bloom's hard-codes fp32
-    # and has no interface to replace it (a fully masked row is NaN in a float64 Bloom).
+    # GPT-2's eager attention already normalises in the model's dtype; Bloom's asks for fp32
+    # and has no interface to replace it (a float64 model widens that request: widen.py).
     attention = EAGER_IN_DTYPE if family == "llama" else "eager"
     return seeded_model(tiny_config(family, dropout, **overrides), seed, dtype, attention)
 
@@ -114,7 +114,9 @@ def build_model(family: str, seed: int = 0, dropout: float = 0.0, dtype: torch.d
 def seeded_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
                  attention: str = EAGER_IN_DTYPE) -> PreTrainedModel:
     """Any 🤗 causal LM config as :func:`build_model` builds the tiny families: weights drawn
-    from ``torch.manual_seed(seed)`` in fp32, cast to ``dtype``, goose's loss, train mode.
+    from ``torch.manual_seed(seed)`` in fp32, cast to ``dtype``, goose's loss, train mode; a
+    float64 model's own float32 casts (norms, routers, activations, rotary tables) run in float64
+    (:func:`~goose_core.testing.widen.widen_float32`), so the model is float64 throughout.
 
     ``attention``: :data:`EAGER_IN_DTYPE` for families whose attention goes through 🤗's
     attention interface (most), ``"eager"`` for those that implement their own (GPT-2, Bloom).
@@ -122,39 +124,5 @@ def seeded_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = t
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(dtype)
     model.loss_function = causal_lm_loss
-    if dtype == torch.float64:
-        norms_in_dtype(model)
+    widen_float32(model)  # a float64 model's float32 casts stay float64 (see widen.py)
     return model.train()
-
-
-#: Gemma-style RMSNorms (Gemma 1-3, VaultGemma, Qwen3-Next, ...) scale by ``1 + weight`` in float32.
-_FLOAT32_SCALE = "(1.0 + self.weight.float())"
-
-
-def _source(fn: Callable[..., Any]) -> str:
-    try:
-        return inspect.getsource(fn)
-    except (OSError, TypeError):  # built at run time: not a Gemma-style norm goose knows
-        return ""
-
-
-def _scale_in_dtype(norm: nn.Module, x: Tensor) -> Tensor:
-    return (norm._norm(x) * (1.0 + norm.weight)).type_as(x)
-
-
-def norms_in_dtype(model: nn.Module) -> list[str]:
-    """Run Gemma-style RMSNorms in the model's dtype; returns the classes changed.
-
-    Those norms compute ``_norm(x.float()) * (1 + w.float())``: in a float64 model the weight's
-    gradient is then a float32 sum (over tokens, and over heads for a per-head q/k norm). A
-    parallel layout that splits that sum (tensor parallelism splits the heads) reorders it with
-    float32's noise, ~1e-12 after a few steps: beyond ``PARALLEL``, which is float64's. Like
-    :data:`EAGER_IN_DTYPE` for the softmax, the same norm in the model's dtype, in the reference
-    and in the parallel run alike, keeps a float64 comparison about the parallelism.
-    """
-    changed = set()
-    for module in model.modules():
-        if hasattr(module, "_norm") and _FLOAT32_SCALE in _source(type(module).forward):
-            module.forward = _scale_in_dtype.__get__(module)
-            changed.add(type(module).__name__)
-    return sorted(changed)

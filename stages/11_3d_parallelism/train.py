@@ -38,7 +38,7 @@ from goose_core.data import shard_batch
 from goose_core.loss import causal_lm_loss
 from goose_core.pipeline import Span, Timeline, draw_gantt, trim_waits
 from goose_core.testing import (EAGER_IN_DTYPE, EXACT, FAMILIES, PARALLEL, Tolerance, TrainSpec,
-                                format_beside_reference, reference_run)
+                                format_beside_reference, reference_run, widen_float32)
 
 #: The founding example's Bloom, tiny: 4 layers, 64 wide, a 256-byte vocabulary. Global batches
 #: of 8 x 32 tokens, AdamW, the gradient norm clipped to 1.0 (it is 1.2 to 2.3 in these steps: the clip acts).
@@ -57,7 +57,7 @@ class FolderSpec(TrainSpec):
         model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=self.dtype,
                                                      attn_implementation=EAGER_IN_DTYPE)
         model.loss_function = causal_lm_loss  # goose's loss keeps float64 (see goose_core.loss)
-        return model.train()
+        return widen_float32(model).train()  # its float32 casts too, in a float64 run
 
 
 def spec_for(model: str, steps: int) -> TrainSpec:
@@ -174,6 +174,7 @@ def export_check(ctx: ParallelContext, model: Any, spec: TrainSpec, path: str) -
     found = torch.zeros(2, dtype=torch.float64)
     if ctx.pipeline_parallel_rank == ctx.pipeline_parallel_size - 1 and ctx.tp_rank == 0 and ctx.dp_rank == 0:
         single = AutoModelForCausalLM.from_pretrained(path, dtype=spec.dtype)  # as any 🤗 user loads it
+        widen_float32(single)  # and float64 throughout, as the harness ran the 3D model
         with torch.no_grad():
             want = single(input_ids=probe).logits
         found += torch.tensor([(logits - want).abs().max(), allowance_used(logits, want, PARALLEL)])
