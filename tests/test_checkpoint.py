@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from goose_core.pipeline.callbacks import Callback, CallbackList
 from goose_core.pipeline.checkpoint import (Checkpointing, checkpoint_stop, is_checkpointing,
@@ -114,3 +115,49 @@ def test_recompute_keeps_autocast_off_when_the_forward_had_it_off() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a backward inside someone's autocast
         y.sum().backward()
     assert seen == [torch.float32, torch.float32]
+
+
+class _GeluIsTanh(TorchFunctionMode):
+    """A torch function mode that changes what the layer computes (GELU becomes tanh)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.nn.functional.gelu:
+            func, kwargs = torch.tanh, {}
+        return func(*args, **(kwargs or {}))
+
+
+def _moded_grads(checkpointed: bool, mode: TorchFunctionMode) -> list[torch.Tensor]:
+    layer = _layer()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    torch.manual_seed(2)
+    with mode:
+        y = _checkpointed(layer, x) if checkpointed else layer(x)
+    (y ** 2).sum().backward()  # outside the mode, as a harness's loop may be
+    return [x.grad, *(p.grad for p in layer.parameters())]
+
+
+def test_recompute_runs_under_the_forwards_torch_function_modes() -> None:
+    # The recompute replays the forward as it ran: under the function modes of the forward
+    # (the float64 harness's widening of float32 casts, `with torch.device(...)`). Replayed
+    # outside, a checkpointed Beam at pp=2 differed from one device by 140x PARALLEL.
+    mode = _GeluIsTanh()
+    plain, checkpointed = _moded_grads(False, mode), _moded_grads(True, mode)
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))
+    assert not torch.equal(plain[0], _grads(False)[0])  # the mode changed the function
+
+
+def test_a_backward_inside_the_mode_applies_it_once_to_the_recompute() -> None:
+    # The engine runs a backward without the caller's modes, even inside the `with` block (a
+    # 1F1B backward inside the forward's call): the recompute enters the mode, once.
+    calls: list[object] = []
+
+    class Counting(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.nn.functional.gelu:
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        y = _checkpointed(_layer(), torch.randn(4, 8, requires_grad=True))
+        y.sum().backward()
+    assert len(calls) == 2  # the forward's and the recompute's

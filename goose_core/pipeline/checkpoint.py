@@ -12,9 +12,10 @@ record: Recompute leaves the rebuilt graph there, Checkpoint's backward runs it:
     backward:  phony ─► Recompute: rebuild y with grad ─┐
                grad y ─► Checkpoint.backward: backward through the rebuilt y, return grad x
 
-The replay runs under the forward's RNG state (CPU and the input's CUDA device) and the forward's
-autocast state (CPU and the input's device type), so dropout draws the same masks, every op runs
-in the same dtype, and checkpointing changes no bit of the gradients. The backward usually runs
+The replay runs under the forward's RNG state (CPU and the input's CUDA device), the forward's
+autocast state (CPU and the input's device type) and the forward's torch function modes, so
+dropout draws the same masks, every op runs in the same dtype and as the forward ran it, and
+checkpointing changes no bit of the gradients. The backward usually runs
 outside the ``torch.autocast`` block of the forward: a replay under the backward's state would
 recompute a bf16 forward in fp32 and differentiate another function. (One exception under
 autocast, by design: uncheckpointed micro-batches share the autocast cache's bf16 cast of a weight,
@@ -31,6 +32,7 @@ from typing import Callable, Iterator, Literal
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from goose_core.pipeline.callbacks import CallbackList
 
@@ -103,11 +105,13 @@ class Checkpointing:
         self.device_types = sorted({"cpu", input.device.type})
         self.autocast: list[tuple[str, bool, torch.dtype]] = []
         self.autocast_cache = True
+        self.modes: list[TorchFunctionMode] = []
         self.rebuilt: tuple[Tensor, Tensor] | None = None  # (output, input leaf)
 
     def checkpoint(self, phony: Tensor) -> Tensor:
         """The cell's output, computed without saving activations. ``phony`` must require grad
         so the output is part of the graph even when the input is not."""
+        self.modes = _function_modes()
         return Checkpoint.apply(phony, self, self.input)
 
     def recompute(self, phony: Tensor) -> Tensor:
@@ -144,6 +148,22 @@ class Checkpointing:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
                                                    cache_enabled=self.autocast_cache))
             yield
+
+    @contextmanager
+    def restored_modes(self) -> Iterator[None]:
+        """The torch function modes the forward ran under (``with torch.device(...)``, a
+        harness's float32 widening): the autograd engine runs a backward without the caller's
+        mode stack (even a backward inside the ``with`` block), so the recompute would replay
+        the forward's ops without them."""
+        with ExitStack() as stack:
+            for mode in self.modes:
+                stack.enter_context(mode)
+            yield
+
+
+def _function_modes() -> list[TorchFunctionMode]:
+    """The torch function mode stack, innermost last."""
+    return list(_get_current_function_mode_stack())
 
 
 class Checkpoint(torch.autograd.Function):
@@ -182,7 +202,8 @@ class Recompute(torch.autograd.Function):
         record.callbacks.fire("recompute", "before", micro, part)
         (input,) = ctx.saved_tensors
         leaf = input.detach().requires_grad_(input.requires_grad)
-        with record.restored_rng(), record.restored_autocast(), torch.enable_grad(), _flag("recomputing"):
+        with (record.restored_rng(), record.restored_modes(), record.restored_autocast(), torch.enable_grad(),
+              _flag("recomputing")):
             output = record.function(leaf)
         record.rebuilt = (output, leaf)
         record.callbacks.fire("recompute", "after", micro, part)

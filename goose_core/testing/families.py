@@ -63,8 +63,6 @@ TINY: dict[str, Any] = {
     "vocab_size_per_layer_input": 256, "hidden_size_per_layer_input": 16, "global_head_dim": 16,
     # training: no key/value cache (hybrids whose 4 tiny layers hold no attention layer have none)
     "use_cache": False,
-    # Gemma 4's per-layer table at the tiny vocabulary (its default, 262144 x 4 x 256, is 268M parameters)
-    "vocab_size_per_layer_input": 256,
 }
 
 #: TINY fields some constructors take only as keyword arguments they pop (no config attribute).
