@@ -108,6 +108,14 @@ def test_gemma4_per_layer_inputs_and_shared_keys_are_refused() -> None:
     assert adapter_for(_tiny("gemma4_text", hidden_size_per_layer_input=0)).blocks_path == "model.layers"
 
 
+def test_glm_moe_dsa_splits_only_when_every_layer_selects_its_own_top_k() -> None:
+    # Its blocks hand (hidden, top-k indices) on; a 'shared' layer reuses the previous full
+    # layer's selection, which would have to cross a stage boundary.
+    assert adapter_for(_tiny("glm_moe_dsa", indexer_types=["full"] * 4)).blocks_path == "model.layers"
+    with pytest.raises(ValueError, match=r"layers \[1, 3\] are 'shared' in config.indexer_types.*use pp=1"):
+        adapter_for(_tiny("glm_moe_dsa", indexer_types=["full", "shared"] * 2))
+
+
 def test_a_layout_must_hold_every_parameter_and_the_token_table(monkeypatch: pytest.MonkeyPatch) -> None:
     # A parameter outside the layout would stay on every stage, each training its own copy.
     model = build("llama")

@@ -43,6 +43,14 @@ def _no_layerdrop(config: PretrainedConfig) -> list[str]:
     return []
 
 
+def _no_shared_topk(config: PretrainedConfig) -> list[str]:
+    shared = [i for i, kind in enumerate(getattr(config, "indexer_types", None) or []) if kind == "shared"]
+    if shared:
+        return [f"{config.model_type}: layers {shared} are 'shared' in config.indexer_types and reuse the previous "
+                f"full layer's top-k token selection, which goose does not carry between stages; use pp=1"]
+    return []
+
+
 #: model_type -> its layout. The comments say what the family's parent does that the split keeps.
 LAYOUTS: dict[str, PipelineLayout] = {
     # the standard shape, plain
@@ -67,6 +75,9 @@ LAYOUTS: dict[str, PipelineLayout] = {
     # others
     "persimmon": decoder("final_layernorm"),
     "nanochat": decoder(None),      # its parameterless norm runs before the blocks and after
+    # declares a plan, but its blocks return (hidden, top-k indices), the next block's input
+    "glm_moe_dsa": PipelineLayout(embed=("model.embed_tokens",), blocks="model.layers",
+                                  head=("model.norm", "lm_head"), tuple_blocks=True, check=_no_shared_topk),
     "gpt_neo": gpt2.LAYOUT,         # GPT-2's module names; local/global attention in the blocks
     "gpt_bigcode": gpt2.LAYOUT,
     "biogpt": PipelineLayout(embed=("biogpt.embed_tokens", "biogpt.embed_positions"), blocks="biogpt.layers",
