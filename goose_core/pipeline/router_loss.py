@@ -51,9 +51,11 @@ from transformers import PreTrainedModel
 
 __all__ = ["RouterLoss", "WholeBatchProbs", "router_loss_of"]
 
-# sha256 of transformers 5.24's load_balancing_loss_func source, the one this module mirrors.
-# Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, PhiMoE, gpt-oss, ... share it verbatim.
-_MIRRORED = "ba57772e23a0d78b840472cd38c1872abe2fa593f38e644ac2aab1defcd536f7"
+# sha256 of the load_balancing_loss_func sources this module mirrors: transformers 5.24's, and
+# 5.17's (the floor), which counts the top-k choices with bincount where 5.24 uses histc: the same
+# integer counts. Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GraniteMoE, PhiMoE, gpt-oss, ... share it.
+_MIRRORED = {"ba57772e23a0d78b840472cd38c1872abe2fa593f38e644ac2aab1defcd536f7": "5.24",
+             "f224b99e93782bfec972662dccd26eb81797c790c6744d309c30a356afd3e735": "5.17"}
 _MIRRORED_PARAMETERS = ("gate_logits", "num_experts", "top_k", "attention_mask")
 # The call each family's ...ForCausalLM.forward makes, whitespace removed.
 _CALL = ("load_balancing_loss_func(outputs.router_logits,self.num_experts,self.num_experts_per_tok,"
@@ -308,9 +310,9 @@ def _mismatch(model: nn.Module, recorder: Any) -> str | None:
         return (f"{module.__name__}.load_balancing_loss_func{parameters} is not the Switch-Transformer "
                 f"function goose mirrors (transformers 5.24's Mixtral load_balancing_loss_func"
                 f"{_MIRRORED_PARAMETERS})")
-    if _digest(inspect.getsource(func)) != _MIRRORED:
+    if _digest(inspect.getsource(func)) not in _MIRRORED:
         return (f"{module.__name__}.load_balancing_loss_func has the mirrored parameters but another body "
-                f"than transformers 5.24's Mixtral one")
+                f"than transformers 5.24's (or 5.17's) Mixtral one")
     if not all(hasattr(model, a) for a in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")):
         return "it has no num_experts / num_experts_per_tok / router_aux_loss_coef"
     forward = "".join(inspect.getsource(type(model).forward).split())
