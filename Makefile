@@ -61,15 +61,24 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The suite again on CPU kernels other than this machine's best: parity must not depend on which
-# kernels a CPU picks (a vectorised sum adds in another order). MKL's instruction set follows.
+# kernels a CPU picks (a vectorised sum adds in another order). Three libraries pick kernels, and
+# each is capped here: ATen's own (ATEN_CPU_CAPABILITY), MKL's, and oneDNN's, which runs bf16
+# matmuls only where it finds AVX-512 (a CPU with only AVX2 takes ATen's fallback GEMM, another
+# rounding: ONEDNN_MAX_CPU_ISA=AVX2 gives this machine that family, which ATen's variable alone
+# does not; tests/test_kernel_families.py proves the switch changes bf16 results).
 CAPABILITY ?= default
 MKL_default := SSE4_2
 MKL_avx2    := AVX2
 MKL_avx512  := AVX512
+ONEDNN_default := SSE41
+ONEDNN_avx2    := AVX2
+ONEDNN_avx512  := ALL
+KERNELS = ATEN_CPU_CAPABILITY=$(CAPABILITY) MKL_ENABLE_INSTRUCTIONS=$(MKL_$(CAPABILITY)) \
+	ONEDNN_MAX_CPU_ISA=$(ONEDNN_$(CAPABILITY))
 test-kernels: $(STAMP)
-	ATEN_CPU_CAPABILITY=$(CAPABILITY) MKL_ENABLE_INSTRUCTIONS=$(MKL_$(CAPABILITY)) $(PY) -c \
-	  "import torch; print('CPU kernels:', torch.backends.cpu.get_cpu_capability())"
-	ATEN_CPU_CAPABILITY=$(CAPABILITY) MKL_ENABLE_INSTRUCTIONS=$(MKL_$(CAPABILITY)) $(PY) -m pytest -q
+	$(KERNELS) $(PY) -c "import torch; print('CPU kernels:', torch.backends.cpu.get_cpu_capability(), \
+	  '| oneDNN bf16 matmuls:', torch.ops.mkldnn._is_mkldnn_bf16_supported())"
+	$(KERNELS) $(PY) -m pytest -q
 
 # tests/gpu (pytest -m gpu) on one CUDA GPU: the one-GPU pipeline against the plain run, stream races,
 # the CUDA sanitizer, NCCL under torchrun, the profiler's allocator path. Without CUDA it says so

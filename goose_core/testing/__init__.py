@@ -2,6 +2,7 @@
 
 from goose_core.testing.distributed import layouts, run_distributed
 from goose_core.testing.layout import at_layout
+from goose_core.testing.split_reductions import split_reductions
 from goose_core.testing.models import EAGER_IN_DTYPE, FAMILIES, build_model, seeded_model, tiny_config
 from goose_core.testing.reference import (
     PRECISIONS,
@@ -9,7 +10,9 @@ from goose_core.testing.reference import (
     TrainSpec,
     accumulate,
     assert_matches_reference,
+    FLOOR_RUNS,
     format_beside_reference,
+    noise_floor_runs,
     reference_run,
     snapshot,
     train_loop,
@@ -21,6 +24,7 @@ __all__ = [
     "EAGER_IN_DTYPE",
     "EXACT",
     "FAMILIES",
+    "FLOOR_RUNS",
     "PARALLEL",
     "PRECISIONS",
     "RunResult",
@@ -31,12 +35,14 @@ __all__ = [
     "assert_matches_reference",
     "build_model",
     "format_beside_reference",
+    "noise_floor_runs",
     "noise_floor_tolerances",
     "layouts",
     "reference_run",
     "run_distributed",
     "seeded_model",
     "snapshot",
+    "split_reductions",
     "tiny_config",
     "train_loop",
     "widen_float32",

@@ -16,6 +16,7 @@ from goose_core.data_parallel import count_items_over, reducer_of
 from goose_core.loss import count_items
 from goose_core.testing.models import build_model
 from goose_core.optim import MasterWeights
+from goose_core.testing.split_reductions import split_reductions
 from goose_core.testing.tolerances import Tolerance
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "train_loop",
     "snapshot",
     "reference_run",
+    "FLOOR_RUNS",
+    "noise_floor_runs",
     "assert_matches_reference",
     "format_beside_reference",
 ]
@@ -177,10 +180,11 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters(remove_duplicate=False)}
 
 
-def reference_run(spec: TrainSpec, micro_batches: int = 1, reverse: bool = False) -> RunResult:
+def reference_run(spec: TrainSpec, micro_batches: int = 1, reverse: bool = False, split: int = 1) -> RunResult:
     """Train ``spec`` on one device, on the whole global batch of every step (or accumulated over
-    ``micro_batches`` pieces, last-first if ``reverse``: the same sums in another order, the
-    noise floor of a low precision)."""
+    ``micro_batches`` pieces, last-first if ``reverse``; with low-precision linear layers' sums
+    split into ``split`` rounded pieces, :func:`~goose_core.testing.split_reductions.split_reductions`):
+    the same sums in another order or split, the noise floor of a low precision)."""
     model = spec.build_model()
     optimizer = spec.recipe_optimizer(model.parameters())
     clip = None
@@ -188,9 +192,26 @@ def reference_run(spec: TrainSpec, micro_batches: int = 1, reverse: bool = False
         # Mixed precision clips the fp32 master gradients, as the parallel runs do.
         params = optimizer.master_params if isinstance(optimizer, MasterWeights) else model.parameters
         clip = lambda: torch.nn.utils.clip_grad_norm_(params(), spec.max_grad_norm)  # noqa: E731
-    losses = train_loop(model, optimizer, (spec.batch(s) for s in range(spec.steps)), clip,
-                        micro_batches, reverse=reverse)
+    with split_reductions(split):
+        losses = train_loop(model, optimizer, (spec.batch(s) for s in range(spec.steps)), clip,
+                            micro_batches, reverse=reverse)
     return RunResult(losses, snapshot(model))
+
+
+#: The noise-floor runs of a low-precision recipe, ``(micro_batches, reverse, split)``: every
+#: change a layout makes to the single device's sums, sampled on one device. Micro-batches
+#: reorder the weight gradients' sums over tokens (data and pipeline parallelism); split
+#: reductions round partial matmul sums (tensor parallelism); the last two do both, as a
+#: tp x pp x dp run does. Two reordered pieces are not taken reversed: ``a + b == b + a``.
+FLOOR_RUNS: tuple[tuple[int, bool, int], ...] = (
+    (2, False, 1), (4, True, 1), (8, False, 1), (1, False, 2), (1, False, 4), (2, False, 2), (2, False, 4))
+
+
+def noise_floor_runs(spec: TrainSpec) -> list[RunResult]:
+    """:data:`FLOOR_RUNS` of ``spec`` (those whose micro-batches divide its batch), for
+    :func:`~goose_core.testing.tolerances.noise_floor_tolerances`."""
+    return [reference_run(spec, m, reverse, split) for m, reverse, split in FLOOR_RUNS
+            if spec.batch_size % m == 0]
 
 
 def _worst(actual: Tensor, expected: Tensor, tol: Tolerance) -> float:

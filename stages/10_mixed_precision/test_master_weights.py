@@ -11,8 +11,8 @@ from goose_core import DataParallel, ParallelContext
 from goose_core.data import shard_batch
 from goose_core.data_parallel import no_sync, reducer_of
 from goose_core.optim import DistributedOptimizer, MasterWeights
-from goose_core.testing import (RunResult, Tolerance, TrainSpec, assert_matches_reference, noise_floor_tolerances,
-                                reference_run, run_distributed)
+from goose_core.testing import (RunResult, Tolerance, TrainSpec, assert_matches_reference, noise_floor_runs,
+                                noise_floor_tolerances, reference_run, run_distributed)
 
 from course import load_train_script
 
@@ -27,8 +27,7 @@ SPEC = TrainSpec(family="llama", steps=4, optimizer="sgd", lr=0.1, precision="bf
 def floor() -> tuple[RunResult, Tolerance, Tolerance]:
     """The bf16 reference, and the allowances its noise floor gives (measured here, every run)."""
     reference = reference_run(SPEC)
-    floor_runs = [reference_run(SPEC, 2), reference_run(SPEC, 4, reverse=True)]
-    return reference, *noise_floor_tolerances(reference, floor_runs)
+    return reference, *noise_floor_tolerances(reference, noise_floor_runs(SPEC))
 
 
 def _train(ctx: ParallelContext, spec: TrainSpec, zero: bool) -> RunResult:
