@@ -55,13 +55,15 @@ def _outside_the_model(spec: TrainSpec) -> RunResult:
     return RunResult(losses, snapshot(model))
 
 
-def _train(ctx: ParallelContext, configs: list[tuple[str, int, str, str, str | None]]) -> list[RunResult]:
+def _train_shards(ctx: ParallelContext, configs: list[tuple[str, int, str, str, str | None]]) -> list[RunResult]:
+    """Each config trained at ctx's layout, every dp rank on its shard of each batch."""
     results = []
     for family, m, schedule, loss, padding in configs:
         spec = _spec(family, padding)
         model = at_layout(spec.build_model(), ctx, num_microbatches=m, schedule=schedule, loss_fn=LOSSES[loss])
         optimizer = spec.build_optimizer(model.parameters())
-        results.append(RunResult(train_loop(model, optimizer, spec.batches()), full_state_dict(model, ctx)))
+        losses = train_loop(model, optimizer, spec.batches(ctx.dp_rank, ctx.dp_size))
+        results.append(RunResult(losses, full_state_dict(model, ctx)))
     return results
 
 
@@ -87,9 +89,15 @@ TP2_PP2 = [("bloom", 2, "gpipe", "mean", None), ("llama", 4, "1f1b", "mean", Non
            ("gpt2", 2, "gpipe", "tokens", "left")]
 
 
-@pytest.mark.parametrize("tp, configs", [(1, PP2), (2, TP2_PP2)], ids=["pp2", "tp2xpp2"])
-def test_a_custom_loss_equals_the_loss_outside_the_model_on_one_device(tp: int, configs: list) -> None:
-    per_rank = run_distributed(_train, tp, 2, 1, configs, timeout=240)
+# Data parallelism averages the replicas as the pipeline averages micro-batches (mean form), or
+# passes the global count (token form).
+PP2_DP2 = [("llama", 2, "gpipe", "mean", None), ("gpt2", 2, "1f1b", "tokens", "right")]
+
+
+@pytest.mark.parametrize("tp, dp, configs", [(1, 1, PP2), (2, 1, TP2_PP2), (1, 2, PP2_DP2)],
+                         ids=["pp2", "tp2xpp2", "pp2xdp2"])
+def test_a_custom_loss_equals_the_loss_outside_the_model_on_one_device(tp: int, dp: int, configs: list) -> None:
+    per_rank = run_distributed(_train_shards, tp, 2, dp, configs, timeout=240)
     _assert_every_rank_matches(per_rank, configs)
 
 
@@ -104,7 +112,7 @@ def _unscaled(self: CustomLoss, body: Callable) -> Callable:
 def test_a_mean_loss_not_scaled_per_micro_batch_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(CustomLoss, "wrap", _unscaled)  # the forked ranks inherit it
     configs = [("llama", 2, "gpipe", "mean", None)]
-    per_rank = run_distributed(_train, 1, 2, 1, configs, timeout=120)
+    per_rank = run_distributed(_train_shards, 1, 2, 1, configs, timeout=120)
     with pytest.raises(AssertionError, match="losses differ beyond"):
         _assert_every_rank_matches(per_rank, configs)
 
