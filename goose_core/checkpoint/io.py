@@ -179,11 +179,13 @@ def _rng_destinations(layout: dict[str, Any], ctx: ParallelContext, metadata: Me
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    ctx: ParallelContext) -> dict[str, Any]:
+                    ctx: ParallelContext | None = None) -> dict[str, Any]:
     """Load what :func:`save_checkpoint` wrote into ``model`` and ``optimizer``; return ``extra``.
 
     Collective: call it on every rank, after building the model, the wrappers and the optimizer
-    as for training, at the saved layout (bit-exact resume) or any other (resharded). A
+    as for training, at the saved layout (bit-exact resume) or any other (resharded). Without
+    ``ctx`` it is a load into one process (``ParallelContext()``: a plain model, in a plain
+    ``python`` or a notebook). A
     ``DistributedOptimizer`` gets its ZeRO-1 shards of this layout. ``extra`` and the optimizer's
     options are unpickled (as ``torch.load(weights_only=False)``): load checkpoints you trust.
 
@@ -193,6 +195,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         RuntimeError: on every rank, when a rank failed to read.
     """
     folder = atomic.complete(Path(path))
+    ctx = ctx if ctx is not None else ParallelContext()
     metadata = FileSystemReader(folder).read_metadata()
     layout = json.loads((folder / LAYOUT_FILE).read_text())
     errors: list[str] = []

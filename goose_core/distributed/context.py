@@ -18,9 +18,19 @@ DEFAULT_TIMEOUT = timedelta(seconds=120)
 _ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def _alone() -> bool:
+    """Whether no launcher started this process: none of torchrun's variables, and no world of
+    several initialised by the caller (a plain ``python``, a notebook)."""
+    if any(k in os.environ for k in _ENV):
+        return False
+    return not dist.is_initialized() or dist.get_world_size() == 1
+
+
 def _world_size_before_init() -> int:
     if dist.is_initialized():
         return dist.get_world_size()
+    if _alone():
+        return 1
     missing = [k for k in _ENV if k not in os.environ]
     if missing:
         raise RuntimeError(
@@ -29,6 +39,11 @@ def _world_size_before_init() -> int:
         )
     return int(os.environ["WORLD_SIZE"])
 
+
+_ALONE = ("tp * pp * dp = {grid.tp} * {grid.pp} * {grid.dp} = {n} processes, but this is one process "
+          "started without a launcher (no RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): launch "
+          "{n} with `torchrun --nproc_per_node={n} script.py`, or goose_core.spawn(fn, {n}) from "
+          "Python; ParallelContext() alone is a world of one")
 
 #: Environment defaults for ``backend`` / ``device`` (an argument wins over them). ``spawn`` sets
 #: both to gloo / cpu in its forked ranks: a forked child must never touch CUDA.
@@ -106,7 +121,9 @@ def _check_pair(backend: str, device: torch.device) -> None:
 class ParallelContext:
     """One rank's view of the tp x pp x dp grid.
 
-    Initialises ``torch.distributed`` from torchrun's environment when nobody has yet, validates
+    Initialises ``torch.distributed`` from torchrun's environment when nobody has yet (a process
+    without a launcher's environment is a world of one, over a private store: a checkpoint loads
+    and trains in a plain ``python`` or a notebook), validates
     the layout on every rank *before* any collective, then creates one process group per axis
     line (see :mod:`goose_core.distributed.grid` for the rank order), and one per pipeline for
     its first and last stage (:attr:`pipeline_ends_group`). The backend and device
@@ -124,8 +141,8 @@ class ParallelContext:
         timeout: how long any collective may wait before failing.
 
     Raises:
-        ValueError: a size < 1, tp * pp * dp != world size, or a backend / device that cannot
-            work here (raised on every rank).
+        ValueError: a size < 1, tp * pp * dp != world size (without a launcher: > 1), or a
+            backend / device that cannot work here (raised on every rank).
     """
 
     def __init__(
@@ -140,6 +157,9 @@ class ParallelContext:
         timeout: timedelta = DEFAULT_TIMEOUT,
     ) -> None:
         self.grid = ProcessGrid(tensor_parallel_size, pipeline_parallel_size, data_parallel_size)
+        alone = _alone()
+        if alone and self.grid.world_size > 1:
+            raise ValueError(_ALONE.format(n=self.grid.world_size, grid=self.grid))
         self.grid.check_world_size(_world_size_before_init())
         local_rank, local_world = _local_ranks()
         if dist.is_initialized():  # someone else chose the backend: the device follows it
@@ -149,7 +169,9 @@ class ParallelContext:
         if self.device.type == "cuda":  # the only CUDA call; gloo-on-CPU ranks never make it.
             torch.cuda.set_device(self.device)  # before NCCL starts, so it binds this GPU
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timeout)
+            # Alone (a plain `python`, a notebook): a world of one over a private store, no port.
+            alone_world = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if alone else {}
+            dist.init_process_group(backend, timeout=timeout, **alone_world)
         self.backend = dist.get_backend()
         self.timeout = timeout
         self.seed = seed

@@ -6,6 +6,7 @@ rest with placeholders, so parameter names stay the single-device model's. The m
 ``forward`` becomes the pipeline's: the same training loop runs on every rank::
 
     loss = model(input_ids=..., labels=...).loss   # global batch mean, on every stage
+                                                    # (or PipelineParallel(..., loss_fn=...))
     loss.backward()                                 # runs the whole backward schedule
                                                     # (1F1B: ran in the forward; this hands
                                                     #  over the gradients)
@@ -31,6 +32,7 @@ from goose_core.metadata import parameters_changed
 from goose_core.partition import Partitioner, partition_blocks
 from goose_core.pipeline.callbacks import Callback, CallbackList
 from goose_core.pipeline.checkpoint import checkpoint_stop
+from goose_core.pipeline.custom_loss import CustomLoss, LossFn
 from goose_core.pipeline.p2p import DistributedTransport
 from goose_core.pipeline.pipeline import Pipeline
 from goose_core.pipeline.schedule import schedule_named
@@ -61,6 +63,13 @@ class PipelineParallel:
             backward) or ``"1f1b"`` (at most p micro-batches in flight instead of M: the forward
             call runs each micro-batch's backward too, and ``loss.backward()`` hands over the
             gradients; see :mod:`goose_core.pipeline.parked`).
+        loss_fn: a loss computed from the logits, per micro-batch on the last stage, instead of
+            the model's own: ``loss_fn(logits, labels)`` (a mean; the M are averaged) or
+            ``loss_fn(logits, labels, num_items_in_batch)`` (🤗's token-weighted convention);
+            the loop passes its targets as ``labels=`` (see :mod:`goose_core.pipeline.custom_loss`).
+
+    A forward with gradients enabled needs ``labels`` (and then a loss inside the pipeline):
+    without them no stage could build a loss to train on, so it is refused on every rank.
 
     Order: apply it after ``TensorParallel`` (which refuses a model already split into stages);
     ``DataParallel`` may come before or after it (its reducer is rebuilt over this stage's
@@ -70,14 +79,14 @@ class PipelineParallel:
 
     Raises:
         ValueError: on every rank, before any collective: M < 1, an unknown schedule,
-            checkpoint mode or ``check_batch``, a model already pipelined, a model that cannot be split, fewer
+            checkpoint mode or ``check_batch``, a ``loss_fn`` with a router loss, a model already pipelined, a model that cannot be split, fewer
             blocks than stages, a bad partition.
     """
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, num_microbatches: int = 1,
                  checkpoint: str = "except_last", partitioner: Partitioner = "uniform",
                  callbacks: Iterable[Callback] = (), sample: Tensor | None = None,
-                 check_batch: str = "first", schedule: str = "gpipe") -> None:
+                 check_batch: str = "first", schedule: str = "gpipe", loss_fn: LossFn | None = None) -> None:
         self.schedule = schedule_named(schedule)
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
@@ -92,6 +101,7 @@ class PipelineParallel:
         self.adapter = adapter_for(model)
         self.adapter.check(num_microbatches, self.schedule)
         self.counts = _split(self.adapter, ctx.pipeline_parallel_size, partitioner, num_microbatches, sample)
+        self.loss = None if loss_fn is None else CustomLoss(loss_fn, num_microbatches, model)
 
     def parallelize(self) -> nn.Module:
         """This rank's stage: ``model`` itself, trimmed, with a pipelined ``forward``, the
@@ -111,7 +121,7 @@ class PipelineParallel:
         transport: Transport = (LocalTransport([ctx.device]) if n == 1 else DistributedTransport(
             ctx.pipeline_parallel_group, ctx.prev_pipeline_rank, ctx.next_pipeline_rank, ctx.device))
         stage = Stage(model, adapter, {j: list(held)}, n, transport, self.num_microbatches,
-                       self.checkpoint, self.callbacks, ctx, tied, [ctx.device] * n, self.schedule)
+                       self.checkpoint, self.callbacks, ctx, tied, [ctx.device] * n, self.schedule, self.loss)
         _install(model, stage)
         install_batch_check(model, ctx, "pp", self.check_batch)
         parameters_changed(model)  # a DataParallel applied before re-buckets over this stage
@@ -137,11 +147,11 @@ def _split(adapter: Adapter, num_stages: int, partitioner: Partitioner, num_micr
 def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int = 1,
                    checkpoint: str = "except_last", partitioner: Partitioner = "uniform",
                    callbacks: Iterable[Callback] = (), devices: list[torch.device] | None = None,
-                   schedule: str = "gpipe") -> nn.Module:
+                   schedule: str = "gpipe", loss_fn: LossFn | None = None) -> nn.Module:
     """Every partition of ``model`` in this process (torchgpipe's setting): partition j on
     ``devices[j]`` (default: all on CPU), tensors hopping devices on copy streams. No processes,
     no collectives: how the engine is tested without ranks, and how one GPU exercises streams.
-    ``schedule`` as for :class:`PipelineParallel`.
+    ``schedule`` and ``loss_fn`` as for :class:`PipelineParallel`.
 
     Raises:
         ValueError: as :class:`PipelineParallel`, or ``devices`` of the wrong length.
@@ -158,6 +168,7 @@ def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int 
     adapter = adapter_for(model)
     adapter.check(num_microbatches, schedule_cls)
     counts = _split(adapter, num_partitions, partitioner, num_microbatches)
+    loss = None if loss_fn is None else CustomLoss(loss_fn, num_microbatches, model)
     starts = [sum(counts[:j]) for j in range(num_partitions)]
     held = {j: list(range(starts[j], starts[j] + counts[j])) for j in range(num_partitions)}
     for j, blocks in held.items():
@@ -170,7 +181,7 @@ def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int 
     if _tied_path(model) is not None and devices[0] != devices[-1]:
         raise ValueError("tied input/output embeddings need the first and last partitions on one device")
     stage = Stage(model, adapter, held, num_partitions, LocalTransport(devices), num_microbatches,
-                   checkpoint, CallbackList(callbacks), devices=devices, schedule=schedule_cls)
+                   checkpoint, CallbackList(callbacks), devices=devices, schedule=schedule_cls, loss=loss)
     return _install(model, stage)
 
 

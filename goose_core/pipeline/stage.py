@@ -34,6 +34,7 @@ from goose_core.grad_sync import GradSync
 from goose_core.loss import count_items, loss_dtype, nonzero
 from goose_core.metadata import grad_syncs
 from goose_core.pipeline.callbacks import CallbackList
+from goose_core.pipeline.custom_loss import CustomLoss
 from goose_core.pipeline.microbatch import gather, scatter
 from goose_core.pipeline.parked import ParkedGradients
 from goose_core.pipeline.pipeline import Partition, Pipeline, Root, StepOutput
@@ -64,13 +65,15 @@ class Stage:
         tied: the module path of an input embedding tied to the LM head, if any.
         devices: partition j's device (default: all CPU).
         schedule: the schedule class (GPipe by default).
+        loss: a loss computed from the logits on the last stage (``PipelineParallel(...,
+            loss_fn=...)``) instead of the model's own.
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, held: dict[int, list[int]],
                  num_partitions: int, transport: Transport, num_microbatches: int,
                  checkpoint: str, callbacks: CallbackList, ctx: ParallelContext | None = None,
                  tied: str | None = None, devices: list[torch.device] | None = None,
-                 schedule: type[Schedule] = GPipe) -> None:
+                 schedule: type[Schedule] = GPipe, loss: CustomLoss | None = None) -> None:
         self.model, self.adapter, self.ctx, self.transport = model, adapter, ctx, transport
         self.num_microbatches, self.num_partitions = num_microbatches, num_partitions
         self.is_last = num_partitions - 1 in held
@@ -79,6 +82,9 @@ class Stage:
         partitions = [Partition(j, functools.partial(adapter.run, blocks, j == 0, j == num_partitions - 1),
                                 adapter.embed if j == 0 else None, devices[j])
                       for j, blocks in held.items()]
+        if loss is not None and self.is_last:
+            partitions[-1].body = loss.wrap(partitions[-1].body)
+        self.loss = loss
         self.device = devices[max(held)]
         self.pipeline = Pipeline(partitions, num_partitions, transport, checkpoint, callbacks, schedule)
         self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
@@ -99,6 +105,7 @@ class Stage:
             raise ValueError(f"the pipelined model takes input_ids, labels, attention_mask and "
                              f"num_items_in_batch; got input_ids="
                              f"{'given' if input_ids is not None else None}, other arguments {unsupported}")
+        self._refuse_no_loss(labels)
         inputs = {k: v for k, v in (("input_ids", input_ids), ("labels", labels),
                                     ("attention_mask", attention_mask)) if v is not None}
         # Each micro-batch knows its index: the router loss keys its whole-batch record by it.
@@ -115,6 +122,21 @@ class Stage:
             self.adapter.probs.reset()  # a recompute of the last step's cells recorded again
         step = self.pipeline.run(microbatches)
         return CausalLMOutputWithPast(loss=self._loss(self._total(step), step.roots))
+
+    def _refuse_no_loss(self, labels: Tensor | None) -> None:
+        """Every rank, before any point-to-point message: a step that could build no loss.
+
+        Only the last stage holds logits, one micro-batch at a time, so a loss computed from
+        ``.logits`` after the forward has nothing to differentiate on any stage."""
+        if self.loss is not None and (labels is not None or torch.is_grad_enabled()):
+            self.loss.check(labels)
+        elif labels is None and torch.is_grad_enabled():
+            raise ValueError(
+                "a pipelined forward with gradients enabled needs a loss computed inside the pipeline: "
+                "only the last stage holds logits, one micro-batch at a time, so a loss computed from "
+                "model(...).logits cannot train. Pass labels= (the model's own loss), or "
+                "PipelineParallel(..., loss_fn=...) and labels=targets (loss_fn(logits, labels) per "
+                "micro-batch); for logits alone, run under torch.no_grad()")
 
     def _total(self, step: StepOutput) -> Tensor | None:
         """The last stage's batch loss: the micro-batch losses' sum, plus the router loss of the
