@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from goose_core.data_parallel.loss import count_items_over, global_mean, replica_items
 from goose_core.data_parallel.reducer import GradReducer, trainable
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
-from goose_core.distributed.batch_check import extremes
+from goose_core.distributed.batch_check import extremes, install_batch_check, model_vocab
 from goose_core.distributed.context import ParallelContext
 from goose_core.loss import count_items
 from goose_core.metadata import module_grad_sync, parameters_changed, set_module_grad_sync
@@ -99,6 +99,8 @@ class DataParallel:
         else:
             check_replicas(self.module, group)
         self.reducer = GradReducer(trainable(self.module), group, self.bucket_bytes, self.reduce_dtype)
+        if model_vocab(self.module) is not None:  # a language model: its batch checked before the count
+            install_batch_check(self.module, self.ctx)
         self.module.register_forward_pre_hook(self._count_items, with_kwargs=True)
         self.module.register_forward_hook(self._global_loss)
         set_module_grad_sync(self.module, self.reducer)  # later wrappers: parameters_changed

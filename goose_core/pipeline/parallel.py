@@ -106,6 +106,7 @@ class PipelineParallel:
             drop += [p for p in adapter.embed_paths if not (j == n - 1 and p == tied)]
         if j != n - 1:
             drop += list(adapter.head_paths)
+        install_batch_check(model, ctx, "pp", self.check_batch)  # before the embedding is dropped
         drop_modules(model, drop)
         model.to(ctx.device)
         transport: Transport = (LocalTransport([ctx.device]) if n == 1 else DistributedTransport(
@@ -113,7 +114,6 @@ class PipelineParallel:
         stage = Stage(model, adapter, {j: list(held)}, n, transport, self.num_microbatches,
                        self.checkpoint, self.callbacks, ctx, tied, [ctx.device] * n, self.schedule)
         _install(model, stage)
-        install_batch_check(model, ctx, "pp", self.check_batch)
         parameters_changed(model)  # a DataParallel applied before re-buckets over this stage
         return model
 

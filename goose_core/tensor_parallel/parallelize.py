@@ -200,6 +200,7 @@ class TensorParallel:
                              "DP; TP, DP, PP; DP, TP, PP)")
         plan = resolve_plan(model)
         check_sizes(model, plan, tp)
+        install_batch_check(model, ctx, "tp", self.check_batch)  # reads the whole vocabulary
         embedding, head = _vocab_modules(model)
         tracker = RNGTracker(self.seed, ctx.tensor_parallel_rank, ctx.device)
         apply_styles(model, plan, ctx, tracker, skip=embedding)
@@ -213,7 +214,6 @@ class TensorParallel:
         before, after = _forward_hooks(head, tracker)
         model.register_forward_pre_hook(before, with_kwargs=True)
         model.register_forward_hook(after, always_call=True)
-        install_batch_check(model, ctx, "tp", self.check_batch)
         if self.check_grads and tp > 1:  # before DataParallel's hooks, which may move .grad away
             ReplicaGradCheck(model, ctx.tensor_parallel_group, ctx.device)
         parameters_changed(model)
