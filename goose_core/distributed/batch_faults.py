@@ -9,11 +9,13 @@ the same fault and raises the same ``ValueError``, even when the bad value sat o
     per field (input_ids, attention_mask, labels, position_ids):
         [ndim (-1: not given), numel, d0, d1, d2, d3]          the shape (dims past 4: numel)
     then: [max id, min id, max label, min label]             labels of -100 (ignored) left out
-    then, when asked: the same-batch checksum (batch_checksum), 4 per field
+    then: the same-batch checksum (batch_checksum), 4 per field; zeros when not asked
 
 The checksum (``[given, rows, numel, sum(value * (position + 1)) mod 2**62]`` per field) costs a
 pass over the batch, so the wrappers include it on the first forward only by default; the rest
-is a handful of integers, sent on every forward. Position weights make the sum differ when the
+is a handful of integers, sent on every forward. The report's length never changes: ranks of
+different data-parallel shards, whose forwards the checksum policy may have counted differently
+(an evaluation on one replica), still all-reduce vectors of one size. Position weights make the sum differ when the
 same tokens come in another order.
 
 The faults, in the order they are looked for (an earlier one makes the later ones meaningless):
@@ -40,10 +42,11 @@ _DIMS = 4
 _PER_FIELD = 2 + _DIMS
 _SHAPES = len(FIELDS) * _PER_FIELD
 _IDS = 4
-#: The length of :func:`batch_report`'s vector.
-REPORT_SIZE = _SHAPES + _IDS
+_SUMS = _SHAPES + _IDS
 _BOUND = 2**62  # ids are clamped to +-this, so negating a report never overflows int64
 _SUM_FIELD = 4
+#: The length of :func:`batch_report`'s vector.
+REPORT_SIZE = _SUMS + len(FIELDS) * _SUM_FIELD
 _MASK = 2**62 - 1  # keeps checksums non-negative, so -c never overflows
 _FIX_SAME = ("feed every tensor-parallel peer and pipeline stage the same batch: shard the data by "
              "data-parallel rank (goose_core.data.shard_batch(batch, ctx.dp_rank, ctx.dp_size))")
@@ -93,11 +96,12 @@ def batch_checksum(batch: Mapping[str, Any]) -> Tensor:
 
 
 def batch_report(batch: Mapping[str, Any], checksum: bool = False) -> Tensor:
-    """This rank's report on ``batch`` (int64, on the CPU): :data:`REPORT_SIZE` long, then the
-    checksum when asked."""
+    """This rank's report on ``batch`` (int64, on the CPU, :data:`REPORT_SIZE` long): shapes, id
+    extremes, and the checksum, or zeros in its place when not asked."""
     shapes = torch.tensor([n for name in FIELDS for n in _shape(batch.get(name))], dtype=torch.int64)
     ids = _extremes(batch.get("input_ids")) + _extremes(batch.get("labels"), IGNORE_INDEX)
-    return torch.cat([shapes, torch.stack(ids), *([batch_checksum(batch)] if checksum else [])])
+    sums = batch_checksum(batch) if checksum else torch.zeros(len(FIELDS) * _SUM_FIELD, dtype=torch.int64)
+    return torch.cat([shapes, torch.stack(ids), sums])
 
 
 def _field_shape(report: list[int], field: str) -> tuple[int, ...] | None:
@@ -172,9 +176,8 @@ def first_fault(high: Tensor, low: Tensor, vocab: int | None, dp_ranks: Sequence
     """The first fault in the reduced reports, or ``None``.
 
     Args:
-        high, low: ``(len(dp_ranks), n)``: the elementwise max and min of the reports of the
-            ranks that share each data-parallel shard (``n``: :data:`REPORT_SIZE`, plus the
-            checksum when they carry one).
+        high, low: ``(len(dp_ranks), REPORT_SIZE)``: the elementwise max and min of the
+            reports of the ranks that share each data-parallel shard.
         vocab: the model's vocabulary size (``None``: ids are not bounded).
         dp_ranks: the data-parallel rank each row describes (named in the message when the
             ranks compared span several of them).
@@ -184,7 +187,7 @@ def first_fault(high: Tensor, low: Tensor, vocab: int | None, dp_ranks: Sequence
         where = f" on data-parallel rank {dp_rank}" if len(dp_ranks) > 1 else ""
         of = f" of data-parallel rank {dp_rank}"
         fault = ((_shapes_differ(hi, lo, of, who) if who else None)
-                 or (_sums_differ(hi[REPORT_SIZE:], lo[REPORT_SIZE:], of, who) if who else None)
+                 or (_sums_differ(hi[_SUMS:], lo[_SUMS:], of, who) if who else None)
                  or _misfit(hi, where)
                  or (_out_of_range(hi, lo, vocab, where) if vocab is not None else None))
         if fault:
