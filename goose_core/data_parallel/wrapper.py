@@ -41,7 +41,10 @@ class DataParallel:
       backward (its gradient stays the local loss's: the hooks do the averaging). With the
       pre-hook's denominator it is the mean over every target of the global batch, as on one
       device, however padding and ``-100`` labels fall across ranks;
-    * a check that parameters and buffers are identical on every dp rank (or a broadcast).
+    * a check that parameters and buffers are identical on every dp rank (or a broadcast);
+    * on a model with an input embedding, the batch check of
+      :mod:`goose_core.distributed.batch_check`: a training forward's ids outside the vocabulary
+      or labels that do not fit ``input_ids``, on any dp rank, raise on every dp rank.
 
     It may come before, between or after ``TensorParallel`` and ``PipelineParallel``: a later
     wrapper that replaces or drops parameters calls
