@@ -10,7 +10,7 @@ on a vocabulary-parallel embedding (every shard masks it), and an error on one r
 peers waiting in their next collective. So every forward, before any other collective::
 
     every rank    r = batch_report(batch)                 shapes, id extremes (+ checksum, first
-                                                          forward by default): ~30 integers
+                                                          forward by default): 44 integers
                   row dp_rank of a (slots, 2n) table = [r, -r], every other row the lowest int64
     one group     all-reduce MAX                          each row: max and min over its shard's ranks
     every rank    first_fault(max, min)  ->  the same ValueError on every rank, naming the value
