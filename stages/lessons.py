@@ -48,7 +48,8 @@ LESSONS: dict[int, tuple[str, ...]] = {
         "tests/test_schedule.py",
         "tests/test_microbatch.py",
         "tests/test_dependency.py", "tests/test_transport.py", "tests/test_messages.py", "tests/test_composition.py",
-        "tests/test_wrapper_order.py", "tests/test_batch_check.py", "benchmarks/bench_pipeline.py",
+        "tests/test_wrapper_order.py", "tests/test_batch_check.py", "tests/test_batch_faults.py",
+        "benchmarks/bench_pipeline.py", "benchmarks/bench_batch_check.py",
         # the family sweep runs tensor and pipeline parallelism: it needs both stages
         "goose_core/testing/coverage", "goose_core/testing/families.py", "goose_core/testing/layout.py", "tests/test_coverage.py",
         "docs/coverage."),

@@ -1,15 +1,18 @@
 """Tensor-parallel peers and pipeline stages fed different batches: refused on every rank, on the
-first forward; the same batch passes (goose_core.distributed.batch_check)."""
+first forward; a bad batch (ids past the vocabulary, labels that do not fit, shapes that differ
+between peers at any step) refused on every rank of every layout, even when only one data-parallel
+shard holds it; the same, good batch passes (goose_core.distributed.batch_check)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from goose_core import ParallelContext, PipelineParallel, TensorParallel
+from goose_core import ParallelContext, PipelineParallel, RankError, TensorParallel
 from goose_core.data import shard_batch
-from goose_core.distributed.batch_check import batch_checksum, check_policy
-from goose_core.testing import TrainSpec, run_distributed
+from goose_core.distributed import batch_check
+from goose_core.distributed.batch_check import BatchCheck, batch_checksum, check_policy
+from goose_core.testing import TrainSpec, at_layout, run_distributed
 
 SPEC = TrainSpec(family="llama", batch_size=8, seq_len=16)
 ADVICE = "Shard the data by data-parallel rank, not by global rank"
@@ -81,3 +84,91 @@ def test_the_policy_decides_which_forwards_are_compared() -> None:
     # "never": different batches run on unchecked, as they would without the check.
     never = run_distributed(_forward, 2, 1, 1, "tp", "world", "never", timeout=120)
     assert all(isinstance(loss, float) for losses in never for loss in losses), never
+
+
+def _corrupt(batch: dict[str, torch.Tensor], case: str, ctx: ParallelContext, step: int) -> dict[str, torch.Tensor]:
+    """``batch`` as a faulty loop would feed it to this rank at ``step``."""
+    batch = {k: v.clone() for k, v in batch.items()}
+    if case == "id" or (case == "id on one shard" and ctx.dp_rank == ctx.dp_size - 1):
+        batch["input_ids"][0, 3] = 300
+    if case == "label":
+        batch["labels"][1, 2] = 300
+    if case == "short labels":
+        batch["labels"] = batch["labels"][:, :-1]
+    if case == "short peer" and step == 1 and (ctx.tp_rank, ctx.pp_rank) == (ctx.tp_size - 1, ctx.pp_size - 1):
+        batch = {k: v[:, :-1] for k, v in batch.items()}
+    return batch
+
+
+def _train(ctx: ParallelContext, case: str) -> list[str | float]:
+    """Two training steps on ``ctx``'s layout fed ``case``'s batches: each loss, or the
+    ValueError's message (any other error fails the run)."""
+    model = at_layout(SPEC.build_model(), ctx, num_microbatches=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    out: list[str | float] = []
+    for step in range(2):
+        batch = _corrupt(shard_batch(SPEC.batch(step), ctx.dp_rank, ctx.dp_size), case, ctx, step)
+        try:
+            loss = model(**batch).loss
+        except ValueError as err:
+            return [*out, str(err)]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        out.append(loss.item())
+    return out
+
+
+BAD = [  # case, tp, pp, dp, the step refused, the message's start
+    ("id", 2, 1, 1, 0, "input_ids hold 300, outside [0, 256)"),  # trained silently on a split vocabulary
+    ("label", 2, 1, 1, 0, "labels hold 300 (other than -100, which is ignored), outside [0, 256)"),
+    ("id on one shard", 1, 2, 2, 0, "input_ids on data-parallel rank 1 hold 300"),  # was IndexError + gloo
+    ("id on one shard", 1, 1, 2, 0, "input_ids on data-parallel rank 1 hold 300"),
+    ("id on one shard", 2, 2, 2, 0, "input_ids on data-parallel rank 1 hold 300"),
+    ("short labels", 2, 2, 1, 0, "labels have shape (8, 15) but input_ids (8, 16)"),  # was a stack error
+    ("short peer", 2, 1, 1, 1, "the tensor-parallel peers of data-parallel rank 0 were fed batches of "
+                               "different shapes: input_ids's shape ranges from (8, 15) to (8, 16)"),  # was SIGABRT
+    ("short peer", 1, 2, 1, 1, "the pipeline stages of data-parallel rank 0 were fed batches of different shapes"),
+]
+
+
+@pytest.mark.parametrize("case, tp, pp, dp, step, message", BAD, ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in BAD])
+def test_a_bad_batch_is_refused_on_every_rank_with_its_value(case: str, tp: int, pp: int, dp: int, step: int,
+                                                            message: str) -> None:
+    for rank, out in enumerate(run_distributed(_train, tp, pp, dp, case, timeout=120)):
+        assert len(out) == step + 1 and all(isinstance(loss, float) for loss in out[:step]), f"rank {rank}: {out}"
+        assert isinstance(out[step], str) and out[step].startswith(message), f"rank {rank}: {out[step]}"
+
+
+def test_planted_without_the_check_ids_past_the_vocabulary_train_silently(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the check guards: at tp=2 the vocabulary-parallel embedding masks id 300 on both shards.
+    monkeypatch.setattr(batch_check, "first_fault", lambda *args: None)  # the ranks are forked: inherited
+    for rank, out in enumerate(run_distributed(_train, 2, 1, 1, "id", timeout=120)):
+        assert len(out) == 2 and all(isinstance(loss, float) for loss in out), f"rank {rank}: {out}"
+
+
+def test_planted_without_the_dp_ranks_a_bad_shard_leaves_the_others_failing_elsewhere(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the dp ranks' joining guards: the shard with the bad id refuses it alone, the other
+    # shard's ranks wait for it in DataParallel's collectives and fail there, on a lost peer.
+    monkeypatch.setattr(BatchCheck, "_dp_joins", lambda *args: False)
+    with pytest.raises(RankError):
+        run_distributed(_train, 1, 2, 2, "id on one shard", timeout=60)
+
+
+def _evaluate_one_replica(ctx: ParallelContext) -> list[float]:
+    """dp rank 0 alone evaluates (no grad, no labels), then every rank trains one step."""
+    model = at_layout(SPEC.build_model(), ctx)
+    batch = shard_batch(SPEC.batch(0), ctx.dp_rank, ctx.dp_size)
+    out = []
+    if ctx.dp_rank == 0:
+        with torch.no_grad():
+            out.append(model(input_ids=batch["input_ids"]).logits.float().mean().item())
+    loss = model(**batch).loss
+    loss.backward()
+    return [*out, loss.item()]
+
+
+def test_a_forward_that_does_not_train_leaves_the_other_replicas_out() -> None:
+    for rank, out in enumerate(run_distributed(_evaluate_one_replica, 2, 1, 2, timeout=120)):
+        assert len(out) == (2 if rank < 2 else 1), f"rank {rank}: {out}"  # ranks 0, 1: dp rank 0

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from goose_core.data_parallel.loss import count_items_over, global_mean, replica_items
 from goose_core.data_parallel.reducer import GradReducer, trainable
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
-from goose_core.distributed.batch_check import extremes
+from goose_core.distributed.batch_check import extremes, install_batch_check, model_vocab
 from goose_core.distributed.context import ParallelContext
 from goose_core.loss import count_items
 from goose_core.metadata import module_grad_sync, parameters_changed, set_module_grad_sync
@@ -41,7 +41,10 @@ class DataParallel:
       backward (its gradient stays the local loss's: the hooks do the averaging). With the
       pre-hook's denominator it is the mean over every target of the global batch, as on one
       device, however padding and ``-100`` labels fall across ranks;
-    * a check that parameters and buffers are identical on every dp rank (or a broadcast).
+    * a check that parameters and buffers are identical on every dp rank (or a broadcast);
+    * on a model with an input embedding, the batch check of
+      :mod:`goose_core.distributed.batch_check`: a training forward's ids outside the vocabulary
+      or labels that do not fit ``input_ids``, on any dp rank, raise on every dp rank.
 
     It may come before, between or after ``TensorParallel`` and ``PipelineParallel``: a later
     wrapper that replaces or drops parameters calls
@@ -99,6 +102,8 @@ class DataParallel:
         else:
             check_replicas(self.module, group)
         self.reducer = GradReducer(trainable(self.module), group, self.bucket_bytes, self.reduce_dtype)
+        if model_vocab(self.module) is not None:  # a language model: its batch checked before the count
+            install_batch_check(self.module, self.ctx)
         self.module.register_forward_pre_hook(self._count_items, with_kwargs=True)
         self.module.register_forward_hook(self._global_loss)
         set_module_grad_sync(self.module, self.reducer)  # later wrappers: parameters_changed

@@ -57,8 +57,9 @@ class PipelineParallel:
         callbacks: fired around every forward, backward and recompute of a (micro-batch, stage) cell.
         sample: for the profiling partitioners, hidden states of one micro-batch (default: one
             sequence of 32 tokens).
-        check_batch: when to check that every stage got the same batch: ``"first"`` forward,
-            ``"always"`` (one tiny all-reduce per forward) or ``"never"``.
+        check_batch: when to compare a checksum of every stage's batch: ``"first"`` forward,
+            ``"always"`` or ``"never"`` (shapes and ids are agreed on every forward regardless,
+            in the same small all-reduce).
         schedule: ``"gpipe"`` (default: every forward, then ``loss.backward()`` runs every
             backward) or ``"1f1b"`` (at most p micro-batches in flight instead of M: the forward
             call runs each micro-batch's backward too, and ``loss.backward()`` hands over the
@@ -73,9 +74,10 @@ class PipelineParallel:
 
     Order: apply it after ``TensorParallel`` (which refuses a model already split into stages);
     ``DataParallel`` may come before or after it (its reducer is rebuilt over this stage's
-    parameters). Every stage must be fed the same batch by the training loop: by default the
-    first forward compares a checksum of the inputs over the pipeline group and raises if
-    they differ (see :mod:`goose_core.distributed.batch_check`).
+    parameters). Every stage must be fed the same batch by the training loop: every forward
+    agrees on its shapes and id range, and by default the first forward also compares a
+    checksum of the inputs, over the pipeline group; a bad or different batch raises on every
+    rank (see :mod:`goose_core.distributed.batch_check`).
 
     Raises:
         ValueError: on every rank, before any collective: M < 1, an unknown schedule,
@@ -116,6 +118,7 @@ class PipelineParallel:
             drop += [p for p in adapter.embed_paths if not (j == n - 1 and p == tied)]
         if j != n - 1:
             drop += list(adapter.head_paths)
+        install_batch_check(model, ctx, "pp", self.check_batch)  # before the embedding is dropped
         drop_modules(model, drop)
         model.to(ctx.device)
         transport: Transport = (LocalTransport([ctx.device]) if n == 1 else DistributedTransport(
@@ -123,7 +126,6 @@ class PipelineParallel:
         stage = Stage(model, adapter, {j: list(held)}, n, transport, self.num_microbatches,
                        self.checkpoint, self.callbacks, ctx, tied, [ctx.device] * n, self.schedule, self.loss)
         _install(model, stage)
-        install_batch_check(model, ctx, "pp", self.check_batch)
         parameters_changed(model)  # a DataParallel applied before re-buckets over this stage
         return model
 

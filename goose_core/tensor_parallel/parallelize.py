@@ -159,16 +159,18 @@ class TensorParallel:
     Order: apply it before ``PipelineParallel`` (it cuts the embedding, the head and every
     block, which a pipeline stage no longer holds all of); ``DataParallel`` may come before or
     after it (its reducer is rebuilt over the sharded parameters). Every rank of the tp group
-    must be fed the same batch: by default the first forward compares a checksum of the
-    inputs over the group and raises if they differ (see
+    must be fed the same batch: every forward agrees on its shapes and on ids within the whole
+    vocabulary (the split embedding would mask one past it), and by default the first forward
+    also compares a checksum of the inputs; a bad or different batch raises on every rank (see
     :mod:`goose_core.distributed.batch_check`).
 
     Args:
         model: an HF causal LM (``PreTrainedModel`` with input and output embeddings).
         ctx: the parallel context; only its tp group is used.
         seed: seeds the split RNG streams (default ``ctx.seed``).
-        check_batch: when to check that the tp group got the same batch: ``"first"`` forward,
-            ``"always"`` (one tiny all-reduce per forward) or ``"never"``.
+        check_batch: when to compare a checksum of the tp group's batch: ``"first"`` forward,
+            ``"always"`` or ``"never"`` (shapes and ids are agreed on every forward regardless,
+            in the same small all-reduce).
         check_grads: compare, in the first backward, the gradients of the parameters left whole
             over the tp group, and raise if they differ (see
             :mod:`goose_core.tensor_parallel.grad_check`): one tiny all-reduce, once.
@@ -200,6 +202,7 @@ class TensorParallel:
                              "DP; TP, DP, PP; DP, TP, PP)")
         plan = resolve_plan(model)
         check_sizes(model, plan, tp)
+        install_batch_check(model, ctx, "tp", self.check_batch)  # reads the whole vocabulary
         embedding, head = _vocab_modules(model)
         tracker = RNGTracker(self.seed, ctx.tensor_parallel_rank, ctx.device)
         apply_styles(model, plan, ctx, tracker, skip=embedding)
@@ -213,7 +216,6 @@ class TensorParallel:
         before, after = _forward_hooks(head, tracker)
         model.register_forward_pre_hook(before, with_kwargs=True)
         model.register_forward_hook(after, always_call=True)
-        install_batch_check(model, ctx, "tp", self.check_batch)
         if self.check_grads and tp > 1:  # before DataParallel's hooks, which may move .grad away
             ReplicaGradCheck(model, ctx.tensor_parallel_group, ctx.device)
         parameters_changed(model)

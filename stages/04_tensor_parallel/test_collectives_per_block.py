@@ -32,8 +32,8 @@ def _count(ctx: ParallelContext, family: str) -> dict[str, int]:
         return real(*args, **kwargs)
 
     with mock.patch.object(dist, "all_reduce", counting):
-        # the first step also checks the tp peers' batch (batch_check) and, in its backward, that
-        # the parameters left whole got one gradient (tensor_parallel.grad_check)
+        # the first step also checks, in its backward, that the parameters left whole got one
+        # gradient (tensor_parallel.grad_check)
         model(**spec.batch(0)).loss.backward()
         phase[0] = "forward"
         loss = model(**spec.batch(0)).loss
@@ -44,10 +44,11 @@ def _count(ctx: ParallelContext, family: str) -> dict[str, int]:
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bloom"])
 def test_two_all_reduces_per_block_each_way(family: str) -> None:
-    # Forward: 2 per block + 1 (vocab-parallel embedding) + 2 (loss: max, then (target, sum-exp)).
-    # Backward: 2 per block (the f before attention and before the MLP) + 1 (f before lm_head).
-    # The first step adds two, once per model: the same-batch check in its forward, the check of
-    # the whole parameters' gradients in its backward.
+    # Forward: 2 per block + 1 (vocab-parallel embedding) + 2 (loss: max, then (target, sum-exp))
+    # + 1 (the batch check: shapes and ids agreed over the group, every forward; on the first it
+    # carries the same-batch checksum too). Backward: 2 per block (the f before attention and
+    # before the MLP) + 1 (f before lm_head). The first step adds one, once per model: the check
+    # of the whole parameters' gradients in its backward.
     for calls in run_distributed(_count, 2, 1, 1, family, timeout=60):
-        forward, backward = 2 * LAYERS + 3, 2 * LAYERS + 1
-        assert calls == {"first": forward + 1 + backward + 1, "layer": 2, "forward": forward, "backward": backward}
+        forward, backward = 2 * LAYERS + 3 + 1, 2 * LAYERS + 1
+        assert calls == {"first": forward + backward + 1, "layer": 2, "forward": forward, "backward": backward}
