@@ -77,8 +77,7 @@ class FiniteGuard:
         self.steps = 0
         self.order: dict[str, int] = {}  # parameter name -> place in the model
         self.losses: list[Tensor] = []
-        self._vouched: dict[int, tuple[int, int]] = {}
-        self._vouched_losses = 0
+        self._vouched = False
 
     def record_loss(self, module: nn.Module, args: Any, output: Any) -> None:
         """A forward hook: keep the training loss (a reference; read only at the step)."""
@@ -86,25 +85,21 @@ class FiniteGuard:
         if torch.is_grad_enabled() and isinstance(loss, Tensor):
             self.losses.append(loss)  # not detached: a dp-mean still being reduced would wait
 
-    def vouch(self, tensors: Iterable[Tensor]) -> None:
-        """Every rank agreed these gradients and the losses so far are finite: the step need not
-        reduce again (unless a gradient is written or a loss recorded since)."""
-        self._vouched = {id(t): _grad_key(t) for t in tensors if t.grad is not None}
-        self._vouched_losses = len(self.losses)
+    def vouch(self) -> None:
+        """Every rank agreed (clipping's all-reduce, a GradScaler's found-inf) that the gradients
+        and losses are finite: this step's check needs no collective of its own."""
+        self._vouched = True
 
     def before_step(self, tensors: Sequence[Tensor]) -> None:
         """Check ``tensors``' gradients and the losses on every rank; raise on all if any is not finite."""
-        with_grad = [t for t in tensors if t.grad is not None]
         try:
-            if self.ctx.check_finite and not self._vouched_for(with_grad):
-                self._check(with_grad)
+            # Whether to reduce must be the same on every rank: a vouch is (it came from a
+            # collective), whereas "a gradient written since" would be one rank's view.
+            if self.ctx.check_finite and not self._vouched:
+                self._check([t for t in tensors if t.grad is not None])
         finally:
-            self.losses, self._vouched = [], {}
+            self.losses, self._vouched = [], False
         self.steps += 1
-
-    def _vouched_for(self, tensors: list[Tensor]) -> bool:
-        return (self._vouched_losses == len(self.losses) and bool(self._vouched)
-                and all(self._vouched.get(id(t)) == _grad_key(t) for t in tensors))
 
     def found(self, tensors: Sequence[Tensor]) -> Tensor:
         """1 if any of ``tensors``' gradients or a loss since the last step is not finite, else 0
@@ -141,11 +136,6 @@ class FiniteGuard:
         ctx = self.ctx
         return {"rank": ctx.rank, "tp": ctx.tp_rank, "stage": ctx.pp_rank, "dp": ctx.dp_rank,
                 "names": names, "loss": bad[0] if bad else None, "tensors": len(tensors)}
-
-
-def _grad_key(t: Tensor) -> tuple[int, int]:
-    """The gradient as it is now: any write since (accumulation, scaling) changes its version."""
-    return id(t.grad), t.grad._version  # type: ignore[union-attr]
 
 
 def _error(reports: list[dict[str, Any]], step: int) -> NonFiniteError:
@@ -260,10 +250,10 @@ def local_flag(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
 
 
 def vouch(tensors: Sequence[Tensor]) -> None:
-    """Every rank agreed (in its own all-reduce) that these gradients are finite."""
+    """Every rank agreed, in a collective of its own, that these gradients are finite."""
     guard = guard_of(tensors)
     if guard is not None:
-        guard.vouch(tensors)
+        guard.vouch()
 
 
 def stops(tensors: Iterable[Tensor]) -> bool:

@@ -39,18 +39,19 @@ def _local_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _train(ctx: ParallelContext, plant: str, check: bool = True, zero: bool = False,
-           clip: bool = False, scaler: bool = False, steps: int = 3) -> dict[str, Any]:
+           clip: bool = False, scaler: bool = False, steps: int = 3, precision: str = "full") -> dict[str, Any]:
     """Train ``steps`` steps with ``plant`` ("inf": inf in the inputs at step 1; "lr": AdamW at
     lr=1e30; "": nothing), catching NonFiniteError. Returns losses, the error and the weights."""
     ctx.check_finite = check
-    spec = replace(SPEC, lr=1e30 if plant == "lr" else SPEC.lr, steps=steps)
+    spec = replace(SPEC, lr=1e30 if plant == "lr" else SPEC.lr, steps=steps, precision=precision)
     model = at_layout(spec.build_model(), ctx)
     at_step = [0]
     if plant == "inf":
         _plant_inf(model, at_step, 1)
-    optimizer = spec.build_optimizer(model.parameters())
     if zero:
-        optimizer = DistributedOptimizer(optimizer, ctx)
+        optimizer = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
+    else:
+        optimizer = spec.recipe_optimizer(model.parameters())  # MasterWeights under bf16
     grad_scaler = GradScaler(ctx, init_scale=2.0**4) if scaler else None
     out: dict[str, Any] = {"losses": [], "error": None, "scales": []}
     for step, batch in enumerate(spec.batches(ctx.dp_rank, ctx.dp_size)):
@@ -114,6 +115,11 @@ def test_zero1_with_clipping_names_the_parameter_through_its_shard() -> None:
     assert results[0]["error"]["stage"] == 1  # the last stage's gradients go bad first in the backward
 
 
+def test_master_weights_name_the_model_parameter_of_a_master() -> None:
+    results = run_distributed(_train, 2, 1, 1, "inf", precision="bf16", timeout=120)
+    _assert_stopped(results, step=2)
+
+
 def test_off_trains_on_as_before() -> None:
     results = run_distributed(_train, 1, 2, 1, "inf", check=False, timeout=120)
     for r in results:
@@ -137,6 +143,49 @@ def test_a_normal_run_is_bit_identical_with_the_check_on_and_off(options: dict[s
     for a, b in zip(on, off):
         assert a["error"] is None and a["losses"] == b["losses"]
         assert all(torch.equal(a["after"][n], b["after"][n]) for n in a["after"])
+
+
+def _reductions_in_the_step(ctx: ParallelContext, clip: bool) -> int:
+    """All-reduces during ``optimizer.step()`` of a dp=2 model, after clipping or not."""
+    model = at_layout(SPEC.build_model(), ctx)
+    optimizer = SPEC.build_optimizer(model.parameters())
+    model(**shard_batch(SPEC.batch(0), ctx.dp_rank, ctx.dp_size)).loss.backward()
+    if clip:
+        clip_grad_norm_(model.parameters(), 1.0, ctx)
+    calls, real = [], torch.distributed.all_reduce
+    torch.distributed.all_reduce = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        optimizer.step()
+    finally:
+        torch.distributed.all_reduce = real
+    return len(calls)
+
+
+def test_clipping_agrees_on_the_flag_so_the_step_reduces_nothing() -> None:
+    assert run_distributed(_reductions_in_the_step, 1, 1, 2, False, timeout=60) == [1, 1]
+    assert run_distributed(_reductions_in_the_step, 1, 1, 2, True, timeout=60) == [0, 0]
+
+
+def _clipped_once(ctx: ParallelContext) -> str:
+    """Clip (finite: agreed) and step, then a step with a nan gradient and no clipping."""
+    model = at_layout(SPEC.build_model(), ctx)
+    optimizer = SPEC.build_optimizer(model.parameters())
+    for step in range(2):
+        model(**shard_batch(SPEC.batch(step), ctx.dp_rank, ctx.dp_size)).loss.backward()
+        if step == 0:
+            clip_grad_norm_(model.parameters(), 1.0, ctx)
+        elif ctx.dp_rank == 1:
+            next(model.parameters()).grad.view(-1)[0] = math.nan
+        try:
+            optimizer.step()
+        except NonFiniteError as e:
+            return f"{e.step} {e.name}"
+        optimizer.zero_grad()
+    return ""
+
+
+def test_an_agreement_lasts_one_step() -> None:
+    assert run_distributed(_clipped_once, 1, 1, 2, timeout=60) == ["2 model.embed_tokens.weight"] * 2
 
 
 # -- units ---------------------------------------------------------------------------------------
@@ -184,3 +233,21 @@ def test_flat_names_find_the_parameter_a_shard_element_belongs_to() -> None:
     assert names(torch.tensor([0.0, 0.0, math.inf, 0.0])) == ["b"]
     assert names(torch.tensor([math.nan, 0.0, 0.0, 0.0])) == ["a"]
     assert names(torch.zeros(4)) == []
+
+
+def _clip_one_nan(ctx: ParallelContext, check: bool) -> list[bool]:
+    """Which gradients are still finite after clipping, one nan planted on dp rank 1."""
+    ctx.check_finite = check
+    model = at_layout(SPEC.build_model(), ctx)
+    model(**shard_batch(SPEC.batch(0), ctx.dp_rank, ctx.dp_size)).loss.backward()
+    if ctx.dp_rank == 1:
+        next(model.parameters()).grad.view(-1)[0] = math.nan
+    clip_grad_norm_(model.parameters(), 1e-3, ctx)
+    return [bool(torch.isfinite(p.grad).all()) for p in model.parameters()]
+
+
+def test_clipping_leaves_non_finite_gradients_for_the_step_to_name() -> None:
+    on = run_distributed(_clip_one_nan, 1, 1, 2, True, timeout=60)
+    off = run_distributed(_clip_one_nan, 1, 1, 2, False, timeout=60)
+    assert on[0] == [True] * len(on[0]) and on[1][0] is False and all(on[1][1:])  # as they were
+    assert not any(off[0]) and not any(off[1])  # torch's way: every gradient times nan
