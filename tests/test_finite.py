@@ -236,11 +236,12 @@ def test_flat_names_find_the_parameter_a_shard_element_belongs_to() -> None:
 
 
 def _clip_one_nan(ctx: ParallelContext, check: bool) -> list[bool]:
-    """Which gradients are still finite after clipping, one nan planted on dp rank 1."""
+    """Which gradients are still finite after clipping, one nan planted on dp rank 0 (the one
+    whose replica the norm counts)."""
     ctx.check_finite = check
     model = at_layout(SPEC.build_model(), ctx)
     model(**shard_batch(SPEC.batch(0), ctx.dp_rank, ctx.dp_size)).loss.backward()
-    if ctx.dp_rank == 1:
+    if ctx.dp_rank == 0:
         next(model.parameters()).grad.view(-1)[0] = math.nan
     clip_grad_norm_(model.parameters(), 1e-3, ctx)
     return [bool(torch.isfinite(p.grad).all()) for p in model.parameters()]
@@ -249,5 +250,5 @@ def _clip_one_nan(ctx: ParallelContext, check: bool) -> list[bool]:
 def test_clipping_leaves_non_finite_gradients_for_the_step_to_name() -> None:
     on = run_distributed(_clip_one_nan, 1, 1, 2, True, timeout=60)
     off = run_distributed(_clip_one_nan, 1, 1, 2, False, timeout=60)
-    assert on[0] == [True] * len(on[0]) and on[1][0] is False and all(on[1][1:])  # as they were
+    assert on[1] == [True] * len(on[1]) and on[0][0] is False and all(on[0][1:])  # as they were
     assert not any(off[0]) and not any(off[1])  # torch's way: every gradient times nan
