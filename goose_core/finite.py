@@ -79,6 +79,9 @@ class FiniteGuard:
         self.losses: list[Tensor] = []
         self._vouched = False
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> FiniteGuard:
+        return self  # a copied parameter (the partitioner profiles copies) keeps its model's guard
+
     def record_loss(self, module: nn.Module, args: Any, output: Any) -> None:
         """A forward hook: keep the training loss (a reference; read only at the step)."""
         loss = getattr(output, "loss", None)

@@ -11,7 +11,7 @@ from torch import nn
 
 from goose_core import DistributedOptimizer, GradScaler, NonFiniteError, ParallelContext, clip_grad_norm_
 from goose_core.data import shard_batch
-from goose_core.finite import FiniteGuard, flat_names, watch, watch_like
+from goose_core.finite import FiniteGuard, flat_names, guard_of, watch, watch_like
 from goose_core.testing import TrainSpec, run_distributed
 from goose_core.testing.layout import at_layout
 
@@ -252,3 +252,15 @@ def test_clipping_leaves_non_finite_gradients_for_the_step_to_name() -> None:
     off = run_distributed(_clip_one_nan, 1, 1, 2, False, timeout=60)
     assert on[1] == [True] * len(on[1]) and on[0][0] is False and all(on[0][1:])  # as they were
     assert not any(off[0]) and not any(off[1])  # torch's way: every gradient times nan
+
+
+def _deepcopy_keeps_the_guard(ctx: ParallelContext) -> bool:
+    import copy
+    model = nn.Linear(2, 2)
+    guard = watch(model, ctx)
+    copied = copy.deepcopy(model)  # what the partitioner's profiler does to a block
+    return guard_of(copied.parameters()) is guard
+
+
+def test_a_deep_copy_of_a_watched_model_keeps_its_guard() -> None:
+    assert _one_rank(_deepcopy_keeps_the_guard)
