@@ -80,7 +80,7 @@ class FiniteGuard:
         self._vouched = False
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FiniteGuard:
-        return self  # a copied parameter (the partitioner profiles copies) keeps its model's guard
+        return self  # a copied model shares the guard (its loss hook): process groups cannot be copied
 
     def record_loss(self, module: nn.Module, args: Any, output: Any) -> None:
         """A forward hook: keep the training loss (a reference; read only at the step)."""
@@ -124,7 +124,12 @@ class FiniteGuard:
 
     def _raise(self, tensors: list[Tensor]) -> None:
         """The failure path: gather every rank's offenders, raise the same error everywhere."""
-        mine = self._offenders(tensors)
+        try:
+            mine = self._offenders(tensors)
+        except Exception as e:  # a report that failed must not leave the others in the gather
+            ctx = self.ctx
+            mine = {"rank": ctx.rank, "tp": ctx.tp_rank, "stage": ctx.pp_rank, "dp": ctx.dp_rank,
+                    "names": [f"(could not be named: {e!r})"], "loss": None}
         reports: list[dict[str, Any]] = [mine]
         if self.ctx.world_size > 1:
             reports = [{} for _ in range(self.ctx.world_size)]
@@ -138,7 +143,7 @@ class FiniteGuard:
         bad = [l for l in losses if not math.isfinite(l)]
         ctx = self.ctx
         return {"rank": ctx.rank, "tp": ctx.tp_rank, "stage": ctx.pp_rank, "dp": ctx.dp_rank,
-                "names": names, "loss": bad[0] if bad else None, "tensors": len(tensors)}
+                "names": names, "loss": bad[0] if bad else None}
 
 
 def _error(reports: list[dict[str, Any]], step: int) -> NonFiniteError:
