@@ -16,6 +16,8 @@ Wrappers leave facts on the tensors and modules they change, and other wrappers 
                                               parameters_changed
     a model's same-batch check              set_batch_check, batch_check_of distributed.batch_check
     save_pretrained refusing a split model  mark_split_guard, is_split_guard checkpoint.export
+    the finite check of a model / tensor    set_finite_watch, finite_watch  finite (wrappers, optim.zero,
+                                                                              optim.master)
 
 Each fact is one ``_goose_*`` attribute, named here alone. A fact is not carried over when a
 wrapper replaces a parameter: whoever makes the new one marks it.
@@ -34,7 +36,8 @@ from goose_core.grad_sync import GradSync
 __all__ = ["ShardSpec", "mark_sharded", "shard_spec", "mark_duplicate", "is_duplicate", "mark_dp_shard",
            "is_dp_shard", "set_grad_shards", "grad_shards", "link_grad_sync", "unlink_grad_sync",
            "grad_sync_of", "grad_syncs", "set_module_grad_sync", "module_grad_sync", "parameters_changed",
-           "set_batch_check", "batch_check_of", "mark_split_guard", "is_split_guard"]
+           "set_batch_check", "batch_check_of", "mark_split_guard", "is_split_guard", "set_finite_watch",
+           "finite_watch"]
 
 T = TypeVar("T")
 
@@ -216,3 +219,18 @@ def is_split_guard(fn: Callable[..., Any]) -> bool:
     """Whether ``fn`` is that guard already."""
     return bool(_SPLIT_GUARD.get(fn))
 
+
+
+# -- the finite check (goose_core.finite) -----------------------------------------------------
+# Opaque here too: goose_core.finite owns the guard's type.
+_FINITE: _Fact[object] = _Fact("finite")
+
+
+def set_finite_watch(obj: object, watch: object) -> None:
+    """``watch`` checks ``obj`` (a model's guard, or a tensor's mark) before each optimizer step."""
+    _FINITE.set(obj, watch)
+
+
+def finite_watch(obj: object) -> object | None:
+    """What :func:`set_finite_watch` recorded on ``obj``, if anything."""
+    return _FINITE.get(obj)

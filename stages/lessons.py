@@ -62,7 +62,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
     10: ("goose_core/amp/", "tests/test_amp", "goose_core/optim/master.py", "benchmarks/bench_mixed_precision.py",
          "docs/img/mixed_precision"),
     11: ("goose_core/checkpoint/", "tests/test_checkpoint_io.py", "tests/test_export.py",
-         "docs/img/demo"),
+         "goose_core/finite.py", "tests/test_finite.py", "docs/img/demo"),
 }
 
 _STAGE_FOLDER = re.compile(r"stages/(\d\d)_[^/]+/")

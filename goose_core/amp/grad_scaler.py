@@ -37,13 +37,14 @@ there and the scaler unscales the reduced shard.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from goose_core.distributed.context import ParallelContext
+from goose_core.finite import found_non_finite, vouch
 from goose_core.metadata import grad_shards
 
 __all__ = ["GradScaler"]
@@ -125,7 +126,7 @@ class GradScaler:
         found = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
         if not fp16:
             # the reciprocal in fp64, as torch's: 1/S of a power of two is exact in fp32 too
-            _unscale(grads, self._scale.double().reciprocal().float(), found)
+            found_non_finite(grads, found, self._scale.double().reciprocal().float())
         state["found_inf"] = self._agree(found, fp16)
         state["stage"] = _Stage.UNSCALED
 
@@ -146,7 +147,8 @@ class GradScaler:
             self.unscale_(optimizer)
         state["stage"] = _Stage.STEPPED
         if state["found_inf"].item():
-            return None
+            return None  # skipped: goose's finite check (an optimizer step pre-hook) never sees it
+        vouch([p for g in optimizer.param_groups for p in g["params"]])  # agreed finite: no second all-reduce
         return optimizer.step(*args, **kwargs)
 
     def update(self, new_scale: float | Tensor | None = None) -> None:
@@ -265,14 +267,3 @@ def _gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
         raise ValueError(f"{len(sparse)} sparse gradients: goose's GradScaler unscales dense gradients only")
     return grads
 
-
-def _unscale(grads: Iterable[Tensor], inv_scale: Tensor, found: Tensor) -> None:
-    """Multiply by ``inv_scale`` in place, setting ``found`` to 1 on any inf/NaN (torch's fused
-    kernel, one launch per device and dtype)."""
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g.detach())
-    for (device, _), same in groups.items():
-        local = torch.zeros((), dtype=torch.float32, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(same, local, inv_scale.to(device))
-        found.copy_(torch.maximum(found, local.to(found.device)))

@@ -16,6 +16,7 @@ from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
 from goose_core.distributed.batch_check import extremes, install_batch_check, model_vocab
 from goose_core.distributed.context import ParallelContext
 from goose_core.loss import count_items
+from goose_core.finite import watch
 from goose_core.metadata import module_grad_sync, parameters_changed, set_module_grad_sync
 
 # parameters_changed lives in goose_core.metadata (the wrapper-order rule); re-exported here.
@@ -107,6 +108,7 @@ class DataParallel:
         self.module.register_forward_pre_hook(self._count_items, with_kwargs=True)
         self.module.register_forward_hook(self._global_loss)
         set_module_grad_sync(self.module, self.reducer)  # later wrappers: parameters_changed
+        watch(self.module, self.ctx)  # non-finite gradients stop the step
         return self.module
 
     def _count_items(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]

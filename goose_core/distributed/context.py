@@ -139,6 +139,8 @@ class ParallelContext:
         device: where this rank's model and tensors live, ``"cpu"`` or ``"cuda[:i]"`` (default:
             the backend's; ``cuda`` means ``cuda:LOCAL_RANK``).
         timeout: how long any collective may wait before failing.
+        check_finite: stop the run, on every rank, before an optimizer step that would read a
+            non-finite loss or gradient (:mod:`goose_core.finite`); False trains on regardless.
 
     Raises:
         ValueError: a size < 1, tp * pp * dp != world size (without a launcher: > 1), or a
@@ -155,6 +157,7 @@ class ParallelContext:
         backend: str | None = None,
         device: str | torch.device | None = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
+        check_finite: bool = True,
     ) -> None:
         self.grid = ProcessGrid(tensor_parallel_size, pipeline_parallel_size, data_parallel_size)
         alone = _alone()
@@ -175,6 +178,7 @@ class ParallelContext:
         self.backend = dist.get_backend()
         self.timeout = timeout
         self.seed = seed
+        self.check_finite = check_finite
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.coords = self.grid.coords(self.rank)

@@ -16,6 +16,11 @@ Parameters tied across pipeline stages (GPT-2's embedding on the first stage and
 on the last) exist twice; mark the second copy with :func:`mark_duplicate` (the pipeline
 engine does), or pass ``is_duplicate``. Every rank calls ``clip_grad_norm_`` (it is collective
 over the whole world) and scales all of its gradients, owned or not, by the same coefficient.
+
+The same all-reduce agrees whether any rank's gradients hold inf/nan (:mod:`goose_core.finite`):
+finite, the optimizer step's own check needs no collective; not, and the check is on, the
+gradients are left unscaled for the step to name where they went bad (``torch``'s clip would
+multiply them all by nan first).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from goose_core.distributed.context import ParallelContext
+from goose_core.finite import local_flag, stops, vouch
 from goose_core.metadata import grad_shards, is_dp_shard, is_duplicate, mark_dp_shard, mark_duplicate, shard_spec
 
 # mark_duplicate and mark_dp_shard live in goose_core.metadata; re-exported where clipping needs them.
@@ -64,16 +70,21 @@ def _owned(p: Tensor, ctx: ParallelContext, duplicate: Callable[[Tensor], bool] 
     return is_dp_shard(p) or ctx.data_parallel_rank == 0
 
 
-def _total_norm(owned: list[Tensor], norm_type: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _total_norm(owned: list[Tensor], flag: Tensor, norm_type: float, device: torch.device,
+                dtype: torch.dtype) -> tuple[Tensor, bool]:
+    """The norm over every rank, and whether any rank's gradients hold inf/nan (``flag``: this
+    rank's, owned or not), agreed in the same all-reduce: a second element costs no latency."""
     if math.isinf(norm_type):
         maxes = [g.abs().max().to(dtype) for g in owned]
         local = torch.stack(maxes).max() if maxes else torch.zeros((), dtype=dtype, device=device)
-        dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        return local
+        both = torch.stack([local, flag.to(local)])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)  # the flag, not the max: MAX may drop a nan
+        return both[0], bool(both[1])
     norms = [torch.linalg.vector_norm(g, norm_type).to(dtype) for g in owned]
     local = torch.stack(norms).pow(norm_type).sum() if norms else torch.zeros((), dtype=dtype, device=device)
-    dist.all_reduce(local)
-    return local.pow(1.0 / norm_type)
+    both = torch.stack([local, flag.to(local)])
+    dist.all_reduce(both)
+    return both[0].pow(1.0 / norm_type), bool(both[1])
 
 
 def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, ctx: ParallelContext,
@@ -108,8 +119,13 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, ctx: Parallel
     # fp32 at least (half-precision squares overflow), the gradients' own precision above it
     # (torch's clip in fp64 computes in fp64); every rank must agree, owned gradients or not.
     dtype = torch.promote_types(tensors[0].grad.dtype if tensors else torch.float32, torch.float32)
-    total = _total_norm(owned, float(norm_type), ctx.device, dtype)
+    flag = local_flag(tensors, ctx.device)
+    total, non_finite = _total_norm(owned, flag, float(norm_type), ctx.device, dtype)
+    if non_finite and stops(tensors):
+        return total  # gradients left as they are: the optimizer step names where (or a GradScaler skips it)
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for t in tensors:
         t.grad.detach().mul_(coef.to(t.grad.device, t.grad.dtype))
+    if not non_finite:
+        vouch(tensors)  # agreed finite on every rank: the step's check needs no all-reduce
     return total

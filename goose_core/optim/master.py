@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from goose_core.data_parallel.bucket import main_dtype
+from goose_core.finite import copy_watch
 from goose_core.metadata import grad_sync_of, is_duplicate, mark_duplicate, mark_sharded, set_grad_shards, shard_spec
 from goose_core.optim.wrapper import OptimizerWrapper
 
@@ -68,6 +69,7 @@ class MasterWeights(OptimizerWrapper):
             mark_sharded(master, spec)  # clip_grad_norm_ counts a tp shard by its replicas
         if is_duplicate(p):
             mark_duplicate(master)
+        copy_watch(p, master)  # the inner optimizer steps the masters: checked and named as p
         self.masters[p] = master
         return master
 

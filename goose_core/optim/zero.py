@@ -42,6 +42,7 @@ from torch import nn
 from goose_core.data_parallel.bucket import Bucket, build_buckets, main_dtype
 from goose_core.distributed.compat import all_gather_flat
 from goose_core.distributed.context import ParallelContext
+from goose_core.finite import FiniteGuard, flat_names, guard_of, watch_like
 from goose_core.grad_sync import GradSync
 from goose_core.metadata import (grad_sync_of, is_duplicate, mark_dp_shard, mark_duplicate, mark_sharded,
                                  set_grad_shards, shard_spec)
@@ -105,6 +106,10 @@ class DistributedOptimizer(OptimizerWrapper):
             self.optimizer.param_groups[owner[bucket.params[0]]]["params"].append(shard)
         for p in owner:
             set_grad_shards(p, self._grad_shards)  # clip_grad_norm_ uses the shards
+        guard = guard_of(owner) or FiniteGuard(self.ctx)  # a model under no wrapper: checked, unnamed
+        for bucket, shard in zip(self.buckets, self.shards):  # the inner optimizer steps the shards
+            lo, _ = bucket.shard_range(self.ctx.data_parallel_rank)
+            watch_like(shard, guard, flat_names(bucket.params, bucket.offsets, lo))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]

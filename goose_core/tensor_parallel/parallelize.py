@@ -26,6 +26,7 @@ from torch import nn
 
 from goose_core.distributed.batch_check import check_policy, install_batch_check
 from goose_core.distributed.context import ParallelContext
+from goose_core.finite import watch
 from goose_core.metadata import parameters_changed
 from goose_core.pipeline.parallel import is_pipelined
 from goose_core.tensor_parallel.cross_entropy import VocabParallelCausalLMLoss
@@ -219,6 +220,7 @@ class TensorParallel:
         if self.check_grads and tp > 1:  # before DataParallel's hooks, which may move .grad away
             ReplicaGradCheck(model, ctx.tensor_parallel_group, ctx.device)
         parameters_changed(model)
+        watch(model, ctx)  # non-finite gradients stop the step (the new shards marked)
         return model
 
     def _shard_vocab(self, embedding: nn.Embedding, head: nn.Linear) -> ColumnParallelLinear:
