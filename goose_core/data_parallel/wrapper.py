@@ -15,6 +15,7 @@ from goose_core.data_parallel.reducer import GradReducer, trainable
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
 from goose_core.distributed.batch_check import extremes
 from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.progress import count_forwards
 from goose_core.loss import count_items
 from goose_core.metadata import module_grad_sync, parameters_changed, set_module_grad_sync
 
@@ -101,6 +102,7 @@ class DataParallel:
         self.reducer = GradReducer(trainable(self.module), group, self.bucket_bytes, self.reduce_dtype)
         self.module.register_forward_pre_hook(self._count_items, with_kwargs=True)
         self.module.register_forward_hook(self._global_loss)
+        count_forwards(self.module)  # the step in this rank's progress record
         set_module_grad_sync(self.module, self.reducer)  # later wrappers: parameters_changed
         return self.module
 

@@ -28,6 +28,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.missing import names_missing
+from goose_core.distributed.progress import note
 from goose_core.metadata import grad_shards, is_dp_shard, is_duplicate, mark_dp_shard, mark_duplicate, shard_spec
 
 # mark_duplicate and mark_dp_shard live in goose_core.metadata; re-exported where clipping needs them.
@@ -68,12 +70,22 @@ def _total_norm(owned: list[Tensor], norm_type: float, device: torch.device, dty
     if math.isinf(norm_type):
         maxes = [g.abs().max().to(dtype) for g in owned]
         local = torch.stack(maxes).max() if maxes else torch.zeros((), dtype=dtype, device=device)
-        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+        _all_reduce(local, dist.ReduceOp.MAX)
         return local
     norms = [torch.linalg.vector_norm(g, norm_type).to(dtype) for g in owned]
     local = torch.stack(norms).pow(norm_type).sum() if norms else torch.zeros((), dtype=dtype, device=device)
-    dist.all_reduce(local)
+    _all_reduce(local, dist.ReduceOp.SUM)
     return local.pow(1.0 / norm_type)
+
+
+def _all_reduce(local: Tensor, op: dist.ReduceOp) -> None:
+    note("clip_grad_norm_: the global norm's all-reduce")
+    _world_all_reduce(local, dist.group.WORLD, op)
+
+
+@names_missing
+def _world_all_reduce(local: Tensor, group: dist.ProcessGroup, op: dist.ReduceOp) -> None:
+    dist.all_reduce(local, op=op, group=group)
 
 
 def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, ctx: ParallelContext,

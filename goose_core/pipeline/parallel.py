@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from goose_core.distributed.batch_check import check_policy, install_batch_check
 from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.progress import count_forwards
 from goose_core.metadata import parameters_changed
 from goose_core.partition import Partitioner, partition_blocks
 from goose_core.pipeline.callbacks import Callback, CallbackList
@@ -114,6 +115,7 @@ class PipelineParallel:
                        self.checkpoint, self.callbacks, ctx, tied, [ctx.device] * n, self.schedule)
         _install(model, stage)
         install_batch_check(model, ctx, "pp", self.check_batch)
+        count_forwards(model)  # the step in this rank's progress record
         parameters_changed(model)  # a DataParallel applied before re-buckets over this stage
         return model
 
