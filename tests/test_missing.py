@@ -61,7 +61,9 @@ def _train(tp: int, pp: int, dp: int, quitter: int, how: str, bug: str) -> str:
             optimizer.step()
             optimizer.zero_grad()
         except MissingRankError as err:
-            return f"{time.monotonic() - started:.1f}|{err}"
+            waited = time.monotonic() - started
+            time.sleep(SLACK)  # under spawn the store lives in rank 0: keep it while peers read
+            return f"{waited:.1f}|{err}"
     return "finished"
 
 
@@ -88,11 +90,12 @@ def test_a_stuck_rank_is_named_alive_with_its_step_and_last_activity(layout: tup
 
 
 def test_a_stuck_rank_is_named_at_tp2xpp2() -> None:
-    """Rank 3 (tp 1, pp 1) sleeps: its tensor-parallel peer times out in a collective and its
-    pipeline neighbour in a receive; both name it."""
+    """Rank 3 (tp 1, pp 1) sleeps: its tensor-parallel peer times out in a collective, its
+    pipeline neighbour in a receive, and rank 0 waits on rank 2, which waits on rank 3: all
+    three name rank 3."""
     results = spawn(_train, 4, 2, 2, 1, 3, "sleep", "", timeout=90)
     failures = _failures(results, 3)
-    for rank in (1, 2):  # rank 3's pipeline neighbour and its tp peer
+    for rank in (0, 1, 2):  # rank 2's neighbour (waits on a waiting rank), rank 3's, its tp peer
         waited, message = failures[rank]
         assert waited < TIMEOUT + SLACK, message
         assert "rank 3 (tp 1, pp 1, dp 0) is alive but did not arrive: step 2" in message, message

@@ -13,7 +13,9 @@ progress record (:mod:`goose_core.distributed.progress`) and raises, on every ra
 A rank is named when its record ended (it left: exited, or destroyed its context), when its
 heartbeat stopped between two reads ``2 x INTERVAL`` apart (killed or frozen), or when it is
 alive but its operation count on the failed group is behind this rank's (or it is the pipeline
-neighbour this rank waited for). Ranks that gave up waiting themselves are listed apart. torch's
+neighbour this rank waited for). Ranks that gave up waiting themselves publish what they waited
+on, and the same rule runs on their wait too: a rank waiting on a waiting rank still finds the
+one that never came. torch's
 ``monitored_barrier`` names missing ranks too, but only on gloo, only at a barrier every rank
 calls, and it costs a round of messages; these records cost nothing until a failure.
 """
@@ -99,7 +101,7 @@ def explain(progress: Progress, error: str, ranks: list[int], group: str,
     head = (f"rank {progress.rank} ({progress.where}) gave up waiting on {on} at step "
             f"{progress.step} ({_seconds(progress.timeout.total_seconds())} is the timeout: "
             f"ParallelContext(timeout=...)). torch: {error.splitlines()[0][:300] if error else '?'}")
-    progress.fail(f"gave up waiting on {on}")
+    progress.fail(f"gave up waiting on {on}", {"ranks": ranks, "group": group, "pipeline": pipeline})
     world = dist.get_world_size()
     try:
         first = _read(progress.store, world)
@@ -114,7 +116,11 @@ def explain(progress: Progress, error: str, ranks: list[int], group: str,
 
 def _verdicts(progress: Progress, first: dict[int, dict], last: dict[int, dict], ranks: list[int],
               group: str, pipeline: bool) -> list[str]:
-    mine = progress.seqs()
+    # Who waited on whom: this rank, and every rank that gave up too (its record says on what),
+    # so a rank waiting on a waiting rank still finds the one that never came.
+    waits = [(progress.rank, {"ranks": ranks, "group": group, "pipeline": pipeline}, progress.seqs())]
+    waits += [(r, rec["waited"], rec["seq"]) for r, rec in sorted(last.items())
+              if r != progress.rank and rec["state"] == "failed" and rec.get("waited")]
     gone, behind, waiting = [], [], []
     for rank in range(dist.get_world_size()):
         record = last.get(rank)
@@ -132,21 +138,37 @@ def _verdicts(progress: Progress, first: dict[int, dict], last: dict[int, dict],
             gone.append(f"rank {rank} ({record['where']}) stopped publishing its progress "
                         f"(killed, or its process is frozen) at step {record['step']}, last: "
                         f"{_last(record)}")
-        elif rank in ranks and (pipeline or record["seq"].get(group, 0) < mine.get(group, 0)):
-            behind.append(_behind(record, mine, group, ranks, pipeline))
+        elif (why := _why_behind(rank, record, waits)) is not None:
+            behind.append(why)
     if gone or behind:
         return ["did not arrive: " + "; ".join(gone + behind)] + (
             ["gave up as well: " + "; ".join(waiting)] if waiting else [])
     listed = [f"rank {r}: step {last[r]['step']}, last: {_last(last[r])}" for r in ranks if r in last]
     return ["could not tell which rank did not arrive: every rank of the operation is alive and "
-            "has issued as many operations as this one; their records: " + "; ".join(listed)]
+            "has issued as many operations as this one; their records: " + "; ".join(listed)] + (
+        ["gave up as well: " + "; ".join(waiting)] if waiting else [])
 
 
-def _behind(record: dict[str, Any], mine: dict[str, int], group: str, ranks: list[int],
-            pipeline: bool) -> str:
-    count = ("the pipeline neighbour this rank waited for" if pipeline else
-             f"it issued {record['seq'].get(group, 0)} operations on ranks {ranks}, "
-             f"this rank {mine.get(group, 0)}")
+def _why_behind(rank: int, record: dict[str, Any],
+                waits: list[tuple[int, dict[str, Any], dict[str, int]]]) -> str | None:
+    """Why a live rank did not arrive: it is the pipeline neighbour a rank waited for, or its
+    operation count on a group a rank waited on is behind that rank's; None if neither."""
+    for waiter, waited, seqs in waits:
+        if rank not in waited["ranks"]:
+            continue
+        group, theirs = waited["group"], record["seq"].get(waited["group"], 0)
+        if waited["pipeline"]:
+            count = f"the pipeline neighbour rank {waiter} waited for"
+        elif theirs < seqs.get(group, 0):
+            count = (f"it issued {theirs} operations on ranks {waited['ranks']}, rank {waiter} "
+                     f"{seqs.get(group, 0)}")
+        else:
+            continue
+        return _behind(record, count)
+    return None
+
+
+def _behind(record: dict[str, Any], count: str) -> str:
     return (f"rank {record['rank']} ({record['where']}) is alive but did not arrive: step "
             f"{record['step']}, last: {_last(record)}; {count}")
 

@@ -67,6 +67,7 @@ class Progress:
         self.step, self.activity, self.since = 0, ("started",), time.time()
         self.state = "running"  # or "failed": it gave up waiting (a consequence, not a cause)
         self.end: str | None = None  # how the process ended, once it has
+        self.waited: dict[str, Any] | None = None  # what it gave up waiting on, if it did
         self.beat, self.pid = 0, os.getpid()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="goose-progress", daemon=True)
@@ -95,7 +96,7 @@ class Progress:
         return {"rank": self.rank, "where": self.where, "host": socket.gethostname(), "pid": self.pid,
                 "beat": self.beat, "time": time.time(), "step": self.step,
                 "activity": what.format(*args), "since": self.since, "state": self.state,
-                "end": self.end, "seq": self.seqs()}
+                "end": self.end, "waited": self.waited, "seq": self.seqs()}
 
     def publish(self) -> bool:
         """Write the record to the store; False once the store is gone (nothing to publish to)."""
@@ -111,9 +112,10 @@ class Progress:
             if not self.publish():
                 return
 
-    def fail(self, activity: str) -> None:
-        """This rank gave up waiting: published at once, so peers do not take it for a cause."""
-        self.state, self.activity, self.since = "failed", (activity,), time.time()
+    def fail(self, activity: str, waited: dict[str, Any]) -> None:
+        """This rank gave up waiting (on ``waited``: ranks, group name, pipeline or not):
+        published at once, so peers take it for a waiter, not a cause, and follow it."""
+        self.state, self.activity, self.since, self.waited = "failed", (activity,), time.time(), waited
         self.publish()
 
     def close(self, how: str) -> None:
