@@ -169,7 +169,9 @@ class ParallelContext:
         self.progress = self._start_progress()
         torch.manual_seed(seed)
 
-    def _start_progress(self) -> progress.Progress:
+    def _start_progress(self) -> progress.Progress | None:
+        if self.world_size == 1 or not dist.is_initialized():  # no peer to tell
+            return None
         groups = [g for g in (dist.group.WORLD, *self._groups.values(), self._ends_group) if g is not None]
         where = ", ".join(f"{axis} {self.coords[axis]}" for axis in AXES)
         store = dist.distributed_c10d._get_default_store()
@@ -274,7 +276,8 @@ class ParallelContext:
 
     def destroy(self) -> None:
         """Tear down torch.distributed (all groups); peers still waiting on this rank are told."""
-        self.progress.close("destroyed its ParallelContext")
+        if self.progress is not None:
+            self.progress.close("destroyed its ParallelContext")
         if dist.is_initialized():
             dist.destroy_process_group()
 
