@@ -27,6 +27,12 @@ def _die_on_rank_0() -> None:
     time.sleep(60)
 
 
+def _leave_quietly_on_rank_1() -> None:
+    if os.environ["RANK"] == "1":
+        os._exit(0)  # no result, no error
+    time.sleep(60)
+
+
 def _hang() -> None:
     time.sleep(60)
 
@@ -54,6 +60,14 @@ def test_failing_rank_fails_fast_with_its_traceback() -> None:
 def test_dead_rank_is_reported() -> None:
     with pytest.raises(RankError, match="rank 0 of 2 died with exit code 3"):
         spawn(_die_on_rank_0, 2, timeout=30)
+    assert mp.active_children() == []
+
+
+def test_rank_that_exits_0_without_a_result_is_named_at_once() -> None:
+    start = time.monotonic()
+    with pytest.raises(RankError, match="rank 1 of 2 exited with code 0 before reporting a result"):
+        spawn(_leave_quietly_on_rank_1, 2, timeout=30)
+    assert time.monotonic() - start < 10  # not the deadline
     assert mp.active_children() == []
 
 

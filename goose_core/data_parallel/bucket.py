@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from goose_core.distributed.compat import reduce_scatter_flat
+from goose_core.distributed.missing import raise_named
 
 __all__ = ["Bucket", "build_buckets", "main_dtype"]
 
@@ -70,6 +71,7 @@ class Bucket:
         self.fresh = True
         self.ready: set[int] = set()
         self.work: dist.Work | None = None
+        self.group: dist.ProcessGroup | None = None  # the running collective's
 
     def slot(self, i: int) -> Tensor:
         """The piece of the flat buffer that holds parameter ``i``'s gradient, shaped like it."""
@@ -134,6 +136,7 @@ class Bucket:
                 self.fresh = False
             if divisor != 1:
                 self.grad.div_(divisor)
+        self.group = group
         if scatter:
             lo, hi = self.shard_range(dist.get_rank(group))
             self.shard_grad = self.grad[lo:hi]
@@ -144,7 +147,10 @@ class Bucket:
     def wait(self) -> None:
         """Block until the bucket's collective is done and forget its readiness."""
         if self.work is not None:
-            self.work.wait()
+            try:
+                self.work.wait()
+            except RuntimeError as err:
+                raise_named(err, group=self.group)  # a peer that did not arrive is named
         self.work = None
         self.ready.clear()
 

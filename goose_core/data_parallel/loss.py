@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from goose_core.distributed.missing import raise_named
 from goose_core.loss import count_items, nonzero
 
 __all__ = ["global_mean", "PendingMean", "count_items_over", "replica_items"]
@@ -53,12 +54,16 @@ class PendingMean(Tensor):
     """A tensor whose value an async all-reduce is still writing; any read waits for it."""
 
     _pending_work: dist.Work | None = None
+    _pending_group: dist.ProcessGroup | None = None
 
     def wait(self) -> None:
         """Block until the value is final (idempotent)."""
         work, self._pending_work = self._pending_work, None
         if work is not None:
-            work.wait()
+            try:
+                work.wait()
+            except RuntimeError as err:
+                raise_named(err, group=self._pending_group)
 
     @classmethod
     def __torch_function__(cls, func: Callable[..., Any], types: Any, args: tuple = (),
@@ -99,7 +104,7 @@ def global_mean(loss: Tensor, group: dist.ProcessGroup) -> Tensor:
     value = loss.detach() / size  # a power-of-two dp divides exactly: same bits as sum / dp
     work = dist.all_reduce(value, group=group, async_op=True)
     out = _PassGradient.apply(loss, value).as_subclass(PendingMean)
-    out._pending_work = work
+    out._pending_work, out._pending_group = work, group
     return out
 
 
@@ -115,7 +120,10 @@ def count_items_over(labels: Tensor, group: dist.ProcessGroup, device: torch.dev
     if device is not None:
         n = n.to(device)
     if dist.get_world_size(group) > 1:
-        dist.all_reduce(n, group=group)
+        try:
+            dist.all_reduce(n, group=group)
+        except RuntimeError as err:
+            raise_named(err, group=group)
     return n
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from goose_core.data_parallel.bucket import Bucket, build_buckets
+from goose_core.distributed.progress import note
 from goose_core.grad_sync import GradSync
 from goose_core.metadata import link_grad_sync, unlink_grad_sync
 
@@ -201,6 +202,7 @@ class GradReducer(GradSync):
 
     def finish(self) -> None:
         """Reduce what is left and wait for every bucket (the end of a backward pass)."""
+        note("data-parallel gradient reduction")
         self._callback_queued = False
         while self._next < len(self.buckets):
             self._launch(self.buckets[self._next])

@@ -15,6 +15,7 @@ from goose_core.data_parallel.reducer import GradReducer, trainable
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
 from goose_core.distributed.batch_check import extremes, install_batch_check, model_vocab
 from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.progress import count_forwards
 from goose_core.loss import count_items
 from goose_core.finite import watch
 from goose_core.metadata import module_grad_sync, parameters_changed, set_module_grad_sync
@@ -107,6 +108,7 @@ class DataParallel:
             install_batch_check(self.module, self.ctx)
         self.module.register_forward_pre_hook(self._count_items, with_kwargs=True)
         self.module.register_forward_hook(self._global_loss)
+        count_forwards(self.module)  # the step in this rank's progress record
         set_module_grad_sync(self.module, self.reducer)  # later wrappers: parameters_changed
         watch(self.module, self.ctx)  # non-finite gradients stop the step
         return self.module

@@ -12,10 +12,12 @@ from goose_core.distributed.collectives import (
 from goose_core.distributed.context import DEFAULT_TIMEOUT, ParallelContext
 from goose_core.distributed.grid import AXES, ProcessGrid, layouts
 from goose_core.distributed.launch import RankError, free_port, spawn
+from goose_core.distributed.missing import MissingRankError
 
 __all__ = [
     "AXES",
     "DEFAULT_TIMEOUT",
+    "MissingRankError",
     "ParallelContext",
     "ProcessGrid",
     "RankError",

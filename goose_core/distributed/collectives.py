@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from goose_core.distributed.missing import names_missing
+
 __all__ = [
     "all_reduce",
     "all_gather",
@@ -41,12 +43,14 @@ def _identity(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
     return x.view_as(x)  # a view, not x itself: autograd needs a distinct output
 
 
+@names_missing
 def _all_reduce(x: Tensor, group: dist.ProcessGroup, dim: int = 0) -> Tensor:
     x = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(x, group=group)
     return x
 
 
+@names_missing
 def _all_gather(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
     parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
@@ -64,6 +68,7 @@ def _split(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
     return _chunks(x, group, dim)[dist.get_rank(group)].contiguous()
 
 
+@names_missing
 def _reduce_scatter(x: Tensor, group: dist.ProcessGroup, dim: int) -> Tensor:
     chunks = [c.contiguous() for c in _chunks(x, group, dim)]
     out = torch.empty_like(chunks[0])

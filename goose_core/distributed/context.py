@@ -8,6 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from goose_core.distributed import progress
 from goose_core.distributed.grid import AXES, Axis, ProcessGrid
 
 __all__ = ["ParallelContext", "DEFAULT_TIMEOUT", "choose_backend", "BACKEND_ENV", "DEVICE_ENV"]
@@ -138,7 +139,13 @@ class ParallelContext:
         backend: ``"gloo"`` or ``"nccl"`` (default: see :func:`choose_backend`).
         device: where this rank's model and tensors live, ``"cpu"`` or ``"cuda[:i]"`` (default:
             the backend's; ``cuda`` means ``cuda:LOCAL_RANK``).
-        timeout: how long any collective may wait before failing.
+        timeout: how long any collective or point-to-point operation may wait for its peers
+            (default :data:`DEFAULT_TIMEOUT`, 120 s; keep it above the slowest step). Past it,
+            or when a peer's connection closes, goose's operations raise
+            :class:`~goose_core.distributed.missing.MissingRankError` on every rank that waited,
+            naming the ranks that did not arrive and what they did last (step, activity), from
+            the progress records each rank publishes to the store
+            (:mod:`goose_core.distributed.progress`; :meth:`destroy` ends this rank's).
         check_finite: stop the run, on every rank, before an optimizer step that would read a
             non-finite loss or gradient (:mod:`goose_core.finite`); False trains on regardless.
 
@@ -185,7 +192,16 @@ class ParallelContext:
         self._groups = {axis: self._new_groups(self.grid.all_groups(axis)) for axis in AXES}
         self._ends_group = self._new_ends_group()
         self.prev_pipeline_rank, self.next_pipeline_rank = self.grid.pipeline_neighbours(self.rank)
+        self.progress = self._start_progress()
         torch.manual_seed(seed)
+
+    def _start_progress(self) -> progress.Progress | None:
+        if self.world_size == 1 or not dist.is_initialized():  # no peer to tell
+            return None
+        groups = [g for g in (dist.group.WORLD, *self._groups.values(), self._ends_group) if g is not None]
+        where = ", ".join(f"{axis} {self.coords[axis]}" for axis in AXES)
+        store = dist.distributed_c10d._get_default_store()
+        return progress.start(store, self.rank, where, groups, self.timeout)
 
     def _new_groups(self, all_ranks: list[list[int]]) -> dist.ProcessGroup | None:
         # new_group is collective over the whole world: every rank creates every group, in the
@@ -285,7 +301,9 @@ class ParallelContext:
         return self.pipeline_parallel_rank == self.grid.pp - 1
 
     def destroy(self) -> None:
-        """Tear down torch.distributed (all groups)."""
+        """Tear down torch.distributed (all groups); peers still waiting on this rank are told."""
+        if self.progress is not None:
+            self.progress.close("destroyed its ParallelContext")
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -133,11 +133,12 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
 def _collect(procs: list[mp.process.BaseProcess], results: Any, deadline: float,
              timeout: float) -> list[Any]:
     done: dict[int, Any] = {}
+    quiet: dict[int, float] = {}  # rank -> when it was seen gone with exit code 0, no result yet
     while len(done) < len(procs):
         try:
             rank, ok, payload = results.get(timeout=0.05)
         except queue_lib.Empty:
-            _check_alive(procs, done, deadline, timeout)
+            _check_alive(procs, done, quiet, deadline, timeout)
             continue
         if not ok:
             raise RankError(f"rank {rank} of {len(procs)} failed:\n{payload}")
@@ -145,12 +146,19 @@ def _collect(procs: list[mp.process.BaseProcess], results: Any, deadline: float,
     return [done[r] for r in range(len(procs))]
 
 
-def _check_alive(procs: list[mp.process.BaseProcess], done: dict[int, Any], deadline: float,
-                 timeout: float) -> None:
+def _check_alive(procs: list[mp.process.BaseProcess], done: dict[int, Any], quiet: dict[int, float],
+                 deadline: float, timeout: float) -> None:
     for rank, p in enumerate(procs):
-        if rank not in done and not p.is_alive() and p.exitcode not in (0, None):
+        if rank in done or p.is_alive():
+            continue
+        if p.exitcode not in (0, None):
             raise RankError(f"rank {rank} of {len(procs)} died with exit code {p.exitcode} "
                             f"before reporting a result")
+        # Exit code 0 without a result (os._exit(0)): its result may still be in the pipe, so
+        # give the queue a second before naming it.
+        if time.monotonic() - quiet.setdefault(rank, time.monotonic()) > 1.0:
+            raise RankError(f"rank {rank} of {len(procs)} exited with code 0 before reporting a "
+                            f"result (it left early: os._exit?)")
     if time.monotonic() > deadline:
         stuck = [r for r in range(len(procs)) if r not in done]
         raise TimeoutError(f"ranks {stuck} of {len(procs)} did not finish within {timeout:.0f} s "

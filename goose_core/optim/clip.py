@@ -33,6 +33,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.missing import names_missing
+from goose_core.distributed.progress import note
 from goose_core.finite import local_flag, stops, vouch
 from goose_core.metadata import grad_shards, is_dp_shard, is_duplicate, mark_dp_shard, mark_duplicate, shard_spec
 
@@ -78,13 +80,23 @@ def _total_norm(owned: list[Tensor], flag: Tensor, norm_type: float, device: tor
         maxes = [g.abs().max().to(dtype) for g in owned]
         local = torch.stack(maxes).max() if maxes else torch.zeros((), dtype=dtype, device=device)
         both = torch.stack([local, flag.to(local)])
-        dist.all_reduce(both, op=dist.ReduceOp.MAX)  # the flag, not the max: MAX may drop a nan
+        _all_reduce(both, dist.ReduceOp.MAX)  # the flag, not the max: MAX may drop a nan
         return both[0], bool(both[1])
     norms = [torch.linalg.vector_norm(g, norm_type).to(dtype) for g in owned]
     local = torch.stack(norms).pow(norm_type).sum() if norms else torch.zeros((), dtype=dtype, device=device)
     both = torch.stack([local, flag.to(local)])
-    dist.all_reduce(both)
+    _all_reduce(both, dist.ReduceOp.SUM)
     return both[0].pow(1.0 / norm_type), bool(both[1])
+
+
+def _all_reduce(local: Tensor, op: dist.ReduceOp) -> None:
+    note("clip_grad_norm_: the global norm's all-reduce")
+    _world_all_reduce(local, dist.group.WORLD, op)
+
+
+@names_missing
+def _world_all_reduce(local: Tensor, group: dist.ProcessGroup, op: dist.ReduceOp) -> None:
+    dist.all_reduce(local, op=op, group=group)
 
 
 def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, ctx: ParallelContext,

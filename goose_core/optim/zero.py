@@ -42,6 +42,8 @@ from torch import nn
 from goose_core.data_parallel.bucket import Bucket, build_buckets, main_dtype
 from goose_core.distributed.compat import all_gather_flat
 from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.missing import raise_named
+from goose_core.distributed.progress import note
 from goose_core.finite import FiniteGuard, flat_names, guard_of, watch_like
 from goose_core.grad_sync import GradSync
 from goose_core.metadata import (grad_sync_of, is_duplicate, mark_dp_shard, mark_duplicate, mark_sharded,
@@ -115,6 +117,7 @@ class DistributedOptimizer(OptimizerWrapper):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Reduce-scatter (unless the backward already did), step the shard, all-gather."""
         loss = self.closure_loss(closure)
+        note("ZeRO-1 optimizer step")
         self._grad_shards()
         self.optimizer.step()
         self._all_gather()
@@ -174,8 +177,11 @@ class DistributedOptimizer(OptimizerWrapper):
         # in the parameters' dtype (bf16 under mixed precision: half the bytes of the masters).
         flats = [_gather_buffer(b) for b in self.buckets]
         works = [w for b, f, s in zip(self.buckets, flats, self.shards) for w in self._gather_bucket(b, f, s)]
-        for work in works:
-            work.wait()
+        try:
+            for work in works:
+                work.wait()
+        except RuntimeError as err:
+            raise_named(err, group=self.ctx.data_parallel_group)
         for bucket, flat in zip(self.buckets, flats):
             for i, p in enumerate(bucket.params):
                 p.detach().copy_(flat[bucket.offsets[i] : bucket.offsets[i] + p.numel()].view_as(p))

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
+from goose_core.distributed.progress import note
+
 __all__ = ["Kind", "Phase", "Event", "Callback", "CallbackList"]
 
 Kind = Literal["forward", "backward", "recompute"]
@@ -69,6 +71,8 @@ class CallbackList:
 
     def fire(self, kind: Kind, phase: Phase, microbatch_idx: int, partition_idx: int) -> None:
         """Call every matching callback; an exception propagates to the caller unchanged."""
+        note("pipeline {} of micro-batch {} on stage {} ({})", kind, microbatch_idx, partition_idx,
+             "started" if phase == "before" else "done")  # the rank's last activity for its peers
         if not self.callbacks:
             return
         event = Event(kind, phase, microbatch_idx, partition_idx)

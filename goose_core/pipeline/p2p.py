@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from goose_core.distributed.missing import raise_named
 from goose_core.pipeline.dependency import get_phony
 from goose_core.pipeline.messages import Message, messages
 from goose_core.pipeline.schedule import GPipe, Schedule
@@ -85,7 +86,10 @@ class _Channel:
         if ahead is not None and ahead.dst == self.me and ahead.kind == key[0]:
             self._issue(k + 2)  # in flight while this micro-batch computes
         work, buf = self.posted.pop(key)
-        work.wait()
+        try:
+            work.wait()
+        except RuntimeError as err:
+            raise_named(err, peer=self.peer)
         return buf
 
     def _issue(self, upto: int) -> None:
@@ -128,7 +132,7 @@ class DistributedTransport(Transport):
         self.num_microbatches = num_microbatches
         self.requires_grad = requires_grad
         self.schedule = schedule
-        self.sends: list[tuple[Any, Tensor]] = []  # (work, tensor kept alive until sent)
+        self.sends: list[tuple[Any, Tensor, int]] = []  # (work, tensor kept alive until sent, peer)
         self.like: Tensor | None = None  # shape/dtype template of received activations
         self.sent_like: Tensor | None = None  # ... of sent activations (their gradients' too)
         self.channels: dict[str, _Channel] = {}
@@ -147,7 +151,7 @@ class DistributedTransport(Transport):
 
     # -- the channels call these ---------------------------------------------------------------
     def _isend(self, t: Tensor, dst: int) -> None:
-        self.sends.append((dist.isend(t, dst, group=self.group, tag=0), t))
+        self.sends.append((dist.isend(t, dst, group=self.group, tag=0), t, dst))
 
     def _buffer(self, kind: str) -> Tensor:
         if kind == "header":
@@ -186,8 +190,11 @@ class DistributedTransport(Transport):
         self._drain()
 
     def _drain(self) -> None:
-        for work, _ in self.sends:
-            work.wait()
+        for work, _, peer in self.sends:
+            try:
+                work.wait()
+            except RuntimeError as err:
+                raise_named(err, peer=peer)
         self.sends = []
 
 

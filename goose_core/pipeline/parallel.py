@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from goose_core.distributed.batch_check import check_policy, install_batch_check
 from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.progress import count_forwards
 from goose_core.finite import watch
 from goose_core.metadata import parameters_changed
 from goose_core.partition import Partitioner, partition_blocks
@@ -127,6 +128,7 @@ class PipelineParallel:
         stage = Stage(model, adapter, {j: list(held)}, n, transport, self.num_microbatches,
                        self.checkpoint, self.callbacks, ctx, tied, [ctx.device] * n, self.schedule, self.loss)
         _install(model, stage)
+        count_forwards(model)  # the step in this rank's progress record
         parameters_changed(model)  # a DataParallel applied before re-buckets over this stage
         watch(model, ctx)  # non-finite gradients stop the step (this stage's parameters marked)
         return model

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.missing import raise_named
 from goose_core.grad_sync import GradSync
 from goose_core.loss import count_items, loss_dtype, nonzero
 from goose_core.metadata import grad_syncs
@@ -179,7 +180,10 @@ class Stage:
                  else torch.zeros((), dtype=dtype, device=self.device))
         if self.ctx is not None and self.num_partitions > 1:
             last = self.ctx.group_ranks("pp")[-1]
-            dist.broadcast(value, last, group=self.ctx.pipeline_parallel_group)
+            try:
+                dist.broadcast(value, last, group=self.ctx.pipeline_parallel_group)
+            except RuntimeError as err:
+                raise_named(err, group=self.ctx.pipeline_parallel_group)
         if not torch.is_grad_enabled():
             return total if total is not None else value
         anchor = total if total is not None else value

@@ -26,6 +26,7 @@ from torch import nn
 
 from goose_core.distributed.batch_check import check_policy, install_batch_check
 from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.progress import count_forwards
 from goose_core.finite import watch
 from goose_core.metadata import parameters_changed
 from goose_core.pipeline.parallel import is_pipelined
@@ -217,6 +218,7 @@ class TensorParallel:
         before, after = _forward_hooks(head, tracker)
         model.register_forward_pre_hook(before, with_kwargs=True)
         model.register_forward_hook(after, always_call=True)
+        count_forwards(model)  # the step in this rank's progress record
         if self.check_grads and tp > 1:  # before DataParallel's hooks, which may move .grad away
             ReplicaGradCheck(model, ctx.tensor_parallel_group, ctx.device)
         parameters_changed(model)
