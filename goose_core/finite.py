@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.missing import naming_missing
 from goose_core.metadata import finite_watch, set_finite_watch
 
 __all__ = ["FiniteGuard", "NonFiniteError", "Watched", "copy_watch", "flat_names", "found_non_finite", "guard_of",
@@ -118,7 +119,8 @@ class FiniteGuard:
     def _check(self, tensors: list[Tensor]) -> None:
         found = self.found(tensors)
         if self.ctx.world_size > 1:
-            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+            with naming_missing():
+                dist.all_reduce(found, op=dist.ReduceOp.MAX)
         if found.item():
             self._raise(tensors)
 
@@ -133,7 +135,8 @@ class FiniteGuard:
         reports: list[dict[str, Any]] = [mine]
         if self.ctx.world_size > 1:
             reports = [{} for _ in range(self.ctx.world_size)]
-            dist.all_gather_object(reports, mine)
+            with naming_missing():
+                dist.all_gather_object(reports, mine)
         raise _error(reports, self.steps + 1)
 
     def _offenders(self, tensors: list[Tensor]) -> dict[str, Any]:

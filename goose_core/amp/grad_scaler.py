@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.missing import naming_missing
 from goose_core.finite import found_non_finite, vouch
 from goose_core.metadata import grad_shards
 
@@ -187,7 +188,8 @@ class GradScaler:
         """found_inf as the MAX over every rank, with any rank's refusal, in one all-reduce."""
         flags = torch.stack([found, torch.tensor(float(fp16 > 0), device=found.device)])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            with naming_missing():
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[1].item():
             here = f"{fp16} on this rank" if fp16 else "none on this rank"
             raise ValueError(f"GradScaler cannot unscale fp16 gradients ({here}): an fp16 optimizer step "

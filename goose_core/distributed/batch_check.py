@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from goose_core.distributed.batch_faults import FIELDS, batch_checksum, batch_report, first_fault
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.grid import Axis
+from goose_core.distributed.missing import naming_missing
 from goose_core.metadata import batch_check_of, module_grad_sync, set_batch_check
 
 __all__ = ["BatchCheck", "FIELDS", "POLICIES", "batch_checksum", "check_policy", "extremes",
@@ -71,7 +72,8 @@ def extremes_by_row(values: Tensor, row: int, rows: int, groups: Sequence[dist.P
     table = torch.full((rows, 2 * flat.numel()), _LOWEST, dtype=flat.dtype, device=flat.device)
     table[row] = torch.cat([flat, -flat])
     for group in groups:
-        dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
+        with naming_missing(group):
+            dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
     n = flat.numel()
     return table[:, :n], -table[:, n:]
 

@@ -25,13 +25,14 @@ from __future__ import annotations
 import functools
 import json
 import time
-from typing import Any, Callable, NoReturn, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 import torch.distributed as dist
 
 from goose_core.distributed.progress import Progress, current, record_key
 
-__all__ = ["MissingRankError", "is_peer_failure", "raise_named", "names_missing", "explain"]
+__all__ = ["MissingRankError", "is_peer_failure", "raise_named", "names_missing", "naming_missing", "explain"]
 
 #: Phrases of torch's errors for a peer that did not come (gloo, NCCL's watchdog, the store).
 _PEER_FAILURES = ("timed out", "connection closed", "connection reset", "broken pipe",
@@ -75,6 +76,16 @@ def names_missing(fn: F) -> F:
             raise_named(err, group=group)
 
     return run  # type: ignore[return-value]
+
+
+@contextmanager
+def naming_missing(group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Within the block, a peer failure of an operation on ``group`` (default: the world) names
+    the missing ranks: for call sites that are not a ``fn(tensor, group)``."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise_named(err, group=group)
 
 
 def _read(store: dist.Store, world: int) -> dict[int, dict[str, Any]]:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from goose_core.distributed.context import ParallelContext
-from goose_core.distributed.missing import raise_named
+from goose_core.distributed.missing import naming_missing
 from goose_core.grad_sync import GradSync
 from goose_core.loss import count_items, loss_dtype, nonzero
 from goose_core.metadata import grad_syncs
@@ -148,7 +148,8 @@ class Stage:
             return sum(self._outputs(step)) if self.is_last else None
         per_router = self.adapter.probs.sums(self.num_microbatches, self.device)
         if self.ctx is not None and self.num_partitions > 1:
-            dist.all_reduce(per_router, group=self.ctx.pipeline_parallel_group)  # zeros elsewhere: exact
+            with naming_missing(self.ctx.pipeline_parallel_group):
+                dist.all_reduce(per_router, group=self.ctx.pipeline_parallel_group)  # zeros elsewhere: exact
         return router.finish(self._outputs(step), per_router) if self.is_last else None
 
     def _step_with_backward(self, microbatches: list[dict[str, Any]]) -> Tensor:
@@ -180,10 +181,8 @@ class Stage:
                  else torch.zeros((), dtype=dtype, device=self.device))
         if self.ctx is not None and self.num_partitions > 1:
             last = self.ctx.group_ranks("pp")[-1]
-            try:
+            with naming_missing(self.ctx.pipeline_parallel_group):
                 dist.broadcast(value, last, group=self.ctx.pipeline_parallel_group)
-            except RuntimeError as err:
-                raise_named(err, group=self.ctx.pipeline_parallel_group)
         if not torch.is_grad_enabled():
             return total if total is not None else value
         anchor = total if total is not None else value

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.missing import naming_missing
 from goose_core.metadata import mark_duplicate
 
 __all__ = ["TiedGradients"]
@@ -51,7 +52,8 @@ class TiedGradients:
         ZeRO-1 still finds the whole gradient in ``param.grad``."""
         mine = self.added if self.added is not None else torch.zeros_like(self.param)
         both = [torch.empty_like(mine) for _ in range(2)]
-        dist.all_gather(both, mine.contiguous(), group=self.group)
+        with naming_missing(self.group):
+            dist.all_gather(both, mine.contiguous(), group=self.group)
         other = both[1] if dist.get_rank(self.group) == 0 else both[0]
         if self.param.grad is None:
             self.param.grad = other.clone()  # this stage never used the weight this step

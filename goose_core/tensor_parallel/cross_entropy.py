@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from goose_core.loss import loss_dtype, nonzero, targets_of
+from goose_core.distributed.missing import naming_missing
 
 __all__ = ["vocab_parallel_cross_entropy", "VocabParallelCausalLMLoss"]
 
@@ -37,7 +38,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows = logits.shape[-1]
         start = dist.get_rank(group) * rows
         logits_max = logits.detach().amax(dim=-1)
-        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        with naming_missing(group):
+            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
         shifted = logits - logits_max.unsqueeze(-1)
 
         valid = target != ignore_index
@@ -47,7 +49,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
         exp = shifted.exp()
         stats = torch.stack([target_logit, exp.sum(dim=-1)])
-        dist.all_reduce(stats, group=group)
+        with naming_missing(group):
+            dist.all_reduce(stats, group=group)
         target_logit, sum_exp = stats[0], stats[1]
 
         ctx.save_for_backward(exp.div_(sum_exp.unsqueeze(-1)), local, owned, valid)

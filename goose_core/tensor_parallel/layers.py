@@ -48,6 +48,7 @@ from goose_core.distributed.collectives import (
     scatter_to_region,
 )
 from goose_core.metadata import ShardSpec, mark_sharded
+from goose_core.distributed.missing import naming_missing
 from goose_core.tensor_parallel.random import RNGTracker
 
 __all__ = [
@@ -98,7 +99,8 @@ class _SumOverReplicas(torch.autograd.Function):
         slot = dist.get_rank(ctx.group) // ctx.replicas
         buffer = grad.new_zeros((slots, *grad.shape))
         buffer[slot] = grad
-        dist.all_reduce(buffer, group=ctx.group)
+        with naming_missing(ctx.group):
+            dist.all_reduce(buffer, group=ctx.group)
         return buffer[slot], None, None
 
 

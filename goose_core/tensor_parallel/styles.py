@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from goose_core.distributed.collectives import copy_to_region, reduce_from_region
+from goose_core.distributed.missing import naming_missing
 from goose_core.tensor_parallel.layers import split_parameter
 from goose_core.tensor_parallel.plan import param_split
 
@@ -91,7 +92,8 @@ def all_reduce_grads(module: nn.Module, group: dist.ProcessGroup) -> None:
 
     def summed(grad: Tensor) -> Tensor:
         grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=group)
+        with naming_missing(group):
+            dist.all_reduce(grad, group=group)
         return grad
 
     if dist.get_world_size(group) > 1:
