@@ -87,12 +87,21 @@ def test_bad_layout_fails_on_every_rank_before_any_collective(sizes, message) ->
         assert re.search(message, text), text
 
 
-def _without_env() -> None:
-    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+def _half_launched(sizes: tuple[int, int, int]) -> None:
+    for key in ("MASTER_ADDR", "MASTER_PORT"):  # a launcher's environment with pieces missing
         os.environ.pop(key)
-    ParallelContext()
+    ParallelContext(*sizes)
+
+
+def _no_launcher(sizes: tuple[int, int, int]) -> int:
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # a plain `python`, a notebook
+        os.environ.pop(key)
+    return ParallelContext(*sizes).world_size
 
 
 def test_missing_launcher_environment_says_how_to_launch() -> None:
     with pytest.raises(RankError, match="launch with `torchrun"):
-        spawn(_without_env, 1, timeout=60)
+        spawn(_half_launched, 1, (1, 1, 1), timeout=60)
+    assert spawn(_no_launcher, 1, (1, 1, 1), timeout=60) == [1]  # no launcher at all: a world of one
+    with pytest.raises(RankError, match="torchrun --nproc_per_node=2"):
+        spawn(_no_launcher, 1, (2, 1, 1), timeout=60)
