@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import torch
@@ -17,6 +18,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from goose_core.data import ByteTokenizer
 from goose_core.loss import causal_lm_loss
@@ -111,6 +113,16 @@ def build_model(family: str, seed: int = 0, dropout: float = 0.0, dtype: torch.d
     return seeded_model(tiny_config(family, dropout, **overrides), seed, dtype, attention)
 
 
+def _uses_attention_interface(config: PretrainedConfig) -> bool:
+    """Whether the installed transformers runs ``config``'s family through the attention interface
+    (so a registered name such as :data:`EAGER_IN_DTYPE` reaches it). Families move onto it across
+    versions: GPT-J's 5.17 looks its attention class up in its own table, which knows only 🤗's
+    names. Either fact says yes: the class declares it (``is_backend_compatible``), or the
+    family's modeling module imports the interface (some hybrids use it without declaring it)."""
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return model_class.is_backend_compatible() or hasattr(sys.modules[model_class.__module__], "ALL_ATTENTION_FUNCTIONS")
+
+
 def seeded_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
                  attention: str = EAGER_IN_DTYPE) -> PreTrainedModel:
     """Any 🤗 causal LM config as :func:`build_model` builds the tiny families: weights drawn
@@ -120,7 +132,11 @@ def seeded_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = t
 
     ``attention``: :data:`EAGER_IN_DTYPE` for families whose attention goes through 🤗's
     attention interface (most), ``"eager"`` for those that implement their own (GPT-2, Bloom).
+    :data:`EAGER_IN_DTYPE` asked of a family the installed transformers gives no interface
+    (GPT-J at 5.17) builds its own ``"eager"``.
     """
+    if attention == EAGER_IN_DTYPE and not _uses_attention_interface(config):
+        attention = "eager"  # the family has no other; a registered name would be a KeyError in its own table
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(dtype)
     model.loss_function = causal_lm_loss
