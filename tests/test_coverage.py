@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from transformers import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from goose_core.testing import RunResult
 from goose_core.testing.coverage import (BUILD, MODES, Outcome, classify_error, combine, compare, run_sweep,
@@ -27,6 +30,22 @@ FAST = ("gpt2", "bloom", "llama", "mistral", "qwen2", "gemma2", "granite", "mixt
 LAID_OUT = ("bamba", "falcon_h1")
 
 
+def _lacking(family: str) -> str | None:
+    """Why the installed transformers cannot run ``family``'s premise on one device, from its own
+    facts, or None: the family is absent (Beam is newer than 5.17), or its config turns the router
+    loss on but its model records no router logits (5.17's GraniteMoE: its forward then adds
+    load_balancing_loss_func's int 0 with ``.to`` and fails, in 🤗's own code)."""
+    if family not in CONFIG_MAPPING:
+        return f"transformers {transformers.__version__} has no {family!r}"
+    config = tiny_family_config(family)
+    if getattr(config, "output_router_logits", False):
+        base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config).base_model
+        if base(input_ids=torch.zeros(1, 2, dtype=torch.long), output_router_logits=True).router_logits is None:
+            return (f"transformers {transformers.__version__}'s {type(base).__name__} records no router logits, "
+                    f"so its forward with output_router_logits=True fails on one device")
+    return None
+
+
 @pytest.fixture(scope="module")
 def fast_sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Outcome]:
     state = tmp_path_factory.mktemp("coverage") / "state.jsonl"
@@ -35,6 +54,8 @@ def fast_sweep(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str]
 
 @pytest.mark.parametrize("family", FAST)
 def test_family_is_equal_or_refused_with_a_reason(fast_sweep: dict[tuple[str, str], Outcome], family: str) -> None:
+    if reason := _lacking(family):
+        pytest.skip(reason)
     assert fast_sweep[family, BUILD].status == "ok", fast_sweep[family, BUILD].detail
     bad = [f"{mode}: {o.status} {o.detail} (error {o.error})" for mode in MODES
            if (o := fast_sweep[family, mode]).status not in ("equal", "refused")]
@@ -45,18 +66,29 @@ def test_family_is_equal_or_refused_with_a_reason(fast_sweep: dict[tuple[str, st
 
 @pytest.mark.parametrize("family", LAID_OUT)
 def test_a_registry_layout_splits_equal(fast_sweep: dict[tuple[str, str], Outcome], family: str) -> None:
+    # The layout is goose's, the tp plan the installed config's: 5.17's Bamba and Falcon-H1 declare
+    # none, so there tp2xpp2 must be refused for exactly that; pp=2 must be equal either way.
+    planned = bool(getattr(tiny_family_config(family), "base_model_tp_plan", None))
     for mode in ("pp2", "tp2xpp2"):
         outcome = fast_sweep[family, mode]
-        assert outcome.status == "equal", f"{mode}: {outcome.status} {outcome.detail}"
+        if mode == "tp2xpp2" and not planned:
+            assert outcome.status == "refused" and "declares no config.base_model_tp_plan" in outcome.detail, \
+                f"{mode}: {outcome.status} {outcome.detail}"
+        else:
+            assert outcome.status == "equal", f"{mode}: {outcome.status} {outcome.detail}"
 
 
 def test_every_declaring_family_is_listed_and_the_fast_ones_build() -> None:
     found = {f.model_type: f for f in families()}
     assert {"llama", "mixtral", "gpt2", "opt", "falcon", "stablelm"} <= found.keys()
     assert found["llama"].declares == "tp+pp" and found["opt"].declares == "none"
+    absent = [name for name in FAST if name not in CONFIG_MAPPING]
     for name in FAST:
-        config = tiny_family_config(name)
-        assert config.vocab_size == 256 and config.num_hidden_layers == 4, name
+        if name not in absent:
+            config = tiny_family_config(name)
+            assert config.vocab_size == 256 and config.num_hidden_layers == 4, name
+    if absent:  # every present one was checked; say which were not
+        pytest.skip(f"transformers {transformers.__version__} has no {', '.join(map(repr, absent))}")
 
 
 def _result(loss: float, weight: float) -> RunResult:
