@@ -119,8 +119,12 @@ def _uses_attention_interface(config: PretrainedConfig) -> bool:
     versions: GPT-J's 5.17 looks its attention class up in its own table, which knows only 🤗's
     names. Either fact says yes: the class declares it (``is_backend_compatible``), or the
     family's modeling module imports the interface (some hybrids use it without declaring it)."""
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    return model_class.is_backend_compatible() or hasattr(sys.modules[model_class.__module__], "ALL_ATTENTION_FUNCTIONS")
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # not in the auto mapping: let from_config say what it says of it, as before
+        return True
+    module = sys.modules[model_class.__module__]
+    return model_class.is_backend_compatible() or hasattr(module, "ALL_ATTENTION_FUNCTIONS")
 
 
 def seeded_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
