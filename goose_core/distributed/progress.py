@@ -127,6 +127,10 @@ class Progress:
                    else "exited after destroying the process group")
         self.end = how
         self._stop.set()
+        # The thread may be inside the store's C++ client: let it leave before this process goes
+        # on to tear the process group (and the store) down, or exits, under it (an abort).
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * self.interval)
         self.publish()
 
 
