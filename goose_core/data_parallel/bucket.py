@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from goose_core.distributed.compat import reduce_scatter_flat
-from goose_core.distributed.missing import raise_named
+from goose_core.distributed.missing import naming_missing
 
 __all__ = ["Bucket", "build_buckets", "main_dtype"]
 
@@ -147,10 +147,8 @@ class Bucket:
     def wait(self) -> None:
         """Block until the bucket's collective is done and forget its readiness."""
         if self.work is not None:
-            try:
+            with naming_missing(self.group):  # a peer that did not arrive is named
                 self.work.wait()
-            except RuntimeError as err:
-                raise_named(err, group=self.group)  # a peer that did not arrive is named
         self.work = None
         self.ready.clear()
 

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from goose_core.distributed.missing import raise_named
+from goose_core.distributed.missing import naming_missing
 from goose_core.loss import count_items, nonzero
 
 __all__ = ["global_mean", "PendingMean", "count_items_over", "replica_items"]
@@ -60,10 +60,8 @@ class PendingMean(Tensor):
         """Block until the value is final (idempotent)."""
         work, self._pending_work = self._pending_work, None
         if work is not None:
-            try:
+            with naming_missing(self._pending_group):
                 work.wait()
-            except RuntimeError as err:
-                raise_named(err, group=self._pending_group)
 
     @classmethod
     def __torch_function__(cls, func: Callable[..., Any], types: Any, args: tuple = (),
@@ -120,10 +118,8 @@ def count_items_over(labels: Tensor, group: dist.ProcessGroup, device: torch.dev
     if device is not None:
         n = n.to(device)
     if dist.get_world_size(group) > 1:
-        try:
+        with naming_missing(group):
             dist.all_reduce(n, group=group)
-        except RuntimeError as err:
-            raise_named(err, group=group)
     return n
 
 

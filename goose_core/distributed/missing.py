@@ -70,22 +70,20 @@ def names_missing(fn: F) -> F:
 
     @functools.wraps(fn)
     def run(x: Any, group: dist.ProcessGroup, *args: Any, **kwargs: Any) -> Any:
-        try:
+        with naming_missing(group):
             return fn(x, group, *args, **kwargs)
-        except RuntimeError as err:
-            raise_named(err, group=group)
 
     return run  # type: ignore[return-value]
 
 
 @contextmanager
-def naming_missing(group: dist.ProcessGroup | None = None) -> Iterator[None]:
-    """Within the block, a peer failure of an operation on ``group`` (default: the world) names
-    the missing ranks: for call sites that are not a ``fn(tensor, group)``."""
+def naming_missing(group: dist.ProcessGroup | None = None, peer: int | None = None) -> Iterator[None]:
+    """Within the block, a peer failure of an operation on ``group`` (default: the world), or
+    with the rank ``peer`` (point-to-point), names the missing ranks."""
     try:
         yield
     except RuntimeError as err:
-        raise_named(err, group=group)
+        raise_named(err, group=group, peer=peer)
 
 
 def _read(store: dist.Store, world: int) -> dict[int, dict[str, Any]]:

@@ -42,7 +42,7 @@ from torch import nn
 from goose_core.data_parallel.bucket import Bucket, build_buckets, main_dtype
 from goose_core.distributed.compat import all_gather_flat
 from goose_core.distributed.context import ParallelContext
-from goose_core.distributed.missing import raise_named
+from goose_core.distributed.missing import naming_missing
 from goose_core.distributed.progress import note
 from goose_core.finite import FiniteGuard, flat_names, guard_of, watch_like
 from goose_core.grad_sync import GradSync
@@ -177,11 +177,9 @@ class DistributedOptimizer(OptimizerWrapper):
         # in the parameters' dtype (bf16 under mixed precision: half the bytes of the masters).
         flats = [_gather_buffer(b) for b in self.buckets]
         works = [w for b, f, s in zip(self.buckets, flats, self.shards) for w in self._gather_bucket(b, f, s)]
-        try:
+        with naming_missing(self.ctx.data_parallel_group):
             for work in works:
                 work.wait()
-        except RuntimeError as err:
-            raise_named(err, group=self.ctx.data_parallel_group)
         for bucket, flat in zip(self.buckets, flats):
             for i, p in enumerate(bucket.params):
                 p.detach().copy_(flat[bucket.offsets[i] : bucket.offsets[i] + p.numel()].view_as(p))

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from goose_core.distributed.missing import raise_named
+from goose_core.distributed.missing import naming_missing
 from goose_core.pipeline.dependency import get_phony
 from goose_core.pipeline.messages import Message, messages
 from goose_core.pipeline.schedule import GPipe, Schedule
@@ -86,10 +86,8 @@ class _Channel:
         if ahead is not None and ahead.dst == self.me and ahead.kind == key[0]:
             self._issue(k + 2)  # in flight while this micro-batch computes
         work, buf = self.posted.pop(key)
-        try:
+        with naming_missing(peer=self.peer):
             work.wait()
-        except RuntimeError as err:
-            raise_named(err, peer=self.peer)
         return buf
 
     def _issue(self, upto: int) -> None:
@@ -191,10 +189,8 @@ class DistributedTransport(Transport):
 
     def _drain(self) -> None:
         for work, _, peer in self.sends:
-            try:
+            with naming_missing(peer=peer):
                 work.wait()
-            except RuntimeError as err:
-                raise_named(err, peer=peer)
         self.sends = []
 
 
