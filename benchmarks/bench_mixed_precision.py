@@ -164,7 +164,7 @@ def draw(curves: dict[str, list[float]], path: Path = PLOT) -> Path:
         label = {"bf16": "bf16 + fp32 masters", "fp16": "fp16 + fp32 masters + GradScaler"}.get(name, name)
         top.plot(losses, label=label)
         bottom.plot([abs(a - b) / b for a, b in zip(losses, fp32)], label=label)
-    bottom.axhline(2.0**-9, color="grey", linestyle=":", label="2**-9 (the stage 10 bound)")
+    bottom.axhline(2.0**-9, color="grey", linestyle=":", label="2**-9 (the stage 01 bound)")
     top.set_ylabel("training loss")
     top.set_title("GQA Llama (tiny), 30 AdamW steps on the shipped corpus, one device")
     top.legend()
@@ -201,5 +201,5 @@ def run() -> list[Record]:
     for name in ("bf16", "fp16", "plain bf16"):
         drift = max(abs(a - b) / b for a, b in zip(curves[name], curves["fp32"]))
         records.append(Record.count("mixed_precision", f"largest relative loss gap to fp32 over 30 steps, {name}",
-                                    drift, 2.0**-9, "2**-9 (stage 10's bound)", "1"))
+                                    drift, 2.0**-9, "2**-9 (stage 01's bound)", "1"))
     return records

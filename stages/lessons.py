@@ -1,17 +1,17 @@
-"""Lesson views for git: a commit per stage, so that ``git diff stage-04 stage-05`` is stage 05's lesson.
+"""Lesson views for git: a commit per stage, so that ``git diff stage-07 stage-08`` is stage 08's lesson.
 
 The stages did not land one commit each (02 and 03 came together, 05 to 07 together, 04 before
 02, and every file has been edited since), so no past commit holds "the course up to stage N".
 This builds that view from one commit REV (the course's current state), as a chain of commits
 beside the main history::
 
-    stage-00 ── stage-01 ── ... ── stage-08          views: REV's files of stages 00..NN
+    stage-00 ── stage-04 ── ... ── stage-11          views: REV's files of stages 00..NN
                                          ╲
-    main ... ── REV = stage-09                       the last stage is REV itself
+    main ... ── REV = stage-12                       the last stage is REV itself
 
 stage-NN's tree is REV's tree without the files that later stages introduce (``LESSONS`` says
 which stage introduces which path; a stage folder is its own stage's; anything else is stage
-00's). So ``git diff stage-04 stage-05`` adds exactly stage 05's chapter, code and tests, and
+00's). So ``git diff stage-07 stage-08`` adds exactly stage 08's chapter, code and tests, and
 ``git diff --stat`` lists them. A view holds each file as it is at REV, not as it was when the
 stage landed, and an intermediate view does not run on its own (``goose_core/__init__.py``
 imports every stage's package). Stages from 10 on land as their own commits and are tagged
@@ -33,18 +33,18 @@ import tempfile
 __all__ = ["LESSONS", "stage_of", "lesson_commits"]
 
 #: The paths each stage introduces (a path ending in "/" is a folder, else a file or a file-name
-#: prefix); the longest match wins, so a file of goose_core/pipeline/ that stage 06 names is 06's.
+#: prefix); the longest match wins, so a file of goose_core/pipeline/ that stage 09 names is 06's.
 LESSONS: dict[int, tuple[str, ...]] = {
     0: ("goose_core/__init__.py", "goose_core/data/", "goose_core/loss.py", "goose_core/testing/"),
-    1: ("goose_core/distributed/", "goose_core/testing/distributed.py", "tests/test_grid.py", "tests/test_context.py",
+    4: ("goose_core/distributed/", "goose_core/testing/distributed.py", "tests/test_grid.py", "tests/test_context.py",
         "tests/test_launch.py", "benchmarks/bench_launch.py"),
-    2: ("goose_core/data_parallel/", "goose_core/grad_sync.py", "goose_core/metadata.py",
+    5: ("goose_core/data_parallel/", "goose_core/grad_sync.py", "goose_core/metadata.py",
         "tests/test_grad_sync.py", "tests/test_metadata.py", "tests/test_data_parallel.py", "tests/test_token_weighted.py",
         "benchmarks/bench_data_parallel.py"),
-    3: ("goose_core/optim/", "tests/test_zero.py", "tests/test_clip.py", "benchmarks/bench_zero.py"),
-    4: ("goose_core/tensor_parallel/", "goose_core/models/", "goose_core/state.py", "tests/test_tensor_parallel_",
+    6: ("goose_core/optim/", "tests/test_zero.py", "tests/test_clip.py", "benchmarks/bench_zero.py"),
+    7: ("goose_core/tensor_parallel/", "goose_core/models/", "goose_core/state.py", "tests/test_tensor_parallel_",
         "tests/test_models_registry.py", "tests/test_state.py", "benchmarks/bench_tensor_parallel.py"),
-    5: ("goose_core/pipeline/", "tests/test_pipeline.py", "tests/test_pipeline_families.py", "tests/test_router_loss.py",
+    8: ("goose_core/pipeline/", "tests/test_pipeline.py", "tests/test_pipeline_families.py", "tests/test_router_loss.py",
         "tests/test_schedule.py",
         "tests/test_microbatch.py",
         "tests/test_dependency.py", "tests/test_transport.py", "tests/test_messages.py", "tests/test_composition.py",
@@ -53,15 +53,15 @@ LESSONS: dict[int, tuple[str, ...]] = {
         # the family sweep runs tensor and pipeline parallelism: it needs both stages
         "goose_core/testing/coverage", "goose_core/testing/families.py", "goose_core/testing/layout.py", "tests/test_coverage.py",
         "docs/coverage."),
-    6: ("goose_core/pipeline/stream.py", "goose_core/pipeline/stream_check.py", "goose_core/pipeline/emulation.py",
+    9: ("goose_core/pipeline/stream.py", "goose_core/pipeline/stream_check.py", "goose_core/pipeline/emulation.py",
         "tests/test_stream.py", "tests/test_stream_check.py"),
-    7: ("goose_core/pipeline/checkpoint.py", "tests/test_checkpoint.py"),
-    8: ("goose_core/partition/", "tests/test_partition.py", "tests/test_profile.py", "tests/test_solve.py"),
-    9: ("goose_core/pipeline/callbacks.py", "goose_core/pipeline/timeline.py", "goose_core/pipeline/gantt.py",
+    10: ("goose_core/pipeline/checkpoint.py", "tests/test_checkpoint.py"),
+    11: ("goose_core/partition/", "tests/test_partition.py", "tests/test_profile.py", "tests/test_solve.py"),
+    12: ("goose_core/pipeline/callbacks.py", "goose_core/pipeline/timeline.py", "goose_core/pipeline/gantt.py",
         "tests/test_callbacks.py", "tests/test_timeline.py", "tests/test_gantt.py", "docs/img/gantt"),
-    10: ("goose_core/amp/", "tests/test_amp", "goose_core/optim/master.py", "benchmarks/bench_mixed_precision.py",
+    1: ("goose_core/amp/", "tests/test_amp", "goose_core/optim/master.py", "benchmarks/bench_mixed_precision.py",
          "docs/img/mixed_precision"),
-    11: ("goose_core/checkpoint/", "tests/test_checkpoint_io.py", "tests/test_export.py",
+    13: ("goose_core/checkpoint/", "tests/test_checkpoint_io.py", "tests/test_export.py",
          "goose_core/finite.py", "tests/test_finite.py", "docs/img/demo"),
 }
 

@@ -31,15 +31,15 @@ def test_unknown_stage_is_a_clear_error(number: str, message: str) -> None:
 
 
 def test_a_stage_s_tests_include_the_unit_tests_it_introduces() -> None:
-    names = [path.name for path in stage_tests("11")]
-    assert names[0].startswith("11_") and "test_checkpoint_io.py" in names and "test_export.py" in names
-    assert {p.name for p in stage_tests("4")} >= {"04_tensor_parallel", "test_tensor_parallel_plan.py"}
+    names = [path.name for path in stage_tests("13")]
+    assert names[0].startswith("13_") and "test_checkpoint_io.py" in names and "test_export.py" in names
+    assert {p.name for p in stage_tests("7")} >= {"07_tensor_parallel", "test_tensor_parallel_plan.py"}
 
 
 def test_make_test_stage_lists_the_stages_for_an_unknown_number() -> None:
     # What `make test-stage 99` runs: the paths on stdout, or the stages and the usage.
-    found = subprocess.run([sys.executable, str(STAGES_DIR / "course.py"), "3"], capture_output=True, text=True)
-    assert found.returncode == 0 and found.stdout.split()[0].endswith("03_zero1")
+    found = subprocess.run([sys.executable, str(STAGES_DIR / "course.py"), "6"], capture_output=True, text=True)
+    assert found.returncode == 0 and found.stdout.split()[0].endswith("06_zero1")
     unknown = subprocess.run([sys.executable, str(STAGES_DIR / "course.py"), "99"], capture_output=True, text=True)
     assert unknown.returncode == 1 and "the stages are: 00_reference" in unknown.stderr
     assert "usage: make test-stage 3" in unknown.stderr
@@ -103,10 +103,10 @@ def test_every_path_a_lesson_claims_exists() -> None:
 
 
 def test_a_file_belongs_to_the_stage_that_introduces_it() -> None:
-    assert stage_of("stages/05_pipeline_gpipe/train.py") == 5
-    assert stage_of("goose_core/pipeline/parallel.py") == 5
-    assert stage_of("goose_core/pipeline/stream.py") == 6  # the longest claim wins
-    assert stage_of("tests/test_tensor_parallel_layers.py") == 4
+    assert stage_of("stages/08_pipeline/train.py") == 8
+    assert stage_of("goose_core/pipeline/parallel.py") == 8
+    assert stage_of("goose_core/pipeline/stream.py") == 9  # the longest claim wins
+    assert stage_of("tests/test_tensor_parallel_layers.py") == 7
     assert stage_of("Makefile") == stage_of("stages/course.py") == 0
 
 
@@ -118,7 +118,7 @@ def _git(repo: Path, *args: str) -> str:
 
 def test_lesson_views_diff_to_each_stage_s_own_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     files = ["Makefile", "goose_core/loss.py", "goose_core/distributed/context.py", "stages/00_a/train.py",
-             "stages/01_b/train.py", "goose_core/data_parallel/wrapper.py", "stages/02_c/train.py"]
+             "stages/04_b/train.py", "goose_core/data_parallel/wrapper.py", "stages/05_c/train.py"]
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(name)
@@ -129,11 +129,11 @@ def test_lesson_views_diff_to_each_stage_s_own_files(tmp_path: Path, monkeypatch
     for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
         monkeypatch.setenv(key, "t@t")
     (s0, v0), (s1, v1), (s2, head) = lesson_commits("HEAD")
-    assert (s0, s1, s2) == (0, 1, 2) and head == _git(tmp_path, "rev-parse", "HEAD").strip()
+    assert (s0, s1, s2) == (0, 4, 5) and head == _git(tmp_path, "rev-parse", "HEAD").strip()
     assert _git(tmp_path, "ls-tree", "-r", "--name-only", v0).split() == [
         "Makefile", "goose_core/loss.py", "stages/00_a/train.py"]
     assert _git(tmp_path, "diff", "--name-only", v0, v1).split() == [
-        "goose_core/distributed/context.py", "stages/01_b/train.py"]
+        "goose_core/distributed/context.py", "stages/04_b/train.py"]
     assert _git(tmp_path, "diff", "--name-only", v1, head).split() == [
-        "goose_core/data_parallel/wrapper.py", "stages/02_c/train.py"]
+        "goose_core/data_parallel/wrapper.py", "stages/05_c/train.py"]
     assert lesson_commits("HEAD")[0][1] == v0  # the same commit again: tags can be re-derived

@@ -47,7 +47,7 @@ class TrainSpec:
     tolerances of :mod:`goose_core.testing.tolerances`, while every real bug stays ~1e-8 or
     more. Set ``dtype=torch.float32`` to train as users do.
 
-    ``precision="bf16"`` trains the mixed-precision recipe instead (stage 10): the model cast to
+    ``precision="bf16"`` trains the mixed-precision recipe instead (stage 01): the model cast to
     bf16 (``dtype`` is then unused), fp32 master weights and fp32 gradient accumulation
     (:meth:`recipe_optimizer`: :class:`~goose_core.optim.MasterWeights`; under ZeRO-1 the
     ``DistributedOptimizer`` keeps the masters), fp32 gradient reduction (DataParallel's default).
