@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from goose_core import ParallelContext, PipelineParallel, TensorParallel, full_state_dict, spawn
-from goose_core.partition import ImbalanceWarning, plan_partition, stage_costs
+from goose_core.partition import ImbalanceWarning, PartitionPlan, plan_partition, stage_costs
 from goose_core.testing import (
     PARALLEL,
     RunResult,
@@ -66,9 +66,9 @@ def test_pipeline_parallel_takes_the_partitioner_by_name(partitioner: str) -> No
         assert first == [7, 1]
 
 
-def _train(ctx: ParallelContext, partitioner: str) -> tuple[RunResult, list[int]]:
-    result, partition, _ = train_script.train(ctx, SPEC, partitioner, num_microbatches=4)
-    return result, partition.counts
+def _train(ctx: ParallelContext, partitioner: str) -> tuple[RunResult, list[int], float, float]:
+    result, partition, predicted, measured = train_script.train(ctx, SPEC, partitioner, num_microbatches=4)
+    return result, partition.counts, predicted, measured
 
 
 @pytest.mark.parametrize("partitioner", ["time", "memory"])
@@ -76,8 +76,15 @@ def test_partitioned_uneven_model_equals_the_single_device_run(partitioner: str)
     results = run_distributed(_train, 1, 2, 1, partitioner, timeout=180)
     expected = _single_device_run()
     assert results[0][1] == results[1][1] != [4, 4]
-    for result, _ in results:
+    for result, _, predicted, measured in results:
         assert_matches_reference(result, expected, PARALLEL)
+        assert predicted > 0 and measured > 0
+
+
+def test_the_predicted_step_is_gpipes_clock_cycles_times_the_slowest_stage() -> None:
+    times = PartitionPlan([4, 4], "time", [1.0] * 6 + [4.0, 4.0], "s")
+    assert train_script.predicted_step(times, [4, 4], 4) == (4 + 2 - 1) * 10.0
+    assert train_script.predicted_step(times, [6, 2], 4) == (4 + 2 - 1) * 8.0
 
 
 def _train_by_time(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
@@ -107,12 +114,7 @@ def test_main_prints_predicted_beside_measured_and_losses(capfd: pytest.CaptureF
     spawn(train_script.main, 2, ["--steps", "2", "--partitioner", "memory"], timeout=120)
     out = capfd.readouterr().out
     assert "memory partition [7, 1]" in out
-    assert "predicted" in out and "measured" in out and "reference" in out
-
-
-def test_local_measurement_puts_measured_beside_predicted() -> None:
-    partition, measured = train_script.measure_locally(SPEC, 2, "memory")
-    assert partition.counts == [7, 1] and len(measured) == 2 and min(measured) > 0
+    assert "step: predicted" in out and "measured" in out and "reference" in out
 
 
 def _tensor_and_pipeline(ctx: ParallelContext, spec: TrainSpec) -> tuple[list[int], RunResult]:

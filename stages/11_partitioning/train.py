@@ -3,16 +3,15 @@
 The model is a tiny Llama of eight decoder layers whose last two MLPs are 16x wider: a uniform
 split puts both wide layers on the last stage, which then sets the pace of the whole pipeline.
 Every rank profiles the blocks on one micro-batch, the first rank's costs are broadcast, the
-exact min-max solver picks the split, and after a few steps rank 0 prints each stage's predicted
-cost beside the busy time a timeline measured, then the losses beside the single-device run of
+exact min-max solver picks the split, and rank 0 prints each stage's predicted cost, GPipe's
+predicted step time beside the measured one, then the losses beside the single-device run of
 the same model.
 
 Run it:
 
-    torchrun --standalone --nproc_per_node=4 stages/11_partitioning/train.py
+    torchrun --standalone --nproc_per_node=2 stages/11_partitioning/train.py
     torchrun --standalone --nproc_per_node=2 stages/11_partitioning/train.py --partitioner memory
-    torchrun --standalone --nproc_per_node=2 stages/11_partitioning/train.py --partitioner uniform
-    python stages/11_partitioning/train.py --local 2 --steps 6     # every stage in one process
+    torchrun --standalone --nproc_per_node=4 stages/11_partitioning/train.py --partitioner uniform
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
+import time
 from typing import Sequence
 
 import torch
@@ -28,8 +29,8 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
-from goose_core.partition import PartitionPlan, Partitioner, plan_partition
-from goose_core.pipeline import Timeline, adapter_for, busy_time, local_pipeline, trim_waits
+from goose_core.partition import PartitionPlan, Partitioner, plan_partition, stage_costs
+from goose_core.pipeline import split_model_for
 from goose_core.testing import RunResult, TrainSpec, format_beside_reference, snapshot
 
 #: Eight Llama layers; the last two get MLPs WIDEN times wider.
@@ -78,52 +79,44 @@ def plan(model: nn.Module, spec: TrainSpec, num_stages: int, partitioner: Partit
          num_microbatches: int) -> PartitionPlan:
     """Profile ``model``'s blocks on one micro-batch of ``spec`` and split them (every rank calls;
     every rank profiles, and the first rank's costs are broadcast, so all agree)."""
-    adapter = adapter_for(model)
+    split_model = split_model_for(model)
     microbatch = {"input_ids": spec.batch(0)["input_ids"][: spec.batch_size // num_microbatches]}
     with torch.no_grad():
-        sample = adapter.embed(microbatch)
-    return plan_partition(len(adapter.blocks), num_stages, partitioner, block_fns=adapter.block_fns(),
+        sample = split_model.embed(microbatch)
+    return plan_partition(len(split_model.blocks), num_stages, partitioner, block_fns=split_model.block_fns(),
                           sample=sample, num_microbatches=num_microbatches)
 
 
+def predicted_step(times: PartitionPlan, counts: list[int], num_microbatches: int) -> float:
+    """GPipe's step (stage 08): M + p - 1 clock cycles, each as long as the slowest stage's
+    forward + backward of one micro-batch, from the blocks' measured seconds ``times``."""
+    return (num_microbatches + len(counts) - 1) * max(stage_costs(times.block_costs, counts))
+
+
 def train(ctx: ParallelContext, spec: TrainSpec, partitioner: Partitioner = "time",
-          num_microbatches: int = 4, warmup: int = 1) -> tuple[RunResult, PartitionPlan, list[float]]:
-    """Train the uneven model split by ``partitioner``; also return the plan and the measured
-    seconds per micro-batch of each stage (forward + backward, averaged over the steps after
-    ``warmup``)."""
+          num_microbatches: int = 4, warmup: int = 1) -> tuple[RunResult, PartitionPlan, float, float]:
+    """Train the uneven model split by ``partitioner``; also return the plan, the predicted step
+    seconds and the measured ones (the median of the steps after ``warmup``)."""
     model = uneven_model(spec)
     partition = plan(model, spec, ctx.pipeline_parallel_size, partitioner, num_microbatches)
-    timeline = Timeline()
-    # checkpoint="never": the predictions are forward + backward, with no recompute to add.
-    model = PipelineParallel(model, ctx, num_microbatches=num_microbatches, checkpoint="never",
-                             partitioner=partition.counts, callbacks=[timeline.callback()]).parallelize()
+    times = partition if partition.unit == "s" else plan(model, spec, ctx.pipeline_parallel_size, "time",
+                                                         num_microbatches)
+    # recompute="never" (stage 10): a step is forward + backward, as the prediction.
+    model = PipelineParallel(model, ctx, num_microbatches=num_microbatches, recompute="never",
+                             partitioner=partition.counts).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
-    losses, warmup = [], min(warmup, spec.steps - 1)
-    for step in range(spec.steps):
-        if step == warmup:
-            timeline.clear()  # the first step pays for allocations and thread start-up
-        losses.append(train_step(model, optimizer, spec.batch(step)))
-    busy = busy_time(trim_waits(timeline.gather(ctx.pipeline_parallel_group)))
-    measured = [busy[j] / ((spec.steps - warmup) * num_microbatches) for j in sorted(busy)]
-    return RunResult(losses, full_state_dict(model, ctx)), partition, measured
-
-
-def measure_locally(spec: TrainSpec, num_stages: int, partitioner: Partitioner = "time",
-                    num_microbatches: int = 4) -> tuple[PartitionPlan, list[float]]:
-    """The same plan and measurement with every stage in this process (``local_pipeline``): the
-    stages run one after the other, so no rank waits for a CPU core and the busy times are clean."""
-    model = uneven_model(spec)
-    partition = plan(model, spec, num_stages, partitioner, num_microbatches)
-    timeline = Timeline()
-    model = local_pipeline(model, num_stages, num_microbatches, checkpoint="never",
-                           partitioner=partition.counts, callbacks=[timeline.callback()])
-    optimizer = spec.build_optimizer(model.parameters())
-    for step in range(spec.steps):
-        if step == min(1, spec.steps - 1):
-            timeline.clear()
-        train_step(model, optimizer, spec.batch(step))
-    busy = busy_time(timeline.spans)
-    return partition, [busy[j] / (max(1, spec.steps - 1) * num_microbatches) for j in sorted(busy)]
+    losses, seconds = [], []
+    for batch in spec.batches():
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        seconds.append(time.perf_counter() - start)
+    measured = statistics.median(seconds[min(warmup, spec.steps - 1):])  # the first pays for allocations
+    return (RunResult(losses, full_state_dict(model, ctx)), partition,
+            predicted_step(times, partition.counts, num_microbatches), measured)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,21 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partitioner", choices=["time", "memory", "uniform"], default="time")
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--steps", type=int, default=SPEC.steps)
-    parser.add_argument("--local", type=int, default=0, metavar="STAGES",
-                        help="no processes: run STAGES stages in this process and time them")
     args = parser.parse_args(argv)
 
     spec = TrainSpec(family=SPEC.family, steps=args.steps, overrides=SPEC.overrides)
-    if args.local:
-        partition, measured = measure_locally(spec, args.local, args.partitioner, args.microbatches)
-        print(f"{partition}\nin one process, measured per micro-batch:\n{partition.table(measured, 's')}")
-        return
     ctx = ParallelContext(pipeline_parallel_size=int(os.environ.get("WORLD_SIZE", "1")))
-    result, partition, measured = train(ctx, spec, args.partitioner, args.microbatches)
+    result, partition, predicted, measured = train(ctx, spec, args.partitioner, args.microbatches)
     if ctx.rank == 0:
+        m, p = args.microbatches, ctx.pipeline_parallel_size
         print(f"{ctx}: {partition.partitioner} partition {partition.counts} of 8 Llama layers "
-              f"(layers {list(WIDE_LAYERS)} {WIDEN}x wider), M={args.microbatches}")
-        print(partition.table(measured, measured_unit="s"))
+              f"(layers {list(WIDE_LAYERS)} {WIDEN}x wider), M={m}")
+        print(partition.table())
+        print(f"step: predicted (M + p - 1) x slowest stage = {m + p - 1} x {predicted / (m + p - 1) * 1e3:.1f} ms "
+              f"= {predicted * 1e3:.1f} ms, measured {measured * 1e3:.1f} ms")
         print(format_beside_reference(result.losses, single_device_run(spec, uneven_model(spec)).losses))
     ctx.destroy()
 
