@@ -103,7 +103,7 @@ def _grid_panel(ax, grid: ProcessGrid, axis: str, x0: float) -> None:
 def grid_figure(grid: ProcessGrid = GRID) -> Figure:
     """Every rank of a tp x pp x dp grid three times, coloured by its tp, dp and pp group."""
     panel = grid.pp * (grid.dp + 0.9) + 0.6
-    fig, ax = _canvas(11, (-1.1, 3 * panel - 0.5), (-grid.tp - 0.65, 2.0))
+    fig, ax = _canvas(11, (-1.1, 3 * panel - 0.5), (-grid.tp - 0.65, 2.2))
     for i, axis in enumerate(("tp", "dp", "pp")):
         _grid_panel(ax, grid, axis, i * panel)
     for t in range(grid.tp):
@@ -111,7 +111,7 @@ def grid_figure(grid: ProcessGrid = GRID) -> Figure:
     for d in range(grid.dp):
         ax.text(d, 0.42, f"dp {d}", ha="center", fontsize=8, color="#555555")
     formula = f"rank = pp·{grid.dp * grid.tp} + dp·{grid.tp} + tp"
-    ax.text(1.5 * panel - 0.8, 1.62, f"{grid.world_size} ranks as tp={grid.tp} × pp={grid.pp} × dp={grid.dp}:  "
+    ax.text(1.5 * panel - 0.8, 1.78, f"{grid.world_size} ranks as tp={grid.tp} × pp={grid.pp} × dp={grid.dp}:  "
             f"{formula}  (same colour = same group)", ha="center", fontsize=11)
     return fig
 
