@@ -25,9 +25,11 @@ __all__ = ["PICTURES", "STYLE", "IMG_DIR", "grid_figure", "tp_split_figure", "ze
 IMG_DIR = Path(__file__).resolve().parent / "img"
 
 #: Settings that make the SVG bytes a function of this file alone: a fixed hash salt for the
-#: ids matplotlib generates, text kept as text (no font outlines that change with FreeType).
-STYLE = {"svg.hashsalt": "goose-pictures", "svg.fonttype": "none", "font.family": "DejaVu Sans",
-         "font.size": 10, "hatch.linewidth": 0.8}
+#: ids matplotlib generates, text kept as text (no font outlines that change with FreeType),
+#: laid out with matplotlib's own DejaVu fonts and naming a generic fallback for the browser.
+STYLE = {"svg.hashsalt": "goose-pictures", "svg.fonttype": "none", "font.family": "sans-serif",
+         "font.sans-serif": ["DejaVu Sans"], "font.monospace": ["DejaVu Sans Mono"], "font.size": 10,
+         "hatch.linewidth": 0.8}
 
 #: One colour per group / micro-batch / rank (matplotlib's tab10, fixed here so a new default
 #: cycle cannot change the pictures).
@@ -49,12 +51,22 @@ def _canvas(width: float, xlim: tuple[float, float], ylim: tuple[float, float]) 
     return fig, ax
 
 
+def _centred(ax, x: float, y: float, text: str, size: float = 10, **kw) -> None:
+    """Lines centred on (x, y), one text element each: SVG anchors each line at its middle, so
+    the lines stay centred in whatever font the browser falls back to."""
+    lines = text.split("\n")
+    for k, line in enumerate(lines):
+        rise = ((len(lines) - 1) / 2 - k) * size * 1.25  # points
+        ax.annotate(line, (x, y), xytext=(0, rise), textcoords="offset points", ha="center", va="center",
+                    fontsize=size, color=INK, **kw)
+
+
 def _box(ax, x: float, y: float, w: float, h: float, text: str = "", *, face: str = "white",
          edge: str = INK, size: float = 10, **kw) -> None:
     ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0,rounding_size=0.08", facecolor=face,
                                 edgecolor=edge, linewidth=1.2, **kw))
     if text:
-        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size, color=INK)
+        _centred(ax, x + w / 2, y + h / 2, text, size)
 
 
 def _arrow(ax, start: tuple[float, float], end: tuple[float, float], *, color: str = INK, rad: float = 0.0,
@@ -96,7 +108,7 @@ def _grid_panel(ax, grid: ProcessGrid, axis: str, x0: float) -> None:
     centre = x0 + (grid.pp * (grid.dp + 0.9) - 0.9 - 1) / 2
     ax.text(centre, 1.25, AXIS_TITLES[axis], ha="center", fontsize=12, weight="bold")
     groups = "  ".join(str(g) for g in grid.all_groups(axis))  # type: ignore[arg-type]
-    ax.text(centre, -grid.tp - 0.05, groups, ha="center", fontsize=10, family="DejaVu Sans Mono")
+    ax.text(centre, -grid.tp - 0.05, groups, ha="center", fontsize=10, family="monospace")
     ax.text(centre, -grid.tp - 0.45, AXIS_NOTES[axis], ha="center", fontsize=9, color="#555555")
 
 
@@ -155,8 +167,8 @@ def tp_split_figure() -> Figure:
     _box(ax, 0.1, 0.9, 1.3, 1.2, "X\n(b·s, h)\nreplicated", size=9)
     _operator(ax, (2.1, 1.5), "f")
     _arrow(ax, (1.4, 1.5), (1.85, 1.5))
-    ax.text(4.1, 4.15, "column-parallel\nA = [A₀ | A₁], h × 4h", ha="center", fontsize=9.5)
-    ax.text(7.8, 4.15, "row-parallel\nB = [B₀ ; B₁], 4h × h", ha="center", fontsize=9.5)
+    _centred(ax, 4.1, 4.35, "column-parallel\nA = [A₀ | A₁], h × 4h", 9.5)
+    _centred(ax, 7.8, 4.35, "row-parallel\nB = [B₀ ; B₁], 4h × h", 9.5)
     for rank, y in enumerate((2.8, 0.2)):
         _tp_lane(ax, rank, y)
         _arrow(ax, (2.35, 1.5), (3.3, y), rad=0.0)
