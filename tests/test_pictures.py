@@ -30,7 +30,8 @@ def test_the_committed_picture_is_what_pictures_py_draws(name: str, tmp_path: Pa
     drawn = pictures.write(name, tmp_path).read_bytes()
     committed = DOCS / "img" / f"{name}.svg"
     assert committed.exists(), f"{committed} is missing: run python docs/pictures.py"
-    assert drawn == committed.read_bytes(), f"{committed} is stale: run python docs/pictures.py"
+    assert drawn == committed.read_bytes(), \
+        f"{committed} is stale: run python docs/pictures.py (matplotlib as pinned in constraints.txt)"
 
 
 def test_drawing_twice_gives_the_same_bytes(tmp_path: Path) -> None:
