@@ -52,8 +52,8 @@ def nccl_matching(monkeypatch: pytest.MonkeyPatch) -> None:
 _STREAM_CHECKED = ("tests/test_pipeline.py", "tests/test_stream", "tests/test_transport.py",
                    "tests/test_messages.py", "tests/test_checkpoint.py", "tests/test_dependency.py",
                    "tests/test_composition.py", "tests/test_wrapper_order.py",
-                   "tests/test_token_weighted.py", "tests/test_callbacks.py", "stages/05_",
-                   "stages/06_", "stages/07_", "stages/09_", "stages/11_",
+                   "tests/test_token_weighted.py", "tests/test_callbacks.py", "stages/08_",
+                   "stages/09_", "stages/10_", "stages/12_", "stages/13_",
                    # bf16 activations through every pipeline transport; stage 01's loss-scaling test
                    # only scales the backward's seed (a value, no new stream traffic): it runs unchecked
                    "stages/01_master_weights/test_autocast")
