@@ -63,7 +63,7 @@ _STREAM_CHECKED = ("tests/test_pipeline.py", "tests/test_stream", "tests/test_tr
 def stream_checker(request: pytest.FixtureRequest) -> Iterator[None]:
     """The pipeline and stream tests run under the CPU stream checker: a read before the wait
     for its writer, or memory reused without record_stream, raises StreamRace as a GPU would."""
-    from goose_core.pipeline.stream_check import check_streams
+    from goose_core.engine.stream_check import check_streams
 
     path = request.node.path.as_posix()
     if not any(f"/{part}" in path for part in _STREAM_CHECKED):

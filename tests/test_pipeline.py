@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from goose_core.pipeline import Callback, local_pipeline
-from goose_core.pipeline.schedule import GPipe
+from goose_core.engine.schedule import GPipe
 from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, build_model, reference_run, snapshot, train_loop
 
 SPEC = TrainSpec(family="llama", batch_size=8, seq_len=16)

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from goose_core.testing import EXACT, FAMILIES, TrainSpec, assert_matches_reference, reference_run
+from goose_core.testing import EXACT, TINY_MODELS, TrainSpec, assert_matches_reference, reference_run
 
 from course import load_train_script
 
 train_script = load_train_script("00")
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_same_seed_same_bits(family: str) -> None:
     spec = TrainSpec(family=family, steps=3, max_grad_norm=1.0)
     assert_matches_reference(reference_run(spec), reference_run(spec), EXACT)
@@ -24,7 +24,7 @@ def test_a_different_seed_gives_a_different_run() -> None:
     assert a.losses != b.losses
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_loss_falls_on_the_corpus(family: str) -> None:
     losses = reference_run(TrainSpec(family=family, steps=30, lr=3e-3)).losses
     # Byte-level uniform guessing costs ln(256) = 5.55; English bytes are far more predictable.

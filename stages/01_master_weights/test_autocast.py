@@ -101,9 +101,9 @@ def assert_within_noise(run: RunResult, what: str) -> None:
 
 
 # -- the wrappers -----------------------------------------------------------------------------
-def _wrapped(ctx: ParallelContext, spec: TrainSpec, zero: bool = False, checkpoint: str = "always",
+def _wrapped(ctx: ParallelContext, spec: TrainSpec, zero: bool = False, recompute: str = "always",
              micro_batches: int = M) -> RunResult:
-    model = at_layout(spec.build_model(), ctx, num_microbatches=micro_batches, checkpoint=checkpoint)
+    model = at_layout(spec.build_model(), ctx, num_microbatches=micro_batches, recompute=recompute)
     optimizer = spec.build_optimizer(model.parameters())
     if zero:
         optimizer = DistributedOptimizer(optimizer, ctx)
@@ -116,7 +116,7 @@ def _data_parallel(ctx: ParallelContext, spec: TrainSpec) -> dict[str, RunResult
 
 
 def _pipelines(ctx: ParallelContext, spec: TrainSpec) -> dict[tuple[str, int], RunResult]:
-    return {(mode, m): _wrapped(ctx, spec, checkpoint=mode, micro_batches=m)
+    return {(mode, m): _wrapped(ctx, spec, recompute=mode, micro_batches=m)
             for m in (1, M) for mode in ("always", "never")}
 
 
@@ -136,18 +136,18 @@ def test_pipeline_parallel_and_its_recompute() -> None:
         # one micro-batch: the recompute is the forward, under the forward's autocast state
         assert_matches_reference(runs["always", 1], runs["never", 1], EXACT)
         for (mode, m), run in runs.items():
-            assert_within_noise(run, f"PipelineParallel checkpoint={mode} M={m}, rank {rank}")
+            assert_within_noise(run, f"PipelineParallel recompute={mode} M={m}, rank {rank}")
 
 
-def _local(checkpoint: str, micro_batches: int) -> RunResult:
-    model = local_pipeline(SPEC.build_model(), 2, micro_batches, checkpoint=checkpoint)
+def _local(recompute: str, micro_batches: int) -> RunResult:
+    model = local_pipeline(SPEC.build_model(), 2, micro_batches, recompute=recompute)
     losses = _loop(model, SPEC.build_optimizer(model.parameters()), (SPEC.batch(s) for s in range(SPEC.steps)))
     return RunResult(losses, snapshot(model))
 
 
 def test_local_pipeline_and_its_recompute() -> None:
     assert_matches_reference(_local("always", 1), _local("never", 1), EXACT)
-    assert_within_noise(_local("always", M), f"local_pipeline checkpoint=always M={M}")
+    assert_within_noise(_local("always", M), f"local_pipeline recompute=always M={M}")
 
 
 def test_the_allowance_catches_a_gradient_two_percent_off() -> None:

@@ -29,7 +29,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
 from goose_core.partition import PartitionPlan, Partitioner, plan_partition
-from goose_core.pipeline import Timeline, adapter_for, busy_time, local_pipeline, trim_waits
+from goose_core.pipeline import Timeline, busy_time, local_pipeline, split_model_for, trim_waits
 from goose_core.testing import RunResult, TrainSpec, format_beside_reference, snapshot
 
 #: Eight Llama layers; the last two get MLPs WIDEN times wider.
@@ -78,11 +78,11 @@ def plan(model: nn.Module, spec: TrainSpec, num_stages: int, partitioner: Partit
          num_microbatches: int) -> PartitionPlan:
     """Profile ``model``'s blocks on one micro-batch of ``spec`` and split them (every rank calls;
     every rank profiles, and the first rank's costs are broadcast, so all agree)."""
-    adapter = adapter_for(model)
+    split_model = split_model_for(model)
     microbatch = {"input_ids": spec.batch(0)["input_ids"][: spec.batch_size // num_microbatches]}
     with torch.no_grad():
-        sample = adapter.embed(microbatch)
-    return plan_partition(len(adapter.blocks), num_stages, partitioner, block_fns=adapter.block_fns(),
+        sample = split_model.embed(microbatch)
+    return plan_partition(len(split_model.blocks), num_stages, partitioner, block_fns=split_model.block_fns(),
                           sample=sample, num_microbatches=num_microbatches)
 
 
@@ -94,8 +94,8 @@ def train(ctx: ParallelContext, spec: TrainSpec, partitioner: Partitioner = "tim
     model = uneven_model(spec)
     partition = plan(model, spec, ctx.pipeline_parallel_size, partitioner, num_microbatches)
     timeline = Timeline()
-    # checkpoint="never": the predictions are forward + backward, with no recompute to add.
-    model = PipelineParallel(model, ctx, num_microbatches=num_microbatches, checkpoint="never",
+    # recompute="never": the predictions are forward + backward, with no recompute to add.
+    model = PipelineParallel(model, ctx, num_microbatches=num_microbatches, recompute="never",
                              partitioner=partition.counts, callbacks=[timeline.callback()]).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
     losses, warmup = [], min(warmup, spec.steps - 1)
@@ -115,7 +115,7 @@ def measure_locally(spec: TrainSpec, num_stages: int, partitioner: Partitioner =
     model = uneven_model(spec)
     partition = plan(model, spec, num_stages, partitioner, num_microbatches)
     timeline = Timeline()
-    model = local_pipeline(model, num_stages, num_microbatches, checkpoint="never",
+    model = local_pipeline(model, num_stages, num_microbatches, recompute="never",
                            partitioner=partition.counts, callbacks=[timeline.callback()])
     optimizer = spec.build_optimizer(model.parameters())
     for step in range(spec.steps):

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from goose_core.pipeline.dependency import get_phony
+from goose_core.engine.dependency import get_phony
 
 __all__ = ["ParkedGradients"]
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from goose_core.pipeline.callbacks import Callback, Event, Kind
+from goose_core.engine.callbacks import Callback, Event, Kind
 
 __all__ = ["Span", "Timeline", "trim_waits", "busy_time", "makespan", "bubble_fraction", "cell_order"]
 

@@ -10,7 +10,7 @@ next partition's input; it never knows where partitions live. Two transports imp
       compute_j ─Wait─► copy_j ─wait─► copy_j+1 ═Copy═► ─Wait─► compute_j+1
       (forward: each stream waits for the one on its left; backward: the mirror image)
 
-* :class:`~goose_core.pipeline.p2p.DistributedTransport`: one partition per rank; the graph is
+* :class:`~goose_core.engine.p2p.DistributedTransport`: one partition per rank; the graph is
   cut at the boundary and gradients travel back by point-to-point messages.
 """
 
@@ -21,8 +21,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from goose_core.pipeline.schedule import Schedule
-from goose_core.pipeline.stream import (AbstractStream, CPUStream, current_stream, default_stream,
+from goose_core.engine.schedule import Schedule
+from goose_core.engine.stream import (AbstractStream, CPUStream, current_stream, default_stream,
                                         get_device, new_stream, record_stream, use_stream,
                                         wait_stream)
 
@@ -114,7 +114,7 @@ class LocalTransport(Transport):
     """Every partition in this process; partition j lives on ``devices[j]``.
 
     On CPU the streams are labelled stand-ins (``compute0``, ``copy0``, ...), so a trace of the
-    waits (see :func:`goose_core.pipeline.stream.trace_waits`) reads like the GPU's would.
+    waits (see :func:`goose_core.engine.stream.trace_waits`) reads like the GPU's would.
     """
 
     def __init__(self, devices: list[torch.device]) -> None:

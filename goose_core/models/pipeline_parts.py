@@ -1,4 +1,4 @@
-"""Pipeline layouts of the families that declare no ``base_model_pp_plan``: one table, by model type.
+"""Pipeline parts of the families that declare no ``base_model_pp_plan``: one table, by model type.
 
 Each entry says only where a family's pieces are; the split runs the family's own forward
 (masks per layer type, Mamba masks, rotary tables, multipliers) on every stage. Most have the
@@ -7,7 +7,7 @@ standard shape, with the final norm or the embedding under another name::
     model.embed_tokens -> model.layers[0..L) -> model.norm -> lm_head
 
 Every entry was read against the family's modeling code in transformers 5.24 and checked by the
-sweep (``python -m goose_core.testing.coverage --families ... --modes pp2,tp2xpp2``): equal to
+sweep (``python -m sweep --families ... --modes pp2,tp2xpp2``): equal to
 the single-device run (the MoE ones with ``output_router_logits=False``; their router loss is
 :mod:`goose_core.pipeline.router_loss`'s to carry or refuse). Goose does not guess this shape for a family missing here: whether a
 parent's forward does something between the blocks that a pass-through breaks (a recurrent
@@ -23,17 +23,17 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from goose_core.models import gpt2
-from goose_core.models.family import PipelineLayout, unsplittable
+from goose_core.models.family import PipelineParts, unsplittable
 
-__all__ = ["decoder", "LAYOUTS", "REFUSED"]
+__all__ = ["decoder", "PIPELINE_PARTS", "REFUSED"]
 
 
-def decoder(norm: str | None = "norm", embed: str = "embed_tokens", tuple_blocks: bool = False) -> PipelineLayout:
+def decoder(norm: str | None = "norm", embed: str = "embed_tokens", tuple_blocks: bool = False) -> PipelineParts:
     """The standard shape: ``model.<embed>``, ``model.layers``, ``model.<norm>`` and ``lm_head``
     (``norm=None``: a final norm without parameters that the parent also calls before the blocks
     stays on every stage)."""
     head = ("lm_head",) if norm is None else (f"model.{norm}", "lm_head")
-    return PipelineLayout(embed=(f"model.{embed}",), blocks="model.layers", head=head, tuple_blocks=tuple_blocks)
+    return PipelineParts(embed=(f"model.{embed}",), blocks="model.layers", head=head, tuple_blocks=tuple_blocks)
 
 
 def _no_layerdrop(config: PretrainedConfig) -> list[str]:
@@ -51,8 +51,8 @@ def _no_shared_topk(config: PretrainedConfig) -> list[str]:
     return []
 
 
-#: model_type -> its layout. The comments say what the family's parent does that the split keeps.
-LAYOUTS: dict[str, PipelineLayout] = {
+#: model_type -> its pipeline parts. The comments say what the family's parent does that the split keeps.
+PIPELINE_PARTS: dict[str, PipelineParts] = {
     # the standard shape, plain
     "diffllama": decoder(),
     "hunyuan_v1_dense": decoder(),
@@ -76,16 +76,16 @@ LAYOUTS: dict[str, PipelineLayout] = {
     "persimmon": decoder("final_layernorm"),
     "nanochat": decoder(None),      # its parameterless norm runs before the blocks and after
     # declares a plan, but its blocks return (hidden, top-k indices), the next block's input
-    "glm_moe_dsa": PipelineLayout(embed=("model.embed_tokens",), blocks="model.layers",
+    "glm_moe_dsa": PipelineParts(embed=("model.embed_tokens",), blocks="model.layers",
                                   head=("model.norm", "lm_head"), tuple_blocks=True, check=_no_shared_topk),
-    "gpt_neo": gpt2.LAYOUT,         # GPT-2's module names; local/global attention in the blocks
-    "gpt_bigcode": gpt2.LAYOUT,
-    "biogpt": PipelineLayout(embed=("biogpt.embed_tokens", "biogpt.embed_positions"), blocks="biogpt.layers",
+    "gpt_neo": gpt2.PARTS,         # GPT-2's module names; local/global attention in the blocks
+    "gpt_bigcode": gpt2.PARTS,
+    "biogpt": PipelineParts(embed=("biogpt.embed_tokens", "biogpt.embed_positions"), blocks="biogpt.layers",
                              head=("biogpt.layer_norm", "output_projection"), check=_no_layerdrop),
 }
 
 #: model_type -> why the split refuses it whatever its config.
-REFUSED: dict[str, PipelineLayout] = {
+REFUSED: dict[str, PipelineParts] = {
     "dory": unsplittable(
         "Dory runs its recurrent section's blocks n_recurrent_loops times per forward, each loop restarting "
         "from the input section's normed output: a stage cannot own a contiguous share of one pass; use pp=1"),

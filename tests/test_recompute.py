@@ -5,10 +5,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from goose_core.pipeline.callbacks import Callback, CallbackList
-from goose_core.pipeline.checkpoint import (Checkpointing, checkpoint_stop, is_checkpointing,
+from goose_core.engine.callbacks import Callback, CallbackList
+from goose_core.engine.recompute import (Checkpointing, checkpoint_stop, is_checkpointing,
                                             is_recomputing)
-from goose_core.pipeline.dependency import fork, get_phony, join
+from goose_core.engine.dependency import fork, get_phony, join
 
 
 def _checkpointed(function, x: torch.Tensor, callbacks: CallbackList | None = None) -> torch.Tensor:

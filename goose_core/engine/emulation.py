@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from goose_core.distributed.context import ParallelContext
-from goose_core.pipeline.callbacks import CallbackList
-from goose_core.pipeline.p2p import DistributedTransport
-from goose_core.pipeline.pipeline import Partition, Pipeline, Root
+from goose_core.engine.callbacks import CallbackList
+from goose_core.engine.p2p import DistributedTransport
+from goose_core.engine.pipeline import Partition, Pipeline, Root
 
 __all__ = ["Sleep", "ideal_gpipe_time", "SleepPipeline"]
 
@@ -50,7 +50,7 @@ class SleepPipeline:
     """
 
     def __init__(self, ctx: ParallelContext, num_microbatches: int, t_forward: float,
-                 t_backward: float, checkpoint: str = "never", hidden: int = 1024,
+                 t_backward: float, recompute: str = "never", hidden: int = 1024,
                  callbacks: CallbackList | None = None) -> None:
         self.ctx, self.num_microbatches, self.hidden = ctx, num_microbatches, hidden
         self.weight = torch.ones(hidden, requires_grad=True)
@@ -64,7 +64,7 @@ class SleepPipeline:
         self.transport = DistributedTransport(ctx.pp_group, ctx.prev_pipeline_rank,
                                               ctx.next_pipeline_rank, ctx.device)
         self.pipeline = Pipeline([Partition(j, body, embed)], ctx.pipeline_parallel_size,
-                                 self.transport, checkpoint, callbacks)
+                                 self.transport, recompute, callbacks)
 
     def run_step(self) -> None:
         """One forward and backward of M micro-batches."""

@@ -32,8 +32,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from goose_core.pipeline import stream as stream_module
-from goose_core.pipeline.stream import CPUStream, current_stream
+from goose_core.engine import stream as stream_module
+from goose_core.engine.stream import CPUStream, current_stream
 
 __all__ = ["StreamChecker", "StreamRace", "check_streams"]
 

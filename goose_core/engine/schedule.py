@@ -61,11 +61,11 @@ class Schedule(ABC):
 
     * False (GPipe): the forward call runs :meth:`forward_cells`; ``loss.backward()`` runs the
       backward, in :meth:`backward_order` enforced inside autograd by virtual dependencies (see
-      :mod:`goose_core.pipeline.dependency`), one edge between each pair of consecutive cells.
+      :mod:`goose_core.engine.dependency`), one edge between each pair of consecutive cells.
       That order must visit micro-batches in reverse forward order.
     * True (1F1B): backward cells interleave with forward cells, so the forward call runs
       :meth:`steps` in order, each backward explicitly, and ``loss.backward()`` only hands over
-      the gradients (see :mod:`goose_core.pipeline.pipeline`).
+      the gradients (see :mod:`goose_core.engine.pipeline`).
     """
 
     #: The name ``schedule=`` takes.

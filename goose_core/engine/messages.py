@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from goose_core.pipeline.schedule import Schedule, timetable
+from goose_core.engine.schedule import Schedule, timetable
 
 __all__ = ["Message", "Kind", "messages", "forward_order"]
 

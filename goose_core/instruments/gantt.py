@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from goose_core.pipeline.timeline import Span, bubble_fraction, makespan
+from goose_core.instruments.timeline import Span, bubble_fraction, makespan
 
 __all__ = ["draw_gantt"]
 

@@ -10,7 +10,7 @@ streams. Two rules keep that correct on a GPU:
 
 On CPU every operation is synchronous, so a :class:`CPUStream` changes no result. It still
 plays a GPU's part for two observers: :func:`trace_waits` records each ``wait_stream`` call, and
-:func:`~goose_core.pipeline.stream_check.check_streams` raises where a GPU would race: a stream
+:func:`~goose_core.engine.stream_check.check_streams` raises where a GPU would race: a stream
 reading a tensor before it waited for the stream that wrote it, or memory handed out again while another
 stream may still read it (a missing ``record_stream``). The CPU is one device, so its stand-ins
 model partitions on *one* GPU: every partition's compute stream is the device's default stream.
@@ -127,5 +127,5 @@ def trace_waits() -> Iterator[list[tuple[str, str]]]:
 
 
 
-#: The active checker, set by :func:`goose_core.pipeline.stream_check.check_streams`.
+#: The active checker, set by :func:`goose_core.engine.stream_check.check_streams`.
 _checker: Any = None

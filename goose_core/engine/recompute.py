@@ -1,27 +1,31 @@
-"""Checkpointing as two autograd functions sharing state: Checkpoint and Recompute.
+"""Recompute: a cell's forward keeps no activations, and rebuilds them just before its backward.
 
-``Checkpoint`` runs a cell's forward without keeping its activations (only its input and the RNG
-state). ``Recompute`` is a separate node that re-runs that forward with autograd on; it is
-joined into the graph (see :mod:`goose_core.pipeline.dependency`) so autograd runs it before the
-cell's backward, at a moment the executor chooses: just after the *previous* cell's backward, while
-this cell's incoming gradient may still be in flight. The two share a :class:`Checkpointing`
-record: Recompute leaves the rebuilt graph there, Checkpoint's backward runs it::
+Two autograd functions share one record. ``Discard`` runs a cell's forward without keeping its
+activations (only its input and the RNG state). ``Recompute`` is a separate node that re-runs that
+forward with autograd on; it is joined into the graph (see :mod:`goose_core.engine.dependency`) so
+autograd runs it before the cell's backward, at a moment the executor chooses: just after the
+*previous* cell's backward, while this cell's incoming gradient may still be in flight. The two
+share a :class:`Recomputation` record: Recompute leaves the rebuilt graph there, Discard's backward
+runs it::
 
-    forward:   x ──► Checkpoint(no_grad) ──► y           (x and the RNG state kept)
+    forward:   x ──► Discard(no_grad) ──► y              (x and the RNG state kept)
                           │ shared record
     backward:  phony ─► Recompute: rebuild y with grad ─┐
-               grad y ─► Checkpoint.backward: backward through the rebuilt y, return grad x
+               grad y ─► Discard.backward: backward through the rebuilt y, return grad x
 
 The replay runs under the forward's RNG state (CPU and the input's CUDA device), the forward's
 autocast state (CPU and the input's device type) and the forward's torch function modes, so
 dropout draws the same masks, every op runs in the same dtype and as the forward ran it, and
-checkpointing changes no bit of the gradients. The backward usually runs
+recomputing changes no bit of the gradients. The backward usually runs
 outside the ``torch.autocast`` block of the forward: a replay under the backward's state would
 recompute a bf16 forward in fp32 and differentiate another function. (One exception under
-autocast, by design: uncheckpointed micro-batches share the autocast cache's bf16 cast of a weight,
-so their weight gradients add up in bf16 first, while a recomputed cell casts afresh and its
-gradient joins in fp32; ``torch.autocast(..., cache_enabled=False)`` makes the two bit-identical,
-at a bf16 copy of the stage's weights per micro-batch in flight.)
+autocast, by design: micro-batches that keep their activations share the autocast cache's bf16
+cast of a weight, so their weight gradients add up in bf16 first, while a recomputed cell casts
+afresh and its gradient joins in fp32; ``torch.autocast(..., cache_enabled=False)`` makes the two
+bit-identical, at a bf16 copy of the stage's weights per micro-batch in flight.)
+
+This is what other libraries call activation checkpointing; here "checkpoint" means only a saved
+run (:mod:`goose_core.checkpoint`).
 """
 
 from __future__ import annotations
@@ -34,19 +38,18 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
-from goose_core.pipeline.callbacks import CallbackList
+from goose_core.engine.callbacks import CallbackList
 
-__all__ = ["CheckpointMode", "MODES", "checkpoint_stop", "is_recomputing", "is_checkpointing",
-           "Checkpointing"]
+__all__ = ["MODES", "RecomputeMode", "Recomputation", "is_recomputing", "recompute_stop", "will_recompute"]
 
-CheckpointMode = Literal["always", "except_last", "never"]
-MODES: tuple[CheckpointMode, ...] = ("always", "except_last", "never")
+RecomputeMode = Literal["always", "except_last", "never"]
+MODES: tuple[RecomputeMode, ...] = ("always", "except_last", "never")
 
 _state = threading.local()
 
 
-def checkpoint_stop(mode: str, num_microbatches: int) -> int:
-    """Micro-batches ``i < stop`` are checkpointed.
+def recompute_stop(mode: str, num_microbatches: int) -> int:
+    """Micro-batches ``i < stop`` are recomputed.
 
     ``except_last`` keeps the last micro-batch's activations: its backward starts right after its
     forward, so recomputing it would buy no memory.
@@ -55,7 +58,7 @@ def checkpoint_stop(mode: str, num_microbatches: int) -> int:
         ValueError: an unknown mode.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown checkpoint mode {mode!r}; choose one of {list(MODES)}")
+        raise ValueError(f"unknown recompute mode {mode!r}; choose one of {list(MODES)}")
     return {"always": num_microbatches, "except_last": num_microbatches - 1, "never": 0}[mode]
 
 
@@ -74,17 +77,17 @@ def is_recomputing() -> bool:
     return getattr(_state, "recomputing", False)
 
 
-def is_checkpointing() -> bool:
-    """True inside a checkpointed forward (the one that keeps no activations)."""
-    return getattr(_state, "checkpointing", False)
+def will_recompute() -> bool:
+    """True inside a forward that keeps no activations (it will be recomputed)."""
+    return getattr(_state, "discarding", False)
 
 
 def _rng_devices(x: Tensor) -> list[torch.device]:
     return [x.device] if x.is_cuda else []
 
 
-class Checkpointing:
-    """One checkpointed cell: its function, its input, its RNG state, its rebuilt graph.
+class Recomputation:
+    """One recomputed cell: its function, its input, its RNG state, its rebuilt graph.
 
     Args:
         function: the cell's forward, one tensor in, one tensor out.
@@ -108,11 +111,11 @@ class Checkpointing:
         self.modes: list[TorchFunctionMode] = []
         self.rebuilt: tuple[Tensor, Tensor] | None = None  # (output, input leaf)
 
-    def checkpoint(self, phony: Tensor) -> Tensor:
+    def run(self, phony: Tensor) -> Tensor:
         """The cell's output, computed without saving activations. ``phony`` must require grad
         so the output is part of the graph even when the input is not."""
         self.modes = _function_modes()
-        return Checkpoint.apply(phony, self, self.input)
+        return Discard.apply(phony, self, self.input)
 
     def recompute(self, phony: Tensor) -> Tensor:
         """A phony whose backward rebuilds the cell's graph (join it where the rebuild should run).
@@ -166,18 +169,18 @@ def _function_modes() -> list[TorchFunctionMode]:
     return list(_get_current_function_mode_stack())
 
 
-class Checkpoint(torch.autograd.Function):
+class Discard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, phony: Tensor, record: Checkpointing, input: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, phony: Tensor, record: Recomputation, input: Tensor) -> Tensor:  # type: ignore[override]
         ctx.record = record
         record.save_rng()
         record.save_autocast()
-        with torch.no_grad(), _flag("checkpointing"):
+        with torch.no_grad(), _flag("discarding"):
             return record.function(input)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[None, None, Tensor | None]:  # type: ignore[override]
-        record: Checkpointing = ctx.record
+        record: Recomputation = ctx.record
         if record.rebuilt is None:
             raise RuntimeError(f"cell {record.cell} reached its backward before its recompute: the "
                                f"Recompute node must be joined into the graph upstream of it")
@@ -190,14 +193,14 @@ class Checkpoint(torch.autograd.Function):
 
 class Recompute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, phony: Tensor, record: Checkpointing, input: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, phony: Tensor, record: Recomputation, input: Tensor) -> Tensor:  # type: ignore[override]
         ctx.record = record
         ctx.save_for_backward(input)
         return phony.detach()
 
     @staticmethod
     def backward(ctx, grad_phony: Tensor) -> tuple[None, None, None]:  # type: ignore[override]
-        record: Checkpointing = ctx.record
+        record: Recomputation = ctx.record
         micro, part = record.cell
         record.callbacks.fire("recompute", "before", micro, part)
         (input,) = ctx.saved_tensors
@@ -208,3 +211,10 @@ class Recompute(torch.autograd.Function):
         record.rebuilt = (output, leaf)
         record.callbacks.fire("recompute", "after", micro, part)
         return None, None, None
+
+
+# Aliases under activation checkpointing's names, for code written against them.
+CheckpointMode = RecomputeMode
+Checkpointing = Recomputation
+checkpoint_stop = recompute_stop
+is_checkpointing = will_recompute

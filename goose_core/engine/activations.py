@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from goose_core.pipeline.callbacks import Callback, Event
+from goose_core.engine.callbacks import Callback, Event
 
 __all__ = ["LiveActivations", "InFlight"]
 

@@ -6,16 +6,16 @@ builds this piece of graph (the numbers are the order in which the backward cros
 
       recv / embed                                                  send / loss
     ──────────────► Join ─► [5 after] ─► cell ─► [2 before] ─► Fork ──────────►
-                     ▲                   (Checkpoint)           │
+                     ▲                   (Discard)              │
      phony of the cell whose             (3) backward          phony ─► Recompute (1) ─► Join of the
      backward runs next (6)                                              cell whose backward runs
                                                                          just before (its 6 is our 1)
 
-1. Recompute (checkpointed cells only) rebuilds cell (i, j) as soon as the previous cell of the
+1. Recompute (recomputed cells only) rebuilds cell (i, j) as soon as the previous cell of the
    backward order is done, while (i, j)'s own gradient may still be in flight. The first cell of
    the backward order hands its phony to the loss instead: it recomputes at once.
 2. The gradient has arrived; ``backward before`` fires. 3. The cell's backward (through the
-   rebuilt graph when checkpointed). 5. ``backward after`` fires. 6. The phony releases the next
+   rebuilt graph when recomputed). 5. ``backward after`` fires. 6. The phony releases the next
    cell of the backward order.
 
 So the backward on each partition follows ``schedule.backward_order`` exactly, whatever order
@@ -36,11 +36,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from goose_core.pipeline.callbacks import CallbackList, Phase
-from goose_core.pipeline.checkpoint import Checkpointing, checkpoint_stop
-from goose_core.pipeline.dependency import fork, get_phony, join
-from goose_core.pipeline.schedule import GPipe, Schedule
-from goose_core.pipeline.transport import Transport
+from goose_core.engine.callbacks import CallbackList, Phase
+from goose_core.engine.recompute import Recomputation, recompute_stop
+from goose_core.engine.dependency import fork, get_phony, join
+from goose_core.engine.schedule import GPipe, Schedule
+from goose_core.engine.transport import Transport
 
 __all__ = ["Partition", "Pipeline", "Root", "StepOutput"]
 
@@ -53,8 +53,8 @@ class Partition:
 
     Args:
         index: the partition (stage) number j.
-        body: ``(x, inputs) -> y``, the checkpointable part of a cell.
-        embed: first partition only: ``inputs -> x``, run before ``body`` (never checkpointed:
+        body: ``(x, inputs) -> y``, the part of a cell that may be recomputed.
+        embed: first partition only: ``inputs -> x``, run before ``body`` (never recomputed:
             its output is the cell's input, kept anyway).
         device: where the partition's tensors live.
     """
@@ -81,7 +81,7 @@ class Root(torch.autograd.Function):
     phony in :attr:`StepOutput.roots` too, so one ``loss.backward()`` runs this process's whole
     part of the schedule. Its backward is the first node of that part: it calls ``on_begin()``
     and queues ``on_end()`` on the autograd engine, which runs it when the whole backward has
-    ended (the stage defers and then flushes data parallelism there, see :mod:`.stage`)."""
+    ended (the stage defers and then flushes data parallelism there, see :mod:`goose_core.pipeline.stage`)."""
 
     @staticmethod
     def forward(ctx, on_begin: Callable[[], None], on_end: Callable[[], None],  # type: ignore[override]
@@ -121,19 +121,20 @@ class Pipeline:
             for a distributed one).
         num_partitions: the pipeline's depth.
         transport: moves tensors between partitions.
-        checkpoint: ``"always"``, ``"except_last"`` or ``"never"``.
+        recompute: which micro-batches recompute their forward: ``"always"``, ``"except_last"``
+            or ``"never"`` (:func:`~goose_core.engine.recompute.recompute_stop`).
         callbacks: fired around every forward, backward and recompute.
         schedule: the schedule class (GPipe by default).
     """
 
     def __init__(self, partitions: list[Partition], num_partitions: int, transport: Transport,
-                 checkpoint: str = "except_last", callbacks: CallbackList | None = None,
+                 recompute: str = "except_last", callbacks: CallbackList | None = None,
                  schedule: type[Schedule] = GPipe) -> None:
-        checkpoint_stop(checkpoint, 1)  # validates the mode
+        recompute_stop(recompute, 1)  # validates the mode
         self.partitions = {p.index: p for p in partitions}
         self.num_partitions = num_partitions
         self.transport = transport
-        self.checkpoint = checkpoint
+        self.recompute = recompute
         self.callbacks = callbacks if callbacks is not None else CallbackList()
         self.schedule_cls = schedule
 
@@ -143,7 +144,7 @@ class Pipeline:
         m = len(microbatches)
         grad = torch.is_grad_enabled()
         schedule = self.schedule_cls(m, self.num_partitions)
-        stop = checkpoint_stop(self.checkpoint, m) if grad else 0
+        stop = recompute_stop(self.recompute, m) if grad else 0
         self.transport.begin(m, grad, schedule)
         if grad and schedule.backward_in_step:
             return self._run_in_step(schedule, microbatches, stop)
@@ -162,7 +163,7 @@ class Pipeline:
 
         No virtual dependency links micro-batches: each backward is its own
         ``torch.autograd.backward`` over the roots of that micro-batch's cells (the loss or the
-        send's phony, and the recompute's phony of a checkpointed cell), with seed 1. With every
+        send's phony, and the recompute's phony of a recomputed cell), with seed 1. With every
         partition here (local transport) the graph of a micro-batch is connected, so its first
         backward action (on the last partition) runs it through all partitions.
 
@@ -188,7 +189,7 @@ class Pipeline:
         self.transport.end_backward()
         return step
 
-    def _cell(self, i: int, j: int, inputs: Inputs, checkpointed: bool, after: dict[int, int],
+    def _cell(self, i: int, j: int, inputs: Inputs, recomputed: bool, after: dict[int, int],
               phonies: dict[tuple[int, int], Tensor], step: StepOutput) -> None:
         part, cb = self.partitions[j], self.callbacks
         inputs = {k: v.to(part.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
@@ -206,9 +207,9 @@ class Pipeline:
         if tracked and x.requires_grad:
             x = Mark.apply(x, cb, "after", i, j)
         record = None
-        if checkpointed:
-            record = Checkpointing(lambda t: part.body(t, inputs), x, (i, j), cb)
-            y = record.checkpoint(get_phony(part.device, requires_grad=True))
+        if recomputed:
+            record = Recomputation(lambda t: part.body(t, inputs), x, (i, j), cb)
+            y = record.run(get_phony(part.device, requires_grad=True))
         else:
             y = part.body(x, inputs)
         phony = None
@@ -224,7 +225,7 @@ class Pipeline:
         if phony is not None:
             self._release(i, j, phony, record, after, phonies, step)
 
-    def _release(self, i: int, j: int, phony: Tensor, record: Checkpointing | None,
+    def _release(self, i: int, j: int, phony: Tensor, record: Recomputation | None,
                  after: dict[int, int], phonies: dict[tuple[int, int], Tensor], step: StepOutput) -> None:
         """Decide what the backward of cell (i, j) waits for besides its gradient.
 

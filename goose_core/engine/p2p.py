@@ -8,7 +8,7 @@ The autograd graph is cut at every rank boundary and stitched back by two functi
         backward: irecv grad y ◄══════════════════ isend grad x
 
 No message carries a meaningful tag (NCCL ignores tags): each boundary is a :class:`_Channel`
-that issues the messages :func:`~goose_core.pipeline.messages.messages` derives from the
+that issues the messages :func:`~goose_core.engine.messages.messages` derives from the
 schedule, strictly in that order, on both sides. A send that autograd hands over before its
 turn is held until the messages before it are out; a receive is posted when it (or a later
 message of its channel) is needed, plus one ahead so it is in flight while the current
@@ -30,10 +30,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from goose_core.distributed.missing import naming_missing
-from goose_core.pipeline.dependency import get_phony
-from goose_core.pipeline.messages import Message, messages
-from goose_core.pipeline.schedule import GPipe, Schedule
-from goose_core.pipeline.transport import Transport
+from goose_core.engine.dependency import get_phony
+from goose_core.engine.messages import Message, messages
+from goose_core.engine.schedule import GPipe, Schedule
+from goose_core.engine.transport import Transport
 
 __all__ = ["DistributedTransport"]
 
