@@ -113,7 +113,7 @@ docs: $(STAMP)
 # CPU-heavy (~13 min on 2 loaded cores). COVERAGE_ARGS passes options, e.g.
 # COVERAGE_ARGS='--families llama,mixtral --jobs 2', or '--resume' to continue an interrupted run.
 coverage: $(STAMP)
-	$(PY) -m goose_core.testing.coverage $(COVERAGE_ARGS)
+	PYTHONPATH=tools$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m sweep $(COVERAGE_ARGS)
 
 # Paired and interleaved (benchmarks/paired.py): each ratio with its 95% interval and the
 # environment it ran in. BENCH=zero,pipeline runs some (the names of benchmarks/bench_*.py).

@@ -1,6 +1,6 @@
-"""The family sweep: every 🤗 causal-LM family at tp=2, pp=2 and tp=2 x pp=2 against one device.
+"""The family sweep's driver: every 🤗 causal-LM family at tp=2, pp=2 and tp=2 x pp=2 against one device.
 
-For each family of :func:`goose_core.testing.families.families` the driver builds the tiny
+For each family of :func:`sweep.families.families` the driver builds the tiny
 seeded model, trains it on one device (float64, SGD, three steps on one fixed batch, the last
 one right-padded with an ``attention_mask``), then runs every mode in one forked process group
 that loops over the families::
@@ -19,10 +19,10 @@ Each (family, mode) is one of:
     crash     anything else: another exception, a hang, ranks that disagree (a bug)
 
 Results go line by line to a state file (``--resume`` continues an interrupted run), then to
-JSON and the Markdown table of the docs site (:mod:`goose_core.testing.coverage_report`)::
+JSON and the Markdown table of the docs site (:mod:`sweep.report`), from the repository root::
 
-    python -m goose_core.testing.coverage                      # every family, every mode
-    python -m goose_core.testing.coverage --families llama,gpt2 --modes pp2 --jobs 2
+    PYTHONPATH=tools python -m sweep                          # every family, every mode (make coverage)
+    PYTHONPATH=tools python -m sweep --families llama,gpt2 --modes pp2 --jobs 2
 """
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ from goose_core.distributed import ParallelContext, RankError, spawn
 from goose_core.pipeline import PipelineParallel
 from goose_core.state import full_state_dict
 from goose_core.tensor_parallel import TensorParallel
-from goose_core.testing.coverage_report import BUILD, STATUSES, Outcome, write_json, write_markdown
-from goose_core.testing.families import Family, NotBuildable, families, tiny_family_config
 from goose_core.testing.models import EAGER_IN_DTYPE, seeded_model
 from goose_core.testing.reference import RunResult, accumulate, snapshot
 from goose_core.testing.tolerances import PARALLEL
+from sweep.families import NotBuildable, SweepFamily, families, tiny_family_config
+from sweep.report import BUILD, STATUSES, Outcome, write_json, write_markdown
 
 __all__ = ["MODES", "STATUSES", "BUILD", "Outcome", "build_family_model", "reference", "run_sweep", "settings", "main"]
 
@@ -450,7 +450,7 @@ def settings(modes: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m goose_core.testing.coverage", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--families", help="comma-separated model types (default: every family that declares plans)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
     parser.add_argument("--jobs", type=int, default=1, help="sweeps side by side (default 1)")
@@ -470,12 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.json or ("docs/coverage.json" if full else None)
     markdown_path = args.markdown or ("docs/coverage.md" if full else None)
     if bad := [n for n in names if n not in known]:
-        parser.error(f"unknown or planless families {bad}; see goose_core.testing.families.families()")
+        parser.error(f"unknown or planless families {bad}; see sweep.families.families()")
     if bad := [m for m in modes if m not in MODES]:
         parser.error(f"unknown modes {bad}; choose from {list(MODES)}")
     transformers.logging.set_verbosity_error()  # tiny configs trip many warnings meant for real ones
     outcomes = run_sweep(names, modes, args.timeout, args.jobs, args.state, fresh=not args.resume)
-    chosen: list[Family] = [known[n] for n in names]
+    chosen: list[SweepFamily] = [known[n] for n in names]
     record = write_json(Path(json_path) if json_path else None, chosen, modes, outcomes, settings(modes))
     if markdown_path:
         write_markdown(Path(markdown_path), record)

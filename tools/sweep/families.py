@@ -1,6 +1,6 @@
 """Every causal-LM family of the installed transformers, each as a tiny seeded config.
 
-The sweep (:mod:`goose_core.testing.coverage`) runs every family that declares its plans
+The sweep (:mod:`sweep.coverage`) runs every family that declares its plans
 (``base_model_tp_plan`` and/or ``base_model_pp_plan``), plus a few decoder-only families that
 declare none (:data:`PLANLESS`), at one tiny size::
 
@@ -26,7 +26,7 @@ from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-__all__ = ["Family", "PLANLESS", "TINY", "NotBuildable", "families", "tiny_family_config"]
+__all__ = ["SweepFamily", "PLANLESS", "TINY", "NotBuildable", "families", "tiny_family_config"]
 
 #: Decoder-only families without declared plans that the sweep lists anyway: goose's own
 #: adapters (GPT-2, Bloom) and what users ask for (OPT, Falcon, StableLM, ...).
@@ -75,7 +75,7 @@ class NotBuildable(Exception):
 
 
 @dataclass(frozen=True)
-class Family:
+class SweepFamily:
     """One 🤗 model type with a causal-LM class, and the plans its config declares."""
 
     model_type: str
@@ -89,7 +89,7 @@ class Family:
         return "+".join(k for k, has in (("tp", self.tp_plan), ("pp", self.pp_plan)) if has) or "none"
 
 
-def families(include_planless: bool = True) -> list[Family]:
+def families(include_planless: bool = True) -> list[SweepFamily]:
     """The causal-LM families of the installed transformers that declare a tp or pp plan (and,
     with ``include_planless``, those of :data:`PLANLESS` that this transformers has), by name."""
     found = []
@@ -97,8 +97,8 @@ def families(include_planless: bool = True) -> list[Family]:
         if model_type not in CONFIG_MAPPING:
             continue
         config_class = CONFIG_MAPPING[model_type]
-        family = Family(model_type, model_class, bool(getattr(config_class, "base_model_tp_plan", None)),
-                        bool(getattr(config_class, "base_model_pp_plan", None)))
+        family = SweepFamily(model_type, model_class, bool(getattr(config_class, "base_model_tp_plan", None)),
+                             bool(getattr(config_class, "base_model_pp_plan", None)))
         if family.tp_plan or family.pp_plan or (include_planless and model_type in PLANLESS):
             found.append(family)
     return found

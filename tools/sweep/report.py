@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import transformers
 
-from goose_core.testing.families import Family
+from sweep.families import SweepFamily
 
 __all__ = ["BUILD", "STATUSES", "Outcome", "write_json", "write_markdown", "markdown"]
 
@@ -48,8 +48,8 @@ def _commit() -> str:
         return "unknown"
 
 
-def write_json(path: Path | None, chosen: list[Family], modes: list[str], outcomes: dict[tuple[str, str], Outcome],
-               settings: dict[str, Any]) -> dict[str, Any]:
+def write_json(path: Path | None, chosen: list[SweepFamily], modes: list[str],
+               outcomes: dict[tuple[str, str], Outcome], settings: dict[str, Any]) -> dict[str, Any]:
     """Write (unless ``path`` is None) and return the record: versions, ``settings`` (how the sweep ran: ``modes`` maps
     each mode to its layout), counts per mode, every family's outcomes."""
     rows = {}
@@ -122,8 +122,8 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"Measured {record['measured']} with **transformers {record['transformers']}**, **torch "
         f"{record['torch']}**, Python {record['python']}, goose commit `{record['goose_commit']}` "
-        f"(its runs took {record['seconds']:.0f} s). Regenerate with `make coverage` (`python -m "
-        "goose_core.testing.coverage --help` for a subset); the raw record is "
+        f"(its runs took {record['seconds']:.0f} s). Regenerate with `make coverage` (`PYTHONPATH=tools "
+        "python -m sweep --help` for a subset); the raw record is "
         "[coverage.json](coverage.json).",
         "",
         "- **equal**: every rank's losses and gathered parameters match the single-device run.",
