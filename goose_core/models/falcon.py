@@ -1,4 +1,4 @@
-"""Falcon: its pipeline parts (module paths for the split) (it declares no ``base_model_pp_plan``).
+"""Falcon: its pipeline parts for the split (it declares no ``base_model_pp_plan``).
 
 Falcon's own forward builds ALiBi or rotary tables and the mask on every stage. No
 tensor-parallel half yet.
