@@ -191,7 +191,7 @@ class Stage:
         return Root.apply(self._begin_backward, self._end_backward, anchor, *roots)
 
     def _begin_backward(self) -> None:
-        # Checkpointed cells accumulate each parameter's gradient in a nested backward pass per
+        # Recomputed cells accumulate each parameter's gradient in a nested backward pass per
         # micro-batch, so data parallelism must not reduce on its per-parameter hooks: it
         # reduces once, when this stage's whole backward has ended. Looked up now, not when the
         # stage was built: a DataParallel applied after the pipeline comes later.

@@ -1,4 +1,4 @@
-"""Stage 10: checkpointing changes memory, never the gradients or the order of work."""
+"""Stage 10: recompute changes memory, never the gradients or the order of work."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Stage 10: checkpointing by virtual dependencies. Same pipeline, far fewer saved activations.
+"""Stage 10: recompute by virtual dependencies. Same pipeline, far fewer saved activations.
 
 Trains like stage 08 with ``--recompute`` (default ``always``), then measures on every stage the
 bytes autograd saves for backward during one step (saved-tensor hooks) in each recompute mode.
@@ -30,7 +30,7 @@ def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int, recomput
     optimizer = spec.build_optimizer(model.parameters())
     losses = []
     for batch in spec.batches():
-        loss = model(**batch).loss  # checkpointed cells keep only their inputs
+        loss = model(**batch).loss  # recomputed cells keep only their inputs
         loss.backward()  # ... and recompute their forward just before their backward
         optimizer.step()
         optimizer.zero_grad()
