@@ -10,4 +10,5 @@ families that declare no ``base_model_pp_plan``, and of the families the split r
 from goose_core.models.family import Family, PipelineLayout, PipelineParts, TensorParallelAdapter
 from goose_core.models.registry import FAMILIES, family, register_family
 
-__all__ = ["FAMILIES", "Family", "PipelineLayout", "PipelineParts", "TensorParallelAdapter", "family", "register_family"]
+__all__ = ["FAMILIES", "Family", "PipelineLayout", "PipelineParts", "TensorParallelAdapter", "family",
+           "register_family"]

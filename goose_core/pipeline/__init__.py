@@ -29,7 +29,7 @@ from goose_core.pipeline.parallel import PipelineParallel, is_pipelined, local_p
 from goose_core.pipeline.split import SplitModel, adapter_for, split_model_for
 
 #: Former submodules of this package -> the modules that hold them now.
-MOVED = {
+_MOVED = {
     **{name: f"goose_core.engine.{name}" for name in (
         "activations", "callbacks", "dependency", "emulation", "messages", "microbatch", "p2p", "parked",
         "pipeline", "schedule", "stream", "stream_check", "transport")},
@@ -39,7 +39,7 @@ MOVED = {
 }
 # Registered, not copied: `goose_core.pipeline.schedule` *is* goose_core.engine.schedule, so a
 # patch or an isinstance check through either name sees the same objects.
-for _old, _new in MOVED.items():
+for _old, _new in _MOVED.items():
     sys.modules[f"{__name__}.{_old}"] = importlib.import_module(_new)
     globals()[_old] = sys.modules[_new]
 del _old, _new

@@ -11,4 +11,5 @@ from sweep.coverage import MODES, main, run_sweep
 from sweep.families import SweepFamily, families, tiny_family_config
 from sweep.report import BUILD, STATUSES, Outcome
 
-__all__ = ["BUILD", "MODES", "Outcome", "STATUSES", "SweepFamily", "families", "main", "run_sweep", "tiny_family_config"]
+__all__ = ["BUILD", "MODES", "Outcome", "STATUSES", "SweepFamily", "families", "main", "run_sweep",
+           "tiny_family_config"]
