@@ -140,7 +140,7 @@ def chapter_problems(text: str, number: int) -> list[str]:
              "Break it": (r"```", "a fenced block to run")}
     for title, (pattern, what) in needs.items():
         if not re.search(pattern, body[title]):
-            problems.append(f"'## {title}' has no {what}")
+            problems.append(f"'## {title}' lacks {what}")
     details = [t for _, lvl, t in headings(body["Details"]) if lvl == 3]
     problems += [f"'## Details' has no '### {t}'" for t in ("Public names used", "Run it") if t not in details]
     for pattern in HISTORY:

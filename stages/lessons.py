@@ -12,10 +12,10 @@ A lesson has three parts, in this order:
                      a/stages/07_tensor_parallel/train.py -> b/stages/08_pipeline/train.py
     (b) the library  the goose_core modules, unit tests (tests/) and benchmarks the stage
                      introduces (``LESSONS``), each as a new file (from /dev/null)
-    (c) the proofs   the stage folder's tests, as new files
+    (c) the proofs   the stage folder's tests (test_*.py, conftest.py), as new files
 
-The chapter (README.md, NOTES.md) is not in the diff: it is what the reader reads beside it.
-Nor is a binary file (a picture, a plot): a diff cannot show one.
+The chapter (README.md, NOTES.md and the scripts that measure NOTES.md's tables) is not in the
+diff: it is what the reader reads beside it. Nor is a binary file: a diff cannot show one.
 Every file appears as it is now, so a lesson needs no tag, no branch and no history: a fresh
 clone (or a tarball of one) prints the same lessons. The diff is git's format, so
 ``python stages/lessons.py 8 | git apply --stat`` summarises it.
@@ -133,7 +133,7 @@ TOOLING: tuple[str, ...] = (
     "benchmarks/flops.py", "benchmarks/gpu", "benchmarks/measure.py", "benchmarks/page.py",
     "benchmarks/paired.py", "benchmarks/plots/", "benchmarks/results.",
     "tests/gpu/conftest.py", "tests/test_bench_gpu.py", "tests/test_bench_paired.py", "tests/test_coverage.py",
-    "tests/test_docs.py", "tests/test_former_names.py", "tests/test_gpu_machine.py", "tests/test_import_graph.py",
+    "tests/test_docs", "tests/test_former_names.py", "tests/test_gpu_machine.py", "tests/test_pictures.py", "tests/test_import_graph.py",
     "tests/test_kernel_families.py", "tests/test_versions.py",
 )
 
@@ -142,7 +142,6 @@ SCOPE: tuple[str, ...] = ("goose_core/", "tests/", "benchmarks/")
 
 _STAGE_FOLDER = re.compile(r"stages/(\d\d)_[^/]+/")
 _SKIPPED = {"__pycache__", "benchmarks/out"}  # build outputs, git-ignored
-_CHAPTER = {"README.md", "NOTES.md"}
 
 
 def _matches(path: str, claim: str) -> bool:
@@ -194,7 +193,7 @@ class Lesson:
     library: list[str] = field(default_factory=list)  # goose_core/
     unit_tests: list[str] = field(default_factory=list)  # tests/
     benchmarks: list[str] = field(default_factory=list)  # benchmarks/
-    proofs: list[str] = field(default_factory=list)  # the stage folder's tests
+    proofs: list[str] = field(default_factory=list)  # the stage folder's tests and conftest.py
 
     @property
     def new_files(self) -> list[str]:
@@ -215,6 +214,9 @@ def lesson(stage: int, root: Path = ROOT) -> Lesson:
     extends = EXTENDS.get(stage, earlier[-1] if earlier else None)
     if extends is not None and extends not in folders:
         raise ValueError(f"stage {stage:02d} extends stage {extends:02d}, which is not there")
+    for n in (stage, extends):
+        if n is not None and not (folders[n] / "train.py").is_file():
+            raise ValueError(f"{folders[n].name} has no train.py: every chapter writes its loop out")
     rel = lambda p: p.relative_to(root).as_posix()  # noqa: E731
     text = lambda p: _read(root / p) is not None  # noqa: E731  (a diff cannot show a binary file)
     mine = [p for p in scope_files(root) if stage_of(p) == stage and text(p)]
@@ -226,7 +228,7 @@ def lesson(stage: int, root: Path = ROOT) -> Lesson:
         library=[p for p in mine if p.startswith("goose_core/")],
         unit_tests=[p for p in mine if p.startswith("tests/")],
         benchmarks=[p for p in mine if p.startswith("benchmarks/")],
-        proofs=[p for p in folder if p.rsplit("/", 1)[1] not in _CHAPTER | {"train.py"}],
+        proofs=[p for p in folder if re.fullmatch(r"test_\w*\.py|conftest\.py", p.rsplit("/", 1)[1])],
     )
 
 

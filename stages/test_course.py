@@ -107,12 +107,12 @@ def test_the_chapter_checker_passes_a_chapter_on_the_template() -> None:
     (lambda t: t + "\n## Notes\n", "level-2 headings"),
     (lambda t: t + "\n# Appendix\n", "level-1 heading"),
     (lambda t: t + "\n" * 200, "more than 200"),
-    (lambda t: t.replace("![GPipe and 1F1B](../img/1f1b.svg)", "A picture."), "'## The picture' has no"),
-    (lambda t: t.replace("```diff", "```python"), "'## The change to the loop' has no"),
+    (lambda t: t.replace("![GPipe and 1F1B](../img/1f1b.svg)", "A picture."), "'## The picture' lacks"),
+    (lambda t: t.replace("```diff", "```python"), "'## The change to the loop' lacks"),
     (lambda t: t.replace("`test_gpipe.py::test_every_rank_matches_the_single_device_run`", "A test"),
-     "'## The proof' has no"),
+     "'## The proof' lacks"),
     (lambda t: t.replace("```bash\nsed -i 's/a/b/' goose_core/engine/schedule.py\n```", "Edit it."),
-     "'## Break it' has no"),
+     "'## Break it' lacks"),
     (lambda t: t.replace("### Run it", "### Running"), "no '### Run it'"),
     (lambda t: t.replace("### Public names used", "## Public names used"), "level-2 headings"),
     (lambda t: t.replace("Layers do not fit.", "The issue's target was not taken here."), "development history"),
@@ -298,6 +298,7 @@ COURSE = {
     "stages/04_b/train.py": "import dist\nloss = 1\nloss.backward()\nall_reduce()\nstep()\n",
     "stages/04_b/README.md": "# Stage 04\n",
     "stages/04_b/NOTES.md": "| n |\n",
+    "stages/04_b/measure.py": "print('a NOTES.md table')\n",
     "stages/04_b/test_b.py": "def test_b():\n    pass\n",
     "stages/05_c/train.py": "import dist\nloss = 1\nloss.backward()\nstep()\n",
 }
@@ -319,7 +320,7 @@ def test_a_lesson_is_its_loop_then_its_library_then_its_proofs(course: Path) -> 
     parts = lesson(4, course)
     assert (parts.base, parts.train) == ("stages/00_a/train.py", "stages/04_b/train.py")
     assert parts.new_files == ["goose_core/distributed/context.py", "tests/test_context.py",
-                               "stages/04_b/test_b.py"]  # no README.md, NOTES.md, nor the png
+                               "stages/04_b/test_b.py"]  # no README.md, NOTES.md, measure.py, nor the png
     diff = lesson_diff(4, course)
     assert [line for line in diff.splitlines() if line.startswith("diff --git")] == [
         "diff --git a/stages/00_a/train.py b/stages/04_b/train.py",
@@ -330,6 +331,10 @@ def test_a_lesson_is_its_loop_then_its_library_then_its_proofs(course: Path) -> 
     assert "--- /dev/null\n+++ b/goose_core/distributed/context.py\n@@ -0,0 +1,2 @@\n+class Context:\n" in diff
     assert "logo.png" not in diff
     assert lesson(5, course).base == "stages/04_b/train.py"  # by default, the stage before
+    (course / "stages/01_p/train.py").unlink()
+    with pytest.raises(ValueError, match="01_p has no train.py"):
+        lesson(1, course)
+    (course / "stages/01_p/train.py").write_text(COURSE["stages/01_p/train.py"])
     assert lesson(0, course).base is None and lesson_diff(0, course).startswith(
         "diff --git a/stages/00_a/train.py b/stages/00_a/train.py\nnew file mode 100644\n--- /dev/null\n")
 
