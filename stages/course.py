@@ -18,7 +18,7 @@ from types import ModuleType
 
 __all__ = ["STAGES_DIR", "CHAPTER_HEADINGS", "CHAPTER_MAX_LINES", "HISTORY", "stage_dir", "stage_tests",
            "load_train_script", "run_train_script", "beside_reference_diffs", "headings", "section",
-           "chapter_problems"]
+           "chapter_problems", "notes_problems"]
 
 STAGES_DIR = Path(__file__).resolve().parent
 
@@ -92,7 +92,11 @@ CHAPTER_MAX_LINES = 200
 #: "issue" is history only with an article or a number: "the order both sides issue" is NCCL's.
 HISTORY = [r"\b(?:the|this|that|an|our|its)\s+issue\b", r"\bissue(?:'s|\s*#?\d)", r"pipegoose",
            r"\bother engineers?\b", r"\bwas not taken\b", r"\bused to be\b", r"\bwe found\b",
-           r"\bsessions?\b", r"\bformerly\b", r"\bpull request\b", r"\bH100\b", r"\bH200\b"]
+           r"\bsessions?\b", r"\bformerly\b", r"\bpull request\b"]
+MACHINES = [r"\bH100\b", r"\bH200\b"]
+#: A command that reproduces a table: a line of a fenced block, or an inline code span.
+_COMMAND = re.compile(r"(?m)^\s*(?:\$ )?(?:[A-Z_]+=\S+ )*(?:make|python3?|torchrun|pytest)\b"
+                      r"|`(?:[A-Z_]+=\S+ )*(?:make|python3?|torchrun|pytest) [^`]+`")
 
 
 def headings(text: str) -> list[tuple[int, int, str]]:
@@ -143,11 +147,34 @@ def chapter_problems(text: str, number: int) -> list[str]:
             problems.append(f"'## {title}' lacks {what}")
     details = [t for _, lvl, t in headings(body["Details"]) if lvl == 3]
     problems += [f"'## Details' has no '### {t}'" for t in ("Public names used", "Run it") if t not in details]
-    for pattern in HISTORY:
+    return problems + _history(text, HISTORY + MACHINES)
+
+
+def _history(text: str, patterns: list[str]) -> list[str]:
+    found = []
+    for pattern in patterns:
         for match in re.finditer(pattern, text, re.IGNORECASE):
             line = text.count("\n", 0, match.start()) + 1
-            problems.append(f"line {line}: {match.group(0)!r} tells development history or a machine's numbers")
-    return problems
+            found.append(f"line {line}: {match.group(0)!r} tells development history or a machine's numbers")
+    return found
+
+
+def notes_problems(text: str) -> list[str]:
+    """What keeps a stage's NOTES.md from its rules (empty: none): every table headed by the
+    command that reproduces it (between the table and the heading or table before it), and no
+    development history (machine names are welcome here: the numbers are theirs)."""
+    lines, problems = text.splitlines(), []
+    start, fenced, in_table = 0, False, False
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        table_line = not fenced and line.startswith("|")
+        if table_line and not in_table and not _COMMAND.search("\n".join(lines[start:i])):
+            problems.append(f"line {i + 1}: a table with no command above it that reproduces it")
+        if (in_table and not table_line) or (not fenced and re.match(r"#{1,6} ", line)):
+            start = i
+        in_table = table_line
+    return problems + _history(text, HISTORY)
 
 
 if __name__ == "__main__":

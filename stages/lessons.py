@@ -121,8 +121,10 @@ LESSONS: dict[int, tuple[str, ...]] = {
 }
 
 #: The chapter whose train.py a stage's loop extends, where that is not the stage before: the
-#: first multi-process chapter builds on the one-device loop, not on autocast's.
-EXTENDS: dict[int, int] = {4: 0}
+#: first multi-process chapter builds on the one-device loop, not on autocast's; tensor
+#: parallelism replaces DataParallel in 05's loop (ZeRO-1's optimizer is not part of it). Each
+#: chapter's "The change to the loop" names the same stage (stages/test_course.py checks it).
+EXTENDS: dict[int, int] = {4: 0, 7: 5}
 
 #: Paths of SCOPE that belong to no lesson: the tooling around the course, not a concept of it.
 #: The family sweep runs 07's and 08's concepts over every 🤗 family; it teaches none of its own.

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 import lessons
-from course import (CHAPTER_HEADINGS, STAGES_DIR, chapter_problems, headings, section, stage_dir,
-                    stage_tests)
+from course import STAGES_DIR, chapter_problems, headings, notes_problems, section, stage_dir, stage_tests
 from lessons import LESSONS, TOOLING, claims_of, lesson, lesson_diff, lesson_table, scope_files, stage_of
 
 ROOT = STAGES_DIR.parent
@@ -127,6 +126,41 @@ def test_the_chapter_checker_names_what_breaks_the_template(edit, problem: str) 
     assert any(problem in p for p in found), found
 
 
+GOOD_NOTES = """# Stage 08 · notes
+
+## Parity
+
+```bash
+python stages/08_pipeline/measure.py
+```
+
+| pp | error |
+|---|---|
+| 2 | 1e-15 |
+
+On an H100, `make bench-gpu`:
+
+| tokens/s |
+|---|
+| 1000 |
+"""
+
+
+def test_the_notes_checker_passes_tables_under_their_commands() -> None:
+    assert notes_problems(GOOD_NOTES) == []
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda t: t.replace("python stages/08_pipeline/measure.py", "see below"), "line 9: a table with no command"),
+    (lambda t: t.replace("On an H100, `make bench-gpu`:", "On an H100:"), "line 15: a table with no command"),
+    (lambda t: t.replace("| 2 | 1e-15 |\n", "| 2 | 1e-15 |\n\n| 4 | 2e-15 |\n"), "a table with no command"),
+    (lambda t: t.replace("## Parity", "## Parity, as we found it"), "'we found'"),
+])
+def test_the_notes_checker_names_a_table_without_its_command(edit, problem: str) -> None:
+    found = notes_problems(edit(GOOD_NOTES))
+    assert any(problem in p for p in found), found
+
+
 def test_headings_in_code_blocks_are_not_headings() -> None:
     text = "# Title\n```bash\n# a comment\n## not a heading\n```\n## Real\nbody\n### Sub\nx\n## Next\n"
     assert [(lvl, t) for _, lvl, t in headings(text)] == [(1, "Title"), (2, "Real"), (3, "Sub"), (2, "Next")]
@@ -139,8 +173,20 @@ def test_the_chapter_follows_the_template(folder: Path) -> None:
     assert chapter_problems(text, int(folder.name[:2])) == []
     images = re.findall(r"!\[[^\]]*\]\(\.\./img/([^)\s]+)\)", text)
     assert all((ROOT / "docs/img" / name).is_file() for name in images), f"missing pictures: {images}"
+    assert ("NOTES.md" in text) == (folder / "NOTES.md").exists(), "NOTES.md and the chapter's link: one without the other"
     if (folder / "NOTES.md").exists():
-        assert "NOTES.md" in text, "the chapter does not link its NOTES.md"
+        assert notes_problems((folder / "NOTES.md").read_text(encoding="utf-8")) == []
+
+
+@pytest.mark.parametrize("folder", STAGE_DIRS, ids=lambda p: p.name)
+def test_the_loop_change_is_against_the_chapter_the_lesson_extends(folder: Path) -> None:
+    # The chapter's diff block and `make lesson`'s must compare the same two loops.
+    base = lesson(int(folder.name[:2])).base
+    change = section((folder / "README.md").read_text(encoding="utf-8"), "The change to the loop", 2) or ""
+    if base is not None:
+        number = base.split("/")[1][:2]
+        assert re.search(rf"\bstage {number}\b|\b{number}_[a-z]", change), \
+            f"'## The change to the loop' does not name stage {number}, whose loop the lesson extends"
 
 
 def _public_names(text: str) -> dict[str, set[str]]:
