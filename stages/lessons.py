@@ -135,8 +135,8 @@ TOOLING: tuple[str, ...] = (
     "benchmarks/flops.py", "benchmarks/gpu", "benchmarks/measure.py", "benchmarks/page.py",
     "benchmarks/paired.py", "benchmarks/plots/", "benchmarks/results.",
     "tests/gpu/conftest.py", "tests/test_bench_gpu.py", "tests/test_bench_paired.py", "tests/test_coverage.py",
-    "tests/test_docs", "tests/test_former_names.py", "tests/test_gpu_machine.py", "tests/test_pictures.py", "tests/test_import_graph.py",
-    "tests/test_kernel_families.py", "tests/test_versions.py",
+    "tests/test_docs", "tests/test_former_names.py", "tests/test_gpu_machine.py", "tests/test_import_graph.py",
+    "tests/test_kernel_families.py", "tests/test_pictures.py", "tests/test_versions.py",
 )
 
 #: The folders whose every file is a lesson's or tooling's.
@@ -147,7 +147,8 @@ _SKIPPED = {"__pycache__", "benchmarks/out"}  # build outputs, git-ignored
 
 
 def _matches(path: str, claim: str) -> bool:
-    return path.startswith(claim) if claim.endswith("/") or not claim.endswith(".py") else path == claim
+    """A claim ending in ".py" names one file; any other is a folder or a file-name prefix."""
+    return path == claim if claim.endswith(".py") else path.startswith(claim)
 
 
 def claims_of(path: str) -> list[tuple[int | None, str]]:
@@ -274,15 +275,20 @@ def _added(root: Path, paths: list[str]) -> int:
     return sum(len(_read(root / p) or []) for p in paths)
 
 
+def _loop_change(root: Path, parts: Lesson) -> tuple[int, int]:
+    """Lines the loop adds and removes against the train.py it extends."""
+    before = [] if parts.base is None else _read(root / parts.base) or []
+    lines = _hunks(before, _read(root / parts.train) or [], "a", "b")[2:]  # past the ---/+++ header
+    return sum(line[0] == "+" for line in lines), sum(line[0] == "-" for line in lines)
+
+
 def lesson_table(root: Path = ROOT) -> str:
     """Every stage's lesson size: files, and the lines of each part (the loop's added/removed)."""
     header = ("stage", "extends", "files", "loop +/-", "library", "unit tests", "benchmarks", "stage tests")
     rows = [header]
     for n, folder in _stage_folders(root).items():
         parts = lesson(n, root)
-        changed = _file_diff(root, parts.base, parts.train).splitlines()[1:]
-        plus = sum(1 for line in changed if line.startswith("+") and not line.startswith("+++"))
-        minus = sum(1 for line in changed if line.startswith("-") and not line.startswith("---"))
+        plus, minus = _loop_change(root, parts)
         rows.append((folder.name, "-" if parts.base is None else parts.base.split("/")[1][:2],
                      str(1 + len(parts.new_files)), f"+{plus}/-{minus}",
                      *(str(_added(root, p)) for p in (parts.library, parts.unit_tests, parts.benchmarks,

@@ -173,7 +173,8 @@ def test_the_chapter_follows_the_template(folder: Path) -> None:
     assert chapter_problems(text, int(folder.name[:2])) == []
     images = re.findall(r"!\[[^\]]*\]\(\.\./img/([^)\s]+)\)", text)
     assert all((ROOT / "docs/img" / name).is_file() for name in images), f"missing pictures: {images}"
-    assert ("NOTES.md" in text) == (folder / "NOTES.md").exists(), "NOTES.md and the chapter's link: one without the other"
+    notes = folder / "NOTES.md"
+    assert ("NOTES.md" in text) == notes.exists(), "a NOTES.md the chapter does not link, or a link to none"
     if (folder / "NOTES.md").exists():
         assert notes_problems((folder / "NOTES.md").read_text(encoding="utf-8")) == []
 
@@ -341,7 +342,7 @@ COURSE = {
     "stages/00_a/train.py": "loss = 1\nloss.backward()\nstep()\n",
     "stages/00_a/README.md": "# Stage 00\n",
     "stages/01_p/train.py": "loss = 1\nloss = loss.half()\nloss.backward()\nstep()\n",
-    "stages/04_b/train.py": "import dist\nloss = 1\nloss.backward()\nall_reduce()\nstep()\n",
+    "stages/04_b/train.py": "import dist\n--dp 2\nloss = 1\nloss.backward()\nall_reduce()\nstep()\n",
     "stages/04_b/README.md": "# Stage 04\n",
     "stages/04_b/NOTES.md": "| n |\n",
     "stages/04_b/measure.py": "print('a NOTES.md table')\n",
@@ -354,9 +355,10 @@ COURSE = {
 def course(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A small course in a folder that is no git repository: lessons need no history."""
     _tree(tmp_path, COURSE)
-    monkeypatch.setattr(lessons, "LESSONS", {0: ("goose_core/loss.py",), 1: (),
-                                             4: ("goose_core/distributed/", "goose_core/logo.png", "tests/test_context.py"),
-                                             5: ("goose_core/data_parallel/",)})
+    monkeypatch.setattr(lessons, "LESSONS", {
+        0: ("goose_core/loss.py",), 1: (),
+        4: ("goose_core/distributed/", "goose_core/logo.png", "tests/test_context.py"),
+        5: ("goose_core/data_parallel/",)})
     monkeypatch.setattr(lessons, "EXTENDS", {4: 0})
     monkeypatch.setattr(lessons, "TOOLING", ())
     return tmp_path
@@ -416,8 +418,8 @@ def test_the_table_gives_every_stage_its_sizes(course: Path) -> None:
     rows = [line.split() for line in lesson_table(course).splitlines()]
     assert rows[0][:3] == ["stage", "extends", "files"] and [r[0] for r in rows[1:]] == [
         "00_a", "01_p", "04_b", "05_c"]
-    assert rows[3] == ["04_b", "00", "4", "+2/-0", "2", "2", "0", "2"]
-    assert rows[4][1:5] == ["04", "2", "+0/-1", "1"]
+    assert rows[3] == ["04_b", "00", "4", "+3/-0", "2", "2", "0", "2"]
+    assert rows[4][1:5] == ["04", "2", "+0/-2", "1"]  # "--dp 2" removed: "---dp 2" is no header
 
 
 def test_make_lesson_prints_the_diff_or_the_stages() -> None:
