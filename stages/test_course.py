@@ -289,12 +289,14 @@ def test_train_py_uses_no_later_chapter(script: Path) -> None:
     assert _later_names(script, int(script.parent.name[:2])) == []
 
 
-UNIT_TESTS = sorted(p for p in (ROOT / "tests").rglob("*.py") if stage_of(p.relative_to(ROOT).as_posix()) is not None)
+LESSON_TESTS = sorted(p for p in [*(ROOT / "tests").rglob("*.py"), *STAGES_DIR.glob("[0-9][0-9]_*/test_*.py")]
+                      if stage_of(p.relative_to(ROOT).as_posix()) is not None)
 
 
-@pytest.mark.parametrize("test_file", UNIT_TESTS, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_a_unit_test_needs_no_stage_after_its_own(test_file: Path) -> None:
-    # `make test-stage N` runs a lesson's unit tests: none may stand on a later chapter.
+@pytest.mark.parametrize("test_file", LESSON_TESTS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_a_lesson_s_test_needs_no_stage_after_its_own(test_file: Path) -> None:
+    # `make test-stage N` runs the stage's tests and its lesson's unit tests: none may stand on a
+    # later chapter.
     assert _later_names(test_file, stage_of(test_file.relative_to(ROOT).as_posix())) == []
 
 
