@@ -1,9 +1,11 @@
-"""The course's own tooling: find a stage, load or launch its train.py, read what it printed, check its chapter.
+"""The course's own tooling: find a stage, run its train.py, read what it printed, check its chapter.
 
 The library knows nothing of the course; the course stands on the library. Stage tests import
 this module by name (``from course import load_train_script``): ``pyproject.toml`` puts
 ``stages/`` on pytest's ``pythonpath``. ``make test-stage N`` runs it as a script to find the
-folder of stage N.
+folder of stage N. :func:`chapter_problems` and :func:`notes_problems` say where a chapter
+(README.md) or its measurements (NOTES.md) leave the template ``stages/test_course.py`` holds
+every stage to.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["STAGES_DIR", "CHAPTER_HEADINGS", "CHAPTER_MAX_LINES", "HISTORY", "stage_dir", "stage_tests",
-           "load_train_script", "run_train_script", "beside_reference_diffs", "headings", "section",
-           "chapter_problems", "notes_problems"]
+__all__ = ["STAGES_DIR", "CHAPTER_HEADINGS", "CHAPTER_MAX_LINES", "CORE_MAX_LINES", "HISTORY", "MACHINES",
+           "stage_dir", "stage_tests", "load_train_script", "run_train_script", "beside_reference_diffs",
+           "headings", "section", "chapter_problems", "notes_problems"]
 
 STAGES_DIR = Path(__file__).resolve().parent
 
@@ -87,6 +89,8 @@ def beside_reference_diffs(stdout: str) -> list[float]:
 CHAPTER_HEADINGS = ["Why", "The picture", "The core code", "The change to the loop", "The proof", "Break it",
                     "Details"]
 CHAPTER_MAX_LINES = 200
+#: The core code is an excerpt: at most this many lines of code in its fenced blocks.
+CORE_MAX_LINES = 40
 #: Development history, which a chapter never tells (it speaks of the concept and the code as
 #: they are), and machine numbers, which live in the stage's NOTES.md with their command.
 #: "issue" is history only with an article or a number: "the order both sides issue" is NCCL's.
@@ -145,6 +149,9 @@ def chapter_problems(text: str, number: int) -> list[str]:
     for title, (pattern, what) in needs.items():
         if not re.search(pattern, body[title]):
             problems.append(f"'## {title}' lacks {what}")
+    core = sum(len(block.splitlines()) for block in re.findall(r"```[^\n]*\n(.*?)```", body["The core code"], re.S))
+    if core > CORE_MAX_LINES:
+        problems.append(f"'## The core code' shows {core} lines of code, more than {CORE_MAX_LINES}")
     details = [t for _, lvl, t in headings(body["Details"]) if lvl == 3]
     problems += [f"'## Details' has no '### {t}'" for t in ("Public names used", "Run it") if t not in details]
     return problems + _history(text, HISTORY + MACHINES)

@@ -107,6 +107,7 @@ def test_the_chapter_checker_passes_a_chapter_on_the_template() -> None:
     (lambda t: t + "\n# Appendix\n", "level-1 heading"),
     (lambda t: t + "\n" * 200, "more than 200"),
     (lambda t: t.replace("![GPipe and 1F1B](../img/1f1b.svg)", "A picture."), "'## The picture' lacks"),
+    (lambda t: t.replace("def cycles(m, n): ...\n", "pass\n" * 41), "41 lines of code, more than 40"),
     (lambda t: t.replace("```diff", "```python"), "'## The change to the loop' lacks"),
     (lambda t: t.replace("`test_gpipe.py::test_every_rank_matches_the_single_device_run`", "A test"),
      "'## The proof' lacks"),
