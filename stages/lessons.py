@@ -120,11 +120,13 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "benchmarks/bench_mixed_precision.py"),
 }
 
-#: The chapter whose train.py a stage's loop extends, where that is not the stage before: the
-#: first multi-process chapter builds on the one-device loop, not on autocast's; tensor
-#: parallelism replaces DataParallel in 05's loop (ZeRO-1's optimizer is not part of it). Each
-#: chapter's "The change to the loop" names the same stage (stages/test_course.py checks it).
-EXTENDS: dict[int, int] = {4: 0, 7: 5}
+#: The chapter whose train.py a stage's loop extends, where that is not the stage before. Each
+#: chapter's "The change to the loop" names the same stage (stages/test_course.py checks it):
+#: the first multi-process loop is the one-device loop's (00), not autocast's; tensor parallelism
+#: swaps DataParallel out of 05's loop (ZeRO-1's optimizer is no part of it); recompute is one
+#: keyword in 08's loop (09's sleeping stages are for timing); callbacks go into 10's loop (11's
+#: profiles and splits an uneven model first).
+EXTENDS: dict[int, int] = {4: 0, 7: 5, 10: 8, 12: 10}
 
 #: Paths of SCOPE that belong to no lesson: the tooling around the course, not a concept of it.
 #: The family sweep runs 07's and 08's concepts over every 🤗 family; it teaches none of its own.
