@@ -50,8 +50,8 @@ def test_mkdocs_strict_build(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     for stage in sorted((ROOT / "stages").glob("[0-9][0-9]_*/README.md")):
         assert (tmp_path / "stages" / stage.parent.name / "index.html").exists()
-        if (stage.parent / "NOTES.md").exists():
-            assert (tmp_path / "stages" / f"{stage.parent.name}-notes" / "index.html").exists()
+        for notes in stage.parent.glob("NOTES*.md"):  # published beside the chapter
+            assert (tmp_path / "stages" / f"{stage.parent.name}-{notes.stem.lower()}" / "index.html").exists()
     for page in ("benchmarks/index.html", "benchmarks/gpu/index.html"):  # make bench / make bench-gpu
         assert (tmp_path / page).exists()
     hook = load_hook()
@@ -78,6 +78,7 @@ def fake_tree(root: Path) -> None:
     files = {
         "stages/00_a/README.md": "# Stage 00\n\nMeasured: [NOTES.md](NOTES.md), [its table](NOTES.md#table).\n",
         "stages/00_a/NOTES.md": "# Stage 00 notes\n\nBack to [the chapter](README.md).\n",
+        "stages/00_a/NOTES_memory.md": "# Stage 00 memory\n\nSee [NOTES.md](NOTES.md#top).\n",
         "stages/01_b/README.md": "# Stage 01\n",
         "goose_core/__init__.py": '__all__ = ["x"]\n',
         "goose_core/loss.py": '__all__ = ["y"]\n',
@@ -97,13 +98,15 @@ def test_the_hook_publishes_notes_beside_their_chapter_and_walks_new_packages(tm
     fake_tree(tmp_path)
     hook = load_hook(tmp_path)
     nav = hook.on_config({"nav": [{"Course": "stages/"}, {"API reference": "api/"}]})["nav"]
-    assert nav == [{"Course": ["stages/00_a.md", "stages/00_a-notes.md", "stages/01_b.md"]},
+    assert nav == [{"Course": ["stages/00_a.md", "stages/00_a-notes.md", "stages/00_a-notes_memory.md",
+                               "stages/01_b.md"]},
                    {"API reference": ["api/index.md", "api/loss.md", "api/newpkg.md"]}]
     config = SimpleNamespace(site_dir=str(tmp_path / "site"), use_directory_urls=True,
                              plugins=SimpleNamespace(_current_plugin=None))
     pages = {f.src_uri: f.content_string for f in hook.on_files(Files([]), config) if f.src_uri.endswith(".md")}
     assert "[NOTES.md](00_a-notes.md), [its table](00_a-notes.md#table)" in pages["stages/00_a.md"]
     assert "[the chapter](00_a.md)" in pages["stages/00_a-notes.md"]
+    assert "[NOTES.md](00_a-notes.md#top)" in pages["stages/00_a-notes_memory.md"]
     assert pages["api/newpkg.md"] == "# `goose_core.newpkg`\n\n::: goose_core.newpkg\n\n::: goose_core.newpkg.solve.solve\n"
     assert "::: goose_core\n" in pages["api/index.md"] and "[`goose_core.newpkg`](newpkg.md)" in pages["api/index.md"]
 

@@ -1,8 +1,8 @@
 """mkdocs hook: publish chapters, their notes, the API reference and benchmark results from where they live.
 
-Every stages/NN_topic/README.md becomes the page stages/NN_topic.md, and its NOTES.md, when it has
-one, the page stages/NN_topic-notes.md listed after it (a chapter's link to ``NOTES.md`` and the
-notes' link to ``README.md`` are pointed at those pages). Every public package and top-level module
+Every stages/NN_topic/README.md becomes the page stages/NN_topic.md, and its notes, NOTES.md and
+any NOTES_<topic>.md, the pages stages/NN_topic-notes.md and stages/NN_topic-notes_<topic>.md listed
+after it (links between them, written as on GitHub, are pointed at those pages). Every public package and top-level module
 of goose_core, found by walking the source at build time, gets a page api/NAME.md that mkdocstrings
 fills from its docstrings (goose_core itself: api/index.md). benchmarks/results.md and its
 plots/*.png (written by ``make bench``) become benchmarks/index.md and its pictures, and
@@ -30,8 +30,20 @@ def _chapters() -> list[Path]:
     return sorted((ROOT / "stages").glob("[0-9][0-9]_*/README.md"))
 
 
-def _notes_page(readme: Path) -> str:
-    return f"stages/{readme.parent.name}-notes.md"
+def _notes(readme: Path) -> list[Path]:
+    """The chapter's notes: NOTES.md, and any NOTES_<topic>.md beside it."""
+    return sorted(readme.parent.glob("NOTES*.md"))
+
+
+def _site_name(chapter: str, name: str) -> str:
+    """A chapter folder's page on the site: README.md -> NN_topic.md, NOTES_x.md -> NN_topic-notes_x.md."""
+    return f"{chapter}.md" if name == "README.md" else f"{chapter}-{name.lower()}"
+
+
+def _relinked(chapter: str, text: str) -> str:
+    # Links between a chapter and its notes are written as on GitHub (NOTES.md, README.md): point
+    # them at the pages they become (a missing target stays missing, and the strict build says so).
+    return re.sub(r"\]\((README\.md|NOTES[\w-]*\.md)(?=[)#])", lambda m: f"]({_site_name(chapter, m[1])}", text)
 
 
 def api_modules() -> list[str]:
@@ -79,9 +91,7 @@ def on_config(config: Any) -> Any:
     # Expand the "Course: stages/" and "API reference: api/" placeholders in the nav.
     course = []
     for readme in _chapters():
-        course.append(f"stages/{readme.parent.name}.md")
-        if (readme.parent / "NOTES.md").exists():
-            course.append(_notes_page(readme))
+        course += [f"stages/{_site_name(readme.parent.name, page.name)}" for page in [readme, *_notes(readme)]]
     expand = {("Course", "stages/"): course, ("API reference", "api/"): [api_page(m) for m in api_modules()]}
     for i, entry in enumerate(config["nav"] or []):
         for (title, placeholder), pages in expand.items():
@@ -99,12 +109,10 @@ def on_page_content(html: str, page: Any, **kwargs: Any) -> str:
 
 def on_files(files: Files, config: Any) -> Files:
     for readme in _chapters():
-        chapter, notes = readme.parent.name, readme.parent / "NOTES.md"
-        text = re.sub(r"\]\(NOTES\.md(?=[)#])", f"]({chapter}-notes.md", readme.read_text(encoding="utf-8"))
-        files.append(File.generated(config, f"stages/{chapter}.md", content=text))
-        if notes.exists():
-            text = re.sub(r"\]\(README\.md(?=[)#])", f"]({chapter}.md", notes.read_text(encoding="utf-8"))
-            files.append(File.generated(config, _notes_page(readme), content=text))
+        chapter = readme.parent.name
+        for page in [readme, *_notes(readme)]:
+            files.append(File.generated(config, f"stages/{_site_name(chapter, page.name)}",
+                                        content=_relinked(chapter, page.read_text(encoding="utf-8"))))
     for module in api_modules():
         files.append(File.generated(config, api_page(module), content=_api_content(module)))
     results = ROOT / "benchmarks"
