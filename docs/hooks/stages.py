@@ -18,7 +18,8 @@ from typing import Any
 
 from mkdocs.structure.files import File, Files
 
-__all__ = ["on_files", "on_config", "on_page_content", "api_modules", "api_page", "hidden_by_submodules"]
+__all__ = ["on_files", "on_config", "on_page_content", "api_modules", "api_page", "hidden_by_submodules",
+           "top_level_names"]
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = "goose_core"
@@ -64,6 +65,17 @@ def api_page(module: str) -> str:
     return "api/" + ("/".join(rest) if rest else "index") + ".md"
 
 
+def _literal_all(tree: ast.Module) -> set[str] | None:
+    """A module's __all__ when it is written as a literal (None when it is computed)."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            try:
+                return set(ast.literal_eval(node.value))
+            except ValueError:
+                return None
+    return None
+
+
 def hidden_by_submodules(module: str) -> list[str]:
     """Where each name of ``module``'s __all__ that a same-named submodule hides from mkdocstrings
     comes from (``from goose_core.partition.solve import solve``: goose_core.partition.solve.solve)."""
@@ -71,20 +83,34 @@ def hidden_by_submodules(module: str) -> list[str]:
     if not (folder / "__init__.py").exists():
         return []
     tree = ast.parse((folder / "__init__.py").read_text(encoding="utf-8"))
-    exported = {name for node in tree.body if isinstance(node, ast.Assign)
-                and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
-                for name in ast.literal_eval(node.value)}
+    exported = _literal_all(tree) or set()
     return [f"{node.module}.{alias.name}" for node in tree.body if isinstance(node, ast.ImportFrom)
             for alias in node.names if alias.asname is None and alias.name in exported
             and ((folder / f"{alias.name}.py").exists() or (folder / alias.name / "__init__.py").exists())]
 
 
+def top_level_names() -> dict[str, str]:
+    """Each name goose_core exports -> the module it comes from, read from the imports of its
+    __init__.py (those under ``if TYPE_CHECKING:`` too, for a facade that imports lazily)."""
+    tree = ast.parse((ROOT / PACKAGE / "__init__.py").read_text(encoding="utf-8"))
+    exported = _literal_all(tree)
+    return {alias.asname or alias.name: node.module for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"{PACKAGE}.")
+            for alias in node.names if exported is None or (alias.asname or alias.name) in exported}
+
+
 def _api_content(module: str) -> str:
     if module != PACKAGE:
         return f"# `{module}`\n\n::: {module}\n" + "".join(f"\n::: {origin}\n" for origin in hidden_by_submodules(module))
-    links = "\n".join(f"- [`{name}`]({api_page(name)[len('api/'):]})" for name in api_modules() if name != PACKAGE)
+    # goose_core's own names are its packages' names again: link each to where it is documented.
+    home = {name: next(m for m in sorted(api_modules(), key=len, reverse=True) if origin == m or origin.startswith(f"{m}."))
+            for name, origin in top_level_names().items()}
+    pages = "\n".join(f"- [`{name}`]({api_page(name)[len('api/'):]})" for name in api_modules() if name != PACKAGE)
+    names = "\n".join(f"- [`{name}`]({api_page(home[name])[len('api/'):]}#{home[name]}.{name}) from `{home[name]}`"
+                      for name in sorted(home))
     return (f"# API reference\n\nEach public package and module of `{PACKAGE}`, from its docstrings: the names its "
-            f"`__all__` exports.\n\n{links}\n\n## `{PACKAGE}`\n\n::: {PACKAGE}\n    options:\n      heading_level: 3\n")
+            f"`__all__` exports.\n\n{pages}\n\n## `{PACKAGE}`\n\n::: {PACKAGE}\n    options:\n      members: false\n\n"
+            f"Its names, each documented with its package:\n\n{names}\n")
 
 
 def on_config(config: Any) -> Any:
