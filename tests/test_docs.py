@@ -54,8 +54,9 @@ def test_mkdocs_strict_build(tmp_path: Path) -> None:
         html = (tmp_path / site_page(hook.api_page(module))).read_text(encoding="utf-8")
         assert ":class:<code>" not in html and ":func:<code>" not in html, f"{module}: a Sphinx role left as text"
         if module == "goose_core":  # its names link to their packages' pages
-            links = {anchor.rsplit(".", 1)[1]: (page, anchor) for page, anchor in re.findall(r'href="([\w/]+)/#(goose_core\.[\w.]+)"', html)}
-            assert [name for name in exported(module) if name not in links] == [], "goose_core: names the API index does not link"
+            found = re.findall(r'href="([\w/]+)/#(goose_core\.[\w.]+)"', html)
+            links = {anchor.rsplit(".", 1)[1]: (page, anchor) for page, anchor in found}
+            assert [name for name in exported(module) if name not in links] == [], "goose_core: names the index does not link"
             for page, anchor in links.values():
                 assert f'id="{anchor}"' in (tmp_path / "api" / page / "index.html").read_text(encoding="utf-8"), anchor
             continue
@@ -108,7 +109,8 @@ def test_the_hook_publishes_notes_beside_their_chapter_and_walks_new_packages(tm
     assert "[NOTES.md](00_a-notes.md), [its table](00_a-notes.md#table)" in pages["stages/00_a.md"]
     assert "[the chapter](00_a.md)" in pages["stages/00_a-notes.md"]
     assert "[NOTES.md](00_a-notes.md#top)" in pages["stages/00_a-notes_memory.md"]
-    assert pages["api/newpkg.md"] == "# `goose_core.newpkg`\n\n::: goose_core.newpkg\n\n::: goose_core.newpkg.solve.solve\n"
+    assert pages["api/newpkg.md"] == ("# `goose_core.newpkg`\n\n::: goose_core.newpkg\n"
+                                      "\n::: goose_core.newpkg.solve.solve\n")
     assert "::: goose_core\n" in pages["api/index.md"] and "[`goose_core.newpkg`](newpkg.md)" in pages["api/index.md"]
 
 

@@ -22,7 +22,8 @@ def readme_course_table() -> list[str]:
     listed = []
     for row in rows:
         match = re.match(rf"\| \[{STAGE}\]\(stages/{STAGE}/README\.md\) \|", row)
-        assert match and match[1] == match[2], f"README.md: a course row must read | [NN_topic](stages/NN_topic/README.md) |: {row[:80]}"
+        assert match and match[1] == match[2], \
+            f"README.md: a course row must read | [NN_topic](stages/NN_topic/README.md) |: {row[:80]}"
         listed.append(match[1])
     return listed
 
@@ -30,8 +31,8 @@ def readme_course_table() -> list[str]:
 def index_course_list() -> list[str]:
     """The stages docs/index.md's "The course, in order" list links, top to bottom."""
     listed = []
-    for label, folder in re.findall(rf"^ +- \[(\d\d) · [^\]]+\]\(stages/{STAGE}\.md\)", (ROOT / "docs/index.md").read_text(encoding="utf-8"),
-                                    flags=re.M):
+    page = (ROOT / "docs/index.md").read_text(encoding="utf-8")
+    for label, folder in re.findall(rf"^ +- \[(\d\d) · [^\]]+\]\(stages/{STAGE}\.md\)", page, flags=re.M):
         assert label == folder[:2], f"docs/index.md: the entry numbered {label} links to stage {folder}"
         listed.append(folder)
     return listed
@@ -59,5 +60,6 @@ def test_differences_name_a_missing_an_unknown_and_a_misplaced_stage() -> None:
     folders = ["00_a", "01_b", "02_c"]
     assert differences(["00_a", "02_c"], folders) == ["stage folder 01_b is not listed"]
     assert differences(["00_a", "01_b", "02_c", "03_d"], folders) == ["03_d is listed but stages/03_d/ does not exist"]
-    assert differences(["00_a", "02_c", "01_b"], folders) == [f"out of order: listed ['00_a', '02_c', '01_b'], the folders' order is {folders}"]
+    assert differences(["00_a", "02_c", "01_b"], folders) == [
+        f"out of order: listed ['00_a', '02_c', '01_b'], the folders' order is {folders}"]
     assert differences(["00_a", "01_b", "01_b", "02_c"], folders) == ["01_b is listed 2 times"]

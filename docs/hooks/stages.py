@@ -1,12 +1,12 @@
 """mkdocs hook: publish chapters, their notes, the API reference and benchmark results from where they live.
 
 Every stages/NN_topic/README.md becomes the page stages/NN_topic.md, and its notes, NOTES.md and
-any NOTES_<topic>.md, the pages stages/NN_topic-notes.md and stages/NN_topic-notes_<topic>.md listed
-after it (links between them, written as on GitHub, are pointed at those pages). Every public package and top-level module
-of goose_core, found by walking the source at build time, gets a page api/NAME.md that mkdocstrings
-fills from its docstrings (goose_core itself: api/index.md). benchmarks/results.md and its
-plots/*.png (written by ``make bench``) become benchmarks/index.md and its pictures, and
-benchmarks/gpu.md (written by ``make bench-gpu``) becomes benchmarks/gpu.md.
+any NOTES_<topic>.md, the pages stages/NN_topic-notes.md and stages/NN_topic-notes_<topic>.md
+listed after it (links between them, written as on GitHub, are pointed at those pages). Every
+public package and top-level module of goose_core, found by walking the source at build time, gets
+a page api/NAME.md that mkdocstrings fills from its docstrings (goose_core itself: api/index.md).
+benchmarks/results.md and its plots/*.png (written by ``make bench``) become benchmarks/index.md
+and its pictures, and benchmarks/gpu.md (written by ``make bench-gpu``) becomes benchmarks/gpu.md.
 """
 
 from __future__ import annotations
@@ -101,9 +101,11 @@ def top_level_names() -> dict[str, str]:
 
 def _api_content(module: str) -> str:
     if module != PACKAGE:
-        return f"# `{module}`\n\n::: {module}\n" + "".join(f"\n::: {origin}\n" for origin in hidden_by_submodules(module))
+        hidden = "".join(f"\n::: {origin}\n" for origin in hidden_by_submodules(module))
+        return f"# `{module}`\n\n::: {module}\n{hidden}"
     # goose_core's own names are its packages' names again: link each to where it is documented.
-    home = {name: next(m for m in sorted(api_modules(), key=len, reverse=True) if origin == m or origin.startswith(f"{m}."))
+    longest_first = sorted(api_modules(), key=len, reverse=True)
+    home = {name: next(m for m in longest_first if origin == m or origin.startswith(f"{m}."))
             for name, origin in top_level_names().items()}
     pages = "\n".join(f"- [`{name}`]({api_page(name)[len('api/'):]})" for name in api_modules() if name != PACKAGE)
     names = "\n".join(f"- [`{name}`]({api_page(home[name])[len('api/'):]}#{home[name]}.{name}) from `{home[name]}`"
