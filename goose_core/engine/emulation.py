@@ -45,7 +45,8 @@ class SleepPipeline:
 
     Args:
         ctx: this rank's context (the pipeline group is used).
-        t_forward, t_backward: seconds per cell.
+        t_forward: seconds per cell forward.
+        t_backward: seconds per cell backward.
         hidden: size of the activation sent between stages.
     """
 

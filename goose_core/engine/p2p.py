@@ -117,7 +117,8 @@ class DistributedTransport(Transport):
 
     Args:
         group: the pipeline-parallel process group.
-        prev_rank, next_rank: global ranks of the neighbouring stages (None at the ends).
+        prev_rank: global rank of the previous stage (None on the first).
+        next_rank: global rank of the next stage (None on the last).
         device: where received tensors are allocated.
     """
 
