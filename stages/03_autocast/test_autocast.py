@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 from goose_core import ParallelContext
 from goose_core.testing import EXACT, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed
@@ -16,6 +17,24 @@ train_script = load_train_script("03")
 SPEC = train_script.SPEC
 pytestmark = pytest.mark.usefixtures("one_thread")
 FP32 = {torch.float32}
+
+
+def linear_in_bf16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """What ``torch.autocast(device_type, dtype=torch.bfloat16)`` does to one ``nn.Linear``: cast
+    the input, the fp32 weight and the bias to bf16 and multiply in bf16 (the weight's cast is
+    cached for the whole ``with`` block: one cast per weight, however many micro-batches)."""
+    b = None if bias is None else bias.to(torch.bfloat16)
+    return torch.nn.functional.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16), b)
+
+
+def test_a_linear_under_autocast_is_a_bf16_linear_of_bf16_casts() -> None:
+    torch.manual_seed(0)
+    linear, x = nn.Linear(64, 32), torch.randn(8, 64)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        out = linear(x)
+    assert linear.weight.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert torch.equal(out, linear_in_bf16(x, linear.weight, linear.bias))
+    assert not torch.equal(out, linear(x).to(torch.bfloat16))  # not fp32 math rounded afterwards
 
 
 def _train(ctx: ParallelContext, spec: TrainSpec, dtype: torch.dtype, device_type: str | None = None) -> tuple:
