@@ -58,10 +58,12 @@ def _goose_imports(script: Path) -> dict[str, set[str]]:
 
 
 def _listed(readme: Path) -> dict[str, set[str]]:
-    """The README's "Public names used" list: lines ``- `module`: `name`, `name` ...``."""
+    """The README's "Public names used" list (a section, or a subsection of "Details"): lines
+    ``- `module`: `name`, `name` ...``."""
     text = readme.read_text(encoding="utf-8")
-    assert "\n## Public names used\n" in text, f"{readme} has no '## Public names used' section"
-    section = text.split("\n## Public names used\n", 1)[1].split("\n## ", 1)[0]
+    heading = re.search(r"\n###? Public names used\n", text)
+    assert heading, f"{readme} has no 'Public names used' section"
+    section = text[heading.end():].split("\n## ", 1)[0].split("\n### ", 1)[0]
     listed = {}
     for line in section.splitlines():
         if match := re.match(r"- `([\w.]+)`: (.+)", line):

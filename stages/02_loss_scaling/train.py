@@ -46,7 +46,7 @@ def train(spec: TrainSpec, ctx: ParallelContext, dtype: torch.dtype = torch.floa
         scaler.scale(loss).backward()  # every gradient x S, exactly: S is a power of two
         scaler.unscale_(optimizer)  # the masters' fp32 gradients / S; found_inf if any is inf or NaN
         torch.nn.utils.clip_grad_norm_(optimizer.master_params(), spec.max_grad_norm)  # the TRUE gradients
-        scaler.step(optimizer)  # skipped when found_inf: no parameter, no moment changes
+        scaler.step(optimizer)  # optimizer.step(), skipped when found_inf: no parameter, no moment changes
         scaler.update()  # S x 0.5 after a skip, x 2 after growth_interval clean steps in a row
         optimizer.zero_grad()
         losses.append(loss.item())

@@ -51,7 +51,7 @@ def train(spec: TrainSpec, ctx: ParallelContext, dtype: torch.dtype = torch.bflo
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.max_grad_norm)  # fp32 gradients
         seen["grads"] |= {p.grad.dtype for p in model.parameters()}
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # optimizer.step() (fp16: skipped when found_inf)
         scaler.update()
         optimizer.zero_grad()
         seen["losses"].add(loss.dtype)
