@@ -1,4 +1,5 @@
-"""Stage 01: fp32 parameters under bf16 autocast train under every wrapper as on one device.
+"""fp32 parameters under bf16 autocast train under every wrapper as on one device (stage 03 is
+autocast on one device).
 
 Every layout re-rounds bf16 values somewhere else (tp sums bf16 partial products, dp and the
 pipeline's micro-batches round each piece's weight gradient to bf16 before adding them), so
