@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from goose_core.testing import FAMILIES, PARALLEL, RunResult, TrainSpec, reference_run, run_distributed
+from goose_core.testing import TINY_MODELS, PARALLEL, RunResult, TrainSpec, reference_run, run_distributed
 
 __all__ = ["step_memory", "bug_distances"]
 
@@ -89,7 +89,7 @@ def main() -> None:
         print("| model | dtype | parameters | weights | gradients | AdamW state | activations (8 x 32 tokens) |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for dtype in (torch.float32, torch.float64):
-            for family in sorted(FAMILIES):
+            for family in sorted(TINY_MODELS):
                 m = step_memory(TrainSpec(family=family, dtype=dtype))
                 print(f"| {family} | {str(dtype).replace('torch.', '')} | {m['count']:,} | {m['parameters']:,} B | "
                       f"{m['gradients']:,} B | {m['optimizer state']:,} B | {m['activations']:,} B |")

@@ -10,7 +10,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from goose_core.testing import EXACT, FAMILIES, TrainSpec, assert_matches_reference, reference_run
+from goose_core.testing import EXACT, TINY_MODELS, TrainSpec, assert_matches_reference, reference_run
 
 from course import load_train_script
 
@@ -28,7 +28,7 @@ def _load_measure() -> ModuleType:
 measure = _load_measure()
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_same_seed_same_bits(family: str) -> None:
     spec = TrainSpec(family=family, steps=3, max_grad_norm=1.0)
     assert_matches_reference(reference_run(spec), reference_run(spec), EXACT)
@@ -39,7 +39,7 @@ def test_a_different_seed_gives_a_different_run() -> None:
     assert a.losses != b.losses
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_loss_falls_on_the_corpus(family: str) -> None:
     losses = reference_run(TrainSpec(family=family, steps=30, lr=3e-3)).losses
     # Byte-level uniform guessing costs ln(256) = 5.55; English bytes are far more predictable.
@@ -59,7 +59,7 @@ def test_train_script_runs() -> None:
     assert "step   2" in out and "gpt2:" in out
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_one_fp32_adamw_step_holds_16_bytes_per_parameter(family: str) -> None:
     found = measure.step_memory(TrainSpec(family=family, dtype=torch.float32))
     n = found["count"]
