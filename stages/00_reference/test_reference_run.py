@@ -16,17 +16,6 @@ from course import load_train_script
 
 train_script = load_train_script("00")
 
-def _load_measure() -> ModuleType:
-    """measure.py beside this file, under a name no other stage's module takes."""
-    spec = importlib.util.spec_from_file_location("goose_stage_00_measure", Path(__file__).with_name("measure.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-measure = _load_measure()
-
 
 @pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_same_seed_same_bits(family: str) -> None:
@@ -57,6 +46,18 @@ def test_train_script_runs() -> None:
     out = subprocess.run([sys.executable, str(script), "--steps", "3", "--family", "gpt2"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert "step   2" in out and "gpt2:" in out
+
+
+def _load_measure() -> ModuleType:
+    """measure.py beside this file, under a name no other stage's module takes."""
+    spec = importlib.util.spec_from_file_location("goose_stage_00_measure", Path(__file__).with_name("measure.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+measure = _load_measure()
 
 
 @pytest.mark.parametrize("family", sorted(TINY_MODELS))
