@@ -58,10 +58,12 @@ def _goose_imports(script: Path) -> dict[str, set[str]]:
 
 
 def _listed(readme: Path) -> dict[str, set[str]]:
-    """The README's "Public names used" list: lines ``- `module`: `name`, `name` ...``."""
+    """The README's "Public names used" list: lines ``- `module`: `name`, `name` ...``
+    (a ``### `` subsection of ``## Details`` in the chapter template, or a ``## `` section)."""
     text = readme.read_text(encoding="utf-8")
-    assert "\n## Public names used\n" in text, f"{readme} has no '## Public names used' section"
-    section = text.split("\n## Public names used\n", 1)[1].split("\n## ", 1)[0]
+    parts = re.split(r"\n#{2,3} Public names used\n", text, maxsplit=1)
+    assert len(parts) == 2, f"{readme} has no '### Public names used' section"
+    section = re.split(r"\n#{1,3} ", parts[1], maxsplit=1)[0]
     listed = {}
     for line in section.splitlines():
         if match := re.match(r"- `([\w.]+)`: (.+)", line):
