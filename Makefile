@@ -17,8 +17,9 @@ LATEST_TESTS := tests/test_versions.py tests/test_tensor_parallel_plan.py \
 	'stages/07_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[llama-2]' \
 	'stages/07_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[bloom-2]' \
 	'stages/08_pipeline/test_gpipe.py::test_every_rank_matches_the_single_device_run[2]'
-# `make test-stage 3` as well as `make test-stage N=3`: the word after the goal is the number.
-ifeq (test-stage,$(firstword $(MAKECMDGOALS)))
+# `make test-stage 3` as well as `make test-stage N=3` (and `make lesson 8`): the word after the
+# goal is the number.
+ifneq ($(filter test-stage lesson,$(firstword $(MAKECMDGOALS))),)
   N ?= $(word 2,$(MAKECMDGOALS))
   ifneq ($(N),)
     $(eval $(N):;@:)
@@ -28,7 +29,7 @@ endif
 comma := ,
 DEMO_STAGE := $(lastword $(sort $(dir $(wildcard stages/*/train.py))))
 
-.PHONY: help demo test test-kernels test-gpu test-stage test-latest docs coverage bench bench-gpu clean
+.PHONY: help demo test test-kernels test-gpu test-stage lesson lessons test-latest docs coverage bench bench-gpu clean
 
 help:
 	@echo "make demo            the most advanced stage on $(NPROC) ranks: 3D beside one device, resume, export"
@@ -36,6 +37,8 @@ help:
 	@echo "make test-kernels    the suite on other CPU kernels (CAPABILITY=default|avx2|avx512)"
 	@echo "make test-gpu        tests/gpu on one CUDA GPU (skips, saying why, without); GPU_PYTHON=python3 uses that python"
 	@echo "make test-stage N    one stage's tests (N = 3 or 03; N=3 works too)"
+	@echo "make lesson N=08     stage 08's lesson: a diff of its loop against the one it extends, and its new files"
+	@echo "make lessons         every lesson's size: files, and the lines of each part"
 	@echo "make test-latest     a fast subset against the newest transformers & deps (.venv-latest)"
 	@echo "make docs            strict mkdocs build into site/"
 	@echo "make coverage        every 🤗 family at tp=2, pp=2, tp=2xpp=2 vs one device; docs/coverage.md"
@@ -95,6 +98,14 @@ test-stage: $(STAMP)
 	@$(PY) stages/course.py "$(N)" > /dev/null
 	$(PY) -m pytest -q $$($(PY) stages/course.py "$(N)")
 
+# A lesson is built from the working tree by the standard library alone: no venv, no git history.
+lesson:
+	@test -n "$(N)" || { echo "make lesson: which stage? (usage: make lesson N=08)" >&2; exit 2; }
+	@$(PYTHON) stages/lessons.py "$(N)"
+
+lessons:
+	@$(PYTHON) stages/lessons.py
+
 # A separate venv, upgraded to the newest transformers and other dependencies on every run, so
 # drift is seen here, on purpose, and not on main. torch stays at the local $(TORCH) CPU wheel
 # (the newest torch on PyPI is a multi-GB CUDA build; the floor, 2.11, was tried by hand).
@@ -113,7 +124,7 @@ docs: $(STAMP)
 # CPU-heavy (~13 min on 2 loaded cores). COVERAGE_ARGS passes options, e.g.
 # COVERAGE_ARGS='--families llama,mixtral --jobs 2', or '--resume' to continue an interrupted run.
 coverage: $(STAMP)
-	$(PY) -m goose_core.testing.coverage $(COVERAGE_ARGS)
+	PYTHONPATH=tools$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m sweep $(COVERAGE_ARGS)
 
 # Paired and interleaved (benchmarks/paired.py): each ratio with its 95% interval and the
 # environment it ran in. BENCH=zero,pipeline runs some (the names of benchmarks/bench_*.py).

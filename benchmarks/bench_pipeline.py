@@ -31,7 +31,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from benchmarks.paired import Pairs, alternate
 from benchmarks.results import Record
 from goose_core import ParallelContext, PipelineParallel
-from goose_core.pipeline import LiveActivations, Sleep, SleepPipeline, adapter_for, ideal_gpipe_time
+from goose_core.pipeline import LiveActivations, Sleep, SleepPipeline, ideal_gpipe_time, split_model_for
 from goose_core.testing import TrainSpec, run_distributed
 
 P, M, TF, TB = 4, 8, 0.02, 0.04
@@ -92,7 +92,7 @@ class _GPT2Stage(nn.Module):
     def __init__(self, ctx: ParallelContext) -> None:
         super().__init__()
         self.model = GPT2.build_model()
-        self.adapter = adapter_for(self.model)
+        self.adapter = split_model_for(self.model)
         per = len(self.adapter.blocks) // ctx.pp_size
         self.blocks = range(ctx.pp_rank * per, (ctx.pp_rank + 1) * per)
         self.first, self.last = ctx.is_first_stage, ctx.is_last_stage
@@ -109,7 +109,7 @@ def _gpt2_pair(ctx: ParallelContext, schedule: str) -> tuple[nn.Module, Callable
     """goose's pipelined tiny GPT-2 and torch's manual stages under the same schedule: each
     model and a function running one training step of it (forward and backward)."""
     batch = GPT2.batch(0)
-    model = PipelineParallel(GPT2.build_model(), ctx, num_microbatches=M, checkpoint="never",
+    model = PipelineParallel(GPT2.build_model(), ctx, num_microbatches=M, recompute="never",
                              schedule=schedule).parallelize()
 
     def goose_step() -> None:
@@ -161,7 +161,7 @@ def _saved_bytes(model: nn.Module, batch: dict) -> int:
 
 def _checkpointing(ctx: ParallelContext) -> tuple[dict[str, int], Pairs]:
     batch = GPT2.batch(0)
-    models = {mode: PipelineParallel(GPT2.build_model(), ctx, num_microbatches=M, checkpoint=mode).parallelize()
+    models = {mode: PipelineParallel(GPT2.build_model(), ctx, num_microbatches=M, recompute=mode).parallelize()
               for mode in ("always", "never")}
     saved = {mode: _saved_bytes(model, batch) for mode, model in models.items()}
     always, never = (_sample(lambda m=m: m(**batch).loss.backward()) for m in models.values())

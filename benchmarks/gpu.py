@@ -47,7 +47,7 @@ from goose_core.pipeline import local_pipeline
 
 __all__ = ["Shape", "Case", "CASES", "FULL", "TINY", "run_case", "main"]
 
-CHECKPOINT_MODES = ("never", "except_last", "always")  # goose's, see goose_core.pipeline.checkpoint
+CHECKPOINT_MODES = ("never", "except_last", "always")  # goose's, see goose_core.engine.recompute
 #: n of the n x n x n matmul that measures the peak FLOP/s: 8192 (1.1 TFLOP a matmul) saturates
 #: a datacenter GPU; 128 keeps the tiny smoke run quick.
 PEAK_MATMUL, TINY_PEAK_MATMUL = 8192, 128
@@ -136,7 +136,7 @@ def build_model(shape: Shape, device: torch.device, seed: int = 0) -> nn.Module:
 def _prepare(case: Case, model: nn.Module, shape: Shape, device: torch.device) -> nn.Module:
     if case.runner == "goose":
         order = {} if case.schedule == "gpipe" else {"schedule": case.schedule}  # GPipe: the default
-        return local_pipeline(model, case.partitions, shape.microbatches, checkpoint=case.checkpoint,
+        return local_pipeline(model, case.partitions, shape.microbatches, recompute=case.checkpoint,
                               devices=[device] * case.partitions, **order)
     if case.checkpoint == "always":
         # Every layer, non-reentrant: it keeps the autocast and RNG state for the recompute, as

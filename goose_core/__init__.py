@@ -1,16 +1,52 @@
 """goose: 3D-parallel (tensor x pipeline x data) training of Hugging Face causal LMs."""
 
-from goose_core.amp import GradScaler
-from goose_core.checkpoint import export_pretrained, load_checkpoint, save_checkpoint
-from goose_core.data_parallel import DataParallel
-from goose_core.distributed import ParallelContext, RankError, spawn
-from goose_core.finite import NonFiniteError
-from goose_core.optim import DistributedOptimizer, MasterWeights, clip_grad_norm_
-from goose_core.pipeline import PipelineParallel
-from goose_core.state import full_state_dict
-from goose_core.tensor_parallel import TensorParallel
+from __future__ import annotations
 
-__all__ = ["DataParallel", "DistributedOptimizer", "GradScaler", "MasterWeights", "NonFiniteError", "ParallelContext",
-           "PipelineParallel", "RankError", "TensorParallel", "clip_grad_norm_", "export_pretrained", "full_state_dict", "load_checkpoint",
-           "save_checkpoint", "spawn"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from goose_core.amp import GradScaler
+    from goose_core.checkpoint import export_pretrained, load_checkpoint, save_checkpoint
+    from goose_core.data_parallel import DataParallel
+    from goose_core.distributed import ParallelContext, RankError, spawn
+    from goose_core.finite import NonFiniteError
+    from goose_core.optim import DistributedOptimizer, MasterWeights, clip_grad_norm_
+    from goose_core.pipeline import PipelineParallel
+    from goose_core.state import full_state_dict
+    from goose_core.tensor_parallel import TensorParallel
+
+#: Each public name -> the package that defines it. A name loads its package on first use, so
+#: importing one part of goose (the pipeline engine, say) loads neither the others nor 🤗 transformers.
+_HOMES = {
+    "DataParallel": "goose_core.data_parallel",
+    "DistributedOptimizer": "goose_core.optim",
+    "GradScaler": "goose_core.amp",
+    "MasterWeights": "goose_core.optim",
+    "NonFiniteError": "goose_core.finite",
+    "ParallelContext": "goose_core.distributed",
+    "PipelineParallel": "goose_core.pipeline",
+    "RankError": "goose_core.distributed",
+    "TensorParallel": "goose_core.tensor_parallel",
+    "clip_grad_norm_": "goose_core.optim",
+    "export_pretrained": "goose_core.checkpoint",
+    "full_state_dict": "goose_core.state",
+    "load_checkpoint": "goose_core.checkpoint",
+    "save_checkpoint": "goose_core.checkpoint",
+    "spawn": "goose_core.distributed",
+}
+
+__all__ = sorted(_HOMES)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return [*__all__, "__version__"]

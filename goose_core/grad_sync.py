@@ -14,7 +14,7 @@ implements it. The other wrappers drive it through this interface only, and find
     the training loop         all micro-steps but the last          no_sync()
 
 One backward pass as the protocol sees it (``defer``/``flush`` only under a pipeline, whose
-checkpointed cells accumulate a parameter's gradient in one nested backward per micro-batch)::
+recomputed cells accumulate a parameter's gradient in one nested backward per micro-batch)::
 
     loss.backward()
       ├─ plain:     per-parameter hooks fill buckets -> async reduce per bucket -> wait at the end

@@ -108,6 +108,6 @@ def test_each_case_has_its_own_name_and_1f1b_cases_ask_for_their_schedule(monkey
     for schedule in ("gpipe", "1f1b"):
         gpu._prepare(gpu.Case("goose", "always", 2, schedule), torch.nn.Linear(1, 1), shape, cpu)
     # GPipe is the default and is never named: the benchmark also runs where local_pipeline has no schedule=.
-    assert calls == [{"checkpoint": "always", "devices": [cpu, cpu]},
-                     {"checkpoint": "always", "devices": [cpu, cpu], "schedule": "1f1b"}]
+    assert calls == [{"recompute": "always", "devices": [cpu, cpu]},
+                     {"recompute": "always", "devices": [cpu, cpu], "schedule": "1f1b"}]
     assert gpu.Case("goose", "never", 1, "1f1b").name == "goose local_pipeline x1 1F1B, checkpoint never"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from goose_core.pipeline.callbacks import Callback, CallbackList, Event
+from goose_core.engine.callbacks import Callback, CallbackList, Event
 
 
 def _fire_all(callbacks: CallbackList) -> None:

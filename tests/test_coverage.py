@@ -11,23 +11,22 @@ from transformers import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from goose_core.testing import RunResult
-from goose_core.testing.coverage import (BUILD, MODES, Outcome, classify_error, combine, compare, run_sweep,
-                                         settings)
-from goose_core.testing.coverage_report import markdown, write_json
-from goose_core.testing.families import families, tiny_family_config
+from sweep.coverage import BUILD, MODES, Outcome, classify_error, combine, compare, run_sweep, settings
+from sweep.families import families, tiny_family_config
+from sweep.report import markdown, write_json
 
 # GPT-2 and Bloom (goose's own adapters), Llama/Mistral/Qwen2 (colwise/rowwise, sliding windows),
 # Gemma2/Gemma3 (embedding scale, softcapping, per-layer-type rotary), Granite (multipliers),
 # Mixtral (moe_tp_experts, router loss on), Phi3 (colwise_gather_output, packed), Qwen3 (q/k norms
 # replicated_with_grad_allreduce), GPT-NeoX (embedding_rowwise, parallel residual), Beam (its SwiGLU
 # and sigmoid router in float32 by its own casts: equal only because the harness widens them).
-# Layouts of goose_core.models.layouts (no base_model_pp_plan): Bamba (a Mamba/attention hybrid
+# Pipeline parts of goose_core.models.pipeline_parts (no base_model_pp_plan): Bamba (a Mamba/attention hybrid
 # whose parent unpacks each block's output as a pair), Falcon-H1 (its multiplier applies to
 # looked-up ids only), GraniteMoE (MoE, multipliers).
 FAST = ("gpt2", "bloom", "llama", "mistral", "qwen2", "gemma2", "granite", "mixtral", "phi3", "qwen3",
         "gpt_neox", "gemma3_text", "beam", "bamba", "falcon_h1", "granitemoe")
-#: Families split by a registry layout that must be equal, not merely refused, at pp=2.
-LAID_OUT = ("bamba", "falcon_h1")
+#: Families split by goose's registered pipeline parts that must be equal, not merely refused, at pp=2.
+REGISTERED_PARTS = ("bamba", "falcon_h1")
 
 
 def _lacking(family: str) -> str | None:
@@ -64,9 +63,9 @@ def test_family_is_equal_or_refused_with_a_reason(fast_sweep: dict[tuple[str, st
         assert fast_sweep[family, mode].status != "refused" or fast_sweep[family, mode].detail.strip()
 
 
-@pytest.mark.parametrize("family", LAID_OUT)
-def test_a_registry_layout_splits_equal(fast_sweep: dict[tuple[str, str], Outcome], family: str) -> None:
-    # The layout is goose's, the tp plan the installed config's: 5.17's Bamba and Falcon-H1 declare
+@pytest.mark.parametrize("family", REGISTERED_PARTS)
+def test_registered_pipeline_parts_split_equal(fast_sweep: dict[tuple[str, str], Outcome], family: str) -> None:
+    # The pipeline parts are goose's, the tp plan the installed config's: 5.17's Bamba and Falcon-H1 declare
     # none, so there tp2xpp2 must be refused for exactly that; pp=2 must be equal either way.
     planned = bool(getattr(tiny_family_config(family), "base_model_tp_plan", None))
     for mode in ("pp2", "tp2xpp2"):

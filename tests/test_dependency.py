@@ -2,7 +2,7 @@
 
 import torch
 
-from goose_core.pipeline.dependency import depend, fork, join
+from goose_core.engine.dependency import depend, fork, join
 
 
 class Log(torch.autograd.Function):

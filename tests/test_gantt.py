@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from goose_core.pipeline.gantt import draw_gantt
-from goose_core.pipeline.schedule import clock_cycles
-from goose_core.pipeline.timeline import Span
+from goose_core.instruments.gantt import draw_gantt
+from goose_core.engine.schedule import clock_cycles
+from goose_core.instruments.timeline import Span
 
 pytest.importorskip("matplotlib")
 

@@ -82,13 +82,13 @@ def test_parameters_changed_asks_the_models_sync_to_track_it() -> None:
     assert sync.calls == ["track 2"]
 
 
-@pytest.mark.parametrize("checkpoint, schedule", [("always", "gpipe"), ("never", "gpipe"), ("always", "1f1b")])
-def test_the_pipeline_defers_then_flushes_complete_gradients_once_per_backward(checkpoint: str,
+@pytest.mark.parametrize("recompute, schedule", [("always", "gpipe"), ("never", "gpipe"), ("always", "1f1b")])
+def test_the_pipeline_defers_then_flushes_complete_gradients_once_per_backward(recompute: str,
                                                                                schedule: str) -> None:
     # Checkpointed cells accumulate every gradient over one nested backward per micro-batch: a
     # sync flushed before the last of them would reduce a partial gradient. 1F1B defers in the
     # forward call (its backward runs there) and flushes in loss.backward().
-    model = local_pipeline(SPEC.build_model(), 2, 4, checkpoint, schedule=schedule)
+    model = local_pipeline(SPEC.build_model(), 2, 4, recompute, schedule=schedule)
     sync = _Recorder([p for p in model.parameters() if p.requires_grad])
     for step in range(2):
         model(**SPEC.batch(step)).loss.backward()

@@ -66,7 +66,7 @@ def _dropped_microbatch(ctx: ParallelContext, plant: bool) -> RunResult:
             return loss.detach() + 0 * loss if calls[0] % 4 == 2 else loss
 
         model.loss_function = dropping
-    model = PipelineParallel(model, ctx, num_microbatches=4, checkpoint="never").parallelize()
+    model = PipelineParallel(model, ctx, num_microbatches=4, recompute="never").parallelize()
     return _train(ctx, model, SPEC)
 
 

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 from goose_core import ParallelContext
-from goose_core.pipeline.messages import Message, messages
-from goose_core.pipeline.schedule import GPipe, OneFOneB, Schedule
+from goose_core.engine.messages import Message, messages
+from goose_core.engine.schedule import GPipe, OneFOneB, Schedule
 from goose_core.testing import run_distributed
 
 SCHEDULES: list[type[Schedule]] = [GPipe, OneFOneB]

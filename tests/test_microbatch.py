@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from goose_core.pipeline.microbatch import gather, scatter
+from goose_core.engine.microbatch import gather, scatter
 
 
 def test_scatter_splits_every_tensor_and_copies_the_rest() -> None:

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from goose_core.testing import FAMILIES, build_model, tiny_config
+from goose_core.testing import TINY_MODELS, build_model, tiny_config
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_sizes_split_by_two_and_four(family: str) -> None:
     c = tiny_config(family)
     kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
@@ -20,7 +20,7 @@ def test_llama_uses_grouped_query_attention() -> None:
     assert c.num_key_value_heads < c.num_attention_heads
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_seeded_weights(family: str) -> None:
     a, b, c = build_model(family, seed=3), build_model(family, seed=3), build_model(family, seed=4)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))

@@ -1,28 +1,28 @@
-"""The executor, in one process (local transport): order of work, checkpointing, errors."""
+"""The executor, in one process (local transport): order of work, recompute, errors."""
 
 import pytest
 import torch
 from torch import nn
 
 from goose_core.pipeline import Callback, local_pipeline
-from goose_core.pipeline.schedule import GPipe
+from goose_core.engine.schedule import GPipe
 from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, build_model, reference_run, snapshot, train_loop
 
 SPEC = TrainSpec(family="llama", batch_size=8, seq_len=16)
 
 
-def _timeline(n: int, m: int, checkpoint: str) -> list[tuple[str, str, int, int]]:
+def _timeline(n: int, m: int, recompute: str) -> list[tuple[str, str, int, int]]:
     events: list[tuple[str, str, int, int]] = []
     record = Callback(lambda e: events.append((e.kind, e.phase, e.microbatch_idx, e.partition_idx)))
-    model = local_pipeline(SPEC.build_model(), n, m, checkpoint, callbacks=[record])
+    model = local_pipeline(SPEC.build_model(), n, m, recompute, callbacks=[record])
     model(**SPEC.batch(0)).loss.backward()
     return events
 
 
-@pytest.mark.parametrize("checkpoint", ["never", "always"])
-def test_work_follows_the_schedule(checkpoint: str) -> None:
+@pytest.mark.parametrize("recompute", ["never", "always"])
+def test_work_follows_the_schedule(recompute: str) -> None:
     n, m = 3, 4
-    events = _timeline(n, m, checkpoint)
+    events = _timeline(n, m, recompute)
     schedule = GPipe(m, n)
     forward = [(i, j) for kind, phase, i, j in events if kind == "forward" and phase == "before"]
     assert forward == schedule.forward_cells()
@@ -32,7 +32,7 @@ def test_work_follows_the_schedule(checkpoint: str) -> None:
         assert backward == schedule.backward_order(j)
         for kind, phase, i in mine:  # every cell's work is bracketed: before ... after
             assert mine.index((kind, "after", i)) > mine.index((kind, "before", i))
-        if checkpoint == "always":  # each recompute right before its cell's backward
+        if recompute == "always":  # each recompute right before its cell's backward
             for i in backward:
                 assert mine.index(("recompute", "after", i)) + 1 == mine.index(("backward", "before", i))
 
@@ -49,7 +49,7 @@ def test_dropout_gradients_are_bit_identical_in_every_mode() -> None:
         assert all(torch.equal(grads[mode][k], g) for k, g in grads["never"].items()), mode
 
 
-def _saved_bytes(checkpoint: str) -> int:
+def _saved_bytes(recompute: str) -> int:
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def _saved_bytes(checkpoint: str) -> int:
         return t
 
     spec = TrainSpec(family="llama", seq_len=16, overrides={"num_hidden_layers": 8})
-    model = local_pipeline(spec.build_model(), 2, 4, checkpoint)
+    model = local_pipeline(spec.build_model(), 2, 4, recompute)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(**spec.batch(0)).loss
     loss.backward()
@@ -94,7 +94,7 @@ def test_a_raising_callback_stops_the_step() -> None:
 @pytest.mark.parametrize("kwargs, match", [
     ({"num_partitions": 5}, "4 blocks cannot fill 5 pipeline stages"),
     ({"num_microbatches": 0}, "num_microbatches must be >= 1"),
-    ({"checkpoint": "sometimes"}, "unknown checkpoint mode"),
+    ({"recompute": "sometimes"}, "unknown recompute mode"),
 ])
 def test_bad_configurations_name_the_fix(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

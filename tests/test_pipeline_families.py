@@ -22,7 +22,7 @@ from transformers import AutoConfig, PretrainedConfig
 from goose_core import ParallelContext, PipelineParallel, TensorParallel, full_state_dict
 from goose_core.models import registry
 from goose_core.pipeline import local_pipeline
-from goose_core.testing import FAMILIES, tiny_config as harness_config
+from goose_core.testing import TINY_MODELS, tiny_config as harness_config
 from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, run_distributed,
                                 seeded_model, snapshot, train_loop)
 
@@ -63,7 +63,7 @@ _EAGER = {"gpt2", "bloom", "falcon", "gemma2"}
 
 
 def tiny_config(model_type: str) -> PretrainedConfig:
-    if model_type in FAMILIES:
+    if model_type in TINY_MODELS:
         return harness_config(model_type)
     sizes = {k: v for k, v in SIZES.items() if not (model_type == "opt" and k == "num_key_value_heads")}
     config = AutoConfig.for_model(model_type, **{**sizes, **FEATURES[model_type]})
@@ -136,7 +136,7 @@ def test_tensor_parallel_stages_run_the_family_code_too() -> None:
 def test_four_partitions_equal_the_single_device_run(family: str) -> None:
     # Two middle stages (no embedding, early exit). One micro-batch, no checkpointing: the pp=2
     # run covers both, and this one stays as cheap as the reference.
-    model = local_pipeline(build(family), 4, checkpoint="never")
+    model = local_pipeline(build(family), 4, recompute="never")
     assert_matches_reference(RunResult(_train(model), snapshot(model)), reference(family), PARALLEL)
 
 

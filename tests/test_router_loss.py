@@ -20,7 +20,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from goose_core.pipeline import local_pipeline
 from goose_core.pipeline.router_loss import RouterLoss, WholeBatchProbs
 from goose_core.testing import PARALLEL, RunResult, assert_matches_reference, seeded_model, snapshot
-from goose_core.testing.coverage import build_family_model
+from sweep.coverage import build_family_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pipeline_families import _train, build, reference  # noqa: E402  (the tiny configs)

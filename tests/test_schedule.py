@@ -2,7 +2,7 @@
 
 import pytest
 
-from goose_core.pipeline.schedule import GPipe, clock_cycles
+from goose_core.engine.schedule import GPipe, clock_cycles
 
 
 def test_clock_cycles_match_the_docstring_table() -> None:

@@ -2,9 +2,9 @@
 
 import torch
 
-from goose_core.pipeline.stream import (CPUStream, current_stream, default_stream, new_stream,
+from goose_core.engine.stream import (CPUStream, current_stream, default_stream, new_stream,
                                         record_stream, trace_waits, use_stream, wait_stream)
-from goose_core.pipeline.transport import LocalTransport
+from goose_core.engine.transport import LocalTransport
 
 CPU = torch.device("cpu")
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from goose_core.pipeline.stream import (current_stream, new_stream, record_stream, use_stream,
+from goose_core.engine.stream import (current_stream, new_stream, record_stream, use_stream,
                                         wait_stream)
-from goose_core.pipeline.stream_check import StreamRace, check_streams
-from goose_core.pipeline.transport import AbstractStream, LocalTransport
+from goose_core.engine.stream_check import StreamRace, check_streams
+from goose_core.engine.transport import AbstractStream, LocalTransport
 
 CPU = torch.device("cpu")
 
@@ -55,7 +55,7 @@ def _old_copy(x: torch.Tensor, from_stream: AbstractStream, to_stream: AbstractS
 
 
 def test_the_old_one_device_copy_races_and_the_current_one_does_not(monkeypatch) -> None:
-    import goose_core.pipeline.transport as transport_module
+    import goose_core.engine.transport as transport_module
 
     for copy, expected in [(_old_copy, pytest.raises(StreamRace, match="'copy1' reads memory")),
                            (transport_module._copy, None)]:

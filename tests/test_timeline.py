@@ -3,9 +3,9 @@
 import pytest
 
 from goose_core import ParallelContext
-from goose_core.pipeline.callbacks import CallbackList
-from goose_core.pipeline.schedule import clock_cycles
-from goose_core.pipeline.timeline import (
+from goose_core.engine.callbacks import CallbackList
+from goose_core.engine.schedule import clock_cycles
+from goose_core.instruments.timeline import (
     Span,
     Timeline,
     bubble_fraction,

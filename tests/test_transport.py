@@ -3,7 +3,7 @@
 import torch
 
 from goose_core import ParallelContext
-from goose_core.pipeline.p2p import DistributedTransport
+from goose_core.engine.p2p import DistributedTransport
 from goose_core.testing import run_distributed
 
 M = 3

@@ -1,4 +1,4 @@
-"""Bloom: head-interleaved fused QKV and ALiBi sliced per rank (tensor parallel); its layout (pipeline).
+"""Bloom: head-interleaved fused QKV and ALiBi sliced per rank (tensor parallel); its pipeline parts.
 
 Bloom declares no plan. Its ``query_key_value`` output is laid out head by head,
 ``[h0: q k v | h1: q k v | ...]``, so a plain contiguous column split already gives each rank
@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig
 from transformers.models.bloom.modeling_bloom import BloomAttention
 
-from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter
+from goose_core.models.family import Family, PipelineParts, TensorParallelAdapter
 
-__all__ = ["PLAN", "LAYOUT", "FAMILY", "localize", "check", "slice_alibi"]
+__all__ = ["PLAN", "PARTS", "FAMILY", "localize", "check", "slice_alibi"]
 
 PLAN = {
     "h.*.self_attention.query_key_value": "colwise",
@@ -29,7 +29,7 @@ PLAN = {
     "h.*.mlp.dense_4h_to_h": "rowwise",
 }
 
-LAYOUT = PipelineLayout(embed=("transformer.word_embeddings", "transformer.word_embeddings_layernorm"),
+PARTS = PipelineParts(embed=("transformer.word_embeddings", "transformer.word_embeddings_layernorm"),
                         blocks="transformer.h", head=("transformer.ln_f", "lm_head"))
 
 
@@ -68,4 +68,4 @@ def check(config: PretrainedConfig, tp: int) -> list[str]:
     return []
 
 
-FAMILY = Family("bloom", tp=TensorParallelAdapter(PLAN, localize, check), pp=LAYOUT)
+FAMILY = Family("bloom", tp=TensorParallelAdapter(PLAN, localize, check), pp=PARTS)

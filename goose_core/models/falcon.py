@@ -1,4 +1,4 @@
-"""Falcon: its module layout for the pipeline split (it declares no ``base_model_pp_plan``).
+"""Falcon: its pipeline parts for the split (it declares no ``base_model_pp_plan``).
 
 Falcon's own forward builds ALiBi or rotary tables and the mask on every stage. No
 tensor-parallel half yet.
@@ -6,11 +6,11 @@ tensor-parallel half yet.
 
 from __future__ import annotations
 
-from goose_core.models.family import Family, PipelineLayout
+from goose_core.models.family import Family, PipelineParts
 
-__all__ = ["LAYOUT", "FAMILY"]
+__all__ = ["PARTS", "FAMILY"]
 
-LAYOUT = PipelineLayout(embed=("transformer.word_embeddings",), blocks="transformer.h",
+PARTS = PipelineParts(embed=("transformer.word_embeddings",), blocks="transformer.h",
                         head=("transformer.ln_f", "lm_head"))
 
-FAMILY = Family("falcon", pp=LAYOUT)
+FAMILY = Family("falcon", pp=PARTS)

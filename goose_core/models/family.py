@@ -8,7 +8,7 @@ from typing import Callable
 from torch import nn
 from transformers import PretrainedConfig
 
-__all__ = ["TensorParallelAdapter", "PipelineLayout", "Family", "unsplittable"]
+__all__ = ["TensorParallelAdapter", "PipelineParts", "PipelineLayout", "Family", "unsplittable"]
 
 
 def _no_problems(config: PretrainedConfig, tp: int) -> list[str]:
@@ -37,10 +37,10 @@ class TensorParallelAdapter:
 
 
 @dataclass(frozen=True)
-class PipelineLayout:
+class PipelineParts:
     """Where a causal LM's pieces live, as module paths from the ``...ForCausalLM`` model.
 
-    The pipeline split runs the family's own forward on every stage; the layout says only which
+    The pipeline split runs the family's own forward on every stage; the parts say only which
     modules the first stage holds (``embed``: the token embedding and whatever the parent applies
     to it before the first block), which the last (``head``: after the last block), and where the
     decoder blocks are (``blocks``, an ``nn.ModuleList``, the only thing partitioned).
@@ -59,6 +59,10 @@ class PipelineLayout:
     check: Callable[[PretrainedConfig], list[str]] = field(default=_splittable, compare=False)
 
 
+#: The former name of :class:`PipelineParts`, kept for code that registers families with it.
+PipelineLayout = PipelineParts
+
+
 @dataclass(frozen=True)
 class Family:
     """One family's knowledge beyond what its config declares (``config.model_type`` names it).
@@ -69,9 +73,9 @@ class Family:
 
     model_type: str
     tp: TensorParallelAdapter | None = None
-    pp: PipelineLayout | None = None
+    pp: PipelineParts | None = None
 
 
-def unsplittable(reason: str) -> PipelineLayout:
+def unsplittable(reason: str) -> PipelineParts:
     """The pipeline half of a family the split refuses whatever its config: ``reason`` says why."""
-    return PipelineLayout(embed=(), blocks="", head=(), check=lambda config: [reason])
+    return PipelineParts(embed=(), blocks="", head=(), check=lambda config: [reason])

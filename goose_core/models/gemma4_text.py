@@ -1,4 +1,4 @@
-"""Gemma 4 (text, and unified text): its declared pipeline layout, and two features the split refuses.
+"""Gemma 4 (text, and unified text): its pipeline parts, and two features the split refuses.
 
 Gemma 4's parent computes, before the blocks, a per-layer input for every block (a lookup of
 ``input_ids`` in ``embed_tokens_per_layer`` mixed with a projection of the token embedding), and
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from goose_core.models.family import Family, PipelineLayout
+from goose_core.models.family import Family, PipelineParts
 
-__all__ = ["LAYOUT", "FAMILIES", "check"]
+__all__ = ["PARTS", "FAMILIES", "check"]
 
 
 def check(config: PretrainedConfig) -> list[str]:
@@ -38,7 +38,7 @@ def check(config: PretrainedConfig) -> list[str]:
     return problems
 
 
-LAYOUT = PipelineLayout(embed=("model.embed_tokens",), blocks="model.layers", head=("model.norm", "lm_head"),
+PARTS = PipelineParts(embed=("model.embed_tokens",), blocks="model.layers", head=("model.norm", "lm_head"),
                         check=check)
 
-FAMILIES = (Family("gemma4_text", pp=LAYOUT), Family("gemma4_unified_text", pp=LAYOUT))
+FAMILIES = (Family("gemma4_text", pp=PARTS), Family("gemma4_unified_text", pp=PARTS))

@@ -1,4 +1,4 @@
-"""GPT-2: Conv1D layers and the fused q|k|v ``c_attn`` (tensor parallel); its module layout (pipeline).
+"""GPT-2: Conv1D layers and the fused q|k|v ``c_attn`` (tensor parallel); its pipeline parts.
 
 GPT-2 declares no plan. Its ``Conv1D`` stores weights as ``(in, out)`` (the layers handle the
 transposed layout), and ``c_attn`` computes ``q | k | v`` in one matmul, so its output is cut
@@ -15,9 +15,9 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 
-from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter
+from goose_core.models.family import Family, PipelineParts, TensorParallelAdapter
 
-__all__ = ["PLAN", "LAYOUT", "FAMILY", "localize", "check"]
+__all__ = ["PLAN", "PARTS", "FAMILY", "localize", "check"]
 
 PLAN = {
     "h.*.attn.c_attn": "fused_qkv_colwise",
@@ -26,7 +26,7 @@ PLAN = {
     "h.*.mlp.c_proj": "rowwise",
 }
 
-LAYOUT = PipelineLayout(embed=("transformer.wte", "transformer.wpe", "transformer.drop"),
+PARTS = PipelineParts(embed=("transformer.wte", "transformer.wpe", "transformer.drop"),
                         blocks="transformer.h", head=("transformer.ln_f", "lm_head"))
 
 
@@ -45,4 +45,4 @@ def check(config: PretrainedConfig, tp: int) -> list[str]:
     return []
 
 
-FAMILY = Family("gpt2", tp=TensorParallelAdapter(PLAN, localize, check), pp=LAYOUT)
+FAMILY = Family("gpt2", tp=TensorParallelAdapter(PLAN, localize, check), pp=PARTS)

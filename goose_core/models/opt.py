@@ -1,4 +1,4 @@
-"""OPT: a tensor-parallel plan and its module layout for the pipeline split (it declares neither).
+"""OPT: a tensor-parallel plan and its pipeline parts for the split (it declares neither).
 
 Its attention reads ``num_heads`` from itself, so goose's generic localize applies. The first stage holds the token table, the learned positions (OPT offsets them by 2 and reads
 the attention mask: the family's own forward does that) and the optional ``project_in``; the
@@ -7,9 +7,9 @@ last the final norm, the optional ``project_out`` and the head. No tensor-parall
 
 from __future__ import annotations
 
-from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter
+from goose_core.models.family import Family, PipelineParts, TensorParallelAdapter
 
-__all__ = ["PLAN", "LAYOUT", "FAMILY"]
+__all__ = ["PLAN", "PARTS", "FAMILY"]
 
 PLAN = {
     "decoder.layers.*.self_attn.q_proj": "colwise",
@@ -20,9 +20,9 @@ PLAN = {
     "decoder.layers.*.fc2": "rowwise",
 }
 
-LAYOUT = PipelineLayout(
+PARTS = PipelineParts(
     embed=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
     blocks="model.decoder.layers",
     head=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"))
 
-FAMILY = Family("opt", tp=TensorParallelAdapter(PLAN), pp=LAYOUT)
+FAMILY = Family("opt", tp=TensorParallelAdapter(PLAN), pp=PARTS)

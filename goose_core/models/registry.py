@@ -2,11 +2,11 @@
 
 A family whose config declares ``base_model_tp_plan`` and ``base_model_pp_plan`` needs no entry.
 The built-in entries are written out below (no module registers itself when imported): the
-modules of families that need more than a layout, then the table of pipeline layouts
-(:mod:`goose_core.models.layouts`: the standard-shaped families that declare no
+modules of families that need more than their pipeline parts, then the table of pipeline parts
+(:mod:`goose_core.models.pipeline_parts`: the standard-shaped families that declare no
 ``base_model_pp_plan``, and those refused). Users add theirs with :func:`register_family`::
 
-    register_family(Family("my_lm", pp=PipelineLayout(embed=("model.embed_tokens",),
+    register_family(Family("my_lm", pp=PipelineParts(embed=("model.embed_tokens",),
                                                       blocks="model.layers",
                                                       head=("model.norm", "lm_head"))))
 """
@@ -15,15 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from goose_core.models import (apertus, bloom, doge, falcon, gemma4_text, gpt2, inkling, layouts, opt,
+from goose_core.models import (apertus, bloom, doge, falcon, gemma4_text, gpt2, inkling, opt, pipeline_parts,
                                 sarvam_moe, stablelm)
-from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter
+from goose_core.models.family import Family, PipelineParts, TensorParallelAdapter
 
 __all__ = ["FAMILIES", "PIPELINE", "TENSOR_PARALLEL", "family", "register_family", "register_tensor_parallel"]
 
 #: model_type -> Family: goose's built-in knowledge.
 FAMILIES: dict[str, Family] = {
-    **{name: Family(name, pp=layout) for name, layout in {**layouts.LAYOUTS, **layouts.REFUSED}.items()},
+    **{name: Family(name, pp=parts)
+       for name, parts in {**pipeline_parts.PIPELINE_PARTS, **pipeline_parts.REFUSED}.items()},
     **{f.model_type: f for f in (gpt2.FAMILY, bloom.FAMILY, opt.FAMILY, falcon.FAMILY, stablelm.FAMILY,
                                  *gemma4_text.FAMILIES)},
     # tp: a declared plan plus the entries it lacks
@@ -69,5 +70,5 @@ class _Half(Mapping[str, object]):
 #: model_type -> TensorParallelAdapter, for every family with a tensor-parallel half.
 TENSOR_PARALLEL: Mapping[str, TensorParallelAdapter] = _Half("tp")  # type: ignore[assignment]
 
-#: model_type -> PipelineLayout, for every family with a pipeline half.
-PIPELINE: Mapping[str, PipelineLayout] = _Half("pp")  # type: ignore[assignment]
+#: model_type -> PipelineParts, for every family with a pipeline half.
+PIPELINE: Mapping[str, PipelineParts] = _Half("pp")  # type: ignore[assignment]

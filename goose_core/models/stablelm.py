@@ -1,4 +1,4 @@
-"""StableLM: a Llama-shaped tensor-parallel plan, and its module layout for the pipeline split.
+"""StableLM: a Llama-shaped tensor-parallel plan, and its pipeline parts for the split.
 
 StableLM declares neither plan. Its attention reads ``num_heads`` / ``num_key_value_heads`` from
 itself, so goose's generic localize applies; the per-head q/k layer norms (``qk_layernorm``)
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from goose_core.models.family import Family, PipelineLayout, TensorParallelAdapter
+from goose_core.models.family import Family, PipelineParts, TensorParallelAdapter
 
-__all__ = ["PLAN", "LAYOUT", "FAMILY", "check"]
+__all__ = ["PLAN", "PARTS", "FAMILY", "check"]
 
 PLAN = {
     "layers.*.self_attn.q_proj": "colwise",
@@ -24,7 +24,7 @@ PLAN = {
     "layers.*.mlp.down_proj": "rowwise",
 }
 
-LAYOUT = PipelineLayout(embed=("model.embed_tokens",), blocks="model.layers", head=("model.norm", "lm_head"))
+PARTS = PipelineParts(embed=("model.embed_tokens",), blocks="model.layers", head=("model.norm", "lm_head"))
 
 
 def check(config: PretrainedConfig, tp: int) -> list[str]:
@@ -34,4 +34,4 @@ def check(config: PretrainedConfig, tp: int) -> list[str]:
     return []
 
 
-FAMILY = Family("stablelm", tp=TensorParallelAdapter(PLAN, None, check), pp=LAYOUT)
+FAMILY = Family("stablelm", tp=TensorParallelAdapter(PLAN, None, check), pp=PARTS)

@@ -21,6 +21,7 @@ On the model: ``forward`` becomes the stage's (:class:`~goose_core.pipeline.stag
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -32,15 +33,15 @@ from goose_core.distributed.progress import count_forwards
 from goose_core.finite import watch
 from goose_core.metadata import parameters_changed
 from goose_core.partition import Partitioner, partition_blocks
-from goose_core.pipeline.callbacks import Callback, CallbackList
-from goose_core.pipeline.checkpoint import checkpoint_stop
+from goose_core.engine.callbacks import Callback, CallbackList
+from goose_core.engine.recompute import recompute_stop
 from goose_core.pipeline.custom_loss import CustomLoss, LossFn
-from goose_core.pipeline.p2p import DistributedTransport
-from goose_core.pipeline.pipeline import Pipeline
-from goose_core.pipeline.schedule import schedule_named
-from goose_core.pipeline.split import Adapter, adapter_for, drop_modules
+from goose_core.engine.p2p import DistributedTransport
+from goose_core.engine.pipeline import Pipeline
+from goose_core.engine.schedule import schedule_named
+from goose_core.pipeline.split import SplitModel, drop_modules, split_model_for
 from goose_core.pipeline.stage import Stage
-from goose_core.pipeline.transport import LocalTransport, Transport
+from goose_core.engine.transport import LocalTransport, Transport
 
 __all__ = ["PipelineParallel", "is_pipelined", "local_pipeline"]
 
@@ -54,7 +55,9 @@ class PipelineParallel:
         model: a transformers causal LM (GPT-2, Bloom, or a family with ``base_model_pp_plan``).
         ctx: this rank's ParallelContext.
         num_microbatches: M, the number of equal micro-batches each batch is cut into.
-        checkpoint: ``"always"``, ``"except_last"`` or ``"never"``.
+        recompute: which micro-batches drop their activations in the forward and recompute them
+            before their backward: ``"always"``, ``"except_last"`` (the default) or ``"never"``
+            (see :mod:`goose_core.engine.recompute`). ``checkpoint=`` is its deprecated name.
         partitioner: how many blocks each stage gets (see :func:`goose_core.partition.partition_blocks`).
         callbacks: fired around every forward, backward and recompute of a (micro-batch, stage) cell.
         sample: for the profiling partitioners, hidden states of one micro-batch (default: one
@@ -65,7 +68,7 @@ class PipelineParallel:
         schedule: ``"gpipe"`` (default: every forward, then ``loss.backward()`` runs every
             backward) or ``"1f1b"`` (at most p micro-batches in flight instead of M: the forward
             call runs each micro-batch's backward too, and ``loss.backward()`` hands over the
-            gradients; see :mod:`goose_core.pipeline.parked`).
+            gradients; see :mod:`goose_core.engine.parked`).
         loss_fn: a loss computed from the logits, per micro-batch on the last stage, instead of
             the model's own: ``loss_fn(logits, labels)`` (a mean; the M are averaged) or
             ``loss_fn(logits, labels, num_items_in_batch)`` (🤗's token-weighted convention);
@@ -83,50 +86,52 @@ class PipelineParallel:
 
     Raises:
         ValueError: on every rank, before any collective: M < 1, an unknown schedule,
-            checkpoint mode or ``check_batch``, a ``loss_fn`` with a router loss, a model already pipelined, a model that cannot be split, fewer
+            recompute mode or ``check_batch``, a ``loss_fn`` with a router loss, a model already pipelined, a model that cannot be split, fewer
             blocks than stages, a bad partition.
     """
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, num_microbatches: int = 1,
-                 checkpoint: str = "except_last", partitioner: Partitioner = "uniform",
+                 recompute: str | None = None, partitioner: Partitioner = "uniform",
                  callbacks: Iterable[Callback] = (), sample: Tensor | None = None,
-                 check_batch: str = "first", schedule: str = "gpipe", loss_fn: LossFn | None = None) -> None:
+                 check_batch: str = "first", schedule: str = "gpipe", loss_fn: LossFn | None = None, *,
+                 checkpoint: str | None = None) -> None:
+        recompute = _recompute_mode(recompute, checkpoint, "PipelineParallel")
         self.schedule = schedule_named(schedule)
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
         if is_pipelined(model):
             raise ValueError("this model is already split into pipeline stages: call "
                              "PipelineParallel(...).parallelize() once")
-        checkpoint_stop(checkpoint, num_microbatches)
+        recompute_stop(recompute, num_microbatches)
         self.check_batch = check_policy(check_batch)
         self.model, self.ctx, self.num_microbatches = model, ctx, num_microbatches
-        self.checkpoint = checkpoint
+        self.recompute = recompute
         self.callbacks = CallbackList(callbacks)
-        self.adapter = adapter_for(model)
-        self.adapter.check(num_microbatches, self.schedule)
-        self.counts = _split(self.adapter, ctx.pipeline_parallel_size, partitioner, num_microbatches, sample)
+        self.split_model = split_model_for(model)
+        self.split_model.check(num_microbatches, self.schedule)
+        self.counts = _split(self.split_model, ctx.pipeline_parallel_size, partitioner, num_microbatches, sample)
         self.loss = None if loss_fn is None else CustomLoss(loss_fn, num_microbatches, model)
 
     def parallelize(self) -> nn.Module:
         """This rank's stage: ``model`` itself, trimmed, with a pipelined ``forward``, the
         :class:`CallbackList` as ``model.callbacks`` and the executor as ``model.pipeline``."""
-        ctx, model, adapter = self.ctx, self.model, self.adapter
+        ctx, model, split_model = self.ctx, self.model, self.split_model
         j, n = ctx.pipeline_parallel_rank, ctx.pipeline_parallel_size
         start = sum(self.counts[:j])
         held = range(start, start + self.counts[j])
         tied = _tied_path(model)
-        drop = [f"{adapter.blocks_path}.{b}" for b in range(len(adapter.blocks)) if b not in held]
+        drop = [f"{split_model.blocks_path}.{b}" for b in range(len(split_model.blocks)) if b not in held]
         if j != 0:
-            drop += [p for p in adapter.embed_paths if not (j == n - 1 and p == tied)]
+            drop += [p for p in split_model.embed_paths if not (j == n - 1 and p == tied)]
         if j != n - 1:
-            drop += list(adapter.head_paths)
+            drop += list(split_model.head_paths)
         install_batch_check(model, ctx, "pp", self.check_batch)  # before the embedding is dropped
         drop_modules(model, drop)
         model.to(ctx.device)
         transport: Transport = (LocalTransport([ctx.device]) if n == 1 else DistributedTransport(
             ctx.pipeline_parallel_group, ctx.prev_pipeline_rank, ctx.next_pipeline_rank, ctx.device))
-        stage = Stage(model, adapter, {j: list(held)}, n, transport, self.num_microbatches,
-                       self.checkpoint, self.callbacks, ctx, tied, [ctx.device] * n, self.schedule, self.loss)
+        stage = Stage(model, split_model, {j: list(held)}, n, transport, self.num_microbatches,
+                       self.recompute, self.callbacks, ctx, tied, [ctx.device] * n, self.schedule, self.loss)
         _install(model, stage)
         count_forwards(model)  # the step in this rank's progress record
         parameters_changed(model)  # a DataParallel applied before re-buckets over this stage
@@ -134,34 +139,36 @@ class PipelineParallel:
         return model
 
 
-def _split(adapter: Adapter, num_stages: int, partitioner: Partitioner, num_microbatches: int,
+def _split(split_model: SplitModel, num_stages: int, partitioner: Partitioner, num_microbatches: int,
            sample: Tensor | None = None) -> list[int]:
     """Blocks per stage; the time and memory partitioners profile the blocks on ``sample`` (one
     micro-batch of hidden states; a 1 x 32 embedding when not given)."""
-    num_blocks = len(adapter.blocks)
+    num_blocks = len(split_model.blocks)
     if not (isinstance(partitioner, str) and partitioner in _PROFILED):
         return partition_blocks(num_blocks, num_stages, partitioner)
     if sample is None:
         with torch.no_grad():
             # the ids on the table's device: a model already on a GPU looks them up there
-            table = adapter.model.get_input_embeddings().weight
-            sample = adapter.embed({"input_ids": torch.zeros(1, 32, dtype=torch.long, device=table.device)})
-    return partition_blocks(num_blocks, num_stages, partitioner, block_fns=adapter.block_fns(),
+            table = split_model.model.get_input_embeddings().weight
+            sample = split_model.embed({"input_ids": torch.zeros(1, 32, dtype=torch.long, device=table.device)})
+    return partition_blocks(num_blocks, num_stages, partitioner, block_fns=split_model.block_fns(),
                             sample=sample, num_microbatches=num_microbatches)
 
 
 def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int = 1,
-                   checkpoint: str = "except_last", partitioner: Partitioner = "uniform",
+                   recompute: str | None = None, partitioner: Partitioner = "uniform",
                    callbacks: Iterable[Callback] = (), devices: list[torch.device] | None = None,
-                   schedule: str = "gpipe", loss_fn: LossFn | None = None) -> nn.Module:
+                   schedule: str = "gpipe", loss_fn: LossFn | None = None, *,
+                   checkpoint: str | None = None) -> nn.Module:
     """Every partition of ``model`` in this process (torchgpipe's setting): partition j on
     ``devices[j]`` (default: all on CPU), tensors hopping devices on copy streams. No processes,
     no collectives: how the engine is tested without ranks, and how one GPU exercises streams.
-    ``schedule`` and ``loss_fn`` as for :class:`PipelineParallel`.
+    ``recompute``, ``schedule`` and ``loss_fn`` as for :class:`PipelineParallel`.
 
     Raises:
         ValueError: as :class:`PipelineParallel`, or ``devices`` of the wrong length.
     """
+    recompute = _recompute_mode(recompute, checkpoint, "local_pipeline")
     schedule_cls = schedule_named(schedule)
     devices = [torch.device(d) for d in (devices or ["cpu"] * num_partitions)]
     if len(devices) != num_partitions:
@@ -170,25 +177,42 @@ def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int 
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     if is_pipelined(model):
         raise ValueError("this model is already split into pipeline partitions: pipeline it once")
-    checkpoint_stop(checkpoint, num_microbatches)
-    adapter = adapter_for(model)
-    adapter.check(num_microbatches, schedule_cls)
-    counts = _split(adapter, num_partitions, partitioner, num_microbatches)
+    recompute_stop(recompute, num_microbatches)
+    split_model = split_model_for(model)
+    split_model.check(num_microbatches, schedule_cls)
+    counts = _split(split_model, num_partitions, partitioner, num_microbatches)
     loss = None if loss_fn is None else CustomLoss(loss_fn, num_microbatches, model)
     starts = [sum(counts[:j]) for j in range(num_partitions)]
     held = {j: list(range(starts[j], starts[j] + counts[j])) for j in range(num_partitions)}
     for j, blocks in held.items():
         for b in blocks:
-            adapter.blocks[b].to(devices[j])
-    for path in adapter.embed_paths:
+            split_model.blocks[b].to(devices[j])
+    for path in split_model.embed_paths:
         model.get_submodule(path).to(devices[0])
-    for path in adapter.head_paths:
+    for path in split_model.head_paths:
         model.get_submodule(path).to(devices[-1])
     if _tied_path(model) is not None and devices[0] != devices[-1]:
         raise ValueError("tied input/output embeddings need the first and last partitions on one device")
-    stage = Stage(model, adapter, held, num_partitions, LocalTransport(devices), num_microbatches,
-                   checkpoint, CallbackList(callbacks), devices=devices, schedule=schedule_cls, loss=loss)
+    stage = Stage(model, split_model, held, num_partitions, LocalTransport(devices), num_microbatches,
+                   recompute, CallbackList(callbacks), devices=devices, schedule=schedule_cls, loss=loss)
     return _install(model, stage)
+
+
+def _recompute_mode(recompute: str | None, checkpoint: str | None, caller: str) -> str:
+    """``recompute=``, or ``checkpoint=``, its deprecated name (with a DeprecationWarning);
+    ``"except_last"`` when neither is given.
+
+    Raises:
+        TypeError: both are given.
+    """
+    if checkpoint is None:
+        return "except_last" if recompute is None else recompute
+    if recompute is not None:
+        raise TypeError(f"{caller}() got both recompute={recompute!r} and checkpoint={checkpoint!r}: "
+                        f"checkpoint= is the deprecated name of recompute=, pass recompute= only")
+    warnings.warn(f"{caller}(checkpoint=...) is deprecated: pass recompute={checkpoint!r} instead",
+                  DeprecationWarning, stacklevel=3)
+    return checkpoint
 
 
 def is_pipelined(model: nn.Module) -> bool:

@@ -208,7 +208,7 @@ class WholeBatchProbs:
         self._rows = {}
 
     def record(self, router: int, microbatch: int, rows: Tensor) -> None:
-        # A recomputed (checkpointed) cell records the same rows again: same key, same value.
+        # A recomputed cell records the same rows again: same key, same value.
         self._rows.setdefault(router, {})[microbatch] = rows
 
     def sums(self, num_microbatches: int, device: torch.device) -> Tensor:

@@ -7,23 +7,23 @@ partial dimensions or per layer type, ALiBi, final-logit softcapping, logit scal
 What the stage changes, for the duration of one cell::
 
     model.forward(input_ids=ids, labels=..., ...)              (the ...ForCausalLM's own code)
-      embedding modules   first stage: real; the table hands back its lookup (Adapter.embed),
+      embedding modules   first stage: real; the table hands back its lookup (SplitModel.embed),
                           so what the parent does to looked-up ids only is done
                           other stages: stand-ins, the table's gives zeros of the right shape
                           and dtype (masks and rotary tables read only shapes, dtypes, positions)
       parent code         masks, rotary, ALiBi, scales: computed on every stage
       block b not owned   a pass-through (the block's plain attributes kept; ``(hidden, None)``
-                          where the layout says the parent unpacks pairs)
+                          where the parts say the parent unpacks pairs)
       first owned block   non-first stages: its hidden-states input replaced by the received
                           activation (a forward pre-hook)
       last owned block    non-last stages: raises _Exit(its output), caught here: that is sent
       head, loss          last stage only (the family's norm, lm_head, softcapping, loss)
 
 Only pass-throughs *before* the first owned block ever run, and that block's input is replaced,
-so what they return never matters. A family's layout (which modules the first and the last
+so what they return never matters. A family's pipeline parts (which modules the first and the last
 stage hold, where the blocks are) comes from its entry in :mod:`goose_core.models.registry` or
 from ``config.base_model_pp_plan``; its ``check`` and the rule that every parameter lies in the
-layout refuse what the split cannot reproduce, before any collective. MoE families with
+parts refuse what the split cannot reproduce, before any collective. MoE families with
 ``output_router_logits=True`` carry the router loss's running sums along the pipeline, one
 message per micro-batch; the stage adds the aux loss of the whole batch once (:mod:`.router_loss`).
 """
@@ -38,12 +38,12 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from goose_core.models.family import PipelineLayout
+from goose_core.models.family import PipelineParts
 from goose_core.models.registry import PIPELINE
 from goose_core.pipeline.router_loss import RouterLoss, WholeBatchProbs, router_loss_of
-from goose_core.pipeline.schedule import GPipe, Schedule
+from goose_core.engine.schedule import GPipe, Schedule
 
-__all__ = ["Adapter", "adapter_for", "layout_of", "Placeholder", "drop_modules"]
+__all__ = ["SplitModel", "split_model_for", "pipeline_parts_of", "Placeholder", "drop_modules"]
 
 Inputs = dict[str, Any]
 
@@ -70,7 +70,7 @@ class _PassThrough(nn.Module):
 
 
 class _Given(nn.Module):
-    """The token table on the first stage, during a cell: the lookup :meth:`Adapter.embed` made.
+    """The token table on the first stage, during a cell: the lookup :meth:`SplitModel.embed` made.
     The parent is called with the ids, as on one device, so what it does only to looked-up ids
     (Falcon-H1's embedding multiplier) is done."""
 
@@ -135,24 +135,24 @@ def _exists(model: nn.Module, path: str) -> bool:
         return False
 
 
-class Adapter:
-    """One model cut into stages: its layout, and a cell of a stage run through its own forward.
+class SplitModel:
+    """One model cut into stages: its pipeline parts, and a cell of a stage run through its own forward.
 
     Args:
         model: a 🤗 causal LM (``...ForCausalLM``).
-        layout: where its first-stage, last-stage and block modules are.
+        parts: where its first-stage, last-stage and block modules are.
 
     Attributes:
-        embed_paths, head_paths, blocks_path: the layout's module paths (absent optional
+        embed_paths, head_paths, blocks_path: the parts' module paths (absent optional
             modules, e.g. OPT's ``project_in``, left out).
     """
 
-    def __init__(self, model: PreTrainedModel, layout: PipelineLayout) -> None:
+    def __init__(self, model: PreTrainedModel, parts: PipelineParts) -> None:
         self.model = model
-        self.embed_paths = tuple(p for p in layout.embed if _exists(model, p))
-        self.head_paths = tuple(p for p in layout.head if _exists(model, p))
-        self.blocks_path = layout.blocks
-        self._pair = layout.tuple_blocks
+        self.embed_paths = tuple(p for p in parts.embed if _exists(model, p))
+        self.head_paths = tuple(p for p in parts.head if _exists(model, p))
+        self.blocks_path = parts.blocks
+        self._pair = parts.tuple_blocks
         table = model.get_input_embeddings()
         self._table = next(name for name, m in model.named_modules() if m is table)
         self._width, self._dtype = int(table.weight.shape[-1]), table.weight.dtype
@@ -308,7 +308,7 @@ _PLAN_EXAMPLE = ('{"embed_tokens": (["input_ids"], ["inputs_embeds"]), '
                  '"norm": (["hidden_states"], ["hidden_states"])}')
 
 
-def layout_of(model: nn.Module) -> PipelineLayout:
+def pipeline_parts_of(model: nn.Module) -> PipelineParts:
     """Where ``model``'s first-stage, block and last-stage modules are: its family's entry in
     the registry, else its config's ``base_model_pp_plan`` (names relative to the base model:
     the entries before the block list embed, those after it and the output embedding make the
@@ -326,12 +326,12 @@ def layout_of(model: nn.Module) -> PipelineLayout:
     if not plan or head is None:
         raise ValueError(
             f"cannot split {type(model).__name__} (model_type={model_type!r}) into pipeline stages: "
-            f"it declares no config.base_model_pp_plan and goose_core.models has no layout for it. "
+            f"it declares no config.base_model_pp_plan and goose_core.models has no pipeline parts for it. "
             f"Declare one before PipelineParallel, names relative to the base model "
             f"(model.{getattr(model, 'base_model_prefix', '')}), "
             f"the embeddings, then the decoder-block list, then what follows it, e.g. "
-            f"model.config.base_model_pp_plan = {_PLAN_EXAMPLE}; or register a layout with "
-            f"goose_core.models.register_family(Family({model_type!r}, pp=PipelineLayout(...)))")
+            f"model.config.base_model_pp_plan = {_PLAN_EXAMPLE}; or register its parts with "
+            f"goose_core.models.register_family(Family({model_type!r}, pp=PipelineParts(...)))")
     prefix = model.base_model_prefix
     paths = [f"{prefix}.{name}" for name in plan]
     lists = [k for k, p in enumerate(paths) if isinstance(model.get_submodule(p), nn.ModuleList)]
@@ -340,39 +340,39 @@ def layout_of(model: nn.Module) -> PipelineLayout:
                          f"nn.ModuleList of decoder blocks")
     k = lists[0]
     out = next(name for name, m in model.named_modules() if m is head)
-    return PipelineLayout(embed=tuple(paths[:k]), blocks=paths[k], head=(*paths[k + 1:], out))
+    return PipelineParts(embed=tuple(paths[:k]), blocks=paths[k], head=(*paths[k + 1:], out))
 
 
-def adapter_for(model: nn.Module) -> Adapter:
-    """The pipeline adapter of ``model`` (see :func:`layout_of`).
+def split_model_for(model: nn.Module) -> SplitModel:
+    """``model`` as the pipeline cuts it (see :func:`pipeline_parts_of`).
 
     Raises:
-        ValueError: no layout for it, a family feature the split cannot reproduce (the
-            layout's ``check``), or parameters the layout leaves on every stage.
+        ValueError: no pipeline parts for it, a family feature the split cannot reproduce (the
+            parts' ``check``), or parameters the parts leave on every stage.
     """
-    layout = layout_of(model)
-    problems = layout.check(model.config)
+    parts = pipeline_parts_of(model)
+    problems = parts.check(model.config)
     if problems:
         raise ValueError(f"cannot split {type(model).__name__} into pipeline stages: " + "; ".join(problems))
-    _check_covers(model, layout)
-    return Adapter(model, layout)  # type: ignore[arg-type]
+    _check_covers(model, parts)
+    return SplitModel(model, parts)  # type: ignore[arg-type]
 
 
-def _check_covers(model: nn.Module, layout: PipelineLayout) -> None:
+def _check_covers(model: nn.Module, parts: PipelineParts) -> None:
     """Every parameter belongs to the embedding, a block or the head: one outside would stay on
     every stage, each training its own copy on its own share of the gradient."""
-    held = (*layout.embed, layout.blocks, *layout.head)
+    held = (*parts.embed, parts.blocks, *parts.head)
     table = next(name for name, m in model.named_modules() if m is model.get_input_embeddings())
-    if table not in layout.embed:
+    if table not in parts.embed:
         raise ValueError(f"cannot split {type(model).__name__} into pipeline stages: its token embedding "
-                         f"{table!r} is not among the layout's first-stage modules {list(layout.embed)}")
+                         f"{table!r} is not among the pipeline parts' first-stage modules {list(parts.embed)}")
     loose = [name for name, _ in model.named_parameters()
              if not any(name == p or name.startswith(p + ".") for p in held)]
     if loose:
         raise ValueError(f"cannot split {type(model).__name__} into pipeline stages: parameters "
-                         f"{loose[:4]}{' ...' if len(loose) > 4 else ''} lie outside its layout's embedding "
-                         f"{list(layout.embed)}, blocks {layout.blocks!r} and head {list(layout.head)}; every "
-                         f"stage would train its own copy. Name their modules in the layout")
+                         f"{loose[:4]}{' ...' if len(loose) > 4 else ''} lie outside its pipeline parts' embedding "
+                         f"{list(parts.embed)}, blocks {parts.blocks!r} and head {list(parts.head)}; every "
+                         f"stage would train its own copy. Name their modules in the pipeline parts")
 
 
 class Placeholder(nn.Module):
@@ -395,3 +395,9 @@ def drop_modules(model: nn.Module, paths: list[str]) -> None:
     """Replace each module at ``paths`` (dotted; list items by index) by a :class:`Placeholder`."""
     for path in paths:
         _swap(model, path, Placeholder(path, _plain(model.get_submodule(path))))
+
+
+# The former names, kept for code written against them.
+Adapter = SplitModel
+adapter_for = split_model_for
+layout_of = pipeline_parts_of

@@ -1,6 +1,6 @@
 """The stage a rank runs: a pipelined forward in, the batch loss out, gradients synced after backward.
 
-What one training step does on a stage, around the executor (:mod:`.pipeline`)::
+What one training step does on a stage, around the executor (:mod:`goose_core.engine.pipeline`)::
 
     forward   inputs -> M micro-batches -> Pipeline.run -> last stage: sum of micro-batch losses
               (+ the MoE router loss of the whole batch, once: see :mod:`.router_loss`)
@@ -14,7 +14,7 @@ What one training step does on a stage, around the executor (:mod:`.pipeline`)::
 
 With 1F1B (``schedule="1f1b"``) the backward runs inside the forward: ``defer``, every cell's
 forward and backward in the schedule's order, the tied sum, then the gradients are parked
-(:mod:`.parked`); ``loss.backward()`` adds seed x parked to ``.grad`` and flushes.
+(:mod:`goose_core.engine.parked`); ``loss.backward()`` adds seed x parked to ``.grad`` and flushes.
 
 The stage knows data parallelism only through :class:`goose_core.grad_sync.GradSync`.
 """
@@ -34,15 +34,15 @@ from goose_core.distributed.missing import naming_missing
 from goose_core.grad_sync import GradSync
 from goose_core.loss import count_items, loss_dtype, nonzero
 from goose_core.metadata import grad_syncs
-from goose_core.pipeline.callbacks import CallbackList
+from goose_core.engine.callbacks import CallbackList
 from goose_core.pipeline.custom_loss import CustomLoss
-from goose_core.pipeline.microbatch import gather, scatter
-from goose_core.pipeline.parked import ParkedGradients
-from goose_core.pipeline.pipeline import Partition, Pipeline, Root, StepOutput
-from goose_core.pipeline.schedule import GPipe, Schedule
-from goose_core.pipeline.split import Adapter
+from goose_core.engine.microbatch import gather, scatter
+from goose_core.engine.parked import ParkedGradients
+from goose_core.engine.pipeline import Partition, Pipeline, Root, StepOutput
+from goose_core.engine.schedule import GPipe, Schedule
+from goose_core.pipeline.split import SplitModel
 from goose_core.pipeline.tied import TiedGradients
-from goose_core.pipeline.transport import Transport
+from goose_core.engine.transport import Transport
 
 __all__ = ["Stage"]
 
@@ -55,12 +55,12 @@ class Stage:
 
     Args:
         model: the (trimmed) 🤗 model whose blocks the partitions run.
-        adapter: how to call the model's pieces (:func:`goose_core.pipeline.split.adapter_for`).
+        split_model: how to call the model's pieces (:func:`goose_core.pipeline.split.split_model_for`).
         held: partition index -> the blocks it runs, for every partition held here.
         num_partitions: the pipeline's depth.
         transport: moves activations and gradients between partitions.
         num_microbatches: M.
-        checkpoint: ``"always"``, ``"except_last"`` or ``"never"``.
+        recompute: ``"always"``, ``"except_last"`` or ``"never"``.
         callbacks: fired around every cell.
         ctx: this rank's context (None: every partition here, no collective).
         tied: the module path of an input embedding tied to the LM head, if any.
@@ -70,24 +70,24 @@ class Stage:
             loss_fn=...)``) instead of the model's own.
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, held: dict[int, list[int]],
+    def __init__(self, model: nn.Module, split_model: SplitModel, held: dict[int, list[int]],
                  num_partitions: int, transport: Transport, num_microbatches: int,
-                 checkpoint: str, callbacks: CallbackList, ctx: ParallelContext | None = None,
+                 recompute: str, callbacks: CallbackList, ctx: ParallelContext | None = None,
                  tied: str | None = None, devices: list[torch.device] | None = None,
                  schedule: type[Schedule] = GPipe, loss: CustomLoss | None = None) -> None:
-        self.model, self.adapter, self.ctx, self.transport = model, adapter, ctx, transport
+        self.model, self.split_model, self.ctx, self.transport = model, split_model, ctx, transport
         self.num_microbatches, self.num_partitions = num_microbatches, num_partitions
         self.is_last = num_partitions - 1 in held
         devices = devices or [torch.device("cpu")] * num_partitions
-        # Each cell runs the family's own forward over this partition's blocks (split.Adapter.run).
-        partitions = [Partition(j, functools.partial(adapter.run, blocks, j == 0, j == num_partitions - 1),
-                                adapter.embed if j == 0 else None, devices[j])
+        # Each cell runs the family's own forward over this partition's blocks (SplitModel.run).
+        partitions = [Partition(j, functools.partial(split_model.run, blocks, j == 0, j == num_partitions - 1),
+                                split_model.embed if j == 0 else None, devices[j])
                       for j, blocks in held.items()]
         if loss is not None and self.is_last:
             partitions[-1].body = loss.wrap(partitions[-1].body)
         self.loss = loss
         self.device = devices[max(held)]
-        self.pipeline = Pipeline(partitions, num_partitions, transport, checkpoint, callbacks, schedule)
+        self.pipeline = Pipeline(partitions, num_partitions, transport, recompute, callbacks, schedule)
         self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
         self._deferred: list[GradSync] = []  # the gradient syncs held during this backward
 
@@ -119,8 +119,8 @@ class Stage:
         microbatches = [{**mb, "num_items_in_batch": n} for mb in microbatches]
         if torch.is_grad_enabled() and self.pipeline.schedule_cls.backward_in_step:
             return CausalLMOutputWithPast(loss=self._step_with_backward(microbatches))
-        if self.adapter.probs is not None:
-            self.adapter.probs.reset()  # a recompute of the last step's cells recorded again
+        if self.split_model.probs is not None:
+            self.split_model.probs.reset()  # a recompute of the last step's cells recorded again
         step = self.pipeline.run(microbatches)
         return CausalLMOutputWithPast(loss=self._loss(self._total(step), step.roots))
 
@@ -143,10 +143,10 @@ class Stage:
         """The last stage's batch loss: the micro-batch losses' sum, plus the router loss of the
         whole batch when the stage adds it (every stage joins the all-reduce of its routers'
         whole-batch sums, so the last one adds 🤗's value; see :mod:`.router_loss`)."""
-        router = self.adapter.batch_router()
+        router = self.split_model.batch_router()
         if router is None:
             return sum(self._outputs(step)) if self.is_last else None
-        per_router = self.adapter.probs.sums(self.num_microbatches, self.device)
+        per_router = self.split_model.probs.sums(self.num_microbatches, self.device)
         if self.ctx is not None and self.num_partitions > 1:
             with naming_missing(self.ctx.pipeline_parallel_group):
                 dist.all_reduce(per_router, group=self.ctx.pipeline_parallel_group)  # zeros elsewhere: exact
@@ -191,7 +191,7 @@ class Stage:
         return Root.apply(self._begin_backward, self._end_backward, anchor, *roots)
 
     def _begin_backward(self) -> None:
-        # Checkpointed cells accumulate each parameter's gradient in a nested backward pass per
+        # Recomputed cells accumulate each parameter's gradient in a nested backward pass per
         # micro-batch, so data parallelism must not reduce on its per-parameter hooks: it
         # reduces once, when this stage's whole backward has ended. Looked up now, not when the
         # stage was built: a DataParallel applied after the pipeline comes later.

@@ -209,7 +209,10 @@ class RowParallelLinear(nn.Module):
     all-reduce (``g``) sums the partial products and the bias is added once.
 
     Args:
-        weight, bias, group, transposed: as :class:`ColumnParallelLinear`.
+        weight: as :class:`ColumnParallelLinear`.
+        bias: as :class:`ColumnParallelLinear`.
+        group: as :class:`ColumnParallelLinear`.
+        transposed: as :class:`ColumnParallelLinear`.
         input_is_parallel: X arrives split (after a column-parallel layer); otherwise this
             layer takes its own slice of a replicated X.
         region: the :class:`ParallelRegion` this layer closes.

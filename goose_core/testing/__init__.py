@@ -3,7 +3,7 @@
 from goose_core.testing.distributed import layouts, run_distributed
 from goose_core.testing.layout import at_layout
 from goose_core.testing.split_reductions import split_reductions
-from goose_core.testing.models import EAGER_IN_DTYPE, FAMILIES, build_model, seeded_model, tiny_config
+from goose_core.testing.models import EAGER_IN_DTYPE, FAMILIES, TINY_MODELS, build_model, seeded_model, tiny_config
 from goose_core.testing.reference import (
     PRECISIONS,
     RunResult,
@@ -23,10 +23,10 @@ from goose_core.testing.widen import widen_float32
 __all__ = [
     "EAGER_IN_DTYPE",
     "EXACT",
-    "FAMILIES",
     "FLOOR_RUNS",
     "PARALLEL",
     "PRECISIONS",
+    "TINY_MODELS",
     "RunResult",
     "Tolerance",
     "TrainSpec",

@@ -24,7 +24,7 @@ from goose_core.data import ByteTokenizer
 from goose_core.loss import causal_lm_loss
 from goose_core.testing.widen import widen_float32
 
-__all__ = ["FAMILIES", "EAGER_IN_DTYPE", "tiny_config", "build_model", "seeded_model"]
+__all__ = ["TINY_MODELS", "EAGER_IN_DTYPE", "tiny_config", "build_model", "seeded_model"]
 
 VOCAB = ByteTokenizer.vocab_size  # 256: divides by 2, 4 and 8
 
@@ -74,8 +74,10 @@ def _bloom(dropout: float) -> PretrainedConfig:
                        hidden_dropout=dropout, attention_dropout=dropout)
 
 
-#: Family name -> config factory. Every size divides by 2 and 4 (heads, kv-heads, vocab, layers).
-FAMILIES: dict[str, Callable[[float], PretrainedConfig]] = {"gpt2": _gpt2, "llama": _llama, "bloom": _bloom}
+#: Tiny model name (its family) -> config factory. Every size divides by 2 and 4 (heads, kv-heads, vocab, layers).
+TINY_MODELS: dict[str, Callable[[float], PretrainedConfig]] = {"gpt2": _gpt2, "llama": _llama, "bloom": _bloom}
+#: The former name of :data:`TINY_MODELS` (``goose_core.models.FAMILIES`` is the family registry).
+FAMILIES = TINY_MODELS
 
 
 def tiny_config(family: str, dropout: float = 0.0, **overrides: Any) -> PretrainedConfig:
@@ -84,9 +86,9 @@ def tiny_config(family: str, dropout: float = 0.0, **overrides: Any) -> Pretrain
     Raises:
         ValueError: an unknown family or an override the config does not have.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; choose one of {sorted(FAMILIES)}")
-    config = FAMILIES[family](dropout)
+    if family not in TINY_MODELS:
+        raise ValueError(f"unknown model family {family!r}; choose one of {sorted(TINY_MODELS)}")
+    config = TINY_MODELS[family](dropout)
     config.loss_type = "ForCausalLM"  # name HF's default causal-LM loss explicitly
     for key, value in overrides.items():
         if not hasattr(config, key):

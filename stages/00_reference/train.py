@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from goose_core.testing import FAMILIES, RunResult, TrainSpec, snapshot
+from goose_core.testing import RunResult, TINY_MODELS, TrainSpec, snapshot
 
 
 def train(spec: TrainSpec) -> RunResult:
@@ -36,7 +36,7 @@ def train(spec: TrainSpec) -> RunResult:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    parser.add_argument("--family", choices=sorted(TINY_MODELS), default="llama")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

@@ -1,125 +1,104 @@
-"""Stage 01: bf16 training the Megatron way, beside the single-device bf16 recipe.
+"""Stage 01: bf16 weights with fp32 master weights on one device, beside the fp32 run.
 
-The model is cast to bf16 (weights and activations). Gradients are summed in fp32: DataParallel's
-buckets are fp32 for a bf16 model and each micro-batch's gradient is added in as it comes; the
-optimizer steps fp32 master weights: ``MasterWeights`` (a plain optimizer, one copy per rank) or
-ZeRO-1's ``DistributedOptimizer`` (masters and Adam moments for this rank's shard only), and the
-bf16 parameters follow the masters after every step. Every rank applies the wrappers its layout
-needs (tp, pp, dp > 1) and prints nothing; rank 0 prints the losses beside the single-device bf16
-recipe and the fp32 run, and the bytes per parameter on this rank against the formula.
+The model is cast to bf16: weights, activations and matmuls. ``MasterWeights`` keeps an fp32
+copy of every weight, adds each bf16 gradient into the copy's fp32 ``.grad`` as autograd makes
+it, steps the copies with the wrapped optimizer (its moments fp32 too), and rounds them back into
+the bf16 weights once per step. The script trains it beside the same loop in fp32 and prints a
+verdict: EQUAL when every step's loss is within bf16 roundoff (2**-9 relative) of the fp32 run's,
+else NOT EQUAL and exit status 1. ``--plain`` drops the masters (plain bf16): it drifts off.
 
 Run it:
 
-    torchrun --standalone --nproc_per_node=2 stages/01_master_weights/train.py --dp 2
-    torchrun --standalone --nproc_per_node=8 stages/01_master_weights/train.py --tp 2 --pp 2 --dp 2 --zero
-    torchrun --standalone --nproc_per_node=2 stages/01_master_weights/train.py --dp 2 --reduce-dtype bf16
+    python stages/01_master_weights/train.py
+    python stages/01_master_weights/train.py --plain        # bf16 without masters: NOT EQUAL
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from goose_core import (DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel, TensorParallel,
-                        clip_grad_norm_, full_state_dict)
-from goose_core.data_parallel import reducer_of
 from goose_core.optim import MasterWeights
-from goose_core.testing import RunResult, TrainSpec, format_beside_reference, reference_run
+from goose_core.testing import RunResult, TrainSpec, format_beside_reference, reference_run, snapshot
 
-#: The GQA Llama in bf16 with fp32 masters, AdamW with clipping.
-SPEC = TrainSpec(family="llama", steps=4, max_grad_norm=1.0, precision="bf16")
-
-
-def parallelize(model: nn.Module, ctx: ParallelContext, num_microbatches: int = 2,
-                reduce_dtype: torch.dtype | None = None) -> nn.Module:
-    """Every wrapper ``ctx``'s layout asks for, in the recommended order (TP, PP, DP)."""
-    if ctx.tensor_parallel_size > 1:
-        model = TensorParallel(model, ctx).parallelize()
-    if ctx.pipeline_parallel_size > 1:
-        model = PipelineParallel(model, ctx, num_microbatches=num_microbatches).parallelize()
-    if ctx.data_parallel_size > 1:
-        model = DataParallel(model, ctx, reduce_dtype=reduce_dtype).parallelize()
-    return model
+#: The GQA Llama (2 layers), AdamW with clipping; an fp32 spec: this script casts the model itself.
+SPEC = TrainSpec(family="llama", steps=24, batch_size=4, seq_len=16, max_grad_norm=1.0, lr=1e-3,
+                 dtype=torch.float32, overrides={"num_hidden_layers": 2})
+#: bf16 roundoff, relative: half of bf16's spacing 2**-8 at the bottom of a binade.
+BOUND = 2.0**-9
 
 
-def train(ctx: ParallelContext, spec: TrainSpec, zero: bool = False, num_microbatches: int = 2,
-          reduce_dtype: torch.dtype | None = None) -> tuple[RunResult, nn.Module, torch.optim.Optimizer]:
-    """Train ``spec`` (bf16 model) on ``ctx``'s layout with fp32 masters: ZeRO-1's shards if
-    ``zero``, else :class:`MasterWeights`. Returns the run (gathered bf16 parameters), the model
-    and the optimizer."""
-    model = parallelize(spec.build_model(), ctx, num_microbatches, reduce_dtype)
-    plain = spec.build_optimizer(model.parameters())
-    optimizer = DistributedOptimizer(plain, ctx) if zero else MasterWeights(plain)
-    losses = []
-    for batch in spec.batches(ctx.data_parallel_rank, ctx.data_parallel_size):
-        loss = model(**batch).loss  # bf16 activations; the loss itself in fp32
-        loss.backward()  # bf16 gradients, added into fp32 (masters' grads or DataParallel's buckets)
+def train(spec: TrainSpec, masters: bool = True) -> tuple[RunResult, dict[str, float]]:
+    """Train ``spec``'s model cast to bf16, with fp32 master weights unless ``masters`` is False.
+    Returns the run and the bytes held per parameter in the middle of the first step."""
+    model = spec.build_model().to(torch.bfloat16)  # weights and activations in bf16
+    optimizer = spec.build_optimizer(model.parameters())
+    if masters:
+        optimizer = MasterWeights(optimizer)  # the wrapped optimizer now steps fp32 copies
+    losses, held = [], {}
+    for step in range(spec.steps):
+        loss = model(**spec.batch(step)).loss  # bf16 matmuls; the loss itself in fp32
+        loss.backward()  # each bf16 gradient is added into its master's fp32 .grad, then freed
         if spec.max_grad_norm is not None:
-            clip_grad_norm_(model.parameters(), spec.max_grad_norm, ctx)  # the fp32 gradients' norm
-        optimizer.step()  # fp32 masters step; the bf16 parameters follow (all-gathered under ZeRO-1)
+            params = optimizer.master_params() if masters else model.parameters()
+            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)  # the fp32 gradients' norm
+        optimizer.step()  # an fp32 step, then one rounding of each master into its bf16 weight
+        if step == 0:
+            held = bytes_per_parameter(model, optimizer)  # gradients and Adam state both exist here
         optimizer.zero_grad()
         losses.append(loss.item())
-    return RunResult(losses, full_state_dict(model, ctx)), model, optimizer
+    return RunResult(losses, snapshot(model)), held
 
 
 def bytes_per_parameter(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """What this rank holds per parameter of its model piece, by kind: the bf16 weights, the
-    gradient buffers (DataParallel's buckets, else the masters' fp32 grads), and the optimizer's
-    masters and state. Each storage is counted once."""
-    params = list({id(p): p for p in model.parameters()}.values())
+    """Bytes held per model parameter, by kind: weights, gradients (the model's or the masters'),
+    fp32 masters and optimizer state. Each tensor counted once."""
+    params = list(model.parameters())
+    stepped = [p for group in optimizer.param_groups for p in group["params"]]  # masters, or params
     n = sum(p.numel() for p in params)
-    seen: set[int] = set()
 
-    def size(tensors: list[torch.Tensor]) -> int:
-        fresh = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors
-                 if t.untyped_storage().data_ptr() not in seen}
-        seen.update(fresh)
-        return sum(fresh.values())
+    def per_parameter(tensors: list[torch.Tensor]) -> float:
+        unique = {id(t): t for t in tensors}.values()
+        return sum(t.numel() * t.element_size() for t in unique) / n
 
-    reducer = reducer_of(model)
-    weights = size(params)
-    if reducer is not None:
-        grads = size([b.grad for b in reducer.buckets])
-    else:
-        grads = size([m.grad for m in optimizer.param_groups[0]["params"] if m.grad is not None])
-    masters = [m for g in optimizer.param_groups for m in g["params"]]
+    ours = {id(p) for p in params}
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-    return {"weights": weights / n, "grads": grads / n, "masters": size(masters) / n,
-            "moments": size(state) / n, "params": float(n)}
+    return {"weights": per_parameter(params),
+            "grads": per_parameter([p.grad for p in params + stepped if p.grad is not None]),
+            "masters": per_parameter([m for m in stepped if id(m) not in ours]),
+            "moments": per_parameter(state)}
 
 
-def main(argv: list[str] | None = None) -> None:
+def verdict(losses: list[float], reference: list[float], what: str) -> tuple[bool, str]:
+    """Whether every loss is within :data:`BOUND` (relative) of the fp32 run's, and the line saying so."""
+    gap = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+    equal = gap <= BOUND
+    word = "EQUAL (within bf16 roundoff)" if equal else "NOT EQUAL (beyond bf16 roundoff)"
+    sign = "<=" if equal else ">"
+    return equal, f"{what} beside the fp32 run: max relative loss gap {gap:.1e} {sign} 2**-9 = {BOUND:.1e}: {word}"
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for axis in ("tp", "pp", "dp"):
-        parser.add_argument(f"--{axis}", type=int, default=1)
-    parser.add_argument("--zero", action="store_true", help="ZeRO-1: fp32 master shards per dp rank")
-    parser.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--plain", action="store_true", help="no master weights: bf16 grads, steps and moments")
     parser.add_argument("--steps", type=int, default=SPEC.steps)
     args = parser.parse_args(argv)
 
-    ctx = ParallelContext(tensor_parallel_size=args.tp, pipeline_parallel_size=args.pp,
-                          data_parallel_size=args.dp)
     spec = replace(SPEC, steps=args.steps)
-    reduce_dtype = torch.bfloat16 if args.reduce_dtype == "bf16" else None
-    result, model, optimizer = train(ctx, spec, args.zero, reduce_dtype=reduce_dtype)
-    held = bytes_per_parameter(model, optimizer)
-    masters = {m.dtype for g in optimizer.param_groups for m in g["params"]}
-    if ctx.rank == 0:
-        kind = "ZeRO-1 master shards" if args.zero else "MasterWeights"
-        print(f"{ctx}: bf16 model, {kind} in {sorted(str(d) for d in masters)}, "
-              f"gradients reduced in {args.reduce_dtype}")
-        print(format_beside_reference(result.losses, reference_run(spec).losses))
-        fp32 = reference_run(replace(spec, precision="full", dtype=torch.float32)).losses
-        print(f"fp32 run's losses: {' '.join(f'{x:.4f}' for x in fp32)}")
-        dp = args.dp if args.zero else 1
-        print(f"bytes per parameter on rank 0: weights {held['weights']:.2f} + grads {held['grads']:.2f} "
-              f"+ masters {held['masters']:.2f} + moments {held['moments']:.2f}; "
-              f"formula 2 + 4 + 12/{dp} = {6 + 12 / dp:.2f}")
-    ctx.destroy()
+    result, held = train(spec, masters=not args.plain)
+    fp32 = reference_run(spec).losses  # the same loop, all in fp32
+    print("each step's loss: this run (goose) beside the fp32 run (reference)")
+    print(format_beside_reference(result.losses, fp32))
+    parts = " + ".join(f"{kind} {held[kind]:g}" for kind in ("weights", "grads", "masters", "moments"))
+    print(f"bytes per parameter: {parts} = {sum(held.values()):g} (all-fp32 AdamW: 4 + 4 + 0 + 8 = 16)")
+    equal, line = verdict(result.losses, fp32, "plain bf16" if args.plain else "bf16 + fp32 masters")
+    print(line)
+    return 0 if equal else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,7 +21,7 @@ from torch import nn
 
 from goose_core import ParallelContext
 from goose_core.data import shard_batch
-from goose_core.testing import FAMILIES, TrainSpec, format_beside_reference, reference_run
+from goose_core.testing import TINY_MODELS, TrainSpec, format_beside_reference, reference_run
 
 
 def average_gradients(model: nn.Module, ctx: ParallelContext) -> None:
@@ -52,7 +52,7 @@ def train(ctx: ParallelContext, spec: TrainSpec, model: nn.Module,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    parser.add_argument("--family", choices=sorted(TINY_MODELS), default="llama")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
 

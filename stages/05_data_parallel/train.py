@@ -19,7 +19,7 @@ from contextlib import nullcontext
 from goose_core import DataParallel, ParallelContext
 from goose_core.data import shard_batch
 from goose_core.data_parallel import count_items_over, no_sync
-from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run, snapshot
+from goose_core.testing import RunResult, TINY_MODELS, TrainSpec, format_beside_reference, reference_run, snapshot
 
 
 def train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int = 1,
@@ -48,7 +48,7 @@ def train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int = 1,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    parser.add_argument("--family", choices=sorted(TINY_MODELS), default="llama")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--bucket-size-mb", type=float, default=25.0)

@@ -23,7 +23,7 @@ from goose_core import DataParallel, DistributedOptimizer, ParallelContext, clip
 from goose_core.data import shard_batch
 from goose_core.data_parallel import count_items_over, no_sync
 from goose_core.loss import count_items
-from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run, snapshot
+from goose_core.testing import RunResult, TINY_MODELS, TrainSpec, format_beside_reference, reference_run, snapshot
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -71,7 +71,7 @@ def train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int = 1, bucket_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    parser.add_argument("--family", choices=sorted(TINY_MODELS), default="llama")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--max-grad-norm", type=float, default=1.0)

@@ -23,7 +23,7 @@ import os
 from torch import nn
 
 from goose_core import ParallelContext, TensorParallel, full_state_dict
-from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run
+from goose_core.testing import RunResult, TINY_MODELS, TrainSpec, format_beside_reference, reference_run
 
 __all__ = ["build", "train"]
 
@@ -49,7 +49,7 @@ def train(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    parser.add_argument("--family", choices=sorted(TINY_MODELS), default="llama")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dropout", type=float, default=0.0)
     args = parser.parse_args()

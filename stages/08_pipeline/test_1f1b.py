@@ -3,7 +3,7 @@
 What 1F1B changes is *when* each backward runs: inside the forward call, one micro-batch at a
 time, so a partition holds at most p micro-batches in flight where GPipe holds M. The training
 loop does not change: ``loss.backward()`` hands the parked gradients to ``.grad``, times its seed
-(:mod:`goose_core.pipeline.parked`). Parity over ranks, composed with tp and dp, is in
+(:mod:`goose_core.engine.parked`). Parity over ranks, composed with tp and dp, is in
 ``test_gpipe.py`` (parametrized by schedule).
 """
 
@@ -13,8 +13,8 @@ from torch import nn
 
 from goose_core import ParallelContext, PipelineParallel
 from goose_core.pipeline import Callback, local_pipeline
-from goose_core.pipeline.activations import InFlight, LiveActivations
-from goose_core.pipeline.schedule import OneFOneB
+from goose_core.engine.activations import InFlight, LiveActivations
+from goose_core.engine.schedule import OneFOneB
 from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
                                 run_distributed, snapshot, train_loop)
 
@@ -115,7 +115,7 @@ def _work_per_rank(ctx: ParallelContext, m: int) -> tuple[list[tuple[str, int]],
     record = lambda e: events.append(("F" if e.kind == "forward" else "B", e.microbatch_idx))  # noqa: E731
 
     flight = InFlight()
-    model = PipelineParallel(SPEC.build_model(), ctx, num_microbatches=m, checkpoint="never",
+    model = PipelineParallel(SPEC.build_model(), ctx, num_microbatches=m, recompute="never",
                              callbacks=[Callback(record, kinds=["forward", "backward"]), flight],
                              schedule="1f1b").parallelize()
     model(**SPEC.batch(0)).loss.backward()

@@ -1,6 +1,6 @@
 """Stage 08: GPipe and 1F1B over processes equal the single-device run, for three families.
 
-The matrix pp in {2, 4} x M in {1, 2, 4, 8} x 3 families x 3 checkpoint modes is covered by
+The matrix pp in {2, 4} x M in {1, 2, 4, 8} x 3 families x 3 recompute modes is covered by
 two spawned groups that each train several configurations, so that every value of every axis
 appears (and every family meets both depths).
 
@@ -24,7 +24,7 @@ from course import beside_reference_diffs, load_train_script, run_train_script
 
 train_script = load_train_script("08")
 
-# (family, M, checkpoint, optimizer): every M, family and mode at each depth.
+# (family, M, recompute, optimizer): every M, family and mode at each depth.
 MATRIX = {
     2: [("gpt2", 1, "never", "adamw"), ("llama", 2, "always", "adamw"),
         ("bloom", 4, "except_last", "sgd"), ("gpt2", 8, "always", "sgd")],
@@ -54,13 +54,13 @@ def _train_many(ctx: ParallelContext, configs: list[tuple[str, int, str, str]],
 def test_every_rank_matches_the_single_device_run(pp: int, schedule: str) -> None:
     configs = MATRICES[schedule][pp]
     per_rank = run_distributed(_train_many, 1, pp, 1, configs, schedule, timeout=150)
-    for k, (family, m, checkpoint, optimizer) in enumerate(configs):
+    for k, (family, m, recompute, optimizer) in enumerate(configs):
         reference = reference_run(_spec(family, optimizer))
         for rank, results in enumerate(per_rank):
             try:
                 assert_matches_reference(results[k], reference, PARALLEL)
             except AssertionError as err:
-                where = f"{schedule} pp={pp} {family} M={m} {checkpoint} rank {rank}"
+                where = f"{schedule} pp={pp} {family} M={m} {recompute} rank {rank}"
                 raise AssertionError(f"{where}: {err}") from err
     if (schedule, pp) == ("1f1b", 2):  # 1F1B's backward runs the micro-batches first to last
         _assert_exactly_micro_batch_accumulation(per_rank[-1][1], reverse=False)
@@ -144,12 +144,12 @@ def test_torchrun_prints_losses_beside_the_reference() -> None:
     assert len(diffs) == 2 and max(diffs) < 1e-5, diffs
 
 
-def _composed(ctx: ParallelContext, spec: TrainSpec, m: int, checkpoint: str, schedule: str) -> RunResult:
+def _composed(ctx: ParallelContext, spec: TrainSpec, m: int, recompute: str, schedule: str) -> RunResult:
     """Pipeline with data parallelism (each dp rank feeds its shard) or tensor parallelism inside."""
     model = spec.build_model()
     if ctx.tensor_parallel_size > 1:
         model = TensorParallel(model, ctx).parallelize()
-    model = PipelineParallel(model, ctx, num_microbatches=m, checkpoint=checkpoint,
+    model = PipelineParallel(model, ctx, num_microbatches=m, recompute=recompute,
                              schedule=schedule).parallelize()
     if ctx.data_parallel_size > 1:
         model = DataParallel(model, ctx).parallelize()
@@ -158,7 +158,7 @@ def _composed(ctx: ParallelContext, spec: TrainSpec, m: int, checkpoint: str, sc
     return RunResult(train_loop(model, optimizer, batches), full_state_dict(model, ctx))
 
 
-@pytest.mark.parametrize("tp, dp, family, m, checkpoint, schedule, tol", [
+@pytest.mark.parametrize("tp, dp, family, m, recompute, schedule, tol", [
     (1, 2, "gpt2", 4, "always", "gpipe", PARALLEL),  # tied embeddings: summed over stages, averaged over dp
     # The default mode mixes recomputed cells (a nested backward each, so a gradient hook fires
     # once per micro-batch) with plain ones: data parallelism must reduce once, at the end.
@@ -169,9 +169,9 @@ def _composed(ctx: ParallelContext, spec: TrainSpec, m: int, checkpoint: str, sc
     (2, 1, "llama", 4, "always", "1f1b", PARALLEL),
 ])
 def test_composes_with_data_and_tensor_parallelism(tp: int, dp: int, family: str, m: int,
-                                                   checkpoint: str, schedule: str, tol) -> None:
+                                                   recompute: str, schedule: str, tol) -> None:
     spec = _spec(family, "sgd")
-    results = run_distributed(_composed, tp, 2, dp, spec, m, checkpoint, schedule, timeout=120)
+    results = run_distributed(_composed, tp, 2, dp, spec, m, recompute, schedule, timeout=120)
     reference = reference_run(spec)
     for result in results:
         assert_matches_reference(result, reference, tol)

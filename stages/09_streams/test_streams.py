@@ -3,9 +3,9 @@
 
 from goose_core import ParallelContext, PipelineParallel
 from goose_core.pipeline import Callback, local_pipeline
-from goose_core.pipeline.emulation import ideal_gpipe_time
-from goose_core.pipeline.schedule import GPipe
-from goose_core.pipeline.stream import trace_waits
+from goose_core.engine.emulation import ideal_gpipe_time
+from goose_core.engine.schedule import GPipe
+from goose_core.engine.stream import trace_waits
 from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed
 
 from course import load_train_script
@@ -43,7 +43,7 @@ def _in_flight(ctx: ParallelContext) -> list[tuple[int, bool, int]]:
     """At the end of each forward cell of the middle stage: is the next receive already posted,
     and how many sends are still in the air?"""
     seen: list[tuple[int, bool, int]] = []
-    model = PipelineParallel(SPEC.build_model(), ctx, num_microbatches=4, checkpoint="never").parallelize()
+    model = PipelineParallel(SPEC.build_model(), ctx, num_microbatches=4, recompute="never").parallelize()
     transport = model.pipeline.transport
 
     def probe(event) -> None:

@@ -19,7 +19,7 @@ import os
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
 from goose_core.pipeline import SleepPipeline, ideal_gpipe_time
-from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run
+from goose_core.testing import RunResult, TINY_MODELS, TrainSpec, format_beside_reference, reference_run
 
 
 def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4) -> RunResult:
@@ -37,16 +37,16 @@ def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4) -> R
 
 
 def emulated_step_time(ctx: ParallelContext, num_microbatches: int, t_forward: float,
-                       t_backward: float, checkpoint: str = "never", repeats: int = 3) -> float:
+                       t_backward: float, recompute: str = "never", repeats: int = 3) -> float:
     """The fastest of ``repeats`` sleep-calibrated steps (after one warm-up), in seconds."""
-    pipeline = SleepPipeline(ctx, num_microbatches, t_forward, t_backward, checkpoint)
+    pipeline = SleepPipeline(ctx, num_microbatches, t_forward, t_backward, recompute)
     pipeline.step()
     return min(pipeline.step() for _ in range(repeats))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    parser.add_argument("--family", choices=sorted(TINY_MODELS), default="llama")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--t-forward", type=float, default=0.02)

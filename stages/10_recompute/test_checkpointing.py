@@ -1,11 +1,11 @@
-"""Stage 10: checkpointing changes memory, never the gradients or the order of work."""
+"""Stage 10: recompute changes memory, never the gradients or the order of work."""
 
 import torch
 
 from goose_core import ParallelContext, PipelineParallel
 from goose_core.pipeline import Callback
-from goose_core.pipeline.checkpoint import MODES
-from goose_core.pipeline.schedule import GPipe
+from goose_core.engine.recompute import MODES
+from goose_core.engine.schedule import GPipe
 from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed
 
 from course import load_train_script
@@ -19,7 +19,7 @@ def _grads_and_events(ctx: ParallelContext, spec: TrainSpec) -> dict:
     out = {}
     for mode in MODES:
         events: list[tuple[str, str, int]] = []
-        model = PipelineParallel(spec.build_model(), ctx, num_microbatches=M, checkpoint=mode,
+        model = PipelineParallel(spec.build_model(), ctx, num_microbatches=M, recompute=mode,
                                  callbacks=[Callback(lambda e: events.append(
                                      (e.kind, e.phase, e.microbatch_idx)))]).parallelize()
         torch.manual_seed(100 + ctx.rank)  # the dropout masks of this step

@@ -8,8 +8,8 @@ import pytest
 
 from goose_core import ParallelContext, RankError, spawn
 from goose_core.pipeline import Callback, Event
-from goose_core.pipeline.gantt import draw_gantt
-from goose_core.pipeline.timeline import bubble_fraction, cell_order, trim_waits
+from goose_core.instruments.gantt import draw_gantt
+from goose_core.instruments.timeline import bubble_fraction, cell_order, trim_waits
 from goose_core.testing import PARALLEL, TrainSpec, assert_matches_reference, reference_run, run_distributed
 
 from course import load_train_script
@@ -21,17 +21,17 @@ SPEC = TrainSpec(family="llama", steps=2, optimizer="sgd")
 M = 4
 
 
-def _train(ctx: ParallelContext, checkpoint: str) -> tuple:
-    return train_script.train(ctx, SPEC, M, checkpoint)
+def _train(ctx: ParallelContext, recompute: str) -> tuple:
+    return train_script.train(ctx, SPEC, M, recompute)
 
 
-@pytest.mark.parametrize("pp, checkpoint", [(2, "never"), (2, "always"), (2, "except_last"), (4, "except_last")])
-def test_event_order_is_the_gpipe_schedule(pp: int, checkpoint: str) -> None:
-    results = run_distributed(_train, 1, pp, 1, checkpoint, timeout=120)
+@pytest.mark.parametrize("pp, recompute", [(2, "never"), (2, "always"), (2, "except_last"), (4, "except_last")])
+def test_event_order_is_the_gpipe_schedule(pp: int, recompute: str) -> None:
+    results = run_distributed(_train, 1, pp, 1, recompute, timeout=120)
     reference = reference_run(SPEC)
     for j, (result, spans, events) in enumerate(results):
         # Before/after pairs in the schedule's order; recompute just before its backward.
-        assert events == train_script.schedule_events(M, pp, j, checkpoint)
+        assert events == train_script.schedule_events(M, pp, j, recompute)
         assert_matches_reference(result, reference, PARALLEL)  # callbacks change no number
         # The gathered timeline holds every stage's cells, in the same order, on every rank.
         assert spans == results[0][1]
@@ -118,14 +118,14 @@ def test_a_real_run_draws_its_gantt_chart(tmp_path: Path) -> None:
 
 
 def test_main_checks_the_schedule_and_prints_beside_the_reference(capfd: pytest.CaptureFixture) -> None:
-    spawn(train_script.main, 2, ["--steps", "1", "--checkpoint", "always"], timeout=120)
+    spawn(train_script.main, 2, ["--steps", "1", "--recompute", "always"], timeout=120)
     out = capfd.readouterr().out
     assert "stage 0 events = GPipe schedule: F0 F1 F2 F3 R3 B3 R2 B2 R1 B1 R0 B0" in out
     assert "bubble" in out and "reference" in out
 
 
-def _emulated(ctx: ParallelContext, checkpoint: str) -> list:
-    return train_script.emulated(ctx, M, checkpoint, t_forward=0.02, t_backward=0.04, steps=2)
+def _emulated(ctx: ParallelContext, recompute: str) -> list:
+    return train_script.emulated(ctx, M, recompute, t_forward=0.02, t_backward=0.04, steps=2)
 
 
 def test_the_timeline_measures_gpipes_bubble_on_sleeping_cells() -> None:

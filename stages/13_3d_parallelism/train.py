@@ -37,7 +37,7 @@ from goose_core import (DataParallel, DistributedOptimizer, ParallelContext, Pip
 from goose_core.data import shard_batch
 from goose_core.loss import causal_lm_loss
 from goose_core.pipeline import Span, Timeline, draw_gantt, trim_waits
-from goose_core.testing import (EAGER_IN_DTYPE, EXACT, FAMILIES, PARALLEL, Tolerance, TrainSpec,
+from goose_core.testing import (EAGER_IN_DTYPE, EXACT, PARALLEL, TINY_MODELS, Tolerance, TrainSpec,
                                 format_beside_reference, reference_run, widen_float32)
 
 #: The founding example's Bloom, tiny: 4 layers, 64 wide, a 256-byte vocabulary. Global batches
@@ -68,11 +68,11 @@ def spec_for(model: str, steps: int) -> TrainSpec:
     """
     fields: dict[str, Any] = {"steps": steps, "batch_size": SPEC.batch_size, "seq_len": SPEC.seq_len,
                               "max_grad_norm": SPEC.max_grad_norm}
-    if model in FAMILIES:
+    if model in TINY_MODELS:
         return TrainSpec(family=model, **fields)
     if (Path(model) / "config.json").is_file():
         return FolderSpec(family="", folder=model, **fields)
-    raise ValueError(f"--model {model!r} is neither a family ({', '.join(sorted(FAMILIES))}) nor a folder "
+    raise ValueError(f"--model {model!r} is neither a family ({', '.join(sorted(TINY_MODELS))}) nor a folder "
                      f"with a config.json; pass one of those")
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from goose_core.pipeline.stream import AbstractStream, current_stream, get_device, record_stream, use_stream
+from goose_core.engine.stream import AbstractStream, current_stream, get_device, record_stream, use_stream
 
 #: Set by the sanitizer test in its child pytest: tiny models, two steps (the sanitizer runs a
 #: Python check on every kernel launch, so only the race logic matters there, not the size).
@@ -102,7 +102,7 @@ def _issue_10_copy(x: Tensor, from_stream: AbstractStream, to_stream: AbstractSt
 def issue_10_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     """The local transport copies as it did before issue 10's fix: the tests that use this show
     that the race tests, the parity test and the sanitizer all catch it on a GPU."""
-    import goose_core.pipeline.transport as transport
+    import goose_core.engine.transport as transport
 
     monkeypatch.setattr(transport, "_copy", _issue_10_copy)
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from goose_core.pipeline.stream import new_stream, use_stream
-from goose_core.pipeline.transport import Copy, LocalTransport, Wait
+from goose_core.engine.stream import new_stream, use_stream
+from goose_core.engine.transport import Copy, LocalTransport, Wait
 
 pytestmark = pytest.mark.gpu
 

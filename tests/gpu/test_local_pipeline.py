@@ -1,6 +1,6 @@
 """``local_pipeline`` with 2 and 4 partitions on one GPU equals the plain run on that GPU.
 
-Every checkpoint mode and both schedules, GPT-2 (tied embeddings: the first and last partition
+Every recompute mode and both schedules, GPT-2 (tied embeddings: the first and last partition
 share the weight) and the GQA Llama. The models train in float64, where a GPU run differs from
 another only by reordered sums, as on the CPU (TF32 never applies: it is a float32 matmul mode),
 so the tolerance is the suite's ``PARALLEL``.
@@ -77,7 +77,7 @@ def _schedule_kwargs(schedule: str) -> dict[str, str]:
                 f"(1F1B is issue 10, item 4); GPipe, the default, runs")
 
 
-def _pipelined(family: str, partitions: int, checkpoint: str, tiny: bool, sleep: Callable[[float], None],
+def _pipelined(family: str, partitions: int, recompute: str, tiny: bool, sleep: Callable[[float], None],
                **kwargs: str) -> RunResult:
     """The family's run through local_pipeline on cuda:0, every cell starting ``CELL_SLEEP_S`` late."""
     device = torch.device("cuda", 0)
@@ -87,7 +87,7 @@ def _pipelined(family: str, partitions: int, checkpoint: str, tiny: bool, sleep:
         if event.phase == "before":
             sleep(CELL_SLEEP_S)
 
-    model = local_pipeline(spec.build_model().to(device), partitions, MICROBATCHES, checkpoint,
+    model = local_pipeline(spec.build_model().to(device), partitions, MICROBATCHES, recompute,
                            callbacks=[Callback(late)], devices=[device] * partitions, **kwargs)
     assert {p.device for p in model.parameters()} == {device}
     optimizer = spec.build_optimizer(model.parameters())
@@ -95,12 +95,12 @@ def _pipelined(family: str, partitions: int, checkpoint: str, tiny: bool, sleep:
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("checkpoint", MODES)
+@pytest.mark.parametrize("recompute", MODES)
 @pytest.mark.parametrize("partitions", [2, 4])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_one_gpu_pipeline_equals_the_plain_run(family: str, partitions: int, checkpoint: str, schedule: str,
+def test_one_gpu_pipeline_equals_the_plain_run(family: str, partitions: int, recompute: str, schedule: str,
                                               tiny: bool, cuda_sleep: Callable[[float], None]) -> None:
-    result = _pipelined(family, partitions, checkpoint, tiny, cuda_sleep, **_schedule_kwargs(schedule))
+    result = _pipelined(family, partitions, recompute, tiny, cuda_sleep, **_schedule_kwargs(schedule))
     assert_matches_reference(result, _plain_run(_spec(family, tiny), tiny, torch.device("cuda", 0)), PARALLEL)
 
 

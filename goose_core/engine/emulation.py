@@ -1,0 +1,83 @@
+"""A sleep-calibrated pipeline: stages whose forward and backward take a fixed time, no maths.
+
+Sleeping releases the CPU, so four ranks on a two-core machine behave like four devices: what
+the clock measures is the schedule (bubbles, waiting on neighbours, transfers), not contention.
+GPipe's ideal step time for p stages and M micro-batches is ``(M + p - 1) * (t_f + t_b)``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from goose_core.distributed.context import ParallelContext
+from goose_core.engine.callbacks import CallbackList
+from goose_core.engine.p2p import DistributedTransport
+from goose_core.engine.pipeline import Partition, Pipeline, Root
+
+__all__ = ["Sleep", "ideal_gpipe_time", "SleepPipeline"]
+
+
+class Sleep(torch.autograd.Function):
+    """Identity that sleeps ``forward`` seconds, and ``backward`` seconds in its backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, forward: float, backward: float) -> Tensor:  # type: ignore[override]
+        ctx.backward_time = backward
+        time.sleep(forward)
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        time.sleep(ctx.backward_time)
+        return grad, None, None
+
+
+def ideal_gpipe_time(num_microbatches: int, num_stages: int, t_forward: float, t_backward: float) -> float:
+    """(M + p - 1) * (t_f + t_b): every stage busy except for the fill and drain bubbles."""
+    return (num_microbatches + num_stages - 1) * (t_forward + t_backward)
+
+
+class SleepPipeline:
+    """This rank's stage of a p-stage pipeline of :class:`Sleep` cells over the real transport.
+
+    Args:
+        ctx: this rank's context (the pipeline group is used).
+        t_forward: seconds per cell forward.
+        t_backward: seconds per cell backward.
+        hidden: size of the activation sent between stages.
+    """
+
+    def __init__(self, ctx: ParallelContext, num_microbatches: int, t_forward: float,
+                 t_backward: float, recompute: str = "never", hidden: int = 1024,
+                 callbacks: CallbackList | None = None) -> None:
+        self.ctx, self.num_microbatches, self.hidden = ctx, num_microbatches, hidden
+        self.weight = torch.ones(hidden, requires_grad=True)
+        j = ctx.pipeline_parallel_rank
+
+        def body(x: Tensor, inputs: dict) -> Tensor:
+            y = Sleep.apply(x, t_forward, t_backward)
+            return y.sum() if ctx.is_last_stage else y
+
+        embed = (lambda inputs: inputs["x"] * self.weight) if ctx.is_first_stage else None
+        self.transport = DistributedTransport(ctx.pp_group, ctx.prev_pipeline_rank,
+                                              ctx.next_pipeline_rank, ctx.device)
+        self.pipeline = Pipeline([Partition(j, body, embed)], ctx.pipeline_parallel_size,
+                                 self.transport, recompute, callbacks)
+
+    def run_step(self) -> None:
+        """One forward and backward of M micro-batches."""
+        microbatches = [{"x": torch.ones(self.hidden)} for _ in range(self.num_microbatches)]
+        out = self.pipeline.run(microbatches)
+        total = sum(out.outputs.values()) if out.outputs else torch.zeros(())
+        Root.apply(lambda: None, self.transport.end_backward, total, *out.roots).backward()
+
+    def step(self) -> float:
+        """:meth:`run_step`, timed from a barrier to a barrier of the pipeline group (seconds)."""
+        torch.distributed.barrier(group=self.ctx.pp_group)
+        start = time.perf_counter()
+        self.run_step()
+        torch.distributed.barrier(group=self.ctx.pp_group)
+        return time.perf_counter() - start
