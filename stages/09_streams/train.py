@@ -37,9 +37,9 @@ def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4) -> R
 
 
 def emulated_step_time(ctx: ParallelContext, num_microbatches: int, t_forward: float,
-                       t_backward: float, checkpoint: str = "never", repeats: int = 3) -> float:
+                       t_backward: float, repeats: int = 3) -> float:
     """The fastest of ``repeats`` sleep-calibrated steps (after one warm-up), in seconds."""
-    pipeline = SleepPipeline(ctx, num_microbatches, t_forward, t_backward, checkpoint)
+    pipeline = SleepPipeline(ctx, num_microbatches, t_forward, t_backward)
     pipeline.step()
     return min(pipeline.step() for _ in range(repeats))
 

@@ -23,10 +23,11 @@ from goose_core.pipeline import MODES
 from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run
 
 
-def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int, checkpoint: str) -> RunResult:
+def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int, checkpoint: str,
+          schedule: str = "gpipe") -> RunResult:
     """Train ``spec`` pipelined with ``checkpoint`` (stage 08's loop); every rank returns the same result."""
     model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches,
-                             checkpoint=checkpoint).parallelize()
+                             checkpoint=checkpoint, schedule=schedule).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
     losses = []
     for batch in spec.batches():
