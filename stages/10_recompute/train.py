@@ -1,7 +1,7 @@
-"""Stage 10: checkpointing by virtual dependencies. Same pipeline, far fewer saved activations.
+"""Stage 10: recompute by virtual dependencies. Same pipeline, far fewer saved activations.
 
-Trains like stage 08 with ``--checkpoint`` (default ``always``), then measures on every stage the
-bytes autograd saves for backward during one step (saved-tensor hooks) in each checkpoint mode.
+Trains like stage 08 with ``--recompute`` (default ``always``), then measures on every stage the
+bytes autograd saves for backward during one step (saved-tensor hooks) in each recompute mode.
 Rank 0 prints each step's loss beside the single-device reference, and the memory table.
 
 Run it:
@@ -23,15 +23,15 @@ from goose_core.pipeline import MODES
 from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run
 
 
-def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int, checkpoint: str,
+def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int, recompute: str,
           schedule: str = "gpipe") -> RunResult:
-    """Train ``spec`` pipelined with ``checkpoint`` (stage 08's loop); every rank returns the same result."""
+    """Train ``spec`` pipelined with ``recompute`` (stage 08's loop); every rank returns the same result."""
     model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches,
-                             checkpoint=checkpoint, schedule=schedule).parallelize()
+                             checkpoint=recompute, schedule=schedule).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
     losses = []
     for batch in spec.batches():
-        loss = model(**batch).loss  # checkpointed cells keep only their inputs
+        loss = model(**batch).loss  # recomputed cells keep only their inputs
         loss.backward()  # ... and recompute their forward just before their backward
         optimizer.step()
         optimizer.zero_grad()
@@ -40,7 +40,7 @@ def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int, checkpoi
 
 
 def saved_activation_bytes(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int,
-                           checkpoint: str) -> int:
+                           recompute: str) -> int:
     """Bytes of tensors autograd saves for backward on this stage during one forward."""
     total = 0
 
@@ -50,7 +50,7 @@ def saved_activation_bytes(ctx: ParallelContext, spec: TrainSpec, num_microbatch
         return t
 
     model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches,
-                             checkpoint=checkpoint).parallelize()
+                             checkpoint=recompute).parallelize()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(**spec.batch(0)).loss
     loss.backward()
@@ -73,15 +73,15 @@ def main() -> None:
     parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--checkpoint", choices=list(MODES), default="always")
+    parser.add_argument("--recompute", choices=list(MODES), default="always")
     args = parser.parse_args()
 
     ctx = ParallelContext(pipeline_parallel_size=int(os.environ.get("WORLD_SIZE", "1")))
     spec = TrainSpec(family=args.family, steps=args.steps)
-    result = train(ctx, spec, args.microbatches, args.checkpoint)
+    result = train(ctx, spec, args.microbatches, args.recompute)
     rows = memory_table(ctx, spec, args.microbatches)
     if ctx.rank == 0:
-        print(f"{ctx}: checkpoint={args.checkpoint}, M={args.microbatches}, {args.family}")
+        print(f"{ctx}: recompute={args.recompute}, M={args.microbatches}, {args.family}")
         print(format_beside_reference(result.losses, reference_run(spec).losses))
         print("saved for backward, bytes per stage:")
         for mode, row in zip(MODES, rows):
