@@ -22,15 +22,17 @@ from goose_core.pipeline import SleepPipeline, ideal_gpipe_time
 from goose_core.testing import FAMILIES, RunResult, TrainSpec, format_beside_reference, reference_run
 
 
-def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4) -> RunResult:
-    """Train ``spec`` pipelined (stage 08's loop); every rank returns the same result."""
-    model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches).parallelize()
+def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4,
+          schedule: str = "gpipe") -> RunResult:
+    """Train ``spec`` pipelined (stage 08's loop, unchanged); every rank returns the same result."""
+    model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches,
+                             schedule=schedule).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
     losses = []
-    for batch in spec.batches():
-        loss = model(**batch).loss  # each stage's transfers run on its copy stream
-        loss.backward()
-        optimizer.step()
+    for batch in spec.batches():  # every stage is fed the same whole batch
+        loss = model(**batch).loss  # micro-batches flow forward; every stage gets the batch mean
+        loss.backward()  # the whole backward schedule, across ranks (1F1B: ran in the forward)
+        optimizer.step()  # each rank steps the blocks of its stage
         optimizer.zero_grad()
         losses.append(loss.item())
     return RunResult(losses, full_state_dict(model, ctx))

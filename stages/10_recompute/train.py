@@ -30,10 +30,10 @@ def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int, recomput
                              checkpoint=recompute, schedule=schedule).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
     losses = []
-    for batch in spec.batches():
+    for batch in spec.batches():  # every stage is fed the same whole batch
         loss = model(**batch).loss  # recomputed cells keep only their inputs
         loss.backward()  # ... and recompute their forward just before their backward
-        optimizer.step()
+        optimizer.step()  # each rank steps the blocks of its stage
         optimizer.zero_grad()
         losses.append(loss.item())
     return RunResult(losses, full_state_dict(model, ctx))
