@@ -20,13 +20,13 @@ __all__ = ["errors"]
 
 def errors(actual: RunResult, expected: RunResult) -> tuple[float, float, float]:
     """(max abs parameter error, max abs loss error, worst error / PARALLEL's allowance)."""
-    pairs = [(actual.params[k], expected.params[k]) for k in expected.params]
-    pairs += [(actual.losses, expected.losses)]
-    param = max(float((a - e).abs().max()) for a, e in pairs[:-1])
-    loss = max(abs(a - e) for a, e in zip(actual.losses, expected.losses))
-    worst = max(float(((a - e).abs() / (PARALLEL.atol + PARALLEL.rtol * e.abs())).max()) for a, e in pairs[:-1])
-    worst = max(worst, *(abs(a - e) / (PARALLEL.atol + PARALLEL.rtol * abs(e))
-                         for a, e in zip(actual.losses, expected.losses)))
+    allowance = lambda e: PARALLEL.atol + PARALLEL.rtol * abs(e)  # noqa: E731  (elementwise)
+    params = [(actual.params[k], e) for k, e in expected.params.items()]
+    losses = list(zip(actual.losses, expected.losses))
+    param = max(float((a - e).abs().max()) for a, e in params)
+    loss = max(abs(a - e) for a, e in losses)
+    worst = max([float(((a - e).abs() / allowance(e)).max()) for a, e in params]
+                + [abs(a - e) / allowance(e) for a, e in losses])
     return param, loss, worst
 
 
