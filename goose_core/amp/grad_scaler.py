@@ -69,6 +69,7 @@ class GradScaler:
 
     Args:
         ctx: the parallel context (its device holds the scale; its world agrees on found_inf).
+            None on one device, without a process group: the scale follows the gradients' device.
         init_scale: the first scale, a power of two so that scaling is exact.
         growth_factor: multiplies the scale after ``growth_interval`` steps without inf/NaN.
         backoff_factor: multiplies the scale after a step with inf/NaN (which is skipped).
@@ -79,12 +80,13 @@ class GradScaler:
         ValueError: on every rank, for a factor or interval out of range.
     """
 
-    def __init__(self, ctx: ParallelContext, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+    def __init__(self, ctx: ParallelContext | None = None, init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000, enabled: bool = True) -> None:
         _check(init_scale, growth_factor, backoff_factor, growth_interval)
         self.ctx = ctx
         self._enabled = enabled
-        self._scale = torch.full((), float(init_scale), dtype=torch.float32, device=ctx.device)
+        device = ctx.device if ctx is not None else None
+        self._scale = torch.full((), float(init_scale), dtype=torch.float32, device=device)
         self._growth_factor, self._backoff_factor = float(growth_factor), float(backoff_factor)
         self._growth_interval = int(growth_interval)
         self._growth_tracker = 0  # clean steps in a row since the scale last changed
@@ -124,7 +126,9 @@ class GradScaler:
             raise RuntimeError("unscale_() is being called after step().")
         grads = _gradients(optimizer)
         fp16 = sum(g.dtype == torch.float16 for g in grads)
-        found = torch.zeros((), dtype=torch.float32, device=self.ctx.device)
+        if self.ctx is None and grads:  # one device: the unscale kernel wants the scale beside the grads
+            self._scale = self._scale.to(grads[0].device)
+        found = torch.zeros((), dtype=torch.float32, device=self._scale.device)
         if not fp16:
             # the reciprocal in fp64, as torch's: 1/S of a power of two is exact in fp32 too
             found_non_finite(grads, found, self._scale.double().reciprocal().float())

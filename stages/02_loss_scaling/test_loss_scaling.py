@@ -7,8 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from goose_core import ParallelContext
-from goose_core.testing import (EXACT, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed,
+from goose_core.testing import (EXACT, RunResult, TrainSpec, assert_matches_reference, reference_run,
                                 snapshot)
 
 from course import load_train_script
@@ -20,13 +19,9 @@ FP64 = replace(SPEC, steps=4, dtype=torch.float64)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _train(ctx: ParallelContext, spec: TrainSpec, **kwargs) -> tuple[RunResult, list[float]]:
-    return train_script.train(spec, ctx, **kwargs)
-
-
 def _one_process(spec: TrainSpec, **kwargs) -> tuple[RunResult, list[float]]:
-    """train.py's train in a process of its own, with the ParallelContext of a world of one."""
-    return run_distributed(_train, 1, 1, 1, spec, timeout=120, **kwargs)[0]
+    """train.py's train, in this process: one device needs no process group."""
+    return train_script.train(spec, **kwargs)
 
 
 def test_the_scaled_run_equals_the_unscaled_run_exactly() -> None:

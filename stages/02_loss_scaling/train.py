@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from goose_core import GradScaler, ParallelContext
+from goose_core import GradScaler
 from goose_core.optim import MasterWeights
 from goose_core.testing import RunResult, TrainSpec, format_beside_reference, reference_run, snapshot
 
@@ -33,13 +33,13 @@ SPEC = TrainSpec(family="llama", steps=24, batch_size=4, seq_len=16, max_grad_no
 BOUND = 2.0**-12
 
 
-def train(spec: TrainSpec, ctx: ParallelContext, dtype: torch.dtype = torch.float16, scaling: bool = True,
+def train(spec: TrainSpec, dtype: torch.dtype = torch.float16, scaling: bool = True,
           init_scale: float = 2.0**16, growth_interval: int = 2000) -> tuple[RunResult, list[float]]:
     """Train ``spec``'s model cast to ``dtype`` with fp32 masters and a ``GradScaler`` (a pass-through
     unless ``scaling``). Returns the run and the scale after every step."""
     model = spec.build_model().to(dtype)  # weights and activations in fp16
     optimizer = MasterWeights(spec.build_optimizer(model.parameters()))  # fp32 copies (wider dtypes: as is)
-    scaler = GradScaler(ctx, init_scale=init_scale, growth_interval=growth_interval, enabled=scaling)
+    scaler = GradScaler(init_scale=init_scale, growth_interval=growth_interval, enabled=scaling)
     losses, scales = [], []
     for step in range(spec.steps):
         loss = model(**spec.batch(step)).loss  # fp16 matmuls; the loss itself in fp32
@@ -70,11 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     spec = replace(SPEC, steps=args.steps)
-    # GradScaler takes the parallel context because on several processes every rank must skip the
-    # same steps (stage 13); ParallelContext() with no sizes is a world of one (stage 04).
-    ctx = ParallelContext()
-    result, scales = train(spec, ctx, init_scale=args.init_scale)
-    ctx.destroy()
+    result, scales = train(spec, init_scale=args.init_scale)
     fp32 = reference_run(spec).losses  # the same loop, all in fp32, no scaling
     print("each step's loss: this run (goose) beside the fp32 run (reference)")
     print(format_beside_reference(result.losses, fp32))

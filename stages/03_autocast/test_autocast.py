@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from goose_core import ParallelContext
-from goose_core.testing import EXACT, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed
+from goose_core.testing import EXACT, RunResult, TrainSpec, assert_matches_reference, reference_run
 
 from course import load_train_script
 
@@ -37,13 +36,9 @@ def test_a_linear_under_autocast_is_a_bf16_linear_of_bf16_casts() -> None:
     assert not torch.equal(out, linear(x).to(torch.bfloat16))  # not fp32 math rounded afterwards
 
 
-def _train(ctx: ParallelContext, spec: TrainSpec, dtype: torch.dtype, device_type: str | None = None) -> tuple:
-    return train_script.train(spec, ctx, dtype, device_type)
-
-
 def _one_process(spec: TrainSpec, dtype: torch.dtype, device_type: str | None = None) -> tuple[RunResult, dict]:
-    """train.py's train in a process of its own, with the ParallelContext of a world of one."""
-    return run_distributed(_train, 1, 1, 1, spec, dtype, device_type, timeout=120)[0]
+    """train.py's train, in this process: one device needs no process group."""
+    return train_script.train(spec, dtype, device_type)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

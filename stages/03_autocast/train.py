@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from goose_core import GradScaler, ParallelContext
+from goose_core import GradScaler
 from goose_core.testing import RunResult, TrainSpec, format_beside_reference, reference_run, snapshot
 
 #: The GQA Llama (2 layers), AdamW with clipping, fp32 parameters.
@@ -33,14 +33,14 @@ SPEC = TrainSpec(family="llama", steps=24, batch_size=4, seq_len=16, max_grad_no
 BOUNDS = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
 
 
-def train(spec: TrainSpec, ctx: ParallelContext, dtype: torch.dtype = torch.bfloat16,
+def train(spec: TrainSpec, dtype: torch.dtype = torch.bfloat16,
           device_type: str | None = None) -> tuple[RunResult, dict[str, set[torch.dtype]]]:
     """Train ``spec``'s fp32 model with its forward under ``dtype`` autocast for ``device_type``
     (default: the model's own). Returns the run and the dtypes seen: the Linear layers' outputs,
     the losses, the parameters and their gradients."""
     model = spec.build_model()  # fp32 parameters: they are their own master weights
     optimizer = spec.build_optimizer(model.parameters())
-    scaler = GradScaler(ctx, enabled=dtype == torch.float16)  # fp16 underflows without it; bf16 does not
+    scaler = GradScaler(enabled=dtype == torch.float16)  # fp16 underflows without it; bf16 does not
     device_type = device_type or model.device.type  # autocast acts on this device's ops only
     seen = {"linear outputs": _linear_output_dtypes(model), "losses": set(), "grads": set()}
     losses = []
@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = replace(SPEC, steps=args.steps)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    ctx = ParallelContext()  # a world of one (stage 04), for GradScaler as in stage 02
-    result, seen = train(spec, ctx, dtype)
-    ctx.destroy()
+    result, seen = train(spec, dtype)
     fp32 = reference_run(spec).losses  # the same loop without autocast
     print("each step's loss: this run (goose) beside the fp32 run (reference)")
     print(format_beside_reference(result.losses, fp32))

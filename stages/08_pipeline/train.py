@@ -9,7 +9,6 @@ Run it:
 
     torchrun --standalone --nproc_per_node=4 stages/08_pipeline/train.py
     torchrun --standalone --nproc_per_node=2 stages/08_pipeline/train.py --family gpt2 --microbatches 8
-    torchrun --standalone --nproc_per_node=4 stages/08_pipeline/train.py --recompute always
     torchrun --standalone --nproc_per_node=4 stages/08_pipeline/train.py --schedule 1f1b \
         --microbatches 8
 """
@@ -20,14 +19,14 @@ import argparse
 import os
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
-from goose_core.testing import RunResult, TINY_MODELS, TrainSpec, format_beside_reference, reference_run
+from goose_core.testing import TINY_MODELS, RunResult, TrainSpec, format_beside_reference, reference_run
 
 
 def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4,
-          recompute: str = "except_last", schedule: str = "gpipe") -> RunResult:
+          schedule: str = "gpipe") -> RunResult:
     """Train ``spec`` pipelined over ``ctx``'s pipeline group; every rank returns the same result."""
     model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches,
-                             recompute=recompute, schedule=schedule).parallelize()
+                             schedule=schedule).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
     losses = []
     for batch in spec.batches():  # every stage is fed the same whole batch
@@ -44,17 +43,15 @@ def main() -> None:
     parser.add_argument("--family", choices=sorted(TINY_MODELS), default="llama")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--recompute", choices=["always", "except_last", "never"], default="except_last")
     parser.add_argument("--schedule", choices=["gpipe", "1f1b"], default="gpipe")
     args = parser.parse_args()
 
     ctx = ParallelContext(pipeline_parallel_size=int(os.environ.get("WORLD_SIZE", "1")))
     spec = TrainSpec(family=args.family, steps=args.steps)
-    result = train(ctx, spec, args.microbatches, args.recompute, args.schedule)
+    result = train(ctx, spec, args.microbatches, args.schedule)
     if ctx.rank == 0:
         name = {"gpipe": "GPipe", "1f1b": "1F1B"}[args.schedule]
-        print(f"{ctx}: {name} over {ctx.pipeline_parallel_size} stages, M={args.microbatches}, "
-              f"recompute={args.recompute}, {args.family}")
+        print(f"{ctx}: {name} over {ctx.pipeline_parallel_size} stages, M={args.microbatches}, {args.family}")
         print(format_beside_reference(result.losses, reference_run(spec).losses))
     ctx.destroy()
 

@@ -2,10 +2,7 @@
 
 
 from goose_core import ParallelContext, PipelineParallel
-from goose_core.pipeline import Callback, local_pipeline
-from goose_core.engine.emulation import ideal_gpipe_time
-from goose_core.engine.schedule import GPipe
-from goose_core.engine.stream import trace_waits
+from goose_core.pipeline import GPipe, ideal_gpipe_time, local_pipeline, trace_waits
 from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run, run_distributed
 
 from course import load_train_script
@@ -17,7 +14,7 @@ SPEC = TrainSpec(family="llama", batch_size=4, seq_len=16)
 
 def test_stream_waits_follow_the_schedule_forward_and_mirror_backward() -> None:
     n, m = 3, 2
-    model = local_pipeline(SPEC.build_model(), n, m, "never")
+    model = local_pipeline(SPEC.build_model(), n, m)
     with trace_waits() as waits:
         loss = model(**SPEC.batch(0)).loss
         forward = list(waits)
@@ -40,21 +37,22 @@ def test_stream_waits_follow_the_schedule_forward_and_mirror_backward() -> None:
 
 
 def _in_flight(ctx: ParallelContext) -> list[tuple[int, bool, int]]:
-    """At the end of each forward cell of the middle stage: is the next receive already posted,
-    and how many sends are still in the air?"""
+    """As the middle stage sends each micro-batch's output (its forward is done): is the next
+    receive already posted, and how many earlier sends are still in the air?"""
     seen: list[tuple[int, bool, int]] = []
-    model = PipelineParallel(SPEC.build_model(), ctx, num_microbatches=4, recompute="never").parallelize()
+    model = PipelineParallel(SPEC.build_model(), ctx, num_microbatches=4).parallelize()
     transport = model.pipeline.transport
+    send = transport.send
 
-    def probe(event) -> None:
+    def probe(output, microbatch: int, partition: int):  # the executor sends once a cell is done
         channel = transport.channels.get("prev")  # none before the step's first receive
         posted = channel.posted if channel else {}  # receives posted, not yet waited for
-        seen.append((event.microbatch_idx, ("activation", event.microbatch_idx + 1) in posted,
-                     len(transport.sends)))
+        seen.append((microbatch, ("activation", microbatch + 1) in posted, len(transport.sends)))
+        return send(output, microbatch, partition)
 
-    model.callbacks.add(Callback(probe, partition_idx=1, kinds=["forward"]))
+    transport.send = probe
     model(**SPEC.batch(0)).loss.backward()
-    return seen[1::2]  # the "after" events
+    return seen
 
 
 def test_next_receive_is_posted_while_a_micro_batch_computes() -> None:

@@ -19,27 +19,29 @@ import os
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
 from goose_core.pipeline import SleepPipeline, ideal_gpipe_time
-from goose_core.testing import RunResult, TINY_MODELS, TrainSpec, format_beside_reference, reference_run
+from goose_core.testing import TINY_MODELS, RunResult, TrainSpec, format_beside_reference, reference_run
 
 
-def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4) -> RunResult:
-    """Train ``spec`` pipelined (stage 08's loop); every rank returns the same result."""
-    model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches).parallelize()
+def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4,
+          schedule: str = "gpipe") -> RunResult:
+    """Train ``spec`` pipelined (stage 08's loop, unchanged); every rank returns the same result."""
+    model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches,
+                             schedule=schedule).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
     losses = []
-    for batch in spec.batches():
-        loss = model(**batch).loss  # each stage's transfers run on its copy stream
-        loss.backward()
-        optimizer.step()
+    for batch in spec.batches():  # every stage is fed the same whole batch
+        loss = model(**batch).loss  # micro-batches flow forward; every stage gets the batch mean
+        loss.backward()  # the whole backward schedule, across ranks (1F1B: ran in the forward)
+        optimizer.step()  # each rank steps the blocks of its stage
         optimizer.zero_grad()
         losses.append(loss.item())
     return RunResult(losses, full_state_dict(model, ctx))
 
 
 def emulated_step_time(ctx: ParallelContext, num_microbatches: int, t_forward: float,
-                       t_backward: float, recompute: str = "never", repeats: int = 3) -> float:
+                       t_backward: float, repeats: int = 3) -> float:
     """The fastest of ``repeats`` sleep-calibrated steps (after one warm-up), in seconds."""
-    pipeline = SleepPipeline(ctx, num_microbatches, t_forward, t_backward, recompute)
+    pipeline = SleepPipeline(ctx, num_microbatches, t_forward, t_backward)
     pipeline.step()
     return min(pipeline.step() for _ in range(repeats))
 

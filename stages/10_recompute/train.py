@@ -20,19 +20,20 @@ import torch.distributed as dist
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
 from goose_core.pipeline import MODES
-from goose_core.testing import RunResult, TINY_MODELS, TrainSpec, format_beside_reference, reference_run
+from goose_core.testing import TINY_MODELS, RunResult, TrainSpec, format_beside_reference, reference_run
 
 
-def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int, recompute: str) -> RunResult:
+def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int, recompute: str,
+          schedule: str = "gpipe") -> RunResult:
     """Train ``spec`` pipelined with ``recompute`` (stage 08's loop); every rank returns the same result."""
     model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches,
-                             recompute=recompute).parallelize()
+                             recompute=recompute, schedule=schedule).parallelize()
     optimizer = spec.build_optimizer(model.parameters())
     losses = []
-    for batch in spec.batches():
+    for batch in spec.batches():  # every stage is fed the same whole batch
         loss = model(**batch).loss  # recomputed cells keep only their inputs
         loss.backward()  # ... and recompute their forward just before their backward
-        optimizer.step()
+        optimizer.step()  # each rank steps the blocks of its stage
         optimizer.zero_grad()
         losses.append(loss.item())
     return RunResult(losses, full_state_dict(model, ctx))
