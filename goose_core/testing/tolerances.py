@@ -21,7 +21,7 @@ beside them (gradient accumulation on one device) was 6-7x smaller under AdamW, 
 no factor of it is safe on every CPU. So goose proves parity in float64, where kernels and
 reorderings stay 100x inside the allowance and bugs land far outside it.
 
-bf16 (stage 01) is the opposite case: 8 significant bits, so a reordered sum moves the result by
+bf16 (stages 01-03, and 13 across the grid) is the opposite case: 8 significant bits, so a reordered sum moves the result by
 ~2**-9 relative, 10**13 times fp64's, and which kernel a CPU picks changes it too: a CPU with
 AVX-512 runs bf16 matmuls in oneDNN, one with only AVX2 in ATen's fallback GEMM, with other
 rounding (``make test-kernels CAPABILITY=avx2`` forces that family here; see the Makefile). No
@@ -51,7 +51,7 @@ cannot make that promise: it never samples a split forward sum, and on AVX2 kern
 at 2.6x such a floor. Measured (GQA Llama, SGD with momentum, 4 steps, lr 0.1), loss distance over
 this floor: tp=2 1.08x and tp x pp x dp 1.03x on AVX-512 (oneDNN) kernels, 1.06x and 0.69x on AVX2
 (fallback GEMM), 0.16x and 0.87x on baseline kernels; dp and pp <= 1x. A gradient 1 % too large
-lands at 3.9-7.3x (stage 01's planted bug). AdamW is left out of bf16 parity: it turns the noise
+lands at 3.9-7.3x (the planted bug of stage 13's test_mixed_precision.py). AdamW is left out of bf16 parity: it turns the noise
 of a near-zero gradient into a full lr-sized step, so its parameters differ by ~lr per step
 whatever the ordering.
 """
