@@ -18,6 +18,8 @@ Wrappers leave facts on the tensors and modules they change, and other wrappers 
     save_pretrained refusing a split model  mark_split_guard, is_split_guard checkpoint.export
     the finite check of a model / tensor    set_finite_watch, finite_watch  finite (wrappers, optim.zero,
                                                                               optim.master)
+    an optimizer keeping its own copy of a  link_keeper, keepers_of         optim.zero, optim.master ->
+      parameter (ZeRO-1 shard, fp32 master)                                   checkpoint.io
 
 Each fact is one ``_goose_*`` attribute, named here alone. A fact is not carried over when a
 wrapper replaces a parameter: whoever makes the new one marks it.
@@ -25,8 +27,9 @@ wrapper replaces a parameter: whoever makes the new one marks it.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from typing import Any, Callable, Generic, Iterable, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +40,7 @@ __all__ = ["ShardSpec", "mark_sharded", "shard_spec", "mark_duplicate", "is_dupl
            "is_dp_shard", "set_grad_shards", "grad_shards", "link_grad_sync", "unlink_grad_sync",
            "grad_sync_of", "grad_syncs", "set_module_grad_sync", "module_grad_sync", "parameters_changed",
            "set_batch_check", "batch_check_of", "mark_split_guard", "is_split_guard", "set_finite_watch",
-           "finite_watch"]
+           "finite_watch", "CopyKeeper", "link_keeper", "keepers_of"]
 
 T = TypeVar("T")
 
@@ -234,3 +237,45 @@ def set_finite_watch(obj: object, watch: object) -> None:
 def finite_watch(obj: object) -> object | None:
     """What :func:`set_finite_watch` recorded on ``obj``, if anything."""
     return _FINITE.get(obj)
+
+
+# -- optimizers keeping their own copy of parameters (goose_core.optim) -----------------------
+class CopyKeeper(Protocol):
+    """An optimizer that steps its own copy of parameters (ZeRO-1's shards, fp32 masters)."""
+
+    def reload_params(self) -> None:
+        """Make the copy exactly the parameters' values now (after they were written)."""
+
+
+class _Keepers:
+    """The keepers of one parameter, held weakly: a dropped optimizer is not kept alive by the
+    model. A copied or pickled parameter starts with none (no optimizer keeps the copy)."""
+
+    def __init__(self) -> None:
+        self.refs: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return _Keepers, ()
+
+
+_KEEPERS: _Fact[_Keepers] = _Fact("keepers")
+
+
+def link_keeper(param: Tensor, keeper: CopyKeeper) -> None:
+    """``keeper`` steps a copy of ``param`` and writes it back: it must re-read the copy when
+    ``param`` is loaded (``load_checkpoint`` asks every keeper of the model's parameters)."""
+    keepers = _KEEPERS.get(param)
+    if keepers is None:
+        keepers = _Keepers()
+        _KEEPERS.set(param, keepers)
+    keepers.refs.add(keeper)
+
+
+def keepers_of(params: Iterable[Tensor]) -> list[CopyKeeper]:
+    """The live keepers of any of ``params``, each once."""
+    found: dict[int, CopyKeeper] = {}
+    for p in params:
+        if (keepers := _KEEPERS.get(p)) is not None:
+            for keeper in list(keepers.refs):
+                found.setdefault(id(keeper), keeper)
+    return list(found.values())

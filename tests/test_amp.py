@@ -1,5 +1,7 @@
-"""GradScaler on one process: torch.amp.GradScaler's numbers, errors and state dict."""
+"""GradScaler on one process: torch.amp.GradScaler's numbers, errors and state dict; MasterWeights'
+fp32 masters following bf16 weights written between steps."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -7,6 +9,7 @@ import torch
 from torch import nn
 
 from goose_core import GradScaler
+from goose_core.optim import MasterWeights
 
 CPU = SimpleNamespace(device=torch.device("cpu"))  # what GradScaler reads of a ParallelContext
 INF_STEPS = {1, 2, 6}  # steps whose gradient gets an inf: two backoffs in a row, then growth
@@ -137,3 +140,78 @@ def test_disabled_is_a_pass_through() -> None:
 def test_bad_arguments_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GradScaler(CPU, **kwargs)
+
+
+# -- MasterWeights: weights written between steps -------------------------------------------------
+def _bf16_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+    model(x).float().square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _masters(optimizer: MasterWeights) -> list[torch.Tensor]:
+    return [m.detach().clone() for m in optimizer.masters.values()]
+
+
+def test_master_weights_step_from_weights_written_between_steps() -> None:
+    """``p.copy_`` and ``.data`` writes: an lr=0 step keeps them bit for bit and the next step
+    is that of MasterWeights built on them with the same state (EXACT); an element written with
+    the value it had keeps its master's extra bits until ``reload_params()``; ``state_dict()``
+    saves the masters of weights written since the last step."""
+    model = _model().to(torch.bfloat16)
+    optimizer = MasterWeights(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    _bf16_step(model, optimizer, 0, 0.1)
+    state = {k: v for k, v in copy.deepcopy(optimizer.state_dict()).items() if k != "master_weights"}
+    before = _masters(optimizer)
+    with torch.no_grad():
+        model[0].weight.copy_(model[0].weight)  # the same values: the master keeps its bits
+        model[0].bias.copy_(2 * model[0].bias)
+        model[2].weight.data.mul_(2)  # .data: autograd's version counter does not move
+    written = [p.detach().clone() for p in model.parameters()]
+    _bf16_step(model, optimizer, 1, 0.0)
+    assert all(torch.equal(w, p) for w, p in zip(written, model.parameters())), "an lr=0 step lost written weights"
+    masters = _masters(optimizer)  # in parameter order: weight and bias of model[0], of model[2]
+    assert torch.equal(masters[0], before[0]) and not torch.equal(before[0], written[0].float())
+    assert torch.equal(masters[1], written[1].float()) and torch.equal(masters[2], written[2].float())
+    optimizer.reload_params()
+    assert all(torch.equal(m, p.float()) for m, p in zip(_masters(optimizer), model.parameters()))
+    twin = _model().to(torch.bfloat16)
+    with torch.no_grad():
+        for p, w in zip(twin.parameters(), written):
+            p.copy_(w)
+    twin_optimizer = MasterWeights(torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9))
+    twin_optimizer.load_state_dict(state)
+    _bf16_step(twin, twin_optimizer, 1, 0.0)
+    for m, o in ((model, optimizer), (twin, twin_optimizer)):
+        _bf16_step(m, o, 2, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    with torch.no_grad():
+        model[2].bias.mul_(2)
+    assert torch.equal(optimizer.state_dict()["master_weights"][3], model[2].bias.float()), "a save lost a write"
+
+
+def test_master_weights_loaded_state_and_weights_the_last_write_wins() -> None:
+    """Saved masters loaded over other weights are what an lr=0 step writes (the weights came
+    first); weights written after the load are what it keeps."""
+    model = _model().to(torch.bfloat16)
+    optimizer = MasterWeights(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    _bf16_step(model, optimizer, 0, 0.1)
+    saved = copy.deepcopy(optimizer.state_dict())
+    trained = [p.detach().clone() for p in model.parameters()]
+    fresh = _model().to(torch.bfloat16)
+    again = MasterWeights(torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9))
+    again.load_state_dict(saved)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict()["master_weights"].values(),
+                                                  saved["master_weights"].values()))
+    _bf16_step(fresh, again, 1, 0.0)
+    assert all(torch.equal(p, t) for p, t in zip(fresh.parameters(), trained)), "the loaded masters lost"
+    again.load_state_dict(saved)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.mul_(2)
+    written = [p.detach().clone() for p in fresh.parameters()]
+    _bf16_step(fresh, again, 1, 0.0)
+    assert all(torch.equal(p, w) for p, w in zip(fresh.parameters(), written)), "the weights written last lost"

@@ -2,6 +2,7 @@
 another layout and continues as the single-device run, and a crashed save leaves the previous
 checkpoint loadable."""
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from goose_core.checkpoint import atomic
 from goose_core.checkpoint.chunks import pieces_of
 from goose_core.data import shard_batch
 from goose_core.metadata import ShardSpec
+from goose_core.optim import MasterWeights
 from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, at_layout,
-                                reference_run, run_distributed, train_loop)
+                                reference_run, run_distributed, snapshot, train_loop)
 
 # Dropout on: a resume is exact only if every random stream (CPU, the tp split stream) comes back.
 # GPT-2: fused q|k|v (three pieces per tp shard), the tied embedding on the first and last stage.
@@ -38,8 +40,11 @@ def _build(ctx: ParallelContext, spec: TrainSpec) -> tuple[Any, Any]:
     return model, DistributedOptimizer(optimizer, ctx) if ctx.dp_size > 1 else optimizer
 
 
-def _steps(model: Any, optimizer: Any, ctx: ParallelContext, spec: TrainSpec, first: int, last: int) -> list[float]:
-    batches = (shard_batch(spec.batch(s), ctx.dp_rank, ctx.dp_size) for s in range(first, last))
+def _steps(model: Any, optimizer: Any, ctx: ParallelContext | None, spec: TrainSpec, first: int,
+           last: int) -> list[float]:
+    """Steps ``first`` to ``last - 1``: this dp rank's shard of each batch (the whole one without ctx)."""
+    batches = (spec.batch(s) if ctx is None else shard_batch(spec.batch(s), ctx.dp_rank, ctx.dp_size)
+               for s in range(first, last))
     return train_loop(model, optimizer, batches)
 
 
@@ -146,6 +151,101 @@ def test_the_pieces_of_every_rank_tile_the_full_tensor(spec: ShardSpec, tp: int)
                 seen.add(offset)
                 cover[box] += 1
     assert torch.equal(cover, torch.ones_like(full))
+
+
+# -- a weights-only load under an optimizer that keeps its own copy of the weights ---------------
+# ZeRO-1 steps flat shards, MasterWeights fp32 masters: both must start the next step from the
+# loaded weights, not from the copy they made before. fp64 ZeRO-1 against one device; bf16 (masters
+# wider than the weights) against a twin built on the loaded weights with the same optimizer state.
+WEIGHTS = TrainSpec(family="llama", steps=4)
+WEIGHTS_BF16 = TrainSpec(family="llama", steps=4, optimizer="sgd", lr=0.1, precision="bf16")
+
+
+def _keeper(ctx: ParallelContext, spec: TrainSpec, model: Any, zero: bool) -> Any:
+    optimizer = spec.build_optimizer(model.parameters())
+    return DistributedOptimizer(optimizer, ctx) if zero else MasterWeights(optimizer)
+
+
+def _twin(ctx: ParallelContext, spec: TrainSpec, path: str, zero: bool, state: dict[str, Any]) -> tuple[Any, Any]:
+    """The model loaded from ``path`` before its optimizer exists, which then takes ``state``
+    (without masters: they are the loaded weights): the run that starts from the loaded weights."""
+    model = at_layout(spec.build_model(), ctx)
+    load_checkpoint(path, model, None, ctx)
+    optimizer = _keeper(ctx, spec, model, zero)
+    optimizer.load_state_dict({k: v for k, v in state.items() if k != "master_weights"})
+    return model, optimizer
+
+
+def _then(model: Any, optimizer: Any, ctx: ParallelContext | None, spec: TrainSpec) -> tuple[dict, RunResult]:
+    """A step at lr=0 (batch 1), the weights after it, then a step at the spec's lr (batch 2)."""
+    weights = (lambda: snapshot(model)) if ctx is None else (lambda: full_state_dict(model, ctx))
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    losses = _steps(model, optimizer, ctx, spec, 1, 2)
+    still = weights()
+    for group in optimizer.param_groups:
+        group["lr"] = spec.lr
+    losses += _steps(model, optimizer, ctx, spec, 2, 3)
+    return still, RunResult(losses, weights())
+
+
+def _load_weights_only(ctx: ParallelContext, spec: TrainSpec, path: str, zero: bool) -> dict[str, Any]:
+    """Step 0 and a checkpoint; a fresh run trains steps 2 and 3, loads the checkpoint's weights
+    (optimizer=None) and steps on (:func:`_then`); at bf16 its twin does the same."""
+    model = at_layout(spec.build_model(), ctx)
+    optimizer = _keeper(ctx, spec, model, zero)
+    _steps(model, optimizer, ctx, spec, 0, 1)
+    save_checkpoint(path, model, None, ctx, step=1)  # weights only (MasterWeights' state is not saved)
+    model = at_layout(spec.build_model(), ctx)
+    optimizer = _keeper(ctx, spec, model, zero)
+    _steps(model, optimizer, ctx, spec, 2, 4)
+    state = copy.deepcopy(optimizer.state_dict())  # its tensors are the ones the next steps update
+    load_checkpoint(path, model, None, ctx)
+    out = {"loaded": full_state_dict(model, ctx)}
+    out["still"], out["run"] = _then(model, optimizer, ctx, spec)
+    if spec.precision != "full":
+        out["twin"] = _then(*_twin(ctx, spec, path, zero, state), ctx, spec)[1]
+    return out
+
+
+def _reference_weights_only(spec: TrainSpec) -> RunResult:
+    """One device, a plain optimizer (no copy of its own): the same steps and load."""
+    model = spec.build_model()
+    train_loop(model, spec.build_optimizer(model.parameters()), [spec.batch(0)])
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model = spec.build_model()
+    optimizer = spec.build_optimizer(model.parameters())
+    train_loop(model, optimizer, (spec.batch(s) for s in range(2, 4)))
+    model.load_state_dict(saved)
+    return _then(model, optimizer, None, spec)[1]
+
+
+def _check_still(results: list[dict[str, Any]]) -> None:
+    for rank, r in enumerate(results):
+        moved = [n for n, t in r["loaded"].items() if not torch.equal(t, r["still"][n])]
+        assert not moved, (f"rank {rank}: a step at lr=0 after a weights-only load changed {len(moved)} of "
+                           f"{len(r['loaded'])} parameters (first {moved[0]}): the loaded weights were lost")
+
+
+def test_a_weights_only_load_is_where_zero1_steps_on(tmp_path: Path) -> None:
+    """dp=2, ZeRO-1 built before the load: an lr=0 step keeps the loaded weights bit for bit, and
+    the next step is the single-device run's from the same weights and optimizer state."""
+    results = run_distributed(_load_weights_only, 1, 1, 2, WEIGHTS, str(tmp_path / "ckpt"), True, timeout=180)
+    _check_still(results)
+    _check_ranks([r["run"] for r in results], _reference_weights_only(WEIGHTS), PARALLEL)
+
+
+@pytest.mark.parametrize("zero", [True, False], ids=["zero1", "master-weights"])
+def test_a_weights_only_load_resets_fp32_masters(tmp_path: Path, zero: bool) -> None:
+    """bf16 at dp=2, fp32 masters in ZeRO-1's shards or MasterWeights: the masters become the
+    loaded weights exactly, as if the optimizer had been built on them (EXACT against that twin)."""
+    results = run_distributed(_load_weights_only, 1, 1, 2, WEIGHTS_BF16, str(tmp_path / "ckpt"), zero, timeout=180)
+    _check_still(results)
+    for rank, r in enumerate(results):
+        try:
+            assert_matches_reference(r["run"], r["twin"], EXACT)
+        except AssertionError as err:
+            raise AssertionError(f"rank {rank}: {err}") from err
 
 
 # -- crashes and refusals ----------------------------------------------------------------------

@@ -1,6 +1,9 @@
-"""Unit tests of DistributedOptimizer: param groups, LR schedulers, zero_grad, clear errors."""
+"""Unit tests of DistributedOptimizer: param groups, LR schedulers, zero_grad, clear errors, and
+weights written between steps."""
 
+import copy
 import functools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,8 +11,9 @@ from torch import nn
 
 from goose_core import DataParallel, DistributedOptimizer, ParallelContext
 from goose_core.data import shard_batch
-from goose_core.data_parallel import no_sync
-from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, run_distributed, snapshot, train_loop
+from goose_core.data_parallel import broadcast_replicas, no_sync
+from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, run_distributed,
+                                snapshot, train_loop)
 
 SPEC = TrainSpec(family="gpt2", steps=3, optimizer="sgd")
 
@@ -115,3 +119,104 @@ def test_master_weight_keepers_refuse_each_other() -> None:
         DistributedOptimizer(masters, ctx=None)  # refused before the context is used
     with pytest.raises(ValueError, match="MasterWeights wraps a plain optimizer, got a MasterWeights"):
         MasterWeights(masters)
+
+
+# -- weights written between steps ------------------------------------------------------------
+def _write(model: nn.Module, ctx: ParallelContext) -> None:
+    """Every parameter doubled (exact in any dtype; every element but zeros changes), three
+    ways: ``p.copy_`` on every rank (autograd's version counter moves), ``.data`` (it does
+    not), and on dp rank 0 only, then ``broadcast_replicas`` (a collective: the other ranks'
+    counters do not move)."""
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            if i % 3 == 0:
+                p.copy_(2 * p)
+            elif i % 3 == 1:
+                p.data.mul_(2)
+            elif ctx.dp_rank == 0:
+                p.mul_(2)
+    broadcast_replicas(model, ctx.data_parallel_group)
+
+
+def _zero(ctx: ParallelContext, spec: TrainSpec, params: list[torch.Tensor] | None = None,
+          state: dict | None = None) -> tuple[nn.Module, DistributedOptimizer]:
+    model = DataParallel(spec.build_model(), ctx, bucket_size_mb=0.05).parallelize()  # several buckets
+    if params is not None:
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), params):
+                p.copy_(value)
+    optimizer = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
+    if state is not None:
+        optimizer.load_state_dict({k: v for k, v in state.items() if k != "master_weights"})
+    return model, optimizer
+
+
+def _two_steps(model: nn.Module, optimizer: DistributedOptimizer, ctx: ParallelContext,
+               spec: TrainSpec) -> tuple[dict, RunResult]:
+    """A step at lr=0 (the weights after it), then one at the spec's lr."""
+    batches = [shard_batch(spec.batch(s), ctx.dp_rank, ctx.dp_size) for s in (1, 2)]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    losses = train_loop(model, optimizer, batches[:1])
+    still = snapshot(model)
+    for group in optimizer.param_groups:
+        group["lr"] = spec.lr
+    losses += train_loop(model, optimizer, batches[1:])
+    return still, RunResult(losses, snapshot(model))
+
+
+def _written_between_steps(ctx: ParallelContext, spec: TrainSpec) -> dict:
+    """A step, the weights written (:func:`_write`), two steps; and the twin built on the
+    written weights, with the same optimizer state, taking the same two steps."""
+    model, optimizer = _zero(ctx, spec)
+    train_loop(model, optimizer, [shard_batch(spec.batch(0), ctx.dp_rank, ctx.dp_size)])
+    state = copy.deepcopy(optimizer.state_dict())  # its tensors are the ones the next steps update
+    _write(model, ctx)
+    written = snapshot(model)
+    still, run = _two_steps(model, optimizer, ctx, spec)
+    twin = _two_steps(*_zero(ctx, spec, list(written.values()), state), ctx, spec)[1]
+    _write(model, ctx)  # and saved without a step: a save's masters are those of its weights
+    masters = optimizer.consolidated_state_dict().get("master_weights", {})
+    saved = all(torch.equal(masters[i], p.float()) for i, p in enumerate(model.parameters())) if masters else None
+    return {"written": written, "still": still, "run": run, "twin": twin, "saved": saved}
+
+
+@pytest.mark.parametrize("spec", [SPEC, replace(SPEC, lr=0.1, precision="bf16")], ids=["fp64", "bf16-masters"])
+def test_weights_written_between_steps_are_where_the_next_step_starts(spec: TrainSpec) -> None:
+    """Whichever way the weights were written, an lr=0 step keeps them bit for bit and the next
+    step equals that of an optimizer built on them (EXACT: ZeRO-1 at dp=2 both); under bf16 the
+    fp32 master shards take the written values, in a save without a step between too."""
+    for rank, r in enumerate(run_distributed(_written_between_steps, 1, 1, 2, spec, timeout=120)):
+        moved = [n for n, t in r["written"].items() if not torch.equal(t, r["still"][n])]
+        assert not moved, f"rank {rank}: an lr=0 step changed {len(moved)} written parameters (first {moved[0]})"
+        try:
+            assert_matches_reference(r["run"], r["twin"], EXACT)
+        except AssertionError as err:
+            raise AssertionError(f"rank {rank}: {err}") from err
+        assert r["saved"] is (None if spec.precision == "full" else True), f"rank {rank}: saved stale masters"
+
+
+def _last_write(ctx: ParallelContext, spec: TrainSpec) -> list[bool]:
+    """Saved master shards loaded over other weights, then an lr=0 step; loaded again, the
+    weights written (:func:`_write`), an lr=0 step."""
+    model, optimizer = _zero(ctx, spec)
+    train_loop(model, optimizer, [shard_batch(spec.batch(0), ctx.dp_rank, ctx.dp_size)])
+    saved, trained = copy.deepcopy(optimizer.state_dict()), snapshot(model)
+    fresh, again = _zero(ctx, spec)
+    kept = []
+    for write in (False, True):
+        again.load_state_dict(saved)
+        if write:
+            _write(fresh, ctx)
+        expected = snapshot(fresh) if write else trained
+        _two_steps(fresh, again, ctx, replace(spec, lr=0.0))
+        kept.append(all(torch.equal(t, expected[n]) for n, t in snapshot(fresh).items()))
+    return kept
+
+
+def test_saved_masters_and_weights_loaded_the_last_write_wins() -> None:
+    """bf16 ZeRO-1 at dp=2: loaded master shards are what the step writes over weights loaded
+    before them; weights written after them are what it keeps."""
+    spec = replace(SPEC, lr=0.1, precision="bf16")
+    for rank, kept in enumerate(run_distributed(_last_write, 1, 1, 2, spec, timeout=120)):
+        assert kept == [True, True], f"rank {rank}: kept the loaded masters, the weights written after: {kept}"

@@ -33,7 +33,7 @@ from goose_core.checkpoint.chunks import Pieces, pieces_of, whole
 from goose_core.checkpoint.optim_state import load_state, optimizer_problems, state_destinations, state_entries
 from goose_core.checkpoint.planner import PiecesLoadPlanner, PiecesSavePlanner
 from goose_core.distributed.context import ParallelContext
-from goose_core.metadata import shard_spec
+from goose_core.metadata import keepers_of, shard_spec
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -189,6 +189,13 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     ``DistributedOptimizer`` gets its ZeRO-1 shards of this layout. ``extra`` and the optimizer's
     options are unpickled (as ``torch.load(weights_only=False)``): load checkpoints you trust.
 
+    The parameters are written in place. Every optimizer that steps its own copy of them
+    (``DistributedOptimizer``'s ZeRO-1 shards, ``MasterWeights``' fp32 masters), passed or not,
+    then re-reads that copy from the loaded weights on every rank, so with ``optimizer=None`` (a
+    weights-only load) the next step starts from exactly the loaded weights, the optimizer's
+    state (moments, step count, learning rate) as it was. An optimizer passed takes the
+    checkpoint's state after that, its saved fp32 masters included.
+
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
         ValueError: on every rank, when the model or the optimizer does not fit the checkpoint.
@@ -211,6 +218,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     except CheckpointException as err:
         raise RuntimeError(f"loading {folder} failed on ranks {sorted(err.failures)}:\n{err}") from None
     dests.update(planner.loaded)
+    for keeper in keepers_of(_names(model)):  # every rank: its step would write its old copy back
+        keeper.reload_params()
     if optimizer is not None:
         load_state(optimizer, _names(model), dests)
     rng.restore(model, ctx, {fqn.rsplit("/", 1)[1]: d.local for fqn, d in dests.items() if fqn.startswith("rng/")})

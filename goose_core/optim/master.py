@@ -9,6 +9,9 @@ shard itself)::
     step          optimizer.step() on the fp32 masters   (Adam moments fp32 too)
                   p.copy_(master)                         (one rounding to bf16 per step)
 
+Before stepping, the masters follow the parameters written since the last step (a weights-only
+load, ``p.copy_()``, ``.data``): :mod:`goose_core.optim.wrapper` says how and why.
+
 Why: a bf16 weight keeps 8 significant bits, so an update smaller than 2**-9 of the weight
 (lr 1e-3 x a normalised Adam step, on a weight of 1) rounds away entirely; the fp32 master keeps
 every update and the bf16 copy follows it. Gradients summed over micro-batches in fp32 for the
@@ -25,7 +28,7 @@ from torch import nn
 from goose_core.data_parallel.bucket import main_dtype
 from goose_core.finite import copy_watch
 from goose_core.metadata import grad_sync_of, is_duplicate, mark_duplicate, mark_sharded, set_grad_shards, shard_spec
-from goose_core.optim.wrapper import OptimizerWrapper
+from goose_core.optim.wrapper import OptimizerWrapper, differs, follow, on_host
 
 __all__ = ["MasterWeights"]
 
@@ -41,6 +44,12 @@ class MasterWeights(OptimizerWrapper):
     fp32 tensor), the format ``DistributedOptimizer.consolidated_state_dict()`` writes.
 
     Build it after every wrapper, from ``model.parameters()``; call ``zero_grad()`` every step.
+    The parameters stay the truth between steps: a master whose parameter was written since the
+    last step (a weights-only ``load_checkpoint``, ``model.load_state_dict``, ``p.copy_()``,
+    ``.data``, a broadcast) takes its value wherever it no longer rounds to it, and keeps its
+    extra bits elsewhere; ``load_checkpoint`` (and ``reload_params()``, on every rank) makes every
+    master exactly its parameter. After ``load_state_dict`` with saved masters the last write wins
+    (weights loaded after it are what the next step starts from, weights loaded before are not).
 
     Args:
         optimizer: a fresh optimizer (no state yet) over the model's parameters.
@@ -59,6 +68,10 @@ class MasterWeights(OptimizerWrapper):
             if p.requires_grad and grad_sync_of(p) is None:
                 p.register_post_accumulate_grad_hook(self._take)
             set_grad_shards(p, self.master_params)  # clipping and the scaler read the masters
+        self._keep_copies_of(self.masters)
+        #: What the parameters held when saved masters were loaded, until the next write-back: a
+        #: parameter that differs from it was written after (optim.wrapper's rule).
+        self._loaded_over: dict[nn.Parameter, torch.Tensor] | None = None
 
     def _master(self, p: nn.Parameter) -> nn.Parameter:
         dtype = main_dtype(p.dtype)
@@ -105,10 +118,35 @@ class MasterWeights(OptimizerWrapper):
         """Step the masters, then round them into the model's parameters."""
         loss = self.closure_loss(closure)
         self.master_params()
+        self._follow_params()  # weights written since the last step are where this one starts
         self.optimizer.step()
         for p, master in self.masters.items():
             p.copy_(master)
+        self._loaded_over = None  # the parameters are the masters' rounding again
         return loss
+
+    def reload_params(self) -> None:
+        """Every master becomes exactly its parameter's value."""
+        with torch.no_grad():
+            for p, master in self.masters.items():
+                master.copy_(p)
+        self._loaded_over = None
+
+    def _follow_params(self) -> None:
+        """Masters take the value of parameters written since the last step (optim.wrapper's
+        rule), element by element in the parameters where one was (one host sync finds them)."""
+        with torch.no_grad():
+            pairs = list(self.masters.items())
+            found = on_host([differs(p.detach(), self._then(p)).any() for p, _ in pairs])
+            for (p, master), written in zip(pairs, found):
+                if written:
+                    follow(master, p.detach(), self._then(p))
+                    if self._loaded_over is not None:
+                        self._loaded_over[p] = p.detach().clone()
+
+    def _then(self, p: nn.Parameter) -> torch.Tensor:
+        """What ``p`` held at the last write-back (its master's rounding) or load of the masters."""
+        return self.masters[p].detach().to(p.dtype) if self._loaded_over is None else self._loaded_over[p]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the masters' gradients and the model's (as ``Optimizer.zero_grad``)."""
@@ -126,6 +164,7 @@ class MasterWeights(OptimizerWrapper):
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The wrapped optimizer's state dict with ``"master_weights"``: number -> fp32 master."""
+        self._follow_params()  # masters saved are those of the weights a save beside them writes
         return {**self.optimizer.state_dict(),
                 "master_weights": {i: self.masters[p].detach().cpu().clone() for i, p in self._numbered().items()}}
 
@@ -136,6 +175,7 @@ class MasterWeights(OptimizerWrapper):
         with torch.no_grad():
             for i, p in self._numbered().items():
                 self.masters[p].copy_(saved[i] if i in saved else p.detach())
+        self._loaded_over = {p: p.detach().clone() for p in self.masters} if saved else None
 
 
 def _check(optimizer: Any) -> None:

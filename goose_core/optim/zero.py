@@ -29,6 +29,10 @@ into the first half of the bytes of the (now free) fp32 gradient buffer::
 
 The master shards are part of ``state_dict()`` (and ``consolidated_state_dict()``, under
 ``"master_weights"``, as :class:`~goose_core.optim.MasterWeights` writes it on one device).
+
+The shards are a copy of the parameters made at construction: each step first brings this
+rank's shard up to the parameters as they are then (written by a weights-only load, by the user),
+as :mod:`goose_core.optim.wrapper` says, so the step starts from them and not from the copy.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from goose_core.metadata import (grad_sync_of, is_duplicate, mark_dp_shard, mark
                                  set_grad_shards, shard_spec)
 from goose_core.optim.clip import norm_kind
 from goose_core.optim.zero_state import consolidate, gather_masters, shard_consolidated, shard_masters
-from goose_core.optim.wrapper import OptimizerWrapper
+from goose_core.optim.wrapper import OptimizerWrapper, differs, follow, on_host
 
 __all__ = ["DistributedOptimizer"]
 
@@ -65,8 +69,15 @@ class DistributedOptimizer(OptimizerWrapper):
     ``load_consolidated_state_dict()`` speak the plain single-device format.
 
     The model's parameters stay the truth between steps: each step writes the all-gathered
-    result back into them, and ``load_state_dict`` re-reads them (load model weights first).
-    Parameters with ``requires_grad=False`` are left out, as a plain optimizer skips them.
+    result back into them, and starts from them: weights written since the last step (a
+    weights-only ``load_checkpoint``, ``model.load_state_dict``, ``p.copy_()``, ``.data``, a
+    broadcast) are what it steps. A shard as wide as its parameters is re-read outright; fp32
+    master shards of bf16 parameters take the value of every element whose parameter no longer
+    holds the master's rounding, and keep their extra bits elsewhere (``reload_params()`` on every
+    rank re-reads outright, as ``load_checkpoint`` does). ``load_state_dict`` re-reads them, or
+    takes the saved masters: the last write wins (weights loaded after the optimizer state are
+    what the next step starts from, weights loaded before are not). Parameters with
+    ``requires_grad=False`` are left out, as a plain optimizer skips them.
 
     Args:
         optimizer: a fresh optimizer (no state yet) over the model's parameters.
@@ -90,7 +101,11 @@ class DistributedOptimizer(OptimizerWrapper):
         self.buckets = self._bucket(trainable, int(bucket_size_mb * 2**20))
         self.shards = [self._new_shard(b) for b in self.buckets]
         self._install(trainable)
+        self._keep_copies_of(p for ps in trainable for p in ps)
         self._reduced = False
+        #: Per bucket, this rank's part of the parameters when saved masters were loaded, until
+        #: the next write-back: a parameter that differs from it was written after (optim.wrapper).
+        self._loaded_over: list[torch.Tensor] | None = None
 
     def _bucket(self, trainable: list[list[nn.Parameter]], bucket_bytes: int) -> list[Bucket]:
         """One run of buckets per param group and gradient-norm kind; DataParallel's if there."""
@@ -119,8 +134,10 @@ class DistributedOptimizer(OptimizerWrapper):
         loss = self.closure_loss(closure)
         note("ZeRO-1 optimizer step")
         self._grad_shards()
+        self._follow_params()  # weights written since the last step are where this one starts
         self.optimizer.step()
         self._all_gather()
+        self._loaded_over = None  # the parameters are the masters' rounding again
         self._reset()
         return loss
 
@@ -200,10 +217,70 @@ class DistributedOptimizer(OptimizerWrapper):
     def _refresh_shards(self, masters: list[torch.Tensor] | None = None) -> None:
         """Re-read the shards from the model's parameters, or take saved ``masters`` (the
         parameters are a rounded copy of the masters under mixed precision)."""
+        if masters is None:
+            self.reload_params()
+            return
         with torch.no_grad():
-            for k, (bucket, shard) in enumerate(zip(self.buckets, self.shards)):
-                lo, hi = bucket.shard_range(self.ctx.data_parallel_rank)
-                shard.copy_(masters[k] if masters is not None else bucket.flat_params(shard.dtype)[lo:hi])
+            for master, shard in zip(masters, self.shards):
+                shard.copy_(master)
+        # the last write wins: a parameter that differs from this at the step was written after
+        self._loaded_over = [self._read(b, torch.zeros_like(s, dtype=b.params[0].dtype))
+                             for b, s in zip(self.buckets, self.shards)]
+
+    def reload_params(self) -> None:
+        """This rank's shards become exactly the parameters' values (local: no collective)."""
+        for bucket, shard in zip(self.buckets, self.shards):
+            self._read(bucket, shard)
+        self._loaded_over = None
+
+    def _follow_params(self) -> None:
+        """Bring this rank's shards up to the parameters (the rule of optim.wrapper): outright
+        where a shard is as wide as its parameters; for wider masters, element by element in
+        the buckets where a parameter was written (one host sync finds them)."""
+        wider = []
+        for k, (bucket, shard) in enumerate(zip(self.buckets, self.shards)):
+            if shard.dtype == bucket.params[0].dtype:
+                self._read(bucket, shard)
+            else:
+                wider.append(k)
+        for k, written in zip(wider, on_host([self._written(k) for k in wider])):
+            if written:
+                then = self._then(k)
+                now = self._read(self.buckets[k], then.clone())  # the padding as it was
+                follow(self.shards[k], now, then)
+                if self._loaded_over is not None:
+                    self._loaded_over[k] = now
+
+    def _then(self, k: int) -> torch.Tensor:
+        """What bucket ``k``'s parameters held (this rank's part) at the last write-back or load."""
+        if self._loaded_over is not None:
+            return self._loaded_over[k]
+        return self.shards[k].detach().to(self.buckets[k].params[0].dtype)
+
+    def _written(self, k: int) -> torch.Tensor:
+        """Whether a parameter element in this rank's part of bucket ``k`` was written since (0-d)."""
+        then = self._then(k)
+        with torch.no_grad():
+            found = [differs(view, then[where]).any() for view, where in self._pieces(self.buckets[k])]
+        return torch.stack(found).any() if found else torch.zeros((), dtype=torch.bool, device=then.device)
+
+    def _read(self, bucket: Bucket, into: torch.Tensor) -> torch.Tensor:
+        """Copy the parameters' elements in this rank's shard into ``into`` (shard-shaped)."""
+        with torch.no_grad():
+            for view, where in self._pieces(bucket):
+                into[where].copy_(view)
+        return into
+
+    def _pieces(self, bucket: Bucket) -> list[tuple[torch.Tensor, slice]]:
+        """Each parameter's elements in this rank's shard: a flat view of them (taken now: a
+        ``.data`` assignment may have moved a parameter) and where they sit in the shard."""
+        lo, hi = bucket.shard_range(self.ctx.data_parallel_rank)
+        pieces = []
+        for offset, p in zip(bucket.offsets, bucket.params):
+            start, end = max(offset, lo), min(offset + p.numel(), hi)
+            if start < end:
+                pieces.append((p.detach().reshape(-1)[start - offset : end - offset], slice(start - lo, end - lo)))
+        return pieces
 
     @property
     def mixed(self) -> bool:
@@ -216,6 +293,7 @@ class DistributedOptimizer(OptimizerWrapper):
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """This rank's shard of the optimizer state (tied to this dp size and bucketing)."""
+        self._follow_params()  # masters saved are those of the weights a save beside them writes
         state = {"zero1_shard": self.ctx.data_parallel_rank, "dp_size": self.ctx.data_parallel_size,
                  "layout": self._layout(), "optimizer": self.optimizer.state_dict()}
         if self.mixed:
@@ -241,6 +319,7 @@ class DistributedOptimizer(OptimizerWrapper):
         Collective over the data-parallel group; every rank returns the same dictionary, which
         ``torch.optim.<Same>(model.parameters(), ...).load_state_dict`` accepts on one device.
         """
+        self._follow_params()
         state = consolidate(self.optimizer, self.buckets, self.shards, self.group_params,
                             self.ctx.data_parallel_group)
         if self.mixed:
