@@ -16,7 +16,7 @@ LATEST_TESTS := tests/test_versions.py tests/test_tensor_parallel_plan.py \
 	'stages/07_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[gpt2-2]' \
 	'stages/07_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[llama-2]' \
 	'stages/07_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[bloom-2]' \
-	'stages/08_pipeline/test_gpipe.py::test_every_rank_matches_the_single_device_run[2]'
+	'stages/08_pipeline/test_gpipe.py::test_every_rank_matches_the_single_device_run[2-gpipe]'
 # `make test-stage 3` as well as `make test-stage N=3` (and `make lesson 8`): the word after the
 # goal is the number.
 ifneq ($(filter test-stage lesson,$(firstword $(MAKECMDGOALS))),)

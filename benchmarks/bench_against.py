@@ -25,19 +25,21 @@ from benchmarks.paired import Pairs, alternate, verdict
 
 HERE = Path(__file__).resolve().parent.parent
 WARMUP, STEPS = 3, 12
-LAYOUTS = [(1, 1, 2), (2, 2, 1)]  # (tp, pp, dp): data parallelism alone, and tp x pp
+# (tp, pp, dp, zero): data parallelism alone, tp x pp, and data parallelism with ZeRO-1 (whose
+# optimizer step does the most per-step work of its own: the shard's re-read, the all-gather)
+LAYOUTS = [(1, 1, 2, 0), (2, 2, 1, 0), (1, 1, 2, 1)]
 
 # Runs in the subprocess, against whichever goose_core its path finds first: only names both
 # trees have (the public API of the wrappers and the harness).
 _SAMPLE = """
 import json, statistics, sys, time
 import torch, torch.distributed as dist
-from goose_core import DataParallel, ParallelContext, PipelineParallel, TensorParallel, spawn
+from goose_core import DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel, TensorParallel, spawn
 from goose_core.data import shard_batch
 from goose_core.testing import TrainSpec
 
 SPEC = TrainSpec(family="llama", batch_size=8, seq_len=64, dtype=torch.float32)
-tp, pp, dp, warmup, steps = map(int, sys.argv[1:6])
+tp, pp, dp, zero, warmup, steps = map(int, sys.argv[1:7])
 
 def body():
     torch.set_num_threads(1)
@@ -47,6 +49,7 @@ def body():
     if pp > 1: model = PipelineParallel(model, ctx, num_microbatches=2).parallelize()
     if dp > 1: model = DataParallel(model, ctx).parallelize()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if zero: optimizer = DistributedOptimizer(optimizer, ctx)
     times = []
     for step in range(warmup + steps):
         batch = shard_batch(SPEC.batch(step % 4), ctx.dp_rank, ctx.dp_size)
@@ -63,7 +66,7 @@ print(json.dumps(spawn(body, tp * pp * dp, timeout=300)[0]))
 """
 
 
-def sample(tree: Path, layout: tuple[int, int, int]) -> float:
+def sample(tree: Path, layout: tuple[int, int, int, int]) -> float:
     """One fresh run of ``tree``'s goose_core at ``layout``: its median seconds per step."""
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", _SAMPLE, *map(str, layout), str(WARMUP), str(STEPS)],
@@ -81,7 +84,7 @@ def main() -> None:
                                  args.rounds, warmup=0)
         low, high, coverage = pairs.interval
         this, other = sorted(pairs.goose)[len(pairs.goose) // 2], sorted(pairs.peer)[len(pairs.peer) // 2]
-        print(f"tp={layout[0]} pp={layout[1]} dp={layout[2]}: this {this * 1e3:.1f} ms/step, other "
+        print(f"tp={layout[0]} pp={layout[1]} dp={layout[2]}{' ZeRO-1' if layout[3] else ''}: this {this * 1e3:.1f} ms/step, other "
               f"{other * 1e3:.1f} ms/step, ratio {pairs.ratio:.3f} [{low:.3f}, {high:.3f}] "
               f"({coverage:.0%}): {verdict(low, high)}", flush=True)
 

@@ -138,7 +138,7 @@ TOOLING: tuple[str, ...] = (
     "benchmarks/paired.py", "benchmarks/plots/", "benchmarks/results.",
     "tests/gpu/conftest.py", "tests/test_bench_gpu.py", "tests/test_bench_paired.py", "tests/test_coverage.py",
     "tests/test_docs", "tests/test_former_names.py", "tests/test_gpu_machine.py", "tests/test_import_graph.py",
-    "tests/test_kernel_families.py", "tests/test_pictures.py", "tests/test_versions.py",
+    "tests/test_kernel_families.py", "tests/test_make_targets.py", "tests/test_pictures.py", "tests/test_versions.py",
 )
 
 #: The folders whose every file is a lesson's or tooling's.
