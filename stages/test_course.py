@@ -435,11 +435,3 @@ def test_make_lesson_prints_the_diff_or_the_stages() -> None:
     assert unknown.returncode == 1 and "no stage 99; the stages are: 00_reference" in unknown.stderr
     table = subprocess.run(lesson_cli, capture_output=True, text=True)
     assert [line.split()[0] for line in table.stdout.splitlines()[1:]] == [p.name for p in STAGE_DIRS]
-
-
-
-def test_the_readme_prints_the_lessons_as_make_lessons_does() -> None:
-    # The lessons are computed from the working tree, so they are always current; the README's
-    # copy of their sizes is text, and this keeps it so (`make lessons` prints the new table).
-    readme = (STAGES_DIR.parent / "README.md").read_text(encoding="utf-8")
-    assert lesson_table().strip() in readme, "README.md's lesson table is stale: paste `make lessons`"
