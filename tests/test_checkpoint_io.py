@@ -4,6 +4,7 @@ checkpoint loadable."""
 
 import copy
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from goose_core import (DistributedOptimizer, ParallelContext, RankError, full_s
 from goose_core.checkpoint import atomic
 from goose_core.checkpoint.chunks import pieces_of
 from goose_core.data import shard_batch
-from goose_core.metadata import ShardSpec
+from goose_core.metadata import ShardSpec, shard_spec
 from goose_core.optim import MasterWeights
 from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, at_layout,
                                 reference_run, run_distributed, snapshot, train_loop)
@@ -246,6 +247,153 @@ def test_a_weights_only_load_resets_fp32_masters(tmp_path: Path, zero: bool) -> 
             assert_matches_reference(r["run"], r["twin"], EXACT)
         except AssertionError as err:
             raise AssertionError(f"rank {rank}: {err}") from err
+
+
+# -- fp32 master weights of a bf16 model ---------------------------------------------------------
+# A bf16 parameter is only its fp32 master's rounding: without the masters a resume starts from
+# the rounding and drifts from the uninterrupted run. ZeRO-1 keeps them in its shards, MasterWeights
+# in a copy per parameter; both save them cut like the parameter (optim/master_weights/<name>).
+MIXED = TrainSpec(family="llama", steps=4, precision="bf16")
+
+
+def _mixed(ctx: ParallelContext, spec: TrainSpec, zero: bool) -> tuple[Any, Any]:
+    model = at_layout(spec.build_model(), ctx, num_microbatches=2)
+    optimizer = spec.build_optimizer(model.parameters())
+    return model, DistributedOptimizer(optimizer, ctx) if zero else MasterWeights(optimizer)
+
+
+def _masters(model: Any, optimizer: Any) -> dict[str, torch.Tensor]:
+    """The optimizer's fp32 masters by parameter name, whole over dp (this rank's tp shards)."""
+    plain = (optimizer.consolidated_state_dict() if isinstance(optimizer, DistributedOptimizer)
+             else optimizer.state_dict())
+    names = {p: n for n, p in model.named_parameters()}
+    params = [p for ps in optimizer.group_params for p in ps]
+    return {names[params[i]]: m.detach().cpu().clone() for i, m in plain["master_weights"].items()}
+
+
+Mixed = tuple[RunResult, dict[str, torch.Tensor]]  # a run's losses and weights, this rank's masters
+
+
+def _mixed_run(ctx: ParallelContext, spec: TrainSpec, zero: bool, path: str | None, at: int) -> Mixed:
+    """Every step of ``spec`` (with a checkpoint after step ``at`` if ``path``)."""
+    model, optimizer = _mixed(ctx, spec, zero)
+    losses = _steps(model, optimizer, ctx, spec, 0, at)
+    if path is not None:
+        save_checkpoint(path, model, optimizer, ctx, step=at)
+    losses += _steps(model, optimizer, ctx, spec, at, spec.steps)
+    return RunResult(losses, full_state_dict(model, ctx)), _masters(model, optimizer)
+
+
+def _mixed_uninterrupted(ctx: ParallelContext, spec: TrainSpec, zero: bool, path: str, at: int) -> list[Mixed]:
+    return [_mixed_run(ctx, spec, zero, None, at), _mixed_run(ctx, spec, zero, path, at)]
+
+
+def _mixed_resume(ctx: ParallelContext, spec: TrainSpec, zero: bool, path: str) -> Mixed:
+    model, optimizer = _mixed(ctx, spec, zero)
+    step = load_checkpoint(path, model, optimizer, ctx)["step"]
+    losses = _steps(model, optimizer, ctx, spec, step, spec.steps)
+    return RunResult(losses, full_state_dict(model, ctx)), _masters(model, optimizer)
+
+
+def _same_masters(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    assert got.keys() == want.keys(), what
+    differ = [n for n in want if not torch.equal(got[n], want[n])]
+    assert not differ, (f"{what}: {len(differ)} of {len(want)} fp32 masters differ (first {differ[0]}, "
+                        f"by {(got[differ[0]] - want[differ[0]]).abs().max().item():.3g})")
+
+
+# GPT-2 at pp=2 is left out: under MasterWeights its tied embedding's two stage copies drift
+# apart in training already (no checkpoint involved), and a checkpoint keeps one copy of the two.
+@pytest.mark.parametrize("family,layout,zero", [("llama", (1, 1, 2), True), ("llama", (1, 1, 1), False),
+                                                ("llama", (1, 1, 2), False), ("gpt2", (2, 1, 1), False),
+                                                ("llama", (2, 2, 1), False)],
+                         ids=["zero1-dp2", "master-weights", "master-weights-dp2", "master-weights-gpt2-tp2",
+                              "master-weights-tp2-pp2"])
+def test_a_bf16_resume_restores_the_fp32_masters_bit_for_bit(tmp_path: Path, family: str,
+                                                              layout: tuple[int, int, int], zero: bool) -> None:
+    """bf16 with fp32 masters (ZeRO-1's shards; MasterWeights alone, under DataParallel, over
+    GPT-2's fused q|k|v tp shards, over tp x pp): 2 steps, save, new processes, load, 2 steps ==
+    the uninterrupted run: losses, weights, masters (EXACT)."""
+    spec, path = replace(MIXED, family=family), str(tmp_path / "ckpt")
+    runs = run_distributed(_mixed_uninterrupted, *layout, spec, zero, path, 2, timeout=180)
+    resumed = run_distributed(_mixed_resume, *layout, spec, zero, path, timeout=180)
+    for rank, ((whole, masters), (saved, saved_masters), (result, got)) in enumerate(zip(*zip(*runs), resumed)):
+        try:
+            assert_matches_reference(saved, whole, EXACT)
+            _same_masters(saved_masters, masters, "saving changed the run")
+            assert_matches_reference(result, RunResult(whole.losses[2:], whole.params), EXACT)
+            _same_masters(got, masters, "resumed")
+        except AssertionError as err:
+            raise AssertionError(f"rank {rank}: {err}") from err
+
+
+def _saved_masters(ctx: ParallelContext, spec: TrainSpec, path: str) -> dict[str, torch.Tensor]:
+    model, optimizer = _mixed(ctx, spec, True)
+    _steps(model, optimizer, ctx, spec, 0, 2)
+    save_checkpoint(path, model, optimizer, ctx, step=2)
+    return _masters(model, optimizer)
+
+
+def _loaded_masters(ctx: ParallelContext, spec: TrainSpec, path: str,
+                    want: dict[str, torch.Tensor]) -> list[str]:
+    """Load at this layout with MasterWeights: the names whose master pieces differ from ``want``'s."""
+    model, optimizer = _mixed(ctx, spec, False)
+    load_checkpoint(path, model, optimizer, ctx)
+    names = {p: n for n, p in model.named_parameters()}
+    return [names[p] for p, master in optimizer.masters.items()
+            if not _cut_from(want[names[p]], pieces_of(master.detach(), shard_spec(p), ctx.tp_size, ctx.tp_rank))]
+
+
+def _cut_from(full: torch.Tensor, pieces: Any) -> bool:
+    """Whether every piece is ``full``'s part at its offset."""
+    if pieces.size != full.shape:
+        return False
+    for offset, t in zip(pieces.offsets, pieces.tensors):
+        if not torch.equal(full[tuple(slice(o, o + n) for o, n in zip(offset, t.shape))], t):
+            return False
+    return True
+
+
+def _fp32_from_masters(ctx: ParallelContext, spec: TrainSpec, path: str) -> dict[str, torch.Tensor]:
+    """An fp32 model and a plain optimizer (its parameters are their own masters) load it."""
+    model = at_layout(replace(spec, precision="full", dtype=torch.float32).build_model(), ctx)
+    load_checkpoint(path, model, spec.build_optimizer(model.parameters()), ctx)
+    return full_state_dict(model, ctx)
+
+
+def test_saved_masters_reshard_and_load_into_an_fp32_model(tmp_path: Path) -> None:
+    """bf16 ZeRO-1 at dp=2 saved; loaded at tp=2 and on one device (MasterWeights), each rank's
+    masters are its pieces of the saved ones bit for bit; an fp32 model's weights are the masters."""
+    path = str(tmp_path / "ckpt")
+    want = run_distributed(_saved_masters, 1, 1, 2, MIXED, path, timeout=180)[0]
+    for tp in (2, 1):
+        for rank, wrong in enumerate(run_distributed(_loaded_masters, tp, 1, 1, MIXED, path, want, timeout=180)):
+            assert not wrong, f"tp={tp} rank {rank}: {len(wrong)} masters differ from the saved (first {wrong[0]})"
+    weights = run_distributed(_fp32_from_masters, 1, 1, 1, MIXED, path, timeout=180)[0]
+    _same_masters({n: weights[n] for n in want}, want, "an fp32 model loaded from the masters")
+
+
+def _mixed_from_fp32(ctx: ParallelContext, spec: TrainSpec, path: str) -> list[str]:
+    """An fp32 run's checkpoint (no masters) into ZeRO-1 and MasterWeights over bf16: the
+    masters are the loaded weights. The keepers whose masters are not, by name."""
+    fp32 = replace(spec, precision="full", dtype=torch.float32)
+    model = fp32.build_model()
+    optimizer = fp32.build_optimizer(model.parameters())
+    _steps(model, optimizer, None, fp32, 0, 1)
+    save_checkpoint(path, model, optimizer, ctx, step=1)
+    wrong = []
+    for zero in (True, False):
+        model, keeper = _mixed(ctx, spec, zero)
+        load_checkpoint(path, model, keeper, ctx)
+        masters = _masters(model, keeper)
+        if any(not torch.equal(masters[n], p.detach().float()) for n, p in model.named_parameters()):
+            wrong.append(type(keeper).__name__)
+    return wrong
+
+
+def test_a_checkpoint_without_masters_gives_masters_equal_to_the_weights(tmp_path: Path) -> None:
+    wrong = run_distributed(_mixed_from_fp32, 1, 1, 1, MIXED, str(tmp_path / "ckpt"), timeout=120)[0]
+    assert not wrong, f"{wrong}: masters loaded from an fp32 checkpoint are not the loaded bf16 weights"
 
 
 # -- crashes and refusals ----------------------------------------------------------------------

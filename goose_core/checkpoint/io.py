@@ -4,13 +4,14 @@ A checkpoint folder (DCP's files plus ``goose.json``) holds::
 
     model/<name>                  every parameter, full shape, written in the pieces ranks hold
     optim/state/<name>/<key>      the optimizer's state (see optim_state), optim/param_groups
+    optim/master_weights/<name>   the fp32 master of a bf16 (fp16) parameter, cut like it
     rng/<rank>/{cpu,cuda,tp}      each rank's random streams (see rng)
     goose/extra                   what the caller passed (step, data position, ...)
     goose.json                    the layout it was saved at (tp, pp, dp, each rank's coordinates)
 
-Loading at the saved layout restores every bit (parameters, ZeRO shards, random streams), so a
-resumed run continues exactly as the uninterrupted one; at another layout each rank reads the
-parts of the full tensors it holds now.
+Loading at the saved layout restores every bit (parameters, fp32 masters, ZeRO shards, random
+streams), so a resumed run continues exactly as the uninterrupted one; at another layout each
+rank reads the parts of the full tensors it holds now.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 from goose_core.checkpoint import atomic, rng
 from goose_core.checkpoint.chunks import Pieces, pieces_of, whole
-from goose_core.checkpoint.optim_state import load_state, optimizer_problems, state_destinations, state_entries
+from goose_core.checkpoint.optim_state import (load_masters, load_state, optimizer_problems, state_destinations,
+                                               state_entries)
 from goose_core.checkpoint.planner import PiecesLoadPlanner, PiecesSavePlanner
 from goose_core.distributed.context import ParallelContext
 from goose_core.metadata import keepers_of, shard_spec
@@ -76,6 +78,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     ``path`` on a file system every rank sees and the same ``extra`` (the step, the data position:
     anything picklable). The folder appears complete or not at all; a previous checkpoint at
     ``path`` stays loadable until the new one has replaced it.
+
+    The optimizer (a torch one, ``MasterWeights`` or ``DistributedOptimizer``) is saved in the
+    plain single-device format by parameter name; under mixed precision its fp32 master weights
+    too (``optim/master_weights/<name>``, cut like the parameter), which a bf16 parameter only
+    rounds: without them a resumed run would not be bit-exact.
 
     Raises:
         ValueError: on every rank, before writing: ``extra`` that differs between ranks or does
@@ -194,7 +201,12 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     then re-reads that copy from the loaded weights on every rank, so with ``optimizer=None`` (a
     weights-only load) the next step starts from exactly the loaded weights, the optimizer's
     state (moments, step count, learning rate) as it was. An optimizer passed takes the
-    checkpoint's state after that, its saved fp32 masters included.
+    checkpoint's state after that, its saved fp32 masters included: they win over the re-read.
+    Saved masters go where this optimizer keeps each parameter's master: its fp32 copy, or the
+    parameter itself where the parameter holds it exactly (an fp32 model with a plain optimizer
+    continues from the masters of a bf16 run); a pure-bf16 parameter is their rounding already.
+    A checkpoint without masters (an fp32 run) gives a mixed-precision optimizer masters equal
+    to the loaded parameters.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
@@ -218,6 +230,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     except CheckpointException as err:
         raise RuntimeError(f"loading {folder} failed on ranks {sorted(err.failures)}:\n{err}") from None
     dests.update(planner.loaded)
+    if optimizer is not None:
+        load_masters(optimizer, _names(model), dests)  # parameters that are their own master
     for keeper in keepers_of(_names(model)):  # every rank: its step would write its old copy back
         keeper.reload_params()
     if optimizer is not None:
