@@ -20,6 +20,8 @@ Wrappers leave facts on the tensors and modules they change, and other wrappers 
                                                                               optim.master)
     an optimizer keeping its own copy of a  link_keeper, keepers_of         optim.zero, optim.master ->
       parameter (ZeRO-1 shard, fp32 master)                                   checkpoint.io
+    where a gradient accumulates wider than set_wide_grad, wide_grad_of     data_parallel.reducer,
+      its parameter (fp32 slot or master)                                     optim.master -> pipeline.tied
 
 Each fact is one ``_goose_*`` attribute, named here alone. A fact is not carried over when a
 wrapper replaces a parameter: whoever makes the new one marks it.
@@ -40,7 +42,8 @@ __all__ = ["ShardSpec", "mark_sharded", "shard_spec", "mark_duplicate", "is_dupl
            "is_dp_shard", "set_grad_shards", "grad_shards", "link_grad_sync", "unlink_grad_sync",
            "grad_sync_of", "grad_syncs", "set_module_grad_sync", "module_grad_sync", "parameters_changed",
            "set_batch_check", "batch_check_of", "mark_split_guard", "is_split_guard", "set_finite_watch",
-           "finite_watch", "CopyKeeper", "link_keeper", "keepers_of"]
+           "finite_watch", "CopyKeeper", "link_keeper", "keepers_of", "set_wide_grad", "clear_wide_grad",
+           "wide_grad_of"]
 
 T = TypeVar("T")
 
@@ -279,3 +282,25 @@ def keepers_of(params: Iterable[Tensor]) -> list[CopyKeeper]:
             for keeper in list(keepers.refs):
                 found.setdefault(id(keeper), keeper)
     return list(found.values())
+
+
+# -- where a gradient accumulates, when wider than its parameter --------------------------------
+_WIDE_GRAD: _Fact[tuple[torch.dtype, Callable[[], Tensor]]] = _Fact("wide_grad")
+
+
+def set_wide_grad(param: Tensor, dtype: torch.dtype, target: Callable[[], Tensor]) -> None:
+    """``target()`` is the tensor of the wider ``dtype`` (fp32 for a bf16 parameter) that
+    ``param``'s gradient is summed into as the backward produces it: a gradient added after the
+    backward (the pipeline's tied embedding) goes there too, in the same dtype, or the two
+    stages' sums would round apart."""
+    _WIDE_GRAD.set(param, (dtype, target))
+
+
+def clear_wide_grad(param: Tensor) -> None:
+    """``param``'s gradient no longer accumulates in a wider tensor."""
+    _WIDE_GRAD.clear(param)
+
+
+def wide_grad_of(param: Tensor) -> tuple[torch.dtype, Callable[[], Tensor]] | None:
+    """Where ``param``'s gradient accumulates when wider than it (:func:`set_wide_grad`), if anywhere."""
+    return _WIDE_GRAD.get(param)

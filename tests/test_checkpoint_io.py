@@ -302,13 +302,13 @@ def _same_masters(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], w
                         f"by {(got[differ[0]] - want[differ[0]]).abs().max().item():.3g})")
 
 
-# GPT-2 at pp=2 is left out: under MasterWeights its tied embedding's two stage copies drift
-# apart in training already (no checkpoint involved), and a checkpoint keeps one copy of the two.
+# GPT-2 at pp=2: its tied embedding on two stages, whose copies must stay one weight (the
+# checkpoint keeps one of them; tests/test_composition.py proves they do).
 @pytest.mark.parametrize("family,layout,zero", [("llama", (1, 1, 2), True), ("llama", (1, 1, 1), False),
                                                 ("llama", (1, 1, 2), False), ("gpt2", (2, 1, 1), False),
-                                                ("llama", (2, 2, 1), False)],
+                                                ("llama", (2, 2, 1), False), ("gpt2", (1, 2, 1), False)],
                          ids=["zero1-dp2", "master-weights", "master-weights-dp2", "master-weights-gpt2-tp2",
-                              "master-weights-tp2-pp2"])
+                              "master-weights-tp2-pp2", "master-weights-gpt2-pp2"])
 def test_a_bf16_resume_restores_the_fp32_masters_bit_for_bit(tmp_path: Path, family: str,
                                                               layout: tuple[int, int, int], zero: bool) -> None:
     """bf16 with fp32 masters (ZeRO-1's shards; MasterWeights alone, under DataParallel, over

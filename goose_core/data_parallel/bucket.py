@@ -94,15 +94,20 @@ class Bucket:
     def full(self) -> bool:
         return len(self.ready) == len(self.params)
 
+    def sum_slot(self, i: int) -> Tensor:
+        """Parameter ``i``'s slot as the running sum of this accumulation (zeroing the buffer if it
+        holds none of it yet), for a gradient that arrives outside the backward's hooks."""
+        if self.fresh:
+            self.grad.zero_()
+            self.fresh = False
+        return self.slot(i)
+
     def add(self, i: int) -> None:
         """Add parameter ``i``'s gradient into its slot and free it (``accumulates`` buffers)."""
         param = self.params[i]
         if param.grad is None:
             return
-        if self.fresh:
-            self.grad.zero_()
-            self.fresh = False
-        self.slot(i).add_(param.grad)
+        self.sum_slot(i).add_(param.grad)
         param.grad = None
 
     def mark_ready(self, i: int, divisor: int = 1) -> None:

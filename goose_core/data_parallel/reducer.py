@@ -40,7 +40,7 @@ from torch.utils.hooks import RemovableHandle
 from goose_core.data_parallel.bucket import Bucket, build_buckets
 from goose_core.distributed.progress import note
 from goose_core.grad_sync import GradSync
-from goose_core.metadata import link_grad_sync, unlink_grad_sync
+from goose_core.metadata import clear_wide_grad, link_grad_sync, set_wide_grad, unlink_grad_sync
 
 __all__ = ["GradReducer", "FIRST_BUCKET_BYTES", "trainable"]
 
@@ -130,11 +130,16 @@ class GradReducer(GradSync):
                                                FIRST_BUCKET_BYTES, dtype=self.reduce_dtype)]
         self._where = {p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
-        for p in self._where:
+        for p, (bucket, i) in self._where.items():
             link_grad_sync(p, self)
+            if bucket.accumulates:  # summed in fp32 as the backward runs: a late addition goes there too
+                set_wide_grad(p, bucket.grad.dtype, lambda bucket=bucket, i=i: bucket.sum_slot(i))
+            else:
+                clear_wide_grad(p)
         for p in before:
             if p not in self._where:
                 unlink_grad_sync(p, self)  # replaced or dropped: no longer this reducer's
+                clear_wide_grad(p)
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:

@@ -27,7 +27,8 @@ from torch import nn
 
 from goose_core.data_parallel.bucket import main_dtype
 from goose_core.finite import copy_watch
-from goose_core.metadata import grad_sync_of, is_duplicate, mark_duplicate, mark_sharded, set_grad_shards, shard_spec
+from goose_core.metadata import (grad_sync_of, is_duplicate, mark_duplicate, mark_sharded, set_grad_shards,
+                                 set_wide_grad, shard_spec)
 from goose_core.optim.wrapper import OptimizerWrapper, differs, follow, on_host
 
 __all__ = ["MasterWeights"]
@@ -67,6 +68,8 @@ class MasterWeights(OptimizerWrapper):
         for p in self.masters:
             if p.requires_grad and grad_sync_of(p) is None:
                 p.register_post_accumulate_grad_hook(self._take)
+                if self.masters.get(p, p) is not p:  # summed in the fp32 master.grad, not p.grad
+                    set_wide_grad(p, self.masters[p].dtype, lambda p=p: self._master_grad(p))
             set_grad_shards(p, self.master_params)  # clipping and the scaler read the masters
         self._keep_copies_of(self.masters)
         #: What the parameters held when saved masters were loaded, until the next write-back: a
@@ -97,6 +100,13 @@ class MasterWeights(OptimizerWrapper):
         else:
             master.grad.add_(p.grad)
         p.grad = None
+
+    def _master_grad(self, p: nn.Parameter) -> torch.Tensor:
+        """``p``'s master gradient, the fp32 sum a late gradient (the tied embedding's) adds into."""
+        master = self.masters[p]
+        if master.grad is None:
+            master.grad = torch.zeros_like(master)
+        return master.grad
 
     def master_params(self) -> list[nn.Parameter]:
         """The parameters the wrapped optimizer steps, their gradients collected in fp32 (from the

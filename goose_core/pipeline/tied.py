@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.missing import naming_missing
-from goose_core.metadata import mark_duplicate
+from goose_core.metadata import mark_duplicate, wide_grad_of
 
 __all__ = ["TiedGradients"]
 
@@ -42,6 +42,11 @@ class TiedGradients:
         return cls(weight, group)
 
     def _collect(self, grad: Tensor) -> None:
+        # Summed as this stage's own gradient is: in fp32 where it accumulates wider than the
+        # parameter (fp32 masters, fp32 buckets), else in the parameter's dtype, so that both
+        # stages end with (their sum) + (the other's sum) of the same two numbers.
+        if (wide := wide_grad_of(self.param)) is not None:
+            grad = grad.to(wide[0])
         self.added = grad.clone() if self.added is None else self.added + grad
 
     def sync(self) -> None:
@@ -50,12 +55,16 @@ class TiedGradients:
         Runs before data parallelism reduces (the pipeline defers it to the end of its
         backward): averaging over dp is linear, so the summed local gradients average right, and
         ZeRO-1 still finds the whole gradient in ``param.grad``."""
-        mine = self.added if self.added is not None else torch.zeros_like(self.param)
+        wide = wide_grad_of(self.param)
+        dtype = wide[0] if wide is not None else self.param.dtype
+        mine = self.added if self.added is not None else torch.zeros_like(self.param, dtype=dtype)
         both = [torch.empty_like(mine) for _ in range(2)]
         with naming_missing(self.group):
             dist.all_gather(both, mine.contiguous(), group=self.group)
         other = both[1] if dist.get_rank(self.group) == 0 else both[0]
-        if self.param.grad is None:
+        if wide is not None:
+            wide[1]().add_(other)  # into the fp32 sum the backward's own gradients went to
+        elif self.param.grad is None:
             self.param.grad = other.clone()  # this stage never used the weight this step
         else:
             self.param.grad.add_(other)
