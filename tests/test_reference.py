@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from goose_core.testing import EXACT, PARALLEL, RunResult, assert_matches_reference
+from goose_core.testing import EXACT, PARALLEL, RunResult, assert_matches_reference, largest_errors
 
 
 def _run() -> RunResult:
@@ -81,3 +81,15 @@ def test_a_nan_or_inf_fails(bad: float) -> None:
     other.losses[0] = bad
     with pytest.raises(AssertionError, match="losses differ"):
         assert_matches_reference(other, _run(), PARALLEL)
+
+
+def test_largest_errors_reports_the_worst_rank_parameter_and_loss() -> None:
+    want = RunResult([5.0, 4.0], {"w": torch.tensor([1.0, -2.0], dtype=torch.float64)})
+    same = RunResult([5.0, 4.0], {"w": torch.tensor([1.0, -2.0], dtype=torch.float64)})
+    off = RunResult([5.0, 4.0 + 1e-9], {"w": torch.tensor([1.0, -2.0 + 4e-10], dtype=torch.float64)})
+    assert largest_errors(same, want) == (0.0, 0.0, 0.0)
+    param, loss, share = largest_errors([same, off], want)  # every rank's run: the worst one counts
+    assert param == pytest.approx(4e-10) and loss == pytest.approx(1e-9)
+    # the loss is the worse of the two: 1e-9 against 1e-12 + 1e-10 * 4 of PARALLEL's allowance
+    assert share == pytest.approx(1e-9 / (1e-12 + 4e-10))
+    assert largest_errors(RunResult([5.0, 4.0], {"w": torch.tensor([1.0, float("nan")])}), want)[2] == float("inf")

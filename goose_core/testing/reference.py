@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ from goose_core.loss import count_items
 from goose_core.testing.models import build_model
 from goose_core.optim import MasterWeights
 from goose_core.testing.split_reductions import split_reductions
-from goose_core.testing.tolerances import Tolerance
+from goose_core.testing.tolerances import PARALLEL, Tolerance
 
 __all__ = [
     "PRECISIONS",
@@ -30,6 +30,7 @@ __all__ = [
     "FLOOR_RUNS",
     "noise_floor_runs",
     "assert_matches_reference",
+    "largest_errors",
     "format_beside_reference",
 ]
 
@@ -224,6 +225,24 @@ def _worst(actual: Tensor, expected: Tensor, tol: Tolerance) -> float:
     if tol.atol == 0 and tol.rtol == 0:
         return float("inf") if err.max() > 0 else 0.0
     return float((err / allowed).max())
+
+
+def largest_errors(actual: RunResult | Sequence[RunResult], expected: RunResult,
+                   tol: Tolerance = PARALLEL) -> tuple[float, float, float]:
+    """How far ``actual`` (one run, or every rank's) is from ``expected``, as the chapters' NOTES
+    tables print it: (largest |parameter error|, largest |loss error|, the worst error's share of
+    ``tol``'s allowance over parameters and losses; above 1 :func:`assert_matches_reference` fails)."""
+    runs = [actual] if isinstance(actual, RunResult) else list(actual)
+    want_losses = torch.tensor(expected.losses, dtype=torch.float64)
+    param = loss = share = 0.0
+    for run in runs:
+        got_losses = torch.tensor(run.losses, dtype=torch.float64)
+        loss = max(loss, float((got_losses - want_losses).abs().max()))
+        share = max(share, _worst(got_losses, want_losses, tol))
+        for name, want in expected.params.items():
+            param = max(param, float((run.params[name].double() - want.double()).abs().max()))
+            share = max(share, _worst(run.params[name], want, tol))
+    return param, loss, share
 
 
 def assert_matches_reference(actual: RunResult, expected: RunResult, tol: Tolerance,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from goose_core.testing import TINY_MODELS, PARALLEL, RunResult, TrainSpec, reference_run, run_distributed
+from goose_core.testing import TINY_MODELS, TrainSpec, largest_errors, reference_run, run_distributed
 
 __all__ = ["step_memory", "bug_distances"]
 
@@ -61,23 +61,14 @@ def _plants() -> Any:
     return module.PLANTS
 
 
-def _distance(got: RunResult, want: RunResult) -> tuple[float, float, float]:
-    """(max parameter error, max loss error, worst error / PARALLEL's allowance)."""
-    pairs = [(got.params[k].double(), v.double()) for k, v in want.params.items()]
-    pairs.append((torch.tensor(got.losses, dtype=torch.float64), torch.tensor(want.losses, dtype=torch.float64)))
-    ratio = max(float(((a - b).abs() / (PARALLEL.atol + PARALLEL.rtol * b.abs())).max()) for a, b in pairs)
-    param = max(float((a - b).abs().max()) for a, b in pairs[:-1])
-    return param, float((pairs[-1][0] - pairs[-1][1]).abs().max()), ratio
-
-
 def bug_distances() -> list[tuple[str, tuple[int, int, int], bool, tuple[float, float, float]]]:
     """Every planted bug's layout, without and with the bug: its distance from one device (worst rank)."""
     rows = []
     for name, (body, layout, spec) in sorted(_plants().items()):
         reference = reference_run(spec)
         for plant in (False, True):
-            found = [_distance(r, reference) for r in run_distributed(body, *layout, plant, timeout=120)]
-            rows.append((name, layout, plant, tuple(max(f[i] for f in found) for i in range(3))))
+            found = largest_errors(run_distributed(body, *layout, plant, timeout=120), reference)
+            rows.append((name, layout, plant, found))
     return rows
 
 

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # stages/: the cou
 from course import load_train_script  # noqa: E402
 
 from goose_core import ParallelContext  # noqa: E402
-from goose_core.testing import PARALLEL, RunResult, TrainSpec, reference_run, run_distributed  # noqa: E402
+from goose_core.testing import RunResult, TrainSpec, largest_errors, reference_run, run_distributed  # noqa: E402
 
-__all__ = ["CASES", "worst"]
+__all__ = ["CASES"]
 
 train_script = load_train_script("06")
 GPT2 = TrainSpec(family="gpt2", steps=3, max_grad_norm=1.0)
@@ -37,20 +37,6 @@ def _train(ctx: ParallelContext, spec: TrainSpec, micro_batches: int, bucket_siz
     return train_script.train(ctx, spec, micro_batches, bucket_size_mb, data_parallel)[0]
 
 
-def worst(results: list[RunResult], reference: RunResult) -> tuple[float, float, float]:
-    """(max parameter difference, max loss difference, worst share of PARALLEL's allowance)."""
-    params = loss = share = 0.0
-    for result in results:
-        for name, want in reference.params.items():
-            err = (result.params[name].double() - want.double()).abs()
-            params = max(params, float(err.max()))
-            share = max(share, float((err / (PARALLEL.atol + PARALLEL.rtol * want.double().abs())).max()))
-        got = torch.tensor(result.losses, dtype=torch.float64)
-        want = torch.tensor(reference.losses, dtype=torch.float64)
-        loss = max(loss, float((got - want).abs().max()))
-    return params, loss, share
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64",
@@ -62,7 +48,7 @@ def main() -> None:
     for spec, dp, micro_batches, bucket_mb, data_parallel in CASES:
         spec = replace(spec, dtype=dtype)
         results = run_distributed(_train, 1, 1, dp, spec, micro_batches, bucket_mb, data_parallel, timeout=300)
-        params, loss, share = worst(results, reference_run(spec))
+        params, loss, share = largest_errors(results, reference_run(spec))
         clip = " + clipping" if spec.max_grad_norm is not None else ""
         print(f"| {spec.optimizer}{clip} | {spec.family} | {dp} | {micro_batches} | {'yes' if data_parallel else 'no'} "
               f"| {params:.1e} | {loss:.1e} | {share:.1e} |", flush=True)

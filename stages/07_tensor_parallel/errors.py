@@ -17,27 +17,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # stages/: the course's tooling
 from course import load_train_script  # noqa: E402
 
-from goose_core.testing import PARALLEL, RunResult, TrainSpec, reference_run, run_distributed  # noqa: E402
+from goose_core.testing import TrainSpec, largest_errors, reference_run, run_distributed  # noqa: E402
 
-__all__ = ["CASES", "worst"]
+__all__ = ["CASES"]
 
 train_script = load_train_script("07")
 # (family, tp): the cases of test_tp_equals_the_single_device_run, 3 AdamW steps
 CASES = [(family, tp) for family in ("gpt2", "llama", "bloom") for tp in (2, 4)]
-
-
-def worst(results: list[RunResult], reference: RunResult) -> tuple[float, float, float]:
-    """(max parameter difference, max loss difference, worst share of PARALLEL's allowance)."""
-    params = loss = share = 0.0
-    for result in results:
-        for name, want in reference.params.items():
-            err = (result.params[name].double() - want.double()).abs()
-            params = max(params, float(err.max()))
-            share = max(share, float((err / (PARALLEL.atol + PARALLEL.rtol * want.double().abs())).max()))
-        got = torch.tensor(result.losses, dtype=torch.float64)
-        want = torch.tensor(reference.losses, dtype=torch.float64)
-        loss = max(loss, float((got - want).abs().max()))
-    return params, loss, share
 
 
 def main() -> None:
@@ -50,7 +36,7 @@ def main() -> None:
     for family, tp in CASES:
         spec = TrainSpec(family=family, steps=3, dtype=dtype)
         results = run_distributed(train_script.train, tp, 1, 1, spec, timeout=300)
-        params, loss, share = worst(results, reference_run(spec))
+        params, loss, share = largest_errors(results, reference_run(spec))
         print(f"| {family} | {tp} | {loss:.1e} | {params:.1e} | {share:.1e} |", flush=True)
 
 
