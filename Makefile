@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LATEST := .venv-latest
-# The demo's ranks: stage 13 trains at tp 2 x pp 2 x dp 2.
+# The demo's ranks: stage 14 trains at tp 2 x pp 2 x dp 2.
 NPROC  ?= 8
 # torch is pinned: 2.13.0 is a local CPU wheel on these machines; an unpinned torch downloads a
 # multi-GB CUDA build from PyPI. (pyproject.toml states the range goose supports: torch >= 2.11.)
@@ -13,10 +13,10 @@ TORCH  := torch==2.13.0
 LATEST_TESTS := tests/test_versions.py tests/test_tensor_parallel_plan.py \
 	tests/test_tensor_parallel_families.py tests/test_models.py \
 	'stages/05_data_parallel/test_data_parallel.py::test_equals_the_single_device_run[llama-sgd-dp2-accumulate]' \
-	'stages/07_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[gpt2-2]' \
-	'stages/07_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[llama-2]' \
-	'stages/07_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[bloom-2]' \
-	'stages/08_pipeline/test_gpipe.py::test_every_rank_matches_the_single_device_run[2-gpipe]'
+	'stages/08_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[gpt2-2]' \
+	'stages/08_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[llama-2]' \
+	'stages/08_tensor_parallel/test_tensor_parallel.py::test_tp_equals_the_single_device_run[bloom-2]' \
+	'stages/09_pipeline/test_gpipe.py::test_every_rank_matches_the_single_device_run[2-gpipe]'
 # `make test-stage 3` as well as `make test-stage N=3` (and `make lesson 8`): the word after the
 # goal is the number.
 ifneq ($(filter test-stage lesson,$(firstword $(MAKECMDGOALS))),)

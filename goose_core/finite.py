@@ -16,7 +16,7 @@ the gradients the optimizer is about to read, on every rank, before it reads the
                  parameter latest in the model
 
 Where goose gets control once per step in every loop: torch's optimizer step pre-hook, which
-runs before ``step()`` of *any* ``torch.optim`` optimizer, the plain ones of stages 05 to 12
+runs before ``step()`` of *any* ``torch.optim`` optimizer, the plain ones of stages 05 to 13
 included (goose never sees those). It is registered once, globally, and acts only on optimizers
 whose tensors a goose wrapper marked (:func:`watch`); others are left alone. ZeRO-1 and
 ``MasterWeights`` step an inner optimizer over their shards or fp32 masters, which they mark too.

@@ -53,8 +53,8 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # fp16 and dynamic loss scaling.
     2: ("goose_core/amp/", "tests/test_amp.py"),
     # Autocast has no module of its own: torch.autocast is the feature, and the engine keeps the
-    # forward's autocast state where it replays work (engine/recompute.py, 10; engine/parked.py,
-    # 08). Stage 03's lesson is its loop and its proofs.
+    # forward's autocast state where it replays work (engine/recompute.py, 11; engine/parked.py,
+    # 09). Stage 03's lesson is its loop and its proofs.
     3: (),
     4: ("goose_core/distributed/__init__.py", "goose_core/distributed/collectives.py",
         "goose_core/distributed/compat.py", "goose_core/distributed/context.py", "goose_core/distributed/grid.py",
@@ -67,7 +67,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
         "tests/test_zero.py", "tests/test_clip.py", "benchmarks/bench_zero.py"),
     # Tensor parallelism, and the family knowledge it reads (each family module holds its TP half
     # and, where the family needs one, the few lines of its pipeline half).
-    7: ("goose_core/tensor_parallel/", "goose_core/state.py", "goose_core/models/__init__.py",
+    8: ("goose_core/tensor_parallel/", "goose_core/state.py", "goose_core/models/__init__.py",
         "goose_core/models/apertus.py", "goose_core/models/bloom.py", "goose_core/models/declared.py",
         "goose_core/models/doge.py", "goose_core/models/family.py", "goose_core/models/gpt2.py",
         "goose_core/models/inkling.py", "goose_core/models/opt.py", "goose_core/models/registry.py",
@@ -79,7 +79,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # the 🤗 binding: the split, a rank's stage, tied embeddings, PipelineParallel. The harness's
     # planted bugs, the named missing ranks and the family registry are tested here, where the
     # course has every wrapper their tests plant a bug in or stop a rank of (TP, PP, DP).
-    8: ("goose_core/engine/__init__.py", "goose_core/engine/schedule.py", "goose_core/engine/messages.py",
+    9: ("goose_core/engine/__init__.py", "goose_core/engine/schedule.py", "goose_core/engine/messages.py",
         "goose_core/engine/microbatch.py", "goose_core/engine/dependency.py", "goose_core/engine/transport.py",
         "goose_core/engine/p2p.py", "goose_core/engine/pipeline.py", "goose_core/engine/parked.py",
         "goose_core/engine/activations.py",
@@ -90,25 +90,25 @@ LESSONS: dict[int, tuple[str, ...]] = {
         "tests/test_transport.py", "tests/test_pipeline_families.py", "tests/test_grad_sync.py",
         "tests/test_harness_catches_bugs.py", "tests/test_missing.py", "tests/test_models_registry.py",
         "benchmarks/bench_pipeline.py"),
-    9: ("goose_core/engine/stream.py", "goose_core/engine/stream_check.py", "goose_core/engine/emulation.py",
+    10: ("goose_core/engine/stream.py", "goose_core/engine/stream_check.py", "goose_core/engine/emulation.py",
         "tests/test_stream.py", "tests/test_stream_check.py", "tests/gpu/test_copy_wait.py",
         "tests/gpu/test_sanitizer.py"),
-    10: ("goose_core/engine/recompute.py",),
-    11: ("goose_core/partition/", "tests/test_partition.py", "tests/test_profile.py", "tests/test_solve.py",
+    11: ("goose_core/engine/recompute.py",),
+    12: ("goose_core/partition/", "tests/test_partition.py", "tests/test_profile.py", "tests/test_solve.py",
          "tests/gpu/test_profile_cuda.py"),
     # The executor's and recompute's unit tests watch the order of work through callbacks, so
-    # they come with them (stages 08 and 10 prove their claims in their own folders).
-    12: ("goose_core/engine/callbacks.py", "goose_core/instruments/", "tests/test_callbacks.py",
+    # they come with them (stages 09 and 11 prove their claims in their own folders).
+    13: ("goose_core/engine/callbacks.py", "goose_core/instruments/", "tests/test_callbacks.py",
          "tests/test_timeline.py", "tests/test_gantt.py", "tests/test_pipeline.py", "tests/test_recompute.py",
          "tests/gpu/test_local_pipeline.py"),
     # The assembled run: every wrapper at once (the supported order, the orders refused), what
     # guards a grid (the same batch on tp peers and stages, a non-finite step stopped on every
     # rank), mixed precision across the grid, DCP checkpoints and the export. The MoE router loss
-    # and a loss of the reader's own under the pipeline are here too: 13 assembles every family,
-    # and they exist for families and losses past the three tiny models that 08 splits (the
+    # and a loss of the reader's own under the pipeline are here too: 14 assembles every family,
+    # and they exist for families and losses past the three tiny models that 09 splits (the
     # router loss only for MoE families; custom_loss for a loop that computes its loss from the
     # logits, not from labels).
-    13: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
+    14: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
          "goose_core/distributed/batch_faults.py", "goose_core/testing/layout.py",
          "goose_core/testing/split_reductions.py", "goose_core/pipeline/router_loss.py",
          "goose_core/pipeline/custom_loss.py",
@@ -123,13 +123,13 @@ LESSONS: dict[int, tuple[str, ...]] = {
 #: The chapter whose train.py a stage's loop extends, where that is not the stage before. Each
 #: chapter's "The change to the loop" names the same stage (stages/test_course.py checks it):
 #: the first multi-process loop is the one-device loop's (00), not autocast's; tensor parallelism
-#: swaps DataParallel out of 05's loop (ZeRO-1's optimizer is no part of it); recompute is one
-#: keyword in 08's loop (09's sleeping stages are for timing); callbacks go into 10's loop (11's
+#: swaps DataParallel out of 05's loop (ZeRO's optimizers are no part of it); recompute is one
+#: keyword in 09's loop (10's sleeping stages are for timing); callbacks go into 11's loop (12's
 #: profiles and splits an uneven model first).
-EXTENDS: dict[int, int] = {4: 0, 7: 5, 10: 8, 12: 10}
+EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11}
 
 #: Paths of SCOPE that belong to no lesson: the tooling around the course, not a concept of it.
-#: The family sweep runs 07's and 08's concepts over every 🤗 family; it teaches none of its own.
+#: The family sweep runs 08's and 09's concepts over every 🤗 family; it teaches none of its own.
 #: The former names (aliases kept for old code) are no concept either.
 TOOLING: tuple[str, ...] = (
     "tools/",

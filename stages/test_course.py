@@ -34,11 +34,11 @@ def test_unknown_stage_is_a_clear_error(number: str, message: str) -> None:
 
 
 def test_a_stage_s_tests_include_the_unit_tests_it_introduces() -> None:
-    names = [path.name for path in stage_tests("13")]
-    assert names[0].startswith("13_") and "test_checkpoint_io.py" in names and "test_export.py" in names
-    assert {p.name for p in stage_tests("7")} >= {"07_tensor_parallel", "test_tensor_parallel_plan.py"}
-    assert "test_checkpoint_io.py" not in {p.name for p in stage_tests("7")}
-    assert all(p.name.startswith("test_") for p in stage_tests("13")[1:])  # not gpu/composed_nccl.py
+    names = [path.name for path in stage_tests("14")]
+    assert names[0].startswith("14_") and "test_checkpoint_io.py" in names and "test_export.py" in names
+    assert {p.name for p in stage_tests("8")} >= {"08_tensor_parallel", "test_tensor_parallel_plan.py"}
+    assert "test_checkpoint_io.py" not in {p.name for p in stage_tests("8")}
+    assert all(p.name.startswith("test_") for p in stage_tests("14")[1:])  # not gpu/composed_nccl.py
 
 
 def test_make_test_stage_lists_the_stages_for_an_unknown_number() -> None:
@@ -318,11 +318,11 @@ def test_every_library_test_and_benchmark_file_has_exactly_one_claim() -> None:
 
 
 def test_a_file_belongs_to_the_stage_that_introduces_it() -> None:
-    assert stage_of("stages/08_pipeline/train.py") == 8
-    assert stage_of("goose_core/pipeline/parallel.py") == stage_of("goose_core/engine/schedule.py") == 8
-    assert stage_of("goose_core/engine/stream.py") == 9 and stage_of("goose_core/engine/recompute.py") == 10
-    assert stage_of("goose_core/instruments/gantt.py") == 12 and stage_of("goose_core/amp/grad_scaler.py") == 2
-    assert stage_of("tests/test_tensor_parallel_layers.py") == 7 and stage_of("tests/test_pipeline.py") == 12
+    assert stage_of("stages/09_pipeline/train.py") == 9
+    assert stage_of("goose_core/pipeline/parallel.py") == stage_of("goose_core/engine/schedule.py") == 9
+    assert stage_of("goose_core/engine/stream.py") == 10 and stage_of("goose_core/engine/recompute.py") == 11
+    assert stage_of("goose_core/instruments/gantt.py") == 13 and stage_of("goose_core/amp/grad_scaler.py") == 2
+    assert stage_of("tests/test_tensor_parallel_layers.py") == 8 and stage_of("tests/test_pipeline.py") == 13
     assert stage_of("Makefile") is stage_of("stages/course.py") is stage_of("tools/sweep/coverage.py") is None
     assert stage_of("goose_core/not_claimed_yet.py") is None  # no fall-through to stage 00
 
@@ -428,9 +428,9 @@ def test_the_table_gives_every_stage_its_sizes(course: Path) -> None:
 
 def test_make_lesson_prints_the_diff_or_the_stages() -> None:
     lesson_cli = [sys.executable, str(STAGES_DIR / "lessons.py")]
-    found = subprocess.run(lesson_cli + ["08"], capture_output=True, text=True)
-    assert found.returncode == 0 and found.stdout.startswith("diff --git a/stages/07_tensor_parallel/train.py "
-                                                             "b/stages/08_pipeline/train.py\n")
+    found = subprocess.run(lesson_cli + ["09"], capture_output=True, text=True)
+    assert found.returncode == 0 and found.stdout.startswith("diff --git a/stages/08_tensor_parallel/train.py "
+                                                             "b/stages/09_pipeline/train.py\n")
     unknown = subprocess.run(lesson_cli + ["99"], capture_output=True, text=True)
     assert unknown.returncode == 1 and "no stage 99; the stages are: 00_reference" in unknown.stderr
     table = subprocess.run(lesson_cli, capture_output=True, text=True)

@@ -2,7 +2,7 @@
 
 One spawn runs every family (a spawn per family would cost more than the training). Each family
 is here for a style or a family quirk; the reference is the single-device float64 run, SGD (the
-AdamW-vs-reference tests of stage 07 cover GPT-2, Llama and Bloom)::
+AdamW-vs-reference tests of stage 08 cover GPT-2, Llama and Bloom)::
 
     gpt2, bloom            goose adapters (GPT-2: fused q|k|v in Conv1D; Bloom: ALiBi)
     llama, mistral, qwen2  colwise / rowwise, GQA (qwen2: q/k/v biases; tp=4 below: kv-heads replicated)
