@@ -3,6 +3,7 @@ documents packed exactly into windows and split into train and eval, and every b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from goose_core.data import (CORPUS_PATH, EOS_TOKEN, TextData, byte_tokenizer, load_tokenizer, read_documents,
-                             split_windows, train_bpe_tokenizer)
+from goose_core.data.token_cache import cache_key
+from goose_core.data import (CORPUS_PATH, EOS_TOKEN, TextData, TextTokenizer, byte_tokenizer, load_tokenizer,
+                             pack_documents, packing, read_documents, split_windows, train_bpe_tokenizer)
 
 
 def write_jsonl(path: Path, records: list[object]) -> Path:
@@ -117,26 +119,66 @@ def windows_in_order(data: TextData) -> torch.Tensor:
     return rows
 
 
-def test_packing_is_run_clm_group_texts(folder: Path, tokenizer_dir: Path) -> None:
-    byte = byte_tokenizer()
-    data = TextData(folder, byte, seq_len=8, eval_fraction=0.25, seed=3)
-    docs = [d.text for d in read_documents(folder)]
-    stream = [i for text in docs for i in list(text.encode()) + [byte.eos_id]]
-    assert data.tokens == len(stream) and data.dropped == len(stream) % 8 < 8
-    assert windows_in_order(data).flatten().tolist() == stream[: len(stream) - data.dropped]
-    assert data.documents == 5 and len(data.eval) == int(0.25 * (len(stream) // 8))
-    # The same with a BPE: each document's ids, then EOS.
-    tok = load_tokenizer(tokenizer_dir)
-    bpe = TextData(folder, tok, seq_len=4, eval_fraction=0.25, seed=3)
-    stream = [i for text in docs for i in tok.encode(text) + [tok.eos_id]]
-    assert windows_in_order(bpe).flatten().tolist() == stream[: len(stream) - bpe.dropped]
+def packs_exactly(paths: Path, tok: TextTokenizer, seq_len: int) -> bool:
+    """Whether the windows, back in stream order, are each document's ids then EOS, the tail cut."""
+    data = TextData(paths, tok, seq_len, eval_fraction=0.25, seed=3)
+    eos = [] if tok.eos_id is None else [tok.eos_id]
+    stream = [i for doc in read_documents(paths) for i in tok.encode(doc.text) + eos]
+    return (data.tokens, data.dropped) == (len(stream), len(stream) % seq_len) and \
+        windows_in_order(data).flatten().tolist() == stream[: len(stream) - data.dropped]
 
 
-def test_split_is_seeded_disjoint_and_complete() -> None:
+def test_packing_is_run_clm_group_texts(folder: Path, tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    byte, bpe = byte_tokenizer(), load_tokenizer(tokenizer_dir)
+    assert packs_exactly(folder, byte, 8) and packs_exactly(folder, bpe, 4)
+    assert packs_exactly(folder, dataclasses.replace(byte, eos_id=None), 8)  # no EOS: plain concatenation
+    data = TextData(folder, byte, 8, eval_fraction=0.25)
+    assert data.documents == 5 and len(data.eval) == int(0.25 * (len(data.train) + len(data.eval)))
+    assert data.train.dtype == torch.long and data.train.shape[1:] == (8,)
+    # Planted: documents packed without their EOS.
+    monkeypatch.setattr(packing, "pack_documents", lambda ids, eos: pack_documents(ids, None))
+    assert not packs_exactly(folder, byte, 8)
+
+
+def test_split_is_seeded_disjoint_and_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train, held = split_windows(100, 0.1, seed=0)
     assert (train, held) == split_windows(100, 0.1, seed=0) and held != split_windows(100, 0.1, seed=1)[1]
     assert len(held) == 10 and sorted(train + held) == list(range(100))
     assert split_windows(5, 0.01, 0)[1] != [] and split_windows(5, 0.0, 0) == (list(range(5)), [])
+
+    # Counting text: no two windows are equal, so a row stands for its window.
+    (tmp_path / "n.txt").write_text(" ".join(f"{i:05d}" for i in range(500)), encoding="utf-8")
+
+    def apart() -> bool:
+        data = TextData(tmp_path / "n.txt", byte_tokenizer(), 16, eval_fraction=0.1)
+        train, held = ({tuple(r) for r in part.tolist()} for part in (data.train, data.eval))
+        return not train & held and len(train) + len(held) == data.tokens // 16
+
+    assert apart()
+    # Planted: the held-out windows left in train too.
+    monkeypatch.setattr(packing, "split_windows", lambda n, f, seed: (list(range(n)), split_windows(n, f, seed)[1]))
+    assert not apart()
+
+
+def test_the_token_cache_skips_tokenizing_and_misses_on_any_change(folder: Path, tokenizer_dir: Path,
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bpe, byte, cache = load_tokenizer(tokenizer_dir), byte_tokenizer(), tmp_path / "cache"
+
+    def served_right(tok: TextTokenizer, seq_len: int = 4) -> bool:
+        """Whether data read through the cache equals data tokenized afresh."""
+        cached, fresh = TextData(folder, tok, seq_len, cache_dir=cache), TextData(folder, tok, seq_len)
+        return torch.equal(cached.train, fresh.train) and torch.equal(cached.eval, fresh.eval)
+
+    assert served_right(bpe) and len(list(cache.glob("tokens-*.pt"))) == 1
+    refuses = dataclasses.replace(bpe, _encode_batch=lambda texts: pytest.fail("tokenized again"))
+    assert TextData(folder, refuses, 8, cache_dir=cache).cached  # another seq_len reuses the entry
+    (folder / "b.txt").write_text("Changed.", encoding="utf-8")
+    assert not TextData(folder, bpe, 4, cache_dir=cache).cached and served_right(bpe)
+    assert served_right(byte) and len(list(cache.glob("tokens-*.pt"))) == 3
+    # Planted: a key blind to the tokenizer serves the bytes' ids to the BPE (ids that fit its
+    # vocabulary, so only the comparison can tell).
+    monkeypatch.setattr(packing, "cache_key", lambda texts, tok: cache_key(texts, byte))
+    assert not served_right(bpe)
 
 
 def test_eval_batches_are_full_fixed_batches() -> None:

@@ -64,7 +64,11 @@ def _holds_tokenizer(folder: Path) -> bool:
 
 
 def _fingerprint(folder: Path) -> str:
-    digest = hashlib.sha256()
+    """The folder's rule files and the versions of the libraries that apply them."""
+    import tokenizers
+    import transformers
+
+    digest = hashlib.sha256(f"{transformers.__version__}\0{tokenizers.__version__}\0".encode())
     for name in _RULE_FILES:
         if (folder / name).is_file():
             digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
