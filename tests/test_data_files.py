@@ -94,6 +94,8 @@ def test_tokenizer_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="tokenizer folder .*nowhere does not exist"):
         load_tokenizer(tmp_path / "nowhere")
     (tmp_path / "tokenizer.json").write_text("{ broken")
+    with pytest.raises(ValueError, match=f"tokenizer {tmp_path}/tokenizer.json is a file; pass the folder"):
+        load_tokenizer(tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match=f"could not load the tokenizer in {tmp_path}"):
         load_tokenizer(tmp_path)
 

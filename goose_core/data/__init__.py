@@ -1,5 +1,12 @@
 """Training data with no downloads: a shipped corpus, a byte tokenizer, a seeded loader, and a
-user's own tokenizer folder and text files packed into a resumable global batch stream."""
+user's own tokenizer folder and text files packed into a resumable global batch stream::
+
+    tok = load_tokenizer("my_tokenizer/")              # or None: the model folder's, else bytes
+    data = TextData(["notes/", "web.jsonl"], tok, seq_len=512, eval_fraction=0.05, seed=0)
+    stream = BatchStream(data, batch_size=64, seed=0)  # the same global batches on every rank
+    batch = shard_batch(stream.next(), dp_rank, dp_size)
+    state = stream.state_dict()                        # into the checkpoint; load_state_dict resumes
+"""
 
 from goose_core.data.bpe import EOS_TOKEN, train_bpe_tokenizer
 from goose_core.data.documents import EXTENSIONS, Document, expand_paths, read_documents

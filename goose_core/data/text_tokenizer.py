@@ -114,6 +114,8 @@ def load_tokenizer(tokenizer: str | os.PathLike | None = None,
     """
     if tokenizer is not None:
         folder = Path(tokenizer)
+        if folder.is_file():
+            raise ValueError(f"tokenizer {folder} is a file; pass the folder that holds it ({folder.parent})")
         if not folder.is_dir():
             raise ValueError(f"tokenizer folder {folder} does not exist; pass a local 🤗 tokenizer folder "
                              "(one with tokenizer.json), or leave it out for the byte tokenizer")
