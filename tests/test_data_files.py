@@ -85,6 +85,10 @@ def test_bpe_folder_loads_in_goose_and_in_transformers(tokenizer_dir: Path, tmp_
     # A model folder holding a tokenizer lends it; a weights-only folder or a family name: bytes.
     assert load_tokenizer(model=tokenizer_dir).fingerprint == tok.fingerprint
     assert load_tokenizer(model=tmp_path).name == load_tokenizer(model="llama").name == "bytes"
+    # Saved beside a model, the tokenizer comes back from the model folder.
+    assert load_tokenizer().save_pretrained(tmp_path / "model") == []
+    assert {p.name for p in tok.save_pretrained(tmp_path / "model")} == {"tokenizer.json", "tokenizer_config.json"}
+    assert load_tokenizer(model=tmp_path / "model").encode(text) == ids
     assert load_tokenizer().vocab_size == 256 and load_tokenizer().decode(load_tokenizer().encode(text)) == text
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ class TextTokenizer:
     fingerprint: str
     _encode_batch: Callable[[list[str]], list[list[int]]] = field(repr=False)
     _decode: Callable[[list[int]], str] = field(repr=False)
+    #: The 🤗 folder it was loaded from; None for the byte tokenizer.
+    folder: Path | None = None
 
     def encode(self, text: str) -> list[int]:
         return self._encode_batch([text])[0]
@@ -45,6 +48,16 @@ class TextTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._decode([int(i) for i in ids])
+
+    def save_pretrained(self, out_dir: str | os.PathLike) -> list[Path]:
+        """Copy the tokenizer's files into ``out_dir`` (beside an exported model, say), so that
+        ``load_tokenizer(model=out_dir)`` finds it; the byte tokenizer has none. Returns the copies."""
+        if self.folder is None:
+            return []
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return [Path(shutil.copy2(self.folder / name, out / name)) for name in _RULE_FILES
+                if (self.folder / name).is_file()]
 
 
 def byte_tokenizer() -> TextTokenizer:
@@ -96,7 +109,7 @@ def _from_folder(folder: Path) -> TextTokenizer:
     pad = hf.pad_token_id if hf.pad_token_id is not None else eos if eos is not None else 0
     return TextTokenizer(name=folder.name or str(folder), vocab_size=len(hf), eos_id=eos, pad_id=pad,
                          fingerprint=_fingerprint(folder), _encode_batch=encode_batch,
-                         _decode=lambda ids: hf.decode(ids))
+                         _decode=lambda ids: hf.decode(ids), folder=folder)
 
 
 def load_tokenizer(tokenizer: str | os.PathLike | None = None,
