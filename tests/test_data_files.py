@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from goose_core.data.token_cache import cache_key
 from goose_core.data import (CORPUS_PATH, EOS_TOKEN, TextData, TextTokenizer, byte_tokenizer, load_tokenizer,
                              pack_documents, packing, read_documents, split_windows, train_bpe_tokenizer)
+from goose_core.data.token_cache import cache_key
 
 
 def write_jsonl(path: Path, records: list[object]) -> Path:
@@ -55,17 +55,27 @@ def test_folders_read_every_format_in_sorted_order(folder: Path) -> None:
     assert [d.text for d in read_documents([folder / "b.txt", folder / "a.jsonl"])][1:] == ["one", "two"]
 
 
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def empty_folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda d: [], "no data files given"),
     (lambda d: d / "absent.txt", "absent.txt does not exist"),
-    (lambda d: (d / "x.csv").write_text("t") and d / "x.csv", r"x.csv: unknown extension '.csv'"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", "holds no .txt/.jsonl/.parquet files"),
+    (lambda d: write_text(d / "x.csv", "t"), r"x.csv: unknown extension '.csv'"),
+    (lambda d: empty_folder(d / "empty"), "holds no .txt/.jsonl/.parquet files"),
     (lambda d: write_jsonl(d / "x.jsonl", [{"text": "ok"}, {"body": "no text"}]), r"x.jsonl:2: the line has no"),
     (lambda d: write_jsonl(d / "x.jsonl", [{"text": 5}]), r"x.jsonl:1: the line has no string \"text\""),
-    (lambda d: (d / "x.jsonl").write_text('{"text": "a"}\n{oops\n') and d / "x.jsonl", r"x.jsonl:2: not a JSON"),
+    (lambda d: write_text(d / "x.jsonl", '{"text": "a"}\n{oops\n'), r"x.jsonl:2: not a JSON object"),
     (lambda d: write_parquet(d / "x.parquet", "body", ["a"]), r'x.parquet: no "text" column \(columns: \[.body.\]\)'),
     (lambda d: write_parquet(d / "x.parquet", "text", ["a", None]), r"x.parquet: row 1 of the \"text\" column is None"),
-    (lambda d: (d / "x.txt").write_text("") and d / "x.txt" or d / "x.txt", "the data files hold no text"),
+    (lambda d: write_text(d / "x.txt", ""), "the data files hold no text"),
 ])
 def test_bad_files_are_clear_errors(tmp_path: Path, make, message: str) -> None:
     with pytest.raises(ValueError, match=message):
