@@ -60,6 +60,11 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def empty_folder(path: Path) -> Path:
     path.mkdir()
     return path
@@ -76,6 +81,7 @@ def empty_folder(path: Path) -> Path:
     (lambda d: write_parquet(d / "x.parquet", "body", ["a"]), r'x.parquet: no "text" column \(columns: \[.body.\]\)'),
     (lambda d: write_parquet(d / "x.parquet", "text", ["a", None]), r"x.parquet: row 1 of the \"text\" column is None"),
     (lambda d: write_text(d / "x.txt", ""), "the data files hold no text"),
+    (lambda d: write_bytes(d / "x.TXT", b"ok \xff"), r"x.TXT: not UTF-8 text \(byte 3: invalid start byte\)"),
 ])
 def test_bad_files_are_clear_errors(tmp_path: Path, make, message: str) -> None:
     with pytest.raises(ValueError, match=message):
