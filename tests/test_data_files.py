@@ -182,8 +182,8 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path: Path, monkeypatch: pyte
     assert not apart()
 
 
-def test_the_token_cache_skips_tokenizing_and_misses_on_any_change(folder: Path, tokenizer_dir: Path,
-                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_token_cache_skips_tokenizing_and_misses_on_any_change(
+        folder: Path, tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bpe, byte, cache = load_tokenizer(tokenizer_dir), byte_tokenizer(), tmp_path / "cache"
 
     def served_right(tok: TextTokenizer, seq_len: int = 4) -> bool:
