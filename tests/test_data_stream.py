@@ -176,7 +176,7 @@ def test_positions_from_other_data_are_refused(small: TextData, data: TextData, 
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"batch_size": 22}, "the train part holds 21 windows of 16 tokens, fewer than the batch size 22"),
+    ({"batch_size": 22}, "a.txt: the train part holds 21 windows of 16 tokens, fewer than the batch size 22"),
     ({"batch_size": 0}, "batch_size 0 must be a positive integer"),
     ({"batch_size": 2, "split": "test"}, r"unknown split 'test'; choose one of \('train', 'eval'\)"),
     ({"batch_size": 2, "split": "eval"}, "the eval part holds 1 windows of 16 tokens, fewer than the batch size 2"),

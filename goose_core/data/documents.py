@@ -31,10 +31,17 @@ PathLike = str | os.PathLike
 
 
 class Document(NamedTuple):
-    """One document's text and where it came from (``file`` or ``file:line`` / ``file:row``)."""
+    """One document's text and where it came from: its file and, in a .jsonl or .parquet file, its
+    line (from 1) or row (from 0)."""
 
     text: str
-    source: str
+    file: str
+    item: int | None = None
+
+    @property
+    def source(self) -> str:
+        """``file``, ``file:line`` or ``file:row``, for a message."""
+        return self.file if self.item is None else f"{self.file}:{self.item}"
 
 
 def _as_list(paths: PathLike | Sequence[PathLike]) -> list[Path]:
@@ -100,7 +107,7 @@ def _read_jsonl(path: Path) -> Iterable[Document]:
             if not isinstance(text, str):
                 raise ValueError(f'{where}: the line has no string "text" field; each line must be an '
                                  'object such as {"text": "..."}')
-            yield Document(text, where)
+            yield Document(text, str(path), number)
 
 
 def _read_parquet(path: Path) -> Iterable[Document]:
@@ -117,7 +124,7 @@ def _read_parquet(path: Path) -> Iterable[Document]:
         if not isinstance(text, str):
             raise ValueError(f'{path}: row {row} of the "text" column is {text!r}, not a string; '
                              "drop or fill that row")
-        yield Document(text, f"{path}:{row}")
+        yield Document(text, str(path), row)
 
 
 _READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}

@@ -57,7 +57,7 @@ class BatchStream:
         self.windows: Tensor = data.split(split)
         if len(self.windows) < batch_size:
             more = "raise eval_fraction, " if split == "eval" else ""
-            raise ValueError(f"the {split} part holds {len(self.windows)} windows of {data.seq_len} tokens, fewer "
+            raise ValueError(f"{data.named_files()}: the {split} part holds {len(self.windows)} windows of {data.seq_len} tokens, fewer "
                              f"than the batch size {batch_size}; {more}give more text, or lower seq_len or the "
                              "batch size")
         self.batch_size, self.seed, self.split = batch_size, seed, split
