@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from pathlib import Path
 
 import pyarrow as pa
@@ -88,9 +89,14 @@ def test_bad_files_are_clear_errors(tmp_path: Path, make, message: str) -> None:
         read_documents(make(tmp_path))
 
 
-def test_bpe_folder_loads_in_goose_and_in_transformers(tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_bpe_folder_loads_in_goose_and_in_transformers(tokenizer_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoTokenizer
 
+    def no_network(*args: object) -> None:
+        raise AssertionError(f"a connection was attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     tok, hf = load_tokenizer(tokenizer_dir), AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     assert tok.vocab_size == len(hf) == 512 and tok.vocab_size % 8 == 0
     assert tok.eos_id == tok.pad_id == hf.convert_tokens_to_ids(EOS_TOKEN)
