@@ -36,6 +36,7 @@ from goose_core.loss import count_items, loss_dtype, nonzero
 from goose_core.metadata import grad_syncs
 from goose_core.engine.callbacks import CallbackList
 from goose_core.pipeline.custom_loss import CustomLoss
+from goose_core.pipeline.generate import Generation
 from goose_core.engine.microbatch import gather, scatter
 from goose_core.engine.parked import ParkedGradients
 from goose_core.engine.pipeline import Partition, Pipeline, Root, StepOutput
@@ -89,6 +90,7 @@ class Stage:
         self.device = devices[max(held)]
         self.pipeline = Pipeline(partitions, num_partitions, transport, recompute, callbacks, schedule)
         self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
+        self.generation = Generation(model, self.pipeline, self.is_last, ctx if num_partitions > 1 else None)
         self._deferred: list[GradSync] = []  # the gradient syncs held during this backward
 
     def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
@@ -101,6 +103,8 @@ class Stage:
                 targets of the whole step this batch belongs to (data parallelism passes it).
                 Default: this batch's own targets, so the loss is its token mean.
         """
+        if input_ids is not None and labels is None and Generation.wanted(kwargs):
+            return self.generation.forward(input_ids, attention_mask, **kwargs)  # model.generate's step
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")
         if input_ids is None or unsupported:
             raise ValueError(f"the pipelined model takes input_ids, labels, attention_mask and "
