@@ -78,9 +78,21 @@ def generate(model: torch.nn.Module, dp_rank: int, mode: str) -> tuple[torch.Ten
     return out.sequences, torch.stack(out.logits, 1)
 
 
+def resumed(model: torch.nn.Module, dp_rank: int, mode: str = "greedy") -> tuple[torch.Tensor, torch.Tensor]:
+    """4 greedy tokens, then 4 more continuing from the cache the first call returned (generate
+    cuts the prompt by the cache's length, read between forwards, on every rank)."""
+    ids, mask = prompts(dp_rank)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, pad_token_id=PAD,
+                           return_dict_in_generate=True)
+    mask = torch.cat([mask, torch.ones(2, 4, dtype=torch.long)], 1)
+    out = model.generate(first.sequences, attention_mask=mask, cache=first.cache, max_new_tokens=4,
+                         min_new_tokens=4, pad_token_id=PAD, return_dict_in_generate=True, output_logits=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
 @functools.cache
 def reference(family: str, dp_rank: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return generate(build(family), dp_rank, mode)
+    return (resumed if mode == "resumed" else generate)(build(family), dp_rank, mode)
 
 
 def _refusals(model: torch.nn.Module) -> dict[str, str]:
@@ -116,6 +128,7 @@ def _runs(ctx: ParallelContext, families: tuple[str, ...], wrap: str, refusals: 
             model = DataParallel(model, ctx).parallelize()
         for mode in MODES:
             results[family, mode] = generate(model, ctx.dp_rank, mode)
+        results[family, "resumed"] = resumed(model, ctx.dp_rank)
         if refusals:
             results[family, "refused"] = _refusals(model)
             results[family, "unseeded"] = _unseeded(model, ctx.rank)
@@ -125,7 +138,7 @@ def _runs(ctx: ParallelContext, families: tuple[str, ...], wrap: str, refusals: 
 def _check(results: list[dict[str, Any]], families: tuple[str, ...], tolerance: Tolerance = EXACT) -> None:
     for rank, result in enumerate(results):
         for family in families:
-            for mode in MODES:
+            for mode in [m for m in (*MODES, "resumed") if (family, m) in result]:
                 tokens, logits = result[family, mode]
                 want_tokens, want_logits = reference(family, result["dp_rank"], mode)
                 where = f"{family} {mode}, rank {rank}"
@@ -163,7 +176,8 @@ def test_local_pipeline_generates_one_devices_tokens() -> None:
     """Every partition in one process (one cache for all): each cell reads the lengths of its
     own first block's slot, not layer 0's, which the partition before it filled this step."""
     model = local_pipeline(build("llama"), 2)
-    _check([{"dp_rank": 0, **{("llama", mode): generate(model, 0, mode) for mode in MODES}}], ("llama",))
+    result = {("llama", mode): generate(model, 0, mode) for mode in MODES}
+    _check([{"dp_rank": 0, ("llama", "resumed"): resumed(model, 0), **result}], ("llama",))
 
 
 def _local(family: str) -> list[dict[str, Any]]:
@@ -207,3 +221,18 @@ def test_planted_logits_kept_on_the_last_stage_fail(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(pipeline_generate, "dist", types.SimpleNamespace(broadcast=lambda *args, **kwargs: None))
     with pytest.raises(RankError, match="fed different tokens"):
         run_distributed(_greedy_llama, 1, 2, 1, timeout=120)  # forked: the ranks inherit the patch
+
+
+def _resumed_llama(ctx: ParallelContext) -> dict[str, Any]:
+    model = PipelineParallel(build("llama"), ctx).parallelize()
+    return {"dp_rank": 0, ("llama", "resumed"): resumed(model, 0)}
+
+
+def test_planted_cache_length_of_an_empty_slot_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bug: between forwards, the later stage's cache reports layer 0's slot, which it never
+    fills: continuing from that cache, generate there reads a length of 0 and feeds the whole
+    sequence again, while the first stage feeds the new tokens only: the stages' batch check
+    stops both ranks at that forward."""
+    monkeypatch.setattr(pipeline_generate, "elsewhere", lambda cache, held: None)
+    with pytest.raises(RankError, match="were fed batches of different shapes: input_ids"):
+        run_distributed(_resumed_llama, 1, 2, 1, timeout=120)

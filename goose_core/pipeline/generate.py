@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -50,8 +50,8 @@ from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.missing import naming_missing
 from goose_core.engine.pipeline import Pipeline
 
-__all__ = ["ElsewhereLayer", "GENERATION_INPUTS", "Generation", "SUPPORTED_MODES", "advertise", "lengths_of",
-           "refuse_unsupported_generate"]
+__all__ = ["ElsewhereLayer", "GENERATION_INPUTS", "Generation", "SUPPORTED_MODES", "advertise", "elsewhere",
+           "lengths_of", "refuse_unsupported_generate"]
 
 #: What a generation step passes a cell's family forward besides the batch (the ones it takes):
 #: this rank's KV cache (``past_key_values`` is its former name), the positions generate
@@ -107,12 +107,34 @@ class ElsewhereLayer(CacheLayerMixin):
         """Nothing stored here."""
 
 
+def elsewhere(cache: Any, held: list[int]) -> None:
+    """Make, in place, the cache slots of the blocks no partition of this process runs
+    :class:`ElsewhereLayer`s reporting a held block's slot (of the same kind, sliding or not, when
+    one is), for good: generate reads ``cache.get_seq_length()`` (layer 0) between forwards too,
+    e.g. to cut the prompt when it continues from a cache. Slots created later (a cache without a
+    config grows on update) are covered at the next call."""
+    layers = cache.layers
+    runs = [b for b in held if b < len(layers) and not isinstance(layers[b], ElsewhereLayer)]
+    if not runs:  # no slot of ours yet: every length is 0 (a prompt), as one device's
+        return
+    for i, layer in enumerate(layers):
+        if i not in held and not isinstance(layer, ElsewhereLayer):
+            layers[i] = ElsewhereLayer(_same_kind(layers, runs, layer))
+
+
+def _same_kind(layers: list[Any], runs: list[int], layer: Any) -> Any:
+    """The slot of the first block in ``runs`` of ``layer``'s kind (sliding or not), else of the first."""
+    kind = getattr(layer, "is_sliding", False)
+    same = [b for b in runs if getattr(layers[b], "is_sliding", False) == kind] or runs
+    return layers[same[0]]
+
+
 @contextmanager
 def lengths_of(cache: Any, blocks: list[int]) -> Iterator[None]:
-    """During one cell: the cache slots of the blocks it does not run are :class:`ElsewhereLayer`
-    reporting the length of its first block's slot (of a block of the same kind, sliding or not,
-    when it runs one), read before this cell adds to it. Restored after: with several partitions in
-    one process (``local_pipeline``) the other slots are real, and already hold this step's tokens."""
+    """During one cell: the cache slots of the blocks it does not run are :class:`ElsewhereLayer`s
+    reporting its first block's slot (see :func:`elsewhere`), read before this cell adds to it.
+    Restored after: with several partitions in one process (``local_pipeline``) the other slots
+    are real, and the partitions before this one already added this step's tokens to them."""
     if cache is None:
         yield
         return
@@ -121,9 +143,7 @@ def lengths_of(cache: Any, blocks: list[int]) -> Iterator[None]:
     fresh = DynamicLayer()  # no slot of ours yet (a cache without a config grows on update): length 0
     saved = {i: layer for i, layer in enumerate(layers) if i not in blocks}
     for i, layer in saved.items():
-        kind = getattr(layer, "is_sliding", False)
-        same = [b for b in runs if getattr(layers[b], "is_sliding", False) == kind] or runs
-        layers[i] = ElsewhereLayer(layers[same[0]] if same else fresh)
+        layers[i] = ElsewhereLayer(_same_kind(layers, runs, layer) if runs else fresh)
     try:
         yield
     finally:
@@ -150,40 +170,38 @@ def advertise(forward: Callable[..., Any], model: nn.Module) -> Callable[..., An
     return advertised
 
 
-def _mode(model: nn.Module, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationMode:
-    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-    config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k)})
-    return config.get_generation_mode(kwargs.get("assistant_model"))
-
-
 def refuse_unsupported_generate(model: nn.Module) -> None:
     """Make ``model.generate`` (🤗's, unchanged) first refuse what a pipelined model cannot run:
     a ValueError naming pipeline parallelism and the supported modes, raised on every rank before
     any message (every rank calls generate with the same arguments)."""
     generate = model.generate
+    signature = inspect.signature(generate)
 
     @functools.wraps(generate)
-    def checked(*args: Any, generation_config: GenerationConfig | None = None, **kwargs: Any) -> Any:
-        problem = _unsupported(model, generation_config, kwargs)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs).arguments
+        options = {**bound.pop("kwargs", {}), **bound}  # generate's named arguments and its **kwargs
+        problem = _unsupported(model, options)
         if problem:
             raise ValueError(f"model.generate under pipeline parallelism (PipelineParallel) cannot run "
                              f"{problem}; it supports {_SUPPORTED}")
-        return generate(*args, generation_config=generation_config, **kwargs)
+        return generate(*args, **kwargs)
 
     model.generate = checked  # type: ignore[method-assign]
 
 
-def _unsupported(model: nn.Module, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> str | None:
-    if kwargs.get("custom_generate") is not None:
-        return f"custom_generate={kwargs['custom_generate']!r} (a decoding loop of its own)"
-    mode = _mode(model, generation_config, kwargs)
+def _unsupported(model: nn.Module, options: dict[str, Any]) -> str | None:
+    """What in ``generate``'s arguments a pipelined model cannot run, in words (None: nothing)."""
+    if options.get("custom_generate") is not None:
+        return f"custom_generate={options['custom_generate']!r} (a decoding loop of its own)"
+    config = copy.deepcopy(options.get("generation_config") or model.generation_config)
+    config.update(**{k: v for k, v in options.items() if hasattr(config, k)})
+    mode = config.get_generation_mode(options.get("assistant_model"))
     if mode not in SUPPORTED_MODES:
         return f"{mode.value} (its decoding mode)"
-    config = generation_config if generation_config is not None else model.generation_config
-    implementation = kwargs.get("cache_implementation", config.cache_implementation)
-    if implementation not in (None, "dynamic"):
-        return f"cache_implementation={implementation!r} (each stage holds a dynamic cache of its own layers)"
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if config.cache_implementation not in (None, "dynamic"):
+        return f"cache_implementation={config.cache_implementation!r} (each stage holds a dynamic cache of its own layers)"
+    cache = options.get("cache", options.get("past_key_values"))
     if cache is not None and type(cache) is not DynamicCache:
         return f"a given {type(cache).__name__} (each stage holds a DynamicCache of its own layers)"
     return None
@@ -195,12 +213,16 @@ class Generation:
     Args:
         model: the trimmed 🤗 model (its config builds a cache when none is given).
         pipeline: the stage's executor (one micro-batch per step: the cache holds the batch).
+        held: the blocks the partitions in this process run.
         is_last: whether the last partition is here (it computes the logits).
         ctx: this rank's context (None: every partition in this process, nothing to share).
     """
 
-    def __init__(self, model: nn.Module, pipeline: Pipeline, is_last: bool, ctx: ParallelContext | None) -> None:
-        self.model, self.pipeline, self.is_last, self.ctx = model, pipeline, is_last, ctx
+    def __init__(self, model: nn.Module, pipeline: Pipeline, held: list[int], is_last: bool,
+                 ctx: ParallelContext | None) -> None:
+        self.model, self.pipeline, self.held, self.is_last, self.ctx = model, pipeline, held, is_last, ctx
+        family = inspect.signature(type(model).forward).parameters
+        self.cache_name = "cache" if "cache" in family else "past_key_values"  # 🤗 renamed it in 5.x
 
     @staticmethod
     def wanted(kwargs: dict[str, Any]) -> bool:
@@ -221,9 +243,11 @@ class Generation:
         if attention_mask is not None:
             inputs["attention_mask"] = attention_mask
         if cache is not None:
-            inputs["cache" if "cache" in inspect.signature(type(self.model).forward).parameters
-                   else "past_key_values"] = cache
+            elsewhere(cache, self.held)
+            inputs[self.cache_name] = cache
         step = self.pipeline.run([inputs])
+        if cache is not None:
+            elsewhere(cache, self.held)  # the slots a cache without a config created in this step
         logits = self._share(step.outputs.get(0) if self.is_last else None, input_ids)
         return CausalLMOutputWithPast(logits=logits, cache=cache)
 
@@ -233,7 +257,7 @@ class Generation:
             raise ValueError("a pipelined generation step (use_cache, cache, position_ids or logits_to_keep given) "
                              "runs without gradients: call it under torch.no_grad() (model.generate does)")
         extra = sorted(k for k, v in kwargs.items()
-                       if k not in (*GENERATION_INPUTS, "return_dict") and v not in (None, False))
+                       if k not in (*GENERATION_INPUTS, "return_dict") and v is not None and v is not False)
         if extra:
             raise ValueError(f"a pipelined generation step takes input_ids, attention_mask and "
                              f"{', '.join(GENERATION_INPUTS)}; got also {extra} (no stage holds every "

@@ -90,7 +90,8 @@ class Stage:
         self.device = devices[max(held)]
         self.pipeline = Pipeline(partitions, num_partitions, transport, recompute, callbacks, schedule)
         self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
-        self.generation = Generation(model, self.pipeline, self.is_last, ctx if num_partitions > 1 else None)
+        self.generation = Generation(model, self.pipeline, sorted(b for blocks in held.values() for b in blocks),
+                                     self.is_last, ctx if num_partitions > 1 else None)
         self._deferred: list[GradSync] = []  # the gradient syncs held during this backward
 
     def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
