@@ -1,15 +1,17 @@
 """🤗's ``model.generate()`` on pipelined models draws the tokens one device draws.
 
 Greedy and seeded sampling (temperature, top-k, top-p), the KV cache on, a batch of two prompts
-of different lengths, left-padded, 8 new tokens (7 steps reading the cache), float64: tokens
-compared with ``==`` on every rank, and the logits generate returns: ``EXACT`` under pipeline
-stages alone (the same operations in the same order, cut between ranks), ``PARALLEL`` with
-tensor parallelism (its matmuls split along their reduction dimension reorder fp64 sums). Families: Llama (GQA, rotary), GPT-2
-(tied embedding, learned positions), Mistral with a 4-token sliding window (its cache keeps 4
-tokens per layer and reports its own mask sizes).
+of different lengths, left-padded, 8 new tokens (7 steps reading the cache), and generate
+continuing from the cache a first call returned; float64. Tokens are compared with ``==`` on
+every rank, the logits generate returns ``EXACT`` under pipeline stages alone (the same
+operations in the same order, cut between ranks) and ``PARALLEL`` with tensor parallelism (its
+matmuls split along their reduction dimension reorder fp64 sums). Families: Llama (GQA, rotary),
+GPT-2 (tied embedding, learned positions), Mistral with a 4-token sliding window (its cache keeps
+4 tokens per layer and reports its own mask sizes).
 
-Cost: three spawns of 4 ranks: pp2 x dp2 (each dp rank generates its own prompts; refusals),
-tp2 x pp2, pp4. Tags are forced to 0 (NCCL's matching, conftest.py) in every one.
+Cost: three spawns of 4 ranks (pp2 x dp2, where each dp rank generates its own prompts and every
+refusal is raised; tp2 x pp2; pp4), two of 2 ranks for planted bugs, the rest in this process.
+Tags are forced to 0 in every spawn (NCCL's matching, conftest.py).
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def reference(family: str, dp_rank: int, mode: str) -> tuple[torch.Tensor, torch
 def _refusals(model: torch.nn.Module) -> dict[str, str]:
     ids, mask = prompts(0)
     errors = {}
-    for name, kwargs in {**REFUSED, "static cache given": dict(cache=StaticCache(model.config, max_cache_len=16))}.items():
+    given = dict(cache=StaticCache(model.config, max_cache_len=16))
+    for name, kwargs in {**REFUSED, "static cache given": given}.items():
         try:
             model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=PAD, **kwargs)
         except ValueError as err:

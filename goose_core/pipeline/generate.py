@@ -1,4 +1,4 @@
-"""Generation under pipeline parallelism: 🤗's generate loop on every rank, each stage its own blocks and KV cache.
+"""Generation under pipeline parallelism: 🤗's generate on every rank, each stage its own KV cache.
 
 ``model.generate(...)`` runs unchanged on every rank of the pipeline group. Each call of the
 model's forward it makes is one pipelined inference step::
@@ -12,10 +12,13 @@ model's forward it makes is one pipelined inference step::
     every rank       generate: logits processors, the next token (argmax or a draw), stop?
 
 Every rank's cache is a 🤗 ``DynamicCache`` holding only its own blocks' keys and values. The
-family's forward reads lengths from layer 0 (positions, ``get_mask_sizes`` for the causal mask,
-generate's own bookkeeping), which a later stage never fills: each layer another stage runs is
-replaced by an :class:`ElsewhereLayer` that reports the length of a layer this rank runs, so
-every stage builds the masks and positions of the whole prompt, as one device does.
+family's forward reads lengths from layer 0 (positions, ``get_mask_sizes`` for the causal mask),
+and so does generate between forwards (continuing from a cache), which a later stage never
+fills: the slot of each block another rank runs becomes an :class:`ElsewhereLayer` reporting a
+slot this rank fills (:func:`elsewhere`), so every stage builds the masks and positions of the
+whole sequence, as one device does. During a cell the slots it does not run report its own first
+block's, read before the cell adds to it (:func:`lengths_of`: partitions sharing one process,
+``local_pipeline``, share one cache).
 
 Sampling draws on every rank from the same logits, so every rank must seed the same generator
 state (``torch.manual_seed(seed)`` on every rank before ``generate``): 🤗's loop stays unchanged
@@ -34,6 +37,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import types
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -174,20 +178,19 @@ def refuse_unsupported_generate(model: nn.Module) -> None:
     """Make ``model.generate`` (🤗's, unchanged) first refuse what a pipelined model cannot run:
     a ValueError naming pipeline parallelism and the supported modes, raised on every rank before
     any message (every rank calls generate with the same arguments)."""
-    generate = model.generate
-    signature = inspect.signature(generate)
+    model.generate = types.MethodType(_checked_generate, model)  # type: ignore[method-assign]
 
-    @functools.wraps(generate)
-    def checked(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs).arguments
-        options = {**bound.pop("kwargs", {}), **bound}  # generate's named arguments and its **kwargs
-        problem = _unsupported(model, options)
-        if problem:
-            raise ValueError(f"model.generate under pipeline parallelism (PipelineParallel) cannot run "
-                             f"{problem}; it supports {_SUPPORTED}")
-        return generate(*args, **kwargs)
 
-    model.generate = checked  # type: ignore[method-assign]
+def _checked_generate(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """🤗's ``generate`` of ``model``'s class, after :func:`_unsupported` found nothing to refuse."""
+    generate = type(model).generate
+    bound = inspect.signature(generate).bind(model, *args, **kwargs).arguments
+    options = {**bound.pop("kwargs", {}), **bound}  # generate's named arguments and its **kwargs
+    problem = _unsupported(model, options)
+    if problem:
+        raise ValueError(f"model.generate under pipeline parallelism (PipelineParallel) cannot run "
+                         f"{problem}; it supports {_SUPPORTED}")
+    return generate(model, *args, **kwargs)
 
 
 def _unsupported(model: nn.Module, options: dict[str, Any]) -> str | None:
@@ -200,7 +203,8 @@ def _unsupported(model: nn.Module, options: dict[str, Any]) -> str | None:
     if mode not in SUPPORTED_MODES:
         return f"{mode.value} (its decoding mode)"
     if config.cache_implementation not in (None, "dynamic"):
-        return f"cache_implementation={config.cache_implementation!r} (each stage holds a dynamic cache of its own layers)"
+        return (f"cache_implementation={config.cache_implementation!r} (each stage holds a dynamic cache "
+                f"of its own layers)")
     cache = options.get("cache", options.get("past_key_values"))
     if cache is not None and type(cache) is not DynamicCache:
         return f"a given {type(cache).__name__} (each stage holds a DynamicCache of its own layers)"

@@ -97,7 +97,9 @@ class Stage:
     def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
                 attention_mask: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
                 **kwargs: Any) -> CausalLMOutputWithPast:
-        """The batch's loss (with ``labels``) or logits (without), as the unsplit model's.
+        """The batch's loss (with ``labels``) or logits (without), as the unsplit model's; a
+        generation step (``model.generate``'s: a cache, positions or kept logits given, no labels)
+        is :class:`~goose_core.pipeline.generate.Generation`'s, the logits on every rank.
 
         Args:
             num_items_in_batch: the denominator of the token-loss sum (🤗's convention): the
