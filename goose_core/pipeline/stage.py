@@ -111,7 +111,8 @@ class Stage:
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")
         if input_ids is None or unsupported:
             raise ValueError(f"the pipelined model takes input_ids, labels, attention_mask and "
-                             f"num_items_in_batch; got input_ids="
+                             f"num_items_in_batch (and, without labels, model.generate's cache, position_ids, "
+                             f"use_cache and logits_to_keep); got input_ids="
                              f"{'given' if input_ids is not None else None}, other arguments {unsupported}")
         self._refuse_no_loss(labels)
         inputs = {k: v for k, v in (("input_ids", input_ids), ("labels", labels),
