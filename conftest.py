@@ -50,6 +50,7 @@ def nccl_matching(monkeypatch: pytest.MonkeyPatch) -> None:
 # The pipeline and stream tests; the others skip the checker: it costs a Python call per
 # operation, which timing tests (profiles, overlap) would measure.
 _STREAM_CHECKED = ("tests/test_pipeline.py", "tests/test_stream", "tests/test_transport.py",
+                   "tests/test_pipeline_generate.py",
                    "tests/test_messages.py", "tests/test_recompute.py", "tests/test_dependency.py",
                    "tests/test_composition.py", "tests/test_wrapper_order.py",
                    "tests/test_token_weighted.py", "tests/test_callbacks.py", "stages/08_",
