@@ -87,7 +87,11 @@ def launch_local(argv: Sequence[str], nproc: int) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "goose_core.train", *argv)
     except ChildFailedError as err:
-        print(err.format_msg(), file=sys.stderr)
+        rank, failure = err.get_first_failure()
+        how = failure.signal_name() if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        print(f"goose train: rank {rank} failed first ({how}); the other ranks were stopped. Its error is "
+              f"above; with --checkpoint-dir, the same command resumes from the latest complete checkpoint.",
+              file=sys.stderr)
         return 1
     return 0
 

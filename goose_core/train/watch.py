@@ -96,7 +96,11 @@ class Board:
     its checkpoint so the curves do not fold back."""
 
     def __init__(self, log_dir: str | Path, resumed_at: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError(f"--tensorboard needs the tensorboard package ({err}); install it with "
+                              f"pip install 'goose[tensorboard]' or leave --tensorboard out") from None
 
         self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at + 1 if resumed_at else None)
 
