@@ -220,7 +220,7 @@ def _describe(config: TrainConfig, ctx: ParallelContext, inputs: Inputs, model: 
             f"pp={ctx.pipeline_parallel_size} x dp={ctx.data_parallel_size}{' + ZeRO-1' if config.zero else ''}, "
             f"{config.microbatches} micro-batch(es)\n"
             f"  data: {len(inputs.data.train)} training / {len(inputs.data.eval)} eval windows of {config.seq_len} "
-            f"tokens, tokenizer {inputs.tokenizer.name} ({inputs.tokenizer.vocab_size} ids); "
+            f"tokens, tokenizer {inputs.tokenizer.name!r} ({inputs.tokenizer.vocab_size} ids); "
             f"{config.batch_size} sequences a step, {config.steps} steps")
 
 
@@ -293,5 +293,7 @@ def _train(config: TrainConfig, ctx: ParallelContext, inputs: Inputs, dtype: tor
         seen.say(f"export: {config.export} (loads with AutoModelForCausalLM.from_pretrained on one device)")
     if seen.evals:
         seen.say(f"eval loss after step {seen.evals[-1][0]}: {seen.evals[-1][1]:.6f}")
-    seen.close(title.splitlines()[0])
+    seen.close(f"{config.model if is_family(config.model) else Path(config.model).name} at tp={ctx.tensor_parallel_size} "
+               f"x pp={ctx.pipeline_parallel_size} x dp={ctx.data_parallel_size}{' + ZeRO-1' if config.zero else ''}, "
+               f"{config.dtype}")
     return losses
