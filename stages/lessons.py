@@ -139,6 +139,9 @@ TOOLING: tuple[str, ...] = (
     "tests/gpu/conftest.py", "tests/test_bench_gpu.py", "tests/test_bench_paired.py", "tests/test_coverage.py",
     "tests/test_docs", "tests/test_former_names.py", "tests/test_gpu_machine.py", "tests/test_import_graph.py",
     "tests/test_kernel_families.py", "tests/test_make_targets.py", "tests/test_pictures.py", "tests/test_versions.py",
+    # A user's own tokenizer and files as a resumable batch stream: the data of `goose train`,
+    # tooling around the course (its modules sit in stage 0's goose_core/data/).
+    "tests/test_data_files.py", "tests/test_data_stream.py",
 )
 
 #: The folders whose every file is a lesson's or tooling's.
