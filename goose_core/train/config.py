@@ -46,6 +46,8 @@ class TrainConfig:
                            "model and data", metavar="PATH", factory=list)
     seq_len: int = _opt(64, "tokens per sequence: documents are packed into windows of this length",
                         "model and data")
+    data_cache: str = _opt("", "folder for the tokenized text, so a restart skips tokenizing (default: "
+                           "CHECKPOINT_DIR/tokens when there is a checkpoint folder)", "model and data", metavar="DIR")
     eval_fraction: float = _opt(0.05, "share of the packed windows held out for evaluation", "model and data")
     # layout
     tp: int = _opt(1, "tensor-parallel size (ranks that split every layer)", "layout")
@@ -138,7 +140,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if isinstance(values.get("data"), str):
         values["data"] = [values["data"]]
     # Relative paths in the file are relative to the file, as a person reading it expects.
-    for key in ("model", "tokenizer", "checkpoint_dir", "export", "log_jsonl", "tensorboard", "plot", "resume"):
+    for key in ("model", "tokenizer", "data_cache", "checkpoint_dir", "export", "log_jsonl", "tensorboard", "plot",
+                "resume"):
         value = values.get(key)
         if isinstance(value, str) and value and not (key == "model" and is_family(value)) \
                 and not (key == "resume" and value in RESUME_CHOICES) and not Path(value).is_absolute():

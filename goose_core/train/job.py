@@ -3,7 +3,6 @@ checkpoints, evaluation, export. ``run(config)`` on every rank."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,7 +17,7 @@ from transformers.utils import logging as hf_logging
 
 from goose_core.amp import GradScaler
 from goose_core.checkpoint import export_pretrained, load_checkpoint, save_checkpoint
-from goose_core.data import CORPUS_PATH, TOKENIZER_FILES, BatchStream, TextData, load_tokenizer
+from goose_core.data import CORPUS_PATH, BatchStream, TextData, load_tokenizer
 from goose_core.data_parallel import DataParallel
 from goose_core.distributed.context import ParallelContext
 from goose_core.loss import causal_lm_loss
@@ -58,8 +57,9 @@ def prepare(config: TrainConfig) -> Inputs:
     """
     folder = None if is_family(config.model) else config.model
     tokenizer = load_tokenizer(tokenizer=config.tokenizer or None, model=folder)
+    cache = config.data_cache or (str(Path(config.checkpoint_dir) / "tokens") if config.checkpoint_dir else None)
     data = TextData(config.data or [str(CORPUS_PATH)], tokenizer, config.seq_len,
-                    eval_fraction=config.eval_fraction, seed=config.seed)
+                    eval_fraction=config.eval_fraction, seed=config.seed, cache_dir=cache)
     if len(data.train) < config.batch_size:
         raise ConfigError(f"--data holds {len(data.train)} training windows of --seq-len {config.seq_len}, fewer "
                           f"than --batch-size {config.batch_size}; give more text or shorter windows")
@@ -141,17 +141,6 @@ def _save(config: TrainConfig, ctx: ParallelContext, model: nn.Module, optimizer
     return path
 
 
-def _copy_tokenizer(config: TrainConfig) -> None:
-    """The export's tokenizer: the tokenizer folder's files beside the weights (a byte tokenizer
-    has none: goose_core.data.load_tokenizer gives it back without files)."""
-    source = config.tokenizer or ("" if is_family(config.model) else config.model)
-    if not source:
-        return
-    for name in (*TOKENIZER_FILES, "merges.txt", "special_tokens_map.json", "added_tokens.json"):
-        if (Path(source) / name).is_file():
-            shutil.copyfile(Path(source) / name, Path(config.export) / name)
-
-
 def _eval_batches(config: TrainConfig, data: Any) -> list[dict[str, torch.Tensor]]:
     if len(data.eval) < config.batch_size:
         return []
@@ -213,11 +202,16 @@ class _Watch:
             print(f"loss plot: {path}", flush=True)
 
 
+def _layout(config: TrainConfig, ctx: ParallelContext) -> str:
+    zero = " + ZeRO-1" if config.zero else ""
+    return (f"tp={ctx.tensor_parallel_size} x pp={ctx.pipeline_parallel_size} x "
+            f"dp={ctx.data_parallel_size}{zero}")
+
+
 def _describe(config: TrainConfig, ctx: ParallelContext, inputs: Inputs, model: nn.Module) -> str:
     params = sum(p.numel() for p in model.parameters())
     what = f"{config.model} (tiny, seeded)" if is_family(config.model) else config.model
-    return (f"goose train: {what}, {params:,} parameters, {config.dtype}, tp={ctx.tensor_parallel_size} x "
-            f"pp={ctx.pipeline_parallel_size} x dp={ctx.data_parallel_size}{' + ZeRO-1' if config.zero else ''}, "
+    return (f"goose train: {what}, {params:,} parameters, {config.dtype}, {_layout(config, ctx)}, "
             f"{config.microbatches} micro-batch(es)\n"
             f"  data: {len(inputs.data.train)} training / {len(inputs.data.eval)} eval windows of {config.seq_len} "
             f"tokens, tokenizer {inputs.tokenizer.name!r} ({inputs.tokenizer.vocab_size} ids); "
@@ -289,11 +283,10 @@ def _train(config: TrainConfig, ctx: ParallelContext, inputs: Inputs, dtype: tor
     if config.export:
         export_pretrained(model, ctx, config.export)
         if ctx.rank == 0:
-            _copy_tokenizer(config)
+            inputs.tokenizer.save_pretrained(config.export)  # its files beside the weights (bytes: none)
         seen.say(f"export: {config.export} (loads with AutoModelForCausalLM.from_pretrained on one device)")
     if seen.evals:
         seen.say(f"eval loss after step {seen.evals[-1][0]}: {seen.evals[-1][1]:.6f}")
-    seen.close(f"{config.model if is_family(config.model) else Path(config.model).name} at tp={ctx.tensor_parallel_size} "
-               f"x pp={ctx.pipeline_parallel_size} x dp={ctx.data_parallel_size}{' + ZeRO-1' if config.zero else ''}, "
-               f"{config.dtype}")
+    name = config.model if is_family(config.model) else Path(config.model).name
+    seen.close(f"{name} at {_layout(config, ctx)}, {config.dtype}")
     return losses
