@@ -10,7 +10,7 @@ import torch
 from goose_core.distributed import ParallelContext
 from goose_core.distributed.launch import spawn
 from goose_core.train.config import merge, validate
-from goose_core.train.job import prepare
+from goose_core.train.build import prepare
 from goose_core.train.verify import VerifyError, verify
 
 

@@ -20,6 +20,7 @@ from goose_core.distributed.context import ParallelContext
 from goose_core.state import full_state_dict
 from goose_core.testing.reference import RunResult, largest_errors, snapshot
 from goose_core.testing.tolerances import PARALLEL
+from goose_core.train.build import build_model, build_optimizer, wrap
 from goose_core.train.config import TrainConfig, is_family
 from goose_core.train.loop import step
 from goose_core.train.schedule import lr_at
@@ -37,9 +38,7 @@ class VerifyError(RuntimeError):
 def _run(config: TrainConfig, ctx: ParallelContext | None, inputs: Any, layers: int | None,
          after_backward: Any) -> RunResult:
     """K steps in float64: at ctx's layout, or (``ctx=None``) on one device."""
-    from goose_core.train import job
-
-    model = job.build_model(config, inputs.tokenizer.vocab_size, torch.float64, layers=layers)
+    model = build_model(config, inputs.tokenizer.vocab_size, torch.float64, layers=layers)
     stream = BatchStream(inputs.data, config.batch_size, seed=config.seed, split="train")
     losses: list[float] = []
     if ctx is None:
@@ -55,8 +54,8 @@ def _run(config: TrainConfig, ctx: ParallelContext | None, inputs: Any, layers: 
             optimizer.zero_grad()
             losses.append(float(loss.detach()))
         return RunResult(losses, snapshot(model))
-    model = job.wrap(model, ctx, config)
-    optimizer, _ = job.build_optimizer(model, ctx, config, torch.float64)
+    model = wrap(model, ctx, config)
+    optimizer, _ = build_optimizer(model, ctx, config, torch.float64)
     for k in range(config.verify):
         lr = lr_at(k, config.lr, config.steps, config.warmup, config.min_lr)
         losses.append(step(model, optimizer, ctx, stream.next(), lr, config.clip, config.microbatches,
