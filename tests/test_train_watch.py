@@ -55,3 +55,26 @@ def test_rotation_keeps_the_last_k_and_finds_the_latest_complete(tmp_path: Path)
     assert checkpoints.latest(tmp_path) == atomic.old(checkpoints.folder(tmp_path, 6))
     assert checkpoints.resume_path("never", str(tmp_path)) is None
     assert checkpoints.resume_path("auto", "") is None
+
+
+def _check_shared(root: str) -> str:
+    from datetime import timedelta
+
+    from goose_core.distributed import ParallelContext
+
+    ctx = ParallelContext(1, 1, 2, timeout=timedelta(seconds=30))
+    try:
+        # Rank 1 looks at a folder of its own, as a node with a local disk would.
+        checkpoints.check_shared(root if ctx.rank == 0 else root + "-local", ctx)
+        return ""
+    except checkpoints.NotSharedError as err:
+        return str(err)
+    finally:
+        ctx.destroy()
+
+
+def test_a_checkpoint_folder_some_ranks_do_not_see_is_refused_on_every_rank(tmp_path: Path) -> None:
+    from goose_core.distributed.launch import spawn
+
+    messages = spawn(_check_shared, 2, str(tmp_path / "ck"), timeout=60)
+    assert all("is not shared: ranks [1] do not see the file rank 0 wrote there" in m for m in messages), messages

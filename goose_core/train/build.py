@@ -88,7 +88,9 @@ def build_model(config: TrainConfig, vocab_size: int, dtype: torch.dtype, seed: 
 
 
 def wrap(model: nn.Module, ctx: ParallelContext, config: TrainConfig) -> nn.Module:
-    """``model`` at ctx's layout, in the supported order: TP, then PP, then DP (sizes of 1 skipped)."""
+    """``model`` on ctx's device at ctx's layout, in the supported order: TP, then PP, then DP
+    (sizes of 1 skipped)."""
+    model = model.to(ctx.device)
     if ctx.tensor_parallel_size > 1:
         model = TensorParallel(model, ctx).parallelize()
     if ctx.pipeline_parallel_size > 1:

@@ -26,6 +26,11 @@ Batch = dict[str, Tensor]
 KILL_ENV = "GOOSE_TRAIN_KILL_AFTER"
 
 
+def _on(ctx: ParallelContext, batch: Batch) -> Batch:
+    """The batch on the rank's device (the data layer serves CPU tensors)."""
+    return {key: value.to(ctx.device, non_blocking=True) for key, value in batch.items()}
+
+
 def _forward_backward(model: nn.Module, shard: Batch, microbatches: int, pipelined: bool,
                       scaler: GradScaler | None) -> Tensor:
     """The step's loss (the global batch's, on every rank), gradients accumulated.
@@ -40,13 +45,14 @@ def _forward_backward(model: nn.Module, shard: Batch, microbatches: int, pipelin
     reducer = reducer_of(model)
     labels = shard["labels"]
     n = count_items(labels) if reducer is None else count_items_over(labels, reducer.group)
-    total = torch.zeros(())
+    total: Tensor | None = None
     for i in range(microbatches):
         quiet = reducer is not None and i < microbatches - 1
         with no_sync(model) if quiet else nullcontext():
             loss = model(**shard_batch(shard, i, microbatches), num_items_in_batch=n).loss
             (scaler.scale(loss) if scaler is not None else loss).backward()
-        total = total.to(loss.dtype) + loss.detach()
+        total = loss.detach() if total is None else total + loss.detach()
+    assert total is not None
     return total
 
 
@@ -60,7 +66,7 @@ def step(model: nn.Module, optimizer: Any, ctx: ParallelContext, batch: Batch, l
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    shard = shard_batch(batch, ctx.data_parallel_rank, ctx.data_parallel_size)
+    shard = _on(ctx, shard_batch(batch, ctx.data_parallel_rank, ctx.data_parallel_size))
     loss = _forward_backward(model, shard, microbatches, ctx.pipeline_parallel_size > 1, scaler)
     if after_backward is not None:
         after_backward(model)
@@ -82,7 +88,7 @@ def evaluate(model: nn.Module, ctx: ParallelContext, batches: list[Batch]) -> fl
     """The mean loss over ``batches`` (global batches; each dp rank takes its shard)."""
     total = 0.0
     for batch in batches:
-        total += float(model(**shard_batch(batch, ctx.data_parallel_rank, ctx.data_parallel_size)).loss)
+        total += float(model(**_on(ctx, shard_batch(batch, ctx.data_parallel_rank, ctx.data_parallel_size))).loss)
     return total / len(batches)
 
 

@@ -60,7 +60,7 @@ def _run(config: TrainConfig, ctx: ParallelContext | None, inputs: Any, layers: 
         lr = lr_at(k, config.lr, config.steps, config.warmup, config.min_lr)
         losses.append(step(model, optimizer, ctx, stream.next(), lr, config.clip, config.microbatches,
                            after_backward=after_backward)[0])
-    return RunResult(losses, full_state_dict(model, ctx))
+    return RunResult(losses, {name: p.cpu() for name, p in full_state_dict(model, ctx).items()})
 
 
 def shrunk_layers(config: TrainConfig, ctx: ParallelContext) -> int | None:
