@@ -85,11 +85,17 @@ def step(model: nn.Module, optimizer: Any, ctx: ParallelContext, batch: Batch, l
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ctx: ParallelContext, batches: list[Batch]) -> float:
-    """The mean loss over ``batches`` (global batches; each dp rank takes its shard)."""
-    total = 0.0
-    for batch in batches:
-        total += float(model(**_on(ctx, shard_batch(batch, ctx.data_parallel_rank, ctx.data_parallel_size))).loss)
-    return total / len(batches)
+    """The mean loss over ``batches`` (global batches; each dp rank takes its shard), in eval mode
+    (no dropout); the model is back in train mode after."""
+    model.eval()
+    try:
+        total = 0.0
+        for batch in batches:
+            shard = _on(ctx, shard_batch(batch, ctx.data_parallel_rank, ctx.data_parallel_size))
+            total += float(model(**shard).loss)
+        return total / len(batches)
+    finally:
+        model.train()
 
 
 def maybe_die(ctx: ParallelContext, completed: int) -> None:
