@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from goose_core.data.token_cache import cache_key
 from goose_core.data import (CORPUS_PATH, EOS_TOKEN, TextData, TextTokenizer, byte_tokenizer, load_tokenizer,
                              pack_documents, packing, read_documents, split_windows, train_bpe_tokenizer)
+from goose_core.data.token_cache import cache_key
 
 
 def write_jsonl(path: Path, records: list[object]) -> Path:
@@ -55,26 +56,47 @@ def test_folders_read_every_format_in_sorted_order(folder: Path) -> None:
     assert [d.text for d in read_documents([folder / "b.txt", folder / "a.jsonl"])][1:] == ["one", "two"]
 
 
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def empty_folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda d: [], "no data files given"),
     (lambda d: d / "absent.txt", "absent.txt does not exist"),
-    (lambda d: (d / "x.csv").write_text("t") and d / "x.csv", r"x.csv: unknown extension '.csv'"),
-    (lambda d: (d / "empty").mkdir() or d / "empty", "holds no .txt/.jsonl/.parquet files"),
+    (lambda d: write_text(d / "x.csv", "t"), r"x.csv: unknown extension '.csv'"),
+    (lambda d: empty_folder(d / "empty"), "holds no .txt/.jsonl/.parquet files"),
     (lambda d: write_jsonl(d / "x.jsonl", [{"text": "ok"}, {"body": "no text"}]), r"x.jsonl:2: the line has no"),
     (lambda d: write_jsonl(d / "x.jsonl", [{"text": 5}]), r"x.jsonl:1: the line has no string \"text\""),
-    (lambda d: (d / "x.jsonl").write_text('{"text": "a"}\n{oops\n') and d / "x.jsonl", r"x.jsonl:2: not a JSON"),
+    (lambda d: write_text(d / "x.jsonl", '{"text": "a"}\n{oops\n'), r"x.jsonl:2: not a JSON object"),
     (lambda d: write_parquet(d / "x.parquet", "body", ["a"]), r'x.parquet: no "text" column \(columns: \[.body.\]\)'),
     (lambda d: write_parquet(d / "x.parquet", "text", ["a", None]), r"x.parquet: row 1 of the \"text\" column is None"),
-    (lambda d: (d / "x.txt").write_text("") and d / "x.txt" or d / "x.txt", "the data files hold no text"),
+    (lambda d: write_text(d / "x.txt", ""), "the data files hold no text"),
+    (lambda d: write_bytes(d / "x.TXT", b"ok \xff"), r"x.TXT: not UTF-8 text \(byte 3: invalid start byte\)"),
 ])
 def test_bad_files_are_clear_errors(tmp_path: Path, make, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         read_documents(make(tmp_path))
 
 
-def test_bpe_folder_loads_in_goose_and_in_transformers(tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_bpe_folder_loads_in_goose_and_in_transformers(tokenizer_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoTokenizer
 
+    def no_network(*args: object) -> None:
+        raise AssertionError(f"a connection was attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     tok, hf = load_tokenizer(tokenizer_dir), AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     assert tok.vocab_size == len(hf) == 512 and tok.vocab_size % 8 == 0
     assert tok.eos_id == tok.pad_id == hf.convert_tokens_to_ids(EOS_TOKEN)
@@ -166,8 +188,8 @@ def test_split_is_seeded_disjoint_and_complete(tmp_path: Path, monkeypatch: pyte
     assert not apart()
 
 
-def test_the_token_cache_skips_tokenizing_and_misses_on_any_change(folder: Path, tokenizer_dir: Path,
-                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_token_cache_skips_tokenizing_and_misses_on_any_change(
+        folder: Path, tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bpe, byte, cache = load_tokenizer(tokenizer_dir), byte_tokenizer(), tmp_path / "cache"
 
     def served_right(tok: TextTokenizer, seq_len: int = 4) -> bool:

@@ -113,19 +113,23 @@ def test_global_batches_do_not_depend_on_dp(data: TextData) -> None:
             assert torch.equal(torch.cat(shards), batch)
 
 
-def _ranks_take(ctx: ParallelContext, path: str, state: dict, steps: int) -> list[torch.Tensor]:
-    """Each rank's own stream from a saved position; its dp shard gathered back to a global batch."""
+def _gather(ctx: ParallelContext, shard: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(shard) for _ in range(ctx.dp_size)]
+    dist.all_gather(parts, shard, group=ctx.data_parallel_group)
+    return torch.cat(parts)
+
+
+def _ranks_take(ctx: ParallelContext, path: str, state: dict, steps: int) -> tuple[list, list]:
+    """Each rank's own stream from a saved position; its dp shard gathered back over the dp group.
+    Beside it, planted: shards cut over the whole world (a sampler's default), as tp peers must not be."""
     stream = BatchStream(TextData(path, byte_tokenizer(), SEQ_LEN), BATCH, seed=5)
     stream.load_state_dict(state)
-    gathered = []
+    kept, planted = [], []
     for _ in range(steps):
-        batch = stream.next()
-        shard = shard_batch(batch, ctx.dp_rank, ctx.dp_size)["input_ids"]
-        parts = [torch.empty_like(shard) for _ in range(ctx.dp_size)]
-        dist.all_gather(parts, shard, group=ctx.data_parallel_group)
-        assert torch.equal(torch.cat(parts), batch["input_ids"]), f"rank {ctx.rank}: shards do not tile"
-        gathered.append(torch.cat(parts))
-    return gathered
+        batch = stream.next()["input_ids"]
+        kept.append(_gather(ctx, shard_batch({"x": batch}, ctx.dp_rank, ctx.dp_size)["x"]))
+        planted.append(_gather(ctx, shard_batch({"x": batch}, ctx.rank, ctx.world_size)["x"]))
+    return kept, planted
 
 
 def test_every_rank_of_tp2_dp2_draws_the_same_global_batches(data: TextData) -> None:
@@ -134,8 +138,8 @@ def test_every_rank_of_tp2_dp2_draws_the_same_global_batches(data: TextData) -> 
     take(stream, 2)
     state = stream.state_dict()
     expected = take(stream, 3)
-    for ranks in run_distributed(_ranks_take, 2, 1, 2, str(CORPUS_PATH), state, 3, timeout=60):
-        assert same(ranks, expected)
+    for kept, planted in run_distributed(_ranks_take, 2, 1, 2, str(CORPUS_PATH), state, 3, timeout=60):
+        assert same(kept, expected) and not same(planted, expected)
 
 
 def test_eval_is_apart_from_train(tmp_path: Path) -> None:
@@ -172,7 +176,7 @@ def test_positions_from_other_data_are_refused(small: TextData, data: TextData, 
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"batch_size": 22}, "the train part holds 21 windows of 16 tokens, fewer than the batch size 22"),
+    ({"batch_size": 22}, "a.txt: the train part holds 21 windows of 16 tokens, fewer than the batch size 22"),
     ({"batch_size": 0}, "batch_size 0 must be a positive integer"),
     ({"batch_size": 2, "split": "test"}, r"unknown split 'test'; choose one of \('train', 'eval'\)"),
     ({"batch_size": 2, "split": "eval"}, "the eval part holds 1 windows of 16 tokens, fewer than the batch size 2"),

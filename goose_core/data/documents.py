@@ -6,12 +6,12 @@ What a document is, per format::
     .jsonl     one document per line: a JSON object whose "text" is a string (blank lines skipped)
     .parquet   one document per row of the "text" column (pyarrow reads it)
 
-A folder stands for every file with one of these extensions below it, recursively, in sorted
-path order, hidden files and folders (a leading ".") left out; other files there are ignored. A
-file named on its own must have one of the extensions. Empty documents are dropped (they would
-only add an end-of-document token). Plain ``json`` and pyarrow rather than 🤗 ``datasets``:
-reading three formats is a few lines, and ``datasets`` would add an on-disk cache, a network
-check to switch off, and a dozen packages for it.
+A folder stands for every file with one of these extensions (in any case) below it, recursively,
+in sorted path order, hidden files and folders (a leading ".") left out; other files there are
+ignored. A file named on its own must have one of the extensions. Text is UTF-8. Empty documents
+are dropped (they would only add an end-of-document token). Plain ``json`` and pyarrow rather
+than 🤗 ``datasets``: reading three formats is a few lines, and ``datasets`` would add an on-disk
+cache, a network check to switch off, and a dozen packages for it.
 """
 
 from __future__ import annotations
@@ -31,16 +31,28 @@ PathLike = str | os.PathLike
 
 
 class Document(NamedTuple):
-    """One document's text and where it came from (``file`` or ``file:line`` / ``file:row``)."""
+    """One document's text and where it came from: its file and, in a .jsonl or .parquet file, its
+    line (from 1) or row (from 0)."""
 
     text: str
-    source: str
+    file: str
+    item: int | None = None
+
+    @property
+    def source(self) -> str:
+        """``file``, ``file:line`` or ``file:row``, for a message."""
+        return self.file if self.item is None else f"{self.file}:{self.item}"
 
 
 def _as_list(paths: PathLike | Sequence[PathLike]) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         return [Path(paths)]
     return [Path(p) for p in paths]
+
+
+def _kind(path: Path) -> str:
+    """The extension, lower case: "A.TXT" is a .txt file."""
+    return path.suffix.lower()
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -60,14 +72,14 @@ def expand_paths(paths: PathLike | Sequence[PathLike]) -> list[Path]:
     files: list[Path] = []
     for path in given:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in EXTENSIONS
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) in EXTENSIONS
                            and not _hidden(p, path))
             if not found:
                 raise ValueError(f"folder {path} holds no {'/'.join(EXTENSIONS)} files; "
                                  "put the text there or name the files")
             files += found
         elif path.is_file():
-            if path.suffix not in EXTENSIONS:
+            if _kind(path) not in EXTENSIONS:
                 raise ValueError(f"{path}: unknown extension {path.suffix!r}; goose reads "
                                  f"{', '.join(EXTENSIONS)} (rename the file or convert it)")
             files.append(path)
@@ -95,7 +107,7 @@ def _read_jsonl(path: Path) -> Iterable[Document]:
             if not isinstance(text, str):
                 raise ValueError(f'{where}: the line has no string "text" field; each line must be an '
                                  'object such as {"text": "..."}')
-            yield Document(text, where)
+            yield Document(text, str(path), number)
 
 
 def _read_parquet(path: Path) -> Iterable[Document]:
@@ -112,10 +124,18 @@ def _read_parquet(path: Path) -> Iterable[Document]:
         if not isinstance(text, str):
             raise ValueError(f'{path}: row {row} of the "text" column is {text!r}, not a string; '
                              "drop or fill that row")
-        yield Document(text, f"{path}:{row}")
+        yield Document(text, str(path), row)
 
 
 _READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+
+
+def _read(path: Path) -> list[Document]:
+    try:
+        return list(_READERS[_kind(path)](path))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); "
+                         "convert the file to UTF-8") from None
 
 
 def read_documents(paths: PathLike | Sequence[PathLike]) -> list[Document]:
@@ -126,7 +146,7 @@ def read_documents(paths: PathLike | Sequence[PathLike]) -> list[Document]:
             no text at all.
     """
     files = expand_paths(paths)
-    documents = [doc for path in files for doc in _READERS[path.suffix](path) if doc.text]
+    documents = [doc for path in files for doc in _read(path) if doc.text]
     if not documents:
         raise ValueError(f"the data files hold no text: {', '.join(map(str, files))}")
     return documents

@@ -101,19 +101,25 @@ class TextData:
         self.seq_len, self.eval_fraction, self.seed, self.tokenizer = seq_len, eval_fraction, seed, tok
         documents = read_documents(paths)
         self.documents = len(documents)
+        #: The files the documents came from, in reading order.
+        self.files = list(dict.fromkeys(d.file for d in documents))
         stream = self._tokens([d.text for d in documents], cache_dir)
         self.tokens = len(stream)
         count = self.tokens // seq_len
         needed = 1 if eval_fraction == 0 else 2
         if count < needed:
-            sources = ", ".join(sorted({d.source.split(':')[0] for d in documents}))
-            raise ValueError(f"{sources}: {self.tokens} tokens make {count} windows of {seq_len}, fewer than "
+            raise ValueError(f"{self.named_files()}: {self.tokens} tokens make {count} windows of {seq_len}, fewer than "
                              f"the {needed} a train and an eval part need; give more text or a smaller seq_len")
         self.dropped = self.tokens - count * seq_len
         windows = stream[: count * seq_len].view(count, seq_len)
         train, held = split_windows(count, eval_fraction, seed)
         self.train, self.eval = windows[train], windows[held]
         self._fingerprints = {"train": _digest(self.train), "eval": _digest(self.eval)}
+
+    def named_files(self, most: int = 3) -> str:
+        """The files, for a message: the first ``most`` and how many more."""
+        more = f" and {len(self.files) - most} more" if len(self.files) > most else ""
+        return ", ".join(self.files[:most]) + more
 
     def _tokens(self, texts: list[str], cache_dir: str | os.PathLike | None) -> Tensor:
         """The packed stream of ``texts``: from the cache if it holds it, else tokenized (and cached)."""

@@ -56,8 +56,10 @@ class BatchStream:
             raise ValueError(f"seed {seed!r} must be an integer")
         self.windows: Tensor = data.split(split)
         if len(self.windows) < batch_size:
-            raise ValueError(f"the {split} part holds {len(self.windows)} windows of {data.seq_len} tokens, fewer "
-                             f"than the batch size {batch_size}; give more text, or lower seq_len or the batch size")
+            more = "raise eval_fraction, " if split == "eval" else ""
+            raise ValueError(f"{data.named_files()}: the {split} part holds {len(self.windows)} windows of {data.seq_len} tokens, fewer "
+                             f"than the batch size {batch_size}; {more}give more text, or lower seq_len or the "
+                             "batch size")
         self.batch_size, self.seed, self.split = batch_size, seed, split
         # The fingerprint is JSON-exact as an int below 2**52 (13 hex digits).
         self._fingerprint = int(data.fingerprint(split)[:13], 16)
