@@ -115,3 +115,14 @@ def test_the_learning_rate_schedule() -> None:
     assert lrs[:3] == [0.5, 1.0, 1.0], "linear warmup, then the cosine from the peak"
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > 0.1
     assert lr_at(10, 1.0, 10, 2, 0.1) == pytest.approx(0.1)
+
+
+def test_bad_data_is_one_message_before_any_process_group(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import torch.distributed as dist
+
+    (tmp_path / "tiny.txt").write_text("too short", encoding="utf-8")
+    assert cli.train_main(["--data", str(tmp_path / "tiny.txt"), "--seq-len", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("goose train: ") and "tiny.txt" in err and "Traceback" not in err
+    assert not dist.is_initialized()

@@ -112,9 +112,15 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         return 2
     if config.nproc and not launched:
         return launch_local(argv, config.nproc)
-    from goose_core.train.job import run  # torch and transformers load only for a valid job
+    from goose_core.train.build import prepare  # torch and transformers load only for a valid job
+    from goose_core.train.job import run
 
-    run(config)
+    try:
+        inputs = prepare(config)  # the tokenizer and the files: still before any process group
+    except ValueError as err:  # ConfigError, and the data layer's errors naming a file or folder
+        print(f"goose train: {err}", file=sys.stderr)
+        return 2
+    run(config, inputs=inputs)
     return 0
 
 

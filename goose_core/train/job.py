@@ -126,12 +126,14 @@ def _describe(config: TrainConfig, ctx: ParallelContext, inputs: Inputs, model: 
             f"{config.batch_size} sequences a step, {config.steps} steps")
 
 
-def run(config: TrainConfig, after_backward: Any = None) -> list[float]:
+def run(config: TrainConfig, inputs: Inputs | None = None, after_backward: Any = None) -> list[float]:
     """Train ``config`` (validated) on this rank; returns this run's losses.
 
+    ``inputs``: :func:`~goose_core.train.build.prepare`'s, if the caller already read them.
     ``after_backward(model)`` runs after every backward (tests plant bugs with it)."""
     hf_logging.disable_progress_bar()
-    inputs = prepare(config)  # every rank, before any process group: a bad input fails everywhere
+    if inputs is None:
+        inputs = prepare(config)  # every rank, before any process group: a bad input fails everywhere
     dtype = TORCH_DTYPES[config.dtype]
     ctx = ParallelContext(config.tp, config.pp, config.dp, seed=config.seed,
                           timeout=timedelta(seconds=config.timeout))
