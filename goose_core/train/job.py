@@ -148,7 +148,10 @@ def _train(config: TrainConfig, ctx: ParallelContext, inputs: Inputs, dtype: tor
     if config.checkpoint_dir:
         checkpoints.check_shared(config.checkpoint_dir, ctx)
     if config.verify:
-        verify(config, ctx, inputs)
+        # Its seeded builds and steps draw from the generators: the job then starts from the same
+        # random state as without --verify (dropout masks included).
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+            verify(config, ctx, inputs)
     base = build_model(config, inputs.tokenizer.vocab_size, dtype)
     title = _describe(config, ctx, inputs, base)
     model = wrap(base, ctx, config)
