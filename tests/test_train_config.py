@@ -126,3 +126,18 @@ def test_bad_data_is_one_message_before_any_process_group(tmp_path: Path,
     err = capsys.readouterr().err
     assert err.startswith("goose train: ") and "tiny.txt" in err and "Traceback" not in err
     assert not dist.is_initialized()
+
+
+def test_the_demo_config_is_valid_at_8_ranks() -> None:
+    from goose_core.train.demo import DEMO_CONFIG
+
+    config = validate(merge(load_toml(DEMO_CONFIG)), 8)
+    assert (config.tp, config.pp, config.dp, config.zero, config.model) == (2, 2, 2, True, "llama")
+
+
+def test_the_config_reference_names_every_option() -> None:
+    from goose_core.train.reference import config_reference
+
+    page = config_reference()
+    for f in fields(TrainConfig):
+        assert f"| `--{f.name.replace('_', '-')}" in page and f"`{f.name}`" in page, f.name
