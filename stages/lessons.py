@@ -143,6 +143,9 @@ TOOLING: tuple[str, ...] = (
     # A user's own tokenizer and files as a resumable batch stream: the data of `goose train`,
     # tooling around the course (its modules sit in stage 0's goose_core/data/).
     "tests/test_data_files.py", "tests/test_data_stream.py",
+    # `goose train`: the command, its job loop, checkpoint rotation, what a person watches and
+    # --verify: tooling around the course that uses what every chapter built.
+    "goose_core/train/", "tests/test_train_",
 )
 
 #: The folders whose every file is a lesson's or tooling's.
