@@ -88,7 +88,7 @@ KERNELS = ATEN_CPU_CAPABILITY=$(CAPABILITY) MKL_ENABLE_INSTRUCTIONS=$(MKL_$(CAPA
 test-kernels: $(STAMP)
 	$(KERNELS) $(PY) -c "import torch; print('CPU kernels:', torch.backends.cpu.get_cpu_capability(), \
 	  '| oneDNN bf16 matmuls:', torch.ops.mkldnn._is_mkldnn_bf16_supported())"
-	$(KERNELS) $(PY) -m pytest -q
+	$(KERNELS) $(PY) -m pytest -q -m "not kernel_free"
 
 # tests/gpu (pytest -m gpu) on one CUDA GPU: the one-GPU pipeline against the plain run, stream races,
 # the CUDA sanitizer, NCCL under torchrun, the profiler's allocator path. Without CUDA it says so
