@@ -1,0 +1,209 @@
+"""ZeRO-3 (DataParallel(zero_stage=3)): equal to the single-device run at every layout, holding
+1/dp of the parameters between steps, and the bugs it could have caught.
+
+Each spawned group checks several cases (the suite runs three times on two cores): dp=2 and 4
+with accumulation, padding, clipping, a frozen block and GPT-2's tied embedding; tp2 x dp2;
+pp2 x dp2 under GPipe and 1F1B; a 2x2x2 run whose checkpoint resumes bit for bit and loads at
+ZeRO-1 on tp1 x pp2 x dp4; bf16 against the one-device bf16 recipe within its noise floor.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+from goose_core import DataParallel, DistributedOptimizer, ParallelContext, clip_grad_norm_
+from goose_core.data import shard_batch
+from goose_core.data_parallel import no_sync, zero3
+from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference,
+                                noise_floor_runs, noise_floor_tolerances, reference_run, run_distributed,
+                                snapshot, train_loop)
+
+LLAMA = TrainSpec(family="llama", steps=3, max_grad_norm=0.5)
+# GPT-2 (wte tied to lm_head) on right-padded rows, SGD so a wrong gradient scale shows.
+GPT2 = TrainSpec(family="gpt2", steps=3, optimizer="sgd", lr=0.1, padding="right", seed=1, max_grad_norm=0.5)
+BF16 = TrainSpec(family="llama", steps=4, optimizer="sgd", lr=0.1, precision="bf16")
+M = 2  # micro-batches: accumulation by hand under DP, the pipeline's under PP
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    """GPT-2's first block's MLP frozen: left whole on every rank, no gradient, not stepped."""
+    for p in model.transformer.h[0].mlp.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _reference(spec: TrainSpec, frozen: bool = False, micro_batches: int = 1) -> RunResult:
+    model = spec.build_model()
+    if frozen:
+        _freeze(model)
+    optimizer = spec.recipe_optimizer(model.parameters())
+    clip = functools.partial(torch.nn.utils.clip_grad_norm_, list(model.parameters()), spec.max_grad_norm)
+    losses = train_loop(model, optimizer, (spec.batch(s) for s in range(spec.steps)),
+                        clip if spec.max_grad_norm else None, micro_batches)
+    return RunResult(losses, snapshot(model))
+
+
+Wrap = Callable[[nn.Module, ParallelContext], nn.Module]
+
+
+def _build(ctx: ParallelContext, spec: TrainSpec, frozen: bool = False, stage: int = 3,
+           before_dp: Wrap | None = None) -> tuple[nn.Module, DistributedOptimizer]:
+    """``spec``'s model under ``before_dp`` (the other wrappers), then DP at ZeRO ``stage``."""
+    model = spec.build_model()
+    if frozen:
+        _freeze(model)
+    if before_dp is not None:
+        model = before_dp(model, ctx)
+    model = DataParallel(model, ctx, zero_stage=stage).parallelize()
+    return model, DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
+
+
+def _train(ctx: ParallelContext, model: nn.Module, optimizer: Any, spec: TrainSpec, steps: range,
+           micro_batches: int = 1) -> list[float]:
+    clip = functools.partial(clip_grad_norm_, list(model.parameters()), spec.max_grad_norm, ctx)
+    batches = (shard_batch(spec.batch(s), ctx.dp_rank, ctx.dp_size) for s in steps)
+    return train_loop(model, optimizer, batches, clip if spec.max_grad_norm else None, micro_batches,
+                      no_sync=functools.partial(no_sync, model) if micro_batches > 1 else None)
+
+
+def _whole(model: nn.Module, ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    """The parameters by name, gathered over dp (no tp or pp here: full_state_dict's job)."""
+    with zero3.gathered(model):
+        return snapshot(model)
+
+
+def _run(ctx: ParallelContext, spec: TrainSpec, frozen: bool = False, micro_batches: int = 1,
+         before_dp: Wrap | None = None, whole: Callable[..., dict[str, torch.Tensor]] = _whole) -> RunResult:
+    model, optimizer = _build(ctx, spec, frozen, before_dp=before_dp)
+    losses = _train(ctx, model, optimizer, spec, range(spec.steps), micro_batches)
+    return RunResult(losses, whole(model, ctx))
+
+
+# -- dp = 2 and 4 -----------------------------------------------------------------------------------
+def _held(ctx: ParallelContext) -> tuple[int, int, bool]:
+    """(bytes the rank holds for parameters between steps, the formula's, whether every trainable
+    parameter is empty then): per unit (a block, or the rest) ceil(trainable numel / dp)
+    elements, plus the frozen parameters whole."""
+    model, optimizer = _build(ctx, GPT2, frozen=True)
+    _train(ctx, model, optimizer, GPT2, range(1))
+    empty = all(p.numel() == 0 for p in model.parameters() if p.requires_grad)
+    with zero3.gathered(model):  # the whole model's sizes
+        blocks = [sum(p.numel() for p in block.parameters() if p.requires_grad) for block in model.transformer.h]
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    units = [*blocks, trainable - sum(blocks)]
+    formula = (sum(-(-n // ctx.dp_size) for n in units) + frozen) * 8  # float64
+    return zero3.parameter_bytes(model), formula, empty
+
+
+def _data_parallel(ctx: ParallelContext) -> dict[str, Any]:
+    return {"llama": _run(ctx, LLAMA), "gpt2": _run(ctx, GPT2, frozen=True, micro_batches=M),
+            "held": _held(ctx)}
+
+
+@pytest.mark.parametrize("dp", [2, 4])
+def test_data_parallel_equals_one_device_and_holds_one_dp_th_of_the_parameters(dp: int) -> None:
+    llama, gpt2 = reference_run(LLAMA), _reference(GPT2, frozen=True, micro_batches=M)
+    for rank, found in enumerate(run_distributed(_data_parallel, 1, 1, dp, timeout=120)):
+        assert_matches_reference(found["llama"], llama, PARALLEL)
+        assert_matches_reference(found["gpt2"], gpt2, PARALLEL)
+        held, formula, empty = found["held"]
+        assert empty, f"rank {rank}: a trainable parameter stays whole between steps"
+        assert held == formula, f"rank {rank}: holds {held} bytes of parameters, the formula {formula}"
+
+
+# -- planted bugs ---------------------------------------------------------------------------------
+def _planted(ctx: ParallelContext, bug: str) -> RunResult | str:
+    spec = replace(LLAMA, optimizer="sgd", max_grad_norm=None)
+    if bug == "not re-gathered for backward":
+        patch = mock.patch.object(zero3.ShardedParameters, "_before_backward", lambda self, unit, before: None)
+    elif bug == "a shard reduced twice":
+        finish = zero3.ShardedBucket.finish_reduce
+
+        def twice(self: zero3.ShardedBucket, group: Any, dp: int) -> None:
+            received = self.received
+            finish(self, group, dp)
+            self.shard_grad.add_(received)  # this rank's piece of the sum added a second time
+
+        patch = mock.patch.object(zero3.ShardedBucket, "finish_reduce", twice)
+    else:
+        patch = mock.patch.object(zero3.ShardedBucket, "shard_range",  # every rank takes shard 0
+                                  lambda self, rank: (0, self.shard_numel))
+    with patch:
+        try:
+            return _run(ctx, spec)
+        except RuntimeError as err:  # the backward met a freed parameter: every rank raises alike
+            return str(err)
+
+
+@pytest.mark.parametrize("bug", ["not re-gathered for backward", "a shard reduced twice", "the wrong shard written"])
+def test_a_planted_bug_fails(bug: str) -> None:
+    reference = reference_run(replace(LLAMA, optimizer="sgd", max_grad_norm=None))
+    for found in run_distributed(_planted, 1, 1, 2, bug, timeout=120):
+        if isinstance(found, str):
+            assert "size of tensor" in found or "shape" in found, found
+            continue
+        with pytest.raises(AssertionError, match="differ"):
+            assert_matches_reference(found, reference, PARALLEL)
+
+
+def test_without_it_the_same_run_passes() -> None:
+    spec = replace(LLAMA, optimizer="sgd", max_grad_norm=None)
+    reference = reference_run(spec)
+    for found in run_distributed(_run, 1, 1, 2, spec, timeout=120):
+        assert_matches_reference(found, reference, PARALLEL)
+
+
+# -- misuse -----------------------------------------------------------------------------------------
+def test_a_bad_zero_stage_is_refused() -> None:
+    with pytest.raises(ValueError, match="zero_stage must be 1, 2 or 3, got 0"):
+        DataParallel(nn.Linear(2, 2), None, zero_stage=0)  # type: ignore[arg-type]  # refused before ctx is read
+
+
+def _without_optimizer(ctx: ParallelContext) -> str:
+    model = DataParallel(LLAMA.build_model(), ctx, zero_stage=3).parallelize()
+    with pytest.raises(ValueError) as err:
+        model(**shard_batch(LLAMA.batch(0), ctx.dp_rank, ctx.dp_size))
+    return str(err.value)
+
+
+def test_a_training_forward_without_distributed_optimizer_is_refused_on_every_rank() -> None:
+    for message in run_distributed(_without_optimizer, 1, 1, 2, timeout=60):
+        assert "build DistributedOptimizer(optimizer, ctx)" in message
+
+
+# -- bf16 -------------------------------------------------------------------------------------------
+def _bf16(ctx: ParallelContext, before_dp: Wrap | None, whole: Callable[..., dict[str, torch.Tensor]]
+          ) -> list[RunResult]:
+    return [_run(ctx, BF16, before_dp=before_dp, whole=whole)]
+
+
+def bf16_allowances() -> tuple[RunResult, Any, Any]:
+    """The one-device bf16 recipe and the (losses, parameters) allowances of its noise floor."""
+    reference = reference_run(BF16)
+    return reference, *noise_floor_tolerances(reference, noise_floor_runs(BF16))
+
+
+def check_bf16(tp: int, pp: int, dp: int, before_dp: Wrap | None = None,
+               whole: Callable[..., dict[str, torch.Tensor]] = _whole) -> None:
+    """A bf16 run at the layout (``before_dp`` applies tp and pp, ``whole`` gathers the parameters)
+    within the one-device recipe's noise floor."""
+    reference, losses, params = bf16_allowances()
+    for rank, found in enumerate(run_distributed(_bf16, tp, pp, dp, before_dp, whole, timeout=180)):
+        for result in found:
+            try:
+                assert_matches_reference(result, reference, losses, params)
+            except AssertionError as err:
+                raise AssertionError(f"rank {rank}: {err}\n({losses.why}; {params.why})") from err
+
+
+def test_bf16_equals_the_one_device_bf16_recipe_within_its_noise_floor() -> None:
+    check_bf16(1, 1, 2)

@@ -1,0 +1,99 @@
+"""ZeRO-3 composed with tensor and pipeline parallelism and checkpoints: tp2 x dp2; pp2 x dp2
+under GPipe and 1F1B (GPT-2's embedding tied across the stages); a 2x2x2 run equal to one device
+whose checkpoint resumes bit for bit and loads at ZeRO-1 on tp1 x pp2 x dp4; bf16 at pp2 x dp2
+within the one-device recipe's noise floor. The cases at dp alone are tests/test_zero3.py's.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from goose_core import (ParallelContext, PipelineParallel, TensorParallel, full_state_dict, load_checkpoint,
+                        save_checkpoint)
+from goose_core.testing import EXACT, PARALLEL, RunResult, assert_matches_reference, reference_run, run_distributed
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_zero3 import GPT2, LLAMA, M, _build, _reference, _run, _train, check_bf16  # noqa: E402
+
+
+def _layers(model: nn.Module, ctx: ParallelContext, **pipeline: Any) -> nn.Module:
+    """TP, then PP, where their sizes are above 1: the wrappers that come before DataParallel."""
+    if ctx.tp_size > 1:
+        model = TensorParallel(model, ctx).parallelize()
+    if ctx.pp_size > 1:
+        model = PipelineParallel(model, ctx, **pipeline).parallelize()
+    return model
+
+
+PIPELINE = functools.partial(_layers, num_microbatches=M)
+
+
+# -- tp, pp --------------------------------------------------------------------------------------------
+def _tensor_parallel(ctx: ParallelContext) -> RunResult:
+    return _run(ctx, LLAMA, before_dp=_layers, whole=full_state_dict)
+
+
+def test_tensor_parallel_times_data_parallel() -> None:
+    reference = reference_run(LLAMA)
+    for found in run_distributed(_tensor_parallel, 2, 1, 2, timeout=120):
+        assert_matches_reference(found, reference, PARALLEL)
+
+
+def _pipelines(ctx: ParallelContext) -> list[RunResult]:
+    spec = replace(GPT2, padding=None)  # the pipeline's micro-batches: the tied weight across stages
+    return [_run(ctx, spec, before_dp=functools.partial(PIPELINE, schedule=schedule), whole=full_state_dict)
+            for schedule in ("gpipe", "1f1b")]
+
+
+def test_pipeline_times_data_parallel_gpipe_and_1f1b() -> None:
+    reference = _reference(replace(GPT2, padding=None))
+    for found in run_distributed(_pipelines, 1, 2, 2, timeout=180):
+        for result in found:
+            assert_matches_reference(result, reference, PARALLEL)
+
+
+# -- 2 x 2 x 2, checkpoints ---------------------------------------------------------------------------
+CKPT = replace(LLAMA, steps=4)
+
+
+def _three_d(ctx: ParallelContext, path: str) -> tuple[RunResult, list[float], bool]:
+    """4 steps (a checkpoint after 2), and the resume from it at the same layout."""
+    model, optimizer = _build(ctx, CKPT, before_dp=PIPELINE)
+    losses = _train(ctx, model, optimizer, CKPT, range(2))
+    save_checkpoint(path, model, optimizer, ctx, step=2)
+    losses += _train(ctx, model, optimizer, CKPT, range(2, 4))
+    resumed_model, resumed_optimizer = _build(ctx, CKPT, before_dp=PIPELINE)
+    assert load_checkpoint(path, resumed_model, resumed_optimizer, ctx)["step"] == 2
+    resumed = _train(ctx, resumed_model, resumed_optimizer, CKPT, range(2, 4))
+    whole, again = full_state_dict(model, ctx), full_state_dict(resumed_model, ctx)
+    same = all(torch.equal(whole[name], again[name]) for name in whole)
+    return RunResult(losses, whole), resumed, same
+
+
+def _zero1(ctx: ParallelContext, path: str) -> RunResult:
+    model, optimizer = _build(ctx, CKPT, stage=1, before_dp=PIPELINE)
+    load_checkpoint(path, model, optimizer, ctx)
+    losses = _train(ctx, model, optimizer, CKPT, range(2, 4))
+    return RunResult(losses, full_state_dict(model, ctx))
+
+
+def test_three_d_resumes_bit_exactly_and_loads_at_zero1_on_another_layout(tmp_path: Path) -> None:
+    reference = reference_run(CKPT)
+    path = str(tmp_path / "ckpt")
+    for rank, (result, resumed, same) in enumerate(run_distributed(_three_d, 2, 2, 2, path, timeout=240)):
+        assert_matches_reference(result, reference, PARALLEL)
+        assert_matches_reference(RunResult(resumed, {}), RunResult(result.losses[2:], {}), EXACT)
+        assert same, f"rank {rank}: the resumed parameters differ from the uninterrupted run's"
+    for result in run_distributed(_zero1, 1, 2, 4, path, timeout=240):
+        assert_matches_reference(result, replace(reference, losses=reference.losses[2:]), PARALLEL)
+
+
+def test_bf16_pipeline_times_data_parallel_within_the_noise_floor() -> None:
+    check_bf16(1, 2, 2, PIPELINE, full_state_dict)
