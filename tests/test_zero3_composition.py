@@ -12,11 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-from goose_core import (ParallelContext, PipelineParallel, TensorParallel, full_state_dict, load_checkpoint,
-                        save_checkpoint)
+from goose_core import (ParallelContext, PipelineParallel, TensorParallel, export_pretrained, full_state_dict,
+                        load_checkpoint, save_checkpoint)
 from goose_core.testing import EXACT, PARALLEL, RunResult, assert_matches_reference, reference_run, run_distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,11 +50,13 @@ def test_tensor_parallel_times_data_parallel() -> None:
 
 def _pipelines(ctx: ParallelContext) -> list[RunResult]:
     spec = replace(GPT2, padding=None)  # the pipeline's micro-batches: the tied weight across stages
-    return [_run(ctx, spec, before_dp=functools.partial(PIPELINE, schedule=schedule), whole=full_state_dict)
-            for schedule in ("gpipe", "1f1b")]
+    # 1F1B twice: recomputing every cell's forward in its backward, and keeping every activation.
+    cases = [{"schedule": "gpipe"}, {"schedule": "1f1b", "recompute": "always"},
+             {"schedule": "1f1b", "recompute": "never"}]
+    return [_run(ctx, spec, before_dp=functools.partial(PIPELINE, **case), whole=full_state_dict) for case in cases]
 
 
-def test_pipeline_times_data_parallel_gpipe_and_1f1b() -> None:
+def test_pipeline_times_data_parallel_gpipe_and_1f1b_with_and_without_recompute() -> None:
     reference = _reference(replace(GPT2, padding=None))
     for found in run_distributed(_pipelines, 1, 2, 2, timeout=180):
         for result in found:
@@ -74,6 +78,9 @@ def _three_d(ctx: ParallelContext, path: str) -> tuple[RunResult, list[float], b
     resumed = _train(ctx, resumed_model, resumed_optimizer, CKPT, range(2, 4))
     whole, again = full_state_dict(model, ctx), full_state_dict(resumed_model, ctx)
     same = all(torch.equal(whole[name], again[name]) for name in whole)
+    with pytest.raises(ValueError, match="export_pretrained"):
+        resumed_model.save_pretrained(path + "-refused")  # this rank's shards only
+    export_pretrained(resumed_model, ctx, path + "-export")
     return RunResult(losses, whole), resumed, same
 
 
@@ -84,13 +91,15 @@ def _zero1(ctx: ParallelContext, path: str) -> RunResult:
     return RunResult(losses, full_state_dict(model, ctx))
 
 
-def test_three_d_resumes_bit_exactly_and_loads_at_zero1_on_another_layout(tmp_path: Path) -> None:
+def test_three_d_resumes_bit_exactly_exports_and_loads_at_zero1_on_another_layout(tmp_path: Path) -> None:
     reference = reference_run(CKPT)
     path = str(tmp_path / "ckpt")
     for rank, (result, resumed, same) in enumerate(run_distributed(_three_d, 2, 2, 2, path, timeout=240)):
         assert_matches_reference(result, reference, PARALLEL)
         assert_matches_reference(RunResult(resumed, {}), RunResult(result.losses[2:], {}), EXACT)
         assert same, f"rank {rank}: the resumed parameters differ from the uninterrupted run's"
+    exported = AutoModelForCausalLM.from_pretrained(path + "-export", dtype=torch.float64).state_dict()
+    assert all(torch.equal(exported[name], tensor) for name, tensor in result.params.items())
     for result in run_distributed(_zero1, 1, 2, 4, path, timeout=240):
         assert_matches_reference(result, replace(reference, losses=reference.losses[2:]), PARALLEL)
 

@@ -69,7 +69,7 @@ from goose_core.metadata import (clear_wide_grad, link_grad_sync, module_grad_sy
                                  unlink_grad_sync)
 from goose_core.models.registry import PIPELINE
 
-__all__ = ["ShardedBucket", "ShardedParameters", "Unit", "decoder_blocks", "gathered", "parameter_bytes"]
+__all__ = ["ShardedBucket", "ShardedParameters", "Unit", "decoder_blocks", "gathered", "parameter_bytes", "sync_of"]
 
 
 class ShardedBucket:
@@ -475,12 +475,18 @@ def _tensors(output: Any) -> list[Tensor]:
     return []
 
 
+def sync_of(model: nn.Module) -> ShardedParameters | None:
+    """The ZeRO-3 sync DataParallel(zero_stage=3) installed on ``model``, if any."""
+    sync = module_grad_sync(model)
+    return sync if isinstance(sync, ShardedParameters) else None
+
+
 @contextmanager
 def gathered(model: nn.Module) -> Iterator[None]:
     """``model``'s parameters whole inside, if DataParallel(zero_stage=3) shards them (collective
     over dp: every rank enters); anything else: nothing to do."""
-    sync = module_grad_sync(model)
-    with sync.whole_parameters() if isinstance(sync, ShardedParameters) else nullcontext():
+    sync = sync_of(model)
+    with sync.whole_parameters() if sync is not None else nullcontext():
         yield
 
 
@@ -491,8 +497,8 @@ def parameter_bytes(model: nn.Module) -> int:
     for p in model.parameters():
         s = p.untyped_storage()
         storages[s.data_ptr()] = s.nbytes()
-    sync = module_grad_sync(model)
-    if isinstance(sync, ShardedParameters):
+    sync = sync_of(model)
+    if sync is not None:
         for bucket in sync.buckets:
             s = bucket.param_shard.untyped_storage()
             storages[s.data_ptr()] = s.nbytes()
