@@ -123,9 +123,48 @@ def _collectives(ctx: ParallelContext) -> tuple[dict[str, int], int]:
     return counts, len(model.model.layers)
 
 
+def _timeline(ctx: ParallelContext) -> dict[str, list[tuple[int, list[str]]]]:
+    """Every block unit's state when block k's forward computes (its first submodule's pre-hook),
+    and just after the gradient reaches block k's output."""
+    model, optimizer = _build(ctx, LLAMA)
+    sync = zero3.sync_of(model)
+    assert sync is not None
+    blocks = sync.units[:-1]
+    seen: dict[str, list[tuple[int, list[str]]]] = {"forward": [], "backward": []}
+    for k, block in enumerate(model.model.layers):
+        first = next(iter(block.children()))
+        first.register_forward_pre_hook(lambda m, a, k=k: seen["forward"].append((k, [u.state for u in blocks])))
+    before_backward = zero3.ShardedParameters._before_backward
+
+    def recording(self: zero3.ShardedParameters, unit: zero3.Unit, before: zero3.Unit | None) -> None:
+        before_backward(self, unit, before)
+        seen["backward"].append((blocks.index(unit), [u.state for u in blocks]))
+
+    with mock.patch.object(zero3.ShardedParameters, "_before_backward", recording):
+        _train(ctx, model, optimizer, LLAMA, range(1))
+    return seen
+
+
 def _data_parallel(ctx: ParallelContext) -> dict[str, Any]:
     return {"llama": _run(ctx, LLAMA), "gpt2": _run(ctx, GPT2, frozen=True, micro_batches=M),
-            "held": _held(ctx), "collectives": _collectives(ctx)}
+            "held": _held(ctx), "collectives": _collectives(ctx), "timeline": _timeline(ctx)}
+
+
+def _check_timeline(seen: dict[str, list[tuple[int, list[str]]]]) -> None:
+    """Block k computes whole, block k+1's gather in flight (or done), every other block freed;
+    the backward the same, mirrored (block k-1 prefetched; k+1 may still be reducing)."""
+    free, whole = zero3.Unit.FREE, zero3.Unit.GATHERED
+    blocks = len(seen["forward"])
+    assert [k for k, _ in seen["forward"]] == list(range(blocks))
+    assert [k for k, _ in seen["backward"]] == list(reversed(range(blocks)))
+    for k, states in seen["forward"]:
+        assert states[k] == whole and all(s == free for s in states[:k]), (k, states)
+        assert k + 1 == blocks or states[k + 1] != free, f"block {k + 1} not prefetched: {states}"
+        assert all(s == free for s in states[k + 2:]), (k, states)
+    for k, states in seen["backward"]:
+        assert states[k] == whole and all(s == free for s in states[k + 2:]), (k, states)
+        assert k == 0 or states[k - 1] != free, f"block {k - 1} not prefetched: {states}"
+        assert all(s == free for s in states[:max(k - 1, 0)]), (k, states)
 
 
 @pytest.mark.parametrize("dp", [2, 4])
@@ -141,6 +180,7 @@ def test_data_parallel_equals_one_device_and_holds_one_dp_th_of_the_parameters(d
         # each unit's gradient reduce-scattered once.
         counts, blocks = found["collectives"]
         assert counts == {"all_gather": 2 * blocks + 1, "reduce_scatter": blocks + 1}, (rank, counts)
+        _check_timeline(found["timeline"])
 
 
 # -- planted bugs ---------------------------------------------------------------------------------
