@@ -79,8 +79,9 @@ class DataParallel:
             ``DistributedOptimizer``, and DataParallel as the last wrapper).
 
     Raises:
-        ValueError: ``bucket_size_mb`` is not positive; ``zero_stage`` is not 1, 2 or 3; replicas differ (on every rank); a MoE
-            model whose router loss is on, at dp > 1 (that loss is not a sum over tokens).
+        ValueError: ``bucket_size_mb`` is not positive; ``zero_stage`` is not 1, 2 or 3; replicas
+            differ (on every rank); a MoE model whose router loss is on, at dp > 1 (that loss is
+            not a sum over tokens).
     """
 
     def __init__(self, module: nn.Module, ctx: ParallelContext, bucket_size_mb: float = 25.0,
