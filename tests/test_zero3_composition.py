@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from goose_core import (ParallelContext, PipelineParallel, TensorParallel, export_pretrained, full_state_dict,
-                        load_checkpoint, save_checkpoint)
+from goose_core import (DataParallel, ParallelContext, PipelineParallel, TensorParallel, export_pretrained,
+                        full_state_dict, load_checkpoint, save_checkpoint)
 from goose_core.testing import EXACT, PARALLEL, RunResult, assert_matches_reference, reference_run, run_distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -106,3 +106,18 @@ def test_three_d_resumes_bit_exactly_exports_and_loads_at_zero1_on_another_layou
 
 def test_bf16_pipeline_times_data_parallel_within_the_noise_floor() -> None:
     check_bf16(1, 2, 2, PIPELINE, full_state_dict)
+
+
+# -- wrapper order --------------------------------------------------------------------------------------
+def _wrapped_after(ctx: ParallelContext) -> str:
+    model = DataParallel(LLAMA.build_model(), ctx, zero_stage=3).parallelize()
+    later = TensorParallel(model, ctx) if ctx.tp_size > 1 else PipelineParallel(model, ctx)
+    with pytest.raises(ValueError) as err:
+        later.parallelize()
+    return str(err.value)
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp", "pp"])
+def test_a_wrapper_after_zero3_is_refused_on_every_rank(tp: int, pp: int) -> None:
+    for message in run_distributed(_wrapped_after, tp, pp, 2, timeout=60):
+        assert "DataParallel last" in message, message
