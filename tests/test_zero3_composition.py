@@ -22,7 +22,7 @@ from goose_core import (DataParallel, ParallelContext, PipelineParallel, TensorP
 from goose_core.testing import EXACT, PARALLEL, RunResult, assert_matches_reference, reference_run, run_distributed
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_zero3 import GPT2, LLAMA, M, _build, _reference, _run, _train, check_bf16  # noqa: E402
+from test_zero3 import BF16, GPT2, LLAMA, M, _build, _reference, _run, _train, check_bf16  # noqa: E402
 
 
 def _layers(model: nn.Module, ctx: ParallelContext, **pipeline: Any) -> nn.Module:
@@ -121,3 +121,27 @@ def _wrapped_after(ctx: ParallelContext) -> str:
 def test_a_wrapper_after_zero3_is_refused_on_every_rank(tp: int, pp: int) -> None:
     for message in run_distributed(_wrapped_after, tp, pp, 2, timeout=60):
         assert "DataParallel last" in message, message
+
+
+# -- bf16 resume ----------------------------------------------------------------------------------------
+BF16_CKPT = replace(BF16, steps=4)
+
+
+def _bf16_resume(ctx: ParallelContext, path: str) -> tuple[list[float], list[float], bool]:
+    """A bf16 run saved after 2 of 4 steps, and its resume: the fp32 master shards travel with it."""
+    model, optimizer = _build(ctx, BF16_CKPT)
+    losses = _train(ctx, model, optimizer, BF16_CKPT, range(2))
+    save_checkpoint(path, model, optimizer, ctx, step=2)
+    losses += _train(ctx, model, optimizer, BF16_CKPT, range(2, 4))
+    resumed_model, resumed_optimizer = _build(ctx, BF16_CKPT)
+    load_checkpoint(path, resumed_model, resumed_optimizer, ctx)
+    resumed = _train(ctx, resumed_model, resumed_optimizer, BF16_CKPT, range(2, 4))
+    whole, again = full_state_dict(model, ctx), full_state_dict(resumed_model, ctx)
+    return losses, resumed, all(torch.equal(whole[name], again[name]) for name in whole)
+
+
+def test_bf16_resumes_bit_exactly(tmp_path: Path) -> None:
+    for rank, (losses, resumed, same) in enumerate(run_distributed(_bf16_resume, 1, 1, 2, str(tmp_path / "c"),
+                                                                   timeout=120)):
+        assert resumed == losses[2:], f"rank {rank}: resumed losses {resumed}, uninterrupted {losses[2:]}"
+        assert same, f"rank {rank}: the resumed bf16 parameters differ from the uninterrupted run's"

@@ -4,23 +4,29 @@ Between uses every dp rank holds ``1/dp`` of each parameter unit (one unit per d
 more for everything outside the blocks: embeddings, final norm, LM head), flattened and padded
 like ZeRO-1's buckets. A unit is all-gathered just before its forward and again before its
 backward, the next unit's gather already in flight (prefetch), and freed after use. What one of
-dp = 2 ranks holds for a model of three blocks, unit by unit (``#`` whole, ``-`` its shard)::
+dp = 2 ranks holds for a model of three blocks, unit by unit (``#`` whole, ``-`` its shard only,
+``~`` its gather in flight)::
 
-    forward                    rest b0 b1 b2        backward                   rest b0 b1 b2
-    before the step             -   -  -  -         grad reaches b2's output    #   -  -  #
-    b0 runs  (b1 prefetched)    #   #  ~  -           b2 runs (b1 prefetched)   #   -  ~  #
-    b1 runs  (b2 prefetched)    #   -  #  ~           b2's grads done: reduce-  #   ~  #  -
-    b2 runs, loss               #   -  -  #             scatter b2, free it
-                                                    ...  end: reduce-scatter    -   -  -  -
-                                                         rest, free it
+    forward                                 rest b0 b1 b2
+    between steps                            -   -  -  -
+    root pre-hook: rest gathered, b0 sent    #   ~  -  -
+    b0 runs, b1 prefetched                   #   #  ~  -
+    b1 runs, b2 prefetched; b0 freed         #   -  #  ~
+    b2 runs; then the head and the loss      #   -  -  #    b2 freed after its forward
 
-    ~ : gather in flight (async), waited for by the unit's own hook
+    backward                                rest b0 b1 b2
+    the gradient reaches b2's output         #   -  -  #    b2 gathered again
+    b2's backward runs, b1 prefetched        #   -  ~  #
+    b2's gradients reduce-scattered, freed   #   -  ~  -
+    the gradient reaches b1: b0 prefetched   #   ~  #  -
+    ... b0's backward, reduce-scattered      #   -  -  -
+    end of the backward: the rest too        -   -  -  -
 
-The prefetch timeline (forward; the backward is its mirror, b2 first)::
+The prefetch timeline of the forward (the backward is its mirror, b2 first)::
 
-    compute  | rest+b0 wait | b0 fwd      | b1 fwd      | b2 fwd      | head, loss
-    comm     | gather rest, b0 | gather b1 ->| gather b2 ->|
-                                ^ b0's pre-hook starts b1's gather before b0 runs
+    compute  | wait | b0 forward     | b1 forward     | b2 forward     | head, loss
+    comm     | rest, b0 | b1 gather -> | b2 gather ->   |
+                        ^ b0's pre-hook starts b1's gather before b0 computes
 
 Gradients: each parameter's gradient goes into its unit's flat buffer as autograd produces it
 (``p.grad`` is freed); once every parameter of the unit has one, the buffer is reduce-scattered
