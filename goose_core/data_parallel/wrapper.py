@@ -76,7 +76,9 @@ class DataParallel:
         zero_stage: 1: gradients averaged in full (ZeRO-1 when a ``DistributedOptimizer`` is
             built); 3: parameters sharded over dp as well, gathered per decoder block for its
             forward and backward, gradients reduce-scattered (:mod:`.zero3`; needs
-            ``DistributedOptimizer``, and DataParallel as the last wrapper).
+            ``DistributedOptimizer``, and DataParallel as the last wrapper). Every backward
+            then reduce-scatters, inside ``no_sync()`` too: the shards sum the micro-batches
+            (keeping a full gradient until the last one would undo what stage 3 saves).
 
     Raises:
         ValueError: ``bucket_size_mb`` is not positive; ``zero_stage`` is not 1, 2 or 3; replicas

@@ -195,9 +195,10 @@ class Unit:
 
     FREE, GATHERING, GATHERED = "free", "gathering", "gathered"
 
-    def __init__(self, name: str, params: list[nn.Parameter]) -> None:
+    def __init__(self, name: str, params: list[nn.Parameter], module: nn.Module | None = None) -> None:
         self.name = name
         self.params = params
+        self.module = module  # the block whose hooks gather it; None: the rest (the root's hooks)
         self.buckets: list[ShardedBucket] = []
         self.state = Unit.FREE
         self.in_backward = False  # its backward began: a recomputed forward must not free it
@@ -266,10 +267,8 @@ class ShardedParameters(GradSync):
         self.rank = dist.get_rank(group)
         self.reduce_dtype = reduce_dtype
         self.reshard_after_forward = reshard_after_forward
-        self.sync = True
         self.deferred = False
-        self.taken_over = False
-        self._reduced = False
+        self.taken_over = False  # by DistributedOptimizer: training may begin
         self._callback_queued = False
         self._next = 0  # the next unit to reduce-scatter, in launch order
         self.units = self._units(module)
@@ -284,8 +283,7 @@ class ShardedParameters(GradSync):
             params = [p for p in block.parameters() if p.requires_grad and p not in seen]
             seen.update(params)
             if params:
-                units.append(Unit(f"block {k}", params))
-                units[-1].module = block  # type: ignore[attr-defined]
+                units.append(Unit(f"block {k}", params, block))
         rest = [p for p in module.parameters() if p.requires_grad and p not in seen]
         self.rest = Unit("outside the blocks", rest)
         return [*units, self.rest]
@@ -315,9 +313,9 @@ class ShardedParameters(GradSync):
         for k, unit in enumerate(blocks):
             following = blocks[k + 1] if k + 1 < len(blocks) else None
             before = blocks[k - 1] if k > 0 else None
-            unit.module.register_forward_pre_hook(  # type: ignore[attr-defined]
-                lambda m, args, u=unit, n=following: self._before_forward(u, n))
-            unit.module.register_forward_hook(  # type: ignore[attr-defined]
+            assert unit.module is not None
+            unit.module.register_forward_pre_hook(lambda m, args, u=unit, n=following: self._before_forward(u, n))
+            unit.module.register_forward_hook(
                 lambda m, args, out, u=unit, b=before: self._after_forward(u, b, out))
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
 
@@ -407,7 +405,6 @@ class ShardedParameters(GradSync):
                 bucket.finish_reduce(self.group, self.size)
             unit.release()
             unit.done = unit.in_backward = False
-        self._reduced = True
 
     # -- GradSync -------------------------------------------------------------------------------
     @property
@@ -423,7 +420,6 @@ class ShardedParameters(GradSync):
         return True  # shard_grad holds the sum of every backward since reset(): zeros if none
 
     def reset(self) -> None:
-        self._reduced = False
         for bucket in self.buckets:
             bucket.shard_grad.zero_()
 
