@@ -183,6 +183,50 @@ def test_data_parallel_equals_one_device_and_holds_one_dp_th_of_the_parameters(d
         _check_timeline(found["timeline"])
 
 
+# -- a parameter some ranks do not use ------------------------------------------------------------
+class _Sometimes(nn.Module):
+    """An MLP plus a parameter used only when the input's first element is positive (as an
+    expert a rank's tokens may not reach): its gradient, 0 where used, is missing elsewhere."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.extra = nn.Parameter(torch.ones(3, dtype=torch.float64))
+        self.used: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.used.append(bool(x[0, 0, 0] > 0))
+        return self.mlp(x) + 0 * self.extra.sum() if self.used[-1] else self.mlp(x)
+
+
+UNEVEN = replace(LLAMA, optimizer="sgd", weight_decay=0.0, max_grad_norm=None, steps=4)
+
+
+def _uneven(model: nn.Module, ctx: ParallelContext | None = None) -> nn.Module:
+    model.model.layers[2].mlp = _Sometimes(model.model.layers[2].mlp)
+    return model
+
+
+def _uneven_run(ctx: ParallelContext) -> tuple[RunResult, list[bool]]:
+    model, optimizer = _build(ctx, UNEVEN, before_dp=_uneven)
+    losses = _train(ctx, model, optimizer, UNEVEN, range(UNEVEN.steps))
+    return RunResult(losses, _whole(model, ctx)), model.model.layers[2].mlp.used
+
+
+def test_a_parameter_unused_on_some_ranks_keeps_every_rank_s_collectives_in_step() -> None:
+    # Each block's reduce-scatter starts when the gradient reaches the block's input, a point of
+    # the graph every rank passes alike, not when its last gradient arrives (never, for a
+    # parameter this rank did not use): the ranks' collectives stay in one order.
+    model = _uneven(UNEVEN.build_model())
+    optimizer = UNEVEN.build_optimizer(model.parameters())
+    reference = RunResult(train_loop(model, optimizer, (UNEVEN.batch(s) for s in range(UNEVEN.steps))),
+                          snapshot(model))
+    found = run_distributed(_uneven_run, 1, 1, 2, timeout=60)
+    assert any(a != b for a, b in zip(found[0][1], found[1][1])), "no step where one rank used it and the other not"
+    for result, _ in found:
+        assert_matches_reference(result, reference, PARALLEL)
+
+
 # -- planted bugs ---------------------------------------------------------------------------------
 def _planted(ctx: ParallelContext, bug: str) -> RunResult | str:
     spec = replace(LLAMA, optimizer="sgd", max_grad_norm=None)

@@ -29,11 +29,16 @@ The prefetch timeline of the forward (the backward is its mirror, b2 first)::
                         ^ b0's pre-hook starts b1's gather before b0 computes
 
 Gradients: each parameter's gradient goes into its unit's flat buffer as autograd produces it
-(``p.grad`` is freed); once every parameter of the unit has one, the buffer is reduce-scattered
-(in the reduce dtype: fp32 for bf16/fp16 parameters) and this rank adds ``1/dp`` of the sum to its
-shard (``shard_grad``), the buffer and the gathered parameters freed. Collectives are issued in
-one fixed order on every rank (blocks last-first, then the rest), a unit done early waiting for
-the ones before it, as :mod:`.reducer` does for buckets. Every backward reduce-scatters, under
+(``p.grad`` is freed); when the gradient reaches the block's *input* (a hook on it: every node of
+the block has run then, and autograd accumulates a leaf's gradient as soon as it is ready), the
+buffer is reduce-scattered (in the reduce dtype: fp32 for bf16/fp16 parameters; a parameter
+without a gradient counts as zeros) and this rank adds ``1/dp`` of the sum to its shard
+(``shard_grad``), the buffer and the gathered parameters freed; the rest goes when the backward
+ends. The trigger is a point of the graph, not the arrival of the unit's last gradient, so every
+rank issues its all-gathers and reduce-scatters in one order even when a parameter (an expert)
+gets a gradient on some ranks and not on others: counting gradients would start that unit's
+reduce-scatter on one rank and not on another, and the ranks would hang on mismatched
+collectives (a test plants exactly this). Every backward reduce-scatters, under
 ``no_sync`` too: keeping the full gradient for the last micro-batch would cost the memory ZeRO-3
 saves (FSDP's default trade-off); the shards sum the micro-batches.
 
@@ -202,8 +207,7 @@ class Unit:
         self.buckets: list[ShardedBucket] = []
         self.state = Unit.FREE
         self.in_backward = False  # its backward began: a recomputed forward must not free it
-        self.waiting = 0          # parameters whose gradient this backward has not produced yet
-        self.done = False         # every gradient produced: ready to reduce-scatter
+        self.launched = False     # its reduce-scatter began this backward
 
     def start_gather(self, group: dist.ProcessGroup) -> None:
         if self.state == Unit.FREE:
@@ -270,7 +274,6 @@ class ShardedParameters(GradSync):
         self.deferred = False
         self.taken_over = False  # by DistributedOptimizer: training may begin
         self._callback_queued = False
-        self._next = 0  # the next unit to reduce-scatter, in launch order
         self.units = self._units(module)
         self._build(lambda p: None)
         self._hooks(module)
@@ -314,7 +317,9 @@ class ShardedParameters(GradSync):
             following = blocks[k + 1] if k + 1 < len(blocks) else None
             before = blocks[k - 1] if k > 0 else None
             assert unit.module is not None
-            unit.module.register_forward_pre_hook(lambda m, args, u=unit, n=following: self._before_forward(u, n))
+            unit.module.register_forward_pre_hook(
+                lambda m, args, kwargs, u=unit, n=following: self._before_forward(u, n, args, kwargs),
+                with_kwargs=True)
             unit.module.register_forward_hook(
                 lambda m, args, out, u=unit, b=before: self._after_forward(u, b, out))
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
@@ -335,8 +340,11 @@ class ShardedParameters(GradSync):
             for unit in self.units:
                 unit.release()
 
-    def _before_forward(self, unit: Unit, following: Unit | None) -> None:
+    def _before_forward(self, unit: Unit, following: Unit | None, args: tuple, kwargs: dict[str, Any]) -> None:
         unit.install(self.group)
+        inputs = [t for t in _tensors([args, kwargs]) if t.requires_grad]
+        if inputs and torch.is_grad_enabled() and not unit.in_backward:
+            torch.autograd.graph.register_multi_grad_hook(inputs, lambda grads, u=unit: self._after_backward(u))
         if following is not None:
             following.start_gather(self.group)  # prefetch: it overlaps this block's compute
 
@@ -357,54 +365,58 @@ class ShardedParameters(GradSync):
             if before is not None and not before.in_backward:
                 before.start_gather(self.group)  # the next block of the backward, prefetched
 
+    def _after_backward(self, unit: Unit) -> None:
+        """The gradient reached the block's input: its backward is over (every node of the block
+        ran before the input's, and a leaf's gradient is accumulated as soon as it is ready),
+        so its gradients are complete: reduce-scatter them and free the block."""
+        if not self.deferred and not unit.launched:
+            self._queue_finish()
+            self._launch(unit)
+
     def _on_grad(self, param: nn.Parameter) -> None:
         unit, bucket, i = self._where[param]
         if bucket.shard_grad.element_size() > param.element_size():
             bucket.take_grad(i)  # summed in the wide dtype as it comes (main_grad)
         if self.deferred:
             return  # the pipeline flushes once its whole backward has ended
+        if unit.launched:
+            raise RuntimeError(f"a gradient of {unit.name} arrived after the unit's reduce-scatter began "
+                               f"(the gradient reached the block's input first): a parameter of the block "
+                               f"is used outside it; give it requires_grad=False or move it out of the block")
+        self._queue_finish()
+        bucket.take_grad(i)
+
+    def _queue_finish(self) -> None:
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
-            for u in self.units:
-                u.waiting = len(u.params)
-        bucket.take_grad(i)
-        unit.waiting -= 1
-        if unit.waiting == 0:
-            unit.done = True
-            self._launch_ready()
 
     def _order(self) -> list[Unit]:
-        """The reduce-scatter order, the same on every rank: blocks last-first, then the rest."""
+        """The order of the reduce-scatters left at the end: blocks last-first, then the rest."""
         return [*reversed(self.units[:-1]), self.rest]
-
-    def _launch_ready(self) -> None:
-        order = self._order()
-        while self._next < len(order) and order[self._next].done:
-            self._launch(order[self._next])
 
     def _launch(self, unit: Unit) -> None:
         for bucket in unit.buckets:
             for i in range(len(bucket.params)):
                 bucket.take_grad(i)  # a gradient that came outside the hooks (a tied stage's)
             bucket.start_reduce(self.group)
-        if self.reshard_after_forward or not self.deferred:
+        unit.launched = True
+        if not self.deferred:
             unit.release()
-        self._next += 1
 
     def finish(self) -> None:
         """Reduce-scatter what is left, wait for every unit, free every gathered parameter."""
         note("ZeRO-3 gradient reduce-scatter")
         self._callback_queued = False
         order = self._order()
-        while self._next < len(order):
-            self._launch(order[self._next])
-        self._next = 0
+        for unit in order:
+            if not unit.launched:  # its input took no gradient (the rest, always)
+                self._launch(unit)
         for unit in order:
             for bucket in unit.buckets:
                 bucket.finish_reduce(self.group, self.size)
             unit.release()
-            unit.done = unit.in_backward = False
+            unit.launched = unit.in_backward = False
 
     # -- GradSync -------------------------------------------------------------------------------
     @property
