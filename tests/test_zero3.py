@@ -95,6 +95,8 @@ def _held(ctx: ParallelContext) -> tuple[int, int, bool]:
     elements, plus the frozen parameters whole."""
     model, optimizer = _build(ctx, GPT2, frozen=True)
     _train(ctx, model, optimizer, GPT2, range(1))
+    with torch.no_grad():  # an evaluation forward gathers and frees as well
+        model(**shard_batch(GPT2.batch(1), ctx.dp_rank, ctx.dp_size))
     empty = all(p.numel() == 0 for p in model.parameters() if p.requires_grad)
     with zero3.gathered(model):  # the whole model's sizes
         blocks = [sum(p.numel() for p in block.parameters() if p.requires_grad) for block in model.transformer.h]
