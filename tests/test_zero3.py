@@ -1,10 +1,12 @@
-"""ZeRO-3 (DataParallel(zero_stage=3)): equal to the single-device run at every layout, holding
-1/dp of the parameters between steps, and the bugs it could have caught.
+"""ZeRO-3 (DataParallel(zero_stage=3)) at dp alone: equal to the single-device run, holding 1/dp of
+the parameters between steps, and the bugs it could have.
 
 Each spawned group checks several cases (the suite runs three times on two cores): dp=2 and 4
-with accumulation, padding, clipping, a frozen block and GPT-2's tied embedding; tp2 x dp2;
-pp2 x dp2 under GPipe and 1F1B; a 2x2x2 run whose checkpoint resumes bit for bit and loads at
-ZeRO-1 on tp1 x pp2 x dp4; bf16 against the one-device bf16 recipe within its noise floor.
+with accumulation, padding, clipping, a frozen block, GPT-2's tied embedding and 🤗's activation
+checkpointing; the bytes held and the collectives of a step, exactly; the prefetch timeline; a
+parameter some ranks do not use; fp16 with GradScaler bit-equal to ZeRO-1; bf16 within the
+one-device recipe's noise floor; three planted bugs. tests/test_zero3_composition.py composes it
+with TP, PP and checkpoints.
 """
 
 from __future__ import annotations
@@ -147,8 +149,19 @@ def _timeline(ctx: ParallelContext) -> dict[str, list[tuple[int, list[str]]]]:
     return seen
 
 
+def _checkpointed(reentrant: bool) -> Wrap:
+    """🤗's activation checkpointing on every block: the recomputed forward (in the backward, after
+    the block was freed) gathers it again, and it stays until its reduce-scatter."""
+    def wrap(model: nn.Module, ctx: ParallelContext) -> nn.Module:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        return model
+    return wrap
+
+
 def _data_parallel(ctx: ParallelContext) -> dict[str, Any]:
     return {"llama": _run(ctx, LLAMA), "gpt2": _run(ctx, GPT2, frozen=True, micro_batches=M),
+            "checkpointed": [_run(ctx, LLAMA, before_dp=_checkpointed(r)) for r in (False, True)],
             "held": _held(ctx), "collectives": _collectives(ctx), "timeline": _timeline(ctx)}
 
 
@@ -175,6 +188,8 @@ def test_data_parallel_equals_one_device_and_holds_one_dp_th_of_the_parameters(d
     for rank, found in enumerate(run_distributed(_data_parallel, 1, 1, dp, timeout=120)):
         assert_matches_reference(found["llama"], llama, PARALLEL)
         assert_matches_reference(found["gpt2"], gpt2, PARALLEL)
+        for result in found["checkpointed"]:
+            assert_matches_reference(result, llama, PARALLEL)
         held, formula, empty = found["held"]
         assert empty, f"rank {rank}: a trainable parameter stays whole between steps"
         assert held == formula, f"rank {rank}: holds {held} bytes of parameters, the formula {formula}"
