@@ -127,14 +127,14 @@ def _collectives(ctx: ParallelContext) -> tuple[dict[str, int], int]:
     return counts, len(model.model.layers)
 
 
-def _timeline(ctx: ParallelContext) -> dict[str, list[tuple[int, list[str]]]]:
+def _timeline(ctx: ParallelContext) -> dict[str, list[tuple[int, list[Any]]]]:
     """Every block unit's state when block k's forward computes (its first submodule's pre-hook),
-    and just after the gradient reaches block k's output."""
+    and just after the gradient reaches block k's output, with which blocks hold a whole gradient."""
     model, optimizer = _build(ctx, LLAMA)
     sync = zero3.sync_of(model)
     assert sync is not None
     blocks = sync.units[:-1]
-    seen: dict[str, list[tuple[int, list[str]]]] = {"forward": [], "backward": []}
+    seen: dict[str, list[tuple[int, list[Any]]]] = {"forward": [], "backward": [], "gradients": []}
     for k, block in enumerate(model.model.layers):
         first = next(iter(block.children()))
         first.register_forward_pre_hook(lambda m, a, k=k: seen["forward"].append((k, [u.state for u in blocks])))
@@ -143,6 +143,7 @@ def _timeline(ctx: ParallelContext) -> dict[str, list[tuple[int, list[str]]]]:
     def recording(self: zero3.ShardedParameters, unit: zero3.Unit, before: zero3.Unit | None) -> None:
         before_backward(self, unit, before)
         seen["backward"].append((blocks.index(unit), [u.state for u in blocks]))
+        seen["gradients"].append((blocks.index(unit), [u.buckets[0].full_grad is not None for u in blocks]))
 
     with mock.patch.object(zero3.ShardedParameters, "_before_backward", recording):
         _train(ctx, model, optimizer, LLAMA, range(1))
@@ -165,7 +166,7 @@ def _data_parallel(ctx: ParallelContext) -> dict[str, Any]:
             "held": _held(ctx), "collectives": _collectives(ctx), "timeline": _timeline(ctx)}
 
 
-def _check_timeline(seen: dict[str, list[tuple[int, list[str]]]]) -> None:
+def _check_timeline(seen: dict[str, list[tuple[int, list[Any]]]]) -> None:
     """Block k computes whole, block k+1's gather in flight (or done), every other block freed;
     the backward the same, mirrored (block k-1 prefetched; k+1 may still be reducing)."""
     free, whole = zero3.Unit.FREE, zero3.Unit.GATHERED
@@ -180,6 +181,8 @@ def _check_timeline(seen: dict[str, list[tuple[int, list[str]]]]) -> None:
         assert states[k] == whole and all(s == free for s in states[k + 2:]), (k, states)
         assert k == 0 or states[k - 1] != free, f"block {k - 1} not prefetched: {states}"
         assert all(s == free for s in states[:max(k - 1, 0)]), (k, states)
+    for k, held in seen["gradients"]:  # whole gradients: block k+1 filling, k+2 in flight, no other
+        assert not any(held[:k + 1]) and not any(held[k + 3:]), (k, held)
 
 
 @pytest.mark.parametrize("dp", [2, 4])

@@ -33,8 +33,9 @@ Gradients: each parameter's gradient goes into its unit's flat buffer as autogra
 the block has run then, and autograd accumulates a leaf's gradient as soon as it is ready), the
 buffer is reduce-scattered (in the reduce dtype: fp32 for bf16/fp16 parameters; a parameter
 without a gradient counts as zeros) and this rank adds ``1/dp`` of the sum to its shard
-(``shard_grad``), the buffer and the gathered parameters freed; the rest goes when the backward
-ends. The trigger is a point of the graph, not the arrival of the unit's last gradient, so every
+(``shard_grad``) once the next block's reduce-scatter has started (so one is always in flight,
+and at most two blocks' whole gradients exist besides the rest's); the gathered parameters are
+freed at once. The rest goes when the backward ends. The trigger is a point of the graph, not the arrival of the unit's last gradient, so every
 rank issues its all-gathers and reduce-scatters in one order even when a parameter (an expert)
 gets a gradient on some ranks and not on others: counting gradients would start that unit's
 reduce-scatter on one rank and not on another, and the ranks would hang on mismatched
@@ -274,6 +275,7 @@ class ShardedParameters(GradSync):
         self.deferred = False
         self.taken_over = False  # by DistributedOptimizer: training may begin
         self._callback_queued = False
+        self._in_flight: list[Unit] = []  # the last reduce-scatter started, not yet added to shard_grad
         self.units = self._units(module)
         self._build(lambda p: None)
         self._hooks(module)
@@ -396,6 +398,8 @@ class ShardedParameters(GradSync):
         return [*reversed(self.units[:-1]), self.rest]
 
     def _launch(self, unit: Unit) -> None:
+        """Start ``unit``'s reduce-scatter, then finish the ones before it: one unit's whole
+        gradient in flight at a time (besides those still filling), not the model's."""
         for bucket in unit.buckets:
             for i in range(len(bucket.params)):
                 bucket.take_grad(i)  # a gradient that came outside the hooks (a tied stage's)
@@ -403,6 +407,10 @@ class ShardedParameters(GradSync):
         unit.launched = True
         if not self.deferred:
             unit.release()
+        for earlier in self._in_flight:
+            for bucket in earlier.buckets:
+                bucket.finish_reduce(self.group, self.size)
+        self._in_flight = [unit]
 
     def finish(self) -> None:
         """Reduce-scatter what is left, wait for every unit, free every gathered parameter."""
@@ -412,9 +420,11 @@ class ShardedParameters(GradSync):
         for unit in order:
             if not unit.launched:  # its input took no gradient (the rest, always)
                 self._launch(unit)
-        for unit in order:
+        for unit in self._in_flight:
             for bucket in unit.buckets:
                 bucket.finish_reduce(self.group, self.size)
+        self._in_flight = []
+        for unit in order:
             unit.release()
             unit.launched = unit.in_backward = False
 
