@@ -123,7 +123,8 @@ class ShardedBucket:
         self.full: Tensor | None = None       # the gathered flat parameters, while installed or in flight
         self.full_grad: Tensor | None = None  # this rank's whole gradient, until reduce-scattered
         self.received: Tensor | None = None   # the reduce-scatter's output, until added to shard_grad
-        self.work: dist.Work | None = None
+        self.gathering: dist.Work | None = None
+        self.reducing: dist.Work | None = None
         self.fresh = True  # DistributedOptimizer's reset marks it; the shard is zeroed by reset()
 
     def shard_range(self, rank: int) -> tuple[int, int]:
@@ -134,14 +135,14 @@ class ShardedBucket:
     def start_gather(self, group: dist.ProcessGroup) -> None:
         """All-gather the shards into ``full`` (async)."""
         self.full = torch.empty(self.padded_numel, dtype=self.param_shard.dtype, device=self.param_shard.device)
-        self.work = all_gather_flat(self.full, self.param_shard, group=group, async_op=True)
+        self.gathering = all_gather_flat(self.full, self.param_shard, group=group, async_op=True)
 
     def install(self, group: dist.ProcessGroup) -> None:
         """Wait for the gather and point every parameter at its piece of ``full``."""
-        if self.work is not None:
+        if self.gathering is not None:
             with naming_missing(group):
-                self.work.wait()
-            self.work = None
+                self.gathering.wait()
+            self.gathering = None
         assert self.full is not None
         for o, p, shape in zip(self.offsets, self.params, self.shapes):
             p.data = self.full[o : o + shape.numel()].view(shape)
@@ -183,14 +184,14 @@ class ShardedBucket:
             self.full_grad = torch.zeros(self.padded_numel, dtype=self.shard_grad.dtype,
                                          device=self.shard_grad.device)
         self.received = torch.empty_like(self.shard_grad)
-        self.work = reduce_scatter_flat(self.received, self.full_grad, group=group, async_op=True)
+        self.reducing = reduce_scatter_flat(self.received, self.full_grad, group=group, async_op=True)
 
     def finish_reduce(self, group: dist.ProcessGroup, dp: int) -> None:
         """Wait, and add ``1/dp`` of this rank's piece of the sum to ``shard_grad``."""
-        if self.work is not None:
+        if self.reducing is not None:
             with naming_missing(group):
-                self.work.wait()
-            self.work = None
+                self.reducing.wait()
+            self.reducing = None
         assert self.received is not None
         self.shard_grad.add_(self.received.div_(dp))
         self.received = self.full_grad = None
