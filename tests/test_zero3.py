@@ -109,22 +109,36 @@ def _held(ctx: ParallelContext) -> tuple[int, int, bool]:
     return zero3.parameter_bytes(model), formula, empty
 
 
-def _collectives(ctx: ParallelContext) -> tuple[dict[str, int], int]:
-    """The all-gathers and reduce-scatters of one training step, and the number of blocks."""
+def _collectives(ctx: ParallelContext) -> tuple[dict[str, int], dict[str, int]]:
+    """The all-gathers and reduce-scatters of one training step, and the bytes each rank sends in
+    them, counted (``got``) and by the formula (``want``): a block is gathered twice and its padded
+    gradient reduce-scattered once, the rest gathered once; a rank sends its shard to each of the
+    other dp - 1 ranks in an all-gather, and (dp - 1) / dp of the padded buffer in a reduce-scatter
+    (the ring algorithms' bytes)."""
     model, optimizer = _build(ctx, LLAMA)
-    counts = {"all_gather": 0, "reduce_scatter": 0}
+    dp = ctx.dp_size
+    got = {"all_gather": 0, "reduce_scatter": 0, "bytes": 0}
 
     def counting(name: str, collective: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            counts[name] += 1
-            return collective(*args, **kwargs)
+        def call(output: torch.Tensor, input: torch.Tensor, **kwargs: Any) -> Any:
+            got[name] += 1
+            full = output if name == "all_gather" else input  # the padded flat buffer
+            got["bytes"] += full.numel() * full.element_size() * (dp - 1) // dp
+            return collective(output, input, **kwargs)
         return call
 
     with mock.patch.object(zero3, "all_gather_flat", counting("all_gather", zero3.all_gather_flat)), \
             mock.patch.object(zero3, "reduce_scatter_flat", counting("reduce_scatter", zero3.reduce_scatter_flat)):
         _train(ctx, model, optimizer, LLAMA, range(1))
-    assert all(len(unit.buckets) == 1 for unit in zero3.sync_of(model).units)  # one group, one dtype
-    return counts, len(model.model.layers)
+    with zero3.gathered(model):  # the whole model's sizes
+        blocks = [sum(p.numel() for p in block.parameters()) for block in model.model.layers]
+        rest = sum(p.numel() for p in model.parameters()) - sum(blocks)
+    padded = [-(-n // dp) * dp for n in blocks]
+    rest_padded = -(-rest // dp) * dp
+    elements = 2 * sum(padded) + rest_padded + sum(padded) + rest_padded  # gathers, then reduce-scatters
+    want = {"all_gather": 2 * len(blocks) + 1, "reduce_scatter": len(blocks) + 1,
+            "bytes": elements * 8 * (dp - 1) // dp}  # float64
+    return got, want
 
 
 def _timeline(ctx: ParallelContext) -> dict[str, list[tuple[int, list[Any]]]]:
@@ -196,10 +210,8 @@ def test_data_parallel_equals_one_device_and_holds_one_dp_th_of_the_parameters(d
         held, formula, empty = found["held"]
         assert empty, f"rank {rank}: a trainable parameter stays whole between steps"
         assert held == formula, f"rank {rank}: holds {held} bytes of parameters, the formula {formula}"
-        # Each block gathered for its forward and again for its backward, the rest once for both;
-        # each unit's gradient reduce-scattered once.
-        counts, blocks = found["collectives"]
-        assert counts == {"all_gather": 2 * blocks + 1, "reduce_scatter": blocks + 1}, (rank, counts)
+        got, want = found["collectives"]
+        assert got == want, f"rank {rank}: one step's collectives {got}, the formula's {want}"
         _check_timeline(found["timeline"])
 
 
