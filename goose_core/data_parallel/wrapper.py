@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from goose_core.data_parallel.loss import count_items_over, global_mean, replica_items
 from goose_core.data_parallel.reducer import GradReducer, trainable
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
+from goose_core.data_parallel.zero3 import ShardedParameters
 from goose_core.distributed.batch_check import extremes, install_batch_check, model_vocab
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.progress import count_forwards
@@ -72,14 +73,23 @@ class DataParallel:
             micro-batch's gradient as it comes (Megatron's main_grad). ``torch.bfloat16`` on a
             bf16 model halves the bytes moved and sums in bf16 (stage 14's mixed-precision tests measure the error).
             ZeRO-1's shards and their optimizer state live in it, or in fp32 if it is narrower.
+        zero_stage: 1: gradients averaged in full (ZeRO-1 when a ``DistributedOptimizer`` is
+            built); 3: parameters sharded over dp as well, gathered per decoder block for its
+            forward and backward, gradients reduce-scattered (:mod:`.zero3`; needs
+            ``DistributedOptimizer``, and DataParallel as the last wrapper). Every backward
+            then reduce-scatters, inside ``no_sync()`` too: the shards sum the micro-batches
+            (keeping a full gradient until the last one would undo what stage 3 saves).
 
     Raises:
-        ValueError: ``bucket_size_mb`` is not positive; replicas differ (on every rank); a MoE
-            model whose router loss is on, at dp > 1 (that loss is not a sum over tokens).
+        ValueError: ``bucket_size_mb`` is not positive; ``zero_stage`` is not 1, 2 or 3; replicas
+            differ (on every rank); a MoE model whose router loss is on, at dp > 1 (that loss is
+            not a sum over tokens).
     """
 
     def __init__(self, module: nn.Module, ctx: ParallelContext, bucket_size_mb: float = 25.0,
-                 broadcast: bool = False, reduce_dtype: torch.dtype | None = None) -> None:
+                 broadcast: bool = False, reduce_dtype: torch.dtype | None = None, zero_stage: int = 1) -> None:
+        if zero_stage not in (1, 2, 3):
+            raise ValueError(f"zero_stage must be 1, 2 or 3, got {zero_stage!r}")
         if not bucket_size_mb > 0:
             raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb!r}; torch DDP uses 25")
         if reduce_dtype is not None and not reduce_dtype.is_floating_point:
@@ -94,7 +104,8 @@ class DataParallel:
         self.bucket_bytes = int(bucket_size_mb * 2**20)
         self.broadcast = broadcast
         self.reduce_dtype = reduce_dtype
-        self.reducer: GradReducer | None = None
+        self.zero_stage = zero_stage
+        self.reducer: GradReducer | ShardedParameters | None = None
 
     def parallelize(self) -> nn.Module:
         """Install the hooks and return the module, ready for ``model(**batch).loss.backward()``."""
@@ -103,7 +114,11 @@ class DataParallel:
             broadcast_replicas(self.module, group)
         else:
             check_replicas(self.module, group)
-        self.reducer = GradReducer(trainable(self.module), group, self.bucket_bytes, self.reduce_dtype)
+        if self.zero_stage == 3:  # parameters sharded too: gathered per block (see .zero3)
+            self.reducer = ShardedParameters(self.module, group, self.reduce_dtype,
+                                             reshard_after_forward=self.ctx.pipeline_parallel_size == 1)
+        else:
+            self.reducer = GradReducer(trainable(self.module), group, self.bucket_bytes, self.reduce_dtype)
         if model_vocab(self.module) is not None:  # a language model: its batch checked before the count
             install_batch_check(self.module, self.ctx)
         self.module.register_forward_pre_hook(self._count_items, with_kwargs=True)
@@ -161,10 +176,10 @@ def _takes_num_items(module: nn.Module) -> bool:
     return any(p.name == "num_items_in_batch" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def reducer_of(module: nn.Module) -> GradReducer | None:
+def reducer_of(module: nn.Module) -> GradReducer | ShardedParameters | None:
     """The gradient reducer DataParallel installed on ``module``, if any."""
     sync = module_grad_sync(module)
-    return sync if isinstance(sync, GradReducer) else None
+    return sync if isinstance(sync, (GradReducer, ShardedParameters)) else None
 
 
 @contextmanager
