@@ -34,6 +34,7 @@ from goose_core.distributed.missing import naming_missing
 from goose_core.grad_sync import GradSync
 from goose_core.loss import count_items, loss_dtype, nonzero
 from goose_core.metadata import grad_syncs
+from goose_core.engine.block_recompute import BLOCK_MODES, cell_mode, recompute_blocks
 from goose_core.engine.callbacks import CallbackList
 from goose_core.pipeline.custom_loss import CustomLoss
 from goose_core.engine.microbatch import gather, scatter
@@ -60,7 +61,9 @@ class Stage:
         num_partitions: the pipeline's depth.
         transport: moves activations and gradients between partitions.
         num_microbatches: M.
-        recompute: ``"always"``, ``"except_last"`` or ``"never"``.
+        recompute: a cell mode (``"always"``, ``"except_last"``, ``"never"``) or a block mode
+            (``"blocks"``, ``"selective"``: installed on the held blocks here, see
+            :mod:`goose_core.engine.block_recompute`).
         callbacks: fired around every cell.
         ctx: this rank's context (None: every partition here, no collective).
         tied: the module path of an input embedding tied to the LM head, if any.
@@ -87,7 +90,9 @@ class Stage:
             partitions[-1].body = loss.wrap(partitions[-1].body)
         self.loss = loss
         self.device = devices[max(held)]
-        self.pipeline = Pipeline(partitions, num_partitions, transport, recompute, callbacks, schedule)
+        if recompute in BLOCK_MODES:
+            recompute_blocks([split_model.blocks[b] for blocks in held.values() for b in blocks], recompute)
+        self.pipeline = Pipeline(partitions, num_partitions, transport, cell_mode(recompute), callbacks, schedule)
         self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
         self._deferred: list[GradSync] = []  # the gradient syncs held during this backward
 
