@@ -42,10 +42,10 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from goose_core.engine.recompute import MODES, _flag, _function_modes, recompute_stop
-from goose_core.engine.selective import KeepMatmuls
+from goose_core.engine.selective import KeepMatmuls, keep_matmuls
 
 __all__ = ["BLOCK_MODES", "RECOMPUTE_MODES", "BlockMode", "Kept", "cell_mode", "recompute_blocks", "restore_blocks"]
 
@@ -68,6 +68,9 @@ def cell_mode(mode: str, num_microbatches: int = 1) -> str:
         raise ValueError(f"unknown recompute mode {mode!r}; choose one of {list(RECOMPUTE_MODES)}")
     recompute_stop(mode, num_microbatches)
     return mode
+
+
+_SELECTIVE = functools.partial(create_selective_checkpoint_contexts, keep_matmuls)
 
 
 class Kept(torch.autograd.Function):
@@ -95,13 +98,24 @@ class _RecomputedForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return self.forward(*args, **kwargs)
+        args, kwargs = _without_cache(args, kwargs)
+        if torch.compiler.is_compiling():
+            return self._traced(*args, **kwargs)
         policy = KeepMatmuls() if self.mode == "selective" else None
         context_fn = (functools.partial(create_selective_checkpoint_contexts, policy) if policy is not None
-                      else _no_contexts)
+                      else noop_context_fn)
         out = checkpoint(self._replayable(), *args, use_reentrant=False, context_fn=context_fn,
                          preserve_rng_state=True, early_stop=True, **kwargs)
         kept = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         return _attach(out, kept + (policy.kept if policy is not None else []))
+
+    def _traced(self, *args: Any, **kwargs: Any) -> Any:
+        """Inside a compiled block: the checkpoint as a graph region (the compiler's partitioner
+        decides the replay under the same policy), with no Python side effect (no flag, no
+        accounting: saved-tensor hooks do not see a compiled graph's saves anyway)."""
+        if self.mode == "selective":
+            kwargs = {**kwargs, "context_fn": _SELECTIVE}
+        return checkpoint(self.forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
     def _replayable(self) -> Callable[..., Any]:
         """The forward; called again by the checkpoint in the backward, it replays under the
@@ -120,8 +134,19 @@ class _RecomputedForward:
         return run
 
 
-def _no_contexts() -> tuple[ExitStack, ExitStack]:
-    return ExitStack(), ExitStack()
+def _without_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The block's arguments with no KV cache (a 🤗 ``Cache``, by keyword or position) and
+    ``use_cache`` off: the replay would append its keys a second time. 🤗's gradient
+    checkpointing drops the cache the same way; a pipeline stage runs without one."""
+    args = tuple(None if _is_cache(a) else a for a in args)
+    kwargs = {k: None if _is_cache(v) else v for k, v in kwargs.items()}
+    if kwargs.get("use_cache"):
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def _is_cache(x: Any) -> bool:
+    return not isinstance(x, Tensor) and hasattr(x, "get_seq_length") and hasattr(x, "update")
 
 
 def _attach(out: Any, kept: list[Tensor]) -> Any:

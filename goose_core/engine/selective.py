@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
 from torch.utils.flop_counter import flop_registry
 
-__all__ = ["KeepMatmuls", "keeps"]
+__all__ = ["KeepMatmuls", "keep_matmuls", "keeps"]
 
 
 def keeps(op: torch._ops.OpOverload) -> bool:
@@ -40,11 +40,15 @@ def keeps(op: torch._ops.OpOverload) -> bool:
     return op._overloadpacket in flop_registry
 
 
-class KeepMatmuls:
-    """The selective policy of one block forward: keeps :func:`keeps` ops, recomputes the rest.
+def keep_matmuls(ctx: SelectiveCheckpointContext, op: torch._ops.OpOverload, *args: Any,
+                 **kwargs: Any) -> CheckpointPolicy:
+    """The selective policy, stateless (what a compiled block traces)."""
+    return CheckpointPolicy.MUST_SAVE if keeps(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
-    A fresh instance per forward: ``kept`` lists the outputs it kept in that forward.
-    """
+
+class KeepMatmuls:
+    """The selective policy of one eager block forward (:func:`keep_matmuls`), recording in
+    ``kept`` the outputs it keeps (a fresh instance per forward)."""
 
     def __init__(self) -> None:
         self.kept: list[Tensor] = []

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from goose_core.compile import refuse_whole_model_compile
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.missing import naming_missing
 from goose_core.grad_sync import GradSync
@@ -106,6 +107,7 @@ class Stage:
                 targets of the whole step this batch belongs to (data parallelism passes it).
                 Default: this batch's own targets, so the loss is its token mean.
         """
+        refuse_whole_model_compile("pipelined model")  # before any message: every rank raises
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")
         if input_ids is None or unsupported:
             raise ValueError(f"the pipelined model takes input_ids, labels, attention_mask and "
