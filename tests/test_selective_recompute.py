@@ -159,6 +159,26 @@ def test_a_policy_that_keeps_every_op_is_caught_by_the_saved_bytes(monkeypatch: 
         _check_saved(steps)
 
 
+def _autocast_grads(spec: TrainSpec, mode: str, cache: bool) -> dict[str, torch.Tensor]:
+    model = local_pipeline(spec.build_model(), 1, num_microbatches=2, recompute=mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache):
+        loss = model(**spec.batch(0)).loss
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_block_modes_under_bf16_autocast() -> None:
+    """Autocast's weight cache casts a weight on the first micro-batch only, a replay casts it
+    again: selective replay still matches its ops (the block turns the cache off), and without
+    the cache every mode casts alike, so the gradients are bit-identical to ``never``'s."""
+    spec = TrainSpec(family="llama", dtype=torch.float32)
+    never = _autocast_grads(spec, "never", cache=False)
+    for mode in BLOCK_MODES:
+        grads = _autocast_grads(spec, mode, cache=False)
+        assert all(torch.equal(grads[n], g) for n, g in never.items()), mode
+        assert all(g.isfinite().all() for g in _autocast_grads(spec, mode, cache=True).values()), mode
+
+
 def test_unknown_mode_names_every_mode() -> None:
     spec = TrainSpec(family="gpt2")
     with pytest.raises(ValueError, match=r"'block'.*'blocks', 'selective'"):

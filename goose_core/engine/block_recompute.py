@@ -36,8 +36,8 @@ block's forward up to that save under ``"blocks"``, none counted under ``"select
 from __future__ import annotations
 
 import functools
-from contextlib import ExitStack
-from typing import Any, Callable, Iterable, Literal
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
@@ -127,11 +127,26 @@ class _RecomputedForward:
             calls[0] += 1
             with ExitStack() as stack:
                 stack.enter_context(_flag("recomputing" if replay else "discarding"))
+                if self.mode == "selective":
+                    stack.enter_context(_no_autocast_cache())
                 if replay:
                     for mode in modes:
                         stack.enter_context(mode)
                 return self.forward(*args, **kwargs)
         return run
+
+
+@contextmanager
+def _no_autocast_cache() -> Iterator[None]:
+    """Autocast casts every use of a weight afresh. Selective replay matches each op of the
+    replay to the forward's by its count, and with the cache on a forward casts a weight only
+    on its first micro-batch while every replay casts it again (the counts would differ)."""
+    enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
 
 
 def _without_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
