@@ -9,8 +9,6 @@ the extra of a mode over ``"never"`` is what it recomputes.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from torch import nn
@@ -134,7 +132,7 @@ def test_a_recompute_beyond_the_minimum_is_caught_by_the_flop_count(monkeypatch:
     if plant == "cell recomputed too":  # the head and the loss recomputed under "blocks"
         monkeypatch.setattr(stage_module, "cell_mode", lambda mode: "always")
     else:  # the whole block forward replayed, down_proj included
-        monkeypatch.setattr(block_recompute, "checkpoint", functools.partial(checkpoint, early_stop=False))
+        monkeypatch.setattr(block_recompute, "checkpoint", lambda *a, **k: checkpoint(*a, **{**k, "early_stop": False}))
     steps["blocks"] = _step(spec, "blocks")
     _check_grads(steps)  # the gradients cannot tell
     with pytest.raises(AssertionError, match="blocks"):
