@@ -16,7 +16,7 @@ eager::
 ``compile_blocks`` works on every wrapper's result (each returns the model itself) and on a
 single-device model, so the compiled reference and the compiled layout run the same graphs.
 ``torch.compile(model)`` or ``model.compile()`` of a pipelined model is refused on its first
-forward, on every rank, before any message (:func:`refuse_whole_model_compile`).
+forward, on every rank alike, before the pipeline's first message (:func:`refuse_whole_model_compile`).
 """
 
 from __future__ import annotations

@@ -51,8 +51,9 @@ def _assert_compiled(backend: _Counting, blocks: int) -> None:
     assert backend.graphs >= blocks and not breaks, (backend.graphs, breaks)
 
 
-def _train(ctx: ParallelContext, runs: list[tuple[str, str, int]]) -> list[RunResult]:
-    out = []
+def _train(ctx: ParallelContext, runs: list[tuple[str, str, int]]) -> list[RunResult | str]:
+    """Each run trained compiled per block; last, what a whole-model compile raises on this rank."""
+    out: list[RunResult | str] = []
     for mode, schedule, m in runs:
         model = PipelineParallel(SPEC.build_model(), ctx, num_microbatches=m, recompute=mode,
                                  schedule=schedule).parallelize()
@@ -62,6 +63,12 @@ def _train(ctx: ParallelContext, runs: list[tuple[str, str, int]]) -> list[RunRe
             losses = train_loop(model, optimizer, SPEC.batches())
         _assert_compiled(backend, 1)
         out.append(RunResult(losses, full_state_dict(model, ctx)))
+    whole = torch.compile(PipelineParallel(SPEC.build_model(), ctx, num_microbatches=2).parallelize(), backend="eager")
+    try:
+        whole(**SPEC.batch(0))
+        out.append("trained")
+    except TypeError as err:
+        out.append(str(err))
     return out
 
 
@@ -83,6 +90,8 @@ def test_pipelined_model_trains_compiled_equal_to_the_compiled_one_device_run() 
                 assert_matches_reference(results[k], reference, PARALLEL)
             except AssertionError as err:
                 raise AssertionError(f"compiled pp=2 {mode} {schedule} M={m} rank {rank}: {err}") from err
+    for rank, results in enumerate(per_rank):  # refused on every rank, none left waiting
+        assert "goose_core.compile_blocks(model" in results[-1], (rank, results[-1])
 
 
 def test_blocks_left_uncompiled_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:

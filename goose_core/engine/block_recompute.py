@@ -75,7 +75,8 @@ _SELECTIVE = functools.partial(create_selective_checkpoint_contexts, keep_matmul
 
 class Kept(torch.autograd.Function):
     """Identity on a block's output that saves what the block's checkpoint keeps, so that
-    saved-tensor hooks see it (its backward runs just before the block's: no tensor outlives it)."""
+    saved-tensor hooks see it. It holds no extra memory (the checkpoint holds the same tensors);
+    its backward runs just before the block's, so accounting sees them freed one block early."""
 
     @staticmethod
     def forward(ctx, output: Tensor, *kept: Tensor) -> Tensor:  # type: ignore[override]
