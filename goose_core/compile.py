@@ -15,6 +15,12 @@ eager::
 
 ``compile_blocks`` works on every wrapper's result (each returns the model itself) and on a
 single-device model, so the compiled reference and the compiled layout run the same graphs.
+One limit, torch's: a block recompute mode becomes a checkpoint region inside the compiled
+graph, and dynamo traces that region without the caller's torch function modes. The float64
+harness's widening (:mod:`goose_core.testing.widen`) is one, so a compiled Llama under
+``"blocks"`` or ``"selective"`` rounds its norms in float32 there (1.4e-11 from the compiled
+``never`` run after 2 steps); without the mode the two are bit-identical.
+
 ``torch.compile(model)`` or ``model.compile()`` of a pipelined model is refused on its first
 forward, on every rank alike, before the pipeline's first message (:func:`refuse_whole_model_compile`).
 """
