@@ -20,6 +20,13 @@ the forward's torch function modes and with :func:`~goose_core.engine.recompute.
 true, as the cell modes' replay does. Every micro-batch is recomputed (no ``except_last``: the
 last micro-batch's activations are a small share of a cell once the head keeps its own).
 
+Gradients are bit-identical to ``"never"`` under the same schedule: the replay runs the same
+kernels on the same values, a kept matmul output is the tensor the replay would compute, and
+each parameter's gradient adds up in the same order. Under ``torch.autocast`` with its weight
+cache on (the default), ``"selective"`` casts each weight at every use (:func:`_no_autocast_cache`)
+where ``"never"`` reuses the first micro-batch's cast, so its weight gradients add up in another
+order; with ``cache_enabled=False`` they are bit-identical again (as for the cell modes).
+
 What the checkpoint keeps (the block's tensor arguments, and under ``"selective"`` the matmul
 outputs) lives outside autograd's saved tensors, so saved-tensor hooks would not see it: an
 identity node (:class:`Kept`) on the block's output saves those tensors for backward, so
