@@ -23,9 +23,10 @@ last micro-batch's activations are a small share of a cell once the head keeps i
 Gradients are bit-identical to ``"never"`` under the same schedule: the replay runs the same
 kernels on the same values, a kept matmul output is the tensor the replay would compute, and
 each parameter's gradient adds up in the same order. Under ``torch.autocast`` with its weight
-cache on (the default), ``"selective"`` casts each weight at every use (:func:`_no_autocast_cache`)
-where ``"never"`` reuses the first micro-batch's cast, so its weight gradients add up in another
-order; with ``cache_enabled=False`` they are bit-identical again (as for the cell modes).
+cache on (the default), ``"blocks"`` stays bit-identical, while ``"selective"`` casts each weight
+at every use (:func:`_no_autocast_cache`) where ``"never"`` reuses the first micro-batch's cast,
+so its weight gradients add up in another order; with ``cache_enabled=False`` they are
+bit-identical again (as for the cell modes).
 
 What the checkpoint keeps (the block's tensor arguments, and under ``"selective"`` the matmul
 outputs) lives outside autograd's saved tensors, so saved-tensor hooks would not see it: an
