@@ -98,7 +98,12 @@ LESSONS: dict[int, tuple[str, ...]] = {
     10: ("goose_core/engine/stream.py", "goose_core/engine/stream_check.py", "goose_core/engine/emulation.py",
         "tests/test_stream.py", "tests/test_stream_check.py", "tests/gpu/test_copy_wait.py",
         "tests/gpu/test_sanitizer.py"),
-    11: ("goose_core/engine/recompute.py",),
+    # Recompute: whole cells, or inside the blocks only (whole or op by op); and compiling each
+    # block, the other per-block transformation (torchtitan applies both per block, checkpoint
+    # inside compile), whose test runs a block recompute mode compiled.
+    11: ("goose_core/engine/recompute.py", "goose_core/engine/block_recompute.py", "goose_core/engine/selective.py",
+         "goose_core/compile.py", "tests/test_selective_recompute.py", "tests/test_compile_pipeline.py",
+         "benchmarks/bench_recompute.py"),
     12: ("goose_core/partition/", "tests/test_partition.py", "tests/test_profile.py", "tests/test_solve.py",
          "tests/gpu/test_profile_cuda.py"),
     # The executor's and recompute's unit tests watch the order of work through callbacks, so
