@@ -18,6 +18,14 @@ in fp32 rather than rounding to bf16 after every micro-batch::
     micro-batch 1   p.grad (bf16) --+--> slot (fp32) += ..., p.grad = None
     micro-batch 2   p.grad (bf16) --+
     ...                                  the collective reduces the fp32 sums
+
+Under ZeRO-2 (``keep_shard_only``) the flat buffer exists only while the backward fills it: the
+reduce-scatter writes this rank's piece into ``shard_grad``, a buffer of its own, and once it is
+done the full buffer is released (``grad`` is allocated again, zeroed, when the next backward adds
+the first gradient)::
+
+    backward     grad [ g0 | g1 | g2 | g3 ] ---reduce-scatter---> shard_grad [ g1 ]   (rank 1)
+    after wait   grad released                                    shard_grad [ g1 ]   kept
 """
 
 from __future__ import annotations
@@ -60,11 +68,16 @@ class Bucket:
         self.numel = total
         self.padded_numel = -(-total // pad_to) * pad_to
         self.shard_numel = self.padded_numel // pad_to
-        self.grad = torch.zeros(self.padded_numel, dtype=dtype or main_dtype(params[0].dtype),
-                                device=params[0].device)
+        #: The flat buffer's dtype and device.
+        self.dtype = dtype or main_dtype(params[0].dtype)
+        self.device = params[0].device
+        self._grad: Tensor | None = None
         # A view, not a copy: the reduce-scatter writes this rank's shard in place, so the
         # gradients cost one buffer in all (launch points it at this rank's piece).
         self.shard_grad = self.grad[: self.shard_numel]
+        #: ZeRO-2: the shard has a buffer of its own and the full one is released after the
+        #: reduce-scatter (see :meth:`keep_shard_only`).
+        self.shard_only = False
         #: Wider than the parameters: gradients are added in (main_grad), not copied.
         self.accumulates = self.grad.element_size() > params[0].element_size()
         #: Holds nothing of the current accumulation yet: zeroed before the first gradient is added.
@@ -72,6 +85,30 @@ class Bucket:
         self.ready: set[int] = set()
         self.work: dist.Work | None = None
         self.group: dist.ProcessGroup | None = None  # the running collective's
+
+    @property
+    def grad(self) -> Tensor:
+        """The flat gradient buffer (allocated, zeroed, on first use after :meth:`release`)."""
+        if self._grad is None:
+            self._grad = torch.zeros(self.padded_numel, dtype=self.dtype, device=self.device)
+        return self._grad
+
+    @property
+    def allocated(self) -> bool:
+        """Whether the full buffer is held now (under ZeRO-2 only while a backward fills it)."""
+        return self._grad is not None
+
+    def release(self) -> None:
+        """Free the full buffer; the next use allocates a zeroed one (a fresh accumulation)."""
+        self._grad = None
+        self.fresh = True
+
+    def keep_shard_only(self) -> None:
+        """ZeRO-2: give this rank's gradient shard a buffer of its own, so the full buffer can
+        be released once each reduce-scatter is done (:meth:`wait`), and release it now."""
+        self.shard_only = True
+        self.shard_grad = torch.zeros(self.shard_numel, dtype=self.dtype, device=self.device)
+        self.release()
 
     def slot(self, i: int) -> Tensor:
         """The piece of the flat buffer that holds parameter ``i``'s gradient, shaped like it."""
@@ -81,7 +118,7 @@ class Bucket:
     def flat_params(self, dtype: torch.dtype | None = None) -> Tensor:
         """The parameters' values, flattened in slot order and zero-padded like ``grad``, in
         ``dtype`` (default: the buffer's)."""
-        flat = torch.zeros_like(self.grad, dtype=dtype or self.grad.dtype)
+        flat = torch.zeros(self.padded_numel, dtype=dtype or self.dtype, device=self.device)
         for i, p in enumerate(self.params):
             flat[self.offsets[i] : self.offsets[i] + p.numel()].copy_(p.detach().reshape(-1))
         return flat
@@ -143,17 +180,21 @@ class Bucket:
                 self.grad.div_(divisor)
         self.group = group
         if scatter:
-            lo, hi = self.shard_range(dist.get_rank(group))
-            self.shard_grad = self.grad[lo:hi]
+            if not self.shard_only:
+                lo, hi = self.shard_range(dist.get_rank(group))
+                self.shard_grad = self.grad[lo:hi]
             self.work = reduce_scatter_flat(self.shard_grad, self.grad, group=group, async_op=True)
         else:
             self.work = dist.all_reduce(self.grad, group=group, async_op=True)
 
     def wait(self) -> None:
-        """Block until the bucket's collective is done and forget its readiness."""
+        """Block until the bucket's collective is done and forget its readiness (ZeRO-2: and
+        release the full buffer, whose shard now sits in ``shard_grad``)."""
         if self.work is not None:
             with naming_missing(self.group):  # a peer that did not arrive is named
                 self.work.wait()
+            if self.shard_only:
+                self.release()
         self.work = None
         self.ready.clear()
 

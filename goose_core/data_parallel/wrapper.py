@@ -72,14 +72,22 @@ class DataParallel:
             micro-batch's gradient as it comes (Megatron's main_grad). ``torch.bfloat16`` on a
             bf16 model halves the bytes moved and sums in bf16 (stage 14's mixed-precision tests measure the error).
             ZeRO-1's shards and their optimizer state live in it, or in fp32 if it is narrower.
+        zero_stage: what a ``DistributedOptimizer`` built on this model shards. 1: optimizer
+            state (ZeRO-1; without one, plain data parallelism). 2: gradients too: each bucket
+            is reduce-scattered as the backward finishes it and its full buffer released, the
+            rank keeps only its shard (:mod:`.reducer`); needs a ``DistributedOptimizer``.
+            3: parameters too.
 
     Raises:
-        ValueError: ``bucket_size_mb`` is not positive; replicas differ (on every rank); a MoE
+        ValueError: ``bucket_size_mb`` is not positive; ``zero_stage`` is not 1, 2 or 3; replicas differ (on every rank); a MoE
             model whose router loss is on, at dp > 1 (that loss is not a sum over tokens).
     """
 
     def __init__(self, module: nn.Module, ctx: ParallelContext, bucket_size_mb: float = 25.0,
-                 broadcast: bool = False, reduce_dtype: torch.dtype | None = None) -> None:
+                 broadcast: bool = False, reduce_dtype: torch.dtype | None = None,
+                 zero_stage: int = 1) -> None:
+        if zero_stage not in (1, 2, 3) or isinstance(zero_stage, bool):
+            raise ValueError(f"zero_stage must be 1, 2 or 3, got {zero_stage!r}")
         if not bucket_size_mb > 0:
             raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb!r}; torch DDP uses 25")
         if reduce_dtype is not None and not reduce_dtype.is_floating_point:
@@ -94,6 +102,7 @@ class DataParallel:
         self.bucket_bytes = int(bucket_size_mb * 2**20)
         self.broadcast = broadcast
         self.reduce_dtype = reduce_dtype
+        self.zero_stage = zero_stage
         self.reducer: GradReducer | None = None
 
     def parallelize(self) -> nn.Module:
@@ -103,7 +112,8 @@ class DataParallel:
             broadcast_replicas(self.module, group)
         else:
             check_replicas(self.module, group)
-        self.reducer = GradReducer(trainable(self.module), group, self.bucket_bytes, self.reduce_dtype)
+        self.reducer = GradReducer(trainable(self.module), group, self.bucket_bytes, self.reduce_dtype,
+                                   zero_stage=self.zero_stage)
         if model_vocab(self.module) is not None:  # a language model: its batch checked before the count
             install_batch_check(self.module, self.ctx)
         self.module.register_forward_pre_hook(self._count_items, with_kwargs=True)

@@ -341,17 +341,21 @@ class DistributedOptimizer(OptimizerWrapper):
 
 def _master_dtype(bucket: Bucket) -> torch.dtype:
     """The shard's dtype: fp32 at least (master weights of a bf16 model), wider if reduced wider."""
-    return torch.promote_types(bucket.grad.dtype, main_dtype(bucket.params[0].dtype))
+    return torch.promote_types(bucket.dtype, main_dtype(bucket.params[0].dtype))
 
 
 def _gather_buffer(bucket: Bucket) -> torch.Tensor:
     """Where the step all-gathers the parameters: the gradient buffer's bytes, read in the
     parameters' dtype (a bf16 view of the first half of an fp32 buffer), or a new tensor when
-    the buffer is narrower than the parameters."""
+    the buffer is narrower than the parameters or released (ZeRO-2: freed after the step)."""
     dtype = bucket.params[0].dtype
-    if bucket.grad.element_size() < torch.empty((), dtype=dtype).element_size():
-        return torch.empty(bucket.padded_numel, dtype=dtype, device=bucket.grad.device)
+    if bucket.shard_only or _width(bucket.dtype) < _width(dtype):
+        return torch.empty(bucket.padded_numel, dtype=dtype, device=bucket.device)
     return bucket.grad.view(dtype)[: bucket.padded_numel]
+
+
+def _width(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _check(optimizer: Any, bucket_size_mb: float) -> None:
