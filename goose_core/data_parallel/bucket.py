@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from goose_core.distributed.compat import reduce_scatter_flat
 from goose_core.distributed.missing import naming_missing
 
-__all__ = ["Bucket", "build_buckets", "main_dtype"]
+__all__ = ["Bucket", "build_buckets", "main_dtype", "plan_buckets"]
 
 
 def main_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -199,6 +199,29 @@ class Bucket:
         self.ready.clear()
 
 
+def plan_buckets(params: Iterable[nn.Parameter], bucket_bytes: int,
+                 key: Callable[[nn.Parameter], Hashable] = lambda p: None,
+                 first_bucket_bytes: int | None = None) -> list[list[nn.Parameter]]:
+    """The parameters of each bucket :func:`build_buckets` makes, without allocating buffers (the
+    layout the memory and traffic formulas of :mod:`goose_core.optim.zero_cost` count)."""
+    groups: list[list[nn.Parameter]] = []
+    current: list[nn.Parameter] = []
+    size = 0
+    kind: Hashable = None
+    for p in params:
+        p_kind = (p.dtype, p.device, key(p))
+        cap = bucket_bytes if groups or first_bucket_bytes is None else min(first_bucket_bytes, bucket_bytes)
+        if current and (size >= cap or p_kind != kind):
+            groups.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += p.numel() * p.element_size()
+        kind = p_kind
+    if current:
+        groups.append(current)
+    return groups
+
+
 def build_buckets(params: Iterable[nn.Parameter], bucket_bytes: int, pad_to: int,
                   key: Callable[[nn.Parameter], Hashable] = lambda p: None,
                   first_bucket_bytes: int | None = None, dtype: torch.dtype | None = None) -> list[Bucket]:
@@ -210,19 +233,4 @@ def build_buckets(params: Iterable[nn.Parameter], bucket_bytes: int, pad_to: int
     sooner the first collective starts, the more of the backward pass it overlaps. ``dtype`` is
     the buffers' (default: :func:`main_dtype` of each bucket's parameters).
     """
-    buckets: list[Bucket] = []
-    current: list[nn.Parameter] = []
-    size = 0
-    kind: Hashable = None
-    for p in params:
-        p_kind = (p.dtype, p.device, key(p))
-        cap = bucket_bytes if buckets or first_bucket_bytes is None else min(first_bucket_bytes, bucket_bytes)
-        if current and (size >= cap or p_kind != kind):
-            buckets.append(Bucket(current, pad_to, dtype))
-            current, size = [], 0
-        current.append(p)
-        size += p.numel() * p.element_size()
-        kind = p_kind
-    if current:
-        buckets.append(Bucket(current, pad_to, dtype))
-    return buckets
+    return [Bucket(ps, pad_to, dtype) for ps in plan_buckets(params, bucket_bytes, key, first_bucket_bytes)]
