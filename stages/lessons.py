@@ -65,6 +65,10 @@ LESSONS: dict[int, tuple[str, ...]] = {
         "tests/test_data_parallel.py", "tests/test_metadata.py", "benchmarks/bench_data_parallel.py"),
     6: ("goose_core/optim/zero.py", "goose_core/optim/zero_state.py", "goose_core/optim/clip.py",
         "tests/test_zero.py", "tests/test_clip.py", "benchmarks/bench_zero.py"),
+    # ZeRO-2 lives in the data-parallel buckets (05's folder) and ZeRO-1's optimizer; this stage
+    # adds what it costs: the formulas, the traffic counter that checks them, and the benchmark.
+    7: ("goose_core/optim/zero_cost.py", "goose_core/distributed/traffic.py", "tests/test_zero2.py",
+        "tests/test_zero_memory.py", "benchmarks/bench_zero3.py"),
     # Tensor parallelism, and the family knowledge it reads (each family module holds its TP half
     # and, where the family needs one, the few lines of its pipeline half).
     8: ("goose_core/tensor_parallel/", "goose_core/state.py", "goose_core/models/__init__.py",

@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from goose_core import DataParallel, DistributedOptimizer, ParallelContext, TensorParallel
+from goose_core import DataParallel, DistributedOptimizer, ParallelContext
 from goose_core.data import shard_batch
 from goose_core.data_parallel import Bucket, count_items_over, no_sync, reducer_of
-from goose_core.instruments.traffic import Traffic, count_traffic
+from goose_core.distributed.traffic import Traffic, count_traffic
 from goose_core.optim import MasterWeights, norm_kind
 from goose_core.optim.zero_cost import ZeroCost, unit_numels, zero_cost
 from goose_core.testing import TrainSpec, run_distributed
@@ -72,10 +72,7 @@ def _step(ctx: ParallelContext, model: nn.Module, batch: dict, micro: int, quiet
 def _measure(ctx: ParallelContext, spec: TrainSpec, stage: int, micro: int = 1, quiet: bool = True) -> dict:
     """Held bytes after the second step's backward, and dp bytes sent by that step, with the
     formula's figures from the parameter layout this rank holds."""
-    model = spec.build_model()
-    if ctx.tp_size > 1:  # the formula counts the parameters this rank holds after TP
-        model = TensorParallel(model, ctx).parallelize()
-    model = DataParallel(model, ctx, bucket_size_mb=BUCKET_MB, zero_stage=max(stage, 1)).parallelize()
+    model = DataParallel(spec.build_model(), ctx, bucket_size_mb=BUCKET_MB, zero_stage=max(stage, 1)).parallelize()
     trainable = [p for p in model.parameters() if p.requires_grad]
     plain = spec.build_optimizer(trainable)
     if stage == 0:
@@ -124,9 +121,9 @@ def _as_dict(cost: ZeroCost) -> dict[str, int]:
     return {"params": cost.params, "grads": cost.grads, "masters": cost.masters, "optimizer": cost.optimizer}
 
 
-@pytest.mark.parametrize("tp, dp", [(1, 4), (2, 2)], ids=["dp4", "tp2-dp2"])
-def test_held_and_sent_bytes_equal_the_formulas(tp: int, dp: int) -> None:
-    for out in run_distributed(_all_cases, tp, 1, dp, timeout=180):
+def test_held_and_sent_bytes_equal_the_formulas() -> None:
+    dp = 4
+    for out in run_distributed(_all_cases, 1, 1, dp, timeout=180):
         for (kind, stage), r in out.items():
             expected = r["expected"]
             if kind == "unreleased":  # caught: the full buffers are held on top of the shards

@@ -107,6 +107,9 @@ class DataParallel:
 
     def parallelize(self) -> nn.Module:
         """Install the hooks and return the module, ready for ``model(**batch).loss.backward()``."""
+        if self.zero_stage == 3:
+            raise NotImplementedError("DataParallel(zero_stage=3) is not in this build; use zero_stage=2 "
+                                      "(gradients and optimizer state sharded) or 1")
         group = self.ctx.data_parallel_group
         if self.broadcast:
             broadcast_replicas(self.module, group)

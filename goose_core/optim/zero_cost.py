@@ -23,7 +23,7 @@ and fp32)::
 "grads" is what is held when the backward has finished and the step has not run (ZeRO-2's
 full buffers are gone by then; during the backward at most two are alive besides the one
 filling, see :mod:`goose_core.data_parallel.reducer`). "sent" counts as
-:mod:`goose_core.instruments.traffic` does, the gradient and parameter collectives only (the
+:mod:`goose_core.distributed.traffic` does, the gradient and parameter collectives only (the
 loss's mean, the batch check and clipping's norm are a few bytes each and go to other counters).
 
 At dp = 1 a bf16 model with fp32 Adam holds 2 + 4 + 4 + 8 = 18 bytes per parameter at stages
