@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from goose_core import DataParallel, DistributedOptimizer, ParallelContext, clip_grad_norm_
+from goose_core import DataParallel, DistributedOptimizer, GradScaler, ParallelContext, clip_grad_norm_
+from goose_core.checkpoint import load_checkpoint, save_checkpoint
 from goose_core.data import shard_batch
 from goose_core.data_parallel import count_items_over, no_sync, reducer_of
 from goose_core.data_parallel.bucket import Bucket
@@ -89,7 +90,34 @@ def _everything(ctx: ParallelContext) -> dict:
         probe: dict = {}
         out[name] = (_train(ctx, spec, 2, micro, quiet, probe), probe, _train(ctx, spec, 1, micro, quiet))
     out["in_flight"] = _in_flight(ctx)
+    out["scaled"] = _scaled(ctx)
     return out
+
+
+def _scaled(ctx: ParallelContext) -> dict:
+    """float64 under a GradScaler (a power-of-two scale changes no bit), and an inf planted in one
+    rank's gradient shard skipping the step on every rank."""
+    model = DataParallel(SPEC.build_model(), ctx, bucket_size_mb=BUCKET_MB, zero_stage=2).parallelize()
+    optimizer = DistributedOptimizer(SPEC.build_optimizer(model.parameters()), ctx)
+    scaler = GradScaler(ctx, growth_interval=1)
+    losses, skipped = [], []
+    for step, batch in enumerate(SPEC.batches(ctx.dp_rank, ctx.dp_size)):
+        for inject in (True, False) if step == 0 else (False,):
+            before = [p.detach().clone() for p in model.parameters()]
+            loss = model(**batch).loss
+            scaler.scale(loss).backward()
+            if inject and ctx.dp_rank == 1:
+                reducer_of(model).buckets[0].shard_grad[0] = float("inf")
+            scaler.unscale_(optimizer)
+            clip_grad_norm_(model.parameters(), SPEC.max_grad_norm, ctx)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            if inject:
+                skipped.append(all(torch.equal(a, p) for a, p in zip(before, model.parameters())))
+            else:
+                losses.append(loss.item())
+    return {"run": RunResult(losses, snapshot(model)), "skipped": skipped}
 
 
 def test_zero2_equals_zero1_and_one_device_and_holds_only_shards() -> None:
@@ -111,6 +139,8 @@ def test_zero2_equals_zero1_and_one_device_and_holds_only_shards() -> None:
         params = sum(1 for _ in SPEC.build_model().parameters())
         assert out["no_sync"][1]["grads_after_backward"] == [params, 0] * SPEC.steps
         assert out["every"][1]["full_after_backward"] == [0, 0] * SPEC.steps
+        assert out["scaled"]["skipped"] == [True]  # the inf on one rank skipped the step on all
+        assert_matches_reference(out["scaled"]["run"], out["plain"][0], EXACT)  # scaling changes no bit
         flight = out["in_flight"]
         assert len(flight["released"]) >= 4  # buckets enough for releases before the end
         assert all(flight["released"]) and all(flight["holding"])
@@ -224,3 +254,43 @@ def test_planted_bug_a_bucket_reduced_twice_is_caught() -> None:
     for result in run_distributed(_reduced_twice, 1, 1, 2, timeout=60):
         with pytest.raises(AssertionError):
             assert_matches_reference(result, reference, PARALLEL)
+
+
+def _checkpointed(ctx: ParallelContext, path: str, zero_stage: int, resume: bool) -> dict:
+    """Three steps at ZeRO-``zero_stage``, a checkpoint after the second; or (``resume``) the
+    checkpoint loaded at this layout and stage, and the third step."""
+    spec = replace(SPEC, steps=3)
+    model = DataParallel(spec.build_model(), ctx, bucket_size_mb=BUCKET_MB, zero_stage=zero_stage).parallelize()
+    optimizer = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
+    batches = list(spec.batches(ctx.dp_rank, ctx.dp_size))
+    first = 0
+    if resume:
+        first = load_checkpoint(path, model, optimizer, ctx)["step"]
+    losses = []
+    for step in range(first, spec.steps):
+        loss = model(**batches[step]).loss
+        loss.backward()
+        clip_grad_norm_(model.parameters(), spec.max_grad_norm, ctx)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if step == 1 and not resume:
+            save_checkpoint(path, model, optimizer, ctx, step=2)
+    layout = optimizer.state_dict()
+    return {"run": RunResult(losses[-1:], snapshot(model)), "layout": (layout["layout"], layout["dp_size"])}
+
+
+def _resumes(ctx: ParallelContext, path: str) -> dict:
+    return {"through": _checkpointed(ctx, path, 2, resume=False), "zero2": _checkpointed(ctx, path, 2, resume=True),
+            "zero1": _checkpointed(ctx, path, 1, resume=True)}
+
+
+def test_a_zero2_checkpoint_resumes_bit_exactly_and_loads_at_zero1_and_at_another_dp(tmp_path) -> None:
+    path = str(tmp_path / "ckpt")
+    for out in run_distributed(_resumes, 1, 1, 2, path, timeout=120):
+        through = out["through"]["run"]
+        assert_matches_reference(out["zero2"]["run"], through, EXACT)  # the same layout: bit for bit
+        assert_matches_reference(out["zero1"]["run"], through, EXACT)  # ZeRO-1 steps the same shards
+        assert out["zero1"]["layout"] == out["zero2"]["layout"]  # one optimizer-state layout
+    for out in run_distributed(_checkpointed, 1, 1, 4, path, 2, True, timeout=120):
+        assert_matches_reference(out["run"], through, PARALLEL)  # resharded from dp 2 to dp 4
