@@ -119,7 +119,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "tests/test_composition.py", "tests/test_wrapper_order.py", "tests/test_token_weighted.py",
          "tests/test_batch_check.py", "tests/test_batch_faults.py", "tests/test_finite.py",
          "tests/test_router_loss.py", "tests/test_custom_loss.py", "tests/test_checkpoint_io.py",
-         "tests/test_export.py", "tests/test_single_process.py", "tests/gpu/composed_nccl.py",
+         "tests/test_export.py", "tests/test_single_process.py", "tests/test_zero2_composition.py", "tests/gpu/composed_nccl.py",
          "tests/gpu/test_composed_nccl.py", "benchmarks/bench_batch_check.py",
          "benchmarks/bench_mixed_precision.py"),
 }

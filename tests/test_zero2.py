@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from goose_core import DataParallel, DistributedOptimizer, GradScaler, ParallelContext, clip_grad_norm_
-from goose_core.checkpoint import load_checkpoint, save_checkpoint
 from goose_core.data import shard_batch
 from goose_core.data_parallel import count_items_over, no_sync, reducer_of
 from goose_core.data_parallel.bucket import Bucket
@@ -255,42 +254,3 @@ def test_planted_bug_a_bucket_reduced_twice_is_caught() -> None:
         with pytest.raises(AssertionError):
             assert_matches_reference(result, reference, PARALLEL)
 
-
-def _checkpointed(ctx: ParallelContext, path: str, zero_stage: int, resume: bool) -> dict:
-    """Three steps at ZeRO-``zero_stage``, a checkpoint after the second; or (``resume``) the
-    checkpoint loaded at this layout and stage, and the third step."""
-    spec = replace(SPEC, steps=3)
-    model = DataParallel(spec.build_model(), ctx, bucket_size_mb=BUCKET_MB, zero_stage=zero_stage).parallelize()
-    optimizer = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
-    batches = list(spec.batches(ctx.dp_rank, ctx.dp_size))
-    first = 0
-    if resume:
-        first = load_checkpoint(path, model, optimizer, ctx)["step"]
-    losses = []
-    for step in range(first, spec.steps):
-        loss = model(**batches[step]).loss
-        loss.backward()
-        clip_grad_norm_(model.parameters(), spec.max_grad_norm, ctx)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        if step == 1 and not resume:
-            save_checkpoint(path, model, optimizer, ctx, step=2)
-    layout = optimizer.state_dict()
-    return {"run": RunResult(losses[-1:], snapshot(model)), "layout": (layout["layout"], layout["dp_size"])}
-
-
-def _resumes(ctx: ParallelContext, path: str) -> dict:
-    return {"through": _checkpointed(ctx, path, 2, resume=False), "zero2": _checkpointed(ctx, path, 2, resume=True),
-            "zero1": _checkpointed(ctx, path, 1, resume=True)}
-
-
-def test_a_zero2_checkpoint_resumes_bit_exactly_and_loads_at_zero1_and_at_another_dp(tmp_path) -> None:
-    path = str(tmp_path / "ckpt")
-    for out in run_distributed(_resumes, 1, 1, 2, path, timeout=120):
-        through = out["through"]["run"]
-        assert_matches_reference(out["zero2"]["run"], through, EXACT)  # the same layout: bit for bit
-        assert_matches_reference(out["zero1"]["run"], through, EXACT)  # ZeRO-1 steps the same shards
-        assert out["zero1"]["layout"] == out["zero2"]["layout"]  # one optimizer-state layout
-    for out in run_distributed(_checkpointed, 1, 1, 4, path, 2, True, timeout=120):
-        assert_matches_reference(out["run"], through, PARALLEL)  # resharded from dp 2 to dp 4
