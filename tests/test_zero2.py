@@ -184,6 +184,37 @@ def test_bf16_keeps_fp32_shards_and_both_accumulations_agree() -> None:
             torch.testing.assert_close(held["params"][k], every["params"][k], rtol=0, atol=2 ** -7 * 4)
 
 
+def _wide_masters(ctx: ParallelContext, zero_stage: int, quiet: bool) -> list[torch.Tensor]:
+    """fp32 parameters with fp64 buckets (buffers that accumulate, as bf16's fp32 ones do), two
+    micro-batches: the fp64 master shards after two steps."""
+    spec = replace(SPEC, dtype=torch.float32, optimizer="sgd", lr=0.1, max_grad_norm=None)
+    model = DataParallel(spec.build_model(), ctx, bucket_size_mb=BUCKET_MB, reduce_dtype=torch.float64,
+                         zero_stage=zero_stage).parallelize()
+    optimizer = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
+    for batch in spec.batches(ctx.dp_rank, ctx.dp_size):
+        n = count_items_over(batch["labels"], ctx.data_parallel_group, ctx.device)
+        for i in range(2):
+            with no_sync(model) if quiet and i == 0 else nullcontext():
+                model(**shard_batch(batch, i, 2), num_items_in_batch=n).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return [s.detach().clone() for s in optimizer.shards]
+
+
+def _accumulations(ctx: ParallelContext) -> dict:
+    return {(stage, quiet): _wide_masters(ctx, stage, quiet) for stage in (1, 2) for quiet in (True, False)}
+
+
+def test_accumulating_every_micro_batch_equals_no_sync_in_wide_buffers() -> None:
+    # Each micro-batch reduce-scattered and its shard carried, or summed locally and reduced once:
+    # the same fp64 sums in another order, so the fp64 masters agree within PARALLEL.
+    for out in run_distributed(_accumulations, 1, 1, 2, timeout=120):
+        reference = out[(1, True)]
+        for key, masters in out.items():
+            for got, want in zip(masters, reference):
+                torch.testing.assert_close(got, want, rtol=PARALLEL.rtol, atol=PARALLEL.atol, msg=str(key))
+
+
 def _refusals(ctx: ParallelContext) -> list[str]:
     errors = []
     for stage in (0, 4, True):

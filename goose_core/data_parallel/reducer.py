@@ -120,6 +120,7 @@ class GradReducer(GradSync):
 
     def reset(self) -> None:
         self._reduced = False
+        self._carry = None
         for bucket in self.buckets:
             bucket.fresh = True  # the optimizer consumed the sums (ZeRO-1 gathered params into them)
 
@@ -189,7 +190,7 @@ class GradReducer(GradSync):
         if not self.sync:
             return
         self._refuse_unsharded()
-        self._begin()
+        self._keep_reduced()
         for param in self._where:
             if param.grad is not None:
                 self._ready(param)
@@ -202,13 +203,16 @@ class GradReducer(GradSync):
         bucket, i = self._where[param]
         return bucket.slot(i) if bucket.accumulates and not self.scatter else None
 
-    def _begin(self) -> None:
-        # A second synced backward before the optimizer consumed the shards (accumulation
-        # without no_sync): keep what the first one reduced, the collectives overwrite it.
-        # Accumulating buffers keep the first backward's sum themselves (nothing reset them).
-        # ZeRO-2 released the full buffers: every bucket carries its shard.
-        self._carry = ([None if b.accumulates and not b.shard_only else b.shard_grad.clone()
-                        for b in self.buckets] if self.scatter and self._reduced else None)
+    def _keep_reduced(self) -> None:
+        """A backward after a reduce-scatter whose shards the optimizer has not consumed yet
+        (accumulation without ``no_sync``): carry each reduced shard aside before anything
+        writes the buffers, and start every buffer afresh; the next reduce-scatter's shard is
+        added to the carried one. (Summing on in the old buffer would reduce its other ranks'
+        pieces, local sums, a second time.)"""
+        if self.scatter and self._reduced and self._carry is None:
+            self._carry = [b.shard_grad.clone() for b in self.buckets]
+            for bucket in self.buckets:
+                bucket.fresh = True
 
     def _refuse_unsharded(self) -> None:
         """ZeRO-2 without a DistributedOptimizer would reduce full gradients nobody shards:
@@ -220,6 +224,7 @@ class GradReducer(GradSync):
 
     def _on_grad(self, param: nn.Parameter) -> None:
         bucket, i = self._where[param]
+        self._keep_reduced()
         if bucket.accumulates:
             bucket.add(i)  # main_grad: summed in the wide dtype whether or not this backward syncs
         if not self.sync or self.deferred:
@@ -228,7 +233,6 @@ class GradReducer(GradSync):
             self._refuse_unsharded()
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
-            self._begin()
         self._ready(param)
 
     def _ready(self, param: nn.Parameter) -> None:
