@@ -27,6 +27,12 @@ into the first half of the bytes of the (now free) fp32 gradient buffer::
 
     bytes a parameter, on every rank:  2 (bf16 weight) + 4 (fp32 gradient) + 12 / dp (master, m, v)
 
+ZeRO-2 (``DataParallel(model, ctx, zero_stage=2)``) is this optimizer over the same buckets: the
+reducer keeps each shard in a buffer of its own and frees the full buffer as soon as its
+reduce-scatter is done (:mod:`goose_core.data_parallel.reducer`), so the step reads the same
+shards, and the all-gather after it goes into a temporary buffer of the parameters' dtype. The
+state, its layout and its state dicts are ZeRO-1's.
+
 The master shards are part of ``state_dict()`` (and ``consolidated_state_dict()``, under
 ``"master_weights"``, as :class:`~goose_core.optim.MasterWeights` writes it on one device).
 
