@@ -44,7 +44,11 @@ def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
                                                          if p.grad is not None]
     reducer = reducer_of(model)
     for bucket in reducer.buckets if reducer is not None else []:
-        tensors += ([bucket.grad] if getattr(bucket, "allocated", True) else []) + [bucket.shard_grad]
+        if getattr(bucket, "allocated", False):  # a full gradient buffer alive (DP, ZeRO-1)
+            tensors.append(bucket.grad)
+        for name in ("shard_grad", "param_shard", "full", "full_grad"):  # ZeRO-2/3 shards, gathers
+            if torch.is_tensor(t := getattr(bucket, name, None)):
+                tensors.append(t)
     inner = getattr(optimizer, "optimizer", optimizer)
     tensors += list(getattr(optimizer, "shards", []) or getattr(optimizer, "masters", {}).values())
     tensors += [_local(v) for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
@@ -107,6 +111,10 @@ def _body() -> dict[str, Any]:
     units = unit_numels(params, 25.0, key=norm_kind)
     formula = {f"zero{s}": zero_cost(units, WORLD, s, SPEC.model_dtype).held for s in (1, 2)}
     formula["dp"] = zero_cost(unit_numels(params, 25.0), WORLD, 0, SPEC.model_dtype, tensors=len(params)).held
+    if ZERO3:  # ZeRO-3's units are its blocks and the rest, not DataParallel's buckets
+        sync = reducer_of(built["zero3"][0])
+        formula["zero3"] = zero_cost([b.numel for u in sync.units for b in u.buckets], WORLD, 3,
+                                     SPEC.model_dtype).held
     return {"held": held, "pairs": pairs, "formula": formula}
 
 
