@@ -90,7 +90,27 @@ def _everything(ctx: ParallelContext) -> dict:
         out[name] = (_train(ctx, spec, 2, micro, quiet, probe), probe, _train(ctx, spec, 1, micro, quiet))
     out["in_flight"] = _in_flight(ctx)
     out["scaled"] = _scaled(ctx)
+    out["fp16"] = {stage: _fp16(ctx, stage) for stage in (1, 2)}
     return out
+
+
+def _fp16(ctx: ParallelContext, zero_stage: int) -> RunResult:
+    """An fp16 model with fp32 buckets and masters under a GradScaler (stage 02's recipe)."""
+    spec = replace(SPEC, dtype=torch.float16, optimizer="sgd", lr=0.1)
+    model = DataParallel(spec.build_model(), ctx, bucket_size_mb=BUCKET_MB, zero_stage=zero_stage).parallelize()
+    optimizer = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
+    scaler = GradScaler(ctx, growth_interval=1)
+    losses = []
+    for batch in spec.batches(ctx.dp_rank, ctx.dp_size):
+        loss = model(**batch).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        clip_grad_norm_(model.parameters(), spec.max_grad_norm, ctx)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return RunResult(losses + [scaler.get_scale()], snapshot(model))
 
 
 def _scaled(ctx: ParallelContext) -> dict:
@@ -138,6 +158,8 @@ def test_zero2_equals_zero1_and_one_device_and_holds_only_shards() -> None:
         params = sum(1 for _ in SPEC.build_model().parameters())
         assert out["no_sync"][1]["grads_after_backward"] == [params, 0] * SPEC.steps
         assert out["every"][1]["full_after_backward"] == [0, 0] * SPEC.steps
+        # fp16: the same fp32 sums, masters and scale decisions as ZeRO-1, bit for bit
+        assert_matches_reference(out["fp16"][2], out["fp16"][1], EXACT)
         assert out["scaled"]["skipped"] == [True]  # the inf on one rank skipped the step on all
         assert_matches_reference(out["scaled"]["run"], out["plain"][0], EXACT)  # scaling changes no bit
         flight = out["in_flight"]

@@ -193,8 +193,9 @@ def test_zero3_held_and_sent_bytes_equal_the_formulas() -> None:
 
 
 def test_counter_counts_each_collective_by_the_ring_rule() -> None:
-    for out in run_distributed(_collectives, 1, 1, 4, timeout=60):
-        assert out == {"dp": Fraction(2 * 3 * 64, 4) + Fraction(3 * 64, 4) * 3 + Fraction(3 * 16, 4),
+    for rank, out in enumerate(run_distributed(_collectives, 1, 1, 4, timeout=60)):
+        sends = {0: 16 + 8, 1: 0}.get(rank, 0)  # rank 0 isends 16 bytes and batch-sends 8; receiving is free
+        assert out == {"dp": Fraction(2 * 3 * 64, 4) + Fraction(3 * 64, 4) * 3 + Fraction(3 * 16, 4) + sends,
                        "world": Fraction(2 * 3 * 8, 4)}
 
 
@@ -207,4 +208,13 @@ def _collectives(ctx: ParallelContext) -> dict:
         dist.all_gather([torch.zeros(4) for _ in range(4)], torch.zeros(4), group=group)  # 3/4 x 64
         dist.broadcast(torch.zeros(4), src=0, group=group)  # 3/4 x 16
         dist.all_reduce(torch.zeros(2))  # the world: 2 x 3/4 x 8
+        if ctx.dp_rank == 0:
+            dist.isend(torch.zeros(4), dst=ctx.group_ranks("dp")[1], group=group, tag=0).wait()
+            ops = [dist.P2POp(dist.isend, torch.zeros(2), ctx.group_ranks("dp")[1], group)]
+        elif ctx.dp_rank == 1:
+            dist.irecv(torch.zeros(4), src=ctx.group_ranks("dp")[0], group=group, tag=0).wait()
+            ops = [dist.P2POp(dist.irecv, torch.zeros(2), ctx.group_ranks("dp")[0], group)]
+        if ctx.dp_rank < 2:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
     return traffic.bytes

@@ -25,6 +25,7 @@ pickled metadata, not training traffic) are not counted. Counts are ``Fraction``
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import defaultdict
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from fractions import Fraction
 from typing import Any, Callable, Iterator
 
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from torch import Tensor
 
 from goose_core.distributed.context import ParallelContext
@@ -102,6 +104,7 @@ _SENT: dict[str, Callable[[int, tuple, dict], Fraction]] = {
     "irecv": lambda n, a, k: Fraction(0),
 }
 _P2P = {"send", "isend", "recv", "irecv"}
+_P2P_OPS = ("isend", "irecv")  # what a P2POp of batch_isend_irecv may name
 
 
 def _group_of(name: str, args: tuple, kwargs: dict) -> Any:
@@ -138,14 +141,15 @@ def count_traffic(ctx: ParallelContext | None = None) -> Iterator[Traffic]:
         traffic.calls.append(Call(op, names.get(id(group), "other"), n, sent if n > 1 or op in _P2P else Fraction(0)))
 
     def wrap(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
         def counted(*args: Any, **kwargs: Any) -> Any:
             outer = getattr(depth, "n", 0) == 0
             depth.n = getattr(depth, "n", 0) + 1
             try:
                 if outer and name == "batch_isend_irecv":
                     for p2p in args[0]:
-                        op = getattr(p2p.op, "__name__", str(p2p.op))
-                        record(op, p2p.group, _SENT.get(op, _SENT["irecv"])(2, (p2p.tensor,), {}))
+                        op = next(n for n in _P2P_OPS if p2p.op in (wrappers[n], originals[n]))
+                        record(op, p2p.group, _SENT[op](2, (p2p.tensor,), {}))
                 elif outer:
                     group = _group_of(name, args, kwargs)
                     n = dist.get_world_size(group if group is not None else dist.group.WORLD)
@@ -155,10 +159,15 @@ def count_traffic(ctx: ParallelContext | None = None) -> Iterator[Traffic]:
                 depth.n -= 1
         return counted
 
-    for name, original in originals.items():
-        setattr(dist, name, wrap(name, original))
+    wrappers = {name: wrap(name, original) for name, original in originals.items()}
+    for name, wrapper in wrappers.items():
+        setattr(dist, name, wrapper)
+    for name in _P2P_OPS:  # P2POp checks its op against these globals: the wrappers must pass
+        setattr(c10d, name, wrappers[name])
     try:
         yield traffic
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
+        for name in _P2P_OPS:
+            setattr(c10d, name, originals[name])
