@@ -68,8 +68,10 @@ LESSONS: dict[int, tuple[str, ...]] = {
         "tests/test_data_parallel.py", "tests/test_metadata.py", "benchmarks/bench_data_parallel.py"),
     6: ("goose_core/optim/zero.py", "goose_core/optim/zero_state.py", "goose_core/optim/clip.py",
         "tests/test_zero.py", "tests/test_clip.py", "benchmarks/bench_zero.py"),
-    # ZeRO-2 and ZeRO-3: gradients, then parameters, sharded over dp too.
-    7: ("goose_core/data_parallel/zero3.py", "tests/test_zero3.py"),
+    # ZeRO-2 and ZeRO-3: gradients, then parameters, sharded over dp too; what each stage costs
+    # (the formulas, the traffic counter that checks them) and the benchmark beside FSDP2.
+    7: ("goose_core/data_parallel/zero3.py", "goose_core/optim/zero_cost.py", "goose_core/distributed/traffic.py",
+        "tests/test_zero2.py", "tests/test_zero3.py", "tests/test_zero_memory.py", "benchmarks/bench_zero3.py"),
     # Tensor parallelism, and the family knowledge it reads (each family module holds its TP half
     # and, where the family needs one, the few lines of its pipeline half).
     8: ("goose_core/tensor_parallel/", "goose_core/state.py", "goose_core/models/__init__.py",
@@ -127,7 +129,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "tests/test_batch_check.py", "tests/test_batch_faults.py", "tests/test_finite.py",
          "tests/test_router_loss.py", "tests/test_custom_loss.py", "tests/test_checkpoint_io.py",
          "tests/test_export.py", "tests/test_single_process.py", "tests/test_pipeline_generate.py",
-         "tests/gpu/composed_nccl.py",
+         "tests/test_zero2_composition.py", "tests/gpu/composed_nccl.py",
          "tests/gpu/test_composed_nccl.py", "benchmarks/bench_batch_check.py",
          "benchmarks/bench_mixed_precision.py"),
 }

@@ -18,6 +18,14 @@ in fp32 rather than rounding to bf16 after every micro-batch::
     micro-batch 1   p.grad (bf16) --+--> slot (fp32) += ..., p.grad = None
     micro-batch 2   p.grad (bf16) --+
     ...                                  the collective reduces the fp32 sums
+
+Under ZeRO-2 (``keep_shard_only``) the flat buffer exists only while the backward fills it: the
+reduce-scatter writes this rank's piece into ``shard_grad``, a buffer of its own, and once it is
+done the full buffer is released (``grad`` is allocated again, zeroed, when the next backward adds
+the first gradient)::
+
+    backward     grad [ g0 | g1 | g2 | g3 ] ---reduce-scatter---> shard_grad [ g1 ]   (rank 1)
+    after wait   grad released                                    shard_grad [ g1 ]   kept
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from torch import Tensor, nn
 from goose_core.distributed.compat import reduce_scatter_flat
 from goose_core.distributed.missing import naming_missing
 
-__all__ = ["Bucket", "build_buckets", "main_dtype"]
+__all__ = ["Bucket", "build_buckets", "main_dtype", "plan_buckets"]
 
 
 def main_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,8 +68,13 @@ class Bucket:
         self.numel = total
         self.padded_numel = -(-total // pad_to) * pad_to
         self.shard_numel = self.padded_numel // pad_to
-        self.grad = torch.zeros(self.padded_numel, dtype=dtype or main_dtype(params[0].dtype),
-                                device=params[0].device)
+        #: The flat buffer's dtype and device.
+        self.dtype = dtype or main_dtype(params[0].dtype)
+        self.device = params[0].device
+        self._grad: Tensor | None = None
+        #: ZeRO-2: the shard has a buffer of its own and the full one is released after the
+        #: reduce-scatter (see :meth:`keep_shard_only`).
+        self.shard_only = False
         # A view, not a copy: the reduce-scatter writes this rank's shard in place, so the
         # gradients cost one buffer in all (launch points it at this rank's piece).
         self.shard_grad = self.grad[: self.shard_numel]
@@ -73,6 +86,41 @@ class Bucket:
         self.work: dist.Work | None = None
         self.group: dist.ProcessGroup | None = None  # the running collective's
 
+    @property
+    def grad(self) -> Tensor:
+        """The flat gradient buffer (allocated again on first use after :meth:`release`)."""
+        if self._grad is None:
+            self._grad = self._new_buffer()
+        return self._grad
+
+    def _new_buffer(self) -> Tensor:
+        # Zeroed the first time. Again after a release only the padding is zeroed: the buffer is
+        # then fresh, so the backward writes every slot before the collective reads it (a copy
+        # into each slot, or the zeroing of an accumulating buffer's first sum), and a memset
+        # of the whole buffer per backward would be wasted.
+        if not self.shard_only:
+            return torch.zeros(self.padded_numel, dtype=self.dtype, device=self.device)
+        buffer = torch.empty(self.padded_numel, dtype=self.dtype, device=self.device)
+        buffer[self.numel:].zero_()
+        return buffer
+
+    @property
+    def allocated(self) -> bool:
+        """Whether the full buffer is held now (under ZeRO-2 only while a backward fills it)."""
+        return self._grad is not None
+
+    def release(self) -> None:
+        """Free the full buffer; the next use allocates one for a fresh accumulation."""
+        self._grad = None
+        self.fresh = True
+
+    def keep_shard_only(self) -> None:
+        """ZeRO-2: give this rank's gradient shard a buffer of its own, so the full buffer can
+        be released once each reduce-scatter is done (:meth:`wait`), and release it now."""
+        self.shard_only = True
+        self.shard_grad = torch.zeros(self.shard_numel, dtype=self.dtype, device=self.device)
+        self.release()
+
     def slot(self, i: int) -> Tensor:
         """The piece of the flat buffer that holds parameter ``i``'s gradient, shaped like it."""
         p = self.params[i]
@@ -81,7 +129,7 @@ class Bucket:
     def flat_params(self, dtype: torch.dtype | None = None) -> Tensor:
         """The parameters' values, flattened in slot order and zero-padded like ``grad``, in
         ``dtype`` (default: the buffer's)."""
-        flat = torch.zeros_like(self.grad, dtype=dtype or self.grad.dtype)
+        flat = torch.zeros(self.padded_numel, dtype=dtype or self.dtype, device=self.device)
         for i, p in enumerate(self.params):
             flat[self.offsets[i] : self.offsets[i] + p.numel()].copy_(p.detach().reshape(-1))
         return flat
@@ -143,19 +191,46 @@ class Bucket:
                 self.grad.div_(divisor)
         self.group = group
         if scatter:
-            lo, hi = self.shard_range(dist.get_rank(group))
-            self.shard_grad = self.grad[lo:hi]
+            if not self.shard_only:
+                lo, hi = self.shard_range(dist.get_rank(group))
+                self.shard_grad = self.grad[lo:hi]
             self.work = reduce_scatter_flat(self.shard_grad, self.grad, group=group, async_op=True)
         else:
             self.work = dist.all_reduce(self.grad, group=group, async_op=True)
 
     def wait(self) -> None:
-        """Block until the bucket's collective is done and forget its readiness."""
+        """Block until the bucket's collective is done and forget its readiness (ZeRO-2: and
+        release the full buffer, whose shard now sits in ``shard_grad``)."""
         if self.work is not None:
             with naming_missing(self.group):  # a peer that did not arrive is named
                 self.work.wait()
+            if self.shard_only:
+                self.release()
         self.work = None
         self.ready.clear()
+
+
+def plan_buckets(params: Iterable[nn.Parameter], bucket_bytes: int,
+                 key: Callable[[nn.Parameter], Hashable] = lambda p: None,
+                 first_bucket_bytes: int | None = None) -> list[list[nn.Parameter]]:
+    """The parameters of each bucket :func:`build_buckets` makes, without allocating buffers (the
+    layout the memory and traffic formulas of :mod:`goose_core.optim.zero_cost` count)."""
+    groups: list[list[nn.Parameter]] = []
+    current: list[nn.Parameter] = []
+    size = 0
+    kind: Hashable = None
+    for p in params:
+        p_kind = (p.dtype, p.device, key(p))
+        cap = bucket_bytes if groups or first_bucket_bytes is None else min(first_bucket_bytes, bucket_bytes)
+        if current and (size >= cap or p_kind != kind):
+            groups.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += p.numel() * p.element_size()
+        kind = p_kind
+    if current:
+        groups.append(current)
+    return groups
 
 
 def build_buckets(params: Iterable[nn.Parameter], bucket_bytes: int, pad_to: int,
@@ -169,19 +244,4 @@ def build_buckets(params: Iterable[nn.Parameter], bucket_bytes: int, pad_to: int
     sooner the first collective starts, the more of the backward pass it overlaps. ``dtype`` is
     the buffers' (default: :func:`main_dtype` of each bucket's parameters).
     """
-    buckets: list[Bucket] = []
-    current: list[nn.Parameter] = []
-    size = 0
-    kind: Hashable = None
-    for p in params:
-        p_kind = (p.dtype, p.device, key(p))
-        cap = bucket_bytes if buckets or first_bucket_bytes is None else min(first_bucket_bytes, bucket_bytes)
-        if current and (size >= cap or p_kind != kind):
-            buckets.append(Bucket(current, pad_to, dtype))
-            current, size = [], 0
-        current.append(p)
-        size += p.numel() * p.element_size()
-        kind = p_kind
-    if current:
-        buckets.append(Bucket(current, pad_to, dtype))
-    return buckets
+    return [Bucket(ps, pad_to, dtype) for ps in plan_buckets(params, bucket_bytes, key, first_bucket_bytes)]

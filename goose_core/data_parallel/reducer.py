@@ -25,6 +25,25 @@ pipeline's deferred backward too, so micro-batches and accumulation steps sum in
 (Megatron's ``main_grad``, see :mod:`.bucket`); :meth:`GradReducer.main_grad` hands the reduced
 fp32 gradient to master weights. The pipeline and ZeRO-1 drive it through
 :class:`goose_core.grad_sync.GradSync`, the interface it implements.
+
+ZeRO-2 (``zero_stage=2``) is reduce-scatter mode with each bucket's full buffer released as soon
+as its reduce-scatter is done (:meth:`~.bucket.Bucket.keep_shard_only`): launching bucket k waits
+for bucket k-2, so at most two reduce-scatters are in flight and the full buffers of the buckets
+before them are already gone while the backward still runs::
+
+    backward   | grads b0 | grads b1 | grads b2 | grads b3 |
+    comm                  | RS b0 -->| RS b1 -->| RS b2 -->| RS b3 --> wait all
+    held full             b0         b0 b1      b1 b2      b2 b3 (b0 released at b2's launch)
+    held shard            every bucket's 1/dp piece, between steps too
+
+Gradient accumulation, two ways (the caller picks, the trade-off is measured in the chapter):
+
+* ``no_sync`` for all micro-batches but the last: nothing is sent until the last backward, so
+  the full gradients (``p.grad``, or the full fp32 buffers of a bf16 model) are held meanwhile:
+  ZeRO-1's memory during accumulation, ZeRO-1's traffic.
+* every backward synced: each micro-batch reduce-scatters and adds into the kept shard, so full
+  buffers never outlive their backward: ZeRO-2's memory, and the gradient traffic times the
+  number of micro-batches.
 """
 
 from __future__ import annotations
@@ -42,10 +61,12 @@ from goose_core.distributed.progress import note
 from goose_core.grad_sync import GradSync
 from goose_core.metadata import clear_wide_grad, link_grad_sync, set_wide_grad, unlink_grad_sync
 
-__all__ = ["GradReducer", "FIRST_BUCKET_BYTES", "trainable"]
+__all__ = ["GradReducer", "FIRST_BUCKET_BYTES", "IN_FLIGHT", "trainable"]
 
 #: The first bucket closes early so that communication starts early in the backward (as DDP).
 FIRST_BUCKET_BYTES = 2**20
+#: ZeRO-2: reduce-scatters in flight before the oldest is waited for and its full buffer released.
+IN_FLIGHT = 2
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -64,11 +85,14 @@ class GradReducer(GradSync):
             fp16 parameters, else their own); gradients are cast into it, summed over the group,
             and cast back into ``p.grad``. ``torch.bfloat16`` for a bf16 model halves the bytes
             moved and accumulates and sums in bf16.
+        zero_stage: 2 releases each bucket's full buffer after its reduce-scatter once ZeRO
+            takes the reducer over (:meth:`shard`); 1 keeps it (ZeRO-1, and plain DP).
     """
 
     def __init__(self, params: list[nn.Parameter], group: dist.ProcessGroup, bucket_bytes: int,
-                 reduce_dtype: torch.dtype | None = None) -> None:
+                 reduce_dtype: torch.dtype | None = None, zero_stage: int = 1) -> None:
         self.group = group
+        self.zero_stage = zero_stage
         self.size = dist.get_world_size(group)
         self.bucket_bytes = bucket_bytes
         self.reduce_dtype = reduce_dtype
@@ -96,6 +120,7 @@ class GradReducer(GradSync):
 
     def reset(self) -> None:
         self._reduced = False
+        self._carry = None
         for bucket in self.buckets:
             bucket.fresh = True  # the optimizer consumed the sums (ZeRO-1 gathered params into them)
 
@@ -110,6 +135,9 @@ class GradReducer(GradSync):
     def shard(self, param_lists: list[list[nn.Parameter]],
               key: Callable[[nn.Parameter], Hashable]) -> list[Bucket]:
         self._rebuild(param_lists, scatter=True, key=key)
+        if self.zero_stage == 2:
+            for bucket in self.buckets:
+                bucket.keep_shard_only()
         return self.buckets
 
     def _rebuild(self, param_lists: list[list[nn.Parameter]], scatter: bool,
@@ -133,7 +161,7 @@ class GradReducer(GradSync):
         for p, (bucket, i) in self._where.items():
             link_grad_sync(p, self)
             if bucket.accumulates:  # summed in fp32 as the backward runs: a late addition goes there too
-                set_wide_grad(p, bucket.grad.dtype, lambda bucket=bucket, i=i: bucket.sum_slot(i))
+                set_wide_grad(p, bucket.dtype, lambda bucket=bucket, i=i: bucket.sum_slot(i))
             else:
                 clear_wide_grad(p)
         for p in before:
@@ -161,7 +189,8 @@ class GradReducer(GradSync):
         self.deferred = False
         if not self.sync:
             return
-        self._begin()
+        self._refuse_unsharded()
+        self._keep_reduced()
         for param in self._where:
             if param.grad is not None:
                 self._ready(param)
@@ -174,23 +203,36 @@ class GradReducer(GradSync):
         bucket, i = self._where[param]
         return bucket.slot(i) if bucket.accumulates and not self.scatter else None
 
-    def _begin(self) -> None:
-        # A second synced backward before the optimizer consumed the shards (accumulation
-        # without no_sync): keep what the first one reduced, the collectives overwrite it.
-        # Accumulating buffers keep the first backward's sum themselves (nothing reset them).
-        self._carry = ([None if b.accumulates else b.shard_grad.clone() for b in self.buckets]
-                       if self.scatter and self._reduced else None)
+    def _keep_reduced(self) -> None:
+        """A backward after a reduce-scatter whose shards the optimizer has not consumed yet
+        (accumulation without ``no_sync``): carry each reduced shard aside before anything
+        writes the buffers, and start every buffer afresh; the next reduce-scatter's shard is
+        added to the carried one. (Summing on in the old buffer would reduce its other ranks'
+        pieces, local sums, a second time.)"""
+        if self.scatter and self._reduced and self._carry is None:
+            self._carry = [b.shard_grad.clone() for b in self.buckets]
+            for bucket in self.buckets:
+                bucket.fresh = True
+
+    def _refuse_unsharded(self) -> None:
+        """ZeRO-2 without a DistributedOptimizer would reduce full gradients nobody shards:
+        refused at the first synced backward, before its first collective (every rank alike)."""
+        if self.zero_stage == 2 and not self.scatter:
+            raise ValueError("DataParallel(zero_stage=2) shards gradients for a DistributedOptimizer: wrap "
+                             "the optimizer in DistributedOptimizer(optimizer, ctx) before the first "
+                             "backward, or use zero_stage=1 for plain data parallelism")
 
     def _on_grad(self, param: nn.Parameter) -> None:
         bucket, i = self._where[param]
+        self._keep_reduced()
         if bucket.accumulates:
             bucket.add(i)  # main_grad: summed in the wide dtype whether or not this backward syncs
         if not self.sync or self.deferred:
             return
         if not self._callback_queued:
+            self._refuse_unsharded()
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finish)
-            self._begin()
         self._ready(param)
 
     def _ready(self, param: nn.Parameter) -> None:
@@ -203,6 +245,8 @@ class GradReducer(GradSync):
 
     def _launch(self, bucket: Bucket) -> None:
         bucket.launch(self.group, self.scatter, divisor=1 if self.scatter else self.size)
+        if bucket.shard_only and self._next >= IN_FLIGHT:
+            self.buckets[self._next - IN_FLIGHT].wait()  # done: its full buffer is released
         self._next += 1
 
     def finish(self) -> None:

@@ -73,12 +73,16 @@ class DataParallel:
             micro-batch's gradient as it comes (Megatron's main_grad). ``torch.bfloat16`` on a
             bf16 model halves the bytes moved and sums in bf16 (stage 14's mixed-precision tests measure the error).
             ZeRO-1's shards and their optimizer state live in it, or in fp32 if it is narrower.
-        zero_stage: 1: gradients averaged in full (ZeRO-1 when a ``DistributedOptimizer`` is
-            built); 3: parameters sharded over dp as well, gathered per decoder block for its
-            forward and backward, gradients reduce-scattered (:mod:`.zero3`; needs
-            ``DistributedOptimizer``, and DataParallel as the last wrapper). Every backward
-            then reduce-scatters, inside ``no_sync()`` too: the shards sum the micro-batches
-            (keeping a full gradient until the last one would undo what stage 3 saves).
+        zero_stage: what a ``DistributedOptimizer`` built on this model shards. 1: optimizer
+            state (ZeRO-1; without one, plain data parallelism). 2: gradients too: each bucket
+            is reduce-scattered as the backward finishes it and its full buffer released, the
+            rank keeps only its shard (:mod:`.reducer`); needs a ``DistributedOptimizer``.
+            3: parameters too, gathered per decoder block for its forward and backward,
+            gradients reduce-scattered (:mod:`.zero3`; needs ``DistributedOptimizer``, and
+            DataParallel as the last wrapper). Stage 3's every backward reduce-scatters, inside
+            ``no_sync()`` too: the shards sum the micro-batches (keeping a full gradient until
+            the last one would undo what stage 3 saves); stage 2's ``no_sync`` keeps the full
+            gradients until the last micro-batch, as ZeRO-1 (:mod:`.reducer` weighs the two).
 
     Raises:
         ValueError: ``bucket_size_mb`` is not positive; ``zero_stage`` is not 1, 2 or 3; replicas
@@ -87,8 +91,9 @@ class DataParallel:
     """
 
     def __init__(self, module: nn.Module, ctx: ParallelContext, bucket_size_mb: float = 25.0,
-                 broadcast: bool = False, reduce_dtype: torch.dtype | None = None, zero_stage: int = 1) -> None:
-        if zero_stage not in (1, 2, 3):
+                 broadcast: bool = False, reduce_dtype: torch.dtype | None = None,
+                 zero_stage: int = 1) -> None:
+        if zero_stage not in (1, 2, 3) or isinstance(zero_stage, bool):
             raise ValueError(f"zero_stage must be 1, 2 or 3, got {zero_stage!r}")
         if not bucket_size_mb > 0:
             raise ValueError(f"bucket_size_mb must be > 0, got {bucket_size_mb!r}; torch DDP uses 25")
@@ -118,7 +123,8 @@ class DataParallel:
             self.reducer = ShardedParameters(self.module, group, self.reduce_dtype,
                                              reshard_after_forward=self.ctx.pipeline_parallel_size == 1)
         else:
-            self.reducer = GradReducer(trainable(self.module), group, self.bucket_bytes, self.reduce_dtype)
+            self.reducer = GradReducer(trainable(self.module), group, self.bucket_bytes, self.reduce_dtype,
+                                       zero_stage=self.zero_stage)
         if model_vocab(self.module) is not None:  # a language model: its batch checked before the count
             install_batch_check(self.module, self.ctx)
         self.module.register_forward_pre_hook(self._count_items, with_kwargs=True)

@@ -13,6 +13,7 @@ from goose_core.distributed.context import DEFAULT_TIMEOUT, ParallelContext
 from goose_core.distributed.grid import AXES, ProcessGrid, layouts
 from goose_core.distributed.launch import RankError, free_port, spawn
 from goose_core.distributed.missing import MissingRankError
+from goose_core.distributed.traffic import Traffic, count_traffic
 
 __all__ = [
     "AXES",
@@ -21,9 +22,11 @@ __all__ = [
     "ParallelContext",
     "ProcessGrid",
     "RankError",
+    "Traffic",
     "all_gather",
     "all_reduce",
     "copy_to_region",
+    "count_traffic",
     "free_port",
     "gather_from_region",
     "layouts",

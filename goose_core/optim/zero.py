@@ -27,6 +27,12 @@ into the first half of the bytes of the (now free) fp32 gradient buffer::
 
     bytes a parameter, on every rank:  2 (bf16 weight) + 4 (fp32 gradient) + 12 / dp (master, m, v)
 
+ZeRO-2 (``DataParallel(model, ctx, zero_stage=2)``) is this optimizer over the same buckets: the
+reducer keeps each shard in a buffer of its own and frees the full buffer as soon as its
+reduce-scatter is done (:mod:`goose_core.data_parallel.reducer`), so the step reads the same
+shards, and the all-gather after it goes into a temporary buffer of the parameters' dtype. The
+state, its layout and its state dicts are ZeRO-1's.
+
 The master shards are part of ``state_dict()`` (and ``consolidated_state_dict()``, under
 ``"master_weights"``, as :class:`~goose_core.optim.MasterWeights` writes it on one device).
 
@@ -359,11 +365,15 @@ def _master_dtype(bucket: Bucket) -> torch.dtype:
 def _gather_buffer(bucket: Bucket) -> torch.Tensor:
     """Where the step all-gathers the parameters: the gradient buffer's bytes, read in the
     parameters' dtype (a bf16 view of the first half of an fp32 buffer), or a new tensor when
-    the buffer is narrower than the parameters."""
+    the buffer is narrower than the parameters or released (ZeRO-2: freed after the step)."""
     dtype = bucket.params[0].dtype
-    if bucket.grad.element_size() < torch.empty((), dtype=dtype).element_size():
-        return torch.empty(bucket.padded_numel, dtype=dtype, device=bucket.grad.device)
+    if bucket.shard_only or _width(bucket.dtype) < _width(dtype):
+        return torch.empty(bucket.padded_numel, dtype=dtype, device=bucket.device)
     return bucket.grad.view(dtype)[: bucket.padded_numel]
+
+
+def _width(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _check(optimizer: Any, bucket_size_mb: float) -> None:
