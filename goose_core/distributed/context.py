@@ -191,6 +191,11 @@ class ParallelContext:
         self.coords = self.grid.coords(self.rank)
         self._groups = {axis: self._new_groups(self.grid.all_groups(axis)) for axis in AXES}
         self._ends_group = self._new_ends_group()
+        if self.world_size > 1:
+            # A gloo group connects its pairs while new_group returns: a rank that finished its
+            # part and left at once (a short job, a test) would close sockets a peer is still
+            # connecting. After this barrier every rank holds every group it belongs to.
+            dist.barrier()
         self.prev_pipeline_rank, self.next_pipeline_rank = self.grid.pipeline_neighbours(self.rank)
         self.progress = self._start_progress()
         torch.manual_seed(seed)
