@@ -104,11 +104,11 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # The assembled run: every wrapper at once (the supported order, the orders refused), what
     # guards a grid (the same batch on tp peers and stages, a non-finite step stopped on every
     # rank), mixed precision across the grid, DCP checkpoints and the export. The MoE router loss
-    # and a loss of the reader's own under the pipeline are here too: 14 assembles every family,
+    # and a loss of the reader's own under the pipeline are here too: 15 assembles every family,
     # and they exist for families and losses past the three tiny models that 09 splits (the
     # router loss only for MoE families; custom_loss for a loop that computes its loss from the
     # logits, not from labels).
-    14: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
+    15: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
          "goose_core/distributed/batch_faults.py", "goose_core/testing/layout.py",
          "goose_core/testing/split_reductions.py", "goose_core/pipeline/router_loss.py",
          "goose_core/pipeline/custom_loss.py",
