@@ -4,7 +4,7 @@ Everything here runs cells, functions of one tensor, over partitions; nothing im
 transformers or knows a model family (:mod:`goose_core.pipeline` binds a 🤗 causal LM to it).
 Read it in this order:
 
-* ``schedule``: GPipe and 1F1B as data, which (micro-batch, partition) cells run when;
+* ``schedule``: GPipe, 1F1B and interleaved 1F1B as data, which (micro-batch, partition) cells run when;
 * ``messages``: the point-to-point order a schedule implies (NCCL matches by order, not tags);
 * ``microbatch``: cut a batch into M micro-batches, glue the outputs back;
 * ``dependency``: Fork and Join, empty "phony" tensors that add edges to the autograd graph;
@@ -26,8 +26,8 @@ from goose_core.engine.emulation import Sleep, SleepPipeline, ideal_gpipe_time
 from goose_core.engine.p2p import DistributedTransport
 from goose_core.engine.pipeline import Partition, Pipeline, Root, StepOutput
 from goose_core.engine.recompute import MODES, RecomputeMode, is_recomputing, recompute_stop, will_recompute
-from goose_core.engine.schedule import (SCHEDULES, GPipe, OneFOneB, Schedule, clock_cycles, format_timetable,
-                                        schedule_named, timetable)
+from goose_core.engine.schedule import (SCHEDULES, GPipe, Interleaved1F1B, OneFOneB, Schedule, clock_cycles,
+                                        format_timetable, schedule_named, timetable, timetable_bubble)
 from goose_core.engine.stream import trace_waits
 from goose_core.engine.transport import LocalTransport, Transport
 
@@ -38,6 +38,7 @@ __all__ = [
     "Event",
     "GPipe",
     "InFlight",
+    "Interleaved1F1B",
     "LiveActivations",
     "LocalTransport",
     "MODES",
@@ -59,6 +60,7 @@ __all__ = [
     "recompute_stop",
     "schedule_named",
     "timetable",
+    "timetable_bubble",
     "trace_waits",
     "will_recompute",
 ]

@@ -39,7 +39,7 @@ from torch import Tensor
 from goose_core.engine.callbacks import CallbackList, Phase
 from goose_core.engine.recompute import Recomputation, recompute_stop
 from goose_core.engine.dependency import fork, get_phony, join
-from goose_core.engine.schedule import GPipe, Schedule
+from goose_core.engine.schedule import Cell, GPipe, Schedule
 from goose_core.engine.transport import Transport
 
 __all__ = ["Partition", "Pipeline", "Root", "StepOutput"]
@@ -171,7 +171,7 @@ class Pipeline:
             the micro-batch losses (last partition), detached: their backward has run.
         """
         step = StepOutput({}, [])
-        roots: dict[int, list[Tensor]] = {}  # micro-batch -> roots of its cells not yet backward
+        roots: dict[Cell, list[Tensor]] = {}  # cell -> its roots, until its backward
         for action in schedule.steps():
             i, j = action.microbatch, action.partition
             if j not in self.partitions:
@@ -179,10 +179,14 @@ class Pipeline:
             if action.kind == "F":
                 cell = StepOutput({}, [])
                 self._cell(i, j, microbatches[i], i < stop, {}, {}, cell)
-                roots.setdefault(i, []).extend(cell.roots + list(cell.outputs.values()))
+                roots[(i, j)] = cell.roots + list(cell.outputs.values())
                 step.outputs.update({k: v.detach() for k, v in cell.outputs.items()})
-            elif i in roots:
-                tensors = [t for t in roots.pop(i) if t.requires_grad]
+            else:
+                # A connected transport links (i, j) to (i, j - 1) ... in autograd: one backward
+                # from (i, j) runs them all, so their roots join it. Across ranks, (i, j) alone.
+                reached = [c for c in roots if c[0] == i and (c[1] == j or (
+                    self.transport.connected and c[1] < j))]
+                tensors = [t for c in reached for t in roots.pop(c) if t.requires_grad]
                 if tensors:
                     torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
         self.transport.end_forward()
