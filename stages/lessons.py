@@ -101,9 +101,11 @@ LESSONS: dict[int, tuple[str, ...]] = {
     13: ("goose_core/engine/callbacks.py", "goose_core/instruments/", "tests/test_callbacks.py",
          "tests/test_timeline.py", "tests/test_gantt.py", "tests/test_pipeline.py", "tests/test_recompute.py",
          "tests/gpu/test_local_pipeline.py"),
-    # Schedules that shrink the bubble: interleaved 1F1B's chunks, placed by the schedule, and
-    # the p2p plan per pair of ranks (the schedule module itself is 09's).
-    14: ("tests/test_schedule_interleaved.py",),
+    # Schedules that shrink the bubble: interleaved 1F1B's chunks, placed by the schedule, the
+    # p2p plan per pair of ranks, and ZB-H1's backward split into B and W through autograd (the
+    # schedule module itself is 09's).
+    14: ("goose_core/engine/split_backward.py", "tests/test_schedule_interleaved.py",
+         "tests/test_schedule_zero_bubble.py", "benchmarks/bench_schedules.py"),
     # The assembled run: every wrapper at once (the supported order, the orders refused), what
     # guards a grid (the same batch on tp peers and stages, a non-finite step stopped on every
     # rank), mixed precision across the grid, DCP checkpoints and the export. The MoE router loss

@@ -2,14 +2,13 @@
 its point-to-point plan per pair of ranks under NCCL's matching, and parity with one device."""
 
 import itertools
-from typing import Callable
 
 import pytest
 import torch
 
 from goose_core import (DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel, TensorParallel,
                         full_state_dict)
-from goose_core.engine.messages import Message, messages
+from goose_core.engine.messages import Message, blocked_receives, messages
 from goose_core.engine.schedule import (Interleaved1F1B, OneFOneB, Schedule, schedule_named, timetable,
                                         timetable_bubble)
 from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
@@ -74,36 +73,9 @@ def test_each_pair_of_ranks_issues_the_same_messages_in_the_same_order(
                     assert mine.index(Message("activation", i, b, b + 1)) < mine.index(Message("gradient", i, b + 1, b))
 
 
-def _blocked(schedule: Schedule, plan_of: Callable[[Schedule, int], dict[int, list[Message]]] = messages
-             ) -> list[str]:
-    """Walk each rank's program: a message is produced when its cell runs and needed when its
-    cell starts. Issuing in plan order, a receive that waits behind one of this rank's own
-    sends not yet produced would deadlock on NCCL (a pair's messages complete in order)."""
-    p, n = schedule.num_ranks, schedule.num_partitions
-    found = []
-    for r in range(p):
-        plans = plan_of(schedule, r)
-        produced: set[tuple[str, int, int]] = set()
-        for a in schedule.rank_actions(r):
-            j = a.partition
-            need = ("activation", a.microbatch, j - 1) if a.kind == "F" and j > 0 else (
-                ("gradient", a.microbatch, j) if a.kind == "B" and j < n - 1 else None)
-            if need is not None:
-                plan = plans[(j - 1) % p if a.kind == "F" else (j + 1) % p]
-                k = [msg.slot for msg in plan].index(need)
-                blocked = [msg.slot for msg in plan[:k] if msg.src % p == r and msg.slot not in produced]
-                if blocked:
-                    found.append(f"rank {r} needs {need} behind its unsent {blocked}")
-            if a.kind == "F" and j < n - 1:
-                produced |= {("header", -1, j), ("activation", a.microbatch, j)}
-            if a.kind == "B" and j > 0:
-                produced.add(("gradient", a.microbatch, j - 1))
-    return found
-
-
 @pytest.mark.parametrize("p, v, m", SHAPES)
 def test_each_rank_can_issue_its_plan_in_program_order(p: int, v: int, m: int) -> None:
-    assert _blocked(_interleaved(p, v, m)) == []
+    assert blocked_receives(_interleaved(p, v, m)) == []
 
 
 def _per_boundary(schedule: Schedule, rank: int) -> dict[int, list[Message]]:
@@ -113,7 +85,7 @@ def _per_boundary(schedule: Schedule, rank: int) -> dict[int, list[Message]]:
 
 
 def test_planted_a_channel_per_boundary_deadlocks_under_nccl_order() -> None:
-    assert _blocked(_interleaved(2, 2, 4), _per_boundary)
+    assert blocked_receives(_interleaved(2, 2, 4), _per_boundary)
 
 
 class _BackwardChunksInForwardOrder(Interleaved1F1B):

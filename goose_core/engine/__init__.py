@@ -22,7 +22,7 @@ Read it in this order:
 
 from goose_core.engine.activations import InFlight, LiveActivations
 from goose_core.engine.callbacks import Callback, CallbackList, Event
-from goose_core.engine.emulation import Sleep, SleepPipeline, ideal_gpipe_time
+from goose_core.engine.emulation import Sleep, SleepPipeline, SleepWeight, ideal_gpipe_time
 from goose_core.engine.p2p import DistributedTransport
 from goose_core.engine.pipeline import Partition, Pipeline, Root, StepOutput
 from goose_core.engine.recompute import MODES, RecomputeMode, is_recomputing, recompute_stop, will_recompute
@@ -51,6 +51,7 @@ __all__ = [
     "Schedule",
     "Sleep",
     "SleepPipeline",
+    "SleepWeight",
     "StepOutput",
     "Transport",
     "clock_cycles",

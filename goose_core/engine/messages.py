@@ -28,11 +28,11 @@ pair list the same messages for every schedule.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 from goose_core.engine.schedule import Schedule, timetable
 
-__all__ = ["Message", "Kind", "messages", "forward_order"]
+__all__ = ["Message", "Kind", "messages", "forward_order", "blocked_receives"]
 
 Kind = Literal["header", "activation", "gradient"]
 
@@ -103,3 +103,35 @@ def messages(schedule: Schedule, rank: int, requires_grad: bool = True) -> dict[
         if rank in ends and len(ends) == 2:  # one rank on both sides: no message
             plan.setdefault(next(iter(ends - {rank})), []).append(msg)
     return dict(sorted(plan.items()))
+
+
+def blocked_receives(schedule: Schedule, plan_of: Callable[[Schedule, int], dict[int, list[Message]]] = messages
+                     ) -> list[str]:
+    """Where a rank following its program would wait forever: empty for a sound plan.
+
+    Walk each rank's :meth:`~.schedule.Schedule.rank_actions`: a message is produced when its
+    cell runs, and needed when its cell starts. Issuing in plan order, a receive that waits
+    behind one of this rank's own sends not yet produced deadlocks on NCCL, where a pair's
+    messages complete in issue order. ``plan_of`` is the plan to check (default :func:`messages`).
+    """
+    p, n = schedule.num_ranks, schedule.num_partitions
+    found = []
+    for r in range(p):
+        plans = plan_of(schedule, r)
+        produced: set[tuple[str, int, int]] = set()
+        for a in schedule.rank_actions(r):
+            j = a.partition
+            need = ("activation", a.microbatch, j - 1) if a.kind == "F" and j > 0 else (
+                ("gradient", a.microbatch, j) if a.kind == "B" and j < n - 1 else None)
+            if need is not None:
+                plan = plans[schedule.rank_of(j - 1 if a.kind == "F" else j + 1)]
+                k = [msg.slot for msg in plan].index(need)
+                blocked = [msg.slot for msg in plan[:k]
+                           if schedule.rank_of(msg.src) == r and msg.slot not in produced]
+                if blocked:
+                    found.append(f"rank {r} needs {need} behind its unsent {blocked}")
+            if a.kind == "F" and j < n - 1:
+                produced |= {("header", -1, j), ("activation", a.microbatch, j)}
+            if a.kind == "B" and j > 0:
+                produced.add(("gradient", a.microbatch, j - 1))
+    return found

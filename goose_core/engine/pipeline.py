@@ -40,6 +40,7 @@ from goose_core.engine.callbacks import CallbackList, Phase
 from goose_core.engine.recompute import Recomputation, recompute_stop
 from goose_core.engine.dependency import fork, get_phony, join
 from goose_core.engine.schedule import Cell, GPipe, Schedule
+from goose_core.engine.split_backward import SplitCells
 from goose_core.engine.transport import Transport
 
 __all__ = ["Partition", "Pipeline", "Root", "StepOutput"]
@@ -172,22 +173,28 @@ class Pipeline:
         """
         step = StepOutput({}, [])
         roots: dict[Cell, list[Tensor]] = {}  # cell -> its roots, until its backward
+        split = SplitCells(schedule.split_backward)
         for action in schedule.steps():
             i, j = action.microbatch, action.partition
             if j not in self.partitions:
                 continue
             if action.kind == "F":
                 cell = StepOutput({}, [])
-                self._cell(i, j, microbatches[i], i < stop, {}, {}, cell)
+                with split.forward(i, j, i < stop):
+                    self._cell(i, j, microbatches[i], i < stop, {}, {}, cell)
                 roots[(i, j)] = cell.roots + list(cell.outputs.values())
                 step.outputs.update({k: v.detach() for k, v in cell.outputs.items()})
+            elif action.kind == "W":
+                split.weight(i, j, self.callbacks)
             else:
                 # A connected transport links (i, j) to (i, j - 1) ... in autograd: one backward
                 # from (i, j) runs them all, so their roots join it. Across ranks, (i, j) alone.
                 reached = [c for c in roots if c[0] == i and (c[1] == j or (
                     self.transport.connected and c[1] < j))]
                 tensors = [t for c in reached for t in roots.pop(c) if t.requires_grad]
-                if tensors:
+                if tensors and split.enabled:
+                    split.input(reached, tensors, get_phony(self.partitions[j].device, requires_grad=True))
+                elif tensors:
                     torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
         self.transport.end_forward()
         self.transport.end_backward()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar, Literal, NamedTuple
 
-__all__ = ["Cell", "Action", "clock_cycles", "Schedule", "GPipe", "OneFOneB", "Interleaved1F1B", "SCHEDULES",
+__all__ = ["Cell", "Action", "clock_cycles", "Schedule", "GPipe", "OneFOneB", "Interleaved1F1B", "ZeroBubbleH1", "SCHEDULES",
            "schedule_named", "timetable", "timetable_bubble", "format_timetable"]
 
 #: A unit of pipeline work: (micro-batch index, partition index).
@@ -39,9 +39,11 @@ def clock_cycles(num_microbatches: int, num_partitions: int) -> list[list[Cell]]
 
 
 class Action(NamedTuple):
-    """One unit of work of a partition: the forward (``"F"``) or backward (``"B"``) of a micro-batch."""
+    """One unit of work of a partition: the forward (``"F"``) or backward (``"B"``) of a
+    micro-batch; with a split backward, ``"B"`` is its input gradient and ``"W"`` its weight
+    gradient."""
 
-    kind: Literal["F", "B"]
+    kind: Literal["F", "B", "W"]
     microbatch: int
     partition: int
 
@@ -74,6 +76,8 @@ class Schedule(ABC):
     backward_in_step: ClassVar[bool] = False
     #: Partitions (chunks) per rank: partition j runs on rank ``rank_of(j)`` of ``num_ranks``.
     virtual_stages: ClassVar[int] = 1
+    #: Whether each backward is split into B (input gradient) and a later W (weight gradient).
+    split_backward: ClassVar[bool] = False
 
     def __init__(self, num_microbatches: int, num_partitions: int) -> None:
         self.num_microbatches = num_microbatches
@@ -241,8 +245,53 @@ class Interleaved1F1B(Schedule):
         return [a.microbatch for a in self.actions(partition) if a.kind == "B"]
 
 
+class ZeroBubbleH1(Schedule):
+    """ZB-H1 (zero bubble, Qi et al. 2024): 1F1B with each backward split into B and W.
+
+    B is the input gradient, sent to the previous stage at once; W, the weight gradient, waits:
+    nothing downstream needs it, so it fills the ticks 1F1B leaves idle. Rank r of p warms up
+    with ``p - 1 - r`` forwards like 1F1B, then runs (F, B) pairs, holding back its first r W's
+    and then one W after each pair; the cool-down runs B, W and the W's held back. With one tick
+    per F, B and W (p=3, m=4)::
+
+        tick | 0  1  2  3  4  5  6  7  8  9  10 11 12 13
+        p0   | F0 F1 F2       B0 W0 F3 B1 W1 B2 W2 B3 W3
+        p1   |    F0 F1    B0 F2 B1 W0 F3 B2 W1 B3 W2 W3
+        p2   |       F0 B0 F1 B1 F2 B2 W0 F3 B3 W1 W2 W3
+
+    The ramp costs (p-1)·(F + B - W) instead of 1F1B's (p-1)·(F + B + W): a bubble of
+    (p-1)/(3m + p-1) for m >= p, where 1F1B's is 3(p-1)/(3m + 3(p-1)). A cell's activations
+    live from its F to its W, so rank r holds up to r more than under 1F1B, at most min(p, m):
+    rank 0's count, 1F1B's peak. The executor runs B and W with :mod:`.split_backward`.
+    """
+
+    name = "zb-h1"
+    backward_in_step = True
+    split_backward = True
+
+    def actions(self, partition: int) -> list[Action]:
+        m, j = self.num_microbatches, partition
+        w = min(self.num_ranks - 1 - j, m)
+        out = [Action("F", i, j) for i in range(w)]
+        held = list(range(m))  # micro-batches whose W is still to run, oldest first
+        for k in range(m - w):
+            out += [Action("F", w + k, j), Action("B", k, j)]
+            if k >= j:
+                out.append(Action("W", held.pop(0), j))
+        for k in range(m - w, m):
+            out += [Action("B", k, j), Action("W", held.pop(0), j)]
+        return out + [Action("W", i, j) for i in held]
+
+    def forward_cells(self) -> list[Cell]:
+        return [(a.microbatch, a.partition) for a in self.steps() if a.kind == "F"]
+
+    def backward_order(self, partition: int) -> list[int]:
+        return [a.microbatch for a in self.actions(partition) if a.kind == "B"]
+
+
 #: Every schedule, by the name ``schedule=`` takes.
-SCHEDULES: dict[str, type[Schedule]] = {"gpipe": GPipe, "1f1b": OneFOneB, "interleaved-1f1b": Interleaved1F1B}
+SCHEDULES: dict[str, type[Schedule]] = {"gpipe": GPipe, "1f1b": OneFOneB, "interleaved-1f1b": Interleaved1F1B,
+                                         "zb-h1": ZeroBubbleH1}
 
 
 def schedule_named(name: str, virtual_stages: int | None = None) -> type[Schedule]:
@@ -307,6 +356,8 @@ def _ready(action: Action, n: int, done: set[tuple[str, int, int]]) -> bool:
     i, j = action.microbatch, action.partition
     if action.kind == "F":
         return j == 0 or ("F", i, j - 1) in done
+    if action.kind == "W":
+        return ("B", i, j) in done
     return ("F", i, j) in done and (j == n - 1 or ("B", i, j + 1) in done)
 
 

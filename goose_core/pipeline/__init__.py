@@ -18,7 +18,7 @@ import sys
 
 from goose_core.engine.activations import InFlight, LiveActivations
 from goose_core.engine.callbacks import Callback, CallbackList, Event
-from goose_core.engine.emulation import Sleep, SleepPipeline, ideal_gpipe_time
+from goose_core.engine.emulation import Sleep, SleepPipeline, SleepWeight, ideal_gpipe_time
 from goose_core.engine.recompute import (MODES, CheckpointMode, RecomputeMode, checkpoint_stop, is_checkpointing,
                                          is_recomputing, recompute_stop, will_recompute)
 from goose_core.engine.schedule import (SCHEDULES, GPipe, Interleaved1F1B, OneFOneB, Schedule, clock_cycles,
@@ -62,6 +62,7 @@ __all__ = [
     "Schedule",
     "Sleep",
     "SleepPipeline",
+    "SleepWeight",
     "Span",
     "SplitModel",
     "Timeline",

@@ -1,16 +1,19 @@
-"""Stage 14: pipeline schedules that shrink the bubble: interleaved 1F1B's virtual stages, from the schedule as data.
+"""Stage 14: pipeline schedules that shrink the bubble: interleaved 1F1B and ZB-H1, from the schedule as data.
 
-Each rank holds V non-adjacent chunks of blocks (rank r: chunks r, r + p, ...) and runs them in
-Megatron's interleaved order, derived like every goose schedule from a timetable. A Timeline
+Interleaved 1F1B: each rank holds V non-adjacent chunks of blocks (rank r: chunks r, r + p, ...)
+and runs them in Megatron's interleaved order. ZB-H1: each backward split into B (the input
+gradient, sent at once) and W (the weight gradient, run where 1F1B idles). Both are derived,
+like every goose schedule, from a timetable. A Timeline
 callback records every cell; rank 0 prints the schedule's timetable, the measured bubble beside
 the formula, the peak activation bytes of every rank, and the losses beside the single-device
 reference. ``--emulate`` times stage 10's sleep-calibrated stages instead (each chunk 1/V of a
-stage), where the bubble is the schedule's and not the machine's.
+stage; B and W half a backward each), where the bubble is the schedule's and not the machine's.
 
 Run it:
 
     torchrun --standalone --nproc_per_node=4 stages/14_pipeline_schedules/train.py
     torchrun --standalone --nproc_per_node=4 stages/14_pipeline_schedules/train.py --schedule 1f1b
+    torchrun --standalone --nproc_per_node=4 stages/14_pipeline_schedules/train.py --schedule zb-h1
     torchrun --standalone --nproc_per_node=4 stages/14_pipeline_schedules/train.py --emulate --microbatches 8
     torchrun --standalone --nproc_per_node=2 stages/14_pipeline_schedules/train.py --virtual-stages 3 --gantt g.png
 """
@@ -25,13 +28,14 @@ import torch.distributed as dist
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
 from goose_core.pipeline import (MODES, CallbackList, LiveActivations, SleepPipeline, Span, Timeline,
-                                 bubble_fraction, draw_gantt, format_timetable, schedule_named, trim_waits)
+                                 bubble_fraction, draw_gantt, format_timetable, schedule_named, timetable_bubble,
+                                 trim_waits)
 from goose_core.testing import RunResult, TrainSpec, format_beside_reference, reference_run
 
 #: Eight Llama layers, 128 wide: two blocks per chunk at p=2, V=2, one at p=4, V=2.
 SPEC = TrainSpec(family="llama", steps=3, batch_size=16, seq_len=64,
                  overrides={"num_hidden_layers": 8, "hidden_size": 128, "intermediate_size": 512})
-SCHEDULE_NAMES = ["gpipe", "1f1b", "interleaved-1f1b"]
+SCHEDULE_NAMES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]
 
 
 def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4, recompute: str = "never",
@@ -48,7 +52,7 @@ def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4, reco
     for step in range(spec.steps):
         timeline.clear()  # keep the last step only: the first pays for allocations
         with LiveActivations(model.parameters()) as live:
-            loss = model(**spec.batch(step)).loss  # 1F1B and interleaved: the backward runs here
+            loss = model(**spec.batch(step)).loss  # these schedules run the backward here
             loss.backward()  # ... and this hands its gradients over
         optimizer.step()
         optimizer.zero_grad()
@@ -74,11 +78,6 @@ def emulated(ctx: ParallelContext, num_microbatches: int, schedule: str, virtual
         timeline.clear()
         pipe.step()
     return timeline.gather(ctx.pipeline_parallel_group)
-
-
-def formula(p: int, m: int, v: int) -> float:
-    """The bubble of (interleaved) 1F1B and GPipe with equal chunks: (p-1)/(V·m + p-1)."""
-    return (p - 1) / (v * m + p - 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     if ctx.rank == 0:
         print(f"{ctx}: {title}{' (sleep-calibrated)' if args.emulate else ''}")
         print(format_timetable(schedule))
-        print(f"bubble {bubble_fraction(spans):.1%} measured; (p-1)/(V·M+p-1) = {formula(p, m, v or 1):.1%}")
+        print(f"bubble {bubble_fraction(spans):.1%} measured; the timetable's {timetable_bubble(schedule):.1%}")
         if not args.emulate:
             print("peak activation bytes per rank: " + ", ".join(f"r{r} {b / 2**20:.2f} MiB" for r, b in enumerate(peaks)))
         if args.gantt:
