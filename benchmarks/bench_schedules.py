@@ -35,7 +35,7 @@ from goose_core.testing import TrainSpec, run_distributed
 
 P, M, V, TF, TB = 4, 8, 2, 0.02, 0.04
 HIDDEN = 1024
-ROUNDS = 9  # a sleep step takes ~0.5 s
+ROUNDS = 9  # a sleep step takes ~0.6 s
 GPT2 = TrainSpec(family="gpt2", batch_size=32, seq_len=64, dtype=torch.float32, overrides={"n_layer": 8})
 
 
@@ -161,11 +161,13 @@ def run() -> list[Record]:
         measured = _bubble(statistics.median(sleep[key].goose))
         records.append(Record.count("schedules", f"{name} bubble, measured (1 - M(t_f+t_b)/step), {stages}, {where}",
                                     measured, formula[name], "its timetable's bubble", "fraction"))
+    # torch's measured bubbles, beside the timetable of goose's schedule of the same kind (ZBV's
+    # beside ZB-H1's: goose has no ZBV).
     for kind, pairs in sleep.items():
+        name = "interleaved-1f1b" if kind == "interleaved" else "zb-h1"
         records.append(Record.count("schedules", f"torch {kind} bubble, measured, {stages}, {where}",
-                                    _bubble(statistics.median(pairs.peer)), formula["zb-h1" if kind != "interleaved"
-                                                                                    else "interleaved-1f1b"],
-                                    "goose's timetable bubble of the matching schedule", "fraction"))
+                                    _bubble(statistics.median(pairs.peer)), formula[name],
+                                    f"goose's {name} timetable bubble", "fraction"))
     return records
 
 

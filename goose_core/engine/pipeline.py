@@ -196,6 +196,7 @@ class Pipeline:
                     split.input(reached, tensors, get_phony(self.partitions[j].device, requires_grad=True))
                 elif tensors:
                     torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+                del tensors  # a split backward's graph lives on until its W, not until the next B
         self.transport.end_forward()
         self.transport.end_backward()
         return step

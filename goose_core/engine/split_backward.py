@@ -27,11 +27,13 @@ from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 __all__ = ["Noted", "noting", "input_gradients", "weight_gradients", "check_covered", "SplitCells"]
 
-#: A module that holds parameters of its own, and its output in this cell's forward.
-Noted = tuple[nn.Module, Tensor]
+#: A module that holds parameters of its own, and where its output enters the graph in this
+#: cell's forward (an edge, not the tensor: holding outputs would keep tensors autograd frees).
+Noted = tuple[nn.Module, GradientEdge]
 
 @contextmanager
 def noting(enabled: bool = True) -> Iterator[list[Noted]]:
@@ -47,7 +49,7 @@ def noting(enabled: bool = True) -> Iterator[list[Noted]]:
             # A module may declare it uses none (the first stage's stand-in for the token
             # table returns the lookup made before the cell).
             if not getattr(module, "uses_no_parameters", False):
-                noted.append((module, output))
+                noted.append((module, get_gradient_edge(output)))
 
     handle = nn.modules.module.register_module_forward_hook(note)
     try:
