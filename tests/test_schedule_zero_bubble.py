@@ -5,13 +5,14 @@ one device, the split done by autograd on the 🤗 modules as they are."""
 import itertools
 
 import pytest
+import torch
 
 from goose_core import DataParallel, ParallelContext, PipelineParallel, TensorParallel, full_state_dict
 from goose_core.engine.messages import blocked_receives, messages
 from goose_core.engine.schedule import OneFOneB, ZeroBubbleH1, timetable, timetable_bubble
 from goose_core.engine import split_backward
 from goose_core.pipeline import Callback, local_pipeline
-from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
+from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
                                 run_distributed, snapshot, train_loop)
 
 SHAPES = [(p, m) for p in (2, 3, 4) for m in (1, 2, p, 2 * p, 8)]
@@ -168,3 +169,17 @@ def test_b_leaves_the_weight_gradients_to_w() -> None:
     model.callbacks.add(Callback(look, kinds=["backward", "weight"]))
     model(**spec.batch(0)).loss.backward()
     assert seen == {"backward": [False] * len(weights), "weight": [True] * len(weights)}
+
+
+@pytest.mark.parametrize("precision", [{"dtype": torch.float32}, {"precision": "bf16"}])
+def test_zb_h1_is_bit_identical_to_1f1b(precision: dict) -> None:
+    """W computes each weight gradient with the kernel the full backward would, and adds the
+    micro-batches in 1F1B's order: float32, and bf16 with fp32 master weights, bit for bit."""
+    spec = TrainSpec(family="llama", steps=2, **precision)
+    runs = []
+    for schedule in ("1f1b", "zb-h1"):
+        model = local_pipeline(spec.build_model(), 2, 4, schedule=schedule, recompute="never")
+        params = model.parameters()
+        optimizer = spec.recipe_optimizer(params) if "precision" in precision else spec.build_optimizer(params)
+        runs.append(RunResult(train_loop(model, optimizer, spec.batches()), snapshot(model)))
+    assert_matches_reference(runs[1], runs[0], EXACT)
