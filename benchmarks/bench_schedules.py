@@ -1,4 +1,4 @@
-"""Schedules that shrink the bubble: goose's interleaved 1F1B and ZB-H1 against torch.distributed.pipelining's.
+"""Schedules that shrink the bubble: goose's interleaved 1F1B, ZB-H1 and ZBV against torch.distributed.pipelining's.
 
 Each measurement is one spawned group of p=4 gloo ranks on CPU, M=8 micro-batches, the two sides
 built in the same ranks and timed in alternating rounds (``benchmarks.paired``), a sample being
@@ -7,8 +7,8 @@ one training step between barriers:
 * sleep-calibrated stages (stage 10's: a stage sleeps t_f=20 ms forward, t_b=40 ms backward; a
   chunk of V=2 half of that; a split backward sleeps half in B and half in W): goose's
   ``interleaved-1f1b`` against torch's ``ScheduleInterleaved1F1B``, goose's ``zb-h1`` against
-  torch's ``ScheduleInterleavedZeroBubble`` with one stage per rank, and torch's
-  ``ScheduleZBVZeroBubble`` (V-shaped, 2 chunks per rank) against goose's ``zb-h1``;
+  torch's ``ScheduleInterleavedZeroBubble`` with one stage per rank, and goose's ``zbv`` against
+  torch's ``ScheduleZBVZeroBubble`` (V-shaped, 2 chunks per rank);
 * the measured bubble of each: 1 - M(t_f + t_b) / step time (every rank has exactly M(t_f + t_b)
   of sleeping to do), beside the formula of its timetable;
 * tiny GPT-2 (8 blocks, batch 32 x 64 tokens, fp32): goose's ``interleaved-1f1b`` against torch's
@@ -86,18 +86,18 @@ def _torch_sleep(ctx: ParallelContext, kind: str) -> Callable[[], None]:
 
 
 def _goose_sleep(ctx: ParallelContext, name: str) -> Callable[[], None]:
-    virtual = V if name == "interleaved-1f1b" else None
+    virtual = V if name == "interleaved-1f1b" else None  # zbv has its own 2
     return SleepPipeline(ctx, M, TF, TB, "never", hidden=HIDDEN, schedule=schedule_named(name, virtual)).run_step
 
 
 def _sleep(ctx: ParallelContext) -> dict[str, Pairs]:
-    goose = {name: _goose_sleep(ctx, name) for name in ("interleaved-1f1b", "zb-h1")}
+    goose = {name: _goose_sleep(ctx, name) for name in ("interleaved-1f1b", "zb-h1", "zbv")}
     peers = {kind: _torch_sleep(ctx, kind) for kind in ("interleaved", "zb", "zbv")}
     for step in (*goose.values(), *peers.values()):
         step()  # warm up: the first step plans and allocates
     return {"interleaved": alternate(_sample(goose["interleaved-1f1b"]), _sample(peers["interleaved"]), ROUNDS),
             "zb": alternate(_sample(goose["zb-h1"]), _sample(peers["zb"]), ROUNDS),
-            "zbv": alternate(_sample(goose["zb-h1"]), _sample(peers["zbv"]), ROUNDS)}
+            "zbv": alternate(_sample(goose["zbv"]), _sample(peers["zbv"]), ROUNDS)}
 
 
 class _GPT2Chunk(nn.Module):
@@ -146,25 +146,25 @@ def run() -> list[Record]:
     where = f"p={P}, M={M}, gloo on CPU"
     stages = f"sleep stages t_f={TF * 1e3:.0f} ms t_b={TB * 1e3:.0f} ms"
     formula = {"interleaved-1f1b": timetable_bubble(schedule_named("interleaved-1f1b", V)(M, P * V)),
-               "zb-h1": timetable_bubble(schedule_named("zb-h1")(M, P))}
+               "zb-h1": timetable_bubble(schedule_named("zb-h1")(M, P)),
+               "zbv": timetable_bubble(schedule_named("zbv")(M, 2 * P))}
     records = [
         Record.timed("schedules", f"interleaved 1F1B V={V}, {stages}, {where}", sleep["interleaved"],
                      "torch ScheduleInterleaved1F1B"),
         Record.timed("schedules", f"ZB-H1, {stages}, {where}", sleep["zb"],
                      "torch ScheduleInterleavedZeroBubble, 1 stage per rank"),
-        Record.timed("schedules", f"ZB-H1 against ZBV, {stages}, {where}", sleep["zbv"],
+        Record.timed("schedules", f"ZBV, {stages}, {where}", sleep["zbv"],
                      "torch ScheduleZBVZeroBubble, 2 chunks per rank"),
         Record.timed("schedules", f"interleaved 1F1B V={V}, tiny GPT-2 fp32 8 blocks, batch 32x64, {where}", gpt2,
                      "torch ScheduleInterleaved1F1B, manual chunks"),
     ]
-    for name, key in (("interleaved-1f1b", "interleaved"), ("zb-h1", "zb")):
+    for name, key in (("interleaved-1f1b", "interleaved"), ("zb-h1", "zb"), ("zbv", "zbv")):
         measured = _bubble(statistics.median(sleep[key].goose))
         records.append(Record.count("schedules", f"{name} bubble, measured (1 - M(t_f+t_b)/step), {stages}, {where}",
                                     measured, formula[name], "its timetable's bubble", "fraction"))
-    # torch's measured bubbles, beside the timetable of goose's schedule of the same kind (ZBV's
-    # beside ZB-H1's: goose has no ZBV).
+    # torch's measured bubbles, beside the timetable of goose's schedule of the same kind.
     for kind, pairs in sleep.items():
-        name = "interleaved-1f1b" if kind == "interleaved" else "zb-h1"
+        name = {"interleaved": "interleaved-1f1b", "zb": "zb-h1", "zbv": "zbv"}[kind]
         records.append(Record.count("schedules", f"torch {kind} bubble, measured, {stages}, {where}",
                                     _bubble(statistics.median(pairs.peer)), formula[name],
                                     f"goose's {name} timetable bubble", "fraction"))

@@ -102,7 +102,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "tests/test_timeline.py", "tests/test_gantt.py", "tests/test_pipeline.py", "tests/test_recompute.py",
          "tests/gpu/test_local_pipeline.py"),
     # Schedules that shrink the bubble: interleaved 1F1B's chunks, placed by the schedule, the
-    # p2p plan per pair of ranks, and ZB-H1's backward split into B and W through autograd (the
+    # p2p plan per pair of ranks, and ZB-H1 and ZBV: the backward split into B and W by autograd (the
     # schedule module itself is 09's).
     14: ("goose_core/engine/split_backward.py", "tests/test_schedule_interleaved.py",
          "tests/test_schedule_zero_bubble.py", "benchmarks/bench_schedules.py"),

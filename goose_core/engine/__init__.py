@@ -4,7 +4,7 @@ Everything here runs cells, functions of one tensor, over partitions; nothing im
 transformers or knows a model family (:mod:`goose_core.pipeline` binds a 🤗 causal LM to it).
 Read it in this order:
 
-* ``schedule``: GPipe, 1F1B and interleaved 1F1B as data, which (micro-batch, partition) cells run when;
+* ``schedule``: GPipe, 1F1B and the bubble-shrinking schedules as data, which cells run when;
 * ``messages``: the point-to-point order a schedule implies (NCCL matches by order, not tags);
 * ``microbatch``: cut a batch into M micro-batches, glue the outputs back;
 * ``dependency``: Fork and Join, empty "phony" tensors that add edges to the autograd graph;
@@ -15,6 +15,7 @@ Read it in this order:
   ``p2p``: the same across processes, by isend/irecv;
 * ``callbacks``: the hook interface the executor fires around every forward, backward, recompute;
 * ``pipeline``: the executor, and the ``Root`` of a step's backward;
+  ``split_backward``: a cell's backward as B (input gradient) now and W (weights) later;
 * ``parked``: 1F1B's gradients, computed in the forward call, handed over by ``loss.backward()``;
 * ``activations``: activation memory in flight, measured;
 * ``emulation``: sleep-calibrated stages, for timing schedules without maths.

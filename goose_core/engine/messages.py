@@ -123,8 +123,9 @@ def blocked_receives(schedule: Schedule, plan_of: Callable[[Schedule, int], dict
             j = a.partition
             need = ("activation", a.microbatch, j - 1) if a.kind == "F" and j > 0 else (
                 ("gradient", a.microbatch, j) if a.kind == "B" and j < n - 1 else None)
-            if need is not None:
-                plan = plans[schedule.rank_of(j - 1 if a.kind == "F" else j + 1)]
+            peer = schedule.rank_of(j - 1 if a.kind == "F" else j + 1)
+            if need is not None and peer != r:  # a boundary within the rank: handed over in memory
+                plan = plans[peer]
                 k = [msg.slot for msg in plan].index(need)
                 blocked = [msg.slot for msg in plan[:k]
                            if schedule.rank_of(msg.src) == r and msg.slot not in produced]

@@ -163,6 +163,7 @@ class DistributedTransport(Transport):
         self.sends: list[tuple[Any, Tensor, int]] = []  # (work, tensor kept alive until sent, peer)
         self.shapes: dict[int, Tensor] = {}  # boundary -> shape/dtype template of its activations
         self.channels: dict[int, _Channel] = {}  # by the neighbour's place in the pipeline
+        self.local: dict[tuple[int, int], Tensor] = {}  # (micro-batch, partition) handed over here
 
     def _global(self, me: int, peer: int) -> int:
         if self.ranks is not None:
@@ -196,8 +197,17 @@ class DistributedTransport(Transport):
         assert like is not None, f"{message.kind} received before its shape is known"
         return torch.empty_like(like, device=self.device)
 
+    def joins(self, partition: int) -> bool:
+        """Partitions ``partition - 1`` and ``partition`` on this rank (ZBV's turn at rank p-1):
+        handed over in memory, the graph connected."""
+        schedule = self.schedule
+        return schedule is not None and schedule.rank_of(partition - 1) == schedule.rank_of(partition)
+
     # -- forward ---------------------------------------------------------------------------
     def send(self, output: Tensor, microbatch: int, partition: int) -> Tensor | None:
+        if self.joins(partition + 1):
+            self.local[(microbatch, partition + 1)] = output
+            return None
         channel = self._channel(partition, partition + 1)
         if partition not in self.shapes:
             self.shapes[partition] = torch.empty_like(output, device="meta")
@@ -208,6 +218,8 @@ class DistributedTransport(Transport):
         return Send.apply(output, channel, microbatch, partition)
 
     def recv(self, microbatch: int, partition: int) -> Tensor:
+        if self.joins(partition):
+            return self.local.pop((microbatch, partition))
         channel = self._channel(partition, partition - 1)
         channel.header(partition - 1)
         x = channel.recv(("activation", microbatch, partition - 1))

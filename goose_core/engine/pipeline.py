@@ -187,10 +187,9 @@ class Pipeline:
             elif action.kind == "W":
                 split.weight(i, j, self.callbacks)
             else:
-                # A connected transport links (i, j) to (i, j - 1) ... in autograd: one backward
-                # from (i, j) runs them all, so their roots join it. Across ranks, (i, j) alone.
-                reached = [c for c in roots if c[0] == i and (c[1] == j or (
-                    self.transport.connected and c[1] < j))]
+                # A boundary crossed in this process links (i, j) to (i, j - 1) ... in autograd:
+                # one backward from (i, j) runs them all, so their roots join it.
+                reached = [(i, k) for k in _joined(j, self.transport) if (i, k) in roots]
                 tensors = [t for c in reached for t in roots.pop(c) if t.requires_grad]
                 if tensors and split.enabled:
                     split.input(reached, tensors, get_phony(self.partitions[j].device, requires_grad=True))
@@ -255,3 +254,11 @@ class Pipeline:
 def _successors(order: list[int]) -> dict[int, int]:
     """{micro-batch: the one whose backward runs right after it} for a backward ``order``."""
     return {order[k]: order[k + 1] for k in range(len(order) - 1)}
+
+
+def _joined(j: int, transport: Transport) -> list[int]:
+    """Partition j and those before it whose graph a backward from j reaches in this process."""
+    out = [j]
+    while out[-1] > 0 and transport.joins(out[-1]):
+        out.append(out[-1] - 1)
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar, Literal, NamedTuple
 
-__all__ = ["Cell", "Action", "clock_cycles", "Schedule", "GPipe", "OneFOneB", "Interleaved1F1B", "ZeroBubbleH1", "SCHEDULES",
+__all__ = ["Cell", "Action", "clock_cycles", "Schedule", "GPipe", "OneFOneB", "Interleaved1F1B", "ZeroBubbleH1", "ZeroBubbleV", "SCHEDULES",
            "schedule_named", "timetable", "timetable_bubble", "format_timetable"]
 
 #: A unit of pipeline work: (micro-batch index, partition index).
@@ -289,9 +289,81 @@ class ZeroBubbleH1(Schedule):
         return [a.microbatch for a in self.actions(partition) if a.kind == "B"]
 
 
+class ZeroBubbleV(Schedule):
+    """ZBV (zero bubble, V-shaped): two chunks per rank placed in a V, each backward split in B and W.
+
+    The model is cut into 2p chunks; rank r holds chunk r on the way down and chunk 2p-1-r on
+    the way back, so rank 0 holds the first and the last chunk (the embedding and the head) and
+    rank p-1 two adjacent ones, handed over in memory::
+
+        chunk  0   1   2   3   4   5   6   7        p=4
+        rank   0   1   2   3   3   2   1   0
+
+    The rank order is torch's ``ScheduleZBVZeroBubble``'s (Qi et al.'s ZB-V): warm up with
+    2(p-r)-1 forwards of the first chunk, r pairs of both chunks' forwards, then p-r rounds of
+    (F, B, W) on the second chunk; steady rounds of F, B, W on each chunk; cool down with B's,
+    then the W's held back. It needs m >= 2p - 1 micro-batches.
+    """
+
+    name = "zbv"
+    backward_in_step = True
+    split_backward = True
+    virtual_stages: ClassVar[int] = 2
+
+    def __init__(self, num_microbatches: int, num_partitions: int) -> None:
+        super().__init__(num_microbatches, num_partitions)
+        p = self.num_ranks
+        if num_microbatches < 2 * p - 1:
+            raise ValueError(f"schedule='zbv' needs at least 2p - 1 = {2 * p - 1} micro-batches at pipeline "
+                             f"depth {p}, got num_microbatches={num_microbatches}")
+
+    def rank_of(self, partition: int) -> int:
+        p = self.num_ranks
+        return partition if partition < p else 2 * p - 1 - partition
+
+    def rank_actions(self, rank: int) -> list[Action]:
+        p, m = self.num_ranks, self.num_microbatches
+        down, up = rank, 2 * p - 1 - rank
+        count = {("F", down): 0, ("F", up): 0, ("B", down): 0, ("B", up): 0, ("W", down): 0, ("W", up): 0}
+        out: list[Action] = []
+
+        def add(kind: Literal["F", "B", "W"], j: int) -> None:
+            out.append(Action(kind, count[(kind, j)], j))
+            count[(kind, j)] += 1
+
+        for _ in range(2 * (p - rank) - 1):
+            add("F", down)
+        for _ in range(rank):
+            add("F", up), add("F", down)
+        for _ in range(p - rank):
+            add("F", up), add("B", up), add("W", up)
+        while count[("F", up)] < count[("F", down)] or count[("F", down)] < m:
+            if count[("F", down)] < m:
+                add("F", down)
+            add("B", down), add("W", down), add("F", up), add("B", up), add("W", up)
+        for _ in range(rank):
+            add("B", down), add("B", up)
+        for _ in range(p - rank):
+            add("B", down), add("W", down)
+        while count[("W", up)] < count[("B", up)]:
+            add("W", up)
+        while count[("W", down)] < count[("B", down)]:
+            add("W", down)
+        return out
+
+    def actions(self, partition: int) -> list[Action]:
+        return [a for a in self.rank_actions(self.rank_of(partition)) if a.partition == partition]
+
+    def forward_cells(self) -> list[Cell]:
+        return [(a.microbatch, a.partition) for a in self.steps() if a.kind == "F"]
+
+    def backward_order(self, partition: int) -> list[int]:
+        return [a.microbatch for a in self.actions(partition) if a.kind == "B"]
+
+
 #: Every schedule, by the name ``schedule=`` takes.
 SCHEDULES: dict[str, type[Schedule]] = {"gpipe": GPipe, "1f1b": OneFOneB, "interleaved-1f1b": Interleaved1F1B,
-                                         "zb-h1": ZeroBubbleH1}
+                                         "zb-h1": ZeroBubbleH1, "zbv": ZeroBubbleV}
 
 
 def schedule_named(name: str, virtual_stages: int | None = None) -> type[Schedule]:

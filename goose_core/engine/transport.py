@@ -37,6 +37,11 @@ class Transport(ABC):
     #: backward from partition j reaches partition j - 1.
     connected: ClassVar[bool] = True
 
+    def joins(self, partition: int) -> bool:
+        """Whether the graph of partition ``partition - 1`` is reached from ``partition``'s in
+        this process (every boundary of a connected transport)."""
+        return self.connected
+
     def begin(self, num_microbatches: int, requires_grad: bool, schedule: Schedule | None = None) -> None:
         """A new step of ``num_microbatches`` is about to run its forward, in ``schedule``'s order."""
 

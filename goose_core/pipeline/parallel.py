@@ -128,9 +128,10 @@ class PipelineParallel:
         held = [b for blocks in chunks.values() for b in blocks]
         tied = _tied_path(model)
         drop = [f"{split_model.blocks_path}.{b}" for b in range(len(split_model.blocks)) if b not in held]
-        if j != 0:
-            drop += [p for p in split_model.embed_paths if not (j == n - 1 and p == tied)]
-        if j != n - 1:
+        first, last = 0 in chunks, self.num_chunks - 1 in chunks  # both on rank 0 under ZBV
+        if not first:
+            drop += [p for p in split_model.embed_paths if not (last and p == tied)]
+        if not last:
             drop += list(split_model.head_paths)
         install_batch_check(model, ctx, "pp", self.check_batch)  # before the embedding is dropped
         drop_modules(model, drop)

@@ -1,9 +1,10 @@
-"""Stage 14: pipeline schedules that shrink the bubble: interleaved 1F1B and ZB-H1, from the schedule as data.
+"""Stage 14: pipeline schedules that shrink the bubble: interleaved 1F1B, ZB-H1 and ZBV, from the schedule as data.
 
 Interleaved 1F1B: each rank holds V non-adjacent chunks of blocks (rank r: chunks r, r + p, ...)
 and runs them in Megatron's interleaved order. ZB-H1: each backward split into B (the input
-gradient, sent at once) and W (the weight gradient, run where 1F1B idles). Both are derived,
-like every goose schedule, from a timetable. A Timeline
+gradient, sent at once) and W (the weight gradient, run where 1F1B idles). ZBV: the split with
+two chunks per rank in a V (rank 0 holds the first and the last). All are derived, like every
+goose schedule, from a timetable. A Timeline
 callback records every cell; rank 0 prints the schedule's timetable, the measured bubble beside
 the formula, the peak activation bytes of every rank, and the losses beside the single-device
 reference. ``--emulate`` times stage 10's sleep-calibrated stages instead (each chunk 1/V of a
@@ -35,7 +36,7 @@ from goose_core.testing import RunResult, TrainSpec, format_beside_reference, re
 #: Eight Llama layers, 128 wide: two blocks per chunk at p=2, V=2, one at p=4, V=2.
 SPEC = TrainSpec(family="llama", steps=3, batch_size=16, seq_len=64,
                  overrides={"num_hidden_layers": 8, "hidden_size": 128, "intermediate_size": 512})
-SCHEDULE_NAMES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]
+SCHEDULE_NAMES = ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zbv"]
 
 
 def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4, recompute: str = "never",
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     ctx = ParallelContext(pipeline_parallel_size=int(os.environ.get("WORLD_SIZE", "1")))
     v = args.virtual_stages if args.schedule == "interleaved-1f1b" else None
     m, p = args.microbatches, ctx.pipeline_parallel_size
-    schedule = schedule_named(args.schedule, v)(m, p * (v or 1))
+    kind = schedule_named(args.schedule, v)
+    schedule = kind(m, p * kind.virtual_stages)
     title = f"{args.schedule} p={p} M={m}" + (f" V={v}" if v else "")
     if args.emulate:
         spans = by_rank(emulated(ctx, m, args.schedule, v), p)
