@@ -113,14 +113,19 @@ LESSONS: dict[int, tuple[str, ...]] = {
     13: ("goose_core/engine/callbacks.py", "goose_core/instruments/", "tests/test_callbacks.py",
          "tests/test_timeline.py", "tests/test_gantt.py", "tests/test_pipeline.py", "tests/test_recompute.py",
          "tests/gpu/test_local_pipeline.py"),
+    # Schedules that shrink the bubble: interleaved 1F1B's chunks, placed by the schedule, the
+    # p2p plan per pair of ranks, and ZB-H1 and ZBV: the backward split into B and W by autograd (the
+    # schedule module itself is 09's).
+    14: ("goose_core/engine/split_backward.py", "tests/test_schedule_interleaved.py",
+         "tests/test_schedule_zero_bubble.py", "benchmarks/bench_schedules.py"),
     # The assembled run: every wrapper at once (the supported order, the orders refused), what
     # guards a grid (the same batch on tp peers and stages, a non-finite step stopped on every
     # rank), mixed precision across the grid, DCP checkpoints and the export. The MoE router loss
-    # and a loss of the reader's own under the pipeline are here too: 14 assembles every family,
+    # and a loss of the reader's own under the pipeline are here too: 15 assembles every family,
     # and they exist for families and losses past the three tiny models that 09 splits (the
     # router loss only for MoE families; custom_loss for a loop that computes its loss from the
     # logits, not from labels).
-    14: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
+    15: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
          "goose_core/distributed/batch_faults.py", "goose_core/testing/layout.py",
          "goose_core/testing/split_reductions.py", "goose_core/pipeline/router_loss.py",
          "goose_core/pipeline/custom_loss.py",
@@ -129,7 +134,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "tests/test_batch_check.py", "tests/test_batch_faults.py", "tests/test_finite.py",
          "tests/test_router_loss.py", "tests/test_custom_loss.py", "tests/test_checkpoint_io.py",
          "tests/test_export.py", "tests/test_single_process.py", "tests/test_pipeline_generate.py",
-         "tests/test_zero2_composition.py", "tests/gpu/composed_nccl.py",
+         "tests/test_zero2_composition.py", "tests/test_schedule_resume.py", "tests/gpu/composed_nccl.py",
          "tests/gpu/test_composed_nccl.py", "benchmarks/bench_batch_check.py",
          "benchmarks/bench_mixed_precision.py"),
 }
@@ -139,8 +144,9 @@ LESSONS: dict[int, tuple[str, ...]] = {
 #: the first multi-process loop is the one-device loop's (00), not autocast's; tensor parallelism
 #: swaps DataParallel out of 05's loop (ZeRO's optimizers are no part of it); recompute is one
 #: keyword in 09's loop (10's sleeping stages are for timing); callbacks go into 11's loop (12's
-#: profiles and splits an uneven model first).
-EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11}
+#: profiles and splits an uneven model first); the assembled run builds on 13's loop (14's
+#: schedules are one argument of the pipeline it wraps).
+EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 15: 13}
 
 #: Paths of SCOPE that belong to no lesson: the tooling around the course, not a concept of it.
 #: The family sweep runs 08's and 09's concepts over every 🤗 family; it teaches none of its own.

@@ -49,10 +49,14 @@ def test_a_former_module_path_is_the_moved_module(old: str, new: str) -> None:
     assert getattr(goose_core.pipeline, old) is module  # `from goose_core.pipeline import schedule`
 
 
+#: Modules written after the move: they never had a goose_core.pipeline name to keep.
+NEWER = {"goose_core.engine.split_backward"}
+
+
 def test_the_aliases_cover_the_moved_modules_exactly() -> None:
     now = {f"{package.__name__}.{f.stem}" for package in (engine, instruments)
            for f in Path(_file(package)).parent.glob("*.py") if f.stem != "__init__"}
-    assert set(MOVED.values()) == now - BORN_IN_ENGINE
+    assert set(MOVED.values()) == now - BORN_IN_ENGINE - NEWER
 
 
 def _file(module: ModuleType) -> str:

@@ -4,7 +4,7 @@ Everything here runs cells, functions of one tensor, over partitions; nothing im
 transformers or knows a model family (:mod:`goose_core.pipeline` binds a 🤗 causal LM to it).
 Read it in this order:
 
-* ``schedule``: GPipe and 1F1B as data, which (micro-batch, partition) cells run when;
+* ``schedule``: GPipe, 1F1B and the bubble-shrinking schedules as data, which cells run when;
 * ``messages``: the point-to-point order a schedule implies (NCCL matches by order, not tags);
 * ``microbatch``: cut a batch into M micro-batches, glue the outputs back;
 * ``dependency``: Fork and Join, empty "phony" tensors that add edges to the autograd graph;
@@ -17,6 +17,7 @@ Read it in this order:
   ``p2p``: the same across processes, by isend/irecv;
 * ``callbacks``: the hook interface the executor fires around every forward, backward, recompute;
 * ``pipeline``: the executor, and the ``Root`` of a step's backward;
+  ``split_backward``: a cell's backward as B (input gradient) now and W (weights) later;
 * ``parked``: 1F1B's gradients, computed in the forward call, handed over by ``loss.backward()``;
 * ``activations``: activation memory in flight, measured;
 * ``emulation``: sleep-calibrated stages, for timing schedules without maths.
@@ -24,12 +25,12 @@ Read it in this order:
 
 from goose_core.engine.activations import InFlight, LiveActivations
 from goose_core.engine.callbacks import Callback, CallbackList, Event
-from goose_core.engine.emulation import Sleep, SleepPipeline, ideal_gpipe_time
+from goose_core.engine.emulation import Sleep, SleepPipeline, SleepWeight, ideal_gpipe_time
 from goose_core.engine.p2p import DistributedTransport
 from goose_core.engine.pipeline import Partition, Pipeline, Root, StepOutput
 from goose_core.engine.recompute import MODES, RecomputeMode, is_recomputing, recompute_stop, will_recompute
-from goose_core.engine.schedule import (SCHEDULES, GPipe, OneFOneB, Schedule, clock_cycles, format_timetable,
-                                        schedule_named, timetable)
+from goose_core.engine.schedule import (SCHEDULES, GPipe, Interleaved1F1B, OneFOneB, Schedule, clock_cycles,
+                                        format_timetable, schedule_named, timetable, timetable_bubble)
 from goose_core.engine.stream import trace_waits
 from goose_core.engine.transport import LocalTransport, Transport
 
@@ -40,6 +41,7 @@ __all__ = [
     "Event",
     "GPipe",
     "InFlight",
+    "Interleaved1F1B",
     "LiveActivations",
     "LocalTransport",
     "MODES",
@@ -52,6 +54,7 @@ __all__ = [
     "Schedule",
     "Sleep",
     "SleepPipeline",
+    "SleepWeight",
     "StepOutput",
     "Transport",
     "clock_cycles",
@@ -61,6 +64,7 @@ __all__ = [
     "recompute_stop",
     "schedule_named",
     "timetable",
+    "timetable_bubble",
     "trace_waits",
     "will_recompute",
 ]

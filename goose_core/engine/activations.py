@@ -70,7 +70,10 @@ class LiveActivations:
             self.bytes += self.refs[key][1]
             self.peak = max(self.peak, self.bytes)
         self.refs[key][0] += 1
-        return _Saved(t, self, key)
+        # Detached: a saved *output* holding its own grad_fn would close a cycle through autograd's
+        # C++ graph, which Python's collector cannot see (a graph kept across a backward, as a
+        # split backward keeps it from B to W, would then never be freed).
+        return _Saved(t.detach(), self, key)
 
     @staticmethod
     def _unpack(saved: Any) -> Tensor:

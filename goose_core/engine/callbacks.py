@@ -14,7 +14,7 @@ from goose_core.distributed.progress import note
 
 __all__ = ["Kind", "Phase", "Event", "Callback", "CallbackList"]
 
-Kind = Literal["forward", "backward", "recompute"]
+Kind = Literal["forward", "backward", "recompute", "weight"]  # weight: W of a split backward
 Phase = Literal["before", "after"]
 
 

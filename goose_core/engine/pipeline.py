@@ -39,7 +39,8 @@ from torch import Tensor
 from goose_core.engine.callbacks import CallbackList, Phase
 from goose_core.engine.recompute import Recomputation, recompute_stop
 from goose_core.engine.dependency import fork, get_phony, join
-from goose_core.engine.schedule import GPipe, Schedule
+from goose_core.engine.schedule import Cell, GPipe, Schedule
+from goose_core.engine.split_backward import SplitCells
 from goose_core.engine.transport import Transport
 
 __all__ = ["Partition", "Pipeline", "Root", "StepOutput"]
@@ -181,20 +182,30 @@ class Pipeline:
             the micro-batch losses (last partition), detached: their backward has run.
         """
         step = StepOutput({}, [])
-        roots: dict[int, list[Tensor]] = {}  # micro-batch -> roots of its cells not yet backward
+        roots: dict[Cell, list[Tensor]] = {}  # cell -> its roots, until its backward
+        split = SplitCells(schedule.split_backward)
         for action in schedule.steps():
             i, j = action.microbatch, action.partition
             if j not in self.partitions:
                 continue
             if action.kind == "F":
                 cell = StepOutput({}, [])
-                self._cell(i, j, microbatches[i], i < stop, {}, {}, cell)
-                roots.setdefault(i, []).extend(cell.roots + list(cell.outputs.values()))
+                with split.forward(i, j, i < stop):
+                    self._cell(i, j, microbatches[i], i < stop, {}, {}, cell)
+                roots[(i, j)] = cell.roots + list(cell.outputs.values())
                 step.outputs.update({k: v.detach() for k, v in cell.outputs.items()})
-            elif i in roots:
-                tensors = [t for t in roots.pop(i) if t.requires_grad]
-                if tensors:
+            elif action.kind == "W":
+                split.weight(i, j, self.callbacks)
+            else:
+                # A boundary crossed in this process links (i, j) to (i, j - 1) ... in autograd:
+                # one backward from (i, j) runs them all, so their roots join it.
+                reached = [(i, k) for k in _joined(j, self.transport) if (i, k) in roots]
+                tensors = [t for c in reached for t in roots.pop(c) if t.requires_grad]
+                if tensors and split.enabled:
+                    split.input(reached, tensors, get_phony(self.partitions[j].device, requires_grad=True))
+                elif tensors:
                     torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+                del tensors  # a split backward's graph lives on until its W, not until the next B
         self.transport.end_forward()
         self.transport.end_backward()
         return step
@@ -253,3 +264,11 @@ class Pipeline:
 def _successors(order: list[int]) -> dict[int, int]:
     """{micro-batch: the one whose backward runs right after it} for a backward ``order``."""
     return {order[k]: order[k + 1] for k in range(len(order) - 1)}
+
+
+def _joined(j: int, transport: Transport) -> list[int]:
+    """Partition j and those before it whose graph a backward from j reaches in this process."""
+    out = [j]
+    while out[-1] > 0 and transport.joins(out[-1]):
+        out.append(out[-1] - 1)
+    return out

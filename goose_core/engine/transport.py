@@ -17,6 +17,7 @@ next partition's input; it never knows where partitions live. Two transports imp
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -31,6 +32,15 @@ __all__ = ["Transport", "LocalTransport", "Copy", "Wait"]
 
 class Transport(ABC):
     """Moves cell outputs of partition j to partition j+1 (and, for processes, gradients back)."""
+
+    #: Whether the autograd graph stays connected across the boundary (one process), so that a
+    #: backward from partition j reaches partition j - 1.
+    connected: ClassVar[bool] = True
+
+    def joins(self, partition: int) -> bool:
+        """Whether the graph of partition ``partition - 1`` is reached from ``partition``'s in
+        this process (every boundary of a connected transport)."""
+        return self.connected
 
     def begin(self, num_microbatches: int, requires_grad: bool, schedule: Schedule | None = None) -> None:
         """A new step of ``num_microbatches`` is about to run its forward, in ``schedule``'s order."""

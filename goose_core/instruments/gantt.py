@@ -24,6 +24,7 @@ STYLES: dict[str, dict[str, Any]] = {
     "forward": {"alpha": 1.0, "hatch": None, "letter": "F"},
     "backward": {"alpha": 0.75, "hatch": "///", "letter": "B"},
     "recompute": {"alpha": 0.35, "hatch": "...", "letter": "R"},
+    "weight": {"alpha": 0.55, "hatch": "xx", "letter": "W"},
 }
 
 

@@ -18,11 +18,11 @@ import sys
 
 from goose_core.engine.activations import InFlight, LiveActivations
 from goose_core.engine.callbacks import Callback, CallbackList, Event
-from goose_core.engine.emulation import Sleep, SleepPipeline, ideal_gpipe_time
+from goose_core.engine.emulation import Sleep, SleepPipeline, SleepWeight, ideal_gpipe_time
 from goose_core.engine.recompute import (MODES, CheckpointMode, RecomputeMode, checkpoint_stop, is_checkpointing,
                                          is_recomputing, recompute_stop, will_recompute)
-from goose_core.engine.schedule import (SCHEDULES, GPipe, OneFOneB, Schedule, clock_cycles, format_timetable,
-                                        timetable)
+from goose_core.engine.schedule import (SCHEDULES, GPipe, Interleaved1F1B, OneFOneB, Schedule, clock_cycles,
+                                        format_timetable, schedule_named, timetable, timetable_bubble)
 from goose_core.engine.stream import trace_waits
 from goose_core.instruments.gantt import draw_gantt
 from goose_core.instruments.timeline import Span, Timeline, bubble_fraction, busy_time, cell_order, makespan, trim_waits
@@ -53,6 +53,7 @@ __all__ = [
     "Event",
     "GPipe",
     "InFlight",
+    "Interleaved1F1B",
     "LiveActivations",
     "BLOCK_MODES",
     "MODES",
@@ -64,6 +65,7 @@ __all__ = [
     "Schedule",
     "Sleep",
     "SleepPipeline",
+    "SleepWeight",
     "Span",
     "SplitModel",
     "Timeline",
@@ -83,7 +85,9 @@ __all__ = [
     "makespan",
     "recompute_stop",
     "split_model_for",
+    "schedule_named",
     "timetable",
+    "timetable_bubble",
     "trace_waits",
     "trim_waits",
     "will_recompute",

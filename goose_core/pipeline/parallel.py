@@ -70,9 +70,12 @@ class PipelineParallel:
             ``"always"`` or ``"never"`` (shapes and ids are agreed on every forward regardless,
             in the same small all-reduce).
         schedule: ``"gpipe"`` (default: every forward, then ``loss.backward()`` runs every
-            backward) or ``"1f1b"`` (at most p micro-batches in flight instead of M: the forward
+            backward), ``"1f1b"`` (at most p micro-batches in flight instead of M: the forward
             call runs each micro-batch's backward too, and ``loss.backward()`` hands over the
-            gradients; see :mod:`goose_core.engine.parked`).
+            gradients; see :mod:`goose_core.engine.parked`) or ``"interleaved-1f1b"`` (1F1B over
+            ``virtual_stages`` chunks per rank: a bubble V times smaller; M a multiple of p).
+        virtual_stages: V, the chunks of blocks each rank holds with ``"interleaved-1f1b"``
+            (default 2): the model is cut into p·V partitions and rank r holds r, r + p, ...
         loss_fn: a loss computed from the logits, per micro-batch on the last stage, instead of
             the model's own: ``loss_fn(logits, labels)`` (a mean; the M are averaged) or
             ``loss_fn(logits, labels, num_items_in_batch)`` (🤗's token-weighted convention);
@@ -91,18 +94,21 @@ class PipelineParallel:
     Raises:
         ValueError: on every rank, before any collective: M < 1, an unknown schedule,
             recompute mode or ``check_batch``, a ``loss_fn`` with a router loss, a model already pipelined, a model that cannot be split, fewer
-            blocks than stages, a bad partition.
+            blocks than stages (p·V with virtual stages), a bad partition, M not a multiple of
+            p for interleaved 1F1B, ``virtual_stages`` with a schedule that takes none.
     """
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, num_microbatches: int = 1,
                  recompute: str | None = None, partitioner: Partitioner = "uniform",
                  callbacks: Iterable[Callback] = (), sample: Tensor | None = None,
                  check_batch: str = "first", schedule: str = "gpipe", loss_fn: LossFn | None = None, *,
-                 checkpoint: str | None = None) -> None:
+                 checkpoint: str | None = None, virtual_stages: int | None = None) -> None:
         recompute = _recompute_mode(recompute, checkpoint, "PipelineParallel")
-        self.schedule = schedule_named(schedule)
+        self.schedule = schedule_named(schedule, virtual_stages)
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        self.num_chunks = ctx.pipeline_parallel_size * self.schedule.virtual_stages
+        self.schedule(num_microbatches, self.num_chunks)  # its conditions on M, on every rank
         if is_pipelined(model):
             raise ValueError("this model is already split into pipeline stages: call "
                              "PipelineParallel(...).parallelize() once")
@@ -113,7 +119,7 @@ class PipelineParallel:
         self.callbacks = CallbackList(callbacks)
         self.split_model = split_model_for(model)
         self.split_model.check(num_microbatches, self.schedule)
-        self.counts = _split(self.split_model, ctx.pipeline_parallel_size, partitioner, num_microbatches, sample)
+        self.counts = _split(self.split_model, self.num_chunks, partitioner, num_microbatches, sample)
         self.loss = None if loss_fn is None else CustomLoss(loss_fn, num_microbatches, model)
 
     def parallelize(self) -> nn.Module:
@@ -121,26 +127,36 @@ class PipelineParallel:
         :class:`CallbackList` as ``model.callbacks`` and the executor as ``model.pipeline``."""
         ctx, model, split_model = self.ctx, self.model, self.split_model
         j, n = ctx.pipeline_parallel_rank, ctx.pipeline_parallel_size
-        start = sum(self.counts[:j])
-        held = range(start, start + self.counts[j])
+        chunks = self._chunks(j)
+        held = [b for blocks in chunks.values() for b in blocks]
         tied = _tied_path(model)
         drop = [f"{split_model.blocks_path}.{b}" for b in range(len(split_model.blocks)) if b not in held]
-        if j != 0:
-            drop += [p for p in split_model.embed_paths if not (j == n - 1 and p == tied)]
-        if j != n - 1:
+        first, last = 0 in chunks, self.num_chunks - 1 in chunks  # both on rank 0 under ZBV
+        if not first:
+            drop += [p for p in split_model.embed_paths if not (last and p == tied)]
+        if not last:
             drop += list(split_model.head_paths)
         install_batch_check(model, ctx, "pp", self.check_batch)  # before the embedding is dropped
         drop_modules(model, drop)
         model.to(ctx.device)
-        transport: Transport = (LocalTransport([ctx.device]) if n == 1 else DistributedTransport(
-            ctx.pipeline_parallel_group, ctx.prev_pipeline_rank, ctx.next_pipeline_rank, ctx.device))
-        stage = Stage(model, split_model, {j: list(held)}, n, transport, self.num_microbatches,
-                       self.recompute, self.callbacks, ctx, tied, [ctx.device] * n, self.schedule, self.loss)
+        transport: Transport = (LocalTransport([ctx.device] * self.num_chunks) if n == 1 else DistributedTransport(
+            ctx.pipeline_parallel_group, ctx.prev_pipeline_rank, ctx.next_pipeline_rank, ctx.device,
+            ctx.group_ranks("pp")))
+        stage = Stage(model, split_model, chunks, self.num_chunks, transport, self.num_microbatches,
+                      self.recompute, self.callbacks, ctx, tied, [ctx.device] * self.num_chunks,
+                      self.schedule, self.loss)
         _install(model, stage)
         count_forwards(model)  # the step in this rank's progress record
         parameters_changed(model)  # a DataParallel applied before re-buckets over this stage
         watch(model, ctx)  # non-finite gradients stop the step (this stage's parameters marked)
         return model
+
+    def _chunks(self, rank: int) -> dict[int, list[int]]:
+        """{partition: its blocks} for every partition ``rank`` holds (with virtual stages, chunk
+        c on rank c mod p; else partition ``rank`` alone)."""
+        placement = self.schedule(self.num_microbatches, self.num_chunks)
+        starts = [sum(self.counts[:c]) for c in range(self.num_chunks)]
+        return {c: list(range(starts[c], starts[c] + self.counts[c])) for c in placement.partitions_of(rank)}
 
 
 def _split(split_model: SplitModel, num_stages: int, partitioner: Partitioner, num_microbatches: int,
@@ -163,17 +179,19 @@ def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int 
                    recompute: str | None = None, partitioner: Partitioner = "uniform",
                    callbacks: Iterable[Callback] = (), devices: list[torch.device] | None = None,
                    schedule: str = "gpipe", loss_fn: LossFn | None = None, *,
-                   checkpoint: str | None = None) -> nn.Module:
+                   checkpoint: str | None = None, virtual_stages: int | None = None) -> nn.Module:
     """Every partition of ``model`` in this process (torchgpipe's setting): partition j on
     ``devices[j]`` (default: all on CPU), tensors hopping devices on copy streams. No processes,
     no collectives: how the engine is tested without ranks, and how one GPU exercises streams.
-    ``recompute``, ``schedule`` and ``loss_fn`` as for :class:`PipelineParallel`.
+    ``recompute``, ``schedule``, ``loss_fn`` and ``virtual_stages`` as for
+    :class:`PipelineParallel` (with V of them, ``num_partitions`` is the depth p: chunk c on
+    ``devices[c mod p]``).
 
     Raises:
         ValueError: as :class:`PipelineParallel`, or ``devices`` of the wrong length.
     """
     recompute = _recompute_mode(recompute, checkpoint, "local_pipeline")
-    schedule_cls = schedule_named(schedule)
+    schedule_cls = schedule_named(schedule, virtual_stages)
     devices = [torch.device(d) for d in (devices or ["cpu"] * num_partitions)]
     if len(devices) != num_partitions:
         raise ValueError(f"{len(devices)} devices for {num_partitions} partitions: give one per partition")
@@ -182,6 +200,9 @@ def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int 
     if is_pipelined(model):
         raise ValueError("this model is already split into pipeline partitions: pipeline it once")
     cell_mode(recompute, num_microbatches)  # validates the mode
+    devices = [devices[c % num_partitions] for c in range(num_partitions * schedule_cls.virtual_stages)]
+    num_partitions = len(devices)  # chunks, from here on
+    schedule_cls(num_microbatches, num_partitions)  # its conditions on M
     split_model = split_model_for(model)
     split_model.check(num_microbatches, schedule_cls)
     counts = _split(split_model, num_partitions, partitioner, num_microbatches)

@@ -75,6 +75,9 @@ class _Given(nn.Module):
     The parent is called with the ids, as on one device, so what it does only to looked-up ids
     (Falcon-H1's embedding multiplier) is done."""
 
+    #: Its weight is only read for its device: a split backward notes no weight use here.
+    uses_no_parameters = True
+
     def __init__(self, embeds: Tensor, table: nn.Module) -> None:
         super().__init__()
         self.embeds, self.weight = embeds, table.weight  # a parent may read the table's device

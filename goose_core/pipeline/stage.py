@@ -95,7 +95,11 @@ class Stage:
         if recompute in BLOCK_MODES:
             recompute_blocks([split_model.blocks[b] for blocks in held.values() for b in blocks], recompute)
         self.pipeline = Pipeline(partitions, num_partitions, transport, cell_mode(recompute), callbacks, schedule)
-        self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
+        placement = schedule(num_microbatches, num_partitions)
+        # Both ends on one rank (ZBV's V puts the first and last chunk on rank 0): one weight, no sum.
+        apart = placement.rank_of(0) != placement.rank_of(num_partitions - 1)
+        self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied and apart else None
+        self.last_rank = placement.rank_of(num_partitions - 1)
         self.generation = Generation(model, self.pipeline, sorted(b for blocks in held.values() for b in blocks),
                                      self.is_last, ctx if num_partitions > 1 else None)
         self._deferred: list[GradSync] = []  # the gradient syncs held during this backward
@@ -195,7 +199,7 @@ class Stage:
         value = (total.detach().to(dtype, copy=True) if total is not None
                  else torch.zeros((), dtype=dtype, device=self.device))
         if self.ctx is not None and self.num_partitions > 1:
-            last = self.ctx.group_ranks("pp")[-1]
+            last = self.ctx.group_ranks("pp")[self.last_rank]
             with naming_missing(self.ctx.pipeline_parallel_group):
                 dist.broadcast(value, last, group=self.ctx.pipeline_parallel_group)
         if not torch.is_grad_enabled():

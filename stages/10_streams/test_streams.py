@@ -45,9 +45,10 @@ def _in_flight(ctx: ParallelContext) -> list[tuple[int, bool, int]]:
     send = transport.send
 
     def probe(output, microbatch: int, partition: int):  # the executor sends once a cell is done
-        channel = transport.channels.get("prev")  # none before the step's first receive
+        channel = transport.channels.get(partition - 1)  # none before the step's first receive
         posted = channel.posted if channel else {}  # receives posted, not yet waited for
-        seen.append((microbatch, ("activation", microbatch + 1) in posted, len(transport.sends)))
+        # A message is (kind, micro-batch, boundary): the boundary with the previous stage.
+        seen.append((microbatch, ("activation", microbatch + 1, partition - 1) in posted, len(transport.sends)))
         return send(output, microbatch, partition)
 
     transport.send = probe

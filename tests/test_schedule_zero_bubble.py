@@ -1,0 +1,265 @@
+"""ZB-H1 and ZBV: each backward split into B (input gradient, sent at once) and W (weight
+gradient, deferred into the bubble); ZBV with two chunks per rank in a V. Their timetables, their
+messages under NCCL's matching, and parity with one device, the split done by autograd on the 🤗
+modules as they are."""
+
+import itertools
+
+import pytest
+import torch
+
+from goose_core import DataParallel, ParallelContext, PipelineParallel, TensorParallel, full_state_dict
+from goose_core.engine.messages import blocked_receives, messages
+from goose_core.engine.schedule import Action, ZeroBubbleH1, ZeroBubbleV, timetable, timetable_bubble
+from goose_core.engine import split_backward
+from goose_core.pipeline import Callback, local_pipeline
+from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
+                                run_distributed, snapshot, train_loop)
+
+SHAPES = [(p, m) for p in (2, 3, 4) for m in (1, 2, p, 2 * p, 8)]
+
+
+@pytest.mark.parametrize("p, m", SHAPES)
+def test_every_f_b_w_runs_once_after_its_inputs(p: int, m: int) -> None:
+    ran: dict[tuple[str, int, int], int] = {}
+    for tick, work in enumerate(timetable(ZeroBubbleH1(m, p))):
+        for a in work.values():
+            assert (a.kind, a.microbatch, a.partition) not in ran
+            ran[(a.kind, a.microbatch, a.partition)] = tick
+    assert set(ran) == {(k, i, j) for k in "FBW" for i in range(m) for j in range(p)}
+    for i, j in itertools.product(range(m), range(p)):
+        assert j == 0 or ran[("F", i, j - 1)] < ran[("F", i, j)]
+        assert ran[("F", i, j)] < ran[("B", i, j)] < ran[("W", i, j)]
+        assert j == p - 1 or ran[("B", i, j + 1)] < ran[("B", i, j)]
+
+
+@pytest.mark.parametrize("p, m", [(p, m) for p, m in SHAPES if m >= p])
+def test_the_bubble_is_a_third_of_1f1bs_ramp(p: int, m: int) -> None:
+    """One tick per F, B and W: 1F1B's backward is B + W, two ticks, so its ramp costs three."""
+    assert timetable_bubble(ZeroBubbleH1(m, p)) == pytest.approx((p - 1) / (3 * m + p - 1), abs=1e-12)
+
+
+@pytest.mark.parametrize("p, m", SHAPES)
+def test_no_rank_holds_more_micro_batches_than_1f1bs_first(p: int, m: int) -> None:
+    """Activations live from F to W: rank r holds at most min(p, m), 1F1B's peak (rank 0's)."""
+    for r in range(p):
+        now = peak = 0
+        for a in ZeroBubbleH1(m, p).actions(r):
+            now += {"F": 1, "B": 0, "W": -1}[a.kind]
+            peak = max(peak, now)
+        assert peak <= min(p, m) == max(min(p - j, m) for j in range(p))
+
+
+@pytest.mark.parametrize("p, m", SHAPES)
+def test_messages_agree_and_each_rank_can_issue_them(p: int, m: int) -> None:
+    schedule = ZeroBubbleH1(m, p)
+    plans = [messages(schedule, r) for r in range(p)]
+    for r in range(p - 1):
+        assert plans[r][r + 1] == plans[r + 1][r]
+        assert len(plans[r][r + 1]) == 1 + 2 * m  # a header, each activation and gradient once
+    assert blocked_receives(schedule) == []
+
+
+def test_the_b_gradient_leaves_before_the_w() -> None:
+    """Each gradient message is produced by B: a W produces none, so it never delays one."""
+    schedule, ticks = ZeroBubbleH1(4, 2), timetable(ZeroBubbleH1(4, 2))
+    b_tick = {a.microbatch: t for t, work in enumerate(ticks) for a in work.values() if a.kind == "B" and a.partition == 1}
+    plan = messages(schedule, 1)[0]
+    order = [msg.microbatch for msg in plan if msg.kind == "gradient"]
+    assert order == sorted(b_tick, key=b_tick.get)
+
+
+ZBV_SHAPES = [(p, m) for p in (2, 3, 4) for m in (2 * p - 1, 2 * p, 8, 16)]
+
+
+@pytest.mark.parametrize("p, m", ZBV_SHAPES)
+def test_zbv_places_chunks_in_a_v_and_runs_each_f_b_w_once(p: int, m: int) -> None:
+    schedule, n = ZeroBubbleV(m, 2 * p), 2 * p
+    assert [schedule.rank_of(j) for j in range(n)] == list(range(p)) + list(reversed(range(p)))
+    ran: dict[tuple[str, int, int], int] = {}
+    for tick, work in enumerate(timetable(schedule)):
+        for rank, a in work.items():
+            assert schedule.rank_of(a.partition) == rank and (a.kind, a.microbatch, a.partition) not in ran
+            ran[(a.kind, a.microbatch, a.partition)] = tick
+    assert set(ran) == {(k, i, j) for k in "FBW" for i in range(m) for j in range(n)}
+    for i, j in itertools.product(range(m), range(n)):
+        assert j == 0 or ran[("F", i, j - 1)] < ran[("F", i, j)]
+        assert ran[("F", i, j)] < ran[("B", i, j)] < ran[("W", i, j)]
+        assert j == n - 1 or ran[("B", i, j + 1)] < ran[("B", i, j)]
+
+
+@pytest.mark.parametrize("p, m", ZBV_SHAPES)
+def test_zbv_halves_zb_h1s_bubble_at_1f1bs_peak_memory(p: int, m: int) -> None:
+    """Ticks of a chunk (half a stage): (p-1)/(6m+p-1); 2p half-stage chunks in flight per rank,
+    p stages' worth, 1F1B's rank-0 peak."""
+    schedule = ZeroBubbleV(m, 2 * p)
+    assert timetable_bubble(schedule) == pytest.approx((p - 1) / (6 * m + p - 1), abs=1e-12)
+    for r in range(p):
+        now = peak = 0
+        for a in schedule.rank_actions(r):
+            now += {"F": 1, "B": 0, "W": -1}[a.kind]
+            peak = max(peak, now)
+        assert peak == 2 * p
+
+
+@pytest.mark.parametrize("p, m", ZBV_SHAPES)
+def test_zbv_messages_agree_and_each_rank_can_issue_them(p: int, m: int) -> None:
+    schedule = ZeroBubbleV(m, 2 * p)
+    plans = [messages(schedule, r) for r in range(p)]
+    for r in range(p):
+        for peer, plan in plans[r].items():
+            assert plan == plans[peer][r]
+    # Rank p-1 hands chunk p-1's output to chunk p in memory: no message crosses that boundary.
+    assert all(msg.boundary != p - 1 for plan in plans[p - 1].values() for msg in plan)
+    assert blocked_receives(schedule) == []
+
+
+class _UpChunkBackwardFirst(ZeroBubbleV):
+    """A planted bug: the last rank runs the backward of its first chunk (p-1) before the one of
+    its second (p), whose gradient it needs."""
+
+    def rank_actions(self, rank: int) -> list[Action]:
+        out = super().rank_actions(rank)
+        if rank == self.num_ranks - 1:
+            down = [k for k, a in enumerate(out) if a.kind == "B" and a.partition == rank]
+            up = [k for k, a in enumerate(out) if a.kind == "B" and a.partition == rank + 1]
+            k, q = down[0], up[0]
+            out[k], out[q] = out[q], out[k]
+        return out
+
+
+def test_planted_a_b_before_its_gradient_arrived_deadlocks_the_timetable() -> None:
+    with pytest.raises(ValueError, match="deadlocks"):
+        timetable(_UpChunkBackwardFirst(8, 8))
+
+
+def test_zbv_refuses_too_few_micro_batches_by_name() -> None:
+    with pytest.raises(ValueError, match=r"at least 2p - 1 = 7 micro-batches .* got num_microbatches=4"):
+        ZeroBubbleV(4, 8)
+
+
+# -- parity ----------------------------------------------------------------------------------------
+
+def _spec(family: str, layers: int = 4, optimizer: str = "sgd") -> TrainSpec:
+    key = "n_layer" if family == "gpt2" else "num_hidden_layers"
+    return TrainSpec(family=family, steps=2, optimizer=optimizer, overrides={key: layers})
+
+
+@pytest.mark.parametrize("schedule", ["zb-h1", "zbv"])
+@pytest.mark.parametrize("recompute", ["never", "always", "except_last"])
+def test_local_split_backward_trains_like_one_device(schedule: str, recompute: str) -> None:
+    spec = _spec("llama")
+    model = local_pipeline(spec.build_model(), 2, 4, schedule=schedule, recompute=recompute)
+    result = RunResult(train_loop(model, spec.build_optimizer(model.parameters()), spec.batches()), snapshot(model))
+    assert_matches_reference(result, reference_run(spec), PARALLEL)
+
+
+def test_tied_embeddings_in_one_process_are_refused_by_name() -> None:
+    spec = _spec("gpt2")
+    model = local_pipeline(spec.build_model(), 2, 2, schedule="zb-h1", recompute="never")
+    with pytest.raises(RuntimeError, match=r"used twice .* use schedule='1f1b'"):
+        model(**spec.batch(0))
+
+
+# (schedule, family, blocks, M, recompute): GPT-2 ties its embeddings across ranks 0 and p-1
+# (under ZBV both ends are on rank 0).
+CASES = {
+    2: [("zb-h1", "gpt2", 4, 4, "never"), ("zb-h1", "llama", 4, 8, "except_last"),
+        ("zb-h1", "llama", 4, 4, "always"), ("zbv", "gpt2", 4, 8, "never"), ("zbv", "llama", 4, 4, "always")],
+    4: [("zb-h1", "llama", 8, 8, "never"), ("zb-h1", "gpt2", 8, 4, "except_last"),
+        ("zbv", "llama", 8, 8, "except_last"), ("zbv", "gpt2", 8, 8, "never")],
+}
+
+
+def _train(ctx: ParallelContext, spec: TrainSpec, m: int, recompute: str, schedule: str = "zb-h1") -> RunResult:
+    model = spec.build_model()
+    if ctx.tensor_parallel_size > 1:
+        model = TensorParallel(model, ctx).parallelize()
+    model = PipelineParallel(model, ctx, num_microbatches=m, recompute=recompute, schedule=schedule).parallelize()
+    if ctx.data_parallel_size > 1:
+        model = DataParallel(model, ctx).parallelize()
+    optimizer = spec.build_optimizer(model.parameters())
+    losses = train_loop(model, optimizer, spec.batches(ctx.dp_rank, ctx.dp_size))
+    return RunResult(losses, full_state_dict(model, ctx))
+
+
+def _train_many(ctx: ParallelContext, cases: list[tuple[str, str, int, int, str]]) -> list[RunResult]:
+    return [_train(ctx, _spec(f, layers), m, recompute, name) for name, f, layers, m, recompute in cases]
+
+
+def _assert_every_rank(results: list[RunResult], spec: TrainSpec, what: str) -> None:
+    reference = reference_run(spec)
+    for rank, result in enumerate(results):
+        try:
+            assert_matches_reference(result, reference, PARALLEL)
+        except AssertionError as err:
+            raise AssertionError(f"{what} rank {rank}: {err}") from err
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_every_rank_matches_the_single_device_run(pp: int) -> None:
+    per_rank = run_distributed(_train_many, 1, pp, 1, CASES[pp], timeout=240)
+    for k, (name, family, layers, m, recompute) in enumerate(CASES[pp]):
+        _assert_every_rank([r[k] for r in per_rank], _spec(family, layers), f"{name} pp={pp} {family} M={m} {recompute}")
+
+
+def _composed(ctx: ParallelContext, spec: TrainSpec) -> list[RunResult]:
+    return [_train(ctx, spec, 4, "never", name) for name in ("zb-h1", "zbv")]
+
+
+@pytest.mark.parametrize("tp, dp", [(2, 1), (1, 2)])
+def test_composes_with_tensor_and_data_parallelism(tp: int, dp: int) -> None:
+    spec = _spec("llama")
+    per_rank = run_distributed(_composed, tp, 2, dp, spec, timeout=240)
+    for k, name in enumerate(("zb-h1", "zbv")):
+        _assert_every_rank([r[k] for r in per_rank], spec, f"{name} tp={tp} dp={dp}")
+
+
+def _skipped_w(ctx: ParallelContext) -> RunResult:
+    """A planted bug: the W of micro-batch 1 never runs on the last stage."""
+    weight = split_backward.SplitCells.weight
+
+    def skipping(self, i, j, callbacks):  # type: ignore[no-untyped-def]
+        if (i, j) == (1, ctx.pipeline_parallel_size - 1):
+            self.pending.pop((i, j), None)
+            return
+        weight(self, i, j, callbacks)
+
+    split_backward.SplitCells.weight = skipping  # type: ignore[method-assign]
+    return _train(ctx, _spec("llama"), 4, "never")
+
+
+def test_planted_a_skipped_w_fails_parity() -> None:
+    with pytest.raises(AssertionError, match="differ"):
+        _assert_every_rank(run_distributed(_skipped_w, 1, 2, 1, timeout=120), _spec("llama"), "W skipped")
+
+
+def test_b_leaves_the_weight_gradients_to_w() -> None:
+    """Llama, two partitions in one process: after B of a cell its blocks' weights have no
+    gradient yet, after its W they all do (the split is real, not a full backward in B)."""
+    spec = _spec("llama")
+    model = local_pipeline(spec.build_model(), 2, 2, schedule="zb-h1", recompute="never")
+    weights = [p for n, p in model.named_parameters() if n.startswith("model.layers.3.")]
+    seen: dict[str, list[bool]] = {}
+
+    def look(event) -> None:  # type: ignore[no-untyped-def]
+        if event.phase == "after" and (event.microbatch_idx, event.partition_idx) == (0, 1):
+            seen[event.kind] = [p.grad is not None for p in weights]
+
+    model.callbacks.add(Callback(look, kinds=["backward", "weight"]))
+    model(**spec.batch(0)).loss.backward()
+    assert seen == {"backward": [False] * len(weights), "weight": [True] * len(weights)}
+
+
+@pytest.mark.parametrize("precision", [{"dtype": torch.float32}, {"precision": "bf16"}])
+def test_zb_h1_is_bit_identical_to_1f1b(precision: dict) -> None:
+    """W computes each weight gradient with the kernel the full backward would, and adds the
+    micro-batches in 1F1B's order: float32, and bf16 with fp32 master weights, bit for bit."""
+    spec = TrainSpec(family="llama", steps=2, **precision)
+    runs = []
+    for schedule in ("1f1b", "zb-h1"):
+        model = local_pipeline(spec.build_model(), 2, 4, schedule=schedule, recompute="never")
+        params = model.parameters()
+        optimizer = spec.recipe_optimizer(params) if "precision" in precision else spec.build_optimizer(params)
+        runs.append(RunResult(train_loop(model, optimizer, spec.batches()), snapshot(model)))
+    assert_matches_reference(runs[1], runs[0], EXACT)
