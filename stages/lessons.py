@@ -88,7 +88,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
         "goose_core/engine/p2p.py", "goose_core/engine/pipeline.py", "goose_core/engine/parked.py",
         "goose_core/engine/activations.py",
         "goose_core/pipeline/__init__.py", "goose_core/pipeline/parallel.py", "goose_core/pipeline/split.py",
-        "goose_core/pipeline/stage.py", "goose_core/pipeline/tied.py",
+        "goose_core/pipeline/stage.py", "goose_core/pipeline/tied.py", "goose_core/pipeline/generate.py",
         "goose_core/models/pipeline_parts.py", "goose_core/models/falcon.py", "goose_core/models/gemma4_text.py",
         "tests/test_schedule.py", "tests/test_messages.py", "tests/test_microbatch.py", "tests/test_dependency.py",
         "tests/test_transport.py", "tests/test_pipeline_families.py", "tests/test_grad_sync.py",
@@ -119,7 +119,8 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "tests/test_composition.py", "tests/test_wrapper_order.py", "tests/test_token_weighted.py",
          "tests/test_batch_check.py", "tests/test_batch_faults.py", "tests/test_finite.py",
          "tests/test_router_loss.py", "tests/test_custom_loss.py", "tests/test_checkpoint_io.py",
-         "tests/test_export.py", "tests/test_single_process.py", "tests/test_zero2_composition.py", "tests/gpu/composed_nccl.py",
+         "tests/test_export.py", "tests/test_single_process.py", "tests/test_zero2_composition.py",
+         "tests/test_pipeline_generate.py", "tests/gpu/composed_nccl.py",
          "tests/gpu/test_composed_nccl.py", "benchmarks/bench_batch_check.py",
          "benchmarks/bench_mixed_precision.py"),
 }
@@ -143,6 +144,12 @@ TOOLING: tuple[str, ...] = (
     "tests/gpu/conftest.py", "tests/test_bench_gpu.py", "tests/test_bench_paired.py", "tests/test_coverage.py",
     "tests/test_docs", "tests/test_former_names.py", "tests/test_gpu_machine.py", "tests/test_import_graph.py",
     "tests/test_kernel_families.py", "tests/test_make_targets.py", "tests/test_pictures.py", "tests/test_versions.py",
+    # A user's own tokenizer and files as a resumable batch stream: the data of `goose train`,
+    # tooling around the course (its modules sit in stage 0's goose_core/data/).
+    "tests/test_data_files.py", "tests/test_data_stream.py",
+    # `goose train`: the command, its job loop, checkpoint rotation, what a person watches and
+    # --verify: tooling around the course that uses what every chapter built.
+    "goose_core/train/", "tests/test_train_",
 )
 
 #: The folders whose every file is a lesson's or tooling's.

@@ -22,3 +22,14 @@ def test_make_test_latest_names_tests_that_exist() -> None:
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *tests], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_the_kernel_free_list_names_files_that_exist() -> None:
+    # `make test-kernels` skips conftest.py's kernel-free files: a stale name would skip nothing
+    # and say nothing, a misspelt one would hide that the list no longer means what it says.
+    sys.path.insert(0, str(ROOT))
+    try:
+        from conftest import _KERNEL_FREE
+    finally:
+        sys.path.remove(str(ROOT))
+    assert [p for p in _KERNEL_FREE if not (ROOT / p).is_file()] == []

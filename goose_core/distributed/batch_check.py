@@ -134,6 +134,11 @@ class BatchCheck:
         batch = dict(kwargs)
         if args:
             batch.setdefault("input_ids", args[0])
+        mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+        if _cached(batch) and isinstance(mask, Tensor) and mask.dim() == 2 and isinstance(ids, Tensor):
+            # With a KV cache the mask covers the cached tokens too (🤗's convention): the columns
+            # of this forward's tokens are the ones that must fit input_ids.
+            batch["attention_mask"] = mask[:, -ids.shape[-1]:]
         due = [axis for axis in self.due() if self.ctx.size(axis) > 1]
         self.checked.update(due)  # checked once, even when it raised: the run is over anyway
         groups, dp_ranks = self._layout(module, batch)
@@ -144,6 +149,11 @@ class BatchCheck:
         fault = first_fault(high, low, self.vocab, dp_ranks, who)
         if fault:
             raise ValueError(fault)
+
+
+def _cached(batch: dict[str, Any]) -> bool:
+    """Whether a forward reads a KV cache (a generation step: ``model.generate``)."""
+    return batch.get("cache") is not None or batch.get("past_key_values") is not None
 
 
 def install_batch_check(model: nn.Module, ctx: ParallelContext, axis: Axis | None = None,

@@ -4,7 +4,8 @@ Read it in this order: ``split`` (cutting a causal LM into stages, each cell run
 family's own forward; ``router_loss`` carries the MoE auxiliary loss across stages), ``tied``
 (one embedding weight on the first and the last stage), ``custom_loss`` (a loss from the logits,
 per micro-batch), ``stage`` (one rank's stage: micro-batches in, the batch loss out, tied and
-data-parallel gradients synced), ``parallel`` (the public entry points, :class:`PipelineParallel`
+data-parallel gradients synced), ``generate`` (🤗's ``model.generate`` on a stage: its own KV
+cache, the logits on every rank), ``parallel`` (the public entry points, :class:`PipelineParallel`
 and :func:`local_pipeline`).
 
 The engine's and the instruments' public names are re-exported here, and their former module

@@ -39,6 +39,7 @@ from goose_core.pipeline.custom_loss import CustomLoss, LossFn
 from goose_core.engine.p2p import DistributedTransport
 from goose_core.engine.pipeline import Pipeline
 from goose_core.engine.schedule import schedule_named
+from goose_core.pipeline.generate import advertise, refuse_unsupported_generate
 from goose_core.pipeline.split import SplitModel, drop_modules, split_model_for
 from goose_core.pipeline.stage import Stage
 from goose_core.engine.transport import LocalTransport, Transport
@@ -221,7 +222,10 @@ def is_pipelined(model: nn.Module) -> bool:
 
 
 def _install(model: nn.Module, stage: Stage) -> nn.Module:
-    model.forward = stage.forward  # type: ignore[method-assign]
+    # Its signature adds the family's generation inputs: 🤗's generate reads it (generate.py).
+    model.forward = advertise(stage.forward, model)  # type: ignore[method-assign]
+    if hasattr(model, "generate"):
+        refuse_unsupported_generate(model)
     model.callbacks = stage.pipeline.callbacks
     model.pipeline = stage.pipeline
     return model

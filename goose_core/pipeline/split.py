@@ -40,6 +40,7 @@ from transformers import PreTrainedModel
 
 from goose_core.models.family import PipelineParts
 from goose_core.models.registry import PIPELINE
+from goose_core.pipeline.generate import GENERATION_INPUTS, lengths_of
 from goose_core.pipeline.router_loss import RouterLoss, WholeBatchProbs, router_loss_of
 from goose_core.engine.schedule import GPipe, Schedule
 
@@ -226,14 +227,17 @@ class SplitModel:
             hidden, sums = self.router.unpack(x, shape, self._dtype) if carry else (x, None)
             embeds = torch.zeros(shape, dtype=hidden.dtype, device=hidden.device)
         kwargs = {k: inputs[k] for k in ("attention_mask", "labels", "num_items_in_batch") if k in inputs}
+        # A generation step (goose_core.pipeline.generate): this rank's cache, the prompt's positions.
+        kwargs.update({"use_cache": False, **{k: inputs[k] for k in GENERATION_INPUTS if k in inputs}})
         if self.router is not None:
             kwargs["output_router_logits"] = False  # goose adds the loss over all stages itself
         # Called with the ids as on one device: the table gives the first stage's lookup, a
         # stand-in's zeros elsewhere (block_fn has no ids: the embedding is given instead).
         kwargs.update({"input_ids": ids} if ids is not None else {"inputs_embeds": embeds})
-        with self._only(blocks, first, last, hidden) as logits:
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        with self._only(blocks, first, last, hidden) as logits, lengths_of(cache, blocks):
             try:
-                out = type(self.model).forward(self.model, use_cache=False, **kwargs)
+                out = type(self.model).forward(self.model, **kwargs)
             except _Exit as done:
                 out = done.hidden
         if carry:

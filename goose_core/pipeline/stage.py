@@ -36,6 +36,7 @@ from goose_core.loss import count_items, loss_dtype, nonzero
 from goose_core.metadata import grad_syncs
 from goose_core.engine.callbacks import CallbackList
 from goose_core.pipeline.custom_loss import CustomLoss
+from goose_core.pipeline.generate import Generation
 from goose_core.engine.microbatch import gather, scatter
 from goose_core.engine.parked import ParkedGradients
 from goose_core.engine.pipeline import Partition, Pipeline, Root, StepOutput
@@ -89,22 +90,29 @@ class Stage:
         self.device = devices[max(held)]
         self.pipeline = Pipeline(partitions, num_partitions, transport, recompute, callbacks, schedule)
         self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
+        self.generation = Generation(model, self.pipeline, sorted(b for blocks in held.values() for b in blocks),
+                                     self.is_last, ctx if num_partitions > 1 else None)
         self._deferred: list[GradSync] = []  # the gradient syncs held during this backward
 
     def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
                 attention_mask: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
                 **kwargs: Any) -> CausalLMOutputWithPast:
-        """The batch's loss (with ``labels``) or logits (without), as the unsplit model's.
+        """The batch's loss (with ``labels``) or logits (without), as the unsplit model's; a
+        generation step (``model.generate``'s: a cache, positions or kept logits given, no labels)
+        is :class:`~goose_core.pipeline.generate.Generation`'s, the logits on every rank.
 
         Args:
             num_items_in_batch: the denominator of the token-loss sum (🤗's convention): the
                 targets of the whole step this batch belongs to (data parallelism passes it).
                 Default: this batch's own targets, so the loss is its token mean.
         """
+        if input_ids is not None and labels is None and Generation.wanted(kwargs):
+            return self.generation.forward(input_ids, attention_mask, **kwargs)  # model.generate's step
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")
         if input_ids is None or unsupported:
             raise ValueError(f"the pipelined model takes input_ids, labels, attention_mask and "
-                             f"num_items_in_batch; got input_ids="
+                             f"num_items_in_batch (and, without labels, model.generate's cache, position_ids, "
+                             f"use_cache and logits_to_keep); got input_ids="
                              f"{'given' if input_ids is not None else None}, other arguments {unsupported}")
         self._refuse_no_loss(labels)
         inputs = {k: v for k, v in (("input_ids", input_ids), ("labels", labels),
