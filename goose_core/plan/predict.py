@@ -1,0 +1,208 @@
+"""Predict each rank's bytes, FLOPs and traffic for a layout without running the model.
+
+How, per rank (``predict`` does it one rank after another in this process)::
+
+    1. a fake process group (torch's "fake" backend: every collective returns at once) at this
+       rank's place in the tp x pp x dp grid, and a ParallelContext on it
+    2. the model built on the meta device (shapes, no weights), cut by goose's own
+       TensorParallel and, at pp > 1, PipelineParallel: the rank's exact parameters
+    3. parameters, gradients, masters, optimizer state, dp traffic: optim.zero_cost over the
+       rank's buckets (data_parallel's bucket plan over those parameters)
+    4. at pp = 1: one forward and backward of the tp-cut meta model, traced: FLOPs
+       (FlopCounterMode counts shapes), tp traffic (count_traffic: the fake group's calls) and
+       the bytes saved for backward (one micro-batch: gradient accumulation frees the rest)
+    5. pp traffic: each micro-batch's activation sent forward and its gradient back
+
+Nothing is computed on data; a 7B model plans in seconds. At pp > 1 the FLOPs, activations and
+tp traffic are not predicted (``None``): the pipeline engine cannot trace on the meta device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from goose_core.data_parallel.bucket import main_dtype
+from goose_core.distributed.context import ParallelContext
+from goose_core.distributed.grid import AXES
+from goose_core.distributed.traffic import count_traffic
+from goose_core.metadata import batch_check_of
+from goose_core.optim.clip import norm_kind
+from goose_core.optim.zero_cost import unit_numels, zero_cost
+from goose_core.pipeline import PipelineParallel
+from goose_core.tensor_parallel import TensorParallel
+from goose_core.testing.models import EAGER_IN_DTYPE, TINY_MODELS, _uses_attention_interface, tiny_config
+
+__all__ = ["Layout", "RankPlan", "model_config", "predict", "DTYPES"]
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What ``goose train`` is asked for (its flags' names); ``zero`` is the ZeRO stage, 0-2."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    microbatches: int = 1
+    batch_size: int = 8
+    seq_len: int = 64
+    dtype: str = "float32"
+    zero: int = 0
+    schedule: str = "gpipe"
+    recompute: str = "never"
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad value and the fix."""
+        for name in ("tp", "pp", "dp", "microbatches", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPES)}")
+        if self.zero not in (0, 1, 2):
+            raise ValueError(f"--zero {self.zero!r}: 0 (plain data parallelism), 1 or 2")
+        if self.batch_size % (self.dp * self.microbatches):
+            raise ValueError(f"--batch-size {self.batch_size} does not split into --dp {self.dp} x "
+                             f"--microbatches {self.microbatches}: make it a multiple of {self.dp * self.microbatches}")
+
+
+@dataclass
+class RankPlan:
+    """One rank's predicted figures (the fields of accounting's ``Account``)."""
+
+    rank: int
+    coords: dict[str, int]
+    params_bytes: int
+    grads_bytes: int
+    masters_bytes: int
+    optimizer_bytes: int
+    activations_peak_bytes: int | None
+    flops_per_step: int | None
+    sent_bytes: dict[str, Fraction | None] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        def plain(v: Fraction | None) -> float | int | None:
+            return None if v is None else int(v) if v.denominator == 1 else float(v)
+        return {**{k: getattr(self, k) for k in ("rank", "coords", "params_bytes", "grads_bytes", "masters_bytes",
+                                                 "optimizer_bytes", "activations_peak_bytes", "flops_per_step")},
+                "sent_bytes": {k: plain(v) for k, v in self.sent_bytes.items()}}
+
+
+def model_config(model: str, seq_len: int = 64) -> PretrainedConfig:
+    """A tiny family's config as ``goose train`` builds it, or a local folder's config.json."""
+    if model in TINY_MODELS:
+        positions = {"llama": "max_position_embeddings", "gpt2": "n_positions"}.get(model)
+        return tiny_config(model, **({positions: max(128, seq_len)} if positions else {}))
+    try:
+        return AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model {model!r} is neither a family ({', '.join(sorted(TINY_MODELS))}) nor a "
+                         f"local folder with a config.json: {err}") from None
+
+
+def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+    attention = EAGER_IN_DTYPE if _uses_attention_interface(config) else "eager"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)
+    return model.train()
+
+
+@contextlib.contextmanager
+def _fake_rank(layout: Layout, rank: int) -> Iterator[ParallelContext]:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("goose plan runs in a process of its own (torch.distributed is already initialised)")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world)
+    try:
+        yield ParallelContext(layout.tp, layout.pp, layout.dp, check_finite=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def _saved_bytes(model: nn.Module) -> Any:
+    """Saved-tensor hooks counting each storage once (meta storages are told apart by object)."""
+    seen: dict[int, int] = {}
+    skip = {p.untyped_storage()._cdata for p in model.parameters()}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s._cdata not in skip:
+            seen[s._cdata] = s.nbytes()
+        return t
+    return seen, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def _trace(model: nn.Module, ctx: ParallelContext, batch: int, micro: int, seq: int) -> tuple[int, int, Fraction]:
+    """FLOPs and tp traffic of the whole local batch, saved bytes of one micro-batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    check = batch_check_of(model)  # it reads values; the trace has none
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is check:
+            del model._forward_pre_hooks[key]
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as flops, count_traffic(ctx) as traffic:
+        model(input_ids=ids, labels=ids).loss.backward()
+    ids = ids[: batch // micro]
+    seen, hooks = _saved_bytes(model)
+    with hooks:
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    return int(flops.get_total_flops()), sum(seen.values()), traffic["tp"]
+
+
+def _hidden(config: PretrainedConfig) -> int:
+    return getattr(config, "hidden_size", None) or config.n_embd
+
+
+def predict_rank(config: PretrainedConfig, layout: Layout, rank: int) -> RankPlan:
+    """The figures of one rank (see the module docstring)."""
+    dtype = DTYPES[layout.dtype]
+    with _fake_rank(layout, rank) as ctx:
+        model = _meta_model(config, dtype)
+        if layout.tp > 1:
+            model = TensorParallel(model, ctx, check_grads=False).parallelize()
+        local = layout.batch_size // layout.dp
+        flops = act = tp_sent = None
+        if layout.pp == 1:
+            flops, act, tp_sent = _trace(model, ctx, local, layout.microbatches, layout.seq_len)
+        else:
+            ctx.device = torch.device("meta")  # the stage's move to its device keeps the meta tensors
+            model = PipelineParallel(model, ctx, num_microbatches=layout.microbatches, schedule=layout.schedule,
+                                     recompute=layout.recompute).parallelize()
+        params = [p for p in model.parameters() if p.requires_grad]
+        key = norm_kind if layout.zero else (lambda p: None)
+        units = unit_numels(params, 25.0, key=key) if layout.dp > 1 or layout.zero else [p.numel() for p in params]
+        cost = zero_cost(units, layout.dp, layout.zero, dtype, tensors=len(params))
+        pp_sent = _pp_sent(config, layout, ctx.pp_rank, dtype) if layout.pp > 1 else Fraction(0)
+        return RankPlan(rank=rank, coords=dict(ctx.coords), params_bytes=cost.params, grads_bytes=cost.grads,
+                        masters_bytes=cost.masters, optimizer_bytes=cost.optimizer, activations_peak_bytes=act,
+                        flops_per_step=flops,
+                        sent_bytes={"tp": tp_sent if layout.tp > 1 else Fraction(0),
+                                    "pp": pp_sent, "dp": cost.sent if layout.dp > 1 else Fraction(0)})
+
+
+def _pp_sent(config: PretrainedConfig, layout: Layout, stage: int, dtype: torch.dtype) -> Fraction:
+    """Each micro-batch's hidden state to the next stage and its gradient to the previous one."""
+    width = torch.empty((), dtype=dtype).element_size()
+    one = layout.batch_size // layout.dp * layout.seq_len * _hidden(config) * width  # all micro-batches
+    return Fraction(one * ((stage < layout.pp - 1) + (stage > 0)))
+
+
+def predict(config: PretrainedConfig, layout: Layout) -> list[RankPlan]:
+    """Every rank's figures, rank order."""
+    layout.check()
+    return [predict_rank(config, layout, rank) for rank in range(layout.world)]
