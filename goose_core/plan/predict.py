@@ -33,7 +33,8 @@ from goose_core.data_parallel.bucket import main_dtype
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.grid import AXES
 from goose_core.distributed.traffic import count_traffic
-from goose_core.metadata import batch_check_of
+from goose_core.loss import loss_dtype
+from goose_core.metadata import batch_check_of, shard_spec
 from goose_core.optim.clip import norm_kind
 from goose_core.optim.zero_cost import unit_numels, zero_cost
 from goose_core.pipeline import PipelineParallel
@@ -187,19 +188,48 @@ def predict_rank(config: PretrainedConfig, layout: Layout, rank: int) -> RankPla
         key = norm_kind if layout.zero else (lambda p: None)
         units = unit_numels(params, 25.0, key=key) if layout.dp > 1 or layout.zero else [p.numel() for p in params]
         cost = zero_cost(units, layout.dp, layout.zero, dtype, tensors=len(params))
+        grads = cost.grads + (_replica_slots(params, layout.tp, dtype) if layout.dp == 1 else 0)
+        dp_sent = cost.sent + _ring2(layout.dp, 8 + _width(loss_dtype(dtype))) if layout.dp > 1 else Fraction(0)
         pp_sent = _pp_sent(config, layout, ctx.pp_rank, dtype) if layout.pp > 1 else Fraction(0)
-        return RankPlan(rank=rank, coords=dict(ctx.coords), params_bytes=cost.params, grads_bytes=cost.grads,
+        return RankPlan(rank=rank, coords=dict(ctx.coords), params_bytes=cost.params, grads_bytes=grads,
                         masters_bytes=cost.masters, optimizer_bytes=cost.optimizer, activations_peak_bytes=act,
                         flops_per_step=flops,
                         sent_bytes={"tp": tp_sent if layout.tp > 1 else Fraction(0),
-                                    "pp": pp_sent, "dp": cost.sent if layout.dp > 1 else Fraction(0)})
+                                    "pp": pp_sent, "dp": dp_sent})
+
+
+def _width(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _ring2(n: int, size: int) -> Fraction:
+    """An all-reduce of ``size`` bytes, as count_traffic counts it."""
+    return Fraction(2 * (n - 1) * size, n)
+
+
+def _replica_slots(params: list[nn.Parameter], tp: int, dtype: torch.dtype) -> int:
+    """Without DataParallel's buckets, a kv shard held by several tp ranks keeps the gradient
+    buffer its replicas are summed in: a slot per distinct shard (tensor_parallel.layers)."""
+    extra = 0
+    for p in params:
+        spec = shard_spec(p)
+        if spec is not None and spec.replicas > 1:
+            extra += (tp // spec.replicas - 1) * p.numel() * _width(dtype)
+    return extra
 
 
 def _pp_sent(config: PretrainedConfig, layout: Layout, stage: int, dtype: torch.dtype) -> Fraction:
-    """Each micro-batch's hidden state to the next stage and its gradient to the previous one."""
-    width = torch.empty((), dtype=dtype).element_size()
-    one = layout.batch_size // layout.dp * layout.seq_len * _hidden(config) * width  # all micro-batches
-    return Fraction(one * ((stage < layout.pp - 1) + (stage > 0)))
+    """Each micro-batch's hidden state to the next stage and its gradient to the previous one;
+    once a step, the activation's header (engine.p2p: 10 int64) forward, and the loss's
+    broadcast from the last stage (pipeline.stage, in loss_dtype)."""
+    one = layout.batch_size // layout.dp * layout.seq_len * _hidden(config) * _width(dtype)  # all micro-batches
+    header = 10 * 8 if stage < layout.pp - 1 else 0
+    loss = Fraction((layout.pp - 1) * _width(loss_dtype(dtype)), layout.pp)
+    tied = 0
+    if getattr(config, "tie_word_embeddings", False) and layout.pp == 2:  # pp > 2: the ends' own group
+        rows = config.vocab_size // layout.tp  # the embedding's gradient summed over the two stages
+        tied = _ring2(2, rows * _hidden(config) * _width(dtype))
+    return one * ((stage < layout.pp - 1) + (stage > 0)) + header + loss + tied
 
 
 def predict(config: PretrainedConfig, layout: Layout) -> list[RankPlan]:
