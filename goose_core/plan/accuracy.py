@@ -21,7 +21,7 @@ from goose_core.distributed import ParallelContext, spawn
 from goose_core.instruments.accounting import Account, measure_step
 from goose_core.optim import DistributedOptimizer
 from goose_core.pipeline import PipelineParallel
-from goose_core.plan.predict import DTYPES, Layout, RankPlan, model_config, predict
+from goose_core.plan.predictor import DTYPES, Layout, RankPlan, model_config, predict
 from goose_core.tensor_parallel import TensorParallel
 from goose_core.testing.models import build_model
 
