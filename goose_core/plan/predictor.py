@@ -32,12 +32,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from goose_core.data_parallel.bucket import main_dtype
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.grid import AXES
-from goose_core.distributed.traffic import count_traffic
 from goose_core.loss import loss_dtype
-from goose_core.metadata import batch_check_of, shard_spec
+from goose_core.metadata import shard_spec
 from goose_core.optim.clip import norm_kind
 from goose_core.optim.zero_cost import unit_numels, zero_cost
 from goose_core.pipeline import PipelineParallel
+from goose_core.plan.trace import POST, PRE, parts_of, trace_parts
 from goose_core.tensor_parallel import TensorParallel
 from goose_core.testing.models import EAGER_IN_DTYPE, TINY_MODELS, _uses_attention_interface, tiny_config
 
@@ -133,36 +133,21 @@ def _fake_rank(layout: Layout, rank: int) -> Iterator[ParallelContext]:
         dist.destroy_process_group()
 
 
-def _saved_bytes(model: nn.Module) -> Any:
-    """Saved-tensor hooks counting each storage once (meta storages are told apart by object)."""
-    seen: dict[int, int] = {}
-    skip = {p.untyped_storage()._cdata for p in model.parameters()}
+def _stage_parts(parts: list[str], owned: set[str], first: bool, last: bool) -> set[str]:
+    """The parts a stage runs: its blocks; before the first block, the first stage's; after the
+    last, the last stage's (pipeline/split.py); the parent code before the blocks on every stage."""
+    blocks = [i for i, name in enumerate(parts) if name.rsplit(".", 1)[-1].isdigit()]
+    mine = {PRE} | {parts[i] for i in blocks if parts[i] in owned}
+    if first:
+        mine |= set(parts[: blocks[0]])
+    if last:
+        mine |= set(parts[blocks[-1] + 1:]) | {POST}
+    return mine
 
-    def pack(t: Tensor) -> Tensor:
-        s = t.untyped_storage()
-        if s._cdata not in skip:
-            seen[s._cdata] = s.nbytes()
-        return t
-    return seen, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
-
-def _trace(model: nn.Module, ctx: ParallelContext, batch: int, micro: int, seq: int) -> tuple[int, int, Fraction]:
-    """FLOPs and tp traffic of the whole local batch, saved bytes of one micro-batch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    check = batch_check_of(model)  # it reads values; the trace has none
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if hook is check:
-            del model._forward_pre_hooks[key]
-    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    with FlopCounterMode(display=False) as flops, count_traffic(ctx) as traffic:
-        model(input_ids=ids, labels=ids).loss.backward()
-    ids = ids[: batch // micro]
-    seen, hooks = _saved_bytes(model)
-    with hooks:
-        loss = model(input_ids=ids, labels=ids).loss
-    del loss
-    return int(flops.get_total_flops()), sum(seen.values()), traffic["tp"]
+def _in_flight(layout: Layout, stage: int) -> int:
+    """Micro-batches whose activations a stage holds at once (engine/schedule.py)."""
+    return layout.microbatches if layout.schedule == "gpipe" else min(layout.pp - stage, layout.microbatches)
 
 
 def _hidden(config: PretrainedConfig) -> int:
@@ -177,13 +162,27 @@ def predict_rank(config: PretrainedConfig, layout: Layout, rank: int) -> RankPla
         if layout.tp > 1:
             model = TensorParallel(model, ctx, check_grads=False).parallelize()
         local = layout.batch_size // layout.dp
-        flops = act = tp_sent = None
-        if layout.pp == 1:
-            flops, act, tp_sent = _trace(model, ctx, local, layout.microbatches, layout.seq_len)
-        else:
+        figures = trace_parts(model, ctx, local, layout.microbatches, layout.seq_len)
+        names = list(parts_of(model))
+        table = model.get_input_embeddings()
+        embedding = next((n for n, m in parts_of(model).items() if m is table), "")
+        if layout.pp > 1:
             ctx.device = torch.device("meta")  # the stage's move to its device keeps the meta tensors
             model = PipelineParallel(model, ctx, num_microbatches=layout.microbatches, schedule=layout.schedule,
                                      recompute=layout.recompute).parallelize()
+        owned = {name for name in names if any(n.startswith(name + ".") for n, _ in model.named_parameters())}
+        stage = ctx.pp_rank
+        mine = _stage_parts(names, owned, stage == 0, stage == layout.pp - 1)
+        flops = figures.flops(mine)
+        act: int | None = figures.saved_bytes(mine) * (_in_flight(layout, stage) if layout.pp > 1 else 1)
+        if layout.pp > 1 and layout.recompute != "never":
+            redo = layout.microbatches - (layout.recompute == "except_last")
+            cell = mine - {embedding}  # the first stage's lookup runs before the cell (pipeline/split.py)
+            flops += figures.forward(cell) // layout.microbatches * redo
+            act = None  # what recompute keeps is not predicted yet
+        tp_sent = figures.sent(mine)
+        if layout.pp > 1 and layout.recompute != "never":  # the recomputed forwards' collectives again
+            tp_sent += figures.sent(cell, forward=True) / layout.microbatches * redo
         params = [p for p in model.parameters() if p.requires_grad]
         key = norm_kind if layout.zero else (lambda p: None)
         units = unit_numels(params, 25.0, key=key) if layout.dp > 1 or layout.zero else [p.numel() for p in params]
