@@ -25,21 +25,46 @@ def measured() -> dict:
     return dict(zip(CASES, measure(CASES, timeout=300)))
 
 
+@pytest.fixture(scope="module")
+def planned() -> dict:
+    return {case: predict(model_config(case[0], case[1].seq_len), case[1]) for case in CASES}
+
+
 def _errors(measured: dict, case: tuple, plans: list) -> list[dict]:
     return [compare(p, a) for p, a in zip(plans, measured[case])]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{f}-tp{l.tp}pp{l.pp}dp{l.dp}z{l.zero}" for f, l in CASES])
-def test_plan_equals_the_measured_step(measured: dict, case: tuple) -> None:
-    family, layout = case
-    for result in _errors(measured, case, predict(model_config(family, layout.seq_len), layout)):
+def _id(case: tuple) -> str:
+    family, l = case
+    return f"{family}-tp{l.tp}pp{l.pp}dp{l.dp}z{l.zero}-{l.schedule}-{l.recompute}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_plan_equals_the_measured_step(measured: dict, planned: dict, case: tuple) -> None:
+    for result in _errors(measured, case, planned[case]):
         assert result["wrong"] == {}
+
+
+def _activations_off(case: tuple) -> bool:
+    """The cases docs/plan.md lists as off: a tied family's pipeline stage at tp = 1 saves 8 KiB
+    less per block and micro-batch than its one-device trace (two 4 x 16 x 16 attention tensors)."""
+    family, layout = case
+    return family in ("gpt2", "bloom") and layout.tp == 1 and layout.pp > 1
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(
+    strict=True, reason="docs/plan.md: the pipeline saves less than the trace here")) if _activations_off(c)
+    else c for c in CASES], ids=_id)
+def test_activation_peak_within_bound(measured: dict, planned: dict, case: tuple) -> None:
+    layout = case[1]
+    for result in _errors(measured, case, planned[case]):
         error = result["activation_error"]
-        assert error is None and layout.pp > 1 or abs(error) <= ACTIVATION_BOUND
+        assert (error is None and layout.recompute != "never") or abs(error) <= ACTIVATION_BOUND
 
 
 def test_planted_bug_forgetting_the_tied_embedding_sum_is_caught(measured: dict) -> None:
     case = ("gpt2", MATRIX[3])  # tied embedding, pp = 2: the two stages sum its gradient
+    assert case[1].pp == 2
     config = model_config("gpt2", case[1].seq_len)
     config.tie_word_embeddings = False  # the planted bug: the plan's model forgets the tie
     wrong = [r["wrong"] for r in _errors(measured, case, predict(config, case[1]))]
@@ -50,6 +75,7 @@ def test_planted_bug_forgetting_the_kv_replica_buffer_is_caught(measured: dict,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(predict_module, "_replica_slots", lambda params, tp, dtype: 0)
     case = ("llama", MATRIX[1])  # tp 4 over 2 kv heads: each kv shard held twice
+    assert case[1].tp == 4 and case[1].dp == 1
     wrong = [r["wrong"] for r in _errors(measured, case, predict(model_config("llama", 16), case[1]))]
     assert all("grads_bytes" in w for w in wrong)
 

@@ -20,7 +20,7 @@ tp traffic are not predicted (``None``): the pipeline engine cannot trace on the
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any, Iterator
 
@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from goose_core.data_parallel.bucket import main_dtype
 from goose_core.distributed.context import ParallelContext
-from goose_core.distributed.grid import AXES
+from goose_core.distributed.grid import ProcessGrid
 from goose_core.loss import loss_dtype
 from goose_core.metadata import shard_spec
 from goose_core.optim.clip import norm_kind
@@ -114,7 +114,14 @@ def model_config(model: str, seq_len: int = 64) -> PretrainedConfig:
 
 
 def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
-    attention = EAGER_IN_DTYPE if _uses_attention_interface(config) else "eager"
+    """The model on the meta device with the attention ``goose train`` gives it: the tiny
+    families' as testing.models builds them (Llama's softmax in its dtype, the others' eager),
+    a folder's through 🤗's interface where the family has one (train/build.py)."""
+    tiny = next((name for name, make in TINY_MODELS.items() if type(make(0.0)) is type(config)), None)
+    if tiny is not None:
+        attention = EAGER_IN_DTYPE if tiny == "llama" else "eager"
+    else:
+        attention = EAGER_IN_DTYPE if _uses_attention_interface(config) else "eager"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)
     return model.train()
@@ -234,4 +241,13 @@ def _pp_sent(config: PretrainedConfig, layout: Layout, stage: int, dtype: torch.
 def predict(config: PretrainedConfig, layout: Layout) -> list[RankPlan]:
     """Every rank's figures, rank order."""
     layout.check()
-    return [predict_rank(config, layout, rank) for rank in range(layout.world)]
+    grid = ProcessGrid(layout.tp, layout.pp, layout.dp)
+    plans: dict[tuple[int, int], RankPlan] = {}
+    out = []
+    for rank in range(layout.world):
+        coords = grid.coords(rank)
+        key = (coords["tp"], coords["pp"])
+        if key not in plans:  # dp replicas hold and send the same (ZeRO's shards are equal)
+            plans[key] = predict_rank(config, layout, rank)
+        out.append(replace(plans[key], rank=rank, coords=dict(coords)))
+    return out
