@@ -105,3 +105,16 @@ def test_hardware_and_search(capsys: pytest.CaptureFixture) -> None:
 def test_bad_input_is_one_line_and_exit_2(argv: list, says: str, capsys: pytest.CaptureFixture) -> None:
     assert plan_main(argv) == 2
     assert says in capsys.readouterr().err
+
+
+def test_goose_train_account_prints_the_table(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "goose_core.train", "--model", "llama", "--steps", "2",
+                          "--batch-size", "2", "--seq-len", "16", "--account", "--no-progress"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "accounting, step 2" in out.stdout and "act peak MiB" in out.stdout

@@ -1,7 +1,7 @@
 """Accounting: what one rank holds, saves, computes and sends in one training step, measured.
 
-``measure_step`` runs one step of the caller's (forward and backward, then the optimizer's
-step) and reads every figure from the live objects, never from a formula::
+``Accounting`` counts one step of the caller's (``measure_step``: forward and backward, then the
+optimizer's step) and reads every figure from the live objects, never from a formula::
 
     figure                    read from
     params_bytes              the model's parameter storages (each once)
@@ -20,6 +20,7 @@ These are the figures ``goose plan`` predicts; ``tests/test_plan.py`` holds one 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Iterable
@@ -34,7 +35,7 @@ from goose_core.distributed.traffic import count_traffic
 from goose_core.engine.activations import LiveActivations
 from goose_core.metadata import module_grad_sync
 
-__all__ = ["Account", "measure_step", "held_bytes", "format_table"]
+__all__ = ["Account", "Accounting", "measure_step", "held_bytes", "format_table"]
 
 
 @dataclass
@@ -87,28 +88,56 @@ def held_bytes(model: nn.Module, optimizer: Any) -> dict[str, int]:
             "optimizer_bytes": sum(_storages(state).values())}
 
 
-def measure_step(model: nn.Module, optimizer: Any, ctx: ParallelContext,
-                 forward_backward: Callable[[], Any]) -> Account:
-    """Run ``forward_backward()`` then ``optimizer.step()`` and ``zero_grad()``, counting.
+class Accounting:
+    """Count one step: enter before its forward, call :meth:`after_backward` between the backward
+    and the optimizer's step (``goose train``'s hook), read :attr:`account` after the block.
 
     Measure a step after the first: the first backward makes one-time checks (tensor
     parallelism's replicated-gradient check, an all-reduce) and the optimizer state does not
     exist before the first step.
     """
-    cuda = ctx.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    with count_traffic(ctx) as traffic:
-        with FlopCounterMode(display=False) as flops, LiveActivations(model.parameters()) as live:
-            forward_backward()
-        grads = _grads(model)
+
+    def __init__(self, model: nn.Module, optimizer: Any, ctx: ParallelContext) -> None:
+        self.model, self.optimizer, self.ctx = model, optimizer, ctx
+        self.grads = 0
+        self.account: Account | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "Accounting":
+        if self.ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.ctx.device)
+        self.traffic = self._stack.enter_context(count_traffic(self.ctx))
+        self.flops = self._stack.enter_context(FlopCounterMode(display=False))
+        self.live = self._stack.enter_context(LiveActivations(self.model.parameters()))
+        return self
+
+    def after_backward(self, model: nn.Module | None = None) -> None:
+        """Read the gradients held now (the backward is over, the step has not run)."""
+        self.grads = _grads(self.model)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        cuda = self.ctx.device.type == "cuda"
+        self.account = Account(
+            rank=self.ctx.rank, grads_bytes=self.grads, activations_peak_bytes=self.live.peak,
+            flops_per_step=int(self.flops.get_total_flops()),
+            sent_bytes={axis: self.traffic[axis] for axis in AXES},
+            cuda_peak_bytes=torch.cuda.max_memory_allocated(self.ctx.device) if cuda else None,
+            **held_bytes(self.model, self.optimizer))
+
+
+def measure_step(model: nn.Module, optimizer: Any, ctx: ParallelContext,
+                 forward_backward: Callable[[], Any]) -> Account:
+    """Run ``forward_backward()`` then ``optimizer.step()`` and ``zero_grad()``, counted
+    (see :class:`Accounting`; the FLOPs are the forward's and backward's, the optimizer's
+    elementwise work has none that FlopCounterMode counts)."""
+    with Accounting(model, optimizer, ctx) as accounting:
+        forward_backward()
+        accounting.after_backward()
         optimizer.step()
-    optimizer.zero_grad()
-    sent = {axis: traffic[axis] for axis in AXES}
-    return Account(rank=ctx.rank, grads_bytes=grads, activations_peak_bytes=live.peak,
-                   flops_per_step=int(flops.get_total_flops()), sent_bytes=sent,
-                   cuda_peak_bytes=torch.cuda.max_memory_allocated(ctx.device) if cuda else None,
-                   **held_bytes(model, optimizer))
+        optimizer.zero_grad()
+    assert accounting.account is not None
+    return accounting.account
 
 
 COLUMNS = ("rank", "params_bytes", "grads_bytes", "masters_bytes", "optimizer_bytes",
