@@ -113,15 +113,14 @@ def model_config(model: str, seq_len: int = 64) -> PretrainedConfig:
                          f"local folder with a config.json: {err}") from None
 
 
-def _meta_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+def _meta_model(config: PretrainedConfig, dtype: torch.dtype, attention: str | None = None) -> nn.Module:
     """The model on the meta device with the attention ``goose train`` gives it: the tiny
     families' as testing.models builds them (Llama's softmax in its dtype, the others' eager),
     a folder's through 🤗's interface where the family has one (train/build.py)."""
-    tiny = next((name for name, make in TINY_MODELS.items() if type(make(0.0)) is type(config)), None)
-    if tiny is not None:
-        attention = EAGER_IN_DTYPE if tiny == "llama" else "eager"
-    else:
-        attention = EAGER_IN_DTYPE if _uses_attention_interface(config) else "eager"
+    if attention is None:
+        tiny = next((name for name, make in TINY_MODELS.items() if type(make(0.0)) is type(config)), None)
+        interface = EAGER_IN_DTYPE if _uses_attention_interface(config) else "eager"
+        attention = interface if tiny is None else EAGER_IN_DTYPE if tiny == "llama" else "eager"
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)
     return model.train()
@@ -161,11 +160,12 @@ def _hidden(config: PretrainedConfig) -> int:
     return getattr(config, "hidden_size", None) or config.n_embd
 
 
-def predict_rank(config: PretrainedConfig, layout: Layout, rank: int) -> RankPlan:
-    """The figures of one rank (see the module docstring)."""
+def predict_rank(config: PretrainedConfig, layout: Layout, rank: int, attention: str | None = None) -> RankPlan:
+    """The figures of one rank (see the module docstring); ``attention`` overrides the attention
+    implementation goose train would pick (a benchmark's ``"sdpa"``)."""
     dtype = DTYPES[layout.dtype]
     with _fake_rank(layout, rank) as ctx:
-        model = _meta_model(config, dtype)
+        model = _meta_model(config, dtype, attention)
         if layout.tp > 1:
             model = TensorParallel(model, ctx, check_grads=False).parallelize()
         local = layout.batch_size // layout.dp
@@ -238,7 +238,7 @@ def _pp_sent(config: PretrainedConfig, layout: Layout, stage: int, dtype: torch.
     return one * ((stage < layout.pp - 1) + (stage > 0)) + header + loss + tied
 
 
-def predict(config: PretrainedConfig, layout: Layout) -> list[RankPlan]:
+def predict(config: PretrainedConfig, layout: Layout, attention: str | None = None) -> list[RankPlan]:
     """Every rank's figures, rank order."""
     layout.check()
     grid = ProcessGrid(layout.tp, layout.pp, layout.dp)
@@ -248,6 +248,6 @@ def predict(config: PretrainedConfig, layout: Layout) -> list[RankPlan]:
         coords = grid.coords(rank)
         key = (coords["tp"], coords["pp"])
         if key not in plans:  # dp replicas hold and send the same (ZeRO's shards are equal)
-            plans[key] = predict_rank(config, layout, rank)
+            plans[key] = predict_rank(config, layout, rank, attention)
         out.append(replace(plans[key], rank=rank, coords=dict(coords)))
     return out

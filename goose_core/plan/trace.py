@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
+from transformers import masking_utils
 
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.traffic import count_traffic
@@ -159,7 +161,10 @@ def trace_parts(model: nn.Module, ctx: ParallelContext, batch: int, micro: int, 
     parts = parts_of(model)
     out = PartFigures()
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
-    with ModuleTracker() as tracker:
+    # 🤗 looks for packed sequences in the position ids, a test of values: a trace has none, and
+    # goose's batches are whole windows (no packing), so the answer is 🤗's for those: none.
+    unpacked = mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    with unpacked, ModuleTracker() as tracker:
         where = _Where(model, parts, tracker)
         with count_traffic(ctx) as traffic, _PartFlops(where, out.step_flops):
             traffic.calls = _Attributed(traffic.calls, where, out.tp_sent)
