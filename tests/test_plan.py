@@ -118,3 +118,18 @@ def test_goose_train_account_prints_the_table(tmp_path) -> None:
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "accounting, step 2" in out.stdout and "act peak MiB" in out.stdout
+
+
+def test_a_local_folder_is_read_for_its_config_only(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path)  # no weights
+    assert plan_main(["--model", str(tmp_path), "--tp", "2", "--pp", "2", "--microbatches", "2",
+                      "--batch-size", "4", "--seq-len", "16", "--json"]) == 0
+    ranks = json.loads(capsys.readouterr().out)
+    # the two stages split the parameters: embedding on stage 0, the head on stage 1, each cut by tp
+    per_rank = [r["params_bytes"] for r in ranks]
+    layer = 4 * (128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 256) // 2 + 4 * 2 * 128  # tp-cut, norms whole
+    assert per_rank[0] == 4 * 512 * 128 // 2 + layer
+    assert per_rank[2] == 4 * 512 * 128 // 2 + layer + 4 * 128  # the head and the final norm
