@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import Any, Sequence
 
 from goose_core.instruments.accounting import format_table
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="override the preset's peak (TFLOP/s)")
     p.add_argument("--memory-gb", type=float, help="override the preset's memory (GB)")
     p.add_argument("--search", action="store_true",
-                   help="list the tp x dp layouts of --world ranks that fit the memory, fastest first")
+                   help="list the tp x pp x dp layouts of --world ranks that fit the memory, fastest first")
     p.add_argument("--world", type=int, default=0, help="ranks for --search (default tp x pp x dp)")
     return p
 
@@ -47,20 +48,27 @@ def _hardware(args: argparse.Namespace) -> Hardware | None:
 
 
 def search(config: Any, base: Layout, world: int, hw: Hardware) -> list[dict[str, Any]]:
-    """Every tp x dp split of ``world`` (pp = 1, ZeRO 0-2) that fits ``hw``'s memory, fastest first."""
+    """Every tp x pp x dp split of ``world`` and ZeRO stage (0 where dp = 1) whose largest rank
+    fits ``hw``'s memory, fastest first (at pp > 1 with one micro-batch asked for, pp of them)."""
     found = []
-    for tp in (d for d in range(1, world + 1) if world % d == 0):
-        for zero in ((0, 1, 2) if world // tp > 1 else (0,)):  # ZeRO shards over dp
-            layout = Layout(**{**base.__dict__, "tp": tp, "pp": 1, "dp": world // tp, "zero": zero})
+    divisors = [d for d in range(1, world + 1) if world % d == 0]
+    for tp, pp in ((tp, pp) for tp in divisors for pp in divisors if world % (tp * pp) == 0):
+        dp = world // (tp * pp)
+        micro = base.microbatches if pp == 1 or base.microbatches > 1 else pp
+        for zero in ((0, 1, 2) if dp > 1 else (0,)):  # ZeRO shards over dp
+            layout = replace(base, tp=tp, pp=pp, dp=dp, zero=zero, microbatches=micro)
             try:
                 layout.check()
-                ranks = [r.as_json() for r in predict(config, layout)[:tp]]  # dp ranks repeat these
+                ranks = [r.as_json() for r in predict(config, layout)]
             except ValueError:
-                continue
+                continue  # a size that does not split (heads, batch): not a layout
+            if any(r["activations_peak_bytes"] is None for r in ranks):
+                continue  # recompute at pp > 1: its peak is not predicted, so it cannot be said to fit
             peak = max(held_bytes(r) for r in ranks)
-            if peak <= hw.memory_bytes:
-                found.append({"tp": tp, "pp": 1, "dp": world // tp, "zero": zero, "peak_bytes": peak,
-                              "step_s": step_time(ranks, hw), "mfu": mfu(ranks, hw)})
+            step = step_time(ranks, hw, pp, micro)
+            if peak <= hw.memory_bytes and step is not None:
+                found.append({"tp": tp, "pp": pp, "dp": dp, "zero": zero, "microbatches": micro,
+                              "peak_bytes": peak, "step_s": step, "mfu": mfu(ranks, hw, pp, micro)})
     return sorted(found, key=lambda f: f["step_s"])
 
 
@@ -82,7 +90,7 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
             return 2
         found = search(config, layout, args.world or layout.world, hw)
         print(json.dumps(found, indent=1) if args.json else "\n".join(
-            f"tp{f['tp']} pp1 dp{f['dp']} zero{f['zero']}: peak {f['peak_bytes'] / 2**30:.2f} GiB, "
+            f"tp{f['tp']} pp{f['pp']} dp{f['dp']} zero{f['zero']} M{f['microbatches']}: peak {f['peak_bytes'] / 2**30:.2f} GiB, "
             f"step {f['step_s'] * 1e3:.2f} ms, MFU {f['mfu']:.1%}" for f in found) or "no layout fits")
         return 0
     ranks = [r.as_json() for r in predict(config, layout)]
@@ -91,8 +99,8 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(format_table(ranks))
     if hw is not None:
-        step = step_time(ranks, hw)
+        step = step_time(ranks, hw, layout.pp, layout.microbatches)
         print(f"peak held {max(held_bytes(r) for r in ranks) / 2**30:.3f} GiB of {hw.memory_bytes / 2**30:.1f}; "
-              + ("step time and MFU: not predicted at pp > 1" if step is None
-                 else f"step {step * 1e3:.3f} ms, MFU {mfu(ranks, hw):.1%}"))
+              f"step >= {step * 1e3:.3f} ms (roofline, no overlap), MFU <= "
+              f"{mfu(ranks, hw, layout.pp, layout.microbatches):.1%}")
     return 0

@@ -2,7 +2,8 @@
 
 The model is a roofline with no overlap (an upper bound on the step time)::
 
-    step = max over ranks ( FLOPs / peak  +  sent_tp / tp_link  +  (sent_pp + sent_dp) / link )
+    busy = max over ranks ( FLOPs / peak  +  sent_tp / tp_link  +  (sent_pp + sent_dp) / link )
+    step = busy x (M + p - 1) / M          the pipeline's bubble (GPipe and 1F1B alike)
     MFU  = sum over ranks of FLOPs / (world x peak x step)
 
 Presets: dense bf16 tensor-core peaks and NVLink / InfiniBand per-GPU bandwidths (one direction)
@@ -39,7 +40,7 @@ def held_bytes(rank: dict[str, Any]) -> int:
                                       "activations_peak_bytes"))
 
 
-def step_time(ranks: list[dict[str, Any]], hw: Hardware) -> float | None:
+def step_time(ranks: list[dict[str, Any]], hw: Hardware, pp: int = 1, microbatches: int = 1) -> float | None:
     """Seconds per step (None where a rank's FLOPs are not predicted)."""
     if any(r["flops_per_step"] is None for r in ranks):
         return None
@@ -47,12 +48,12 @@ def step_time(ranks: list[dict[str, Any]], hw: Hardware) -> float | None:
         s = r["sent_bytes"]
         return (r["flops_per_step"] / hw.peak_flops + (s.get("tp") or 0) / hw.tp_link
                 + ((s.get("pp") or 0) + (s.get("dp") or 0)) / hw.link)
-    return max(one(r) for r in ranks)
+    return max(one(r) for r in ranks) * (microbatches + pp - 1) / microbatches
 
 
-def mfu(ranks: list[dict[str, Any]], hw: Hardware) -> float | None:
+def mfu(ranks: list[dict[str, Any]], hw: Hardware, pp: int = 1, microbatches: int = 1) -> float | None:
     """Model FLOPs utilisation of :func:`step_time` (the counted FLOPs: recompute included)."""
-    step = step_time(ranks, hw)
+    step = step_time(ranks, hw, pp, microbatches)
     if not step:
         return None
     return sum(r["flops_per_step"] for r in ranks) / (len(ranks) * hw.peak_flops * step)

@@ -8,13 +8,15 @@ How, per rank (``predict`` does it one rank after another in this process)::
        TensorParallel and, at pp > 1, PipelineParallel: the rank's exact parameters
     3. parameters, gradients, masters, optimizer state, dp traffic: optim.zero_cost over the
        rank's buckets (data_parallel's bucket plan over those parameters)
-    4. at pp = 1: one forward and backward of the tp-cut meta model, traced: FLOPs
+    4. one forward and backward of the tp-cut meta model traced by part (plan/trace.py): FLOPs
        (FlopCounterMode counts shapes), tp traffic (count_traffic: the fake group's calls) and
-       the bytes saved for backward (one micro-batch: gradient accumulation frees the rest)
-    5. pp traffic: each micro-batch's activation sent forward and its gradient back
+       the bytes saved for backward by one micro-batch; a stage sums its parts, its activation
+       peak is that times the micro-batches it holds at once (engine/schedule.py)
+    5. pp traffic: each micro-batch's activation sent forward and its gradient back, the header,
+       the loss broadcast, the tied embedding's sum; dp: the target count and the loss's mean
 
-Nothing is computed on data; a 7B model plans in seconds. At pp > 1 the FLOPs, activations and
-tp traffic are not predicted (``None``): the pipeline engine cannot trace on the meta device.
+Nothing is computed on data; a 1B model plans in about a second. Under recompute at pp > 1 the
+activation peak is not predicted (``None``); docs/plan.md lists where the prediction is off.
 """
 
 from __future__ import annotations
