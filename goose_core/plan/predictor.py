@@ -171,7 +171,7 @@ def predict_rank(config: PretrainedConfig, layout: Layout, rank: int, attention:
         if layout.tp > 1:
             model = TensorParallel(model, ctx, check_grads=False).parallelize()
         local = layout.batch_size // layout.dp
-        figures = trace_parts(model, ctx, local, layout.microbatches, layout.seq_len)
+        figures = trace_parts(model, ctx, local, layout.microbatches, layout.seq_len, pipelined=layout.pp > 1)
         names = list(parts_of(model))
         table = model.get_input_embeddings()
         embedding = next((n for n, m in parts_of(model).items() if m is table), "")

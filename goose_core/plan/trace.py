@@ -152,8 +152,15 @@ class _PartFlops(FlopCounterMode):
         return super()._count_flops(func_packet, out, args, kwargs)
 
 
-def trace_parts(model: nn.Module, ctx: ParallelContext, batch: int, micro: int, seq: int) -> PartFigures:
-    """FLOPs and tp traffic of the whole local batch, saved bytes of one micro-batch, by part."""
+def trace_parts(model: nn.Module, ctx: ParallelContext, batch: int, micro: int, seq: int,
+                pipelined: bool = False) -> PartFigures:
+    """FLOPs and tp traffic of the whole local batch, saved bytes of one micro-batch, by part.
+
+    ``pipelined``: forward as a pipeline stage does, with no KV cache (pipeline/split.py); a
+    plain model builds one when its config says ``use_cache``, and attention then saves the
+    cache's copies of the keys and values instead of views of the projection.
+    """
+    cache = {"use_cache": False} if pipelined else {}
     check = batch_check_of(model)  # it reads values; the trace has none
     for key, hook in list(model._forward_pre_hooks.items()):
         if hook is check:
@@ -169,7 +176,7 @@ def trace_parts(model: nn.Module, ctx: ParallelContext, batch: int, micro: int, 
         with count_traffic(ctx) as traffic, _PartFlops(where, out.step_flops):
             traffic.calls = _Attributed(traffic.calls, where, out.tp_sent)
             with _Tag(where):
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=ids, **cache).loss
             loss.backward()
         where.phase = PRE
         skip = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -184,7 +191,7 @@ def trace_parts(model: nn.Module, ctx: ParallelContext, batch: int, micro: int, 
         with count_traffic(ctx) as traffic, _PartFlops(where, out.forward_flops, times=micro):
             traffic.calls = _Attributed(traffic.calls, where, out.forward_tp_sent, times=micro)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = model(input_ids=one, labels=one).loss
+                loss = model(input_ids=one, labels=one, **cache).loss
         del loss
     return out
 
