@@ -12,9 +12,10 @@ from goose_core.plan.accuracy import FAMILIES, MATRIX, compare, measure
 from goose_core.plan.cli import plan_main
 from goose_core.plan.predictor import Layout, model_config, predict
 
-#: The activation peak's allowed error: the prediction counts the same saved tensors on the meta
-#: device; what it cannot see is the few bytes the live run saves besides (the loss's scalars,
-#: DataParallel's count), a fraction of a percent at these sizes. The published bound is 5 %.
+#: The activation peak's allowed error, the bound docs/plan.md publishes: the prediction counts
+#: the saved tensors of the same code on the meta device, part by part, and composes a stage's
+#: peak from them by the schedule (predictor._stage_peak); what it does not see is a few bytes
+#: (the live run's own scalars, the engine's), under 2 % at these tiny sizes.
 ACTIVATION_BOUND = 0.05
 
 CASES = [(f, layout) for f in FAMILIES for layout in MATRIX]
@@ -47,10 +48,9 @@ def test_plan_equals_the_measured_step(measured: dict, planned: dict, case: tupl
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_activation_peak_within_bound(measured: dict, planned: dict, case: tuple) -> None:
-    layout = case[1]
     for result in _errors(measured, case, planned[case]):
         error = result["activation_error"]
-        assert (error is None and layout.recompute != "never") or abs(error) <= ACTIVATION_BOUND
+        assert abs(error) <= ACTIVATION_BOUND
 
 
 def test_planted_bug_forgetting_the_tied_embedding_sum_is_caught(measured: dict) -> None:

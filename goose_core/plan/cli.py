@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2),
                    help="ZeRO stage (--zero alone: 1, as goose train's flag)")
     p.add_argument("--schedule", default="gpipe", choices=("gpipe", "1f1b"))
-    p.add_argument("--recompute", default="never")
+    p.add_argument("--recompute", default="never", help="pipeline stages: never, except_last or always")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per rank")
     p.add_argument("--hardware", choices=sorted(PRESETS), help="predict step time and MFU on this GPU")
     p.add_argument("--peak-tflops", type=float, help="override the preset's peak (TFLOP/s)")

@@ -15,8 +15,8 @@ How, per rank (``predict`` does it one rank after another in this process)::
     5. pp traffic: each micro-batch's activation sent forward and its gradient back, the header,
        the loss broadcast, the tied embedding's sum; dp: the target count and the loss's mean
 
-Nothing is computed on data; a 1B model plans in about a second. Under recompute at pp > 1 the
-activation peak is not predicted (``None``); docs/plan.md lists where the prediction is off.
+Nothing is computed on data; a 1B model plans in about a second. docs/plan.md lists where the
+prediction is off.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ from goose_core.testing.models import EAGER_IN_DTYPE, TINY_MODELS, _uses_attenti
 
 __all__ = ["Layout", "RankPlan", "model_config", "predict", "DTYPES"]
 
+#: The recompute modes the plan models (engine/recompute.py's at the time of writing).
+RECOMPUTE = ("never", "except_last", "always")
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -74,6 +76,10 @@ class Layout:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPES)}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"--recompute {self.recompute!r}: goose plan models {', '.join(RECOMPUTE)}")
+        if self.schedule not in ("gpipe", "1f1b"):
+            raise ValueError(f"--schedule {self.schedule!r}: goose plan models gpipe and 1f1b")
         if self.zero not in (0, 1, 2):
             raise ValueError(f"--zero {self.zero!r}: 0 (plain data parallelism), 1 or 2")
         if self.batch_size % (self.dp * self.microbatches):
@@ -153,6 +159,30 @@ def _stage_parts(parts: list[str], owned: set[str], first: bool, last: bool) -> 
     return mine
 
 
+def _stage_peak(layout: Layout, stage: int, full: int, lookups: int, cell_input: int) -> int:
+    """A pipeline stage's saved bytes at their peak, from one micro-batch's: ``full`` (its cells),
+    ``lookups`` (the first stage's token lookups, made for every micro-batch before the schedule
+    runs, each kept until its backward) and ``cell_input`` (what a recomputed cell keeps)::
+
+        k = micro-batches in flight at once (GPipe M, 1F1B min(p - j, M))
+        never         k full
+        always        one rebuilt full + (k - 1) kept inputs (a cell is rebuilt after the
+                      backward before it has freed its graph: engine/recompute.py)
+        except_last   GPipe: as always (the last micro-batch, kept whole, is the first backward);
+                      1F1B: the last one kept whole beside one rebuilt + (k - 2) inputs
+        all of them   + M lookups on the first stage
+    """
+    m, k = layout.microbatches, _in_flight(layout, stage)
+    keeps_last = layout.recompute == "except_last" and m > 1
+    if layout.recompute == "never" or (layout.recompute == "except_last" and m == 1):
+        peak = k * full
+    elif keeps_last and layout.schedule == "1f1b" and k >= 2:
+        peak = 2 * full + (k - 2) * cell_input
+    else:
+        peak = full + (k - 1) * cell_input
+    return peak + m * lookups
+
+
 def _in_flight(layout: Layout, stage: int) -> int:
     """Micro-batches whose activations a stage holds at once (engine/schedule.py)."""
     return layout.microbatches if layout.schedule == "gpipe" else min(layout.pp - stage, layout.microbatches)
@@ -183,12 +213,16 @@ def predict_rank(config: PretrainedConfig, layout: Layout, rank: int, attention:
         stage = ctx.pp_rank
         mine = _stage_parts(names, owned, stage == 0, stage == layout.pp - 1)
         flops = figures.flops(mine)
-        act: int | None = figures.saved_bytes(mine) * (_in_flight(layout, stage) if layout.pp > 1 else 1)
+        cell = mine - {embedding}  # the first stage's lookup runs before the cell (pipeline/split.py)
+        if layout.pp == 1:
+            act = figures.saved_bytes(mine)
+        else:
+            lookups = figures.saved_bytes({embedding} & mine)
+            cell_input = local // layout.microbatches * layout.seq_len * _hidden(config) * _width(dtype)
+            act = _stage_peak(layout, stage, figures.saved_bytes(cell), lookups, cell_input)
         if layout.pp > 1 and layout.recompute != "never":
             redo = layout.microbatches - (layout.recompute == "except_last")
-            cell = mine - {embedding}  # the first stage's lookup runs before the cell (pipeline/split.py)
             flops += figures.forward(cell) // layout.microbatches * redo
-            act = None  # what recompute keeps is not predicted yet
         tp_sent = figures.sent(mine)
         if layout.pp > 1 and layout.recompute != "never":  # the recomputed forwards' collectives again
             tp_sent += figures.sent(cell, forward=True) / layout.microbatches * redo
