@@ -6,7 +6,7 @@ optimizer's step) and reads every figure from the live objects, never from a for
     figure                    read from
     params_bytes              the model's parameter storages (each once)
     grads_bytes               after the backward: DataParallel's buckets alive (full buffers and
-                              kept shards) and every p.grad not inside them
+                              kept shards), every p.grad and master's .grad not inside them
     masters_bytes             the tensors the torch optimizer steps that are not the model's
                               parameters (MasterWeights' fp32 copies, ZeRO's shards)
     optimizer_bytes           the torch optimizer's state tensors (moments, step counters)
@@ -70,8 +70,9 @@ def _inner(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _grads(model: nn.Module) -> int:
-    held: list[Tensor] = [p.grad for p in model.parameters() if p.grad is not None]
+def _grads(model: nn.Module, optimizer: Any) -> int:
+    stepped = [t for g in _inner(optimizer).param_groups for t in g["params"]]  # masters' fp32 grads
+    held: list[Tensor] = [t.grad for t in [*model.parameters(), *stepped] if t.grad is not None]
     buckets = getattr(module_grad_sync(model), "buckets", [])  # DataParallel's reducer, if any
     held += [b.grad for b in buckets if b.allocated] + [b.shard_grad for b in buckets]
     return sum(_storages(held).values())
@@ -113,7 +114,7 @@ class Accounting:
 
     def after_backward(self, model: nn.Module | None = None) -> None:
         """Read the gradients held now (the backward is over, the step has not run)."""
-        self.grads = _grads(self.model)
+        self.grads = _grads(self.model, self.optimizer)
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()

@@ -19,7 +19,7 @@ import torch
 from goose_core.data_parallel import DataParallel
 from goose_core.distributed import ParallelContext, spawn
 from goose_core.instruments.accounting import Account, measure_step
-from goose_core.optim import DistributedOptimizer
+from goose_core.optim import DistributedOptimizer, MasterWeights
 from goose_core.pipeline import PipelineParallel
 from goose_core.plan.predictor import DTYPES, Layout, RankPlan, model_config, predict
 from goose_core.tensor_parallel import TensorParallel
@@ -37,6 +37,7 @@ MATRIX: list[Layout] = [
     Layout(pp=4, microbatches=4, schedule="1f1b", batch_size=4, seq_len=16),
     Layout(tp=2, pp=2, microbatches=2, schedule="1f1b", recompute="except_last", batch_size=4, seq_len=16),
     Layout(pp=2, dp=2, microbatches=2, recompute="always", batch_size=8, seq_len=16),
+    Layout(tp=2, pp=2, microbatches=2, dtype="bf16", batch_size=4, seq_len=16),  # fp32 masters
 ]
 FAMILIES = ("llama", "gpt2", "bloom")
 
@@ -51,7 +52,8 @@ def _run(ctx: ParallelContext, family: str, layout: Layout) -> Account:
     if layout.dp > 1:
         model = DataParallel(model, ctx, zero_stage=max(layout.zero, 1)).parallelize()
     plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    optimizer = DistributedOptimizer(plain, ctx) if layout.zero else plain
+    low = DTYPES[layout.dtype] in (torch.bfloat16, torch.float16)  # fp32 masters, as goose train keeps
+    optimizer = DistributedOptimizer(plain, ctx) if layout.zero else MasterWeights(plain) if low else plain
     g = torch.Generator().manual_seed(0)
     local = layout.batch_size // layout.dp
     ids = torch.randint(0, model.config.vocab_size, (layout.batch_size, layout.seq_len), generator=g)
@@ -109,6 +111,7 @@ def main() -> None:
                   if r["activation_error"] is not None]
         act = f"{max(errors, key=lambda e: e[0])[1]:+.2%}"
         name = (f"tp{layout.tp} pp{layout.pp} dp{layout.dp} zero{layout.zero} M{layout.microbatches}"
+                + (f" {layout.dtype}" if layout.dtype != "float32" else "")
                 + (f" {layout.schedule}" if layout.pp > 1 else "")
                 + (f" recompute {layout.recompute}" if layout.recompute != "never" else ""))
         print(f"| {family} | {name} | {exact}/{len(results)} | {act} |")

@@ -231,6 +231,9 @@ def predict_rank(config: PretrainedConfig, layout: Layout, rank: int, attention:
         units = unit_numels(params, 25.0, key=key) if layout.dp > 1 or layout.zero else [p.numel() for p in params]
         cost = zero_cost(units, layout.dp, layout.zero, dtype, tensors=len(params))
         grads = cost.grads + (_replica_slots(params, layout.tp, dtype) if layout.dp == 1 else 0)
+        if layout.dp == 1 and not layout.zero and main_dtype(dtype) != dtype:
+            # no buckets: MasterWeights' hook moves each p.grad into its master's fp32 .grad
+            grads = sum(p.numel() for p in params) * _width(main_dtype(dtype))
         dp_sent = cost.sent + _ring2(layout.dp, 8 + _width(loss_dtype(dtype))) if layout.dp > 1 else Fraction(0)
         pp_sent = _pp_sent(config, layout, ctx.pp_rank, dtype) if layout.pp > 1 else Fraction(0)
         return RankPlan(rank=rank, coords=dict(ctx.coords), params_bytes=cost.params, grads_bytes=grads,
@@ -270,7 +273,7 @@ def _pp_sent(config: PretrainedConfig, layout: Layout, stage: int, dtype: torch.
     tied = 0
     if getattr(config, "tie_word_embeddings", False) and layout.pp == 2:  # pp > 2: the ends' own group
         rows = config.vocab_size // layout.tp  # the embedding's gradient summed over the two stages
-        tied = _ring2(2, rows * _hidden(config) * _width(dtype))
+        tied = _ring2(2, rows * _hidden(config) * _width(main_dtype(dtype)))  # summed in the grads' dtype
     return one * ((stage < layout.pp - 1) + (stage > 0)) + header + loss + tied
 
 
