@@ -92,7 +92,9 @@ def test_hardware_and_search(capsys: pytest.CaptureFixture) -> None:
 
 @pytest.mark.parametrize("argv, says", [(["--batch-size", "3", "--dp", "2"], "--batch-size 3"),
                                         (["--model", "/no/such/folder"], "/no/such/folder"),
-                                        (["--tp", "0"], "--tp must be >= 1")])
+                                        (["--tp", "0"], "--tp must be >= 1"),
+                                        (["--zero", "--tp", "2"], "--zero 1 at --dp 1"),
+                                        (["--recompute", "blocks"], "--recompute 'blocks'")])
 def test_bad_input_is_one_line_and_exit_2(argv: list, says: str, capsys: pytest.CaptureFixture) -> None:
     assert plan_main(argv) == 2
     assert says in capsys.readouterr().err

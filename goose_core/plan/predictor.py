@@ -82,6 +82,9 @@ class Layout:
             raise ValueError(f"--schedule {self.schedule!r}: goose plan models gpipe and 1f1b")
         if self.zero not in (0, 1, 2):
             raise ValueError(f"--zero {self.zero!r}: 0 (plain data parallelism), 1 or 2")
+        if self.zero and self.dp == 1:
+            raise ValueError(f"--zero {self.zero} at --dp 1 shards nothing and goose plan does not model it: "
+                             f"drop --zero or raise --dp")
         if self.batch_size % (self.dp * self.microbatches):
             raise ValueError(f"--batch-size {self.batch_size} does not split into --dp {self.dp} x "
                              f"--microbatches {self.microbatches}: make it a multiple of {self.dp * self.microbatches}")
