@@ -9,7 +9,8 @@ with AdamW (forward, backward, optimizer step)::
                       (checkpoint never, or always = 🤗's gradient checkpointing of every layer)
     goose-1 / -2      goose's local_pipeline, 1 partition, or 2 on the same device, GPipe over
                       the same micro-batches, in each checkpoint mode (never, except_last, always);
-                      and the same in 1F1B's order once local_pipeline takes schedule="1f1b"
+                      and the same in 1F1B's order once local_pipeline takes schedule="1f1b";
+                      goose-1 recompute="blocks" and "selective" (the blocks only, head and loss kept)
 
 Timing: ``--warmup`` steps first (allocator growth, cuBLAS heuristics), then ``--steps`` steps
 with a CUDA event at each step boundary and one synchronisation at the end; the median step
@@ -50,7 +51,7 @@ from benchmarks.gpu_page import append_and_publish
 from benchmarks.flops import matmul_parameters, mfu, training_flops
 from benchmarks.measure import (PRECISIONS, StepTimer, autocast, measure_peak_flops, peak_memory,
                                 reset_peak_memory, synchronize, tf32)
-from goose_core.pipeline import local_pipeline
+from goose_core.pipeline import BLOCK_MODES, local_pipeline
 from goose_core.plan import Layout, predict
 
 __all__ = ["Shape", "Case", "CASES", "FULL", "TINY", "run_case", "plan", "main"]
@@ -130,7 +131,9 @@ class Case:
 SCHEDULES = ("gpipe", "1f1b") if "schedule" in inspect.signature(local_pipeline).parameters else ("gpipe",)
 
 CASES = (Case("hf-batch"), Case("hf-accumulate", "never"), Case("hf-accumulate", "always"),
-         *(Case("goose", mode, p, schedule) for schedule in SCHEDULES for p in (1, 2) for mode in CHECKPOINT_MODES))
+         *(Case("goose", mode, p, schedule) for schedule in SCHEDULES for p in (1, 2) for mode in CHECKPOINT_MODES),
+         # recompute inside the blocks only, beside 🤗's checkpointing of every layer
+         *(Case("goose", mode) for mode in BLOCK_MODES))
 
 
 def build_model(shape: Shape, device: torch.device, seed: int = 0) -> nn.Module:

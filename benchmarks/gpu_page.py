@@ -42,6 +42,7 @@ backward outside it).
 | 🤗 accumulation | the 4 micro-batches one after another, gradients accumulated (🤗's `num_items_in_batch`) |
 | 🤗 accumulation, gradient checkpointing | the same with 🤗's non-reentrant checkpointing of every layer |
 | goose local_pipeline x1 / x2, checkpoint *mode* | `goose_core.pipeline.local_pipeline` over the same 4 micro-batches, one partition or two on the same GPU, checkpoint `never`, `except_last` or `always` |
+| goose local_pipeline x1, checkpoint blocks / selective | one partition, `recompute="blocks"` (each block replayed, head and loss kept, as 🤗's checkpointing) or `"selective"` (matmul outputs kept, the rest replayed) |
 | goose local_pipeline x1 / x2 1F1B, checkpoint *mode* | the same in 1F1B's order (`schedule="1f1b"`: at most p micro-batches' activations alive where GPipe keeps all 4), in runs where `local_pipeline` takes `schedule` |
 
 ## How it is measured

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from goose_core.amp import GradScaler
     from goose_core.checkpoint import export_pretrained, load_checkpoint, save_checkpoint
+    from goose_core.compile import compile_blocks
     from goose_core.data_parallel import DataParallel
     from goose_core.distributed import ParallelContext, RankError, spawn
     from goose_core.finite import NonFiniteError
@@ -29,6 +30,7 @@ _HOMES = {
     "RankError": "goose_core.distributed",
     "TensorParallel": "goose_core.tensor_parallel",
     "clip_grad_norm_": "goose_core.optim",
+    "compile_blocks": "goose_core.compile",
     "export_pretrained": "goose_core.checkpoint",
     "full_state_dict": "goose_core.state",
     "load_checkpoint": "goose_core.checkpoint",

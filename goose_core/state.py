@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from goose_core.distributed.context import ParallelContext
+from goose_core.data_parallel.zero3 import gathered
 from goose_core.metadata import ShardSpec, mark_sharded, shard_spec
 
 # ShardSpec, mark_sharded and shard_spec live in goose_core.metadata; this was their first home.
@@ -44,7 +45,8 @@ def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict[str, Tensor]
     Collective over the tensor- and pipeline-parallel groups: call it on every rank. A tied
     parameter is gathered once and appears under each of its names.
     """
-    local = {name: _unshard(p, ctx) for name, p in model.named_parameters()}
+    with gathered(model):  # ZeRO-3's shards made whole first (nothing to do otherwise)
+        local = {name: _unshard(p, ctx) for name, p in model.named_parameters()}
     first = {p: name for name, p in model.named_parameters()}
     for name, p in model.named_parameters(remove_duplicate=False):
         local.setdefault(name, local[first[p]])  # a tied alias (remove_duplicate dropped it)

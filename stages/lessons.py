@@ -61,14 +61,17 @@ LESSONS: dict[int, tuple[str, ...]] = {
         "goose_core/distributed/launch.py", "goose_core/distributed/missing.py",
         "goose_core/distributed/progress.py", "goose_core/testing/distributed.py",
         "tests/test_grid.py", "tests/test_context.py", "tests/test_launch.py", "benchmarks/bench_launch.py"),
-    5: ("goose_core/data_parallel/", "goose_core/grad_sync.py", "goose_core/metadata.py",
+    5: ("goose_core/data_parallel/__init__.py", "goose_core/data_parallel/bucket.py",
+        "goose_core/data_parallel/loss.py", "goose_core/data_parallel/reducer.py",
+        "goose_core/data_parallel/replicas.py", "goose_core/data_parallel/wrapper.py",
+        "goose_core/grad_sync.py", "goose_core/metadata.py",
         "tests/test_data_parallel.py", "tests/test_metadata.py", "benchmarks/bench_data_parallel.py"),
     6: ("goose_core/optim/zero.py", "goose_core/optim/zero_state.py", "goose_core/optim/clip.py",
         "tests/test_zero.py", "tests/test_clip.py", "benchmarks/bench_zero.py"),
-    # ZeRO-2 lives in the data-parallel buckets (05's folder) and ZeRO-1's optimizer; this stage
-    # adds what it costs: the formulas, the traffic counter that checks them, and the benchmark.
-    7: ("goose_core/optim/zero_cost.py", "goose_core/distributed/traffic.py", "tests/test_zero2.py",
-        "tests/test_zero_memory.py", "benchmarks/bench_zero3.py"),
+    # ZeRO-2 and ZeRO-3: gradients, then parameters, sharded over dp too; what each stage costs
+    # (the formulas, the traffic counter that checks them) and the benchmark beside FSDP2.
+    7: ("goose_core/data_parallel/zero3.py", "goose_core/optim/zero_cost.py", "goose_core/distributed/traffic.py",
+        "tests/test_zero2.py", "tests/test_zero3.py", "tests/test_zero_memory.py", "benchmarks/bench_zero3.py"),
     # Tensor parallelism, and the family knowledge it reads (each family module holds its TP half
     # and, where the family needs one, the few lines of its pipeline half).
     8: ("goose_core/tensor_parallel/", "goose_core/state.py", "goose_core/models/__init__.py",
@@ -97,7 +100,12 @@ LESSONS: dict[int, tuple[str, ...]] = {
     10: ("goose_core/engine/stream.py", "goose_core/engine/stream_check.py", "goose_core/engine/emulation.py",
         "tests/test_stream.py", "tests/test_stream_check.py", "tests/gpu/test_copy_wait.py",
         "tests/gpu/test_sanitizer.py"),
-    11: ("goose_core/engine/recompute.py",),
+    # Recompute: whole cells, or inside the blocks only (whole or op by op); and compiling each
+    # block, the other per-block transformation (torchtitan applies both per block, checkpoint
+    # inside compile), whose test runs a block recompute mode compiled.
+    11: ("goose_core/engine/recompute.py", "goose_core/engine/block_recompute.py", "goose_core/engine/selective.py",
+         "goose_core/compile.py", "tests/test_selective_recompute.py", "tests/test_compile_pipeline.py",
+         "benchmarks/bench_recompute.py"),
     12: ("goose_core/partition/", "tests/test_partition.py", "tests/test_profile.py", "tests/test_solve.py",
          "tests/gpu/test_profile_cuda.py"),
     # The executor's and recompute's unit tests watch the order of work through callbacks, so
@@ -117,11 +125,12 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "goose_core/distributed/batch_faults.py", "goose_core/testing/layout.py",
          "goose_core/testing/split_reductions.py", "goose_core/pipeline/router_loss.py",
          "goose_core/pipeline/custom_loss.py",
-         "tests/test_composition.py", "tests/test_wrapper_order.py", "tests/test_token_weighted.py",
+         "tests/test_composition.py", "tests/test_zero3_composition.py", "tests/test_wrapper_order.py",
+         "tests/test_token_weighted.py",
          "tests/test_batch_check.py", "tests/test_batch_faults.py", "tests/test_finite.py",
          "tests/test_router_loss.py", "tests/test_custom_loss.py", "tests/test_checkpoint_io.py",
-         "tests/test_export.py", "tests/test_single_process.py", "tests/test_zero2_composition.py",
-         "tests/test_pipeline_generate.py", "tests/gpu/composed_nccl.py",
+         "tests/test_export.py", "tests/test_single_process.py", "tests/test_pipeline_generate.py",
+         "tests/test_zero2_composition.py", "tests/gpu/composed_nccl.py",
          "tests/gpu/test_composed_nccl.py", "benchmarks/bench_batch_check.py",
          "benchmarks/bench_mixed_precision.py"),
 }

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from goose_core.data_parallel.zero3 import sync_of
 from goose_core.distributed.context import ParallelContext
 from goose_core.metadata import is_split_guard, mark_split_guard, shard_spec
 from goose_core.pipeline.split import Placeholder
@@ -28,9 +29,11 @@ __all__ = ["export_pretrained", "is_split"]
 
 
 def is_split(model: nn.Module) -> bool:
-    """Whether ``model`` holds only part of the single-device model (tp shards, pipeline stages)."""
+    """Whether ``model`` holds only part of the single-device model (tp shards, pipeline stages,
+    ZeRO-3's dp shards)."""
     return (any(shard_spec(p) is not None for p in model.parameters())
-            or any(isinstance(m, Placeholder) for m in model.modules()))
+            or any(isinstance(m, Placeholder) for m in model.modules())
+            or sync_of(model) is not None)
 
 
 def export_pretrained(model: PreTrainedModel, ctx: ParallelContext, path: str | Path, **kwargs: Any) -> None:
@@ -63,7 +66,8 @@ def _refuse_split(save: Any) -> Any:
     @functools.wraps(save)
     def save_pretrained(self: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
         if is_split(self):
-            raise ValueError(f"{type(self).__name__} is split by goose (tensor- or pipeline-parallel): "
+            raise ValueError(f"{type(self).__name__} is split by goose (tensor- or pipeline-parallel, or "
+                             f"ZeRO-3): "
                              f"save_pretrained would write this rank's part only. Call "
                              f"goose_core.export_pretrained(model, ctx, path) on every rank instead")
         return save(self, *args, **kwargs)

@@ -34,6 +34,7 @@ from goose_core.checkpoint.chunks import Pieces, pieces_of, whole
 from goose_core.checkpoint.optim_state import (load_masters, load_state, optimizer_problems, state_destinations,
                                                state_entries)
 from goose_core.checkpoint.planner import PiecesLoadPlanner, PiecesSavePlanner
+from goose_core.data_parallel.zero3 import gathered
 from goose_core.distributed.context import ParallelContext
 from goose_core.metadata import keepers_of, shard_spec
 
@@ -90,7 +91,12 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             exists and is not a goose checkpoint, a save inside a forward pass.
         RuntimeError: on every rank, when a rank failed to write (the previous checkpoint stays).
     """
-    path = Path(path)
+    with gathered(model):  # ZeRO-3: whole parameters, saved as at any other stage
+        _save(Path(path), model, optimizer, ctx, extra)
+
+
+def _save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: ParallelContext,
+          extra: dict[str, Any]) -> None:
     states, found = _preflight(path, model, optimizer, ctx, extra)
     entries = _model_entries(model, ctx)
     if optimizer is not None:
@@ -218,20 +224,21 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     metadata = FileSystemReader(folder).read_metadata()
     layout = json.loads((folder / LAYOUT_FILE).read_text())
     errors: list[str] = []
-    dests = _model_destinations(model, ctx, metadata, errors)
-    if optimizer is not None:
-        dests.update(state_destinations(optimizer, _names(model), _cutter(ctx), metadata, errors))
-    dests.update(_rng_destinations(layout, ctx, metadata))
-    dests[EXTRA] = None
-    _agree(errors, ctx, f"the checkpoint at {folder} does not fit this model")
-    planner = PiecesLoadPlanner()
-    try:
-        dcp.load(dests, storage_reader=FileSystemReader(folder), planner=planner)
-    except CheckpointException as err:
-        raise RuntimeError(f"loading {folder} failed on ranks {sorted(err.failures)}:\n{err}") from None
-    dests.update(planner.loaded)
-    if optimizer is not None:
-        load_masters(optimizer, _names(model), dests)  # parameters that are their own master
+    with gathered(model):  # ZeRO-3: loaded into whole parameters, their shards cut on exit
+        dests = _model_destinations(model, ctx, metadata, errors)
+        if optimizer is not None:
+            dests.update(state_destinations(optimizer, _names(model), _cutter(ctx), metadata, errors))
+        dests.update(_rng_destinations(layout, ctx, metadata))
+        dests[EXTRA] = None
+        _agree(errors, ctx, f"the checkpoint at {folder} does not fit this model")
+        planner = PiecesLoadPlanner()
+        try:
+            dcp.load(dests, storage_reader=FileSystemReader(folder), planner=planner)
+        except CheckpointException as err:
+            raise RuntimeError(f"loading {folder} failed on ranks {sorted(err.failures)}:\n{err}") from None
+        dests.update(planner.loaded)
+        if optimizer is not None:
+            load_masters(optimizer, _names(model), dests)  # parameters that are their own master
     for keeper in keepers_of(_names(model)):  # every rank: its step would write its old copy back
         keeper.reload_params()
     if optimizer is not None:

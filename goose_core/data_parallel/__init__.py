@@ -5,6 +5,7 @@ from goose_core.data_parallel.loss import PendingMean, count_items_over, global_
 from goose_core.data_parallel.reducer import GradReducer
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
 from goose_core.data_parallel.wrapper import DataParallel, no_sync, parameters_changed, reducer_of
+from goose_core.data_parallel.zero3 import gathered
 
 __all__ = [
     "Bucket",
@@ -15,6 +16,7 @@ __all__ = [
     "build_buckets",
     "check_replicas",
     "count_items_over",
+    "gathered",
     "global_mean",
     "main_dtype",
     "no_sync",

@@ -72,12 +72,12 @@ class Bucket:
         self.dtype = dtype or main_dtype(params[0].dtype)
         self.device = params[0].device
         self._grad: Tensor | None = None
-        # A view, not a copy: the reduce-scatter writes this rank's shard in place, so the
-        # gradients cost one buffer in all (launch points it at this rank's piece).
-        self.shard_grad = self.grad[: self.shard_numel]
         #: ZeRO-2: the shard has a buffer of its own and the full one is released after the
         #: reduce-scatter (see :meth:`keep_shard_only`).
         self.shard_only = False
+        # A view, not a copy: the reduce-scatter writes this rank's shard in place, so the
+        # gradients cost one buffer in all (launch points it at this rank's piece).
+        self.shard_grad = self.grad[: self.shard_numel]
         #: Wider than the parameters: gradients are added in (main_grad), not copied.
         self.accumulates = self.grad.element_size() > params[0].element_size()
         #: Holds nothing of the current accumulation yet: zeroed before the first gradient is added.
@@ -88,10 +88,21 @@ class Bucket:
 
     @property
     def grad(self) -> Tensor:
-        """The flat gradient buffer (allocated, zeroed, on first use after :meth:`release`)."""
+        """The flat gradient buffer (allocated again on first use after :meth:`release`)."""
         if self._grad is None:
-            self._grad = torch.zeros(self.padded_numel, dtype=self.dtype, device=self.device)
+            self._grad = self._new_buffer()
         return self._grad
+
+    def _new_buffer(self) -> Tensor:
+        # Zeroed the first time. Again after a release only the padding is zeroed: the buffer is
+        # then fresh, so the backward writes every slot before the collective reads it (a copy
+        # into each slot, or the zeroing of an accumulating buffer's first sum), and a memset
+        # of the whole buffer per backward would be wasted.
+        if not self.shard_only:
+            return torch.zeros(self.padded_numel, dtype=self.dtype, device=self.device)
+        buffer = torch.empty(self.padded_numel, dtype=self.dtype, device=self.device)
+        buffer[self.numel:].zero_()
+        return buffer
 
     @property
     def allocated(self) -> bool:
@@ -99,7 +110,7 @@ class Bucket:
         return self._grad is not None
 
     def release(self) -> None:
-        """Free the full buffer; the next use allocates a zeroed one (a fresh accumulation)."""
+        """Free the full buffer; the next use allocates one for a fresh accumulation."""
         self._grad = None
         self.fresh = True
 

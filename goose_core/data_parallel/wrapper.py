@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from goose_core.data_parallel.loss import count_items_over, global_mean, replica_items
 from goose_core.data_parallel.reducer import GradReducer, trainable
 from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
+from goose_core.data_parallel.zero3 import ShardedParameters
 from goose_core.distributed.batch_check import extremes, install_batch_check, model_vocab
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.progress import count_forwards
@@ -76,11 +77,17 @@ class DataParallel:
             state (ZeRO-1; without one, plain data parallelism). 2: gradients too: each bucket
             is reduce-scattered as the backward finishes it and its full buffer released, the
             rank keeps only its shard (:mod:`.reducer`); needs a ``DistributedOptimizer``.
-            3: parameters too.
+            3: parameters too, gathered per decoder block for its forward and backward,
+            gradients reduce-scattered (:mod:`.zero3`; needs ``DistributedOptimizer``, and
+            DataParallel as the last wrapper). Stage 3's every backward reduce-scatters, inside
+            ``no_sync()`` too: the shards sum the micro-batches (keeping a full gradient until
+            the last one would undo what stage 3 saves); stage 2's ``no_sync`` keeps the full
+            gradients until the last micro-batch, as ZeRO-1 (:mod:`.reducer` weighs the two).
 
     Raises:
-        ValueError: ``bucket_size_mb`` is not positive; ``zero_stage`` is not 1, 2 or 3; replicas differ (on every rank); a MoE
-            model whose router loss is on, at dp > 1 (that loss is not a sum over tokens).
+        ValueError: ``bucket_size_mb`` is not positive; ``zero_stage`` is not 1, 2 or 3; replicas
+            differ (on every rank); a MoE model whose router loss is on, at dp > 1 (that loss is
+            not a sum over tokens).
     """
 
     def __init__(self, module: nn.Module, ctx: ParallelContext, bucket_size_mb: float = 25.0,
@@ -103,20 +110,21 @@ class DataParallel:
         self.broadcast = broadcast
         self.reduce_dtype = reduce_dtype
         self.zero_stage = zero_stage
-        self.reducer: GradReducer | None = None
+        self.reducer: GradReducer | ShardedParameters | None = None
 
     def parallelize(self) -> nn.Module:
         """Install the hooks and return the module, ready for ``model(**batch).loss.backward()``."""
-        if self.zero_stage == 3:
-            raise NotImplementedError("DataParallel(zero_stage=3) is not in this build; use zero_stage=2 "
-                                      "(gradients and optimizer state sharded) or 1")
         group = self.ctx.data_parallel_group
         if self.broadcast:
             broadcast_replicas(self.module, group)
         else:
             check_replicas(self.module, group)
-        self.reducer = GradReducer(trainable(self.module), group, self.bucket_bytes, self.reduce_dtype,
-                                   zero_stage=self.zero_stage)
+        if self.zero_stage == 3:  # parameters sharded too: gathered per block (see .zero3)
+            self.reducer = ShardedParameters(self.module, group, self.reduce_dtype,
+                                             reshard_after_forward=self.ctx.pipeline_parallel_size == 1)
+        else:
+            self.reducer = GradReducer(trainable(self.module), group, self.bucket_bytes, self.reduce_dtype,
+                                       zero_stage=self.zero_stage)
         if model_vocab(self.module) is not None:  # a language model: its batch checked before the count
             install_batch_check(self.module, self.ctx)
         self.module.register_forward_pre_hook(self._count_items, with_kwargs=True)
@@ -174,10 +182,10 @@ def _takes_num_items(module: nn.Module) -> bool:
     return any(p.name == "num_items_in_batch" or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def reducer_of(module: nn.Module) -> GradReducer | None:
+def reducer_of(module: nn.Module) -> GradReducer | ShardedParameters | None:
     """The gradient reducer DataParallel installed on ``module``, if any."""
     sync = module_grad_sync(module)
-    return sync if isinstance(sync, GradReducer) else None
+    return sync if isinstance(sync, (GradReducer, ShardedParameters)) else None
 
 
 @contextmanager

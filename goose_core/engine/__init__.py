@@ -9,6 +9,8 @@ Read it in this order:
 * ``microbatch``: cut a batch into M micro-batches, glue the outputs back;
 * ``dependency``: Fork and Join, empty "phony" tensors that add edges to the autograd graph;
 * ``recompute``: a cell that keeps no activations and rebuilds them before its backward;
+  ``block_recompute``: recompute inside each block only (``"blocks"``, ``"selective"``), whose
+  op policy is ``selective``'s;
 * ``stream``: CUDA streams, and a CPU stand-in so the same code runs in CI;
   ``stream_check`` runs CPU code as a GPU would queue it and raises on races;
 * ``transport``: how a tensor crosses a partition boundary (in-process Copy/Wait);

@@ -188,6 +188,14 @@ class DistributedTransport(Transport):
             channel.check_sent()
         self._drain()
 
+    def deliver_sent(self) -> None:
+        for work, _, _ in self.sends:
+            try:
+                work.wait()
+            except RuntimeError:  # the peer stopped too: nothing left to deliver to it
+                pass
+        self.sends = []
+
     def _drain(self) -> None:
         for work, _, peer in self.sends:
             with naming_missing(peer=peer):

@@ -146,6 +146,16 @@ class Pipeline:
         schedule = self.schedule_cls(m, self.num_partitions)
         stop = recompute_stop(self.recompute, m) if grad else 0
         self.transport.begin(m, grad, schedule)
+        try:
+            return self._run(schedule, microbatches, stop, grad)
+        except BaseException:
+            # This rank stops here; what it already sent must still reach its peers, so that each
+            # of them runs on to its own error (or names this rank missing) instead of losing
+            # the message when this process exits and its connections close mid-transfer.
+            self.transport.deliver_sent()
+            raise
+
+    def _run(self, schedule: Schedule, microbatches: list[Inputs], stop: int, grad: bool) -> StepOutput:
         if grad and schedule.backward_in_step:
             return self._run_in_step(schedule, microbatches, stop)
         # after[j][i]: the micro-batch whose backward runs right after i's on partition j.

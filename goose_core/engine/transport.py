@@ -54,6 +54,10 @@ class Transport(ABC):
     def end_backward(self) -> None:
         """Every gradient send of the backward is complete when this returns."""
 
+    def deliver_sent(self) -> None:
+        """After a failure on this rank: wait until what was already sent is delivered (errors
+        of peers that are gone too are this rank's error's consequence, not news)."""
+
 
 class Copy(torch.autograd.Function):
     """Copy a tensor to ``next_stream``'s device, on the two copy streams (gradient: back)."""

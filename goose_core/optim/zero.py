@@ -59,7 +59,7 @@ from goose_core.grad_sync import GradSync
 from goose_core.metadata import (grad_sync_of, is_duplicate, mark_dp_shard, mark_duplicate, mark_sharded,
                                  set_grad_shards, shard_spec)
 from goose_core.optim.clip import norm_kind
-from goose_core.optim.zero_state import consolidate, gather_masters, shard_consolidated, shard_masters
+from goose_core.optim.zero_state import consolidate, gather_masters, shapes_of, shard_consolidated, shard_masters
 from goose_core.optim.wrapper import OptimizerWrapper, differs, follow, on_host
 
 __all__ = ["DistributedOptimizer"]
@@ -104,6 +104,9 @@ class DistributedOptimizer(OptimizerWrapper):
         self.ctx = ctx
         trainable = [[p for p in ps if p.requires_grad] for ps in self.group_params]
         self.grad_sync = _take_over(trainable)
+        #: ZeRO-3 (DataParallel(zero_stage=3)): the parameters themselves live in the buckets'
+        #: ``param_shard``; the step writes them there and the next forward gathers them.
+        self.stage3 = getattr(self.grad_sync, "zero_stage", 1) == 3
         self.buckets = self._bucket(trainable, int(bucket_size_mb * 2**20))
         self.shards = [self._new_shard(b) for b in self.buckets]
         self._install(trainable)
@@ -169,7 +172,10 @@ class DistributedOptimizer(OptimizerWrapper):
     # -- the ZeRO-1 steps ------------------------------------------------------------------
     def _new_shard(self, bucket: Bucket) -> nn.Parameter:
         lo, hi = bucket.shard_range(self.ctx.data_parallel_rank)
-        shard = nn.Parameter(bucket.flat_params(_master_dtype(bucket))[lo:hi].clone())
+        if self.stage3:
+            shard = nn.Parameter(bucket.param_shard.to(_master_dtype(bucket), copy=True))
+        else:
+            shard = nn.Parameter(bucket.flat_params(_master_dtype(bucket))[lo:hi].clone())
         first = bucket.params[0]
         if (spec := shard_spec(first)) is not None:
             mark_sharded(shard, spec)  # only its tp-replica count matters: it steers the norm
@@ -196,6 +202,10 @@ class DistributedOptimizer(OptimizerWrapper):
             bucket.shard_grad.div_(self.ctx.data_parallel_size)
 
     def _all_gather(self) -> None:
+        if self.stage3:  # no gather: each shard is this rank's part of the parameters
+            for bucket, shard in zip(self.buckets, self.shards):
+                bucket.param_shard.copy_(shard.detach())
+            return
         # The flat gradient buffer is free until the next backward: gather parameters into it,
         # in the parameters' dtype (bf16 under mixed precision: half the bytes of the masters).
         flats = [_gather_buffer(b) for b in self.buckets]
@@ -280,6 +290,8 @@ class DistributedOptimizer(OptimizerWrapper):
     def _pieces(self, bucket: Bucket) -> list[tuple[torch.Tensor, slice]]:
         """Each parameter's elements in this rank's shard: a flat view of them (taken now: a
         ``.data`` assignment may have moved a parameter) and where they sit in the shard."""
+        if self.stage3:
+            return [(bucket.param_shard, slice(None))]
         lo, hi = bucket.shard_range(self.ctx.data_parallel_rank)
         pieces = []
         for offset, p in zip(bucket.offsets, bucket.params):
@@ -295,7 +307,7 @@ class DistributedOptimizer(OptimizerWrapper):
 
     # -- checkpoints -------------------------------------------------------------------------
     def _layout(self) -> list[list[int]]:
-        return [[p.numel() for p in b.params] for b in self.buckets]
+        return [[s.numel() for s in shapes_of(b)] for b in self.buckets]
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """This rank's shard of the optimizer state (tied to this dp size and bucketing)."""
@@ -347,7 +359,7 @@ class DistributedOptimizer(OptimizerWrapper):
 
 def _master_dtype(bucket: Bucket) -> torch.dtype:
     """The shard's dtype: fp32 at least (master weights of a bf16 model), wider if reduced wider."""
-    return torch.promote_types(bucket.dtype, main_dtype(bucket.params[0].dtype))
+    return torch.promote_types(bucket.shard_grad.dtype, main_dtype(bucket.params[0].dtype))
 
 
 def _gather_buffer(bucket: Bucket) -> torch.Tensor:

@@ -20,7 +20,13 @@ from torch import Tensor, nn
 from goose_core.data_parallel.bucket import Bucket
 from goose_core.distributed.compat import all_gather_flat
 
-__all__ = ["consolidate", "shard_consolidated", "gather_masters", "shard_masters"]
+__all__ = ["consolidate", "shard_consolidated", "gather_masters", "shard_masters", "shapes_of"]
+
+
+def shapes_of(bucket: Any) -> list[torch.Size]:
+    """The shapes of a bucket's parameters: their own, or those ZeRO-3 recorded (a sharded
+    parameter is empty between uses)."""
+    return list(getattr(bucket, "shapes", None) or [p.shape for p in bucket.params])
 
 
 def _numbering(params: list[list[Any]]) -> dict[Any, int]:
@@ -31,8 +37,8 @@ def _options(group: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in group.items() if k != "params"}
 
 
-def _is_per_element(value: Any, like: Tensor, key: str) -> bool:
-    return torch.is_tensor(value) and value.shape == like.shape and not (key == "step" and value.dim() == 0)
+def _is_per_element(value: Any, like: torch.Size, key: str) -> bool:
+    return torch.is_tensor(value) and value.shape == like and not (key == "step" and value.dim() == 0)
 
 
 def _copy(value: Any) -> Any:
@@ -48,10 +54,10 @@ def consolidate(optimizer: torch.optim.Optimizer, buckets: list[Bucket], shards:
         shard_state = optimizer.state.get(shard, {})
         for key in sorted(shard_state):  # same keys, same order on every rank
             value = shard_state[key]
-            if _is_per_element(value, shard, key):
+            if _is_per_element(value, shard.shape, key):
                 full = torch.empty(bucket.padded_numel, dtype=value.dtype, device=value.device)
                 all_gather_flat(full, value.contiguous(), group=group)
-                pieces = [full[o : o + p.numel()].view(p.shape) for o, p in zip(bucket.offsets, bucket.params)]
+                pieces = [full[o : o + s.numel()].view(s) for o, s in zip(bucket.offsets, shapes_of(bucket))]
             else:
                 pieces = [value] * len(bucket.params)
             for p, piece in zip(bucket.params, pieces):
@@ -72,10 +78,10 @@ def _check_groups(state_dict: dict[str, Any], group_params: list[list[nn.Paramet
 def _shard_entries(entries: list[dict[str, Any]], bucket: Bucket, lo: int, hi: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in entries[0].items():
-        if _is_per_element(value, bucket.params[0], key):
+        if _is_per_element(value, shapes_of(bucket)[0], key):
             flat = torch.zeros(bucket.padded_numel, dtype=value.dtype)
-            for o, p, entry in zip(bucket.offsets, bucket.params, entries):
-                flat[o : o + p.numel()].copy_(entry[key].reshape(-1))
+            for o, s, entry in zip(bucket.offsets, shapes_of(bucket), entries):
+                flat[o : o + s.numel()].copy_(entry[key].reshape(-1))
             out[key] = flat[lo:hi].clone()
         else:
             out[key] = _copy(value)
@@ -117,8 +123,8 @@ def gather_masters(buckets: list[Bucket], shards: list[nn.Parameter], group_para
     for bucket, shard in zip(buckets, shards):
         full = torch.empty(bucket.padded_numel, dtype=shard.dtype, device=shard.device)
         all_gather_flat(full, shard.detach().contiguous(), group=group)
-        for o, p in zip(bucket.offsets, bucket.params):
-            masters[index[p]] = _copy(full[o : o + p.numel()].view(p.shape))
+        for o, p, s in zip(bucket.offsets, bucket.params, shapes_of(bucket)):
+            masters[index[p]] = _copy(full[o : o + s.numel()].view(s))
     return masters
 
 
@@ -138,8 +144,8 @@ def shard_masters(masters: dict[Any, Tensor], buckets: list[Bucket], shards: lis
             raise ValueError(f"the state dict's master_weights lack parameters {missing}; save it from "
                              f"the same model with MasterWeights or DistributedOptimizer")
         flat = torch.zeros(bucket.padded_numel, dtype=shard.dtype)
-        for o, p in zip(bucket.offsets, bucket.params):
-            flat[o : o + p.numel()].copy_(saved[index[p]].reshape(-1))
+        for o, p, s in zip(bucket.offsets, bucket.params, shapes_of(bucket)):
+            flat[o : o + s.numel()].copy_(saved[index[p]].reshape(-1))
         lo, hi = bucket.shard_range(rank)
         out.append(flat[lo:hi].to(shard.device))
     return out

@@ -26,6 +26,7 @@ from goose_core.engine.schedule import (SCHEDULES, GPipe, OneFOneB, Schedule, cl
 from goose_core.engine.stream import trace_waits
 from goose_core.instruments.gantt import draw_gantt
 from goose_core.instruments.timeline import Span, Timeline, bubble_fraction, busy_time, cell_order, makespan, trim_waits
+from goose_core.engine.block_recompute import BLOCK_MODES, RECOMPUTE_MODES
 from goose_core.pipeline.parallel import PipelineParallel, is_pipelined, local_pipeline
 from goose_core.pipeline.split import SplitModel, adapter_for, split_model_for
 
@@ -53,7 +54,9 @@ __all__ = [
     "GPipe",
     "InFlight",
     "LiveActivations",
+    "BLOCK_MODES",
     "MODES",
+    "RECOMPUTE_MODES",
     "OneFOneB",
     "PipelineParallel",
     "RecomputeMode",

@@ -34,7 +34,7 @@ from goose_core.finite import watch
 from goose_core.metadata import parameters_changed
 from goose_core.partition import Partitioner, partition_blocks
 from goose_core.engine.callbacks import Callback, CallbackList
-from goose_core.engine.recompute import recompute_stop
+from goose_core.engine.block_recompute import cell_mode
 from goose_core.pipeline.custom_loss import CustomLoss, LossFn
 from goose_core.engine.p2p import DistributedTransport
 from goose_core.engine.pipeline import Pipeline
@@ -58,7 +58,10 @@ class PipelineParallel:
         num_microbatches: M, the number of equal micro-batches each batch is cut into.
         recompute: which micro-batches drop their activations in the forward and recompute them
             before their backward: ``"always"``, ``"except_last"`` (the default) or ``"never"``
-            (see :mod:`goose_core.engine.recompute`). ``checkpoint=`` is its deprecated name.
+            (see :mod:`goose_core.engine.recompute`); or every micro-batch recomputes inside the
+            transformer blocks only, head and loss kept: ``"blocks"`` (each block whole, as 🤗's
+            gradient checkpointing) or ``"selective"`` (each block's non-matmul ops; see
+            :mod:`goose_core.engine.block_recompute`). ``checkpoint=`` is its deprecated name.
         partitioner: how many blocks each stage gets (see :func:`goose_core.partition.partition_blocks`).
         callbacks: fired around every forward, backward and recompute of a (micro-batch, stage) cell.
         sample: for the profiling partitioners, hidden states of one micro-batch (default: one
@@ -103,7 +106,7 @@ class PipelineParallel:
         if is_pipelined(model):
             raise ValueError("this model is already split into pipeline stages: call "
                              "PipelineParallel(...).parallelize() once")
-        recompute_stop(recompute, num_microbatches)
+        cell_mode(recompute, num_microbatches)  # validates the mode
         self.check_batch = check_policy(check_batch)
         self.model, self.ctx, self.num_microbatches = model, ctx, num_microbatches
         self.recompute = recompute
@@ -178,7 +181,7 @@ def local_pipeline(model: nn.Module, num_partitions: int, num_microbatches: int 
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     if is_pipelined(model):
         raise ValueError("this model is already split into pipeline partitions: pipeline it once")
-    recompute_stop(recompute, num_microbatches)
+    cell_mode(recompute, num_microbatches)  # validates the mode
     split_model = split_model_for(model)
     split_model.check(num_microbatches, schedule_cls)
     counts = _split(split_model, num_partitions, partitioner, num_microbatches)

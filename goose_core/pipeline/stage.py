@@ -29,11 +29,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from goose_core.compile import refuse_whole_model_compile
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.missing import naming_missing
 from goose_core.grad_sync import GradSync
 from goose_core.loss import count_items, loss_dtype, nonzero
 from goose_core.metadata import grad_syncs
+from goose_core.engine.block_recompute import BLOCK_MODES, cell_mode, recompute_blocks
 from goose_core.engine.callbacks import CallbackList
 from goose_core.pipeline.custom_loss import CustomLoss
 from goose_core.pipeline.generate import Generation
@@ -61,7 +63,9 @@ class Stage:
         num_partitions: the pipeline's depth.
         transport: moves activations and gradients between partitions.
         num_microbatches: M.
-        recompute: ``"always"``, ``"except_last"`` or ``"never"``.
+        recompute: a cell mode (``"always"``, ``"except_last"``, ``"never"``) or a block mode
+            (``"blocks"``, ``"selective"``: installed on the held blocks here, see
+            :mod:`goose_core.engine.block_recompute`).
         callbacks: fired around every cell.
         ctx: this rank's context (None: every partition here, no collective).
         tied: the module path of an input embedding tied to the LM head, if any.
@@ -88,7 +92,9 @@ class Stage:
             partitions[-1].body = loss.wrap(partitions[-1].body)
         self.loss = loss
         self.device = devices[max(held)]
-        self.pipeline = Pipeline(partitions, num_partitions, transport, recompute, callbacks, schedule)
+        if recompute in BLOCK_MODES:
+            recompute_blocks([split_model.blocks[b] for blocks in held.values() for b in blocks], recompute)
+        self.pipeline = Pipeline(partitions, num_partitions, transport, cell_mode(recompute), callbacks, schedule)
         self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied else None
         self.generation = Generation(model, self.pipeline, sorted(b for blocks in held.values() for b in blocks),
                                      self.is_last, ctx if num_partitions > 1 else None)
@@ -106,6 +112,7 @@ class Stage:
                 targets of the whole step this batch belongs to (data parallelism passes it).
                 Default: this batch's own targets, so the loss is its token mean.
         """
+        refuse_whole_model_compile("pipelined model")  # before any message: every rank raises
         if input_ids is not None and labels is None and Generation.wanted(kwargs):
             return self.generation.forward(input_ids, attention_mask, **kwargs)  # model.generate's step
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")

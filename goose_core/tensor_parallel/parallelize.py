@@ -28,7 +28,7 @@ from goose_core.distributed.batch_check import check_policy, install_batch_check
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.progress import count_forwards
 from goose_core.finite import watch
-from goose_core.metadata import parameters_changed
+from goose_core.metadata import module_grad_sync, parameters_changed
 from goose_core.pipeline.parallel import is_pipelined
 from goose_core.tensor_parallel.cross_entropy import VocabParallelCausalLMLoss
 from goose_core.tensor_parallel import styles
@@ -202,6 +202,9 @@ class TensorParallel:
                              "of the embedding, the head and the blocks that TensorParallel cuts: "
                              "apply TensorParallel before PipelineParallel (supported orders: TP, PP, "
                              "DP; TP, DP, PP; DP, TP, PP)")
+        if getattr(module_grad_sync(model), "zero_stage", 1) == 3:
+            raise ValueError("DataParallel(zero_stage=3) already sharded this model's parameters over dp: "
+                             "apply TensorParallel (and PipelineParallel) first, DataParallel last")
         plan = resolve_plan(model)
         check_sizes(model, plan, tp)
         install_batch_check(model, ctx, "tp", self.check_batch)  # reads the whole vocabulary

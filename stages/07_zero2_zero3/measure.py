@@ -15,7 +15,7 @@ from goose_core import DataParallel, DistributedOptimizer, ParallelContext, spaw
 from goose_core.data import shard_batch
 from goose_core.data_parallel import count_items_over, no_sync, reducer_of
 from goose_core.distributed import count_traffic
-from goose_core.optim import MasterWeights, norm_kind, unit_numels, zero_cost
+from goose_core.optim import MasterWeights, ZeroCost, norm_kind, unit_numels, zero_cost
 from goose_core.testing import TrainSpec
 
 DP = 4
@@ -29,9 +29,25 @@ def _storages(tensors: list[torch.Tensor]) -> int:
 
 def grads_held(model: nn.Module) -> int:
     """Gradient bytes this rank holds now: full buffers alive, kept shards, ``p.grad``."""
-    buckets = reducer_of(model).buckets
-    return _storages([b.grad for b in buckets if b.allocated] + [b.shard_grad for b in buckets]
-                     + [p.grad for p in model.parameters() if p.grad is not None])
+    tensors = [p.grad for p in model.parameters() if p.grad is not None]
+    for bucket in reducer_of(model).buckets:
+        if getattr(bucket, "allocated", False):  # DataParallel's full buffer (stages 0-2)
+            tensors.append(bucket.grad)
+        tensors += [t for t in (bucket.shard_grad, getattr(bucket, "full_grad", None)) if torch.is_tensor(t)]
+    return _storages(tensors)
+
+
+def cost_of(model: nn.Module, stage: int) -> ZeroCost:
+    """The formula for this rank: DataParallel's buckets at stages 0-2, ZeRO-3's units at 3 (the
+    one outside the blocks gathered once, from its forward to its backward)."""
+    params = [p for p in SPEC.build_model().parameters()]
+    if stage < 3:
+        units = unit_numels(params, 25.0, key=norm_kind if stage else (lambda p: None))
+        return zero_cost(units, DP, stage, SPEC.model_dtype, tensors=len(params))
+    sync = reducer_of(model)
+    buckets = [(b, u is not sync.rest) for u in sync.units for b in u.buckets]
+    return zero_cost([b.numel for b, _ in buckets], DP, 3, SPEC.model_dtype,
+                     regathered=[again for _, again in buckets])
 
 
 def _step(ctx: ParallelContext, stage: int, micro: int, every: bool) -> dict:
@@ -43,24 +59,24 @@ def _step(ctx: ParallelContext, stage: int, micro: int, every: bool) -> dict:
     peak, sent = 0, 0.0
     for i in range(micro):
         with no_sync(model) if i < micro - 1 and not every else nullcontext():
-            loss = model(**shard_batch(batch, i, micro), num_items_in_batch=n).loss
-            with count_traffic(ctx) as traffic:  # the backward's and the step's, as the formula
+            with count_traffic(ctx) as forward:  # ZeRO-3's gathers; not the loss mean (all-reduce)
+                loss = model(**shard_batch(batch, i, micro), num_items_in_batch=n).loss
+            with count_traffic(ctx) as backward:
                 loss.backward()
-            sent += float(traffic["dp"])
+            sent += float(forward["dp"] - forward.by_op("dp").get("all_reduce", 0) + backward["dp"])
         peak = max(peak, grads_held(model))
     with count_traffic(ctx) as traffic:
         optimizer.step()
-    return {"peak_grads": peak, "sent": sent + float(traffic["dp"])}
+    return {"peak_grads": peak, "sent": sent + float(traffic["dp"]), "cost": cost_of(model, stage)}
 
 
 def _body() -> dict:
     ctx = ParallelContext(data_parallel_size=DP)
     params = list(SPEC.build_model().parameters())
     out: dict = {"stages": {}, "accumulate": {}}
-    for stage in (0, 1, 2):
-        units = unit_numels(params, 25.0, key=norm_kind if stage else (lambda p: None))
-        cost = zero_cost(units, DP, stage, SPEC.model_dtype, tensors=len(params))
-        out["stages"][stage] = (cost, _step(ctx, stage, 1, False), sum(p.numel() for p in params))
+    for stage in (0, 1, 2, 3):
+        got = _step(ctx, stage, 1, False)
+        out["stages"][stage] = (got["cost"], got, sum(p.numel() for p in params))
     for every in (False, True):
         out["accumulate"][every] = _step(ctx, 2, MICRO, every)
     return out

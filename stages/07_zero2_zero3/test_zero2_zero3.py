@@ -16,7 +16,7 @@ from torch import nn
 
 from goose_core import DataParallel, DistributedOptimizer, ParallelContext, clip_grad_norm_
 from goose_core.data import shard_batch
-from goose_core.data_parallel import Bucket, count_items_over, no_sync
+from goose_core.data_parallel import Bucket, count_items_over, gathered, no_sync
 from goose_core.distributed.compat import reduce_scatter_flat
 from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, noise_floor_runs,
                                 noise_floor_tolerances, reference_run, run_distributed, snapshot)
@@ -65,7 +65,8 @@ def run(ctx: ParallelContext | None, spec: TrainSpec, zero_stage: int, micro: in
         optimizer.step()
         optimizer.zero_grad()
         losses.append(step_loss)
-    return RunResult(losses, snapshot(model))  # whole parameters on every dp rank
+    with gathered(model):  # whole parameters (ZeRO-3 gathers them; otherwise they are)
+        return RunResult(losses, snapshot(model))
 
 
 def _accumulate(ctx: ParallelContext | None, model: nn.Module, batch: dict, micro: int, every: bool) -> float:

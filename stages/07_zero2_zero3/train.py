@@ -22,9 +22,9 @@ import torch
 
 from goose_core import DataParallel, DistributedOptimizer, ParallelContext, clip_grad_norm_
 from goose_core.data import shard_batch
-from goose_core.data_parallel import count_items_over, no_sync
+from goose_core.data_parallel import count_items_over, gathered, no_sync
 from goose_core.distributed import Traffic, count_traffic
-from goose_core.optim import ZeroCost, norm_kind, unit_numels, zero_cost
+from goose_core.optim import ZeroCost, zero_cost
 from goose_core.testing import RunResult, TINY_MODELS, TrainSpec, format_beside_reference, reference_run, snapshot
 
 
@@ -53,13 +53,14 @@ def train(ctx: ParallelContext, spec: TrainSpec, zero_stage: int = 2, micro_batc
             optimizer.step()  # each rank steps its shard, then the parameters are all-gathered
         optimizer.zero_grad()
         losses.append(float(step_loss))
-    return RunResult(losses, snapshot(model)), optimizer, traffic
+    with gathered(model):  # ZeRO-3: the whole parameters for the snapshot (collective over dp)
+        return RunResult(losses, snapshot(model)), optimizer, traffic
 
 
-def formula(ctx: ParallelContext, spec: TrainSpec, zero_stage: int, bucket_size_mb: float) -> ZeroCost:
-    """What the rank should hold and send, from the parameter layout alone."""
-    params = [p for p in spec.build_model().parameters() if p.requires_grad]
-    units = unit_numels(params, bucket_size_mb, key=norm_kind)
+def formula(ctx: ParallelContext, spec: TrainSpec, zero_stage: int, optimizer: DistributedOptimizer) -> ZeroCost:
+    """What the rank should hold, from the layout of the optimizer's shards (DataParallel's
+    buckets at stages 1-2, ZeRO-3's per-block units at stage 3)."""
+    units = [bucket.numel for bucket in optimizer.buckets]
     return zero_cost(units, ctx.data_parallel_size, zero_stage, spec.model_dtype, optimizer=spec.optimizer)
 
 
@@ -80,12 +81,12 @@ def main() -> None:
     result, optimizer, traffic = train(ctx, spec, args.zero_stage, args.micro_batches, args.bucket_size_mb,
                                        args.every_micro_batch)
     if ctx.rank == 0:
-        cost = formula(ctx, spec, args.zero_stage, args.bucket_size_mb)
+        cost = formula(ctx, spec, args.zero_stage, optimizer)
         state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                     if torch.is_tensor(v))
         print(f"{ctx}: ZeRO-{args.zero_stage} over {ctx.data_parallel_size} ranks, {args.family}")
         print(f"  formula: params {cost.params:,} B, grads {cost.grads:,} B, masters {cost.masters:,} B, "
-              f"optimizer {cost.optimizer:,} B (held here: {state:,} B); sends {float(cost.sent):,.0f} B a step")
+              f"optimizer {cost.optimizer:,} B (held here: {state:,} B)")
         print(f"  counted: {float(traffic['dp']):,.0f} B sent over dp in the last step")
         print(format_beside_reference(result.losses, reference_run(spec).losses))
     ctx.destroy()

@@ -1,8 +1,9 @@
 """Stage 11: recompute by virtual dependencies. Same pipeline, far fewer saved activations.
 
 Trains like stage 09 with ``--recompute`` (default ``always``), then measures on every stage the
-bytes autograd saves for backward during one step (saved-tensor hooks) in each recompute mode.
-Rank 0 prints each step's loss beside the single-device reference, and the memory table.
+bytes autograd saves for backward during one step (saved-tensor hooks) and the step's FLOPs
+(torch's FLOP counter) in each recompute mode. Rank 0 prints each step's loss beside the
+single-device reference, and the two tables.
 
 Run it:
 
@@ -15,11 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 
 from goose_core import ParallelContext, PipelineParallel, full_state_dict
-from goose_core.pipeline import MODES
+from goose_core.pipeline import RECOMPUTE_MODES, LiveActivations
 from goose_core.testing import TINY_MODELS, RunResult, TrainSpec, format_beside_reference, reference_run
 
 
@@ -39,32 +40,27 @@ def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int, recomput
     return RunResult(losses, full_state_dict(model, ctx))
 
 
-def saved_activation_bytes(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int,
-                           recompute: str) -> int:
-    """Bytes of tensors autograd saves for backward on this stage during one forward."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
+def measure_step(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int, recompute: str) -> tuple[int, int]:
+    """(bytes, FLOPs) of one step on this stage: the tensors autograd saves for backward alive at
+    the end of the forward (saved-tensor hooks; each storage once, parameters not), and the
+    FLOPs of the forward and backward (torch's FLOP counter)."""
     model = PipelineParallel(spec.build_model(), ctx, num_microbatches=num_microbatches,
                              recompute=recompute).parallelize()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with FlopCounterMode(display=False) as flops, LiveActivations(model.parameters()) as live:
         loss = model(**spec.batch(0)).loss
-    loss.backward()
-    return total
+        saved = live.bytes
+        loss.backward()
+    return saved, flops.get_total_flops()
 
 
-def memory_table(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int) -> list[list[int]]:
-    """[mode][stage] saved bytes, gathered over the pipeline group (collective)."""
+def memory_table(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int) -> list[list[tuple[int, int]]]:
+    """[mode][stage] (saved bytes, FLOPs), gathered over the pipeline group (collective)."""
     rows = []
-    for mode in MODES:
-        mine = saved_activation_bytes(ctx, spec, num_microbatches, mode)
-        stages: list[int | None] = [None] * ctx.pipeline_parallel_size
+    for mode in RECOMPUTE_MODES:
+        mine = measure_step(ctx, spec, num_microbatches, mode)
+        stages: list[tuple[int, int] | None] = [None] * ctx.pipeline_parallel_size
         dist.all_gather_object(stages, mine, group=ctx.pipeline_parallel_group)
-        rows.append([int(s or 0) for s in stages])
+        rows.append([s or (0, 0) for s in stages])
     return rows
 
 
@@ -73,7 +69,7 @@ def main() -> None:
     parser.add_argument("--family", choices=sorted(TINY_MODELS), default="llama")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--microbatches", type=int, default=4)
-    parser.add_argument("--recompute", choices=list(MODES), default="always")
+    parser.add_argument("--recompute", choices=list(RECOMPUTE_MODES), default="always")
     args = parser.parse_args()
 
     ctx = ParallelContext(pipeline_parallel_size=int(os.environ.get("WORLD_SIZE", "1")))
@@ -83,10 +79,12 @@ def main() -> None:
     if ctx.rank == 0:
         print(f"{ctx}: recompute={args.recompute}, M={args.microbatches}, {args.family}")
         print(format_beside_reference(result.losses, reference_run(spec).losses))
-        print("saved for backward, bytes per stage:")
-        for mode, row in zip(MODES, rows):
-            ratio = sum(row) / max(1, sum(rows[-1]))
-            print(f"  {mode:>11}: {row}  ({ratio:.3f} x never)")
+        never = rows[RECOMPUTE_MODES.index("never")]
+        for k, what in enumerate(("saved for backward, bytes", "FLOPs of the step")):
+            print(f"{what} per stage:")
+            for mode, row in zip(RECOMPUTE_MODES, rows):
+                ratio = sum(s[k] for s in row) / max(1, sum(s[k] for s in never))
+                print(f"  {mode:>11}: {[s[k] for s in row]}  ({ratio:.3f} x never)")
     ctx.destroy()
 
 
