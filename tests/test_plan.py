@@ -10,7 +10,7 @@ import pytest
 import goose_core.plan.predictor as predict_module
 from goose_core.plan.accuracy import FAMILIES, MATRIX, compare, measure
 from goose_core.plan.cli import plan_main
-from goose_core.plan.predictor import Layout, model_config, predict
+from goose_core.plan.predictor import model_config, predict
 
 #: The activation peak's allowed error, the bound docs/plan.md publishes: the prediction counts
 #: the saved tensors of the same code on the meta device, part by part, and composes a stage's

@@ -10,7 +10,6 @@ activation peak's error is reported per case (the page states the worst).
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from fractions import Fraction
 from typing import Any
 

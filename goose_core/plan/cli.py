@@ -90,8 +90,9 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
             return 2
         found = search(config, layout, args.world or layout.world, hw)
         print(json.dumps(found, indent=1) if args.json else "\n".join(
-            f"tp{f['tp']} pp{f['pp']} dp{f['dp']} zero{f['zero']} M{f['microbatches']}: peak {f['peak_bytes'] / 2**30:.2f} GiB, "
-            f"step {f['step_s'] * 1e3:.2f} ms, MFU {f['mfu']:.1%}" for f in found) or "no layout fits")
+            f"tp{f['tp']} pp{f['pp']} dp{f['dp']} zero{f['zero']} M{f['microbatches']}: peak "
+            f"{f['peak_bytes'] / 2**30:.2f} GiB, step {f['step_s'] * 1e3:.2f} ms, MFU {f['mfu']:.1%}"
+            for f in found) or "no layout fits")
         return 0
     ranks = [r.as_json() for r in predict(config, layout)]
     if args.json:

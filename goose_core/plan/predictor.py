@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from goose_core.data_parallel.bucket import main_dtype
