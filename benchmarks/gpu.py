@@ -19,6 +19,13 @@ just before the warm-up (weights, gradients, optimizer state and activations). M
 model FLOPs of a step (``benchmarks.flops``) by the median step time and by the peak FLOP/s of
 a large matmul measured at the start of the run in the same precision.
 
+Beside the cases that hold one micro-batch's activations at a time with nothing recomputed (🤗
+accumulation, goose x1 checkpoint never), each TF32 row carries ``goose plan``'s prediction for
+that one-device layout, made from the config alone before the run: ``plan_peak_bytes``
+(parameters, gradients, AdamW state and the saved activations of one micro-batch) and
+``plan_step_s`` (the plan's counted FLOPs at the measured peak; no overhead, so a lower bound).
+Under bf16 autocast the plan has no model of the casts and says nothing.
+
 Without CUDA it prints why and exits 0. ``--device cpu --tiny`` runs every case on tiny configs
 in seconds (a smoke test of this script; its numbers mean nothing).
 """
@@ -45,8 +52,9 @@ from benchmarks.flops import matmul_parameters, mfu, training_flops
 from benchmarks.measure import (PRECISIONS, StepTimer, autocast, measure_peak_flops, peak_memory,
                                 reset_peak_memory, synchronize, tf32)
 from goose_core.pipeline import BLOCK_MODES, local_pipeline
+from goose_core.plan import Layout, predict
 
-__all__ = ["Shape", "Case", "CASES", "FULL", "TINY", "run_case", "main"]
+__all__ = ["Shape", "Case", "CASES", "FULL", "TINY", "run_case", "plan", "main"]
 
 CHECKPOINT_MODES = ("never", "except_last", "always")  # goose's, see goose_core.engine.recompute
 #: n of the n x n x n matmul that measures the peak FLOP/s: 8192 (1.1 TFLOP a matmul) saturates
@@ -217,6 +225,24 @@ def _train(case: Case, shape: Shape, precision: str, device: torch.device, warmu
         return timer.seconds()
 
 
+def plan(shape: Shape, precision: str) -> dict[str, Any]:
+    """``goose plan``'s one-device prediction for ``shape`` (the module docstring), or nothing
+    under autocast."""
+    if precision != "tf32":
+        return {}
+    config = shape.config()
+    layout = Layout(batch_size=shape.batch_size, microbatches=shape.microbatches, seq_len=shape.seq_len)
+    rank = predict(config, layout, attention=config._attn_implementation)[0]
+    held = rank.params_bytes + rank.grads_bytes + rank.masters_bytes + rank.optimizer_bytes
+    return {"plan_peak_bytes": held + rank.activations_peak_bytes, "plan_flops": rank.flops_per_step}
+
+
+def _planned(case: Case) -> bool:
+    """The cases whose activations are one micro-batch's, nothing recomputed: what the plan is of."""
+    return case.checkpoint == "never" and (case.runner == "hf-accumulate" or
+                                           (case.runner == "goose" and case.partitions == 1))
+
+
 def _why_no_cuda() -> str:
     if torch.version.cuda is None:
         return (f"this torch ({torch.__version__}) is a CPU-only build. Install a CUDA build into the "
@@ -269,8 +295,11 @@ def measure_all(device: torch.device, tiny: bool, models: list[str], precisions:
               f"matmul on {gpu or device})", flush=True)
         for name in models:
             before = load_average()
+            predicted = plan(shapes[name], precision)
             for case in CASES:
                 row = run_case(case, shapes[name], precision, device, warmup, steps, peak)
+                if predicted and _planned(case):
+                    row.update(predicted, plan_step_s=predicted["plan_flops"] / peak)
                 row.update(model=name, run=run, tiny=tiny,
                            environment={**environment(before, gpu), "cuda": torch.version.cuda})
                 print(_line(row), flush=True)
@@ -284,9 +313,11 @@ def _line(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"{row['model']:10} {row['precision']:5} {row['case']:50} {row['status']}"
     memory = row["peak_memory_bytes"]
+    planned = (f"  plan {row['plan_peak_bytes'] / 2**30:.2f} GiB, >= {row['plan_step_s'] * 1e3:.2f} ms"
+               if "plan_peak_bytes" in row else "")
     return (f"{row['model']:10} {row['precision']:5} {row['case']:50} {row['tokens_per_s']:12.0f} tok/s "
             f"{row['step_s'] * 1e3:9.2f} ms  MFU {row['mfu']:6.1%}  "
-            f"peak {'-' if memory is None else f'{memory / 2**30:.2f} GiB'}")
+            f"peak {'-' if memory is None else f'{memory / 2**30:.2f} GiB'}{planned}")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "tests/gpu/test_profile_cuda.py"),
     # The executor's and recompute's unit tests watch the order of work through callbacks, so
     # they come with them (stages 09 and 11 prove their claims in their own folders).
-    13: ("goose_core/engine/callbacks.py", "goose_core/instruments/", "tests/test_callbacks.py",
+    13: ("goose_core/engine/callbacks.py", "goose_core/instruments/__init__.py", "goose_core/instruments/timeline.py",
+         "goose_core/instruments/gantt.py", "tests/test_callbacks.py",
          "tests/test_timeline.py", "tests/test_gantt.py", "tests/test_pipeline.py", "tests/test_recompute.py",
          "tests/gpu/test_local_pipeline.py"),
     # Schedules that shrink the bubble: interleaved 1F1B's chunks, placed by the schedule, the
@@ -165,6 +166,10 @@ TOOLING: tuple[str, ...] = (
     # `goose train`: the command, its job loop, checkpoint rotation, what a person watches and
     # --verify: tooling around the course that uses what every chapter built.
     "goose_core/train/", "tests/test_train_",
+    # `goose plan` and the accounting it is held against: tooling around the course that reads
+    # what every chapter built (TP's cut, the pipeline's split, ZeRO's buckets) and teaches none
+    # of its own; accounting sits beside the instruments it extends, not in stage 13's lesson.
+    "goose_core/plan/", "goose_core/instruments/accounting.py", "tests/test_plan.py",
 )
 
 #: The folders whose every file is a lesson's or tooling's.

@@ -98,6 +98,13 @@ def test_every_case_runs_tiny_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> Non
         assert row["tokens_per_s"] > 0 and row["mfu"] > 0 and row["flops_per_step"] == flops[row["model"]]
     goose = next(r for r in rows if r["runner"] == "goose" and r["checkpoint"] == "always")
     assert versus_accumulation(goose, rows).count("[") == 1  # beside 🤗 accumulation + checkpointing
+    # goose plan beside the measured: TF32 rows of one micro-batch's activations, nothing recomputed
+    planned = [(r["model"], r["case"]) for r in rows if "plan_peak_bytes" in r]
+    assert planned == [("gpt2-124m", c.name) for c in gpu.CASES if gpu._planned(c)]
+    assert {name for _, name in planned} >= {"🤗 accumulation", "goose local_pipeline x1, checkpoint never"}
+    assert "🤗 one batch" not in {name for _, name in planned}  # the whole batch's activations at once
+    row = next(r for r in rows if "plan_peak_bytes" in r)
+    assert row["plan_flops"] > 0 and row["plan_step_s"] == row["plan_flops"] / row["peak_flops"]
 
 
 def test_each_case_has_its_own_name_and_1f1b_cases_ask_for_their_schedule(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,10 +127,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``goose`` console script: ``goose train ...`` (more subcommands may follow)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train_main}
+    from goose_core.plan.cli import plan_main
+
+    commands = {"train": train_main, "plan": plan_main}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         wrong = f"goose: unknown command {argv[0]!r}\n" if argv and argv[0] not in ("-h", "--help") else ""
         sys.stderr.write(f"{wrong}usage: goose {{{','.join(commands)}}} ...\n"
-                         f"  train   train a causal LM at any tp x pp x dp layout (goose train --help)\n")
+                         f"  train   train a causal LM at any tp x pp x dp layout (goose train --help)\n"
+                         f"  plan    predict each rank's memory, FLOPs and traffic (goose plan --help)\n")
         return 0 if not wrong and argv else 2
     return commands[argv[0]](argv[1:])

@@ -89,6 +89,8 @@ class TrainConfig:
     log_jsonl: str = _opt("", "append one JSON object per step (step, loss, lr, grad_norm, tokens, "
                           "tokens_per_s, ...) to this file", "watching", metavar="FILE")
     tensorboard: str = _opt("", "write TensorBoard event files to this folder", "watching", metavar="DIR")
+    account: bool = _opt(False, "print each rank's bytes held, activation peak, FLOPs and bytes sent per "
+                         "group for the second step (what goose plan predicts)", "watching")
     plot: str = _opt("", "draw the loss curve to this PNG at the end", "watching", metavar="FILE")
     progress: bool = _opt(True, "a progress bar on rank 0 (a plain line per step when not a terminal)",
                           "watching")

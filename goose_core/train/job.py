@@ -3,6 +3,7 @@ rank 0 shows, the export."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ from goose_core.amp import GradScaler
 from goose_core.checkpoint import export_pretrained, load_checkpoint, save_checkpoint
 from goose_core.data import BatchStream
 from goose_core.distributed.context import ParallelContext
+from goose_core.instruments.accounting import Account, Accounting, format_table
 from goose_core.train import checkpoints, watch
 from goose_core.train.build import TORCH_DTYPES, Inputs, build_model, build_optimizer, prepare, wrap
 from goose_core.train.config import TrainConfig, is_family
@@ -174,8 +176,12 @@ def _train(config: TrainConfig, ctx: ParallelContext, inputs: Inputs, dtype: tor
         started = time.perf_counter()
         lr = lr_at(completed - 1, config.lr, config.steps, config.warmup, config.min_lr)
         batch = stream.next()
-        loss, norm = step(model, optimizer, ctx, batch, lr, config.clip, config.microbatches, scaler,
-                          after_backward)
+        counted = config.account and completed == first + 2  # after the first step's one-time checks
+        with Accounting(model, optimizer, ctx) if counted else contextlib.nullcontext() as accounting:
+            hook = _both(after_backward, accounting.after_backward) if counted else after_backward
+            loss, norm = step(model, optimizer, ctx, batch, lr, config.clip, config.microbatches, scaler, hook)
+        if counted:
+            _print_accounts(ctx, accounting.account)
         losses.append(loss)
         tokens = batch["input_ids"].numel()
         record: dict[str, Any] = {"step": completed, "loss": loss, "lr": lr, "grad_norm": norm,
@@ -201,3 +207,23 @@ def _train(config: TrainConfig, ctx: ParallelContext, inputs: Inputs, dtype: tor
     name = config.model if is_family(config.model) else Path(config.model).name
     seen.close(f"{name} at {_layout(config, ctx)}, {config.dtype}")
     return losses
+
+
+def _both(*hooks: Any) -> Any:
+    """One after-backward hook calling each of ``hooks`` that is set."""
+    def call(model: Any) -> None:
+        for hook in hooks:
+            if hook is not None:
+                hook(model)
+    return call
+
+
+def _print_accounts(ctx: ParallelContext, account: Account) -> None:
+    """Every rank's account gathered to rank 0 and printed there as one table (--account)."""
+    rows: list[Any] = [account.as_json()]
+    if ctx.world_size > 1:
+        rows = [None] * ctx.world_size
+        dist.all_gather_object(rows, account.as_json())
+    if ctx.rank == 0:
+        print("accounting, step 2 of this run (bytes, FLOPs; goose plan predicts these):\n" + format_table(rows),
+              flush=True)
