@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from goose_core.distributed.compat import reduce_scatter_flat
 from goose_core.distributed.missing import naming_missing
 
-__all__ = ["Bucket", "build_buckets", "main_dtype", "plan_buckets"]
+__all__ = ["Bucket", "build_buckets", "flat_layout", "main_dtype", "plan_buckets"]
 
 
 def main_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,6 +47,17 @@ def main_dtype(dtype: torch.dtype) -> torch.dtype:
     fp32 for bf16 and fp16 (8 and 11 significant bits lose a micro-batch's contribution to a
     large sum), the parameters' own dtype from fp32 up."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def flat_layout(params: list[nn.Parameter], pad_to: int) -> tuple[list[int], int, int, int]:
+    """Where each of ``params`` starts in one flat buffer, and the buffer's sizes: (offsets,
+    numel, padded_numel, shard_numel), padded so it cuts into ``pad_to`` equal shards."""
+    offsets, total = [], 0
+    for p in params:
+        offsets.append(total)
+        total += p.numel()
+    padded = -(-total // pad_to) * pad_to
+    return offsets, total, padded, padded // pad_to
 
 
 class Bucket:
@@ -60,14 +71,7 @@ class Bucket:
 
     def __init__(self, params: list[nn.Parameter], pad_to: int, dtype: torch.dtype | None = None) -> None:
         self.params = params
-        self.offsets: list[int] = []
-        total = 0
-        for p in params:
-            self.offsets.append(total)
-            total += p.numel()
-        self.numel = total
-        self.padded_numel = -(-total // pad_to) * pad_to
-        self.shard_numel = self.padded_numel // pad_to
+        self.offsets, self.numel, self.padded_numel, self.shard_numel = flat_layout(params, pad_to)
         #: The flat buffer's dtype and device.
         self.dtype = dtype or main_dtype(params[0].dtype)
         self.device = params[0].device

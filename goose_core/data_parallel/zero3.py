@@ -72,7 +72,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from goose_core.data_parallel.bucket import main_dtype
+from goose_core.data_parallel.bucket import flat_layout, main_dtype
 from goose_core.distributed.compat import all_gather_flat, reduce_scatter_flat
 from goose_core.distributed.missing import naming_missing
 from goose_core.distributed.progress import note
@@ -102,14 +102,7 @@ class ShardedBucket:
     def __init__(self, params: list[nn.Parameter], dp: int, rank: int,
                  reduce_dtype: torch.dtype | None = None) -> None:
         self.params = params
-        self.offsets: list[int] = []
-        total = 0
-        for p in params:
-            self.offsets.append(total)
-            total += p.numel()
-        self.numel = total
-        self.padded_numel = -(-total // dp) * dp
-        self.shard_numel = self.padded_numel // dp
+        self.offsets, self.numel, self.padded_numel, self.shard_numel = flat_layout(params, dp)
         self.rank = rank
         first = params[0]
         self.shapes = [p.shape for p in params]
