@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar, Literal, NamedTuple
 
-__all__ = ["Cell", "Action", "clock_cycles", "Schedule", "GPipe", "OneFOneB", "Interleaved1F1B", "ZeroBubbleH1", "ZeroBubbleV", "SCHEDULES",
+__all__ = ["Cell", "Action", "clock_cycles", "Schedule", "ProgramSchedule", "RankProgramSchedule", "GPipe", "OneFOneB", "Interleaved1F1B", "ZeroBubbleH1", "ZeroBubbleV", "SCHEDULES",
            "schedule_named", "timetable", "timetable_bubble", "format_timetable"]
 
 #: A unit of pipeline work: (micro-batch index, partition index).
@@ -120,6 +120,24 @@ class Schedule(ABC):
         return [a for tick in timetable(self) for a in sorted(tick.values(), key=lambda a: a.partition)]
 
 
+class ProgramSchedule(Schedule):
+    """A schedule written as each partition's program (:meth:`actions`): its forward cells and
+    backward orders are read off the programs."""
+
+    def forward_cells(self) -> list[Cell]:
+        return [(a.microbatch, a.partition) for a in self.steps() if a.kind == "F"]
+
+    def backward_order(self, partition: int) -> list[int]:
+        return [a.microbatch for a in self.actions(partition) if a.kind == "B"]
+
+
+class RankProgramSchedule(ProgramSchedule):
+    """A schedule written as each rank's program over the partitions it holds (:meth:`rank_actions`)."""
+
+    def actions(self, partition: int) -> list[Action]:
+        return [a for a in self.rank_actions(self.rank_of(partition)) if a.partition == partition]
+
+
 class GPipe(Schedule):
     """All forwards by clock cycle, then all backwards, each partition in reverse micro-batch order::
 
@@ -135,7 +153,7 @@ class GPipe(Schedule):
         return list(reversed(range(self.num_microbatches)))
 
 
-class OneFOneB(Schedule):
+class OneFOneB(ProgramSchedule):
     """1F1B (PipeDream-Flush): warm up with forwards, then alternate one forward, one backward.
 
     Partition j of n runs ``w = min(n - 1 - j, m)`` warm-up forwards, then ``m - w`` pairs
@@ -166,14 +184,11 @@ class OneFOneB(Schedule):
             out += [Action("F", w + k, j), Action("B", k, j)]
         return out + [Action("B", k, j) for k in range(m - w, m)]
 
-    def forward_cells(self) -> list[Cell]:
-        return [(a.microbatch, a.partition) for a in self.steps() if a.kind == "F"]
-
     def backward_order(self, partition: int) -> list[int]:
         return list(range(self.num_microbatches))
 
 
-class Interleaved1F1B(Schedule):
+class Interleaved1F1B(RankProgramSchedule):
     """Interleaved 1F1B (Megatron's virtual pipeline): each rank holds V non-adjacent chunks.
 
     The model is cut into n = p·V partitions (chunks); rank r holds chunks r, r + p, ...,
@@ -235,17 +250,9 @@ class Interleaved1F1B(Schedule):
             out += [self._action("F", warmup + k, rank), self._action("B", k, rank)]
         return out + [self._action("B", k, rank) for k in range(total - warmup, total)]
 
-    def actions(self, partition: int) -> list[Action]:
-        return [a for a in self.rank_actions(self.rank_of(partition)) if a.partition == partition]
-
-    def forward_cells(self) -> list[Cell]:
-        return [(a.microbatch, a.partition) for a in self.steps() if a.kind == "F"]
-
-    def backward_order(self, partition: int) -> list[int]:
-        return [a.microbatch for a in self.actions(partition) if a.kind == "B"]
 
 
-class ZeroBubbleH1(Schedule):
+class ZeroBubbleH1(ProgramSchedule):
     """ZB-H1 (zero bubble, Qi et al. 2024): 1F1B with each backward split into B and W.
 
     B is the input gradient, sent to the previous stage at once; W, the weight gradient, waits:
@@ -282,14 +289,9 @@ class ZeroBubbleH1(Schedule):
             out += [Action("B", k, j), Action("W", held.pop(0), j)]
         return out + [Action("W", i, j) for i in held]
 
-    def forward_cells(self) -> list[Cell]:
-        return [(a.microbatch, a.partition) for a in self.steps() if a.kind == "F"]
-
-    def backward_order(self, partition: int) -> list[int]:
-        return [a.microbatch for a in self.actions(partition) if a.kind == "B"]
 
 
-class ZeroBubbleV(Schedule):
+class ZeroBubbleV(RankProgramSchedule):
     """ZBV (zero bubble, V-shaped): two chunks per rank placed in a V, each backward split in B and W.
 
     The model is cut into 2p chunks; rank r holds chunk r on the way down and chunk 2p-1-r on
@@ -351,14 +353,6 @@ class ZeroBubbleV(Schedule):
             add("W", down)
         return out
 
-    def actions(self, partition: int) -> list[Action]:
-        return [a for a in self.rank_actions(self.rank_of(partition)) if a.partition == partition]
-
-    def forward_cells(self) -> list[Cell]:
-        return [(a.microbatch, a.partition) for a in self.steps() if a.kind == "F"]
-
-    def backward_order(self, partition: int) -> list[int]:
-        return [a.microbatch for a in self.actions(partition) if a.kind == "B"]
 
 
 #: Every schedule, by the name ``schedule=`` takes.
