@@ -218,3 +218,14 @@ def _collectives(ctx: ParallelContext) -> dict:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
     return traffic.bytes
+
+
+def test_the_counter_leaves_c10d_s_own_names_as_it_found_them() -> None:
+    # conftest wraps torch.distributed.isend (NCCL's matching) while c10d's isend stays torch's;
+    # putting the wrapper into c10d on the way out made every later P2POp fail torch's op check.
+    import torch.distributed.distributed_c10d as c10d
+
+    before = {name: getattr(c10d, name) for name in ("isend", "irecv")}
+    with count_traffic():
+        pass
+    assert {name: getattr(c10d, name) for name in ("isend", "irecv")} == before

@@ -160,6 +160,9 @@ def count_traffic(ctx: ParallelContext | None = None) -> Iterator[Traffic]:
         return counted
 
     wrappers = {name: wrap(name, original) for name, original in originals.items()}
+    # c10d's own names, kept apart: torch.distributed's may be a wrapper already (a test's), and
+    # putting that into c10d on the way out would leave P2POp's check refusing torch's isend.
+    c10d_originals = {name: getattr(c10d, name) for name in _P2P_OPS}
     for name, wrapper in wrappers.items():
         setattr(dist, name, wrapper)
     for name in _P2P_OPS:  # P2POp checks its op against these globals: the wrappers must pass
@@ -169,5 +172,5 @@ def count_traffic(ctx: ParallelContext | None = None) -> Iterator[Traffic]:
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
-        for name in _P2P_OPS:
-            setattr(c10d, name, originals[name])
+        for name, original in c10d_originals.items():
+            setattr(c10d, name, original)
