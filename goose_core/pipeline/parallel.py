@@ -107,13 +107,13 @@ class PipelineParallel:
         self.schedule = schedule_named(schedule, virtual_stages)
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        cell_mode(recompute, num_microbatches)  # validates the mode
+        self.check_batch = check_policy(check_batch)
         self.num_chunks = ctx.pipeline_parallel_size * self.schedule.virtual_stages
         self.schedule(num_microbatches, self.num_chunks)  # its conditions on M, on every rank
         if is_pipelined(model):
             raise ValueError("this model is already split into pipeline stages: call "
                              "PipelineParallel(...).parallelize() once")
-        cell_mode(recompute, num_microbatches)  # validates the mode
-        self.check_batch = check_policy(check_batch)
         self.model, self.ctx, self.num_microbatches = model, ctx, num_microbatches
         self.recompute = recompute
         self.callbacks = CallbackList(callbacks)
