@@ -50,7 +50,7 @@ class _SleepStage(nn.Module):
         return Sleep.apply(x * self.weight, TF, TB)
 
 
-def _sample(step: Callable[[], None]) -> Callable[[], float]:
+def timed_step(step: Callable[[], None]) -> Callable[[], float]:
     """One timed step of the whole pipeline: from a barrier to a barrier."""
     def sample() -> float:
         dist.barrier()
@@ -83,7 +83,7 @@ def _sleep(ctx: ParallelContext, hidden: int) -> Pairs:
     goose = SleepPipeline(ctx, M, TF, TB, hidden=hidden)
     schedule = _torch_schedule(ctx, _SleepStage(hidden), lambda out, target: out.sum())
     peer = _torch_step(ctx, schedule, torch.ones(M, hidden), torch.zeros(M))
-    return alternate(_sample(goose.run_step), _sample(peer), SLEEP_ROUNDS)
+    return alternate(timed_step(goose.run_step), timed_step(peer), SLEEP_ROUNDS)
 
 
 class _GPT2Stage(nn.Module):
@@ -125,7 +125,7 @@ def _gpt2_pair(ctx: ParallelContext, schedule: str) -> tuple[nn.Module, Callable
 
 def _gpt2(ctx: ParallelContext) -> Pairs:
     _, goose_step, _, peer = _gpt2_pair(ctx, "gpipe")
-    return alternate(_sample(goose_step), _sample(peer), ROUNDS)
+    return alternate(timed_step(goose_step), timed_step(peer), ROUNDS)
 
 
 def _peak_saved(module: nn.Module, step: Callable[[], None]) -> int:
@@ -142,7 +142,7 @@ def _one_f_one_b(ctx: ParallelContext) -> tuple[Pairs, dict[str, int]]:
         step()  # warm up: the first step allocates and plans
     peaks = {"goose 1f1b": _peak_saved(model, goose_step), "torch 1f1b": _peak_saved(stage, peer),
              "goose gpipe": _peak_saved(gpipe_model, gpipe_step)}
-    return alternate(_sample(goose_step), _sample(peer), ROUNDS), peaks
+    return alternate(timed_step(goose_step), timed_step(peer), ROUNDS), peaks
 
 
 def _saved_bytes(model: nn.Module, batch: dict) -> int:
@@ -164,7 +164,7 @@ def _checkpointing(ctx: ParallelContext) -> tuple[dict[str, int], Pairs]:
     models = {mode: PipelineParallel(GPT2.build_model(), ctx, num_microbatches=M, recompute=mode).parallelize()
               for mode in ("always", "never")}
     saved = {mode: _saved_bytes(model, batch) for mode, model in models.items()}
-    always, never = (_sample(lambda m=m: m(**batch).loss.backward()) for m in models.values())
+    always, never = (timed_step(lambda m=m: m(**batch).loss.backward()) for m in models.values())
     return saved, alternate(always, never, ROUNDS)
 
 

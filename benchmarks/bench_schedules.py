@@ -18,7 +18,6 @@ one training step between barriers:
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from torch.distributed.pipelining import (PipelineStage, ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble,
                                           ScheduleZBVZeroBubble)
 
+from benchmarks.bench_pipeline import timed_step
 from benchmarks.paired import Pairs, alternate
 from benchmarks.results import Record
 from goose_core import ParallelContext, PipelineParallel
@@ -52,16 +52,6 @@ class _SleepChunk(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = Sleep.apply(x * self.scale, TF / self.v, TB / self.v / (2 if self.split else 1))
         return y + self.weight(y) if self.weight is not None else y
-
-
-def _sample(step: Callable[[], None]) -> Callable[[], float]:
-    def sample() -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        dist.barrier()
-        return time.perf_counter() - start
-    return sample
 
 
 def _torch_step(ctx: ParallelContext, schedule, x: Tensor, target: Tensor, first: bool, last: bool):
@@ -95,9 +85,9 @@ def _sleep(ctx: ParallelContext) -> dict[str, Pairs]:
     peers = {kind: _torch_sleep(ctx, kind) for kind in ("interleaved", "zb", "zbv")}
     for step in (*goose.values(), *peers.values()):
         step()  # warm up: the first step plans and allocates
-    return {"interleaved": alternate(_sample(goose["interleaved-1f1b"]), _sample(peers["interleaved"]), ROUNDS),
-            "zb": alternate(_sample(goose["zb-h1"]), _sample(peers["zb"]), ROUNDS),
-            "zbv": alternate(_sample(goose["zbv"]), _sample(peers["zbv"]), ROUNDS)}
+    return {"interleaved": alternate(timed_step(goose["interleaved-1f1b"]), timed_step(peers["interleaved"]), ROUNDS),
+            "zb": alternate(timed_step(goose["zb-h1"]), timed_step(peers["zb"]), ROUNDS),
+            "zbv": alternate(timed_step(goose["zbv"]), timed_step(peers["zbv"]), ROUNDS)}
 
 
 class _GPT2Chunk(nn.Module):
@@ -133,7 +123,7 @@ def _gpt2(ctx: ParallelContext) -> Pairs:
         model(**batch).loss.backward()
 
     goose_step(), peer()
-    return alternate(_sample(goose_step), _sample(peer), ROUNDS)
+    return alternate(timed_step(goose_step), timed_step(peer), ROUNDS)
 
 
 def _bubble(seconds: float) -> float:
