@@ -96,9 +96,12 @@ def _unsorted(flat: Tensor) -> tuple[Tensor, Tensor]:  # planted: keeps the by-r
     return order, order
 
 
+PLANTED = {"tiled_kv": ("_repeat_kv", _tiled), "local_order": ("_orders", _unsorted)}  # bug: (function, stand-in)
+
+
 @contextmanager
-def _planted(name: str) -> Iterator[None]:
-    with mock.patch.object(ulysses, *{"tiled_kv": ("_repeat_kv", _tiled), "local_order": ("_orders", _unsorted)}[name]):
+def _planted(bug: str) -> Iterator[None]:
+    with mock.patch.object(ulysses, *PLANTED[bug]):
         yield
 
 

@@ -21,12 +21,17 @@ load-balanced chunks i and 2C-1-i, uneven)::
                           v  v                        v  v
                  rank 0: [b, h, P_0, d]          rank 1: [b, h, P_1, d]
 
-Each all-to-all is an autograd Function whose backward is the reverse all-to-all, so the
-backward moves the same bytes: per rank and per tensor, (C-1)/C of its local ``[b, heads, s_local,
-d]``. GQA: key/value heads travel split by C too; when C does not divide their count h_kv, each
-is repeated to the least multiple of h_kv that C divides, lcm(h_kv, C) (DeepSpeed-Ulysses and
-Megatron do the same), which C's divisibility of h makes a divisor of h, so query head j still
-meets a copy of kv head j // (h / h_kv).
+Each all-to-all is an autograd Function whose backward is the reverse all-to-all: a rank sends in
+the backward what it received in the forward. Bytes a rank sends, per tensor (q, k, v, the output)
+and per direction, with equal slices: (C-1)/C of its local ``[b, heads, s_local, d]``, forward and
+backward alike (what ``count_traffic`` counts for an all-to-all). With uneven slices, the head
+split stays even, so a head-splitting all-to-all sends (C-1)/C of its ``[b, heads, s_local, d]``,
+and a sequence-splitting one ``(S - s_local) / S`` of its ``[b, heads/C, S, d]``.
+
+GQA: key/value heads travel split by C too. When C does not divide their count h_kv, each kv head
+is repeated ``lcm(h_kv, C) / h_kv`` times in a row (the Ulysses of long-context-attention and of
+verl repeat them too). h is a multiple of both h_kv and C, hence of their lcm: the repeated heads
+still group the query heads evenly, and query head j meets a copy of kv head j // (h / h_kv).
 """
 
 from __future__ import annotations
@@ -52,18 +57,18 @@ def _all_to_all(x: Tensor, group: dist.ProcessGroup, scatter: tuple[int, list[in
     r sent along ``gather = (dim, sizes)``, its part being ``sizes[r]`` long there."""
     (s_dim, s_sizes), (g_dim, g_sizes) = scatter, gather
     me = dist.get_rank(group)
-    parts = x.split(s_sizes, dim=s_dim)
-    send = torch.cat([p.reshape(-1) for p in parts])  # one flat buffer, part r at offset sum(<r)
-    shapes = []
-    for size in g_sizes:
-        shape = list(x.shape)
-        shape[s_dim], shape[g_dim] = s_sizes[me], size
-        shapes.append(shape)
-    recv = send.new_empty(sum(math.prod(s) for s in shapes))
-    dist.all_to_all_single(recv, send, output_split_sizes=[math.prod(s) for s in shapes],
-                           input_split_sizes=[p.numel() for p in parts], group=group)
+    # The scattered dim first: each rank's part is then one run of the flat buffer (one copy).
+    send = x.movedim(s_dim, 0).contiguous()
+    g_front = g_dim + 1 if g_dim < s_dim else g_dim  # where g_dim went in ``send``
+    per_row = send[0].numel() // x.shape[g_dim]  # elements per unit of s_dim and of g_dim
+    shapes = [[s_sizes[me], *send.shape[1:]] for _ in g_sizes]
+    for shape, size in zip(shapes, g_sizes):
+        shape[g_front] = size
+    recv = send.new_empty(s_sizes[me] * sum(g_sizes) * per_row)
+    dist.all_to_all_single(recv, send.view(-1), output_split_sizes=[math.prod(s) for s in shapes],
+                           input_split_sizes=[n * send[0].numel() for n in s_sizes], group=group)
     pieces = recv.split([math.prod(s) for s in shapes])
-    return torch.cat([p.view(s) for p, s in zip(pieces, shapes)], dim=g_dim)
+    return torch.cat([p.view(s) for p, s in zip(pieces, shapes)], dim=g_front).movedim(0, s_dim)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -77,7 +82,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        return _all_to_all(grad.contiguous(), ctx.group, ctx.gather, ctx.scatter), None, None, None
+        return _all_to_all(grad, ctx.group, ctx.gather, ctx.scatter), None, None, None
 
 
 def kv_repeats(heads: int, kv_heads: int, cp: int) -> int:
@@ -131,7 +136,8 @@ def ulysses_attention(query: Tensor, key: Tensor, value: Tensor, *, group: dist.
 
     Args:
         query: ``[b, h, s_local, d]`` (🤗's attention-interface layout), this rank's slice.
-        key, value: ``[b, h_kv, s_local, d]`` (``d`` of value may differ), the same slice.
+        key: ``[b, h_kv, s_local, d]``, the same slice.
+        value: ``[b, h_kv, s_local, d_v]``, the same slice.
         group: the cp group, C ranks; C must divide h.
         positions: ``positions[r]``, the global positions cp rank r holds, in the order of its
             slice (same on every rank); ranks may hold different counts. The full sequence is
@@ -158,7 +164,7 @@ def ulysses_attention(query: Tensor, key: Tensor, value: Tensor, *, group: dist.
 
     def to_heads(x: Tensor) -> Tensor:  # all-to-all 1, then the global order
         if cp > 1:
-            x = _AllToAll.apply(x.contiguous(), group, (1, [x.shape[1] // cp] * cp), (2, lengths))
+            x = _AllToAll.apply(x, group, (1, [x.shape[1] // cp] * cp), (2, lengths))
         return x.index_select(2, order)
 
     out = attend(to_heads(query), to_heads(key), to_heads(value))
@@ -167,5 +173,5 @@ def ulysses_attention(query: Tensor, key: Tensor, value: Tensor, *, group: dist.
         raise ValueError(f"attend returned {tuple(out.shape)}, expected {expected} ([b, h/C, S, d_v])")
     out = out.index_select(2, unsort)
     if cp > 1:  # all-to-all 2: the reverse of 1
-        out = _AllToAll.apply(out.contiguous(), group, (2, lengths), (1, [heads // cp] * cp))
+        out = _AllToAll.apply(out, group, (2, lengths), (1, [heads // cp] * cp))
     return out
