@@ -30,14 +30,20 @@ class Case:
     cp: int
     kv_heads: int
     layout: str  # "contiguous", "balanced" (chunks i and 2C-1-i), "uneven" (shuffled, unequal counts)
+    attend: str = "eager"  # or "sdpa": torch's kernel, its own GQA grouping (enable_gqa)
 
     @property
     def name(self) -> str:
-        return f"cp{self.cp}-kv{self.kv_heads}-{self.layout}"
+        return f"cp{self.cp}-kv{self.kv_heads}-{self.layout}" + ("-sdpa" if self.attend == "sdpa" else "")
 
 
 CASES = [Case(cp, kv, layout) for cp in (2, 4) for kv, layout in
-         [(H, "contiguous"), (H, "balanced"), (H, "uneven"), (1, "balanced"), (2, "balanced"), (4, "uneven")]]
+         [(H, "contiguous"), (H, "balanced"), (H, "uneven"), (1, "balanced"), (2, "balanced"), (4, "uneven")]] + [
+    Case(4, 2, "balanced", "sdpa")]
+
+
+#: The byte counts' layouts: equal slices (where count_traffic's count is exact too) and uneven.
+BYTES = [Case(2, 2, "contiguous"), Case(4, 2, "contiguous"), Case(4, 4, "uneven")]
 
 
 def positions(case: Case) -> list[Tensor]:
@@ -68,6 +74,11 @@ def causal(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return scores.masked_fill(future, float("-inf")).softmax(-1) @ v
 
 
+def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """torch's causal attention, grouping query heads over kv heads itself."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 def single_process(kv_heads: int) -> dict[str, Tensor]:
     """The reference: full attention in one process, its output and q/k/v gradients."""
     t = inputs(kv_heads)
@@ -82,7 +93,8 @@ def _slice(case: Case, group: dist.ProcessGroup) -> dict[str, Tensor]:
     mine = positions(case)[dist.get_rank(group)]
     t = {n: x.index_select(2, mine) for n, x in inputs(case.kv_heads).items()}
     q, k, v = (t[n].clone().requires_grad_() for n in "qkv")
-    out = ulysses_attention(q, k, v, group=group, positions=positions(case), attend=causal)
+    attend = causal if case.attend == "eager" else sdpa
+    out = ulysses_attention(q, k, v, group=group, positions=positions(case), attend=attend)
     (out * t["grad"]).sum().backward()
     return {"out": out.detach(), "q": q.grad, "k": k.grad, "v": v.grad}
 
@@ -105,17 +117,35 @@ def _planted(bug: str) -> Iterator[None]:
         yield
 
 
-def _bytes(group: dist.ProcessGroup, ctx: ParallelContext) -> dict[str, list[Fraction]]:
-    """The bytes of each all-to-all this rank issues, forward and backward, at kv_heads 2."""
-    case = Case(dist.get_world_size(group), 2, "contiguous")
+@contextmanager
+def _off_rank_bytes(sent: list[int]) -> Iterator[None]:
+    """Record each all_to_all_single's bytes to the other ranks, read off its split sizes."""
+    original = dist.all_to_all_single
+
+    def recording(output: Tensor, input: Tensor, output_split_sizes: list[int], input_split_sizes: list[int],
+                  group: dist.ProcessGroup) -> Any:
+        me = dist.get_rank(group)
+        sent.append(sum(n for r, n in enumerate(input_split_sizes) if r != me) * input.element_size())
+        return original(output, input, output_split_sizes=output_split_sizes,
+                        input_split_sizes=input_split_sizes, group=group)
+
+    with mock.patch.object(dist, "all_to_all_single", recording):
+        yield
+
+
+def _bytes(case: Case, group: dist.ProcessGroup, ctx: ParallelContext) -> dict[str, Any]:
+    """The bytes of each all-to-all this rank issues, forward and backward: as count_traffic
+    counts them, and exactly (the parts sent to other ranks)."""
     mine = positions(case)[dist.get_rank(group)]
-    t = {n: x.index_select(2, mine).requires_grad_() for n, x in inputs(2).items()}
-    with count_traffic(ctx) as forward:
+    t = {n: x.index_select(2, mine).requires_grad_() for n, x in inputs(case.kv_heads).items()}
+    found: dict[str, Any] = {}
+    with count_traffic(ctx) as traffic, _off_rank_bytes(exact := []):
         out = ulysses_attention(t["q"], t["k"], t["v"], group=group, positions=positions(case), attend=causal)
-    with count_traffic(ctx) as backward:
+    found["forward"] = (sorted(c.sent for c in traffic.calls), sorted(exact))
+    with count_traffic(ctx) as traffic, _off_rank_bytes(exact := []):
         (out * t["grad"]).sum().backward()
-    return {phase: sorted(c.sent for c in traffic.calls if c.op == "all_to_all_single")
-            for phase, traffic in (("forward", forward), ("backward", backward))}
+    found["backward"] = (sorted(c.sent for c in traffic.calls), sorted(exact))
+    return found
 
 
 REFUSALS: dict[str, tuple[tuple[int, int, int], Any]] = {
@@ -151,7 +181,7 @@ def _all_cases(ctx: ParallelContext) -> dict[str, Any]:
     for bug, case in (("tiled_kv", Case(4, 2, "balanced")), ("local_order", Case(2, H, "balanced"))):
         with _planted(bug):
             results[f"{bug}:{case.name}"] = _slice(case, groups[case.cp])
-    results["bytes"] = {c: _bytes(g, ctx) for c, g in groups.items()}
+    results["bytes"] = {case.name: _bytes(case, groups[case.cp], ctx) for case in BYTES}
     results["refusals"] = _refusals(groups[4])
     return results
 
@@ -192,15 +222,25 @@ def test_planted_bug_breaks_parity(ranks: list[dict[str, Any]], bug: str, case: 
         _compare(case, [ranks[r][f"{bug}:{case.name}"] for r in range(case.cp)])
 
 
-@pytest.mark.parametrize("cp", [2, 4])
-def test_all_to_all_bytes(ranks: list[dict[str, Any]], cp: int) -> None:
-    # per rank and tensor, (C-1)/C of its local [b, heads, S/C, d] float64: q and the output with h
-    # heads, k and v with h_kv * kv_repeats (kv_heads 2: 2 at cp 2, 4 at cp 4); backward the same
-    kv = 2 * kv_repeats(H, 2, cp)
-    each = lambda heads: Fraction((cp - 1) * B * heads * (S // cp) * D * 8, cp)  # noqa: E731
-    want = sorted([each(H), each(kv), each(kv), each(H)])
-    for rank in ranks:
-        assert rank["bytes"][cp] == {"forward": want, "backward": want}
+@pytest.mark.parametrize("case", BYTES, ids=lambda c: c.name)
+def test_all_to_all_bytes(ranks: list[dict[str, Any]], case: Case) -> None:
+    # Per rank r and tensor, float64: a head-splitting all-to-all (q, k, v forward; the output's
+    # gradient backward) sends (C-1)/C of its [b, heads, s_r, d]; a sequence-splitting one (the
+    # output forward; q, k, v's gradients backward) (S - s_r)/S of its [b, heads/C, S, d]. q and
+    # the output have h heads, k and v h_kv * kv_repeats. Equal slices: both are (C-1)/C b heads
+    # s_r d, as count_traffic counts an all-to-all.
+    cp, kv = case.cp, case.kv_heads * kv_repeats(H, case.kv_heads, case.cp)
+    for r, held in enumerate(positions(case)):
+        s_r = held.numel()
+        head_split = lambda heads: Fraction((cp - 1) * B * heads * s_r * D * 8, cp)  # noqa: E731
+        seq_split = lambda heads: B * heads // cp * (S - s_r) * D * 8  # noqa: E731
+        forward = sorted([head_split(H), head_split(kv), head_split(kv), seq_split(H)])
+        backward = sorted([head_split(H), seq_split(H), seq_split(kv), seq_split(kv)])
+        for rank in (r, r + cp) if cp == 2 else (r,):  # every cp group
+            counted, exact = zip(*[ranks[rank]["bytes"][case.name][phase] for phase in ("forward", "backward")])
+            assert list(exact) == [forward, backward], (case.name, r)
+            if case.layout != "uneven":
+                assert list(counted) == [forward, backward], (case.name, r)
 
 
 def test_refusals_name_the_bad_value_before_any_collective(ranks: list[dict[str, Any]]) -> None:
