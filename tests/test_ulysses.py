@@ -109,6 +109,8 @@ def _unsorted(flat: Tensor) -> tuple[Tensor, Tensor]:  # planted: keeps the by-r
 
 
 PLANTED = {"tiled_kv": ("_repeat_kv", _tiled), "local_order": ("_orders", _unsorted)}  # bug: (function, stand-in)
+#: Each bug on a layout it must break: kv heads repeated at cp 4; chunks out of order (balanced).
+PLANTED_CASES = [("tiled_kv", Case(4, 2, "balanced")), ("local_order", Case(2, H, "balanced"))]
 
 
 @contextmanager
@@ -178,7 +180,7 @@ def _all_cases(ctx: ParallelContext) -> dict[str, Any]:
     pairs = [dist.new_group(r, timeout=timedelta(seconds=60)) for r in ([0, 1], [2, 3])]
     groups = {4: ctx.group("dp"), 2: pairs[dist.get_rank() // 2]}
     results: dict[str, Any] = {case.name: _slice(case, groups[case.cp]) for case in CASES}
-    for bug, case in (("tiled_kv", Case(4, 2, "balanced")), ("local_order", Case(2, H, "balanced"))):
+    for bug, case in PLANTED_CASES:
         with _planted(bug):
             results[f"{bug}:{case.name}"] = _slice(case, groups[case.cp])
     results["bytes"] = {case.name: _bytes(case, groups[case.cp], ctx) for case in BYTES}
@@ -207,7 +209,7 @@ def test_output_and_gradients_equal_one_process(ranks: list[dict[str, Any]], cas
 
 def test_kv_repeats_keep_each_query_head_with_its_kv_head() -> None:
     for heads, kv, cp, want in [(8, 8, 4, 1), (8, 4, 4, 1), (8, 2, 4, 2), (8, 1, 4, 4), (8, 4, 8, 2), (12, 6, 4, 2)]:
-        r = kv_repeats(heads, kv, cp)
+        r = kv_repeats(kv, cp)
         assert r == want and (kv * r) % cp == 0 and heads % (kv * r) == 0, (heads, kv, cp)
         # rank c holds query heads c*h/C.. and repeated kv heads c*h_kv'/C..; local group g' = h/(h_kv r)
         for j in range(heads):
@@ -216,7 +218,7 @@ def test_kv_repeats_keep_each_query_head_with_its_kv_head() -> None:
             assert repeated // r == j // (heads // kv), (heads, kv, cp, j)
 
 
-@pytest.mark.parametrize("bug, case", [("tiled_kv", Case(4, 2, "balanced")), ("local_order", Case(2, H, "balanced"))])
+@pytest.mark.parametrize("bug, case", PLANTED_CASES, ids=[bug for bug, _ in PLANTED_CASES])
 def test_planted_bug_breaks_parity(ranks: list[dict[str, Any]], bug: str, case: Case) -> None:
     with pytest.raises(AssertionError, match="not close"):
         _compare(case, [ranks[r][f"{bug}:{case.name}"] for r in range(case.cp)])
@@ -229,7 +231,7 @@ def test_all_to_all_bytes(ranks: list[dict[str, Any]], case: Case) -> None:
     # output forward; q, k, v's gradients backward) (S - s_r)/S of its [b, heads/C, S, d]. q and
     # the output have h heads, k and v h_kv * kv_repeats. Equal slices: both are (C-1)/C b heads
     # s_r d, as count_traffic counts an all-to-all.
-    cp, kv = case.cp, case.kv_heads * kv_repeats(H, case.kv_heads, case.cp)
+    cp, kv = case.cp, case.kv_heads * kv_repeats(case.kv_heads, case.cp)
     for r, held in enumerate(positions(case)):
         s_r = held.numel()
         head_split = lambda heads: Fraction((cp - 1) * B * heads * s_r * D * 8, cp)  # noqa: E731
@@ -245,7 +247,7 @@ def test_all_to_all_bytes(ranks: list[dict[str, Any]], case: Case) -> None:
 
 def test_refusals_name_the_bad_value_before_any_collective(ranks: list[dict[str, Any]]) -> None:
     want = {"heads": "num_attention_heads=6 not divisible by context_parallel_size=4: use method='ring'",
-            "gqa": "key 3", "count": "positions has 2 entries, the cp group 4 ranks",
+            "gqa": "multiple of the key/value heads (key 3, value 3)", "count": "positions has 2 entries, the cp group 4 ranks",
             "repeat": "repeat a global position", "float": "1-D integer tensors",
             "length": "holds 4 positions (positions["}
     for rank in ranks:

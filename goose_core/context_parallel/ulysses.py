@@ -60,14 +60,14 @@ def _all_to_all(x: Tensor, group: dist.ProcessGroup, scatter: tuple[int, list[in
     # The scattered dim first: each rank's part is then one run of the flat buffer (one copy).
     send = x.movedim(s_dim, 0).contiguous()
     g_front = g_dim + 1 if g_dim < s_dim else g_dim  # where g_dim went in ``send``
-    per_row = send[0].numel() // x.shape[g_dim]  # elements per unit of s_dim and of g_dim
     shapes = [[s_sizes[me], *send.shape[1:]] for _ in g_sizes]
     for shape, size in zip(shapes, g_sizes):
         shape[g_front] = size
-    recv = send.new_empty(s_sizes[me] * sum(g_sizes) * per_row)
-    dist.all_to_all_single(recv, send.view(-1), output_split_sizes=[math.prod(s) for s in shapes],
+    counts = [math.prod(s) for s in shapes]
+    recv = send.new_empty(sum(counts))
+    dist.all_to_all_single(recv, send.view(-1), output_split_sizes=counts,
                            input_split_sizes=[n * send[0].numel() for n in s_sizes], group=group)
-    pieces = recv.split([math.prod(s) for s in shapes])
+    pieces = recv.split(counts)
     return torch.cat([p.view(s) for p, s in zip(pieces, shapes)], dim=g_front).movedim(0, s_dim)
 
 
@@ -85,7 +85,7 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(grad, ctx.group, ctx.gather, ctx.scatter), None, None, None
 
 
-def kv_repeats(heads: int, kv_heads: int, cp: int) -> int:
+def kv_repeats(kv_heads: int, cp: int) -> int:
     """How many copies of each kv head Ulysses sends: the least r with cp | r * kv_heads
     (``lcm(kv_heads, cp) / kv_heads``); 1 when cp divides kv_heads already."""
     return cp // math.gcd(kv_heads, cp)
@@ -159,7 +159,7 @@ def ulysses_attention(query: Tensor, key: Tensor, value: Tensor, *, group: dist.
     order, unsort = _orders(flat)
     lengths = [p.numel() for p in positions]
     heads = query.shape[1]
-    repeats = kv_repeats(heads, key.shape[1], cp)
+    repeats = kv_repeats(key.shape[1], cp)
     key, value = _repeat_kv(key, repeats), _repeat_kv(value, repeats)
 
     def to_heads(x: Tensor) -> Tensor:  # all-to-all 1, then the global order
