@@ -47,7 +47,7 @@ from goose_core.tensor_parallel.plan import (
     resolve_plan,
 )
 from goose_core.tensor_parallel.random import RNGTracker
-from goose_core.tensor_parallel.sequence import map_hidden, sequence_parallelize, sequence_problems
+from goose_core.tensor_parallel.sequence import decoder_blocks, map_hidden, sequence_parallelize, sequence_problems
 
 __all__ = ["TensorParallel", "apply_styles", "localize_heads", "rng_tracker"]
 
@@ -222,6 +222,7 @@ class TensorParallel:
             raise ValueError(f"cannot run {type(model).__name__} sequence-parallel over tp={tp}:\n  "
                              + "\n  ".join(sequence_problems(plan.layers, plan.params))
                              + "\n(use sequence_parallel=False and drop the plan's sequence_parallel entries)")
+        parts = decoder_blocks(model) if sequence else None  # its refusal before anything is cut
         install_batch_check(model, ctx, "tp", self.check_batch)  # reads the whole vocabulary
         embedding, head = _vocab_modules(model)
         tracker = RNGTracker(self.seed, ctx.tensor_parallel_rank, ctx.device)
@@ -234,7 +235,8 @@ class TensorParallel:
             localize_heads(model, plan, tp)
         head = self._shard_vocab(embedding, head)
         if sequence:
-            sequence_parallelize(model, ctx.tensor_parallel_group, tracker, head, summed)
+            assert parts is not None
+            sequence_parallelize(model, ctx.tensor_parallel_group, tracker, head, summed, parts)
         model.loss_function = VocabParallelCausalLMLoss(ctx.tensor_parallel_group, model.config.vocab_size)
         model.goose_rng_tracker = tracker
         before, after = _forward_hooks(head, tracker)

@@ -46,7 +46,7 @@ from goose_core.tensor_parallel.random import RNGTracker
 
 __all__ = ["SEQUENCE_DIM", "SEQUENCE_STYLES", "SequenceDropout", "gather_sequence", "scatter_sequence",
            "reduce_scatter_sequence", "check_sequence_length", "sum_grads_over", "sequence_problems",
-           "sequence_parallelize"]
+           "decoder_blocks", "sequence_parallelize", "block_hooks", "map_hidden", "map_output"]
 
 #: The sequence dimension of 🤗's hidden states ``(batch, sequence, hidden)``.
 SEQUENCE_DIM = 1
@@ -170,14 +170,20 @@ def sequence_problems(layers: dict[str, str], params: dict[str, str]) -> list[st
     return problems
 
 
-def _blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """The decoder blocks, and the modules after them (the final norm, the head)."""
+def decoder_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The decoder blocks, and the modules after them but the LM head (the final norm).
+
+    Raises:
+        ValueError: goose does not know where ``model``'s blocks are (no pipeline parts).
+    """
     try:
         parts = pipeline_parts_of(model)
     except ValueError as error:
         raise ValueError(f"sequence_parallel=True needs to know where {type(model).__name__}'s decoder "
                          f"blocks are (the pipeline parts): {error}") from None
-    return list(model.get_submodule(parts.blocks)), [model.get_submodule(p) for p in parts.head]
+    head = model.get_output_embeddings()  # replaced by the vocab-parallel head: not one of these
+    return (list(model.get_submodule(parts.blocks)),
+            [m for m in (model.get_submodule(p) for p in parts.head) if m is not head])
 
 
 def _length_check(tp: int) -> Callable[..., None]:
@@ -189,15 +195,15 @@ def _length_check(tp: int) -> Callable[..., None]:
     return hook
 
 
-def sequence_parallelize(model: nn.Module, group: dist.ProcessGroup, tracker: RNGTracker,
-                         head: nn.Module, summed: set[int]) -> None:
+def sequence_parallelize(model: nn.Module, group: dist.ProcessGroup, tracker: RNGTracker, head: nn.Module,
+                         summed: set[int], parts: tuple[list[nn.Module], list[nn.Module]]) -> None:
     """Split ``model``'s residual stream along the sequence between its blocks' regions (the
     regions themselves gather and reduce-scatter: :class:`~.layers.ParallelRegion`).
 
     ``head`` is the vocab-parallel LM head; ``summed`` the ids of whole parameters whose gradient
-    a style already sums over tp.
+    a style already sums over tp; ``parts``: :func:`decoder_blocks`, read before the model was cut.
     """
-    blocks, after = _blocks(model)
+    blocks, after = parts
     mode = SequenceDropout(group, tracker)
     blocks[0].register_forward_pre_hook(map_hidden(lambda x: scatter_sequence(x, group)), with_kwargs=True)
     for block in blocks:
