@@ -110,6 +110,11 @@ def test_plans_sp_cannot_run_are_refused_by_name() -> None:
         "be a partial sum over whole tokens)",
         "model.layers.0.mlp.up_proj: a colwise layer with no rowwise layer beside it, so no region gathers "
         "its tokens"]
+    # OPT keeps fc1 and fc2 in the decoder layer: no MLP module to gather the tokens at.
+    opt = {"model.decoder.layers.0.fc1": "colwise", "model.decoder.layers.0.fc2": "rowwise"}
+    assert sequence_problems(opt, {}, "model.decoder.layers") == [
+        "model.decoder.layers.0: its column and row layers sit in the decoder block itself, not in an attention "
+        "or MLP module the tokens could be gathered at"]
 
 
 def test_the_plans_sequence_parallel_style_turns_sp_on() -> None:

@@ -47,7 +47,8 @@ from goose_core.tensor_parallel.plan import (
     resolve_plan,
 )
 from goose_core.tensor_parallel.random import RNGTracker
-from goose_core.tensor_parallel.sequence import decoder_blocks, map_hidden, sequence_parallelize, sequence_problems
+from goose_core.tensor_parallel.sequence import (blocks_path, decoder_blocks, map_hidden, sequence_parallelize,
+                                                 sequence_problems)
 
 __all__ = ["TensorParallel", "apply_styles", "localize_heads", "rng_tracker"]
 
@@ -218,11 +219,12 @@ class TensorParallel:
         plan = resolve_plan(model)
         check_sizes(model, plan, tp)
         sequence = self.sequence_parallel or plan.sequence_parallel
-        if sequence and sequence_problems(plan.layers, plan.params):
+        problems = sequence_problems(plan.layers, plan.params, blocks_path(model)) if sequence else []
+        if problems:
             raise ValueError(f"cannot run {type(model).__name__} sequence-parallel over tp={tp}:\n  "
-                             + "\n  ".join(sequence_problems(plan.layers, plan.params))
+                             + "\n  ".join(problems)
                              + "\n(use sequence_parallel=False and drop the plan's sequence_parallel entries)")
-        parts = decoder_blocks(model) if sequence else None  # its refusal before anything is cut
+        parts = decoder_blocks(model) if sequence else None  # read before the model is cut
         install_batch_check(model, ctx, "tp", self.check_batch)  # reads the whole vocabulary
         embedding, head = _vocab_modules(model)
         tracker = RNGTracker(self.seed, ctx.tensor_parallel_rank, ctx.device)

@@ -41,12 +41,12 @@ from torch.overrides import TorchFunctionMode
 from goose_core.distributed.collectives import all_gather, reduce_scatter, scatter_to_region
 from goose_core.distributed.missing import naming_missing
 from goose_core.metadata import shard_spec
-from goose_core.pipeline.split import pipeline_parts_of
+from goose_core.pipeline.split import _exists, pipeline_parts_of
 from goose_core.tensor_parallel.random import RNGTracker
 
 __all__ = ["SEQUENCE_DIM", "SEQUENCE_STYLES", "SequenceDropout", "gather_sequence", "scatter_sequence",
            "reduce_scatter_sequence", "check_sequence_length", "sum_grads_over", "sequence_problems",
-           "decoder_blocks", "sequence_parallelize", "block_hooks", "map_hidden", "map_output"]
+           "blocks_path", "decoder_blocks", "sequence_parallelize", "block_hooks", "map_hidden", "map_output"]
 
 #: The sequence dimension of 🤗's hidden states ``(batch, sequence, hidden)``.
 SEQUENCE_DIM = 1
@@ -157,8 +157,12 @@ def map_output(fn: Callable[[Tensor], Tensor]) -> Callable[..., Any]:
     return hook
 
 
-def sequence_problems(layers: dict[str, str], params: dict[str, str]) -> list[str]:
-    """What in a resolved plan sequence parallelism cannot run (pure: every rank finds the same)."""
+def sequence_problems(layers: dict[str, str], params: dict[str, str], blocks: str = "") -> list[str]:
+    """What in a resolved plan sequence parallelism cannot run (pure: every rank finds the same).
+
+    ``blocks``: the path of the decoder-block list; a region whose layers sit in a block itself
+    (OPT's fc1 / fc2) has no module to gather its tokens at.
+    """
     problems = [f"{name}: style {style!r} (sequence parallelism supports {list(SEQUENCE_STYLES)})"
                 for name, style in layers.items() if style not in SEQUENCE_STYLES]
     problems += [f"{name}: parameter style {style!r} (its module's output would be a partial sum over "
@@ -167,23 +171,32 @@ def sequence_problems(layers: dict[str, str], params: dict[str, str]) -> list[st
     problems += [f"{name}: a {style} layer with no rowwise layer beside it, so no region gathers its tokens"
                  for name, style in layers.items()
                  if style.endswith("colwise") and name.rpartition(".")[0] not in rows]
+    problems += [f"{parent}: its column and row layers sit in the decoder block itself, not in an attention "
+                 f"or MLP module the tokens could be gathered at" for parent in sorted(rows)
+                 if blocks and parent.rpartition(".")[0] == blocks]
     return problems
 
 
-def decoder_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """The decoder blocks, and the modules after them but the LM head (the final norm).
+def blocks_path(model: nn.Module) -> str:
+    """Where ``model``'s decoder blocks are (its pipeline parts).
 
     Raises:
-        ValueError: goose does not know where ``model``'s blocks are (no pipeline parts).
+        ValueError: goose does not know (no pipeline parts).
     """
     try:
-        parts = pipeline_parts_of(model)
+        return pipeline_parts_of(model).blocks
     except ValueError as error:
         raise ValueError(f"sequence_parallel=True needs to know where {type(model).__name__}'s decoder "
                          f"blocks are (the pipeline parts): {error}") from None
-    head = model.get_output_embeddings()  # replaced by the vocab-parallel head: not one of these
+
+
+def decoder_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The decoder blocks, and the modules after them but the LM head (the final norm)."""
+    parts = pipeline_parts_of(model)
+    # The head is replaced by the vocab-parallel one; a part may be absent (OPT's project_out).
+    head = model.get_output_embeddings()
     return (list(model.get_submodule(parts.blocks)),
-            [m for m in (model.get_submodule(p) for p in parts.head) if m is not head])
+            [m for m in (model.get_submodule(p) for p in parts.head if _exists(model, p)) if m is not head])
 
 
 def _length_check(tp: int) -> Callable[..., None]:
