@@ -110,8 +110,10 @@ class SequenceDropout(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func is not F.dropout or self.tracker.in_split_region:
+        if func not in (F.dropout, torch.dropout) or self.tracker.in_split_region:
             return func(*args, **kwargs)
+        if func is torch.dropout:  # torch.dropout(input, p, train)
+            kwargs = {"training" if k == "train" else k: v for k, v in kwargs.items()}
         return self._dropout(*args, **kwargs)
 
     def _dropout(self, x: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
