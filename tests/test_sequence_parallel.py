@@ -10,8 +10,8 @@ from goose_core import ParallelContext, PipelineParallel, TensorParallel
 from goose_core.distributed.traffic import count_traffic
 from goose_core.engine.activations import LiveActivations
 from goose_core.tensor_parallel import resolve_plan
-from goose_core.tensor_parallel.sequence import (check_sequence_length, gather_sequence, reduce_scatter_sequence,
-                                                 scatter_sequence, sequence_problems)
+from goose_core.tensor_parallel.sequence import (block_problems, check_sequence_length, gather_sequence,
+                                                 reduce_scatter_sequence, scatter_sequence, sequence_problems)
 from goose_core.testing import TrainSpec, build_model, run_distributed
 
 SPEC = TrainSpec(family="llama", steps=1)  # 4 blocks, hidden 64, batch 8 x 32 tokens, float64
@@ -115,6 +115,17 @@ def test_plans_sp_cannot_run_are_refused_by_name() -> None:
     assert sequence_problems(opt, {}, "model.decoder.layers") == [
         "model.decoder.layers.0: its column and row layers sit in the decoder block itself, not in an attention "
         "or MLP module the tokens could be gathered at"]
+
+
+def test_a_block_child_outside_every_region_is_refused_unless_a_norm() -> None:
+    # An attention the plan leaves whole (or a Mamba mixer) would mix a slice of the sequence.
+    model = build_model("llama")
+    layers = {name: style for name, style in resolve_plan(model).layers.items() if "self_attn" not in name}
+    problems = block_problems(model, "model.layers", layers)
+    assert len(problems) == LAYERS and problems[0].startswith(
+        "model.layers.0.self_attn (LlamaAttention) holds no tensor-parallel region, so it would run on this "
+        "rank's S/tp tokens; only norms may")
+    assert block_problems(model, "model.layers", resolve_plan(model).layers) == []
 
 
 def test_the_plans_sequence_parallel_style_turns_sp_on() -> None:

@@ -47,8 +47,8 @@ from goose_core.tensor_parallel.plan import (
     resolve_plan,
 )
 from goose_core.tensor_parallel.random import RNGTracker
-from goose_core.tensor_parallel.sequence import (blocks_path, decoder_blocks, map_hidden, sequence_parallelize,
-                                                 sequence_problems)
+from goose_core.tensor_parallel.sequence import (block_problems, blocks_path, decoder_blocks, map_hidden,
+                                                 sequence_parallelize, sequence_problems)
 
 __all__ = ["TensorParallel", "apply_styles", "localize_heads", "rng_tracker"]
 
@@ -219,7 +219,10 @@ class TensorParallel:
         plan = resolve_plan(model)
         check_sizes(model, plan, tp)
         sequence = self.sequence_parallel or plan.sequence_parallel
-        problems = sequence_problems(plan.layers, plan.params, blocks_path(model)) if sequence else []
+        problems = []
+        if sequence:
+            blocks = blocks_path(model)
+            problems = sequence_problems(plan.layers, plan.params, blocks) or block_problems(model, blocks, plan.layers)
         if problems:
             raise ValueError(f"cannot run {type(model).__name__} sequence-parallel over tp={tp}:\n  "
                              + "\n  ".join(problems)

@@ -46,7 +46,7 @@ from goose_core.tensor_parallel.random import RNGTracker
 
 __all__ = ["SEQUENCE_DIM", "SEQUENCE_STYLES", "SequenceDropout", "gather_sequence", "scatter_sequence",
            "reduce_scatter_sequence", "check_sequence_length", "sum_grads_over", "sequence_problems",
-           "blocks_path", "decoder_blocks", "sequence_parallelize", "block_hooks", "map_hidden", "map_output"]
+           "blocks_path", "block_problems", "decoder_blocks", "sequence_parallelize", "block_hooks", "map_hidden", "map_output"]
 
 #: The sequence dimension of 🤗's hidden states ``(batch, sequence, hidden)``.
 SEQUENCE_DIM = 1
@@ -183,13 +183,37 @@ def blocks_path(model: nn.Module) -> str:
     """Where ``model``'s decoder blocks are (its pipeline parts).
 
     Raises:
-        ValueError: goose does not know (no pipeline parts).
+        ValueError: goose does not know (no pipeline parts, or parts the split refuses).
     """
     try:
-        return pipeline_parts_of(model).blocks
+        parts = pipeline_parts_of(model)
+        problems = parts.check(model.config)
     except ValueError as error:
+        problems = [str(error)]
+    if problems or not isinstance(model.get_submodule(parts.blocks), nn.ModuleList):
         raise ValueError(f"sequence_parallel=True needs to know where {type(model).__name__}'s decoder "
-                         f"blocks are (the pipeline parts): {error}") from None
+                         f"blocks are (its pipeline parts): {'; '.join(problems) or 'they name no block list'}")
+    return parts.blocks
+
+
+def block_problems(model: nn.Module, blocks: str, layers: dict[str, str]) -> list[str]:
+    """A block's children that would run on this rank's tokens but are no token-wise module.
+
+    Between the regions only token-wise work is exact on ``S/tp`` tokens. goose cannot tell a
+    sequence mixer (attention the plan leaves whole, Mamba, a convolution) from an MLP by its
+    code, so a child holding parameters must be a region's module (or hold one) or a norm.
+    """
+    regions = {name.rpartition(".")[0] for name, style in layers.items() if style == "rowwise"}
+    problems = []
+    for index, block in enumerate(model.get_submodule(blocks)):
+        for child_name, child in block.named_children():
+            name = f"{blocks}.{index}.{child_name}"
+            held = any(r == name or r.startswith(name + ".") for r in regions)
+            if not held and "norm" not in type(child).__name__.lower() and any(True for _ in child.parameters()):
+                problems.append(f"{name} ({type(child).__name__}) holds no tensor-parallel region, so it would run "
+                                f"on this rank's S/tp tokens; only norms may (a sequence mixer there would see a "
+                                f"slice of the sequence)")
+    return problems
 
 
 def decoder_blocks(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
