@@ -46,7 +46,8 @@ from goose_core.tensor_parallel.random import RNGTracker
 
 __all__ = ["SEQUENCE_DIM", "SEQUENCE_STYLES", "SequenceDropout", "gather_sequence", "scatter_sequence",
            "reduce_scatter_sequence", "check_sequence_length", "sum_grads_over", "sequence_problems",
-           "blocks_path", "block_problems", "decoder_blocks", "sequence_parallelize", "block_hooks", "map_hidden", "map_output"]
+           "blocks_path", "block_problems", "decoder_blocks", "sequence_parallelize", "block_hooks", "map_hidden",
+           "map_output"]
 
 #: The sequence dimension of 🤗's hidden states ``(batch, sequence, hidden)``.
 SEQUENCE_DIM = 1
