@@ -245,9 +245,10 @@ def _refuse_split_tie(model: nn.Module, schedule: type[Schedule], one_graph: boo
     Raises:
         ValueError: naming the schedule and the fixes.
     """
+    if not (schedule.split_backward and one_graph):
+        return
     table, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if not (schedule.split_backward and one_graph and table is not None and head is not None
-            and table.weight is head.weight):
+    if table is None or head is None or table.weight is not head.weight:
         return
     raise ValueError(f"schedule={schedule.name!r} splits each backward into B and W, and {type(model).__name__} "
                      f"ties its input and output embeddings: with both ends in one process (one autograd "
