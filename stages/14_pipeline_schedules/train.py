@@ -70,9 +70,11 @@ def train(ctx: ParallelContext, spec: TrainSpec, num_microbatches: int = 4, reco
     return RunResult(losses, full_state_dict(model, ctx)), spans, peak
 
 
-def by_rank(spans: list[Span], num_ranks: int) -> list[Span]:
-    """The spans (waits trimmed) with each chunk's row folded onto its rank: chunk c runs on c mod p."""
-    return [dataclasses.replace(s, partition_idx=s.partition_idx % num_ranks) for s in trim_waits(spans)]
+def by_rank(spans: list[Span], ranks: list[int]) -> list[Span]:
+    """The spans (waits trimmed) with each chunk's row folded onto the pipeline rank that ran it
+    (``ranks``: the pipeline group's global ranks). Read from the span, not the chunk's number:
+    interleaved places chunk c on c mod p, ZBV's V on r and 2p-1-r."""
+    return [dataclasses.replace(s, partition_idx=ranks.index(s.rank)) for s in trim_waits(spans)]
 
 
 def emulated(ctx: ParallelContext, num_microbatches: int, schedule: str, virtual_stages: int | None,
@@ -91,7 +93,7 @@ def emulated(ctx: ParallelContext, num_microbatches: int, schedule: str, virtual
 def pictures(ctx: ParallelContext, num_microbatches: int, directory: str) -> list[str]:
     """The Gantt chart of each of :data:`PICTURED` on sleep-calibrated stages, drawn by rank 0 on
     one time axis (the longest step's): the paths written (none on other ranks)."""
-    runs = [(name, v, by_rank(_least_disturbed(ctx, num_microbatches, name, v), ctx.pipeline_parallel_size))
+    runs = [(name, v, by_rank(_least_disturbed(ctx, num_microbatches, name, v), ctx.group_ranks("pp")))
             for name, v in PICTURED]
     if ctx.rank != 0:
         return []
@@ -136,12 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     schedule = kind(m, p * kind.virtual_stages)
     title = f"{args.schedule} p={p} M={m}" + (f" V={v}" if v else "")
     if args.emulate:
-        spans = by_rank(emulated(ctx, m, args.schedule, v), p)
+        spans = by_rank(emulated(ctx, m, args.schedule, v), ctx.group_ranks("pp"))
         peaks = [0] * p
     else:
         spec = dataclasses.replace(SPEC, steps=args.steps)
         result, spans, peak = train(ctx, spec, m, args.recompute, args.schedule, v)
-        spans, peaks = by_rank(spans, p), [0] * p
+        spans, peaks = by_rank(spans, ctx.group_ranks("pp")), [0] * p
         dist.all_gather_object(peaks, peak, group=ctx.pipeline_parallel_group)
     if ctx.rank == 0:
         print(f"{ctx}: {title}{' (sleep-calibrated)' if args.emulate else ''}")
