@@ -59,7 +59,8 @@ from torch.utils.hooks import RemovableHandle
 from goose_core.data_parallel.bucket import Bucket, build_buckets
 from goose_core.distributed.progress import note
 from goose_core.grad_sync import GradSync
-from goose_core.metadata import clear_wide_grad, link_grad_sync, set_wide_grad, unlink_grad_sync
+from goose_core.metadata import (clear_wide_grad, expert_group_of, link_grad_sync, set_wide_grad,
+                                 unlink_grad_sync)
 
 __all__ = ["GradReducer", "FIRST_BUCKET_BYTES", "IN_FLIGHT", "trainable"]
 
@@ -149,13 +150,22 @@ class GradReducer(GradSync):
         """
         if self._callback_queued or self.deferred or self._next:
             raise RuntimeError("cannot re-bucket the gradient reducer while a backward pass is in flight")
+        if scatter and any(expert_group_of(p) is not None for params in param_lists for p in params):
+            raise ValueError("DistributedOptimizer (ZeRO) does not shard the optimizer state of "
+                             "ExpertParallel's experts: use a plain optimizer with ExpertParallel")
         for handle in self._handles:
             handle.remove()
         before = list(self._where)
         self.scatter = scatter
+        # An expert's gradient is summed over the ranks holding the same experts only: its own
+        # buckets, reduced over that group (still divided by the dp size: see ExpertParallel).
+        def keyed(p: nn.Parameter) -> Hashable:
+            return key(p), id(expert_group_of(p))
         self.buckets = [b for params in param_lists
-                        for b in build_buckets(reversed(params), self.bucket_bytes, self.size, key,
+                        for b in build_buckets(reversed(params), self.bucket_bytes, self.size, keyed,
                                                FIRST_BUCKET_BYTES, dtype=self.reduce_dtype)]
+        for bucket in self.buckets:
+            bucket.reduce_group = expert_group_of(bucket.params[0])
         self._where = {p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
         for p, (bucket, i) in self._where.items():
@@ -244,7 +254,8 @@ class GradReducer(GradSync):
             self._launch(self.buckets[self._next])
 
     def _launch(self, bucket: Bucket) -> None:
-        bucket.launch(self.group, self.scatter, divisor=1 if self.scatter else self.size)
+        bucket.launch(bucket.reduce_group or self.group, self.scatter,
+                      divisor=1 if self.scatter else self.size)
         if bucket.shard_only and self._next >= IN_FLIGHT:
             self.buckets[self._next - IN_FLIGHT].wait()  # done: its full buffer is released
         self._next += 1

@@ -1,0 +1,91 @@
+"""Expert parallelism equals the single-device run at PARALLEL (float64) for four 🤗 MoE families.
+
+Mixtral, Qwen2-MoE (a shared expert), OLMoE and DeepSeek-V3 (biased sigmoid router, scaling, a
+dense first layer, a shared expert), router loss on where the family adds one, right padding,
+two SGD steps: at dp=2 x ep=2 and dp=4 x ep=4 (one expert per rank), every family in one spawn
+each. Uneven loads: DeepSeek-V3's own correction bias sends every token to expert 0 and none to
+expert 3. Planted bugs: a token sent to the wrong rank, expert gradients averaged over the whole
+dp group; both must fail.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import pytest
+import torch
+
+from goose_core import DataParallel
+from goose_core.distributed import ParallelContext
+from goose_core.expert_parallel import ExpertParallel, gather_experts
+from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, run_distributed,
+                                seeded_model, snapshot, train_loop)
+from sweep.families import tiny_family_config
+
+FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v3")
+# SGD (AdamW's normalisation would hide a gradient scale off by E), right padding: the router
+# loss's masked sums see real and padded tokens. 4 rows: one or two per dp rank.
+SPEC = TrainSpec(steps=2, optimizer="sgd", lr=0.1, padding="right", batch_size=4, seq_len=16)
+
+
+def build(family: str, uneven: bool = False) -> torch.nn.Module:
+    config = tiny_family_config(family)
+    if getattr(config, "router_aux_loss_coef", None):
+        config.router_aux_loss_coef = 0.5  # large enough that a wrong aux gradient shows
+    else:  # DeepSeek-V3 routes without an auxiliary loss: nothing to record
+        config.output_router_logits = False
+    model = seeded_model(config, SPEC.seed, SPEC.dtype)
+    if uneven:  # DeepSeek-V3's own bias: expert 0 chosen by every token, expert 3 by none
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.copy_(torch.tensor([10.0, 0.0, 0.0, -10.0]))
+    return model
+
+
+@functools.cache
+def reference(family: str, uneven: bool = False) -> RunResult:
+    model = build(family, uneven)
+    return RunResult(train_loop(model, SPEC.build_optimizer(model.parameters()), SPEC.batches()), snapshot(model))
+
+
+def _runs(ctx: ParallelContext, cases: list[tuple[str, bool]]) -> dict[tuple[str, bool], RunResult]:
+    results = {}
+    for family, uneven in cases:
+        model = ExpertParallel(build(family, uneven), ctx).parallelize()
+        model = DataParallel(model, ctx).parallelize()
+        losses = train_loop(model, SPEC.build_optimizer(model.parameters()), SPEC.batches(ctx.dp_rank, ctx.dp_size))
+        results[family, uneven] = RunResult(losses, {**snapshot(model), **gather_experts(model, ctx)})
+    return results
+
+
+def _check(results: list[dict], cases: list[tuple[str, bool]]) -> None:
+    for rank, by_case in enumerate(results):
+        for case in cases:
+            try:
+                assert_matches_reference(by_case[case], reference(*case), PARALLEL)
+            except AssertionError as err:
+                raise AssertionError(f"{case}, rank {rank}: {err}") from err
+
+
+CASES = [(f, False) for f in FAMILIES] + [("deepseek_v3", True)]
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_every_family_equals_the_single_device_run(ep: int) -> None:
+    cases = CASES if ep == 2 else [(f, False) for f in FAMILIES]
+    _check(run_distributed(_runs, 1, 1, ep, cases, ep=ep, timeout=300), cases)
+
+
+def test_a_token_sent_to_the_wrong_rank_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Expert e's rows go to the rank of expert e + 1 (mod N): computed by another expert.
+    monkeypatch.setattr(sys.modules["goose_core.expert_parallel.dispatch"], "destinations", lambda index: (index.reshape(-1) + 1) % 4)
+    with pytest.raises(AssertionError, match="differ beyond"):
+        _check(run_distributed(_runs, 1, 1, 2, [("mixtral", False)], ep=2, timeout=120), [("mixtral", False)])
+
+
+def test_expert_gradients_averaged_over_the_whole_dp_group_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    # At dp=4 x ep=2 the dp group mixes ranks holding experts 0-1 with ranks holding experts 2-3.
+    monkeypatch.setattr(sys.modules["goose_core.data_parallel.reducer"], "expert_group_of", lambda p: None)
+    with pytest.raises(AssertionError, match="differ beyond"):
+        _check(run_distributed(_runs, 1, 1, 4, [("olmoe", False)], ep=2, timeout=120), [("olmoe", False)])
