@@ -4,7 +4,6 @@ from goose_core.expert_parallel.all_to_all import all_to_all
 from goose_core.expert_parallel.dispatch import Routes, dispatch
 from goose_core.expert_parallel.parallel import ExpertParallel, experts_modules, is_expert_parallel
 from goose_core.expert_parallel.router_loss import exact_over_dp, install_router_loss
-from goose_core.expert_parallel.state import gather_experts
 
 __all__ = ["ExpertParallel", "Routes", "all_to_all", "dispatch", "exact_over_dp", "experts_modules",
-           "gather_experts", "install_router_loss", "is_expert_parallel"]
+           "install_router_loss", "is_expert_parallel"]

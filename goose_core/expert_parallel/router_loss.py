@@ -66,10 +66,19 @@ def _whole_batch_probs(rows: list[torch.Tensor], group: dist.ProcessGroup) -> to
 
 def install_router_loss(model: nn.Module, ctx: ParallelContext) -> None:
     """Make ``model``'s loss carry the exact router loss over the dp group (nothing to do at dp 1
-    or for a family that adds none)."""
+    or for a family that adds none).
+
+    Raises:
+        ValueError: pipeline parallelism too (its stages carry the per-shard sums).
+    """
     router = router_loss_of(model)
     if router is None or ctx.data_parallel_size == 1:
         return
+    if ctx.pipeline_parallel_size > 1:
+        raise ValueError(f"{type(model).__name__} has output_router_logits=True, and its router loss over "
+                         f"the data-parallel batch is not carried across pipeline stages with expert "
+                         f"parallelism: set config.output_router_logits=False, or use "
+                         f"pipeline_parallel_size=1")
     group = ctx.data_parallel_group
 
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:

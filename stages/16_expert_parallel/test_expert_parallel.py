@@ -2,10 +2,10 @@
 
 Mixtral, Qwen2-MoE (a shared expert), OLMoE and DeepSeek-V3 (biased sigmoid router, scaling, a
 dense first layer, a shared expert), router loss on where the family adds one, right padding,
-two SGD steps: at dp=2 x ep=2 and dp=4 x ep=4 (one expert per rank), every family in one spawn
-each. Uneven loads: DeepSeek-V3's own correction bias sends every token to expert 0 and none to
-expert 3. Planted bugs: a token sent to the wrong rank, expert gradients averaged over the whole
-dp group; both must fail.
+two SGD steps: at dp=2 x ep=2 and dp=4 x ep=4 (one expert per rank), and composed: ep2 x tp2,
+ep2 x pp2, every family in one spawn per layout. Uneven loads: DeepSeek-V3's own correction bias
+sends every token to expert 0 and none to expert 3. Planted bugs: a token sent to the wrong
+rank, expert gradients averaged over the whole dp group; both must fail.
 """
 
 from __future__ import annotations
@@ -16,25 +16,27 @@ import sys
 import pytest
 import torch
 
-from goose_core import DataParallel
+from goose_core import DataParallel, PipelineParallel, TensorParallel, full_state_dict
 from goose_core.distributed import ParallelContext
-from goose_core.expert_parallel import ExpertParallel, gather_experts
+from goose_core.expert_parallel import ExpertParallel
 from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, run_distributed,
-                                seeded_model, snapshot, train_loop)
+                                seeded_model, train_loop)
 from sweep.families import tiny_family_config
 
 FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v3")
 # SGD (AdamW's normalisation would hide a gradient scale off by E), right padding: the router
 # loss's masked sums see real and padded tokens. 4 rows: one or two per dp rank.
 SPEC = TrainSpec(steps=2, optimizer="sgd", lr=0.1, padding="right", batch_size=4, seq_len=16)
+#: (family, uneven load, router loss)
+Case = tuple[str, bool, bool]
 
 
-def build(family: str, uneven: bool = False) -> torch.nn.Module:
+def build(family: str, uneven: bool = False, router: bool = True) -> torch.nn.Module:
     config = tiny_family_config(family)
     if getattr(config, "router_aux_loss_coef", None):
         config.router_aux_loss_coef = 0.5  # large enough that a wrong aux gradient shows
-    else:  # DeepSeek-V3 routes without an auxiliary loss: nothing to record
-        config.output_router_logits = False
+    # DeepSeek-V3 routes without an auxiliary loss: nothing to record.
+    config.output_router_logits = router and bool(getattr(config, "router_aux_loss_coef", None))
     model = seeded_model(config, SPEC.seed, SPEC.dtype)
     if uneven:  # DeepSeek-V3's own bias: expert 0 chosen by every token, expert 3 by none
         for module in model.modules():
@@ -44,48 +46,60 @@ def build(family: str, uneven: bool = False) -> torch.nn.Module:
 
 
 @functools.cache
-def reference(family: str, uneven: bool = False) -> RunResult:
-    model = build(family, uneven)
-    return RunResult(train_loop(model, SPEC.build_optimizer(model.parameters()), SPEC.batches()), snapshot(model))
+def reference(case: Case) -> RunResult:
+    model = build(*case)
+    return RunResult(train_loop(model, SPEC.build_optimizer(model.parameters()), SPEC.batches()),
+                     {n: p.detach().clone() for n, p in model.named_parameters()})
 
 
-def _runs(ctx: ParallelContext, cases: list[tuple[str, bool]]) -> dict[tuple[str, bool], RunResult]:
+def _runs(ctx: ParallelContext, cases: list[Case]) -> dict[Case, RunResult]:
     results = {}
-    for family, uneven in cases:
-        model = ExpertParallel(build(family, uneven), ctx).parallelize()
+    for case in cases:
+        model = ExpertParallel(build(*case), ctx).parallelize()
+        if ctx.tp_size > 1:  # experts whole per EP rank, attention tp-split
+            model = TensorParallel(model, ctx).parallelize()
+        if ctx.pp_size > 1:
+            model = PipelineParallel(model, ctx, num_microbatches=1).parallelize()
         model = DataParallel(model, ctx).parallelize()
         losses = train_loop(model, SPEC.build_optimizer(model.parameters()), SPEC.batches(ctx.dp_rank, ctx.dp_size))
-        results[family, uneven] = RunResult(losses, {**snapshot(model), **gather_experts(model, ctx)})
+        results[case] = RunResult(losses, full_state_dict(model, ctx))
     return results
 
 
-def _check(results: list[dict], cases: list[tuple[str, bool]]) -> None:
+def _check(results: list[dict[Case, RunResult]], cases: list[Case]) -> None:
     for rank, by_case in enumerate(results):
         for case in cases:
             try:
-                assert_matches_reference(by_case[case], reference(*case), PARALLEL)
+                assert_matches_reference(by_case[case], reference(case), PARALLEL)
             except AssertionError as err:
                 raise AssertionError(f"{case}, rank {rank}: {err}") from err
 
 
-CASES = [(f, False) for f in FAMILIES] + [("deepseek_v3", True)]
+EVERY = [(f, False, True) for f in FAMILIES]
 
 
-@pytest.mark.parametrize("ep", [2, 4])
-def test_every_family_equals_the_single_device_run(ep: int) -> None:
-    cases = CASES if ep == 2 else [(f, False) for f in FAMILIES]
-    _check(run_distributed(_runs, 1, 1, ep, cases, ep=ep, timeout=300), cases)
+@pytest.mark.parametrize("tp, pp, dp, ep, cases", [
+    (1, 1, 2, 2, [*EVERY, ("deepseek_v3", True, True)]),
+    (1, 1, 4, 4, EVERY),
+    (2, 1, 2, 2, EVERY),
+    (1, 2, 2, 2, [(f, False, False) for f in FAMILIES]),  # router loss refused with a pipeline
+], ids=["ep2", "ep4", "ep2xtp2", "ep2xpp2"])
+def test_every_family_equals_the_single_device_run(tp: int, pp: int, dp: int, ep: int, cases: list[Case]) -> None:
+    _check(run_distributed(_runs, tp, pp, dp, cases, ep=ep, timeout=300), cases)
 
 
 def test_a_token_sent_to_the_wrong_rank_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     # Expert e's rows go to the rank of expert e + 1 (mod N): computed by another expert.
-    monkeypatch.setattr(sys.modules["goose_core.expert_parallel.dispatch"], "destinations", lambda index: (index.reshape(-1) + 1) % 4)
+    monkeypatch.setattr(sys.modules["goose_core.expert_parallel.dispatch"], "destinations",
+                        lambda index: (index.reshape(-1) + 1) % 4)
+    cases = [("mixtral", False, True)]
     with pytest.raises(AssertionError, match="differ beyond"):
-        _check(run_distributed(_runs, 1, 1, 2, [("mixtral", False)], ep=2, timeout=120), [("mixtral", False)])
+        _check(run_distributed(_runs, 1, 1, 2, cases, ep=2, timeout=120), cases)
 
 
 def test_expert_gradients_averaged_over_the_whole_dp_group_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     # At dp=4 x ep=2 the dp group mixes ranks holding experts 0-1 with ranks holding experts 2-3.
     monkeypatch.setattr(sys.modules["goose_core.data_parallel.reducer"], "expert_group_of", lambda p: None)
+    cases = [("olmoe", False, True)]
     with pytest.raises(AssertionError, match="differ beyond"):
-        _check(run_distributed(_runs, 1, 1, 4, [("olmoe", False)], ep=2, timeout=120), [("olmoe", False)])
+        _check(run_distributed(_runs, 1, 1, 4, cases, ep=2, timeout=120), cases)
