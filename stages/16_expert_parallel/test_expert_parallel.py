@@ -19,6 +19,7 @@ import torch
 from goose_core import DataParallel, PipelineParallel, TensorParallel, full_state_dict
 from goose_core.distributed import ParallelContext
 from goose_core.expert_parallel import ExpertParallel
+from goose_core.optim import clip_grad_norm_
 from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, run_distributed,
                                 seeded_model, train_loop)
 from sweep.families import tiny_family_config
@@ -27,11 +28,13 @@ FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "deepseek_v3")
 # SGD (AdamW's normalisation would hide a gradient scale off by E), right padding: the router
 # loss's masked sums see real and padded tokens. 4 rows: one or two per dp rank.
 SPEC = TrainSpec(steps=2, optimizer="sgd", lr=0.1, padding="right", batch_size=4, seq_len=16)
-#: (family, uneven load, router loss)
-Case = tuple[str, bool, bool]
+#: (family, uneven load, router loss, clipped)
+Case = tuple[str, bool, bool, bool]
+# Below the tiny models' gradient norm (~1 to 3): the clipping scales every step.
+MAX_NORM = 0.5
 
 
-def build(family: str, uneven: bool = False, router: bool = True) -> torch.nn.Module:
+def build(family: str, uneven: bool = False, router: bool = True, clip: bool = False) -> torch.nn.Module:
     config = tiny_family_config(family)
     if getattr(config, "router_aux_loss_coef", None):
         config.router_aux_loss_coef = 0.5  # large enough that a wrong aux gradient shows
@@ -48,7 +51,8 @@ def build(family: str, uneven: bool = False, router: bool = True) -> torch.nn.Mo
 @functools.cache
 def reference(case: Case) -> RunResult:
     model = build(*case)
-    return RunResult(train_loop(model, SPEC.build_optimizer(model.parameters()), SPEC.batches()),
+    clip = (lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)) if case[3] else None
+    return RunResult(train_loop(model, SPEC.build_optimizer(model.parameters()), SPEC.batches(), clip),
                      {n: p.detach().clone() for n, p in model.named_parameters()})
 
 
@@ -61,7 +65,9 @@ def _runs(ctx: ParallelContext, cases: list[Case]) -> dict[Case, RunResult]:
         if ctx.pp_size > 1:
             model = PipelineParallel(model, ctx, num_microbatches=1).parallelize()
         model = DataParallel(model, ctx).parallelize()
-        losses = train_loop(model, SPEC.build_optimizer(model.parameters()), SPEC.batches(ctx.dp_rank, ctx.dp_size))
+        clip = (lambda: clip_grad_norm_(model.parameters(), MAX_NORM, ctx)) if case[3] else None
+        losses = train_loop(model, SPEC.build_optimizer(model.parameters()),
+                            SPEC.batches(ctx.dp_rank, ctx.dp_size), clip)
         results[case] = RunResult(losses, full_state_dict(model, ctx))
     return results
 
@@ -75,15 +81,16 @@ def _check(results: list[dict[Case, RunResult]], cases: list[Case]) -> None:
                 raise AssertionError(f"{case}, rank {rank}: {err}") from err
 
 
-EVERY = [(f, False, True) for f in FAMILIES]
+EVERY = [(f, False, True, False) for f in FAMILIES]
 
 
 @pytest.mark.parametrize("tp, pp, dp, ep, cases", [
-    (1, 1, 2, 2, [*EVERY, ("deepseek_v3", True, True)]),
+    (1, 1, 2, 2, [*EVERY, ("deepseek_v3", True, True, False)]),
+    (1, 1, 4, 2, [("mixtral", False, True, True), ("qwen2_moe", False, True, True)]),  # 2 EP groups
     (1, 1, 4, 4, EVERY),
     (2, 1, 2, 2, EVERY),
-    (1, 2, 2, 2, [(f, False, False) for f in FAMILIES]),  # router loss refused with a pipeline
-], ids=["ep2", "ep4", "ep2xtp2", "ep2xpp2"])
+    (1, 2, 2, 2, [(f, False, False, False) for f in FAMILIES]),  # router loss refused with a pipeline
+], ids=["ep2", "ep2xdp2_clipped", "ep4", "ep2xtp2", "ep2xpp2"])
 def test_every_family_equals_the_single_device_run(tp: int, pp: int, dp: int, ep: int, cases: list[Case]) -> None:
     _check(run_distributed(_runs, tp, pp, dp, cases, ep=ep, timeout=300), cases)
 
@@ -92,7 +99,7 @@ def test_a_token_sent_to_the_wrong_rank_fails(monkeypatch: pytest.MonkeyPatch) -
     # Expert e's rows go to the rank of expert e + 1 (mod N): computed by another expert.
     monkeypatch.setattr(sys.modules["goose_core.expert_parallel.dispatch"], "destinations",
                         lambda index: (index.reshape(-1) + 1) % 4)
-    cases = [("mixtral", False, True)]
+    cases = [("mixtral", False, True, False)]
     with pytest.raises(AssertionError, match="differ beyond"):
         _check(run_distributed(_runs, 1, 1, 2, cases, ep=2, timeout=120), cases)
 
@@ -100,6 +107,14 @@ def test_a_token_sent_to_the_wrong_rank_fails(monkeypatch: pytest.MonkeyPatch) -
 def test_expert_gradients_averaged_over_the_whole_dp_group_fail(monkeypatch: pytest.MonkeyPatch) -> None:
     # At dp=4 x ep=2 the dp group mixes ranks holding experts 0-1 with ranks holding experts 2-3.
     monkeypatch.setattr(sys.modules["goose_core.data_parallel.reducer"], "expert_group_of", lambda p: None)
-    cases = [("olmoe", False, True)]
+    cases = [("olmoe", False, True, False)]
     with pytest.raises(AssertionError, match="differ beyond"):
         _check(run_distributed(_runs, 1, 1, 4, cases, ep=2, timeout=120), cases)
+
+
+def test_experts_counted_by_dp_rank_0_alone_in_the_norm_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a dense weight: dp rank 0 holds experts 0-1 only, so experts 2-3 leave the global norm.
+    monkeypatch.setattr(sys.modules["goose_core.optim.clip"], "expert_group_of", lambda p: None)
+    cases = [("mixtral", False, True, True)]
+    with pytest.raises(AssertionError, match="differ beyond"):
+        _check(run_distributed(_runs, 1, 1, 2, cases, ep=2, timeout=120), cases)
