@@ -2,8 +2,9 @@
 
 Inside ``with count_traffic(ctx) as traffic:`` every collective and point-to-point send that
 goes through ``torch.distributed``'s functions adds what this rank sends to
-``traffic.bytes[name]``, ``name`` being the group's axis (``"tp"``, ``"pp"``, ``"dp"``),
-``"world"`` or ``"other"``. Nothing changes what runs: each wrapper calls the original.
+``traffic.bytes[name]``, ``name`` being the group's axis (``"tp"``, ``"pp"``, ``"dp"``), an
+expert-parallel group (``"ep"``, ``"edp"``), ``"world"`` or ``"other"``. Nothing changes what
+runs: each wrapper calls the original.
 
 What "sent" means: a collective's bytes are those of a bandwidth-optimal algorithm (the ring)
 over its ``n`` ranks, divided evenly among them, for a tensor of ``S`` bytes::
@@ -14,7 +15,8 @@ over its ``n`` ranks, divided evenly among them, for a tensor of ``S`` bytes::
     all_gather(output S)               (n-1)/n S                    list form: S = n x the input
     broadcast(S)                       (n-1)/n S                    n broadcasts of S/n (ZeRO-1's
                                                                     all-gather on gloo) = one all-gather
-    all_to_all_single(S)               (n-1)/n S
+    all_to_all_single(S)               (n-1)/n S                    uneven splits: the rows to the
+                                                                    other ranks, S x (rows - own) / rows
     send / isend (S), P2POp isend      S                            recv: 0
     a group of one rank                0
 
@@ -97,13 +99,25 @@ _SENT: dict[str, Callable[[int, tuple, dict], Fraction]] = {
     "all_gather_into_tensor": lambda n, a, k: _ring(n, _size(a[0])),
     "all_gather": lambda n, a, k: _ring(n, sum(_size(t) for t in a[0])),
     "broadcast": lambda n, a, k: _ring(n, _size(a[0])),
-    "all_to_all_single": lambda n, a, k: _ring(n, _size(a[1])),
+    "all_to_all_single": lambda n, a, k: _all_to_all(n, a, k),
     "send": lambda n, a, k: Fraction(_size(a[0])),
     "isend": lambda n, a, k: Fraction(_size(a[0])),
     "recv": lambda n, a, k: Fraction(0),
     "irecv": lambda n, a, k: Fraction(0),
 }
 _P2P = {"send", "isend", "recv", "irecv"}
+
+
+def _all_to_all(n: int, args: tuple, kwargs: dict) -> Fraction:
+    """all_to_all_single(output, input, output_split_sizes, input_split_sizes, group): the rows
+    this rank sends to the others (its own stay); even splits when none are given."""
+    splits = kwargs.get("input_split_sizes", args[3] if len(args) > 3 else None)
+    size = _size(args[1])
+    if not splits or n == 1:
+        return _ring(n, size)
+    group = kwargs.get("group", args[4] if len(args) > 4 else None)
+    own = splits[dist.get_rank(group if group is not None else dist.group.WORLD)]
+    return Fraction(size * (sum(splits) - own), sum(splits))
 _P2P_OPS = ("isend", "irecv")  # what a P2POp of batch_isend_irecv may name
 
 
@@ -129,6 +143,9 @@ def count_traffic(ctx: ParallelContext | None = None) -> Iterator[Traffic]:
     if dist.is_initialized():
         names[id(dist.group.WORLD)] = "world"
     if ctx is not None:
+        if ctx.experts.ep_group is not None:  # expert parallelism's groups (before dp: E = 1 is dp)
+            names[id(ctx.experts.ep_group)] = "ep"
+            names[id(ctx.experts.edp_group)] = "edp"
         for axis in AXES:
             names[id(ctx.group(axis))] = axis  # an axis beats "world" when they are one group
     traffic = Traffic()

@@ -46,6 +46,7 @@ class Routes:
     send_counts: list[int]  # rows to each EP rank
     recv_counts: list[int]  # rows from each EP rank
     local_expert: Tensor  # [R] this rank's expert (0 .. N/E - 1) of each row received
+    received: Tensor      # [E, N/E] rows from each EP rank for each local expert: the load
 
     @classmethod
     def plan(cls, top_k_index: Tensor, num_experts: int, group: dist.ProcessGroup) -> Routes:
@@ -60,14 +61,18 @@ class Routes:
         received = received.view(size, local)
         local_expert = torch.arange(local, device=received.device).repeat(size)
         return cls(order, order // top_k_index.shape[-1], per_expert.view(size, local).sum(1).tolist(),
-                   received.sum(1).tolist(), local_expert.repeat_interleave(received.reshape(-1)))
+                   received.sum(1).tolist(), local_expert.repeat_interleave(received.reshape(-1)), received)
 
 
 def dispatch(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, num_experts: int,
-             experts: LocalExperts, group: dist.ProcessGroup) -> Tensor:
+             experts: LocalExperts, group: dist.ProcessGroup,
+             on_routes: Callable[[Routes], None] | None = None) -> Tensor:
     """What 🤗's experts forward returns on one device (``[T, H]``: each token's sum of its k
-    experts' outputs times their weights), with the experts spread over ``group``."""
+    experts' outputs times their weights), with the experts spread over ``group``; ``on_routes``
+    sees the layer's :class:`Routes` (the load per expert)."""
     routes = Routes.plan(top_k_index, num_experts, group)
+    if on_routes is not None:
+        on_routes(routes)
     rows = all_to_all(hidden[routes.token_of], routes.send_counts, routes.recv_counts, group)
     ones = torch.ones(rows.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
     computed = experts(rows, routes.local_expert.unsqueeze(1), ones)  # weighted on return, below

@@ -26,11 +26,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from goose_core.distributed.context import ParallelContext
-from goose_core.expert_parallel.dispatch import dispatch
+from goose_core.expert_parallel.dispatch import Routes, dispatch
 from goose_core.expert_parallel.router_loss import install_router_loss
 from goose_core.metadata import mark_expert, parameters_changed
 
-__all__ = ["ExpertParallel", "experts_modules", "is_expert_parallel"]
+__all__ = ["ExpertParallel", "expert_load", "experts_modules", "is_expert_parallel"]
 
 _SIGNATURE = ("hidden_states", "top_k_index", "top_k_weights")
 
@@ -47,6 +47,13 @@ def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if tuple(inspect.signature(type(module).forward).parameters)[1:4] == _SIGNATURE:
             found.append((name, module))
     return found
+
+
+def expert_load(model: nn.Module) -> dict[str, list[int]]:
+    """Per experts module, the rows each of this rank's experts computed in the last forward
+    (from every EP rank): the balance the router reached, per step."""
+    return {name: list(getattr(m, "goose_expert_load", [])) for name, m in model.named_modules()
+            if hasattr(m, "goose_experts")}
 
 
 def is_expert_parallel(model: nn.Module) -> bool:
@@ -114,7 +121,9 @@ class ExpertParallel:
                     top_k_weights: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             def experts(rows: Tensor, index: Tensor, weights: Tensor) -> Tensor:
                 return own(self, rows, index, weights, *args, **kwargs)
-            return dispatch(hidden_states, top_k_index, top_k_weights, total, experts, group)
+            def record(routes: Routes) -> None:
+                self.goose_expert_load = routes.received.sum(0).tolist()
+            return dispatch(hidden_states, top_k_index, top_k_weights, total, experts, group, record)
 
         module.forward = MethodType(forward, module)
         module.goose_experts = (rank * local, local, total)  # first expert, how many, of how many
