@@ -138,6 +138,9 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "tests/test_zero2_composition.py", "tests/test_schedule_resume.py", "tests/gpu/composed_nccl.py",
          "tests/gpu/test_composed_nccl.py", "benchmarks/bench_batch_check.py",
          "benchmarks/bench_mixed_precision.py"),
+    # Expert parallelism: the EP and expert-data-parallel groups carved from dp, the dispatch
+    # (all-to-all with uneven splits) to 🤗's own experts, and the router loss over the dp batch.
+    16: ("goose_core/expert_parallel/", "goose_core/distributed/expert_groups.py"),
 }
 
 #: The chapter whose train.py a stage's loop extends, where that is not the stage before. Each
@@ -146,8 +149,9 @@ LESSONS: dict[int, tuple[str, ...]] = {
 #: swaps DataParallel out of 05's loop (ZeRO's optimizers are no part of it); recompute is one
 #: keyword in 09's loop (10's sleeping stages are for timing); callbacks go into 11's loop (12's
 #: profiles and splits an uneven model first); the assembled run builds on 13's loop (14's
-#: schedules are one argument of the pipeline it wraps).
-EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 15: 13}
+#: schedules are one argument of the pipeline it wraps); expert parallelism is carved from the
+#: data-parallel ranks, so its loop is 05's.
+EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 15: 13, 16: 5}
 
 #: Paths of SCOPE that belong to no lesson: the tooling around the course, not a concept of it.
 #: The family sweep runs 08's and 09's concepts over every 🤗 family; it teaches none of its own.
