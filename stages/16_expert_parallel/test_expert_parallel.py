@@ -119,3 +119,4 @@ def test_experts_counted_by_dp_rank_0_alone_in_the_norm_fail(monkeypatch: pytest
     with pytest.raises(AssertionError, match="differ beyond"):
         _check(run_distributed(_runs, 1, 1, 2, cases, ep=2, timeout=120), cases)
 
+
