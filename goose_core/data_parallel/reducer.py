@@ -150,22 +150,22 @@ class GradReducer(GradSync):
         """
         if self._callback_queued or self.deferred or self._next:
             raise RuntimeError("cannot re-bucket the gradient reducer while a backward pass is in flight")
-        if scatter and any(expert_group_of(p) is not None for params in param_lists for p in params):
-            raise ValueError("DistributedOptimizer (ZeRO) does not shard the optimizer state of "
-                             "ExpertParallel's experts: use a plain optimizer with ExpertParallel")
         for handle in self._handles:
             handle.remove()
         before = list(self._where)
         self.scatter = scatter
-        # An expert's gradient is summed over the ranks holding the same experts only: its own
-        # buckets, reduced over that group (still divided by the dp size: see ExpertParallel).
-        def keyed(p: nn.Parameter) -> Hashable:
-            return key(p), id(expert_group_of(p))
-        self.buckets = [b for params in param_lists
-                        for b in build_buckets(reversed(params), self.bucket_bytes, self.size, keyed,
-                                               FIRST_BUCKET_BYTES, dtype=self.reduce_dtype)]
-        for bucket in self.buckets:
-            bucket.reduce_group = expert_group_of(bucket.params[0])
+        # An expert's gradient is summed over the ranks holding the same experts only: buckets
+        # of their own, padded to and reduced (or sharded, ZeRO) over that group, still divided
+        # by the dp size (see goose_core/expert_parallel/parallel.py).
+        self.buckets = []
+        for params in param_lists:
+            for group, ps in _by_group(params):
+                size = self.size if group is None else dist.get_world_size(group)
+                built = build_buckets(reversed(ps), self.bucket_bytes, size, key, FIRST_BUCKET_BYTES,
+                                      dtype=self.reduce_dtype)
+                for bucket in built:
+                    bucket.reduce_group = group
+                self.buckets += built
         self._where = {p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
         for p, (bucket, i) in self._where.items():
@@ -282,3 +282,13 @@ class GradReducer(GradSync):
             # does without DataParallel); the slot keeps main_grad() until that backward starts.
             bucket.fresh = True
         self._reduced = True
+
+
+def _by_group(params: list[nn.Parameter]) -> list[tuple[dist.ProcessGroup | None, list[nn.Parameter]]]:
+    """``params`` split by the group their gradient is reduced over: the dense ones (None: the
+    reducer's) first, then each expert group's, each in the order given."""
+    groups: dict[int, tuple[dist.ProcessGroup | None, list[nn.Parameter]]] = {id(None): (None, [])}
+    for p in params:
+        group = expert_group_of(p)
+        groups.setdefault(id(group), (group, []))[1].append(p)
+    return [(g, ps) for g, ps in groups.values() if ps]

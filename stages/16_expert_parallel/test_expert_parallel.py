@@ -19,7 +19,7 @@ import torch
 from goose_core import DataParallel, PipelineParallel, TensorParallel, full_state_dict
 from goose_core.distributed import ParallelContext
 from goose_core.expert_parallel import ExpertParallel
-from goose_core.optim import clip_grad_norm_
+from goose_core.optim import DistributedOptimizer, clip_grad_norm_
 from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, run_distributed,
                                 seeded_model, train_loop)
 from sweep.families import tiny_family_config
@@ -56,7 +56,7 @@ def reference(case: Case) -> RunResult:
                      {n: p.detach().clone() for n, p in model.named_parameters()})
 
 
-def _runs(ctx: ParallelContext, cases: list[Case]) -> dict[Case, RunResult]:
+def _runs(ctx: ParallelContext, cases: list[Case], zero: bool = False) -> dict[Case, RunResult]:
     results = {}
     for case in cases:
         model = ExpertParallel(build(*case), ctx).parallelize()
@@ -65,9 +65,11 @@ def _runs(ctx: ParallelContext, cases: list[Case]) -> dict[Case, RunResult]:
         if ctx.pp_size > 1:
             model = PipelineParallel(model, ctx, num_microbatches=1).parallelize()
         model = DataParallel(model, ctx).parallelize()
+        optimizer = SPEC.build_optimizer(model.parameters())
+        if zero:  # experts' state sharded over their expert-data-parallel group, dense over dp
+            optimizer = DistributedOptimizer(optimizer, ctx)
         clip = (lambda: clip_grad_norm_(model.parameters(), MAX_NORM, ctx)) if case[3] else None
-        losses = train_loop(model, SPEC.build_optimizer(model.parameters()),
-                            SPEC.batches(ctx.dp_rank, ctx.dp_size), clip)
+        losses = train_loop(model, optimizer, SPEC.batches(ctx.dp_rank, ctx.dp_size), clip)
         results[case] = RunResult(losses, full_state_dict(model, ctx))
     return results
 
@@ -84,15 +86,17 @@ def _check(results: list[dict[Case, RunResult]], cases: list[Case]) -> None:
 EVERY = [(f, False, True, False) for f in FAMILIES]
 
 
-@pytest.mark.parametrize("tp, pp, dp, ep, cases", [
-    (1, 1, 2, 2, [*EVERY, ("deepseek_v3", True, True, False)]),
-    (1, 1, 4, 2, [("mixtral", False, True, True), ("qwen2_moe", False, True, True)]),  # 2 EP groups
-    (1, 1, 4, 4, [*EVERY, ("deepseek_v3", True, True, False)]),  # rank 3's expert: no token
-    (2, 1, 2, 2, EVERY),
-    (1, 2, 2, 2, [(f, False, False, False) for f in FAMILIES]),  # router loss refused with a pipeline
-], ids=["ep2", "ep2xdp2_clipped", "ep4", "ep2xtp2", "ep2xpp2"])
-def test_every_family_equals_the_single_device_run(tp: int, pp: int, dp: int, ep: int, cases: list[Case]) -> None:
-    _check(run_distributed(_runs, tp, pp, dp, cases, ep=ep, timeout=300), cases)
+@pytest.mark.parametrize("tp, pp, dp, ep, cases, zero", [
+    (1, 1, 2, 2, [*EVERY, ("deepseek_v3", True, True, False)], False),
+    (1, 1, 4, 2, [("mixtral", False, True, True), ("qwen2_moe", False, True, True)], True),  # 2 EP groups
+    (1, 1, 4, 4, [*EVERY, ("deepseek_v3", True, True, False)], False),  # rank 3's expert: no token
+    (2, 1, 2, 2, EVERY, False),
+    (1, 2, 2, 2, [(f, False, False, False) for f in FAMILIES], False),  # router loss refused with a pipeline
+    (2, 2, 2, 2, [("mixtral", False, False, True)], True),
+], ids=["ep2", "ep2xdp2_zero1_clipped", "ep4", "ep2xtp2", "ep2xpp2", "tp2xpp2xep2_zero1_clipped"])
+def test_every_family_equals_the_single_device_run(tp: int, pp: int, dp: int, ep: int, cases: list[Case],
+                                                   zero: bool) -> None:
+    _check(run_distributed(_runs, tp, pp, dp, cases, zero, ep=ep, timeout=300), cases)
 
 
 def test_a_token_sent_to_the_wrong_rank_fails(monkeypatch: pytest.MonkeyPatch) -> None:
