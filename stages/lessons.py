@@ -141,7 +141,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # Expert parallelism: the EP and expert-data-parallel groups carved from dp, the dispatch
     # (all-to-all with uneven splits) to 🤗's own experts, and the router loss over the dp batch.
     16: ("goose_core/expert_parallel/", "goose_core/distributed/expert_groups.py",
-         "tests/test_expert_checkpoint.py"),
+         "tests/test_expert_checkpoint.py", "benchmarks/bench_expert_parallel.py"),
 }
 
 #: The chapter whose train.py a stage's loop extends, where that is not the stage before. Each
