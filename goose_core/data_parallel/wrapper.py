@@ -114,6 +114,9 @@ class DataParallel:
 
     def parallelize(self) -> nn.Module:
         """Install the hooks and return the module, ready for ``model(**batch).loss.backward()``."""
+        if self.zero_stage == 3 and expert_groups(self.module):
+            raise ValueError("DataParallel(zero_stage=3) does not shard ExpertParallel's experts (they "
+                             "differ across the dp group): use zero_stage=1 or 2 with expert parallelism")
         group = self.ctx.data_parallel_group
         for replicas in (group, *expert_groups(self.module)):  # experts: alike over their own group
             if self.broadcast:

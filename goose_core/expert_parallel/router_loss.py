@@ -72,7 +72,10 @@ def install_router_loss(model: nn.Module, ctx: ParallelContext) -> None:
         ValueError: pipeline parallelism too (its stages carry the per-shard sums).
     """
     router = router_loss_of(model)
-    if router is None or ctx.data_parallel_size == 1:
+    if router is None:  # the forward adds none (DeepSeek-V3's aux-loss-free routing): exact as it is
+        set_router_loss_over_dp(model)
+        return
+    if ctx.data_parallel_size == 1:
         return
     if ctx.pipeline_parallel_size > 1:
         raise ValueError(f"{type(model).__name__} has output_router_logits=True, and its router loss over "
