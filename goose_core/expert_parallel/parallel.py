@@ -21,7 +21,6 @@ import inspect
 from types import MethodType
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
