@@ -18,6 +18,7 @@ the marks it leaves.
 from __future__ import annotations
 
 import inspect
+import sys
 from types import MethodType
 from typing import Any
 
@@ -29,7 +30,7 @@ from goose_core.expert_parallel.dispatch import Routes, dispatch
 from goose_core.expert_parallel.router_loss import install_router_loss
 from goose_core.metadata import mark_expert, parameters_changed
 
-__all__ = ["ExpertParallel", "expert_load", "experts_modules", "is_expert_parallel"]
+__all__ = ["ExpertParallel", "expert_load", "experts_modules", "is_expert_parallel", "random_routing"]
 
 _SIGNATURE = ("hidden_states", "top_k_index", "top_k_weights")
 
@@ -53,6 +54,20 @@ def expert_load(model: nn.Module) -> dict[str, list[int]]:
     (from every EP rank): the balance the router reached, per step."""
     return {name: list(getattr(m, "goose_expert_load", [])) for name, m in model.named_modules()
             if hasattr(m, "goose_experts")}
+
+
+def random_routing(model: nn.Module) -> str | None:
+    """Why ``model``'s router draws random numbers per token in training, or None: a jitter its
+    config turns on (Mixtral's, PhiMoE's ``router_jitter_noise``), or PhiMoE's sparsemixer, which
+    samples its top-k (``torch.rand_like``) whatever the jitter."""
+    config = getattr(model, "config", None)
+    for attr in ("router_jitter_noise", "input_jitter_noise"):
+        if getattr(config, attr, 0):
+            return f"config.{attr}={getattr(config, attr)}"
+    for _, module in model.named_modules():
+        if hasattr(sys.modules[type(module).__module__], "sparsemixer"):
+            return f"{type(module).__module__}.sparsemixer samples each token's experts"
+    return None
 
 
 def is_expert_parallel(model: nn.Module) -> bool:
@@ -83,6 +98,11 @@ class ExpertParallel:
                              f"dispatch to (stacked (num_experts, ...) parameters, called as "
                              f"experts(hidden_states, top_k_index, top_k_weights)): train it with "
                              f"expert_parallel_size=1 (tensor parallelism slices its experts)")
+        if ctx.data_parallel_size > 1 and (why := random_routing(model)):
+            raise ValueError(f"{type(model).__name__} routes at random in training ({why}): each dp rank "
+                             f"draws its own numbers for its shard of the batch, not the single device's "
+                             f"for the whole batch; set it to 0 (or call model.eval()), or train without "
+                             f"data and expert parallelism")
         for name, module in self.modules:
             if module.num_experts % size:
                 raise ValueError(f"{name} holds {module.num_experts} experts, which "

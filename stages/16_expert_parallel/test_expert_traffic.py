@@ -37,7 +37,9 @@ def test_a_bad_expert_parallel_size_is_refused(size: int, message: str) -> None:
 
 def _refusals(ctx: ParallelContext) -> list[str]:
     found = []
-    for model in (build_model("llama"),):  # a dense family: nothing to dispatch
+    jittered = build("mixtral")
+    jittered.config.router_jitter_noise = 0.1  # each token's own random jitter: not the shard's to draw
+    for model in (build_model("llama"), jittered):  # a dense family: nothing to dispatch
         try:
             ExpertParallel(model, ctx)
         except ValueError as err:
@@ -45,9 +47,10 @@ def _refusals(ctx: ParallelContext) -> list[str]:
     return found
 
 
-def test_a_model_without_experts_is_refused_by_name_on_every_rank() -> None:
+def test_a_model_without_experts_or_routing_at_random_is_refused_by_name_on_every_rank() -> None:
     for found in run_distributed(_refusals, 1, 1, 2, ep=2, timeout=60):
-        assert len(found) == 1 and "LlamaForCausalLM has no experts module" in found[0]
+        assert len(found) == 2 and "LlamaForCausalLM has no experts module" in found[0]
+        assert "routes at random in training (config.router_jitter_noise=0.1)" in found[1]
 
 
 def _forward_traffic(ctx: ParallelContext) -> dict:
