@@ -119,14 +119,23 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # schedule module itself is 09's).
     14: ("goose_core/engine/split_backward.py", "tests/test_schedule_interleaved.py",
          "tests/test_schedule_zero_bubble.py", "benchmarks/bench_schedules.py"),
+    # Long sequences: context parallelism's attention (Ulysses' all-to-all head split); sequence
+    # parallelism's unit tests (its module, tensor_parallel/sequence.py, is in 08's folder: the
+    # tensor-parallel layers use it).
+    15: ("goose_core/context_parallel/__init__.py", "goose_core/context_parallel/ulysses.py",
+         "tests/test_ulysses.py", "tests/test_sequence_parallel.py"),
+    # Expert parallelism: the EP and expert-data-parallel groups carved from dp, the dispatch
+    # (all-to-all with uneven splits) to 🤗's own experts, and the router loss over the dp batch.
+    16: ("goose_core/expert_parallel/", "goose_core/distributed/expert_groups.py",
+         "benchmarks/bench_expert_parallel.py"),
     # The assembled run: every wrapper at once (the supported order, the orders refused), what
     # guards a grid (the same batch on tp peers and stages, a non-finite step stopped on every
     # rank), mixed precision across the grid, DCP checkpoints and the export. The MoE router loss
-    # and a loss of the reader's own under the pipeline are here too: 15 assembles every family,
+    # and a loss of the reader's own under the pipeline are here too: 17 assembles every family,
     # and they exist for families and losses past the three tiny models that 09 splits (the
     # router loss only for MoE families; custom_loss for a loop that computes its loss from the
     # logits, not from labels).
-    15: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
+    17: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
          "goose_core/distributed/batch_faults.py", "goose_core/testing/layout.py",
          "goose_core/testing/split_reductions.py", "goose_core/pipeline/router_loss.py",
          "goose_core/pipeline/custom_loss.py",
@@ -137,11 +146,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "tests/test_export.py", "tests/test_single_process.py", "tests/test_pipeline_generate.py",
          "tests/test_zero2_composition.py", "tests/test_schedule_resume.py", "tests/gpu/composed_nccl.py",
          "tests/gpu/test_composed_nccl.py", "benchmarks/bench_batch_check.py",
-         "benchmarks/bench_mixed_precision.py"),
-    # Expert parallelism: the EP and expert-data-parallel groups carved from dp, the dispatch
-    # (all-to-all with uneven splits) to 🤗's own experts, and the router loss over the dp batch.
-    16: ("goose_core/expert_parallel/", "goose_core/distributed/expert_groups.py",
-         "tests/test_expert_checkpoint.py", "benchmarks/bench_expert_parallel.py"),
+         "benchmarks/bench_mixed_precision.py", "tests/test_expert_checkpoint.py"),
 }
 
 #: The chapter whose train.py a stage's loop extends, where that is not the stage before. Each
@@ -152,7 +157,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
 #: profiles and splits an uneven model first); the assembled run builds on 13's loop (14's
 #: schedules are one argument of the pipeline it wraps); expert parallelism is carved from the
 #: data-parallel ranks, so its loop is 05's.
-EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 15: 13, 16: 5}
+EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 16: 5, 17: 13}
 
 #: Paths of SCOPE that belong to no lesson: the tooling around the course, not a concept of it.
 #: The family sweep runs 08's and 09's concepts over every 🤗 family; it teaches none of its own.
