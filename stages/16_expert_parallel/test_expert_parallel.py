@@ -3,8 +3,8 @@
 Mixtral, Qwen2-MoE (a shared expert), OLMoE and DeepSeek-V3 (biased sigmoid router, scaling, a
 dense first layer, a shared expert), router loss on where the family adds one, right padding,
 two SGD steps: at dp=2 x ep=2 and dp=4 x ep=4 (one expert per rank), and composed: ep2 x tp2,
-ep2 x pp2, dp4 x ep2 and tp2 x pp2 x ep2 with ZeRO-1 and clipping, every family of a layout in
-one spawn. Uneven loads: DeepSeek-V3's own correction bias sends every token to expert 0 and
+ep2 x pp2, dp4 x ep2 with ZeRO-2 and tp2 x pp2 x ep2 with ZeRO-1 (both clipped), every family
+of a layout in one spawn. Uneven loads: DeepSeek-V3's own correction bias sends every token to expert 0 and
 none to expert 3. Planted bugs: a token sent to the wrong rank, expert gradients averaged over
 the whole dp group, experts counted by dp rank 0 alone in the norm, each shard's own router
 loss; each must fail.
@@ -58,7 +58,7 @@ def reference(case: Case) -> RunResult:
                      {n: p.detach().clone() for n, p in model.named_parameters()})
 
 
-def _runs(ctx: ParallelContext, cases: list[Case], zero: bool = False) -> dict[Case, RunResult]:
+def _runs(ctx: ParallelContext, cases: list[Case], zero: int = 0) -> dict[Case, RunResult]:
     results = {}
     for case in cases:
         model = ExpertParallel(build(*case), ctx).parallelize()
@@ -66,9 +66,9 @@ def _runs(ctx: ParallelContext, cases: list[Case], zero: bool = False) -> dict[C
             model = TensorParallel(model, ctx).parallelize()
         if ctx.pp_size > 1:
             model = PipelineParallel(model, ctx, num_microbatches=1).parallelize()
-        model = DataParallel(model, ctx).parallelize()
+        model = DataParallel(model, ctx, zero_stage=max(zero, 1)).parallelize()
         optimizer = SPEC.build_optimizer(model.parameters())
-        if zero:  # experts' state sharded over their expert-data-parallel group, dense over dp
+        if zero:  # experts' state (ZeRO-2: and gradients) sharded over their expert-data-parallel group
             optimizer = DistributedOptimizer(optimizer, ctx)
         clip = (lambda: clip_grad_norm_(model.parameters(), MAX_NORM, ctx)) if case[3] else None
         losses = train_loop(model, optimizer, SPEC.batches(ctx.dp_rank, ctx.dp_size), clip)
@@ -89,15 +89,15 @@ EVERY = [(f, False, True, False) for f in FAMILIES]
 
 
 @pytest.mark.parametrize("tp, pp, dp, ep, cases, zero", [
-    (1, 1, 2, 2, [*EVERY, ("deepseek_v3", True, True, False)], False),
-    (1, 1, 4, 2, [("mixtral", False, True, True), ("qwen2_moe", False, True, True)], True),  # 2 EP groups
-    (1, 1, 4, 4, [*EVERY, ("deepseek_v3", True, True, False)], False),  # rank 3's expert: no token
-    (2, 1, 2, 2, EVERY, False),
-    (1, 2, 2, 2, [(f, False, False, False) for f in ("mixtral", "deepseek_v3")], False),  # no router loss: refused with PP
-    (2, 2, 2, 2, [("mixtral", False, False, True)], True),
-], ids=["ep2", "ep2xdp2_zero1_clipped", "ep4", "ep2xtp2", "ep2xpp2", "tp2xpp2xep2_zero1_clipped"])
+    (1, 1, 2, 2, [*EVERY, ("deepseek_v3", True, True, False)], 0),
+    (1, 1, 4, 2, [("mixtral", False, True, True), ("qwen2_moe", False, True, True)], 2),  # 2 EP groups
+    (1, 1, 4, 4, [*EVERY, ("deepseek_v3", True, True, False)], 0),  # rank 3's expert: no token
+    (2, 1, 2, 2, EVERY, 0),
+    (1, 2, 2, 2, [(f, False, False, False) for f in ("mixtral", "deepseek_v3")], 0),  # no router loss: refused with PP
+    (2, 2, 2, 2, [("mixtral", False, False, True)], 1),
+], ids=["ep2", "ep2xdp2_zero2_clipped", "ep4", "ep2xtp2", "ep2xpp2", "tp2xpp2xep2_zero1_clipped"])
 def test_every_family_equals_the_single_device_run(tp: int, pp: int, dp: int, ep: int, cases: list[Case],
-                                                   zero: bool) -> None:
+                                                   zero: int) -> None:
     _check(run_distributed(_runs, tp, pp, dp, cases, zero, ep=ep, timeout=300), cases)
 
 
