@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from goose_core.distributed import progress
+from goose_core.distributed.expert_groups import ExpertGroups, check_expert_parallel_size
 from goose_core.distributed.grid import AXES, Axis, ProcessGrid
 
 __all__ = ["ParallelContext", "DEFAULT_TIMEOUT", "choose_backend", "BACKEND_ENV", "DEVICE_ENV"]
@@ -146,11 +147,13 @@ class ParallelContext:
             naming the ranks that did not arrive and what they did last (step, activity), from
             the progress records each rank publishes to the store
             (:mod:`goose_core.distributed.progress`; :meth:`destroy` ends this rank's).
+        expert_parallel_size: E, the ranks of each data-parallel line that split the experts
+            (:mod:`goose_core.distributed.expert_groups`); must divide ``data_parallel_size``.
         check_finite: stop the run, on every rank, before an optimizer step that would read a
             non-finite loss or gradient (:mod:`goose_core.finite`); False trains on regardless.
 
     Raises:
-        ValueError: a size < 1, tp * pp * dp != world size (without a launcher: > 1), or a
+        ValueError: a size < 1, E not dividing dp, tp * pp * dp != world size (without a launcher: > 1), or a
             backend / device that cannot work here (raised on every rank).
     """
 
@@ -165,8 +168,10 @@ class ParallelContext:
         device: str | torch.device | None = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
         check_finite: bool = True,
+        expert_parallel_size: int = 1,
     ) -> None:
         self.grid = ProcessGrid(tensor_parallel_size, pipeline_parallel_size, data_parallel_size)
+        check_expert_parallel_size(expert_parallel_size, data_parallel_size)
         alone = _alone()
         if alone and self.grid.world_size > 1:
             raise ValueError(_ALONE.format(n=self.grid.world_size, grid=self.grid))
@@ -191,6 +196,9 @@ class ParallelContext:
         self.coords = self.grid.coords(self.rank)
         self._groups = {axis: self._new_groups(self.grid.all_groups(axis)) for axis in AXES}
         self._ends_group = self._new_ends_group()
+        #: The expert-parallel and expert-data-parallel groups (:mod:`.expert_groups`).
+        self.experts = ExpertGroups.create(self.grid, expert_parallel_size, self.rank,
+                                           self._groups["dp"], timeout)
         if self.world_size > 1:
             # A gloo group connects its pairs while new_group returns: a rank that finished its
             # part and left at once (a short job, a test) would close sockets a peer is still

@@ -2,8 +2,9 @@
 
 Inside ``with count_traffic(ctx) as traffic:`` every collective and point-to-point send that
 goes through ``torch.distributed``'s functions adds what this rank sends to
-``traffic.bytes[name]``, ``name`` being the group's axis (``"tp"``, ``"pp"``, ``"dp"``),
-``"world"`` or ``"other"``. Nothing changes what runs: each wrapper calls the original.
+``traffic.bytes[name]``, ``name`` being the group's axis (``"tp"``, ``"pp"``, ``"dp"``), an
+expert-parallel group (``"ep"``, ``"edp"``), ``"world"`` or ``"other"``. Nothing changes what
+runs: each wrapper calls the original.
 
 What "sent" means: a collective's bytes are those of a bandwidth-optimal algorithm (the ring)
 over its ``n`` ranks, divided evenly among them, for a tensor of ``S`` bytes::
@@ -144,6 +145,9 @@ def count_traffic(ctx: ParallelContext | None = None) -> Iterator[Traffic]:
     if dist.is_initialized():
         names[id(dist.group.WORLD)] = "world"
     if ctx is not None:
+        if ctx.experts.ep_group is not None:  # expert parallelism's groups (before dp: E = 1 is dp)
+            names[id(ctx.experts.ep_group)] = "ep"
+            names[id(ctx.experts.edp_group)] = "edp"
         for axis in AXES:
             names[id(ctx.group(axis))] = axis  # an axis beats "world" when they are one group
     traffic = Traffic()

@@ -192,7 +192,20 @@ def resolve_plan(model: nn.Module) -> TPPlan:
         split_params.update(named)
     if not layers and not split_params:
         raise ValueError(f"the tensor-parallel plan of {type(model).__name__} matches none of its modules")
+    whole = _whole_experts(model)
+    layers = {name: style for name, style in layers.items() if not _inside(name, whole)}
+    split_params = {name: style for name, style in split_params.items() if not _inside(name, whole)}
     return TPPlan(layers, adapter.localize if adapter else None, split_params)
+
+
+def _whole_experts(model: nn.Module) -> set[str]:
+    """The experts modules ExpertParallel spread (``goose_experts``): kept whole on every
+    tensor-parallel rank (Megatron's default: attention tp-split, experts split by EP only)."""
+    return {name for name, m in model.named_modules() if hasattr(m, "goose_experts")}
+
+
+def _inside(name: str, modules: set[str]) -> bool:
+    return any(name == m or name.startswith(f"{m}.") for m in modules)
 
 
 def _divisors(n: int) -> list[int]:
