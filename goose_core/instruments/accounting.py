@@ -27,6 +27,7 @@ from fractions import Fraction
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -36,7 +37,7 @@ from goose_core.distributed.traffic import count_traffic
 from goose_core.engine.activations import LiveActivations
 from goose_core.metadata import module_grad_sync
 
-__all__ = ["Account", "Accounting", "measure_step", "held_bytes", "format_table"]
+__all__ = ["Account", "Accounting", "measure_step", "held_bytes", "format_table", "gathered_table"]
 
 
 @dataclass
@@ -216,3 +217,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                       *(mib(r["sent_bytes"].get(a)) for a in AXES)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def gathered_table(ctx: ParallelContext, account: Account) -> str | None:
+    """Every rank's ``account`` gathered to rank 0 (a collective: every rank calls it) and
+    formatted there by :func:`format_table`; ``None`` on the other ranks."""
+    rows: list[Any] = [account.as_json()]
+    if ctx.world_size > 1:
+        rows = [None] * ctx.world_size
+        dist.all_gather_object(rows, account.as_json())
+    return format_table(rows) if ctx.rank == 0 else None
