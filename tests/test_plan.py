@@ -15,7 +15,7 @@ from goose_core.plan.predictor import model_config, predict
 
 #: The activation peak's allowed error, the bound docs/plan.md publishes: the prediction counts
 #: the saved tensors of the same code on the meta device, part by part, and composes a rank's
-#: peak from them by walking its schedule's program (predictor._rank_peak); what it does not see
+#: peak from them by walking its schedule's program (pipeline_share.rank_peak); what it does not see
 #: is a few bytes (the live run's own scalars, the engine's) and when exactly a recomputed or
 #: split cell lets go of its pieces: under 3.2 % at these tiny sizes (docs/plan.md, per case).
 ACTIVATION_BOUND = 0.05

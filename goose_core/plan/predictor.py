@@ -7,13 +7,15 @@ How, per rank (``predict`` does it one rank after another in this process)::
     2. the model built on the meta device (shapes, no weights), cut by goose's own
        TensorParallel and, at pp > 1, PipelineParallel: the rank's exact parameters
     3. parameters, gradients, masters, optimizer state, dp traffic: optim.zero_cost over the
-       rank's buckets (data_parallel's bucket plan over those parameters)
-    4. one forward and backward of the tp-cut meta model traced by part (plan/trace.py): FLOPs
-       (FlopCounterMode counts shapes), tp traffic (count_traffic: the fake group's calls) and
-       the bytes saved for backward by one micro-batch; a stage sums its parts, its activation
-       peak is that times the micro-batches it holds at once (engine/schedule.py)
-    5. pp traffic: each micro-batch's activation sent forward and its gradient back, the header,
-       the loss broadcast, the tied embedding's sum; dp: the target count and the loss's mean
+       rank's buckets (data_parallel's bucket plan over those parameters; ZeRO-3's units)
+    4. one forward and backward of the tp-cut meta model traced by part (plan/trace.py), under
+       the block modes' checkpoints: FLOPs (FlopCounterMode counts shapes, the replay included),
+       tp traffic (count_traffic: the fake group's calls) and the bytes saved for backward by one
+       micro-batch; each chunk the rank holds sums its parts, and the rank's activation peak
+       walks its program of the schedule (engine/schedule.py; plan/pipeline_share.py)
+    5. pp traffic: each micro-batch's activation sent over each chunk boundary between ranks and
+       its gradient back, the headers, the loss broadcast, the tied embedding's sum; dp: the
+       target count and the loss's mean
 
 Nothing is computed on data; a 1B model plans in about a second. docs/plan.md lists where the
 prediction is off.
@@ -42,7 +44,8 @@ from goose_core.optim.zero_cost import ZeroCost, unit_numels, zero_cost
 from goose_core.engine.block_recompute import BLOCK_MODES, RECOMPUTE_MODES, recompute_blocks
 from goose_core.engine.schedule import SCHEDULES, Schedule, schedule_named
 from goose_core.pipeline import PipelineParallel
-from goose_core.plan.trace import POST, PRE, parts_of, trace_parts
+from goose_core.plan.pipeline_share import chunk_parts, hidden, pp_sent, rank_peak, ring2, width
+from goose_core.plan.trace import POST, parts_of, trace_parts
 from goose_core.tensor_parallel import TensorParallel
 from goose_core.testing.models import EAGER_IN_DTYPE, TINY_MODELS, _uses_attention_interface, tiny_config
 
@@ -166,71 +169,6 @@ def _fake_rank(layout: Layout, rank: int) -> Iterator[ParallelContext]:
         dist.destroy_process_group()
 
 
-def _stage_parts(parts: list[str], owned: set[str], first: bool, last: bool) -> set[str]:
-    """The parts a stage runs: its blocks; before the first block, the first stage's; after the
-    last, the last stage's (pipeline/split.py); the parent code before the blocks on every stage."""
-    blocks = [i for i, name in enumerate(parts) if name.rsplit(".", 1)[-1].isdigit()]
-    mine = {PRE} | {parts[i] for i in blocks if parts[i] in owned}
-    if first:
-        mine |= set(parts[: blocks[0]])
-    if last:
-        mine |= set(parts[blocks[-1] + 1:]) | {POST}
-    return mine
-
-
-def _rank_peak(layout: Layout, schedule: Schedule, rank: int, full: dict[int, int], early: dict[int, int],
-               lookups: int, cell_input: int) -> int:
-    """A pipeline rank's saved bytes at their peak, its program (engine/schedule.py) walked in
-    order, from one micro-batch's ``full`` bytes per chunk it holds, ``lookups`` (the first
-    chunk's token lookups, made for every micro-batch before the schedule runs and kept to the
-    end) and ``cell_input`` (what a recomputed cell keeps)::
-
-        F  kept cell:        + full          recomputed cell (always; except_last: all but the
-                                             last micro-batch):  + cell_input
-        B  kept cell:        - full          (split backward: - early, the saves of the loss, which
-                                             no W reaches; the rest is kept for W)
-           recomputed cell:  the cell rebuilt beside what is alive (its input becomes full: the
-                             peak), then - cell_input (split backward too: its W holds no body)
-        W  kept cell:        - (full - early)
-
-    A block mode's cell is a kept cell whose ``full`` is what the checkpoints keep (the trace
-    ran them); the replay's own saves, one block at a time, are not saved-tensor hooks' to see.
-    """
-    m, split = layout.microbatches, schedule.split_backward
-    alive = m * lookups if 0 in full else 0
-    peak = alive
-    for action in schedule.rank_actions(rank):
-        bytes_, i = full[action.partition], action.microbatch
-        redo = layout.recompute == "always" or (layout.recompute == "except_last" and i < m - 1)
-        if action.kind == "F":
-            alive += cell_input if redo else bytes_
-        elif action.kind == "B" and redo:
-            peak = max(peak, alive - cell_input + bytes_)
-            alive -= cell_input
-        elif action.kind == "B" and split:
-            alive -= early[action.partition]
-        elif action.kind in ("B", "W") and not redo:
-            alive -= bytes_ - (early[action.partition] if split else 0)
-        peak = max(peak, alive)
-    return peak
-
-
-def _hidden(config: PretrainedConfig) -> int:
-    return getattr(config, "hidden_size", None) or config.n_embd
-
-
-def _chunk_parts(names: list[str], wrapper: PipelineParallel | None, layout: Layout, rank: int) -> dict[int, set[str]]:
-    """{chunk: the parts its cell runs} for every chunk (partition) ``rank`` holds; one chunk
-    of every part at pp = 1."""
-    blocks = [n for n in names if n.rsplit(".", 1)[-1].isdigit()]
-    if wrapper is None:
-        return {0: _stage_parts(names, set(blocks), True, True)}
-    n = wrapper.num_chunks
-    starts = [sum(wrapper.counts[:c]) for c in range(n)]
-    return {c: _stage_parts(names, set(blocks[starts[c]: starts[c] + wrapper.counts[c]]), c == 0, c == n - 1)
-            for c in layout.pipeline_schedule().partitions_of(rank)}
-
-
 def predict_rank(config: PretrainedConfig, layout: Layout, rank: int, attention: str | None = None) -> RankPlan:
     """The figures of one rank (see the module docstring); ``attention`` overrides the attention
     implementation goose train would pick (a benchmark's ``"sdpa"``)."""
@@ -252,7 +190,7 @@ def predict_rank(config: PretrainedConfig, layout: Layout, rank: int, attention:
             ctx.device = torch.device("meta")  # the stage's move to its device keeps the meta tensors
             wrapper = PipelineParallel(model, ctx, num_microbatches=layout.microbatches, schedule=layout.schedule,
                                        recompute=layout.recompute)
-        chunks = _chunk_parts(names, wrapper, layout, ctx.pp_rank)
+        chunks = chunk_parts(names, wrapper, layout, ctx.pp_rank)
         model = wrapper.parallelize() if wrapper is not None else model
         cells = {c: parts - {embedding} for c, parts in chunks.items()}  # the lookup runs before the cell
         flops = sum(figures.flops(parts) for parts in chunks.values())
@@ -261,10 +199,10 @@ def predict_rank(config: PretrainedConfig, layout: Layout, rank: int, attention:
             act = figures.saved_bytes(chunks[0])
         else:
             lookups = figures.saved_bytes({embedding} & chunks.get(0, set()))
-            cell_input = local // layout.microbatches * layout.seq_len * _hidden(config) * _width(dtype)
+            cell_input = local // layout.microbatches * layout.seq_len * hidden(config) * width(dtype)
             full = {c: figures.saved_bytes(cell) for c, cell in cells.items()}
             early = {c: full[c] - figures.saved_bytes(cell - {POST}) for c, cell in cells.items()}
-            act = _rank_peak(layout, layout.pipeline_schedule(), ctx.pp_rank, full, early, lookups, cell_input)
+            act = rank_peak(layout, layout.pipeline_schedule(), ctx.pp_rank, full, early, lookups, cell_input)
         if layout.pp > 1 and layout.recompute in ("except_last", "always"):  # whole cells run again
             redo = layout.microbatches - (layout.recompute == "except_last")
             for cell in cells.values():
@@ -275,10 +213,10 @@ def predict_rank(config: PretrainedConfig, layout: Layout, rank: int, attention:
         grads = cost.grads + (_replica_slots(params, layout.tp, dtype) if layout.dp == 1 else 0)
         if layout.dp == 1 and not layout.zero and main_dtype(dtype) != dtype:
             # no buckets: MasterWeights' hook moves each p.grad into its master's fp32 .grad
-            grads = sum(p.numel() for p in params) * _width(main_dtype(dtype))
+            grads = sum(p.numel() for p in params) * width(main_dtype(dtype))
         sent = {"tp": tp_sent if layout.tp > 1 else Fraction(0),
-                "pp": _pp_sent(config, layout, ctx.pp_rank, dtype) if layout.pp > 1 else Fraction(0),
-                "dp": cost.sent + _ring2(layout.dp, 8 + _width(loss_dtype(dtype))) if layout.dp > 1 else Fraction(0)}
+                "pp": pp_sent(config, layout, ctx.pp_rank, dtype) if layout.pp > 1 else Fraction(0),
+                "dp": cost.sent + ring2(layout.dp, 8 + width(loss_dtype(dtype))) if layout.dp > 1 else Fraction(0)}
         return RankPlan(rank=rank, coords=dict(ctx.coords), params_bytes=cost.params, grads_bytes=grads,
                         masters_bytes=cost.masters, optimizer_bytes=cost.optimizer, activations_peak_bytes=act,
                         flops_per_step=flops, sent_bytes=sent)
@@ -304,15 +242,6 @@ def _zero_cost(model: nn.Module, params: list[nn.Parameter], layout: Layout, dty
     return zero_cost(units, layout.dp, layout.zero, dtype, tensors=len(params))
 
 
-def _width(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _ring2(n: int, size: int) -> Fraction:
-    """An all-reduce of ``size`` bytes, as count_traffic counts it."""
-    return Fraction(2 * (n - 1) * size, n)
-
-
 def _replica_slots(params: list[nn.Parameter], tp: int, dtype: torch.dtype) -> int:
     """Without DataParallel's buckets, a kv shard held by several tp ranks keeps the gradient
     buffer its replicas are summed in: a slot per distinct shard (tensor_parallel.layers)."""
@@ -320,29 +249,8 @@ def _replica_slots(params: list[nn.Parameter], tp: int, dtype: torch.dtype) -> i
     for p in params:
         spec = shard_spec(p)
         if spec is not None and spec.replicas > 1:
-            extra += (tp // spec.replicas - 1) * p.numel() * _width(dtype)
+            extra += (tp // spec.replicas - 1) * p.numel() * width(dtype)
     return extra
-
-
-def _pp_sent(config: PretrainedConfig, layout: Layout, rank: int, dtype: torch.dtype) -> Fraction:
-    """Each micro-batch's hidden state from each chunk of the rank to the next chunk and its
-    gradient to the previous one, where that chunk is on another rank (ZBV's turn at rank p - 1
-    is handed over in memory); once a step, the activation's header (engine.p2p: 10 int64)
-    forward on each boundary the rank sends over, and the loss's broadcast from the last chunk's rank (pipeline.stage, in loss_dtype);
-    the tied embedding's gradient summed over the two ranks that hold the ends."""
-    schedule = layout.pipeline_schedule()
-    n, on = schedule.num_partitions, schedule.rank_of
-    one = layout.batch_size // layout.dp * layout.seq_len * _hidden(config) * _width(dtype)  # all micro-batches
-    crossings = sum((c < n - 1 and on(c + 1) != rank) + (c > 0 and on(c - 1) != rank)
-                    for c in schedule.partitions_of(rank))
-    header = 10 * 8 * sum(c < n - 1 and on(c + 1) != rank for c in schedule.partitions_of(rank))
-    loss = Fraction((layout.pp - 1) * _width(loss_dtype(dtype)), layout.pp)
-    tied = 0
-    ends = {on(0), on(n - 1)}
-    if getattr(config, "tie_word_embeddings", False) and layout.pp == 2 and len(ends) == 2:  # pp > 2: their own group
-        rows = config.vocab_size // layout.tp  # the embedding's gradient summed over the two stages
-        tied = _ring2(2, rows * _hidden(config) * _width(main_dtype(dtype)))  # summed in the grads' dtype
-    return one * crossings + header + loss + tied
 
 
 def predict(config: PretrainedConfig, layout: Layout, attention: str | None = None) -> list[RankPlan]:
