@@ -119,14 +119,17 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # schedule module itself is 09's).
     14: ("goose_core/engine/split_backward.py", "tests/test_schedule_interleaved.py",
          "tests/test_schedule_zero_bubble.py", "benchmarks/bench_schedules.py"),
+    # Long sequences: context parallelism's attention (Ulysses' all-to-all head split).
+    15: ("goose_core/context_parallel/__init__.py", "goose_core/context_parallel/ulysses.py",
+         "tests/test_ulysses.py"),
     # The assembled run: every wrapper at once (the supported order, the orders refused), what
     # guards a grid (the same batch on tp peers and stages, a non-finite step stopped on every
     # rank), mixed precision across the grid, DCP checkpoints and the export. The MoE router loss
-    # and a loss of the reader's own under the pipeline are here too: 15 assembles every family,
+    # and a loss of the reader's own under the pipeline are here too: 17 assembles every family,
     # and they exist for families and losses past the three tiny models that 09 splits (the
     # router loss only for MoE families; custom_loss for a loop that computes its loss from the
     # logits, not from labels).
-    15: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
+    17: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
          "goose_core/distributed/batch_faults.py", "goose_core/testing/layout.py",
          "goose_core/testing/split_reductions.py", "goose_core/pipeline/router_loss.py",
          "goose_core/pipeline/custom_loss.py", "goose_core/instruments/accounting.py",
@@ -147,7 +150,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
 #: keyword in 09's loop (10's sleeping stages are for timing); callbacks go into 11's loop (12's
 #: profiles and splits an uneven model first); the assembled run builds on 13's loop (14's
 #: schedules are one argument of the pipeline it wraps).
-EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 15: 13}
+EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 17: 13}
 
 #: Paths of SCOPE that belong to no lesson: the tooling around the course, not a concept of it.
 #: The family sweep runs 08's and 09's concepts over every 🤗 family; it teaches none of its own.
@@ -166,7 +169,7 @@ TOOLING: tuple[str, ...] = (
     # `goose train`: the command, its job loop, checkpoint rotation, what a person watches and
     # --verify: tooling around the course that uses what every chapter built.
     "goose_core/train/", "tests/test_train_",
-    # `goose plan` and the test that holds it against accounting (stage 15's --account): tooling
+    # `goose plan` and the test that holds it against accounting (stage 17's --account): tooling
     # around the course that reads what every chapter built (TP's cut, the pipeline's split,
     # ZeRO's buckets) and teaches none of its own.
     "goose_core/plan/", "tests/test_plan.py",
