@@ -10,8 +10,6 @@ blocks each chunk holds.
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import TYPE_CHECKING
-
 import torch
 from transformers import PretrainedConfig
 
@@ -19,10 +17,8 @@ from goose_core.data_parallel.bucket import main_dtype
 from goose_core.engine.schedule import Schedule
 from goose_core.loss import loss_dtype
 from goose_core.pipeline import PipelineParallel
+from goose_core.plan.layout import Layout
 from goose_core.plan.trace import POST, PRE
-
-if TYPE_CHECKING:
-    from goose_core.plan.predictor import Layout
 
 __all__ = ["chunk_parts", "rank_peak", "pp_sent", "hidden", "width", "ring2"]
 
