@@ -119,9 +119,11 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # schedule module itself is 09's).
     14: ("goose_core/engine/split_backward.py", "tests/test_schedule_interleaved.py",
          "tests/test_schedule_zero_bubble.py", "benchmarks/bench_schedules.py"),
-    # Long sequences: context parallelism's attention (Ulysses' all-to-all head split).
+    # Long sequences: context parallelism's attention (Ulysses' all-to-all head split); sequence
+    # parallelism's unit tests (its module, tensor_parallel/sequence.py, is in 08's folder: the
+    # tensor-parallel layers use it).
     15: ("goose_core/context_parallel/__init__.py", "goose_core/context_parallel/ulysses.py",
-         "tests/test_ulysses.py"),
+         "tests/test_ulysses.py", "tests/test_sequence_parallel.py"),
     # The assembled run: every wrapper at once (the supported order, the orders refused), what
     # guards a grid (the same batch on tp peers and stages, a non-finite step stopped on every
     # rank), mixed precision across the grid, DCP checkpoints and the export. The MoE router loss
