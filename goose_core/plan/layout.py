@@ -49,10 +49,10 @@ class Layout:
         if self.pp > 1:
             schedule = self.pipeline_schedule()  # its own conditions on M (its message names the fix)
             if schedule.split_backward and self.recompute in BLOCK_MODES:
-                # the engine runs it, but each W replays its block again ("selective" refuses a
-                # second backward): not the minimum the plan models
+                # the engine runs it, but each cell's W replays its blocks a second time: the
+                # plan counts one replay (its trace's)
                 raise ValueError(f"--recompute {self.recompute} under --schedule {self.schedule} (a split "
-                                 f"backward: each W replays its checkpointed block again) is not planned: use "
+                                 f"backward: each cell's W replays its blocks a second time) is not planned: use "
                                  f"--schedule 1f1b or --recompute always / except_last / never")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"--zero {self.zero!r}: 0 (plain data parallelism), 1, 2 or 3")

@@ -56,11 +56,12 @@ def rank_peak(layout: Layout, schedule: Schedule, rank: int, full: dict[int, int
 
         F  kept cell:        + full          recomputed cell (always; except_last: all but the
                                              last micro-batch):  + cell_input
-        B  kept cell:        - full          (split backward: - early, the saves of the loss, which
+        B  recomputed cell:  the cell rebuilt beside what is alive (its input becomes full: the
+                             peak), then - cell_input; under a split backward its input becomes
+                             the rebuilt graph, held to W like a kept cell's
+           kept cell:        - full          (split backward: - early, the saves of the loss, which
                                              no W reaches; the rest is kept for W)
-           recomputed cell:  the cell rebuilt beside what is alive (its input becomes full: the
-                             peak), then - cell_input (split backward too: its W holds no body)
-        W  kept cell:        - (full - early)
+        W  (split backward)  - (full - early)
 
     A block mode's cell is a kept cell whose ``full`` is what the checkpoints keep (the trace
     ran them); the replay's own saves, one block at a time, are not saved-tensor hooks' to see.
@@ -68,18 +69,25 @@ def rank_peak(layout: Layout, schedule: Schedule, rank: int, full: dict[int, int
     m, split = layout.microbatches, schedule.split_backward
     alive = m * lookups if 0 in full else 0
     peak = alive
+    rebuilt: set[tuple[int, int]] = set()
     for action in schedule.rank_actions(rank):
         bytes_, i = full[action.partition], action.microbatch
         redo = layout.recompute == "always" or (layout.recompute == "except_last" and i < m - 1)
         if action.kind == "F":
             alive += cell_input if redo else bytes_
-        elif action.kind == "B" and redo:
-            peak = max(peak, alive - cell_input + bytes_)
-            alive -= cell_input
-        elif action.kind == "B" and split:
-            alive -= early[action.partition]
-        elif action.kind in ("B", "W") and not redo:
-            alive -= bytes_ - (early[action.partition] if split else 0)
+        elif action.kind == "B":
+            if redo and (i, action.partition) not in rebuilt:
+                # the cell rebuilt from its input, with the chunks before it on this rank that
+                # feed it in memory (ZBV's turn: one connected run, rebuilt at its first B)
+                run = [action.partition]
+                while run[-1] - 1 in full:
+                    run.append(run[-1] - 1)
+                rebuilt.update((i, c) for c in run)
+                alive += sum(full[c] - cell_input for c in run)
+                peak = max(peak, alive)
+            alive -= early[action.partition] if split else bytes_
+        else:  # W
+            alive -= bytes_ - early[action.partition]
         peak = max(peak, alive)
     return peak
 
