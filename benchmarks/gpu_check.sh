@@ -13,7 +13,14 @@
 #   PYTHON=...           a python whose torch sees CUDA (default: python3 if it does, else .venv's)
 #   BENCH_GPU_ARGS=...   options of python -m benchmarks.gpu (default: --model gpt2-124m --precision tf32;
 #                        '' runs every model and precision, ~10 min on an H200)
-#   SKIP_TESTS=1, SKIP_BENCH=1   leave a part out
+#   3. goose plan      the ~1B Llama of bench-gpu (its config only) at 8 GPUs in every mode the
+#                      plan models: ZeRO-3, recompute blocks / selective, interleaved 1F1B, ZB-H1,
+#                      ZBV, bf16 and fp16, with step time and MFU on the preset of this GPU (h100
+#                      unless nvidia-smi says H200): the predictions a multi-GPU run is to be held
+#                      against (plan.txt; the plan needs no GPU, so a CPU machine prints the same:
+#                      it runs on the CPU while parts 1 and 2 use the GPU)
+#
+#   SKIP_TESTS=1, SKIP_BENCH=1, SKIP_PLAN=1   leave a part out
 #
 # The logs, the environment and the benchmark's records go to $OUT when it is set (the folder a
 # device machine sends back), else to benchmarks/out/gpu_check/. A full-size bench run also
@@ -49,6 +56,29 @@ print("transformers", transformers.__version__)'
     git log -1 --oneline 2>/dev/null || true
 } 2>&1 | tee "$OUT_DIR/environment.txt"
 
+if [ -z "${SKIP_PLAN:-}" ]; then
+    echo "== goose plan: llama-1b at 8 GPUs, every mode the plan models (in the background: plan.txt)"
+    hw=h100
+    if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q H200; then hw=h200; fi
+    plan() {  # python -m goose_core.plan on the saved config, the layout in "$@"
+        echo "-- goose plan $*"
+        PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m goose_core.plan --model "$OUT_DIR/llama-1b" \
+            --batch-size 32 --seq-len 2048 --hardware "$hw" "$@" 2>&1
+    }
+    {
+        PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c 'import sys; from benchmarks.gpu import FULL
+FULL["llama-1b"].config().save_pretrained(sys.argv[1])' "$OUT_DIR/llama-1b"
+        plan --dp 8 --zero 3 --dtype bf16
+        plan --tp 2 --dp 4 --zero 3 --dtype fp16
+        plan --pp 2 --dp 4 --microbatches 8 --schedule 1f1b --recompute blocks --dtype bf16
+        plan --pp 2 --dp 4 --microbatches 8 --schedule 1f1b --recompute selective --dtype bf16
+        plan --tp 2 --pp 2 --dp 2 --microbatches 8 --schedule interleaved-1f1b --dtype bf16
+        plan --tp 2 --pp 2 --dp 2 --microbatches 8 --schedule zb-h1 --dtype bf16 --zero
+        plan --tp 2 --pp 2 --dp 2 --microbatches 8 --schedule zbv --dtype bf16
+    } > "$OUT_DIR/plan.txt" &  # on the CPU, beside the GPU's work; shown at the end
+    plan_pid=$!
+fi
+
 status=0
 if [ -z "${SKIP_TESTS:-}" ]; then
     echo "== make test-gpu ($PYTHON)"
@@ -76,5 +106,16 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     fi
     echo "== make bench-gpu: exit $? after $((SECONDS - start)) s"
     if [ -f benchmarks/gpu_results.json ]; then cp benchmarks/gpu_results.json benchmarks/gpu.md "$OUT_DIR/"; fi
+fi
+
+if [ -n "${plan_pid:-}" ]; then
+    wait "$plan_pid"
+    echo "== goose plan (predictions only; they need no GPU):"
+    cat "$OUT_DIR/plan.txt"
+fi
+if [ -n "${plan_pid:-}" ]; then
+    wait "$plan_pid"
+    echo "== goose plan (predictions only; they need no GPU):"
+    cat "$OUT_DIR/plan.txt"
 fi
 exit $status

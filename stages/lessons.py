@@ -138,7 +138,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
     17: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
          "goose_core/distributed/batch_faults.py", "goose_core/testing/layout.py",
          "goose_core/testing/split_reductions.py", "goose_core/pipeline/router_loss.py",
-         "goose_core/pipeline/custom_loss.py",
+         "goose_core/pipeline/custom_loss.py", "goose_core/instruments/accounting.py",
          "tests/test_composition.py", "tests/test_zero3_composition.py", "tests/test_wrapper_order.py",
          "tests/test_token_weighted.py",
          "tests/test_batch_check.py", "tests/test_batch_faults.py", "tests/test_finite.py",
@@ -176,10 +176,10 @@ TOOLING: tuple[str, ...] = (
     # `goose train`: the command, its job loop, checkpoint rotation, what a person watches and
     # --verify: tooling around the course that uses what every chapter built.
     "goose_core/train/", "tests/test_train_",
-    # `goose plan` and the accounting it is held against: tooling around the course that reads
-    # what every chapter built (TP's cut, the pipeline's split, ZeRO's buckets) and teaches none
-    # of its own; accounting sits beside the instruments it extends, not in stage 13's lesson.
-    "goose_core/plan/", "goose_core/instruments/accounting.py", "tests/test_plan.py",
+    # `goose plan` and the test that holds it against accounting (stage 17's --account): tooling
+    # around the course that reads what every chapter built (TP's cut, the pipeline's split,
+    # ZeRO's buckets) and teaches none of its own.
+    "goose_core/plan/", "tests/test_plan.py",
 )
 
 #: The folders whose every file is a lesson's or tooling's.

@@ -4,14 +4,15 @@
 optimizer's step) and reads every figure from the live objects, never from a formula::
 
     figure                    read from
-    params_bytes              the model's parameter storages (each once)
+    params_bytes              the model's parameter storages (each once), and ZeRO-3's shards
     grads_bytes               after the backward: DataParallel's buckets alive (full buffers and
                               kept shards), every p.grad and master's .grad not inside them
     masters_bytes             the tensors the torch optimizer steps that are not the model's
                               parameters (MasterWeights' fp32 copies, ZeRO's shards)
     optimizer_bytes           the torch optimizer's state tensors (moments, step counters)
     activations_peak_bytes    saved-for-backward bytes alive at once (LiveActivations: hooks, any
-                              device), and the CUDA allocator's peak beside it on a GPU
+                              device; a parameter is not an activation, ZeRO-3's gathered ones
+                              included), and the CUDA allocator's peak beside it on a GPU
     flops_per_step            torch.utils.flop_counter.FlopCounterMode over forward and backward
     sent_bytes                count_traffic per group (tp, pp, dp), the whole step
 
@@ -26,6 +27,7 @@ from fractions import Fraction
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -35,7 +37,7 @@ from goose_core.distributed.traffic import count_traffic
 from goose_core.engine.activations import LiveActivations
 from goose_core.metadata import module_grad_sync
 
-__all__ = ["Account", "Accounting", "measure_step", "held_bytes", "format_table"]
+__all__ = ["Account", "Accounting", "measure_step", "held_bytes", "format_table", "gathered_table"]
 
 
 @dataclass
@@ -70,23 +72,73 @@ def _inner(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
+def _buckets(model: nn.Module) -> list[Any]:
+    """DataParallel's buckets (its reducer's, or ZeRO-3's sharded units'), if any."""
+    return list(getattr(module_grad_sync(model), "buckets", []))
+
+
 def _grads(model: nn.Module, optimizer: Any) -> int:
     stepped = [t for g in _inner(optimizer).param_groups for t in g["params"]]  # masters' fp32 grads
     held: list[Tensor] = [t.grad for t in [*model.parameters(), *stepped] if t.grad is not None]
-    buckets = getattr(module_grad_sync(model), "buckets", [])  # DataParallel's reducer, if any
-    held += [b.grad for b in buckets if b.allocated] + [b.shard_grad for b in buckets]
+    buckets = _buckets(model)
+    held += [b.grad for b in buckets if getattr(b, "allocated", False)] + [b.shard_grad for b in buckets]
+    held += [b.full_grad for b in buckets if getattr(b, "full_grad", None) is not None]  # ZeRO-3's unreduced
     return sum(_storages(held).values())
+
+
+def _params(model: nn.Module) -> list[Tensor]:
+    """The parameters, and ZeRO-3's shards (a parameter between its uses is an empty tensor)."""
+    shards = [b.param_shard for b in _buckets(model) if hasattr(b, "param_shard")]
+    return [*model.parameters(), *shards]
+
+
+class _Activations(LiveActivations):
+    """LiveActivations that also skips the parameters installed at each save: ZeRO-3 gathers
+    a unit into a new buffer for each use, so the storages known on entry are not all."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model.parameters())
+        self.model, self.fixed = model, set(self.skip)
+        self.gathered = any(hasattr(b, "param_shard") for b in _buckets(model))
+
+    def _pack(self, t: Tensor) -> Any:
+        if self.gathered:
+            self.skip = self.fixed | {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        return super()._pack(t)
 
 
 def held_bytes(model: nn.Module, optimizer: Any) -> dict[str, int]:
     """Parameter, master and optimizer-state bytes held now (gradients: see :func:`measure_step`)."""
-    params = _storages(model.parameters())
+    params = _storages(_params(model))
+    params.pop(0, None)  # empty tensors (ZeRO-3's released parameters)
     inner = _inner(optimizer)
     stepped = [p for g in inner.param_groups for p in g["params"]]
     masters = {k: v for k, v in _storages(stepped).items() if k not in params}
     state = [t for s in inner.state.values() for t in s.values() if isinstance(t, Tensor)]
     return {"params_bytes": sum(params.values()), "masters_bytes": sum(masters.values()),
             "optimizer_bytes": sum(_storages(state).values())}
+
+
+class _Global:
+    """A module tracker that is always at the top: every FLOP counts as the model's."""
+
+    parents = {"Global"}
+
+    def __enter__(self) -> "_Global":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class _Flops(FlopCounterMode):
+    """FlopCounterMode without its per-module tracker: the tracker's hooks on each module's
+    outputs keep a split backward's graphs (ZB-H1's, ZBV's) alive until the whole backward
+    ends, which would inflate the activations counted beside it; the total needs no module."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+        self.mod_tracker = _Global()  # type: ignore[assignment]
 
 
 class Accounting:
@@ -108,8 +160,8 @@ class Accounting:
         if self.ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.ctx.device)
         self.traffic = self._stack.enter_context(count_traffic(self.ctx))
-        self.flops = self._stack.enter_context(FlopCounterMode(display=False))
-        self.live = self._stack.enter_context(LiveActivations(self.model.parameters()))
+        self.flops = self._stack.enter_context(_Flops())
+        self.live = self._stack.enter_context(_Activations(self.model))
         return self
 
     def after_backward(self, model: nn.Module | None = None) -> None:
@@ -128,14 +180,19 @@ class Accounting:
 
 
 def measure_step(model: nn.Module, optimizer: Any, ctx: ParallelContext,
-                 forward_backward: Callable[[], Any]) -> Account:
-    """Run ``forward_backward()`` then ``optimizer.step()`` and ``zero_grad()``, counted
-    (see :class:`Accounting`; the FLOPs are the forward's and backward's, the optimizer's
+                 forward_backward: Callable[[], Any], scaler: Any = None) -> Account:
+    """Run ``forward_backward()`` then ``optimizer.step()`` (``scaler.step(optimizer)`` and
+    ``scaler.update()`` with a loss scaler, fp16's) and ``zero_grad()``, counted (see
+    :class:`Accounting`; the FLOPs are the forward's and backward's, the optimizer's
     elementwise work has none that FlopCounterMode counts)."""
     with Accounting(model, optimizer, ctx) as accounting:
         forward_backward()
         accounting.after_backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad()
     assert accounting.account is not None
     return accounting.account
@@ -160,3 +217,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                       *(mib(r["sent_bytes"].get(a)) for a in AXES)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def gathered_table(ctx: ParallelContext, account: Account) -> str | None:
+    """Every rank's ``account`` gathered to rank 0 (a collective: every rank calls it) and
+    formatted there by :func:`format_table`; ``None`` on the other ranks."""
+    rows: list[Any] = [account.as_json()]
+    if ctx.world_size > 1:
+        rows = [None] * ctx.world_size
+        dist.all_gather_object(rows, account.as_json())
+    return format_table(rows) if ctx.rank == 0 else None

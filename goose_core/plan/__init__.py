@@ -1,6 +1,7 @@
 """goose plan: each rank's bytes, FLOPs and traffic predicted from a config and a layout.
 
-Read ``predictor`` first (the meta-device model on a fake process group), then ``hardware`` (step
+Read ``predictor`` first (the meta-device model on a fake process group) and ``pipeline_share``
+(a pipeline rank's chunks, activation peak and pp traffic), then ``hardware`` (step
 time, MFU), ``cli`` (the command) and ``accuracy`` (the prediction beside a measured step).
 """
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from goose_core.amp import GradScaler
 from goose_core.data_parallel import DataParallel
 from goose_core.distributed import ParallelContext, spawn
 from goose_core.instruments.accounting import Account, measure_step
@@ -24,7 +25,7 @@ from goose_core.plan.predictor import DTYPES, Layout, RankPlan, model_config, pr
 from goose_core.tensor_parallel import TensorParallel
 from goose_core.testing.models import build_model
 
-__all__ = ["MATRIX", "measure", "compare", "main"]
+__all__ = ["MATRIX", "EXTRA", "CASES", "measure", "compare", "main"]
 
 #: Layouts of four ranks (one spawned group runs them all), small batches.
 MATRIX: list[Layout] = [
@@ -39,6 +40,28 @@ MATRIX: list[Layout] = [
     Layout(tp=2, pp=2, microbatches=2, dtype="bf16", batch_size=4, seq_len=16),  # fp32 masters
 ]
 FAMILIES = ("llama", "gpt2", "bloom")
+_SMALL = {"batch_size": 4, "seq_len": 16}
+#: One family each: ZeRO-3, the block recompute modes, the schedules of more than one chunk or
+#: a split backward, fp16 with its loss scaler (and the combinations most likely to go wrong).
+EXTRA: list[tuple[str, Layout]] = [
+    ("llama", Layout(dp=4, zero=3, **_SMALL)),                       # each block gathered again for its backward
+    ("gpt2", Layout(tp=2, dp=2, zero=3, dtype="fp16", **_SMALL)),    # fp16 masters, the loss scaler
+    ("bloom", Layout(pp=2, dp=2, zero=3, microbatches=2, **_SMALL)),  # units gathered once a step
+    ("gpt2", Layout(pp=2, dp=2, zero=3, microbatches=2, schedule="zb-h1", dtype="bf16", **_SMALL)),
+    ("llama", Layout(pp=2, dp=2, microbatches=2, recompute="blocks", **_SMALL)),
+    ("bloom", Layout(tp=2, pp=2, microbatches=2, schedule="1f1b", recompute="blocks", **_SMALL)),
+    ("gpt2", Layout(tp=2, pp=2, microbatches=2, schedule="1f1b", recompute="selective", **_SMALL)),
+    ("llama", Layout(tp=2, pp=2, microbatches=2, recompute="selective", **_SMALL)),
+    ("llama", Layout(pp=2, dp=2, microbatches=2, schedule="interleaved-1f1b", **_SMALL)),
+    ("gpt2", Layout(pp=2, dp=2, microbatches=2, schedule="interleaved-1f1b", recompute="always", **_SMALL)),
+    ("bloom", Layout(pp=2, dp=2, microbatches=2, schedule="zb-h1", **_SMALL)),
+    ("llama", Layout(pp=4, microbatches=4, schedule="zb-h1", recompute="always", **_SMALL)),
+    ("llama", Layout(tp=2, pp=2, microbatches=4, schedule="zbv", **_SMALL)),
+    ("bloom", Layout(tp=2, pp=2, microbatches=4, schedule="zbv", recompute="except_last", **_SMALL)),
+    ("bloom", Layout(dp=4, dtype="fp16", **_SMALL)),
+]
+#: Every case the test and the page hold the plan against.
+CASES: list[tuple[str, Layout]] = [(f, layout) for f in FAMILIES for layout in MATRIX] + EXTRA
 
 
 def _run(ctx: ParallelContext, family: str, layout: Layout) -> Account:
@@ -53,16 +76,18 @@ def _run(ctx: ParallelContext, family: str, layout: Layout) -> Account:
     plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
     low = DTYPES[layout.dtype] in (torch.bfloat16, torch.float16)  # fp32 masters, as goose train keeps
     optimizer = DistributedOptimizer(plain, ctx) if layout.zero else MasterWeights(plain) if low else plain
+    scaler = GradScaler(ctx) if DTYPES[layout.dtype] == torch.float16 else None  # fp16 scales the loss
     g = torch.Generator().manual_seed(0)
     local = layout.batch_size // layout.dp
     ids = torch.randint(0, model.config.vocab_size, (layout.batch_size, layout.seq_len), generator=g)
     ids = ids[ctx.dp_rank * local:(ctx.dp_rank + 1) * local]
 
     def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    measure_step(model, optimizer, ctx, step)  # the first step: one-time checks, state created
-    return measure_step(model, optimizer, ctx, step)
+    measure_step(model, optimizer, ctx, step, scaler)  # the first step: one-time checks, state created
+    return measure_step(model, optimizer, ctx, step, scaler)
 
 
 def _body(cases: list[tuple[str, Layout]]) -> list[Account]:
@@ -98,7 +123,7 @@ def compare(planned: RankPlan, measured: Account) -> dict[str, Any]:
 
 
 def main() -> None:
-    cases = [(f, layout) for f in FAMILIES for layout in MATRIX]
+    cases = CASES
     measured = measure(cases, timeout=1200)
     print("| family | layout | ranks exact | activation peak (plan / measured, worst rank) |")
     print("|---|---|---|---|")

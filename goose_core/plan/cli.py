@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from goose_core.instruments.accounting import format_table
 from goose_core.plan.hardware import PRESETS, Hardware, held_bytes, mfu, step_time
-from goose_core.plan.predictor import DTYPES, Layout, model_config, predict
+from goose_core.engine.schedule import SCHEDULES
+from goose_core.plan.predictor import DTYPES, RECOMPUTE, Layout, model_config, predict
 
 __all__ = ["build_parser", "plan_main", "search"]
 
@@ -24,10 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, default in (("tp", 1), ("pp", 1), ("dp", 1), ("microbatches", 1), ("batch-size", 8), ("seq-len", 64)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--zero", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2),
+    p.add_argument("--zero", type=int, nargs="?", const=1, default=0, choices=(0, 1, 2, 3),
                    help="ZeRO stage (--zero alone: 1, as goose train's flag)")
-    p.add_argument("--schedule", default="gpipe", choices=("gpipe", "1f1b"))
-    p.add_argument("--recompute", default="never", help="pipeline stages: never, except_last or always")
+    p.add_argument("--schedule", default="gpipe", help=f"pipeline schedule: {', '.join(SCHEDULES)}")
+    p.add_argument("--recompute", default="never", help=f"pipeline stages: {', '.join(RECOMPUTE)}")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per rank")
     p.add_argument("--hardware", choices=sorted(PRESETS), help="predict step time and MFU on this GPU")
     p.add_argument("--peak-tflops", type=float, help="override the preset's peak (TFLOP/s)")
@@ -55,15 +56,13 @@ def search(config: Any, base: Layout, world: int, hw: Hardware) -> list[dict[str
     for tp, pp in ((tp, pp) for tp in divisors for pp in divisors if world % (tp * pp) == 0):
         dp = world // (tp * pp)
         micro = base.microbatches if pp == 1 or base.microbatches > 1 else pp
-        for zero in ((0, 1, 2) if dp > 1 else (0,)):  # ZeRO shards over dp
+        for zero in ((0, 1, 2, 3) if dp > 1 else (0,)):  # ZeRO shards over dp
             layout = replace(base, tp=tp, pp=pp, dp=dp, zero=zero, microbatches=micro)
             try:
                 layout.check()
                 ranks = [r.as_json() for r in predict(config, layout)]
             except ValueError:
                 continue  # a size that does not split (heads, batch): not a layout
-            if any(r["activations_peak_bytes"] is None for r in ranks):
-                continue  # recompute at pp > 1: its peak is not predicted, so it cannot be said to fit
             peak = max(held_bytes(r) for r in ranks)
             step = step_time(ranks, hw, pp, micro)
             if peak <= hw.memory_bytes and step is not None:

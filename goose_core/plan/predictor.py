@@ -7,13 +7,15 @@ How, per rank (``predict`` does it one rank after another in this process)::
     2. the model built on the meta device (shapes, no weights), cut by goose's own
        TensorParallel and, at pp > 1, PipelineParallel: the rank's exact parameters
     3. parameters, gradients, masters, optimizer state, dp traffic: optim.zero_cost over the
-       rank's buckets (data_parallel's bucket plan over those parameters)
-    4. one forward and backward of the tp-cut meta model traced by part (plan/trace.py): FLOPs
-       (FlopCounterMode counts shapes), tp traffic (count_traffic: the fake group's calls) and
-       the bytes saved for backward by one micro-batch; a stage sums its parts, its activation
-       peak is that times the micro-batches it holds at once (engine/schedule.py)
-    5. pp traffic: each micro-batch's activation sent forward and its gradient back, the header,
-       the loss broadcast, the tied embedding's sum; dp: the target count and the loss's mean
+       rank's buckets (data_parallel's bucket plan over those parameters; ZeRO-3's units)
+    4. one forward and backward of the tp-cut meta model traced by part (plan/trace.py), under
+       the block modes' checkpoints: FLOPs (FlopCounterMode counts shapes, the replay included),
+       tp traffic (count_traffic: the fake group's calls) and the bytes saved for backward by one
+       micro-batch; each chunk the rank holds sums its parts, and the rank's activation peak
+       walks its program of the schedule (engine/schedule.py; plan/pipeline_share.py)
+    5. pp traffic: each micro-batch's activation sent over each chunk boundary between ranks and
+       its gradient back, the headers, the loss broadcast, the tied embedding's sum; dp: the
+       target count and the loss's mean
 
 Nothing is computed on data; a 1B model plans in about a second. docs/plan.md lists where the
 prediction is off.
@@ -32,63 +34,22 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from goose_core.data_parallel.bucket import main_dtype
+from goose_core.data_parallel.zero3 import decoder_blocks
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.grid import ProcessGrid
 from goose_core.loss import loss_dtype
 from goose_core.metadata import shard_spec
 from goose_core.optim.clip import norm_kind
-from goose_core.optim.zero_cost import unit_numels, zero_cost
+from goose_core.optim.zero_cost import ZeroCost, unit_numels, zero_cost
+from goose_core.engine.block_recompute import BLOCK_MODES, recompute_blocks
 from goose_core.pipeline import PipelineParallel
-from goose_core.plan.trace import POST, PRE, parts_of, trace_parts
+from goose_core.plan.layout import DTYPES, RECOMPUTE, Layout
+from goose_core.plan.pipeline_share import chunk_parts, hidden, pp_sent, rank_peak, ring2, width
+from goose_core.plan.trace import POST, parts_of, trace_parts
 from goose_core.tensor_parallel import TensorParallel
 from goose_core.testing.models import EAGER_IN_DTYPE, TINY_MODELS, _uses_attention_interface, tiny_config
 
-__all__ = ["Layout", "RankPlan", "model_config", "predict", "DTYPES"]
-
-#: The recompute modes the plan models (engine/recompute.py's at the time of writing).
-RECOMPUTE = ("never", "except_last", "always")
-DTYPES = {"float64": torch.float64, "float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What ``goose train`` is asked for (its flags' names); ``zero`` is the ZeRO stage, 0-2."""
-
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    microbatches: int = 1
-    batch_size: int = 8
-    seq_len: int = 64
-    dtype: str = "float32"
-    zero: int = 0
-    schedule: str = "gpipe"
-    recompute: str = "never"
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    def check(self) -> None:
-        """Raise ValueError naming the first bad value and the fix."""
-        for name in ("tp", "pp", "dp", "microbatches", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r}: choose one of {sorted(DTYPES)}")
-        if self.recompute not in RECOMPUTE:
-            raise ValueError(f"--recompute {self.recompute!r}: goose plan models {', '.join(RECOMPUTE)}")
-        if self.schedule not in ("gpipe", "1f1b"):
-            raise ValueError(f"--schedule {self.schedule!r}: goose plan models gpipe and 1f1b")
-        if self.zero not in (0, 1, 2):
-            raise ValueError(f"--zero {self.zero!r}: 0 (plain data parallelism), 1 or 2")
-        if self.zero and self.dp == 1:
-            raise ValueError(f"--zero {self.zero} at --dp 1 shards nothing and goose plan does not model it: "
-                             f"drop --zero or raise --dp")
-        if self.batch_size % (self.dp * self.microbatches):
-            raise ValueError(f"--batch-size {self.batch_size} does not split into --dp {self.dp} x "
-                             f"--microbatches {self.microbatches}: make it a multiple of {self.dp * self.microbatches}")
-
+__all__ = ["Layout", "RankPlan", "model_config", "predict", "predict_rank", "DTYPES", "RECOMPUTE"]
 
 @dataclass
 class RankPlan:
@@ -150,51 +111,6 @@ def _fake_rank(layout: Layout, rank: int) -> Iterator[ParallelContext]:
         dist.destroy_process_group()
 
 
-def _stage_parts(parts: list[str], owned: set[str], first: bool, last: bool) -> set[str]:
-    """The parts a stage runs: its blocks; before the first block, the first stage's; after the
-    last, the last stage's (pipeline/split.py); the parent code before the blocks on every stage."""
-    blocks = [i for i, name in enumerate(parts) if name.rsplit(".", 1)[-1].isdigit()]
-    mine = {PRE} | {parts[i] for i in blocks if parts[i] in owned}
-    if first:
-        mine |= set(parts[: blocks[0]])
-    if last:
-        mine |= set(parts[blocks[-1] + 1:]) | {POST}
-    return mine
-
-
-def _stage_peak(layout: Layout, stage: int, full: int, lookups: int, cell_input: int) -> int:
-    """A pipeline stage's saved bytes at their peak, from one micro-batch's: ``full`` (its cells),
-    ``lookups`` (the first stage's token lookups, made for every micro-batch before the schedule
-    runs, each kept until its backward) and ``cell_input`` (what a recomputed cell keeps)::
-
-        k = micro-batches in flight at once (GPipe M, 1F1B min(p - j, M))
-        never         k full
-        always        one rebuilt full + (k - 1) kept inputs (a cell is rebuilt after the
-                      backward before it has freed its graph: engine/recompute.py)
-        except_last   GPipe: as always (the last micro-batch, kept whole, is the first backward);
-                      1F1B: the last one kept whole beside one rebuilt + (k - 2) inputs
-        all of them   + M lookups on the first stage
-    """
-    m, k = layout.microbatches, _in_flight(layout, stage)
-    keeps_last = layout.recompute == "except_last" and m > 1
-    if layout.recompute == "never" or (layout.recompute == "except_last" and m == 1):
-        peak = k * full
-    elif keeps_last and layout.schedule == "1f1b" and k >= 2:
-        peak = 2 * full + (k - 2) * cell_input
-    else:
-        peak = full + (k - 1) * cell_input
-    return peak + m * lookups
-
-
-def _in_flight(layout: Layout, stage: int) -> int:
-    """Micro-batches whose activations a stage holds at once (engine/schedule.py)."""
-    return layout.microbatches if layout.schedule == "gpipe" else min(layout.pp - stage, layout.microbatches)
-
-
-def _hidden(config: PretrainedConfig) -> int:
-    return getattr(config, "hidden_size", None) or config.n_embd
-
-
 def predict_rank(config: PretrainedConfig, layout: Layout, rank: int, attention: str | None = None) -> RankPlan:
     """The figures of one rank (see the module docstring); ``attention`` overrides the attention
     implementation goose train would pick (a benchmark's ``"sdpa"``)."""
@@ -203,56 +119,69 @@ def predict_rank(config: PretrainedConfig, layout: Layout, rank: int, attention:
         model = _meta_model(config, dtype, attention)
         if layout.tp > 1:
             model = TensorParallel(model, ctx, check_grads=False).parallelize()
+        names = list(parts_of(model))
+        if layout.pp > 1 and layout.recompute in BLOCK_MODES:  # the trace runs the checkpoints
+            recompute_blocks([m for n, m in parts_of(model).items() if n.rsplit(".", 1)[-1].isdigit()],
+                             layout.recompute)
         local = layout.batch_size // layout.dp
         figures = trace_parts(model, ctx, local, layout.microbatches, layout.seq_len, pipelined=layout.pp > 1)
-        names = list(parts_of(model))
         table = model.get_input_embeddings()
         embedding = next((n for n, m in parts_of(model).items() if m is table), "")
+        wrapper = None
         if layout.pp > 1:
             ctx.device = torch.device("meta")  # the stage's move to its device keeps the meta tensors
-            model = PipelineParallel(model, ctx, num_microbatches=layout.microbatches, schedule=layout.schedule,
-                                     recompute=layout.recompute).parallelize()
-        owned = {name for name in names if any(n.startswith(name + ".") for n, _ in model.named_parameters())}
-        stage = ctx.pp_rank
-        mine = _stage_parts(names, owned, stage == 0, stage == layout.pp - 1)
-        flops = figures.flops(mine)
-        cell = mine - {embedding}  # the first stage's lookup runs before the cell (pipeline/split.py)
+            wrapper = PipelineParallel(model, ctx, num_microbatches=layout.microbatches, schedule=layout.schedule,
+                                       recompute=layout.recompute)
+        chunks = chunk_parts(names, wrapper, layout, ctx.pp_rank)
+        model = wrapper.parallelize() if wrapper is not None else model
+        cells = {c: parts - {embedding} for c, parts in chunks.items()}  # the lookup runs before the cell
+        flops = sum(figures.flops(parts) for parts in chunks.values())
+        tp_sent = sum((figures.sent(parts) for parts in chunks.values()), Fraction(0))
         if layout.pp == 1:
-            act = figures.saved_bytes(mine)
+            act = figures.saved_bytes(chunks[0])
         else:
-            lookups = figures.saved_bytes({embedding} & mine)
-            cell_input = local // layout.microbatches * layout.seq_len * _hidden(config) * _width(dtype)
-            act = _stage_peak(layout, stage, figures.saved_bytes(cell), lookups, cell_input)
-        if layout.pp > 1 and layout.recompute != "never":
+            lookups = figures.saved_bytes({embedding} & chunks.get(0, set()))
+            cell_input = local // layout.microbatches * layout.seq_len * hidden(config) * width(dtype)
+            full = {c: figures.saved_bytes(cell) for c, cell in cells.items()}
+            early = {c: full[c] - figures.saved_bytes(cell - {POST}) for c, cell in cells.items()}
+            act = rank_peak(layout, layout.pipeline_schedule(), ctx.pp_rank, full, early, lookups, cell_input)
+        if layout.pp > 1 and layout.recompute in ("except_last", "always"):  # whole cells run again
             redo = layout.microbatches - (layout.recompute == "except_last")
-            flops += figures.forward(cell) // layout.microbatches * redo
-        tp_sent = figures.sent(mine)
-        if layout.pp > 1 and layout.recompute != "never":  # the recomputed forwards' collectives again
-            tp_sent += figures.sent(cell, forward=True) / layout.microbatches * redo
+            for cell in cells.values():
+                flops += figures.forward(cell) // layout.microbatches * redo
+                tp_sent += figures.sent(cell, forward=True) / layout.microbatches * redo  # their collectives
         params = [p for p in model.parameters() if p.requires_grad]
-        key = norm_kind if layout.zero else (lambda p: None)
-        units = unit_numels(params, 25.0, key=key) if layout.dp > 1 or layout.zero else [p.numel() for p in params]
-        cost = zero_cost(units, layout.dp, layout.zero, dtype, tensors=len(params))
+        cost = _zero_cost(model, params, layout, dtype)
         grads = cost.grads + (_replica_slots(params, layout.tp, dtype) if layout.dp == 1 else 0)
         if layout.dp == 1 and not layout.zero and main_dtype(dtype) != dtype:
             # no buckets: MasterWeights' hook moves each p.grad into its master's fp32 .grad
-            grads = sum(p.numel() for p in params) * _width(main_dtype(dtype))
-        dp_sent = cost.sent + _ring2(layout.dp, 8 + _width(loss_dtype(dtype))) if layout.dp > 1 else Fraction(0)
-        pp_sent = _pp_sent(config, layout, ctx.pp_rank, dtype) if layout.pp > 1 else Fraction(0)
+            grads = sum(p.numel() for p in params) * width(main_dtype(dtype))
+        sent = {"tp": tp_sent if layout.tp > 1 else Fraction(0),
+                "pp": pp_sent(config, layout, ctx.pp_rank, dtype) if layout.pp > 1 else Fraction(0),
+                "dp": cost.sent + ring2(layout.dp, 8 + width(loss_dtype(dtype))) if layout.dp > 1 else Fraction(0)}
         return RankPlan(rank=rank, coords=dict(ctx.coords), params_bytes=cost.params, grads_bytes=grads,
                         masters_bytes=cost.masters, optimizer_bytes=cost.optimizer, activations_peak_bytes=act,
-                        flops_per_step=flops,
-                        sent_bytes={"tp": tp_sent if layout.tp > 1 else Fraction(0),
-                                    "pp": pp_sent, "dp": dp_sent})
+                        flops_per_step=flops, sent_bytes=sent)
 
 
-def _width(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _ring2(n: int, size: int) -> Fraction:
-    """An all-reduce of ``size`` bytes, as count_traffic counts it."""
-    return Fraction(2 * (n - 1) * size, n)
+def _zero_cost(model: nn.Module, params: list[nn.Parameter], layout: Layout, dtype: torch.dtype) -> ZeroCost:
+    """optim.zero_cost over the rank's units: DataParallel's buckets (stages 0-2), or ZeRO-3's
+    per block and the rest, each cut by norm kind as DistributedOptimizer re-cuts them; a block
+    is gathered again for its backward only at pp = 1 (data_parallel/zero3.py)."""
+    if layout.zero == 3:
+        units, again = [], []
+        blocks = [[p for p in block.parameters() if p.requires_grad] for block in decoder_blocks(model)]
+        seen = {p for ps in blocks for p in ps}
+        for k, ps in enumerate([*blocks, [p for p in params if p not in seen]]):
+            kinds: dict[Any, int] = {}
+            for p in ps:
+                kinds[(p.dtype, norm_kind(p))] = kinds.get((p.dtype, norm_kind(p)), 0) + p.numel()
+            units += kinds.values()
+            again += [layout.pp == 1 and k < len(blocks)] * len(kinds)
+        return zero_cost(units, layout.dp, 3, dtype, regathered=again)
+    key = norm_kind if layout.zero else (lambda p: None)
+    units = unit_numels(params, 25.0, key=key) if layout.dp > 1 or layout.zero else [p.numel() for p in params]
+    return zero_cost(units, layout.dp, layout.zero, dtype, tensors=len(params))
 
 
 def _replica_slots(params: list[nn.Parameter], tp: int, dtype: torch.dtype) -> int:
@@ -262,22 +191,8 @@ def _replica_slots(params: list[nn.Parameter], tp: int, dtype: torch.dtype) -> i
     for p in params:
         spec = shard_spec(p)
         if spec is not None and spec.replicas > 1:
-            extra += (tp // spec.replicas - 1) * p.numel() * _width(dtype)
+            extra += (tp // spec.replicas - 1) * p.numel() * width(dtype)
     return extra
-
-
-def _pp_sent(config: PretrainedConfig, layout: Layout, stage: int, dtype: torch.dtype) -> Fraction:
-    """Each micro-batch's hidden state to the next stage and its gradient to the previous one;
-    once a step, the activation's header (engine.p2p: 10 int64) forward, and the loss's
-    broadcast from the last stage (pipeline.stage, in loss_dtype)."""
-    one = layout.batch_size // layout.dp * layout.seq_len * _hidden(config) * _width(dtype)  # all micro-batches
-    header = 10 * 8 if stage < layout.pp - 1 else 0
-    loss = Fraction((layout.pp - 1) * _width(loss_dtype(dtype)), layout.pp)
-    tied = 0
-    if getattr(config, "tie_word_embeddings", False) and layout.pp == 2:  # pp > 2: the ends' own group
-        rows = config.vocab_size // layout.tp  # the embedding's gradient summed over the two stages
-        tied = _ring2(2, rows * _hidden(config) * _width(main_dtype(dtype)))  # summed in the grads' dtype
-    return one * ((stage < layout.pp - 1) + (stage > 0)) + header + loss + tied
 
 
 def predict(config: PretrainedConfig, layout: Layout, attention: str | None = None) -> list[RankPlan]:

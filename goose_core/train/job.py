@@ -18,7 +18,7 @@ from goose_core.amp import GradScaler
 from goose_core.checkpoint import export_pretrained, load_checkpoint, save_checkpoint
 from goose_core.data import BatchStream
 from goose_core.distributed.context import ParallelContext
-from goose_core.instruments.accounting import Account, Accounting, format_table
+from goose_core.instruments.accounting import Account, Accounting, gathered_table
 from goose_core.train import checkpoints, watch
 from goose_core.train.build import TORCH_DTYPES, Inputs, build_model, build_optimizer, prepare, wrap
 from goose_core.train.config import TrainConfig, is_family
@@ -220,10 +220,6 @@ def _both(*hooks: Any) -> Any:
 
 def _print_accounts(ctx: ParallelContext, account: Account) -> None:
     """Every rank's account gathered to rank 0 and printed there as one table (--account)."""
-    rows: list[Any] = [account.as_json()]
-    if ctx.world_size > 1:
-        rows = [None] * ctx.world_size
-        dist.all_gather_object(rows, account.as_json())
-    if ctx.rank == 0:
-        print("accounting, step 2 of this run (bytes, FLOPs; goose plan predicts these):\n" + format_table(rows),
-              flush=True)
+    table = gathered_table(ctx, account)
+    if table is not None:
+        print("accounting, step 2 of this run (bytes, FLOPs; goose plan predicts these):\n" + table, flush=True)

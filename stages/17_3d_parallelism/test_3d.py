@@ -6,6 +6,7 @@ of the exported folder) are tests/test_checkpoint_io.py and tests/test_export.py
 runs them; ``make test-stage 17`` runs this folder).
 """
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -30,22 +31,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the reference runs in this
 
 
 def _run_and_resume(ctx: ParallelContext, spec: TrainSpec, path: str) -> tuple[RunResult, list[float], bool,
-                                                                             tuple[float, float]]:
-    """train.py's run (a checkpoint after 2 steps), its resume from there and its export check."""
+                                                                             tuple[float, float], str]:
+    """train.py's run (a checkpoint after 2 steps, its second step accounted), its resume from
+    there and its export check; what the run printed."""
     model, optimizer = train_script.build(ctx, spec, M)
-    losses = train_script.train(ctx, model, optimizer, spec, 0, spec.steps, save_at=2, path=path)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        losses = train_script.train(ctx, model, optimizer, spec, 0, spec.steps, save_at=2, path=path, account=True)
     resumed_model, at, resumed = train_script.resume(ctx, spec, M, path, spec.steps)
     assert at == 2
     same = train_script.same_everywhere(ctx, model, resumed_model)
     export = train_script.export_check(ctx, resumed_model, spec, path + "-export")
-    return RunResult(losses, full_state_dict(model, ctx)), resumed, same, export
+    return RunResult(losses, full_state_dict(model, ctx)), resumed, same, export, printed.getvalue()
 
 
 def test_3d_with_zero1_and_clipping_equals_the_single_device_run_resumes_bit_exactly_and_exports(
         tmp_path: Path) -> None:
     reference = reference_run(SPEC)
     results = run_distributed(_run_and_resume, 2, 2, 2, SPEC, str(tmp_path / "ckpt"), timeout=180)
-    for rank, (result, resumed, same, (diff, share)) in enumerate(results):
+    for rank, (result, resumed, same, (diff, share), printed) in enumerate(results):
         try:
             assert_matches_reference(result, reference, PARALLEL)
             assert_matches_reference(RunResult(resumed, {}), RunResult(result.losses[2:], {}), EXACT)
@@ -55,6 +58,9 @@ def test_3d_with_zero1_and_clipping_equals_the_single_device_run_resumes_bit_exa
         # The exported folder, loaded by from_pretrained on one device, gives the 3D model's logits.
         assert share <= 1, f"rank {rank}: logits differ by {diff:.2e}, {share:.0%} of PARALLEL's allowance"
     assert (tmp_path / "ckpt-export" / "model.safetensors").is_file()
+    table = results[0][4].splitlines()  # --account: rank 0 prints one row per rank, the others nothing
+    assert table[0].startswith("accounting, step 2") and "act peak MiB" in table[1] and len(table) == 2 + 8
+    assert all(r[4] == "" for r in results[1:])
 
 
 def test_progress_line_shows_loss_tokens_per_second_and_eta() -> None:

@@ -15,11 +15,13 @@ Run it (``make demo`` runs the first line):
     torchrun --standalone --nproc_per_node=8 stages/17_3d_parallelism/train.py --model llama --steps 12
     torchrun --standalone --nproc_per_node=8 stages/17_3d_parallelism/train.py --model demo-out/export
     torchrun --standalone --nproc_per_node=4 stages/17_3d_parallelism/train.py --tp 2 --pp 2
+    torchrun --standalone --nproc_per_node=8 stages/17_3d_parallelism/train.py --account
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -35,6 +37,7 @@ from transformers.utils import logging as hf_logging
 from goose_core import (DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel, TensorParallel,
                         clip_grad_norm_, export_pretrained, load_checkpoint, save_checkpoint)
 from goose_core.data import shard_batch
+from goose_core.instruments import Accounting, gathered_table
 from goose_core.loss import causal_lm_loss
 from goose_core.pipeline import Span, Timeline, draw_gantt, trim_waits
 from goose_core.testing import (EAGER_IN_DTYPE, EXACT, PARALLEL, TINY_MODELS, Tolerance, TrainSpec,
@@ -123,20 +126,28 @@ class Progress:
 
 def train(ctx: ParallelContext, model: Any, optimizer: DistributedOptimizer, spec: TrainSpec, first: int,
           last: int, save_at: int | None = None, path: str = "", timeline: Timeline | None = None,
-          progress: Progress | None = None, reference: list[float] | None = None) -> list[float]:
+          progress: Progress | None = None, reference: list[float] | None = None,
+          account: bool = False) -> list[float]:
     """Steps ``first..last-1``: this dp rank's shard of each global batch, forward and backward
     through the pipeline, clip, the ZeRO-1 step. After ``save_at`` steps, a checkpoint at
-    ``path``; the timeline keeps the last step."""
+    ``path``; the timeline keeps the last step. ``account``: rank 0 prints every rank's bytes,
+    activation peak, FLOPs and bytes sent in the second step (the first makes one-time checks)."""
     losses = []
     for step in range(first, last):
         if timeline is not None:
             timeline.clear()
         batch = shard_batch(spec.batch(step), ctx.dp_rank, ctx.dp_size)
-        loss = model(**batch).loss  # every rank gets the global batch's loss
-        loss.backward()  # tp all-reduces, pipeline sends, dp gradient reduce-scatter
-        clip_grad_norm_(model.parameters(), spec.max_grad_norm, ctx)  # the whole model's norm
-        optimizer.step()  # each dp rank steps its ZeRO shard, then all-gathers the parameters
-        optimizer.zero_grad()
+        counted = account and step == first + 1
+        with Accounting(model, optimizer, ctx) if counted else contextlib.nullcontext() as accounting:
+            loss = model(**batch).loss  # every rank gets the global batch's loss
+            loss.backward()  # tp all-reduces, pipeline sends, dp gradient reduce-scatter
+            if counted:
+                accounting.after_backward()  # the gradients held before the step frees them
+            clip_grad_norm_(model.parameters(), spec.max_grad_norm, ctx)  # the whole model's norm
+            optimizer.step()  # each dp rank steps its ZeRO shard, then all-gathers the parameters
+            optimizer.zero_grad()
+        if counted and (table := gathered_table(ctx, accounting.account)) is not None:
+            print(f"accounting, step {step + 1} (bytes, FLOPs; goose plan predicts these):\n{table}", flush=True)
         losses.append(loss.item())
         if progress is not None:
             progress.update(step, losses[-1], None if reference is None else reference[step])
@@ -221,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--out", default="demo-out", help="folder for the checkpoint, the export and the PNG")
+    parser.add_argument("--account", action="store_true",
+                        help="print each rank's bytes held, activation peak, FLOPs and bytes sent (step 2)")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()  # 🤗's bars for writing and loading the export: ours is enough
     save_at = args.steps // 2 if args.save_at is None else args.save_at
@@ -247,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     timeline = Timeline()
     model, optimizer = build(ctx, spec, args.microbatches, timeline)
     progress = Progress(0, spec.steps, tokens) if lead else None
-    losses = train(ctx, model, optimizer, spec, 0, spec.steps, save_at, checkpoint, timeline, progress, reference)
+    losses = train(ctx, model, optimizer, spec, 0, spec.steps, save_at, checkpoint, timeline, progress, reference,
+                   args.account)
     spans = trim_waits(timeline.gather(ctx.pipeline_parallel_group))
     if lead:
         print(f"checkpoint after {save_at} steps: {checkpoint} ({size_of(Path(checkpoint))})")
