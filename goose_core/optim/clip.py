@@ -69,7 +69,7 @@ def _owned(p: Tensor, ctx: ParallelContext, duplicate: Callable[[Tensor], bool] 
     replicas = spec.replicas if spec is not None else ctx.tensor_parallel_size
     if ctx.tensor_parallel_rank % replicas:
         return False
-    return is_dp_shard(p) or ctx.data_parallel_rank == 0
+    return is_dp_shard(p) or ctx.replica_rank == 0  # one of the dp x cp replicas counts it
 
 
 def _total_norm(owned: list[Tensor], flag: Tensor, norm_type: float, device: torch.device,
