@@ -1,0 +1,100 @@
+"""Stage 15: context parallelism (ring attention, load-balanced) equals the single-device run.
+
+Llama (GQA), Qwen2 (sliding window on its upper layers), Mistral (sliding window) and GPT-2
+(learned positions), with right and left padding, at cp = 2 and 4: losses and parameters after
+two float64 AdamW steps equal one device's at ``PARALLEL`` on every rank. A ring step skipped, or
+the causal mask taken from local positions, lands far outside it. All the cases of one layout run
+in one group of processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+import torch
+from transformers import MistralConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
+
+from goose_core import ParallelContext, spawn
+from goose_core.context_parallel import ring
+from goose_core.context_parallel.attention import ulysses_available
+from goose_core.testing import PARALLEL, RunResult, TINY_MODELS, TrainSpec, assert_matches_reference, reference_run
+from goose_core.testing.models import seeded_model
+
+from course import load_train_script
+
+train_script = load_train_script("15")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the reference runs in this process
+
+_SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+# Windows of 6 positions over sequences of 16: every window crosses a chunk boundary at cp = 2, 4.
+_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    "qwen2": lambda: Qwen2Config(**_SIZES, use_sliding_window=True, sliding_window=6, max_window_layers=2),
+    "mistral": lambda: MistralConfig(**_SIZES, sliding_window=6),
+}
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
+METHODS = ("ring", "ulysses") if ulysses_available() else ("ring",)
+
+
+@dataclass(frozen=True)
+class FamilySpec(TrainSpec):
+    """A TrainSpec for the tiny families and for Qwen2 / Mistral configs of the same size."""
+
+    def build_model(self) -> PreTrainedModel:
+        if self.family in TINY_MODELS:
+            return super().build_model()
+        return seeded_model(_CONFIGS[self.family](), self.seed, self.model_dtype)
+
+
+def _spec(family: str, padding: str) -> FamilySpec:
+    return FamilySpec(family=family, steps=2, batch_size=2, seq_len=16, padding=padding)
+
+
+CASES = [(f, p) for f in FAMILIES for p in ("right", "left")]
+
+#: Bugs planted in the ring, each a monkeypatch applied inside the ranks.
+BUGS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
+    # the last block never arrives: each rank misses one rank's keys
+    "a ring step skipped": lambda mp: mp.setattr(ring, "_ring_steps", lambda size: size - 1),
+    # the mask from local indices: a late chunk's queries see the wrong keys
+    "the causal mask from local positions": lambda mp: mp.setattr(
+        ring, "allowed", lambda q, k, mask, window, _a=ring.allowed: _a(torch.arange(len(q)), torch.arange(len(k)),
+                                                                         mask, window)),
+}
+
+
+def _cases(cp: int, cases: list[tuple[str, str, str]], bugs: list[str]) -> list[RunResult]:
+    """Every case on this rank: train.py's run of each (family, padding, method), then the bugs'."""
+    ctx = ParallelContext(context_parallel_size=cp, backend="gloo", device="cpu")
+    results = [train_script.train(ctx, _spec(f, p), m) for f, p, m in cases]
+    for bug in bugs:
+        with pytest.MonkeyPatch.context() as mp:
+            BUGS[bug](mp)
+            results.append(train_script.train(ctx, _spec("llama", "right")))
+    return results
+
+
+def _check(results: list[list[RunResult]], cases: list[tuple[str, str, str]], bugs: list[str]) -> None:
+    references = {(f, p): reference_run(_spec(f, p)) for f, p, _ in cases}
+    for rank, mine in enumerate(results):
+        for (family, padding, method), got in zip(cases, mine):
+            try:
+                assert_matches_reference(got, references[family, padding], PARALLEL)
+            except AssertionError as err:
+                raise AssertionError(f"rank {rank}, {family}, {padding} padding, {method}: {err}") from err
+        for bug, got in zip(bugs, mine[len(cases):]):
+            with pytest.raises(AssertionError):
+                assert_matches_reference(got, references["llama", "right"], PARALLEL)
+
+
+def test_ring_at_cp2_equals_one_device_for_every_family_and_padding_and_the_planted_bugs_fail() -> None:
+    cases = [(f, p, m) for f, p in CASES for m in METHODS]
+    _check(spawn(_cases, 2, 2, cases, list(BUGS), timeout=240), cases, list(BUGS))
+
+
+def test_ring_at_cp4_equals_one_device_for_every_family_and_padding() -> None:
+    cases = [(f, p, m) for f, p in CASES for m in METHODS]
+    _check(spawn(_cases, 4, 4, cases, [], timeout=240), cases, [])
