@@ -122,11 +122,11 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # The assembled run: every wrapper at once (the supported order, the orders refused), what
     # guards a grid (the same batch on tp peers and stages, a non-finite step stopped on every
     # rank), mixed precision across the grid, DCP checkpoints and the export. The MoE router loss
-    # and a loss of the reader's own under the pipeline are here too: 15 assembles every family,
+    # and a loss of the reader's own under the pipeline are here too: 17 assembles every family,
     # and they exist for families and losses past the three tiny models that 09 splits (the
     # router loss only for MoE families; custom_loss for a loop that computes its loss from the
     # logits, not from labels).
-    15: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
+    17: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
          "goose_core/distributed/batch_faults.py", "goose_core/testing/layout.py",
          "goose_core/testing/split_reductions.py", "goose_core/pipeline/router_loss.py",
          "goose_core/pipeline/custom_loss.py",
@@ -147,7 +147,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
 #: keyword in 09's loop (10's sleeping stages are for timing); callbacks go into 11's loop (12's
 #: profiles and splits an uneven model first); the assembled run builds on 13's loop (14's
 #: schedules are one argument of the pipeline it wraps).
-EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 15: 13}
+EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 17: 13}
 
 #: Paths of SCOPE that belong to no lesson: the tooling around the course, not a concept of it.
 #: The family sweep runs 08's and 09's concepts over every 🤗 family; it teaches none of its own.

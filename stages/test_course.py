@@ -34,11 +34,11 @@ def test_unknown_stage_is_a_clear_error(number: str, message: str) -> None:
 
 
 def test_a_stage_s_tests_include_the_unit_tests_it_introduces() -> None:
-    names = [path.name for path in stage_tests("15")]
-    assert names[0].startswith("15_") and "test_checkpoint_io.py" in names and "test_export.py" in names
+    names = [path.name for path in stage_tests("17")]
+    assert names[0].startswith("17_") and "test_checkpoint_io.py" in names and "test_export.py" in names
     assert {p.name for p in stage_tests("8")} >= {"08_tensor_parallel", "test_tensor_parallel_plan.py"}
     assert "test_checkpoint_io.py" not in {p.name for p in stage_tests("8")}
-    assert all(p.name.startswith("test_") for p in stage_tests("15")[1:])  # not gpu/composed_nccl.py
+    assert all(p.name.startswith("test_") for p in stage_tests("17")[1:])  # not gpu/composed_nccl.py
 
 
 def test_make_test_stage_lists_the_stages_for_an_unknown_number() -> None:

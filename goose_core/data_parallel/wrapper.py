@@ -71,7 +71,7 @@ class DataParallel:
             :func:`~goose_core.data_parallel.main_dtype`: fp32 for a bf16 or fp16 model, each
             parameter's own dtype from fp32 up). A buffer wider than the parameters sums every
             micro-batch's gradient as it comes (Megatron's main_grad). ``torch.bfloat16`` on a
-            bf16 model halves the bytes moved and sums in bf16 (stage 15's mixed-precision tests measure the error).
+            bf16 model halves the bytes moved and sums in bf16 (stage 17's mixed-precision tests measure the error).
             ZeRO-1's shards and their optimizer state live in it, or in fp32 if it is narrower.
         zero_stage: what a ``DistributedOptimizer`` built on this model shards. 1: optimizer
             state (ZeRO-1; without one, plain data parallelism). 2: gradients too: each bucket

@@ -51,7 +51,7 @@ cannot make that promise: it never samples a split forward sum, and on AVX2 kern
 at 2.6x such a floor. Measured (GQA Llama, SGD with momentum, 4 steps, lr 0.1), loss distance over
 this floor: tp=2 1.08x and tp x pp x dp 1.03x on AVX-512 (oneDNN) kernels, 1.06x and 0.69x on AVX2
 (fallback GEMM), 0.16x and 0.87x on baseline kernels; dp and pp <= 1x. A gradient 1 % too large
-lands at 3.9-7.3x (the planted bug of stage 15's test_mixed_precision.py). AdamW is left out of bf16 parity: it turns the noise
+lands at 3.9-7.3x (the planted bug of stage 17's test_mixed_precision.py). AdamW is left out of bf16 parity: it turns the noise
 of a near-zero gradient into a full lr-sized step, so its parameters differ by ~lr per step
 whatever the ordering.
 """

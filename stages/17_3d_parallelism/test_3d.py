@@ -1,9 +1,9 @@
-"""Stage 15: train.py's assembled run (tp=2 x pp=2 x dp=2, ZeRO-1, clipping) equals the
+"""Stage 17: train.py's assembled run (tp=2 x pp=2 x dp=2, ZeRO-1, clipping) equals the
 single-device run, and its resume is the uninterrupted run bit for bit.
 
 The library's own checkpoint and export tests (resharding, a kill during a save, every tensor
 of the exported folder) are tests/test_checkpoint_io.py and tests/test_export.py (``make test``
-runs them; ``make test-stage 15`` runs this folder).
+runs them; ``make test-stage 17`` runs this folder).
 """
 
 import io
@@ -19,7 +19,7 @@ from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_ma
 
 from course import beside_reference_diffs, load_train_script, run_train_script
 
-train_script = load_train_script("15")
+train_script = load_train_script("17")
 
 # The demo's model and loop, three float64 steps with clipping at 0.5 (the first steps' norm is
 # above it, so the clip acts): every layout only reorders fp64 sums, so PARALLEL holds.
@@ -100,7 +100,7 @@ def test_a_bad_save_at_is_refused_before_any_process_group() -> None:
 
 @pytest.mark.skipif(not os.environ.get("GOOSE_FULL"), reason="the whole demo on 8 ranks, ~1 min: GOOSE_FULL=1")
 def test_the_demo_runs_as_make_demo_runs_it(tmp_path: Path) -> None:
-    out = run_train_script("15", 8, "--out", str(tmp_path), timeout=300)
+    out = run_train_script("17", 8, "--out", str(tmp_path), timeout=300)
     assert "losses bit for bit, every rank's parameters bit for bit" in out
     assert "loads with AutoModelForCausalLM.from_pretrained" in out
     assert len(beside_reference_diffs(out)) == train_script.SPEC.steps

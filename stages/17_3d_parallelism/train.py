@@ -1,4 +1,4 @@
-"""Stage 15: the assembled run: tp=2 x pp=2 x dp=2 with ZeRO-1 and clipping on 8 ranks, stopped, resumed, exported.
+"""Stage 17: the assembled run: tp=2 x pp=2 x dp=2 with ZeRO-1 and clipping on 8 ranks, stopped, resumed, exported.
 
 Every piece of the course in one loop. The run trains beside the single-device reference with a
 progress bar, saves a sharded checkpoint half way, and goes on; then a new model and optimizer
@@ -11,10 +11,10 @@ The run trains in float64, as the reference harness does, so each check is a sta
 
 Run it (``make demo`` runs the first line):
 
-    torchrun --standalone --nproc_per_node=8 stages/15_3d_parallelism/train.py
-    torchrun --standalone --nproc_per_node=8 stages/15_3d_parallelism/train.py --model llama --steps 12
-    torchrun --standalone --nproc_per_node=8 stages/15_3d_parallelism/train.py --model demo-out/export
-    torchrun --standalone --nproc_per_node=4 stages/15_3d_parallelism/train.py --tp 2 --pp 2
+    torchrun --standalone --nproc_per_node=8 stages/17_3d_parallelism/train.py
+    torchrun --standalone --nproc_per_node=8 stages/17_3d_parallelism/train.py --model llama --steps 12
+    torchrun --standalone --nproc_per_node=8 stages/17_3d_parallelism/train.py --model demo-out/export
+    torchrun --standalone --nproc_per_node=4 stages/17_3d_parallelism/train.py --tp 2 --pp 2
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = None
     if lead:
         what = args.model if isinstance(spec, FolderSpec) else f"{spec.family} (tiny)"
-        print(f"goose stage 15: {what}, {str(spec.dtype).replace('torch.', '')}, tp={ctx.tp_size} x "
+        print(f"goose stage 17: {what}, {str(spec.dtype).replace('torch.', '')}, tp={ctx.tp_size} x "
               f"pp={ctx.pp_size} x dp={ctx.dp_size} = {ctx.world_size} ranks, ZeRO-1, clip "
               f"{spec.max_grad_norm}, {args.microbatches} micro-batches, {spec.steps} steps")
         started = time.perf_counter()
