@@ -11,6 +11,7 @@ from goose_core.context_parallel import attention
 from goose_core.context_parallel.attention import CP_ATTENTION, refuse_unsupported
 from goose_core.context_parallel.ring import RingSpec, ring_attention
 from goose_core.context_parallel.slicing import balanced_positions, slice_batch
+from goose_core.distributed.batch_check import install_batch_check, model_vocab
 from goose_core.distributed.context import ParallelContext
 from goose_core.metadata import module_grad_sync
 
@@ -26,7 +27,9 @@ class ContextParallel:
 
     * its attention implementation set to :data:`~goose_core.context_parallel.attention.CP_ATTENTION`
       (🤗's attention interface: no model code replaced);
-    * a forward pre-hook, run before every other hook, that keeps this rank's positions of the
+    * the batch check (:mod:`goose_core.distributed.batch_check`) along cp: the cp peers must be
+      fed the same batch;
+    * a forward pre-hook that keeps this rank's positions of the
       batch (:func:`~goose_core.context_parallel.slicing.slice_batch`: load-balanced chunks i and
       2C-1-i, global position ids, labels shifted before slicing) and sets the ring for the
       attention calls of the forward. Every cp rank of a dp shard is fed the same batch.
@@ -56,6 +59,10 @@ class ContextParallel:
         if method == "ulysses" and not attention.ulysses_available():
             raise ValueError("method='ulysses' needs goose_core.context_parallel.ulysses, which this "
                              "installation does not have; use method='ring'")
+        if module_grad_sync(module) is not None:
+            raise ValueError("ContextParallel must wrap the model before DataParallel: DataParallel counts "
+                             "the targets of the slices ContextParallel makes (TensorParallel, then "
+                             "ContextParallel, then DataParallel)")
         refuse_unsupported(module)
         self.module, self.ctx, self.method = module, ctx, method
         self._checked = False
@@ -68,7 +75,10 @@ class ContextParallel:
             set_attn(CP_ATTENTION)
         else:
             config._attn_implementation = CP_ATTENTION
-        self.module.register_forward_pre_hook(self._slice, with_kwargs=True, prepend=True)
+        if self.ctx.context_parallel_size > 1 and model_vocab(self.module) is not None:
+            # The cp peers must be fed one batch: checked on the whole batch, before the slicing hook.
+            install_batch_check(self.module, self.ctx, "cp")
+        self.module.register_forward_pre_hook(self._slice, with_kwargs=True)
         self.module.register_forward_hook(self._after, with_kwargs=True, always_call=True)
         return self.module
 
