@@ -49,7 +49,7 @@ class ContextParallel:
     Raises:
         ValueError: an unknown method; a family whose attention the ring does not reproduce
             (softcapping, ALiBi, sinks; or one whose attention does not go through the interface,
-            at its first forward); a sequence length that is not a multiple of 2 * cp; a forward
+            at its first forward); pp > 1 with cp > 1; a sequence length that is not a multiple of 2 * cp; a forward
             without DataParallel around the model while cp > 1.
     """
 
@@ -59,6 +59,11 @@ class ContextParallel:
         if method == "ulysses" and not attention.ulysses_available():
             raise ValueError("method='ulysses' needs goose_core.context_parallel.ulysses, which this "
                              "installation does not have; use method='ring'")
+        if ctx.pipeline_parallel_size > 1 and ctx.context_parallel_size > 1:
+            raise ValueError(f"context parallelism (cp={ctx.context_parallel_size}) with pipeline parallelism "
+                             f"(pp={ctx.pipeline_parallel_size}) is not supported: a pipelined model takes no "
+                             f"position_ids or shift_labels, and its micro-batches would need the padding mask "
+                             f"cut with them; use pipeline_parallel_size=1 with context_parallel_size > 1")
         if module_grad_sync(module) is not None:
             raise ValueError("ContextParallel must wrap the model before DataParallel: DataParallel counts "
                              "the targets of the slices ContextParallel makes (TensorParallel, then "

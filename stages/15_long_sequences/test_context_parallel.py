@@ -4,7 +4,8 @@ Llama (GQA), Qwen2 (sliding window on its upper layers), Mistral (sliding window
 (learned positions), with right and left padding, at cp = 2 and 4: losses and parameters after
 two float64 AdamW steps equal one device's at ``PARALLEL`` on every rank. A ring step skipped, or
 the causal mask taken from local positions, lands far outside it. All the cases of one layout run
-in one group of processes.
+in one group of processes. With tensor parallelism and data parallelism around it (tp2 x cp2 x
+dp2, ZeRO-1, clipping) the run is still one device's.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import pytest
 import torch
 from transformers import MistralConfig, PretrainedConfig, PreTrainedModel, Qwen2Config
 
-from goose_core import ParallelContext, spawn
+from goose_core import (ContextParallel, DataParallel, DistributedOptimizer, ParallelContext, TensorParallel,
+                        clip_grad_norm_, full_state_dict, spawn)
 from goose_core.context_parallel import ring
 from goose_core.context_parallel.attention import ulysses_available
-from goose_core.testing import PARALLEL, RunResult, TINY_MODELS, TrainSpec, assert_matches_reference, reference_run
+from goose_core.testing import (PARALLEL, RunResult, TINY_MODELS, TrainSpec, assert_matches_reference, reference_run,
+                                train_loop)
 from goose_core.testing.models import seeded_model
 
 from course import load_train_script
@@ -98,3 +101,29 @@ def test_ring_at_cp2_equals_one_device_for_every_family_and_padding_and_the_plan
 def test_ring_at_cp4_equals_one_device_for_every_family_and_padding() -> None:
     cases = [(f, p, m) for f, p in CASES for m in METHODS]
     _check(spawn(_cases, 4, 4, cases, [], timeout=240), cases, [])
+
+
+def _tp_cp_dp(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
+    model = TensorParallel(spec.build_model(), ctx).parallelize()
+    model = ContextParallel(model, ctx).parallelize()
+    model = DataParallel(model, ctx).parallelize()
+    optimizer = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
+    clip = lambda: clip_grad_norm_(model.parameters(), spec.max_grad_norm, ctx)  # noqa: E731
+    losses = train_loop(model, optimizer, spec.batches(ctx.dp_rank, ctx.dp_size), clip)
+    return RunResult(losses, full_state_dict(model, ctx))
+
+
+def _on_grid(fn: Callable[..., Any], tp: int, dp: int, cp: int, *args: Any) -> Any:
+    return fn(ParallelContext(tp, 1, dp, context_parallel_size=cp, backend="gloo", device="cpu"), *args)
+
+
+def test_tp2_cp2_dp2_with_zero1_and_clipping_equals_one_device() -> None:
+    # Left padding, so the dp shards and the cp slices hold different numbers of targets; a clip
+    # of 0.5 acts on the first steps. ZeRO-1 shards the optimizer over dp x cp (4 replicas).
+    spec = TrainSpec(family="llama", steps=2, batch_size=4, seq_len=16, padding="left", max_grad_norm=0.5)
+    reference = reference_run(spec)
+    for rank, result in enumerate(spawn(_on_grid, 8, _tp_cp_dp, 2, 2, 2, spec, timeout=240)):
+        try:
+            assert_matches_reference(result, reference, PARALLEL)
+        except AssertionError as err:
+            raise AssertionError(f"rank {rank}: {err}") from err
