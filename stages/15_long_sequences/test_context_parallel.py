@@ -3,7 +3,8 @@
 Llama (GQA), Qwen2 (sliding window on its upper layers), Mistral (sliding window) and GPT-2
 (learned positions), with right and left padding, at cp = 2 and 4: losses and parameters after
 two float64 AdamW steps equal one device's at ``PARALLEL`` on every rank. A ring step skipped, or
-the causal mask taken from local positions, lands far outside it. All the cases of one layout run
+the causal mask taken from local positions, lands far outside it. The bytes a rank holds for the
+backward (saved-tensor hooks) are the README's formula: per token held, so they fall by cp. All the cases of one layout run
 in one group of processes. With tensor parallelism and data parallelism around it (tp2 x cp2 x
 dp2, ZeRO-1, clipping) the run is still one device's.
 """
@@ -21,6 +22,7 @@ from goose_core import (ContextParallel, DataParallel, DistributedOptimizer, Par
                         clip_grad_norm_, full_state_dict, spawn)
 from goose_core.context_parallel import ring
 from goose_core.context_parallel.attention import ulysses_available
+from goose_core.engine.activations import LiveActivations
 from goose_core.testing import (PARALLEL, RunResult, TINY_MODELS, TrainSpec, assert_matches_reference, reference_run,
                                 train_loop)
 from goose_core.testing.models import seeded_model
@@ -69,15 +71,26 @@ BUGS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
 }
 
 
-def _cases(cp: int, cases: list[tuple[str, str, str]], bugs: list[str]) -> list[RunResult]:
-    """Every case on this rank: train.py's run of each (family, padding, method), then the bugs'."""
+def _held_bytes(ctx: ParallelContext) -> int:
+    """Bytes saved for backward after one forward of the tiny Llama (batch 2, S = 32)."""
+    model = train_script.build(ctx, MEMORY)
+    with LiveActivations(model.parameters()) as live:
+        loss = model(**MEMORY.batch(0)).loss
+        held = live.bytes
+    loss.backward()
+    return held
+
+
+def _cases(cp: int, cases: list[tuple[str, str, str]], bugs: list[str]) -> tuple[list[RunResult], int]:
+    """Every case on this rank: train.py's run of each (family, padding, method), then the bugs';
+    and the activation bytes one forward holds."""
     ctx = ParallelContext(context_parallel_size=cp, backend="gloo", device="cpu")
     results = [train_script.train(ctx, _spec(f, p), m) for f, p, m in cases]
     for bug in bugs:
         with pytest.MonkeyPatch.context() as mp:
             BUGS[bug](mp)
             results.append(train_script.train(ctx, _spec("llama", "right")))
-    return results
+    return results, _held_bytes(ctx)
 
 
 def _check(results: list[list[RunResult]], cases: list[tuple[str, str, str]], bugs: list[str]) -> None:
@@ -93,14 +106,33 @@ def _check(results: list[list[RunResult]], cases: list[tuple[str, str, str]], bu
                 assert_matches_reference(got, references["llama", "right"], PARALLEL)
 
 
-def test_ring_at_cp2_equals_one_device_for_every_family_and_padding_and_the_planted_bugs_fail() -> None:
-    cases = [(f, p, m) for f, p in CASES for m in METHODS]
-    _check(spawn(_cases, 2, 2, cases, list(BUGS), timeout=240), cases, list(BUGS))
+#: The memory measurement's run: the tiny float64 Llama, 2 rows of 32 tokens.
+MEMORY = TrainSpec(family="llama", steps=1, batch_size=2, seq_len=32)
+#: Bytes per token a rank holds for backward, tiny float64 Llama (4 layers, width 64, 4 heads of
+#: 16, 2 kv heads, MLP 128, vocab 256), counted from the saved tensors (README, "Memory").
+PER_TOKEN = 41_048
+#: The one saved tensor that is not per token: the loss's float64 scalar.
+SCALAR = 8
 
 
-def test_ring_at_cp4_equals_one_device_for_every_family_and_padding() -> None:
+def _check_memory(held: list[int], cp: int) -> None:
+    """Every rank holds the formula's bytes for its b * S / cp tokens: activations fall by cp."""
+    tokens = MEMORY.batch_size * MEMORY.seq_len // cp
+    assert held == [PER_TOKEN * tokens + SCALAR] * cp, f"cp={cp}: held {held}, formula {PER_TOKEN * tokens + SCALAR}"
+
+
+def test_ring_at_cp2_equals_one_device_holds_half_the_activations_and_the_planted_bugs_fail() -> None:
     cases = [(f, p, m) for f, p in CASES for m in METHODS]
-    _check(spawn(_cases, 4, 4, cases, [], timeout=240), cases, [])
+    out = spawn(_cases, 2, 2, cases, list(BUGS), timeout=240)
+    _check([results for results, _ in out], cases, list(BUGS))
+    _check_memory([held for _, held in out], 2)
+
+
+def test_ring_at_cp4_equals_one_device_and_holds_a_quarter_of_the_activations() -> None:
+    cases = [(f, p, m) for f, p in CASES for m in METHODS]
+    out = spawn(_cases, 4, 4, cases, [], timeout=240)
+    _check([results for results, _ in out], cases, [])
+    _check_memory([held for _, held in out], 4)
 
 
 def _tp_cp_dp(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
