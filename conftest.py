@@ -84,7 +84,7 @@ _KERNEL_FREE = ("tests/test_missing.py", "tests/test_bench_gpu.py", "tests/test_
                 "tests/test_import_graph.py", "tests/test_pictures.py", "tests/test_gpu_machine.py",
                 "tests/test_launch.py", "tests/test_grid.py", "tests/test_data_files.py",
                 "tests/test_data_stream.py", "tests/test_train_config.py", "tests/test_train_watch.py",
-                "stages/test_course.py")
+                "tests/test_context_parallel.py", "stages/test_course.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -119,6 +119,9 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # schedule module itself is 09's).
     14: ("goose_core/engine/split_backward.py", "tests/test_schedule_interleaved.py",
          "tests/test_schedule_zero_bubble.py", "benchmarks/bench_schedules.py"),
+    # Long sequences: the sequence split over the cp ranks (ring attention, load-balanced, under
+    # 🤗's attention interface), gradients over dp x cp.
+    15: ("goose_core/context_parallel/", "tests/test_context_parallel.py"),
     # The assembled run: every wrapper at once (the supported order, the orders refused), what
     # guards a grid (the same batch on tp peers and stages, a non-finite step stopped on every
     # rank), mixed precision across the grid, DCP checkpoints and the export. The MoE router loss
@@ -146,8 +149,9 @@ LESSONS: dict[int, tuple[str, ...]] = {
 #: swaps DataParallel out of 05's loop (ZeRO's optimizers are no part of it); recompute is one
 #: keyword in 09's loop (10's sleeping stages are for timing); callbacks go into 11's loop (12's
 #: profiles and splits an uneven model first); the assembled run builds on 13's loop (14's
-#: schedules are one argument of the pipeline it wraps).
-EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 17: 13}
+#: schedules are one argument of the pipeline it wraps); context parallelism is one wrapper
+#: before DataParallel in 05's loop.
+EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 15: 5, 17: 13}
 
 #: Paths of SCOPE that belong to no lesson: the tooling around the course, not a concept of it.
 #: The family sweep runs 08's and 09's concepts over every 🤗 family; it teaches none of its own.
