@@ -102,6 +102,10 @@ def refuse_unsupported(model: nn.Module) -> None:
             raise ValueError(f"context parallelism does not support {family!r}: it {why} "
                              f"(config.{name}={getattr(config, name)!r}), which goose's ring attention "
                              f"does not reproduce")
+    if getattr(config, "output_router_logits", False) and getattr(config, "router_aux_loss_coef", 1.0):
+        raise ValueError(f"context parallelism does not support {family!r} with output_router_logits=True: "
+                         f"its router loss is a product of means over the whole batch, not a sum over "
+                         f"tokens; set config.output_router_logits=False (or router_aux_loss_coef=0)")
     for sub_name, sub in model.named_modules():
         if getattr(sub, "sinks", None) is not None:
             raise ValueError(f"context parallelism does not support {family!r}: {sub_name} has attention "

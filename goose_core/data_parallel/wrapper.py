@@ -102,7 +102,7 @@ class DataParallel:
                              f"leave it None to average in each parameter's own dtype")
         if module_grad_sync(module) is not None:
             raise ValueError("this module is already wrapped by DataParallel; wrap it once")
-        if ctx.replica_size > 1:
+        if ctx.data_parallel_size > 1:  # (ContextParallel refuses the router loss at cp > 1)
             _refuse_router_loss(module)
         self.module = module
         self.ctx = ctx
