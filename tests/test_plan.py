@@ -77,7 +77,7 @@ def test_json_has_one_object_per_rank(capsys: pytest.CaptureFixture) -> None:
     assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
     for r in ranks:
         assert {"params_bytes", "grads_bytes", "optimizer_bytes", "activations_peak_bytes", "flops_per_step"} <= set(r)
-        assert set(r["sent_bytes"]) == {"tp", "cp", "pp", "dp"}
+        assert set(r["sent_bytes"]) == {"tp", "pp", "dp"}
 
 
 def test_hardware_and_search(capsys: pytest.CaptureFixture) -> None:
