@@ -12,6 +12,7 @@ from transformers import Gemma2Config
 from goose_core.context_parallel import ContextParallel, balanced_positions, slice_batch
 from goose_core.context_parallel.attention import refuse_unsupported
 from goose_core.context_parallel.ring import allowed
+from goose_core.metadata import set_module_grad_sync
 from goose_core.testing import build_model
 from goose_core.testing.models import seeded_model
 
@@ -73,3 +74,10 @@ def test_softcapped_attention_is_refused_by_family() -> None:
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     with pytest.raises(ValueError, match=r"does not support 'gemma2': it softcaps its attention scores"):
         refuse_unsupported(seeded_model(config))
+
+
+def test_context_parallel_after_data_parallel_is_refused() -> None:
+    model = build_model("llama")
+    set_module_grad_sync(model, object())  # type: ignore[arg-type]  # what DataParallel leaves
+    with pytest.raises(ValueError, match="ContextParallel must wrap the model before DataParallel"):
+        ContextParallel(model, _ctx())  # type: ignore[arg-type]
