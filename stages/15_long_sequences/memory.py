@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from torch import Tensor, nn
+
 from goose_core import ContextParallel, DataParallel, ParallelContext, spawn
 from goose_core.engine.activations import LiveActivations
 from goose_core.testing import TrainSpec
@@ -12,19 +14,23 @@ from goose_core.testing import TrainSpec
 SPEC = TrainSpec(family="llama", steps=1, batch_size=2, seq_len=64)
 
 
+def held_bytes(model: nn.Module, batch: dict[str, Tensor]) -> int:
+    """The bytes ``model``'s forward on ``batch`` leaves alive for its backward (then run)."""
+    with LiveActivations(model.parameters()) as live:
+        loss = model(**batch).loss
+        size = live.bytes
+    loss.backward()
+    return size
+
+
 def held(cp: int, ring: bool = True) -> int:
-    """This rank's bytes alive for the backward after one forward (``ring=False``: the model's own
-    eager attention, no context parallelism)."""
+    """This rank's bytes for :data:`SPEC` (``ring=False``: the model's own eager attention, no
+    context parallelism)."""
     ctx = ParallelContext(context_parallel_size=cp, backend="gloo", device="cpu")
     model = SPEC.build_model()
     if ring:
         model = ContextParallel(model, ctx).parallelize()
-    model = DataParallel(model, ctx).parallelize()
-    with LiveActivations(model.parameters()) as live:
-        loss = model(**SPEC.batch(0)).loss
-        size = live.bytes
-    loss.backward()
-    return size
+    return held_bytes(DataParallel(model, ctx).parallelize(), SPEC.batch(0))
 
 
 def main() -> None:
