@@ -110,6 +110,8 @@ class ContextParallel:
     def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         # always_call: a forward that raised still ends the ring, so no later call sees it.
         calls = attention.end()
+        if output is None:  # the forward raised: let its error be the one the caller sees
+            return output
         if not self._checked and calls == 0:
             family = getattr(module.config, "model_type", type(module).__name__)
             raise ValueError(f"context parallelism does not support {family!r}: its attention does not "
