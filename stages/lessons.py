@@ -134,7 +134,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "goose_core/testing/split_reductions.py", "goose_core/pipeline/router_loss.py",
          "goose_core/pipeline/custom_loss.py",
          "tests/test_composition.py", "tests/test_zero3_composition.py", "tests/test_wrapper_order.py",
-         "tests/test_token_weighted.py",
+         "tests/test_token_weighted.py", "tests/test_context_parallel_checkpoint.py",
          "tests/test_batch_check.py", "tests/test_batch_faults.py", "tests/test_finite.py",
          "tests/test_router_loss.py", "tests/test_custom_loss.py", "tests/test_checkpoint_io.py",
          "tests/test_export.py", "tests/test_single_process.py", "tests/test_pipeline_generate.py",
