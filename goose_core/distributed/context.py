@@ -213,7 +213,8 @@ class ParallelContext:
         if self.world_size == 1 or not dist.is_initialized():  # no peer to tell
             return None
         groups = [g for g in (dist.group.WORLD, *self._groups.values(), self._ends_group) if g is not None]
-        where = ", ".join(f"{axis} {self.coords[axis]}" for axis in AXES)
+        shown = [axis for axis in AXES if axis != "cp" or self.grid.cp > 1]  # no cp without context parallelism
+        where = ", ".join(f"{axis} {self.coords[axis]}" for axis in shown)
         store = dist.distributed_c10d._get_default_store()
         return progress.start(store, self.rank, where, groups, self.timeout)
 
