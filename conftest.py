@@ -55,7 +55,8 @@ _STREAM_CHECKED = ("tests/test_pipeline.py", "tests/test_stream", "tests/test_tr
                    "tests/test_composition.py", "tests/test_wrapper_order.py",
                    "tests/test_token_weighted.py", "tests/test_callbacks.py", "stages/09_",
                    "stages/10_", "stages/11_", "stages/13_", "stages/14_", "tests/test_schedule_",
-                   "stages/17_3d_parallelism/test_3d",
+                   "stages/17_3d_parallelism/test_3d", "stages/15_long_sequences/test_sequence_parallel",
+                   "stages/16_expert_parallel/test_expert_parallel",
                    # bf16 activations through every pipeline transport; the loss-scaling test only
                    # scales the backward's seed (a value, no new stream traffic): it runs unchecked
                    "stages/17_3d_parallelism/test_mixed_precision_autocast")
@@ -84,7 +85,8 @@ _KERNEL_FREE = ("tests/test_missing.py", "tests/test_bench_gpu.py", "tests/test_
                 "tests/test_import_graph.py", "tests/test_pictures.py", "tests/test_gpu_machine.py",
                 "tests/test_launch.py", "tests/test_grid.py", "tests/test_data_files.py",
                 "tests/test_data_stream.py", "tests/test_train_config.py", "tests/test_train_watch.py",
-                "tests/test_context_parallel.py", "stages/test_course.py")
+                "tests/test_sequence_parallel.py", "tests/test_context_parallel.py", "stages/test_course.py",
+                "stages/16_expert_parallel/test_expert_traffic.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

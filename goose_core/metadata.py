@@ -22,6 +22,10 @@ Wrappers leave facts on the tensors and modules they change, and other wrappers 
       parameter (ZeRO-1 shard, fp32 master)                                   checkpoint.io
     where a gradient accumulates wider than set_wide_grad, wide_grad_of     data_parallel.reducer,
       its parameter (fp32 slot or master)                                     optim.master -> pipeline.tied
+    an expert held by some ranks only: its  mark_expert, expert_group_of    expert_parallel ->
+      gradient's group (expert data par.)                                     data_parallel, optim.clip
+    a model whose router loss is exact      set_router_loss_over_dp,        expert_parallel ->
+      over the dp group                       router_loss_over_dp             data_parallel
 
 Each fact is one ``_goose_*`` attribute, named here alone. A fact is not carried over when a
 wrapper replaces a parameter: whoever makes the new one marks it.
@@ -43,7 +47,8 @@ __all__ = ["ShardSpec", "mark_sharded", "shard_spec", "mark_duplicate", "is_dupl
            "grad_sync_of", "grad_syncs", "set_module_grad_sync", "module_grad_sync", "parameters_changed",
            "set_batch_check", "batch_check_of", "mark_split_guard", "is_split_guard", "set_finite_watch",
            "finite_watch", "CopyKeeper", "link_keeper", "keepers_of", "set_wide_grad", "clear_wide_grad",
-           "wide_grad_of"]
+           "wide_grad_of", "mark_expert", "expert_group_of",
+           "set_router_loss_over_dp", "router_loss_over_dp"]
 
 T = TypeVar("T")
 
@@ -304,3 +309,32 @@ def clear_wide_grad(param: Tensor) -> None:
 def wide_grad_of(param: Tensor) -> tuple[torch.dtype, Callable[[], Tensor]] | None:
     """Where ``param``'s gradient accumulates when wider than it (:func:`set_wide_grad`), if anywhere."""
     return _WIDE_GRAD.get(param)
+
+
+# -- expert parallelism ------------------------------------------------------------------------
+_EXPERT: _Fact[Any] = _Fact("expert_group")
+
+
+def mark_expert(param: Tensor, group: Any) -> Tensor:
+    """``param`` holds this rank's experts: its gradient is reduced over ``group`` (the ranks that
+    hold the same experts), not the whole data-parallel group; other EP ranks hold other values."""
+    _EXPERT.set(param, group)
+    return param
+
+
+def expert_group_of(param: Tensor) -> Any:
+    """The expert-data-parallel group of an expert parameter (:func:`mark_expert`), else None."""
+    return _EXPERT.get(param)
+
+
+_ROUTER_OVER_DP: _Fact[bool] = _Fact("router_loss_over_dp")
+
+
+def set_router_loss_over_dp(model: nn.Module) -> None:
+    """``model``'s loss carries the router loss of the whole dp batch (expert_parallel.router_loss)."""
+    _ROUTER_OVER_DP.set(model, True)
+
+
+def router_loss_over_dp(model: nn.Module) -> bool:
+    """Whether :func:`set_router_loss_over_dp` was called on ``model``."""
+    return bool(_ROUTER_OVER_DP.get(model))

@@ -8,7 +8,9 @@ with (or exported as) the single-device model:
 * pipeline parallelism leaves each stage holding only some parameters, under their original
   names; the stages' dictionaries are merged over the pipeline group;
 * data parallelism (and ZeRO-1, which all-gathers after every step) keeps parameters replicated,
-  so nothing is gathered over the data-parallel group.
+  so nothing is gathered over the data-parallel group;
+* expert parallelism leaves each EP rank a run of every experts parameter's leading rows (its
+  experts, :func:`~goose_core.metadata.mark_expert`): gathered over the expert-parallel group.
 
 Tied weights appear under every name the single-device model's ``state_dict`` has (GPT-2's
 ``lm_head.weight`` beside ``transformer.wte.weight``), so a strict ``load_state_dict`` into a
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 
 from goose_core.distributed.context import ParallelContext
 from goose_core.data_parallel.zero3 import gathered
-from goose_core.metadata import ShardSpec, mark_sharded, shard_spec
+from goose_core.metadata import ShardSpec, expert_group_of, mark_sharded, shard_spec
 
 # ShardSpec, mark_sharded and shard_spec live in goose_core.metadata; this was their first home.
 __all__ = ["ShardSpec", "mark_sharded", "shard_spec", "full_state_dict"]
@@ -32,6 +34,10 @@ __all__ = ["ShardSpec", "mark_sharded", "shard_spec", "full_state_dict"]
 def _unshard(param: Tensor, ctx: ParallelContext) -> Tensor:
     spec = shard_spec(param)
     local = param.detach()
+    if expert_group_of(param) is not None and ctx.experts.ep_group is not None:
+        pieces = [torch.empty_like(local) for _ in range(ctx.experts.size)]
+        dist.all_gather(pieces, local.contiguous(), group=ctx.experts.ep_group)
+        return torch.cat(pieces).cpu()  # EP rank r holds experts [r N/E, (r+1) N/E)
     if spec is None or ctx.tensor_parallel_size == 1:
         return local.cpu().clone()
     shards = [torch.empty_like(local) for _ in range(ctx.tensor_parallel_size)]

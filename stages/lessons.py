@@ -119,9 +119,16 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # schedule module itself is 09's).
     14: ("goose_core/engine/split_backward.py", "tests/test_schedule_interleaved.py",
          "tests/test_schedule_zero_bubble.py", "benchmarks/bench_schedules.py"),
-    # Long sequences: the sequence split over the cp ranks (ring attention, load-balanced, under
-    # 🤗's attention interface), gradients over dp x cp.
-    15: ("goose_core/context_parallel/", "tests/test_context_parallel.py"),
+    # Long sequences: context parallelism (the sequence split over the cp ranks: ring attention,
+    # load-balanced, under 🤗's attention interface, or Ulysses' all-to-all head split; gradients
+    # over dp x cp); sequence parallelism's unit tests (its module, tensor_parallel/sequence.py, is
+    # in 08's folder: the tensor-parallel layers use it).
+    15: ("goose_core/context_parallel/", "tests/test_context_parallel.py", "tests/test_ulysses.py",
+         "tests/test_sequence_parallel.py"),
+    # Expert parallelism: the EP and expert-data-parallel groups carved from dp, the dispatch
+    # (all-to-all with uneven splits) to 🤗's own experts, and the router loss over the dp batch.
+    16: ("goose_core/expert_parallel/", "goose_core/distributed/expert_groups.py",
+         "benchmarks/bench_expert_parallel.py"),
     # The assembled run: every wrapper at once (the supported order, the orders refused), what
     # guards a grid (the same batch on tp peers and stages, a non-finite step stopped on every
     # rank), mixed precision across the grid, DCP checkpoints and the export. The MoE router loss
@@ -140,7 +147,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "tests/test_export.py", "tests/test_single_process.py", "tests/test_pipeline_generate.py",
          "tests/test_zero2_composition.py", "tests/test_schedule_resume.py", "tests/gpu/composed_nccl.py",
          "tests/gpu/test_composed_nccl.py", "benchmarks/bench_batch_check.py",
-         "benchmarks/bench_mixed_precision.py"),
+         "benchmarks/bench_mixed_precision.py", "tests/test_expert_checkpoint.py"),
 }
 
 #: The chapter whose train.py a stage's loop extends, where that is not the stage before. Each
@@ -150,8 +157,9 @@ LESSONS: dict[int, tuple[str, ...]] = {
 #: keyword in 09's loop (10's sleeping stages are for timing); callbacks go into 11's loop (12's
 #: profiles and splits an uneven model first); the assembled run builds on 13's loop (14's
 #: schedules are one argument of the pipeline it wraps); context parallelism is one wrapper
-#: before DataParallel in 05's loop.
-EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 15: 5, 17: 13}
+#: before DataParallel in 05's loop; expert parallelism is carved from the data-parallel ranks, so
+#: its loop is 05's too.
+EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 15: 5, 16: 5, 17: 13}
 
 #: Paths of SCOPE that belong to no lesson: the tooling around the course, not a concept of it.
 #: The family sweep runs 08's and 09's concepts over every 🤗 family; it teaches none of its own.

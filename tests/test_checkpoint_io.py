@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
-from goose_core import (DistributedOptimizer, ParallelContext, RankError, full_state_dict, load_checkpoint,
-                        save_checkpoint)
+from goose_core import (DistributedOptimizer, ParallelContext, RankError, TensorParallel, full_state_dict,
+                        load_checkpoint, save_checkpoint)
 from goose_core.checkpoint import atomic
 from goose_core.checkpoint.chunks import pieces_of
 from goose_core.data import shard_batch
@@ -495,3 +495,25 @@ def test_publish_replaces_a_checkpoint_and_a_crash_between_renames_keeps_one(tmp
     atomic.staging(path).mkdir()  # a staging folder is never a checkpoint
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         atomic.complete(path)
+
+
+def _sequence_parallel_saved(ctx: ParallelContext, spec: TrainSpec, path: str, at: int) -> RunResult:
+    """``at`` steps at tp with sequence parallelism, then a checkpoint."""
+    model = TensorParallel(spec.build_model(), ctx, sequence_parallel=True).parallelize()
+    optimizer = spec.build_optimizer(model.parameters())
+    losses = _steps(model, optimizer, ctx, spec, 0, at)
+    save_checkpoint(path, model, optimizer, ctx, step=at)
+    return RunResult(losses, full_state_dict(model, ctx))
+
+
+def test_a_sequence_parallel_checkpoint_loads_without_it(tmp_path: Path) -> None:
+    """SP changes where activations live, never a parameter's pieces: a checkpoint saved at tp=2
+    with SP resumes at tp=2 without it and on one rank, each continuing as the single-device run."""
+    spec = RESHARD[0]
+    reference = reference_run(spec)
+    path = str(tmp_path / "sp")
+    for rank, saved in enumerate(run_distributed(_sequence_parallel_saved, 2, 1, 1, spec, path, 2, timeout=180)):
+        assert saved.losses == pytest.approx(reference.losses[:2], rel=PARALLEL.rtol, abs=PARALLEL.atol), rank
+    for layout in ((2, 1, 1), (1, 1, 1)):
+        results = run_distributed(_resume, *layout, spec, path, spec.steps, None, timeout=180)
+        _check_ranks(results, RunResult(reference.losses[2:], reference.params), PARALLEL)

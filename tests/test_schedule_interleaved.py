@@ -11,6 +11,7 @@ from goose_core import (DataParallel, DistributedOptimizer, ParallelContext, Pip
 from goose_core.engine.messages import Message, blocked_receives, messages
 from goose_core.engine.schedule import (Interleaved1F1B, OneFOneB, Schedule, schedule_named, timetable,
                                         timetable_bubble)
+from goose_core.pipeline import local_pipeline
 from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
                                 run_distributed, train_loop)
 
@@ -119,6 +120,17 @@ def test_bad_configurations_are_refused_on_every_rank_with_the_fix(kwargs: dict,
     with pytest.raises(Exception, match=match) as info:
         run_distributed(_refused, 1, 2, 1, kwargs, timeout=60)
     assert "ValueError" in str(info.value)
+
+
+@pytest.mark.parametrize("schedule, virtual_stages", [("interleaved-1f1b", 2), ("zbv", None)])
+def test_generate_is_refused_by_the_schedules_name(schedule: str, virtual_stages: int | None) -> None:
+    """generate runs one micro-batch, which these schedules cannot order at p > 1."""
+    spec = TrainSpec(family="llama")
+    model = local_pipeline(spec.build_model(), 2, 4, schedule=schedule, virtual_stages=virtual_stages)
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"one micro-batch, which schedule='{schedule}' cannot "
+                                                          r"run at pipeline depth 2: generate with the model "
+                                                          r"pipelined under schedule='1f1b'"):
+        model.generate(spec.batch(0)["input_ids"][:1, :4], max_new_tokens=1, do_sample=False)
 
 
 def _refused(ctx: ParallelContext, kwargs: dict) -> None:

@@ -3,6 +3,7 @@ gradient, deferred into the bubble); ZBV with two chunks per rank in a V. Their 
 messages under NCCL's matching, and parity with one device, the split done by autograd on the 🤗
 modules as they are."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -12,6 +13,8 @@ from goose_core import DataParallel, ParallelContext, PipelineParallel, TensorPa
 from goose_core.engine.messages import blocked_receives, messages
 from goose_core.engine.schedule import Action, ZeroBubbleH1, ZeroBubbleV, timetable, timetable_bubble
 from goose_core.engine import split_backward
+from goose_core.engine.block_recompute import RECOMPUTE_MODES
+from goose_core.engine.recompute import is_recomputing
 from goose_core.pipeline import Callback, local_pipeline
 from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
                                 run_distributed, snapshot, train_loop)
@@ -146,26 +149,62 @@ def _spec(family: str, layers: int = 4, optimizer: str = "sgd") -> TrainSpec:
 
 
 @pytest.mark.parametrize("schedule", ["zb-h1", "zbv"])
-@pytest.mark.parametrize("recompute", ["never", "always", "except_last"])
+@pytest.mark.parametrize("recompute", RECOMPUTE_MODES)
 def test_local_split_backward_trains_like_one_device(schedule: str, recompute: str) -> None:
     spec = _spec("llama")
+    assert_matches_reference(_train_local(spec, schedule, recompute), reference_run(spec), PARALLEL)
+
+
+def _train_local(spec: TrainSpec, schedule: str, recompute: str) -> RunResult:
     model = local_pipeline(spec.build_model(), 2, 4, schedule=schedule, recompute=recompute)
-    result = RunResult(train_loop(model, spec.build_optimizer(model.parameters()), spec.batches()), snapshot(model))
-    assert_matches_reference(result, reference_run(spec), PARALLEL)
+    return RunResult(train_loop(model, spec.build_optimizer(model.parameters()), spec.batches()), snapshot(model))
 
 
-def test_tied_embeddings_in_one_process_are_refused_by_name() -> None:
+def test_planted_a_replays_w_forgotten_fails_parity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A planted bug: a recomputed cell's B keeps nothing for its W, so the body's weights get
+    no gradient from it."""
+    backward = split_backward.SplitCells.backward
+
+    def forgetting(self, cell, output, leaf, grad):  # type: ignore[no-untyped-def]
+        out = backward(self, cell, output, leaf, grad)
+        self.pending.pop(cell, None)
+        return out
+
+    monkeypatch.setattr(split_backward.SplitCells, "backward", forgetting)
+    spec = _spec("llama")
+    with pytest.raises(AssertionError, match="differ"):
+        assert_matches_reference(_train_local(spec, "zb-h1", "always"), reference_run(spec), PARALLEL)
+
+
+def test_an_unwatched_replay_is_caught_by_the_coverage_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A planted bug: the replay runs without the module hook; B would note no module and no W
+    would reach the body's weights: the coverage check names the first such weight."""
+
+    @contextlib.contextmanager
+    def unwatched(self, cell):  # type: ignore[no-untyped-def]
+        yield
+        self.replayed[cell] = []
+
+    monkeypatch.setattr(split_backward.SplitCells, "replaying", unwatched)
+    with pytest.raises(RuntimeError, match=r"cell \(0, 1\) uses a parameter of shape .* outside the forward"):
+        _train_local(_spec("llama"), "zb-h1", "always")
+
+
+@pytest.mark.parametrize("schedule", ["zb-h1", "zbv"])
+def test_tied_embeddings_in_one_process_are_refused_by_name(schedule: str) -> None:
     spec = _spec("gpt2")
-    model = local_pipeline(spec.build_model(), 2, 2, schedule="zb-h1", recompute="never")
-    with pytest.raises(RuntimeError, match=r"used twice .* use schedule='1f1b'"):
-        model(**spec.batch(0))
+    with pytest.raises(ValueError, match=rf"schedule='{schedule}' splits .* GPT2LMHeadModel ties .* counting "
+                                         r"the embedding's gradient twice\. Use schedule='1f1b'"):
+        local_pipeline(spec.build_model(), 2, 4, schedule=schedule, recompute="never")
 
 
 # (schedule, family, blocks, M, recompute): GPT-2 ties its embeddings across ranks 0 and p-1
 # (under ZBV both ends are on rank 0).
 CASES = {
     2: [("zb-h1", "gpt2", 4, 4, "never"), ("zb-h1", "llama", 4, 8, "except_last"),
-        ("zb-h1", "llama", 4, 4, "always"), ("zbv", "gpt2", 4, 8, "never"), ("zbv", "llama", 4, 4, "always")],
+        ("zb-h1", "llama", 4, 4, "always"), ("zb-h1", "gpt2", 4, 4, "blocks"), ("zb-h1", "llama", 4, 4, "selective"),
+        ("zbv", "gpt2", 4, 8, "never"), ("zbv", "llama", 4, 4, "always"), ("zbv", "gpt2", 4, 4, "except_last"),
+        ("zbv", "llama", 4, 4, "blocks"), ("zbv", "gpt2", 4, 4, "selective")],
     4: [("zb-h1", "llama", 8, 8, "never"), ("zb-h1", "gpt2", 8, 4, "except_last"),
         ("zbv", "llama", 8, 8, "except_last"), ("zbv", "gpt2", 8, 8, "never")],
 }
@@ -234,11 +273,13 @@ def test_planted_a_skipped_w_fails_parity() -> None:
         _assert_every_rank(run_distributed(_skipped_w, 1, 2, 1, timeout=120), _spec("llama"), "W skipped")
 
 
-def test_b_leaves_the_weight_gradients_to_w() -> None:
+@pytest.mark.parametrize("recompute", RECOMPUTE_MODES)
+def test_b_leaves_the_weight_gradients_to_w(recompute: str) -> None:
     """Llama, two partitions in one process: after B of a cell its blocks' weights have no
-    gradient yet, after its W they all do (the split is real, not a full backward in B)."""
+    gradient yet, after its W they all do (the split is real, not a full backward in B), also
+    when the cell or its blocks are recomputed."""
     spec = _spec("llama")
-    model = local_pipeline(spec.build_model(), 2, 2, schedule="zb-h1", recompute="never")
+    model = local_pipeline(spec.build_model(), 2, 2, schedule="zb-h1", recompute=recompute)
     weights = [p for n, p in model.named_parameters() if n.startswith("model.layers.3.")]
     seen: dict[str, list[bool]] = {}
 
@@ -249,6 +290,19 @@ def test_b_leaves_the_weight_gradients_to_w() -> None:
     model.callbacks.add(Callback(look, kinds=["backward", "weight"]))
     model(**spec.batch(0)).loss.backward()
     assert seen == {"backward": [False] * len(weights), "weight": [True] * len(weights)}
+
+
+@pytest.mark.parametrize("schedule, replays", [("1f1b", 1), ("zb-h1", 2)])
+def test_a_checkpointed_block_replays_once_in_b_and_once_in_w(schedule: str, replays: int) -> None:
+    """Under "blocks", B replays each block (torch's checkpoint) and W once more, one replay
+    for all of a cell's modules (not one per module: 9 in a Llama block)."""
+    spec = _spec("llama")
+    model = local_pipeline(spec.build_model(), 2, 2, schedule=schedule, recompute="blocks")
+    count = [0]
+    for block in model.model.layers:
+        block.input_layernorm.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + is_recomputing()))
+    model(**spec.batch(0)).loss.backward()
+    assert count[0] == replays * 2 * len(model.model.layers), count  # M=2 micro-batches
 
 
 @pytest.mark.parametrize("precision", [{"dtype": torch.float32}, {"precision": "bf16"}])

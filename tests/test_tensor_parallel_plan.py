@@ -80,8 +80,7 @@ def test_embedding_rowwise_names_the_embedding() -> None:
     check_sizes(model, plan, 2)
 
 
-@pytest.mark.parametrize("style, reason", [("sequence_parallel", "goose's norms and dropout run on the whole"),
-                                           ("colwise_sideways", "goose does not know this style")])
+@pytest.mark.parametrize("style, reason", [("colwise_sideways", "goose does not know this style")])
 def test_an_unsupported_style_is_refused_by_name(style: str, reason: str) -> None:
     model = _with_entry("llama", "layers.*.input_layernorm", style)
     with pytest.raises(ValueError, match=rf"plan entry 'layers.\*.input_layernorm': style '{style}' is not "

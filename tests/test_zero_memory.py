@@ -195,7 +195,8 @@ def test_zero3_held_and_sent_bytes_equal_the_formulas() -> None:
 def test_counter_counts_each_collective_by_the_ring_rule() -> None:
     for rank, out in enumerate(run_distributed(_collectives, 1, 1, 4, timeout=60)):
         sends = {0: 16 + 8, 1: 0}.get(rank, 0)  # rank 0 isends 16 bytes and batch-sends 8; receiving is free
-        assert out == {"dp": Fraction(2 * 3 * 64, 4) + Fraction(3 * 64, 4) * 3 + Fraction(3 * 16, 4) + sends,
+        uneven = (10 - (rank + 1)) * 8  # 10 rows of 8 bytes, less the rank + 1 rows it keeps
+        assert out == {"dp": Fraction(2 * 3 * 64, 4) + Fraction(3 * 64, 4) * 4 + Fraction(3 * 16, 4) + sends + uneven,
                        "world": Fraction(2 * 3 * 8, 4)}
 
 
@@ -207,6 +208,10 @@ def _collectives(ctx: ParallelContext) -> dict:
         dist.all_gather_into_tensor(torch.zeros(16), torch.zeros(4), group=group)  # 3/4 x 64
         dist.all_gather([torch.zeros(4) for _ in range(4)], torch.zeros(4), group=group)  # 3/4 x 64
         dist.broadcast(torch.zeros(4), src=0, group=group)  # 3/4 x 16
+        dist.all_to_all_single(torch.zeros(16), torch.zeros(16), group=group)  # 3/4 x 64
+        # uneven, group passed by position: rank r sends j + 1 rows to rank j, keeps r + 1
+        rows = ctx.dp_rank + 1
+        dist.all_to_all_single(torch.zeros(4 * rows, 2), torch.zeros(10, 2), [rows] * 4, [1, 2, 3, 4], group)
         dist.all_reduce(torch.zeros(2))  # the world: 2 x 3/4 x 8
         if ctx.dp_rank == 0:
             dist.isend(torch.zeros(4), dst=ctx.group_ranks("dp")[1], group=group, tag=0).wait()

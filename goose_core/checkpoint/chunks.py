@@ -9,6 +9,9 @@ or ``blocks`` pieces for a fused parameter (GPT-2's ``c_attn`` is q|k|v, each sp
     tp rank 0 holds               [ q0 | k0 | v0 ]  ->  3 pieces at offsets 0, 2p, 4p
     tp rank 1 holds               [ q1 | k1 | v1 ]  ->  3 pieces at offsets p, 3p, 5p
 
+An expert-parallel rank's experts (``ExpertParallel``) are one piece of the stacked experts,
+at row ``ep_rank x N/E`` of dimension 0, so a checkpoint saved at one E loads at any other.
+
 Ranks holding the same piece (data-parallel replicas, GQA's kv replicas, a tied weight on the
 first and the last stage) write it once: DCP keeps one copy of equal (name, offset) pieces.
 """
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from goose_core.metadata import ShardSpec
 
-__all__ = ["Pieces", "pieces_of", "whole"]
+__all__ = ["Pieces", "expert_piece", "pieces_of", "whole"]
 
 
 @dataclass
@@ -49,6 +52,13 @@ class Pieces:
 def whole(tensor: Tensor) -> Pieces:
     """A tensor every rank holds whole (or holds alone): one piece at the origin."""
     return Pieces(tensor, tensor.shape, [torch.Size([0] * tensor.dim())], [tensor])
+
+
+def expert_piece(local: Tensor, ep_size: int, ep_rank: int) -> Pieces:
+    """``local`` (EP rank ``ep_rank``'s rows of stacked experts) as the piece of all of them."""
+    size = torch.Size([local.shape[0] * ep_size, *local.shape[1:]])
+    offset = torch.Size([local.shape[0] * ep_rank] + [0] * (local.dim() - 1))
+    return Pieces(local, size, [offset], [local])
 
 
 def pieces_of(local: Tensor, spec: ShardSpec | None, tp_size: int, tp_rank: int) -> Pieces:

@@ -30,13 +30,13 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader, 
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from goose_core.checkpoint import atomic, rng
-from goose_core.checkpoint.chunks import Pieces, pieces_of, whole
+from goose_core.checkpoint.chunks import Pieces, expert_piece, pieces_of, whole
 from goose_core.checkpoint.optim_state import (load_masters, load_state, optimizer_problems, state_destinations,
                                                state_entries)
 from goose_core.checkpoint.planner import PiecesLoadPlanner, PiecesSavePlanner
 from goose_core.data_parallel.zero3 import gathered
 from goose_core.distributed.context import ParallelContext
-from goose_core.metadata import keepers_of, shard_spec
+from goose_core.metadata import expert_group_of, keepers_of, shard_spec
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 
@@ -50,6 +50,8 @@ def _names(model: nn.Module) -> dict[nn.Parameter, str]:
 
 def _cutter(ctx: ParallelContext) -> Any:
     def cut(param: nn.Parameter, tensor: Tensor) -> Pieces:
+        if expert_group_of(param) is not None and ctx.experts.size > 1:  # experts are not tp-split
+            return expert_piece(tensor, ctx.experts.size, ctx.experts.rank)
         return pieces_of(tensor, shard_spec(param), ctx.tensor_parallel_size, ctx.tensor_parallel_rank)
     return cut
 

@@ -89,6 +89,8 @@ class Bucket:
         self.ready: set[int] = set()
         self.work: dist.Work | None = None
         self.group: dist.ProcessGroup | None = None  # the running collective's
+        #: The group it reduces over when not the reducer's: experts' expert-data-parallel group.
+        self.reduce_group: dist.ProcessGroup | None = None
 
     @property
     def grad(self) -> Tensor:

@@ -59,7 +59,8 @@ from torch.utils.hooks import RemovableHandle
 from goose_core.data_parallel.bucket import Bucket, build_buckets
 from goose_core.distributed.progress import note
 from goose_core.grad_sync import GradSync
-from goose_core.metadata import clear_wide_grad, link_grad_sync, set_wide_grad, unlink_grad_sync
+from goose_core.metadata import (clear_wide_grad, expert_group_of, link_grad_sync, set_wide_grad,
+                                 unlink_grad_sync)
 
 __all__ = ["GradReducer", "FIRST_BUCKET_BYTES", "IN_FLIGHT", "trainable"]
 
@@ -153,9 +154,18 @@ class GradReducer(GradSync):
             handle.remove()
         before = list(self._where)
         self.scatter = scatter
-        self.buckets = [b for params in param_lists
-                        for b in build_buckets(reversed(params), self.bucket_bytes, self.size, key,
-                                               FIRST_BUCKET_BYTES, dtype=self.reduce_dtype)]
+        # An expert's gradient is summed over the ranks holding the same experts only: buckets
+        # of their own, padded to and reduced (or sharded, ZeRO) over that group, still divided
+        # by the dp size (see goose_core/expert_parallel/parallel.py).
+        self.buckets = []
+        for params in param_lists:
+            for group, ps in _by_group(params):
+                size = self.size if group is None else dist.get_world_size(group)
+                built = build_buckets(reversed(ps), self.bucket_bytes, size, key, FIRST_BUCKET_BYTES,
+                                      dtype=self.reduce_dtype)
+                for bucket in built:
+                    bucket.reduce_group = group
+                self.buckets += built
         self._where = {p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
         for p, (bucket, i) in self._where.items():
@@ -244,7 +254,8 @@ class GradReducer(GradSync):
             self._launch(self.buckets[self._next])
 
     def _launch(self, bucket: Bucket) -> None:
-        bucket.launch(self.group, self.scatter, divisor=1 if self.scatter else self.size)
+        bucket.launch(bucket.reduce_group or self.group, self.scatter,
+                      divisor=1 if self.scatter else self.size)
         if bucket.shard_only and self._next >= IN_FLIGHT:
             self.buckets[self._next - IN_FLIGHT].wait()  # done: its full buffer is released
         self._next += 1
@@ -271,3 +282,13 @@ class GradReducer(GradSync):
             # does without DataParallel); the slot keeps main_grad() until that backward starts.
             bucket.fresh = True
         self._reduced = True
+
+
+def _by_group(params: list[nn.Parameter]) -> list[tuple[dist.ProcessGroup | None, list[nn.Parameter]]]:
+    """``params`` split by the group their gradient is reduced over: the dense ones (None: the
+    reducer's) first, then each expert group's, each in the order given."""
+    groups: dict[int, tuple[dist.ProcessGroup | None, list[nn.Parameter]]] = {id(None): (None, [])}
+    for p in params:
+        group = expert_group_of(p)
+        groups.setdefault(id(group), (group, []))[1].append(p)
+    return [(g, ps) for g, ps in groups.values() if ps]

@@ -6,12 +6,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["broadcast_replicas", "check_replicas"]
+from goose_core.metadata import expert_group_of
+
+__all__ = ["broadcast_replicas", "check_replicas", "expert_groups"]
 
 
-def _tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
+def _tensors(module: nn.Module, group: dist.ProcessGroup) -> list[tuple[str, Tensor]]:
+    """The tensors ``group``'s ranks must hold alike: an expert (ExpertParallel) is alike over its
+    own expert-data-parallel group only, and checked there."""
     named = list(module.named_parameters()) + list(module.named_buffers())
-    return [(name, t) for name, t in named if t.numel()]
+    return [(name, t) for name, t in named if t.numel() and expert_group_of(t) in (None, group)]
+
+
+def expert_groups(module: nn.Module) -> list[dist.ProcessGroup]:
+    """The expert-data-parallel groups of ``module``'s experts, once each, in parameter order."""
+    found: dict[int, dist.ProcessGroup] = {}
+    for p in module.parameters():
+        group = expert_group_of(p)
+        if group is not None:
+            found.setdefault(id(group), group)
+    return list(found.values())
 
 
 def _source(group: dist.ProcessGroup) -> int:
@@ -21,7 +35,7 @@ def _source(group: dist.ProcessGroup) -> int:
 def broadcast_replicas(module: nn.Module, group: dist.ProcessGroup) -> None:
     """Overwrite every parameter and buffer with dp rank 0's (collective over ``group``)."""
     with torch.no_grad():
-        for _, t in _tensors(module):
+        for _, t in _tensors(module, group):
             dist.broadcast(t.data, src=_source(group), group=group)
 
 
@@ -31,7 +45,7 @@ def check_replicas(module: nn.Module, group: dist.ProcessGroup) -> None:
     Exact (bitwise) comparison: rank 0's values are broadcast and compared, then the first
     differing index is agreed on with an all-reduce so that every rank raises the same error.
     """
-    tensors = _tensors(module)
+    tensors = _tensors(module, group)
     first_bad = len(tensors)
     with torch.no_grad():
         for idx, (_, t) in enumerate(tensors):

@@ -12,14 +12,14 @@ from torch import Tensor, nn
 
 from goose_core.data_parallel.loss import count_items_over, global_mean, replica_items
 from goose_core.data_parallel.reducer import GradReducer, trainable
-from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas
+from goose_core.data_parallel.replicas import broadcast_replicas, check_replicas, expert_groups
 from goose_core.data_parallel.zero3 import ShardedParameters
 from goose_core.distributed.batch_check import extremes, install_batch_check, model_vocab
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.progress import count_forwards
 from goose_core.loss import count_items
 from goose_core.finite import watch
-from goose_core.metadata import module_grad_sync, parameters_changed, set_module_grad_sync
+from goose_core.metadata import module_grad_sync, parameters_changed, router_loss_over_dp, set_module_grad_sync
 
 # parameters_changed lives in goose_core.metadata (the wrapper-order rule); re-exported here.
 __all__ = ["DataParallel", "no_sync", "parameters_changed", "reducer_of"]
@@ -114,11 +114,15 @@ class DataParallel:
 
     def parallelize(self) -> nn.Module:
         """Install the hooks and return the module, ready for ``model(**batch).loss.backward()``."""
+        if self.zero_stage == 3 and expert_groups(self.module):
+            raise ValueError("DataParallel(zero_stage=3) does not shard ExpertParallel's experts (they "
+                             "differ across the dp group): use zero_stage=1 or 2 with expert parallelism")
         group = self.ctx.replica_group  # dp x cp: context-parallel ranks hold the same weights too
-        if self.broadcast:
-            broadcast_replicas(self.module, group)
-        else:
-            check_replicas(self.module, group)
+        for replicas in (group, *expert_groups(self.module)):  # experts: alike over their own group
+            if self.broadcast:
+                broadcast_replicas(self.module, replicas)
+            else:
+                check_replicas(self.module, replicas)
         if self.zero_stage == 3:  # parameters sharded too: gathered per block (see .zero3)
             self.reducer = ShardedParameters(self.module, group, self.reduce_dtype,
                                              reshard_after_forward=self.ctx.pipeline_parallel_size == 1)
@@ -214,6 +218,8 @@ def _refuse_router_loss(module: nn.Module) -> None:
     expert x router probability per expert), not a sum over tokens: dp ranks each computing it on
     their shard and averaging would train on another loss than one device's, silently."""
     config = getattr(module, "config", None)
+    if router_loss_over_dp(module):  # ExpertParallel made it the whole batch's
+        return
     if getattr(config, "output_router_logits", False) and getattr(config, "router_aux_loss_coef", 1.0):
         raise ValueError(
             f"{type(module).__name__} has output_router_logits=True: its auxiliary router loss is "

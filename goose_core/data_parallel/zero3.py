@@ -103,6 +103,7 @@ class ShardedBucket:
                  reduce_dtype: torch.dtype | None = None) -> None:
         self.params = params
         self.offsets, self.numel, self.padded_numel, self.shard_numel = flat_layout(params, dp)
+        self.reduce_group: dist.ProcessGroup | None = None  # the dp group's (experts: refused)
         self.rank = rank
         first = params[0]
         self.shapes = [p.shape for p in params]

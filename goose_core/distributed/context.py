@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from goose_core.distributed import progress
+from goose_core.distributed.expert_groups import ExpertGroups, check_expert_parallel_size
 from goose_core.distributed.grid import AXES, Axis, ProcessGrid
 
 __all__ = ["ParallelContext", "DEFAULT_TIMEOUT", "choose_backend", "BACKEND_ENV", "DEVICE_ENV"]
@@ -150,11 +151,14 @@ class ParallelContext:
             naming the ranks that did not arrive and what they did last (step, activity), from
             the progress records each rank publishes to the store
             (:mod:`goose_core.distributed.progress`; :meth:`destroy` ends this rank's).
+        expert_parallel_size: E, the ranks of each data-parallel line that split the experts
+            (:mod:`goose_core.distributed.expert_groups`); must divide ``data_parallel_size``.
         check_finite: stop the run, on every rank, before an optimizer step that would read a
             non-finite loss or gradient (:mod:`goose_core.finite`); False trains on regardless.
 
     Raises:
-        ValueError: a size < 1, tp * cp * pp * dp != world size (without a launcher: > 1), or a
+        ValueError: a size < 1, E not dividing dp, E > 1 with cp > 1, tp * cp * pp * dp != world size
+            (without a launcher: > 1), or a
             backend / device that cannot work here (raised on every rank).
     """
 
@@ -170,9 +174,15 @@ class ParallelContext:
         device: str | torch.device | None = None,
         timeout: timedelta = DEFAULT_TIMEOUT,
         check_finite: bool = True,
+        expert_parallel_size: int = 1,
     ) -> None:
         self.grid = ProcessGrid(tensor_parallel_size, pipeline_parallel_size, data_parallel_size,
                                 context_parallel_size)
+        check_expert_parallel_size(expert_parallel_size, data_parallel_size)
+        if expert_parallel_size > 1 and context_parallel_size > 1:
+            raise ValueError(f"expert_parallel_size={expert_parallel_size} with context_parallel_size="
+                             f"{context_parallel_size} is not supported: the experts' gradients would need "
+                             f"averaging over cp too; use one of the two")
         alone = _alone()
         if alone and self.grid.world_size > 1:
             raise ValueError(_ALONE.format(n=self.grid.world_size, grid=self.grid))
@@ -200,6 +210,9 @@ class ParallelContext:
         # dp x cp: the dp group itself when cp = 1 (same ranks; no extra group to create).
         self._replica_group = (self._groups["dp"] if self.grid.cp == 1
                                else self._new_groups(self.grid.all_replica_groups()))
+        #: The expert-parallel and expert-data-parallel groups (:mod:`.expert_groups`).
+        self.experts = ExpertGroups.create(self.grid, expert_parallel_size, self.rank,
+                                           self._groups["dp"], timeout)
         if self.world_size > 1:
             # A gloo group connects its pairs while new_group returns: a rank that finished its
             # part and left at once (a short job, a test) would close sockets a peer is still

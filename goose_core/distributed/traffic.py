@@ -2,8 +2,9 @@
 
 Inside ``with count_traffic(ctx) as traffic:`` every collective and point-to-point send that
 goes through ``torch.distributed``'s functions adds what this rank sends to
-``traffic.bytes[name]``, ``name`` being the group's axis (``"tp"``, ``"pp"``, ``"dp"``),
-``"world"`` or ``"other"``. Nothing changes what runs: each wrapper calls the original.
+``traffic.bytes[name]``, ``name`` being the group's axis (``"tp"``, ``"pp"``, ``"dp"``), an
+expert-parallel group (``"ep"``, ``"edp"``), ``"world"`` or ``"other"``. Nothing changes what
+runs: each wrapper calls the original.
 
 What "sent" means: a collective's bytes are those of a bandwidth-optimal algorithm (the ring)
 over its ``n`` ranks, divided evenly among them, for a tensor of ``S`` bytes::
@@ -14,7 +15,8 @@ over its ``n`` ranks, divided evenly among them, for a tensor of ``S`` bytes::
     all_gather(output S)               (n-1)/n S                    list form: S = n x the input
     broadcast(S)                       (n-1)/n S                    n broadcasts of S/n (ZeRO-1's
                                                                     all-gather on gloo) = one all-gather
-    all_to_all_single(S)               (n-1)/n S
+    all_to_all_single(S)               (n-1)/n S                    uneven splits: S less the
+                                                                    slice this rank keeps
     send / isend (S), P2POp isend      S                            recv: 0
     a group of one rank                0
 
@@ -87,6 +89,19 @@ def _ring(n: int, size: int, times: int = 1) -> Fraction:
     return Fraction(times * (n - 1) * size, n)
 
 
+def _all_to_all(n: int, args: tuple, kwargs: dict) -> Fraction:
+    """all_to_all_single(output, input, output_split_sizes, input_split_sizes, group): every
+    slice of ``input`` but this rank's own leaves it; equal slices when no sizes are given."""
+    tensor = args[1] if len(args) > 1 else kwargs["input"]
+    splits = args[3] if len(args) > 3 else kwargs.get("input_split_sizes")
+    if not splits or n == 1:
+        return _ring(n, _size(tensor))
+    group = _group_of("all_to_all_single", args, kwargs)
+    mine = splits[dist.get_rank(group if group is not None else dist.group.WORLD)]
+    row = _size(tensor) // tensor.shape[0] if tensor.shape[0] else 0
+    return Fraction(_size(tensor) - mine * row)
+
+
 # How many bytes a call sends: f(n, args, kwargs), n the group's size.
 _SENT: dict[str, Callable[[int, tuple, dict], Fraction]] = {
     "all_reduce": lambda n, a, k: _ring(n, _size(a[0]), 2),
@@ -97,7 +112,7 @@ _SENT: dict[str, Callable[[int, tuple, dict], Fraction]] = {
     "all_gather_into_tensor": lambda n, a, k: _ring(n, _size(a[0])),
     "all_gather": lambda n, a, k: _ring(n, sum(_size(t) for t in a[0])),
     "broadcast": lambda n, a, k: _ring(n, _size(a[0])),
-    "all_to_all_single": lambda n, a, k: _ring(n, _size(a[1])),
+    "all_to_all_single": lambda n, a, k: _all_to_all(n, a, k),
     "send": lambda n, a, k: Fraction(_size(a[0])),
     "isend": lambda n, a, k: Fraction(_size(a[0])),
     "recv": lambda n, a, k: Fraction(0),
@@ -113,7 +128,8 @@ def _group_of(name: str, args: tuple, kwargs: dict) -> Any:
     # positional group: collectives (tensor(s), [op/src], group, ...); p2p (tensor, peer, group, tag)
     position = {"all_reduce": 2, "broadcast": 2, "send": 2, "isend": 2, "recv": 2, "irecv": 2,
                 "all_gather": 2, "all_gather_single": 2, "all_gather_into_tensor": 2,
-                "reduce_scatter_single": 3, "reduce_scatter_tensor": 3, "reduce_scatter": 3}.get(name)
+                "reduce_scatter_single": 3, "reduce_scatter_tensor": 3, "reduce_scatter": 3,
+                "all_to_all_single": 4}.get(name)
     return args[position] if position is not None and len(args) > position else None
 
 
@@ -129,6 +145,9 @@ def count_traffic(ctx: ParallelContext | None = None) -> Iterator[Traffic]:
     if dist.is_initialized():
         names[id(dist.group.WORLD)] = "world"
     if ctx is not None:
+        if ctx.experts.ep_group is not None:  # expert parallelism's groups (before dp: E = 1 is dp)
+            names[id(ctx.experts.ep_group)] = "ep"
+            names[id(ctx.experts.edp_group)] = "edp"
         for axis in AXES:
             names[id(ctx.group(axis))] = axis  # an axis beats "world" when they are one group
     traffic = Traffic()

@@ -39,11 +39,16 @@ for backward (``early_stop``), so ops whose outputs the backward never reads are
 (a Llama block's ``down_proj``, which only joins the residual sum). Its recompute FLOPs are the
 block's forward up to that save under ``"blocks"``, none counted under ``"selective"``
 (tests/test_selective_recompute.py counts both).
+
+A split backward (:mod:`goose_core.engine.split_backward`) replays each block twice, in B and
+in W, where torch's selective checkpoint lets a block's kept outputs be read by one replay
+only: with ``twice=True`` they stay readable until the block's graph is freed (after W).
 """
 
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterable, Iterator, Literal
 
@@ -51,6 +56,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import _CONSUMED  # what a selective replay leaves in place of a read output
 
 from goose_core.engine.recompute import MODES, _flag, _function_modes, recompute_stop
 from goose_core.engine.selective import KeepMatmuls, keep_matmuls
@@ -97,11 +103,28 @@ class Kept(torch.autograd.Function):
         return (grad,) + (None,) * ctx.num_kept
 
 
-class _RecomputedForward:
-    """A block's forward under the checkpoint of ``mode`` (installed on the instance)."""
+class _Rereadable(dict):
+    """One op's kept outputs in a selective checkpoint's storage, left in place when a replay
+    reads them (torch marks each read entry consumed: a second replay would raise)."""
 
-    def __init__(self, forward: Callable[..., Any], mode: BlockMode) -> None:
-        self.forward, self.mode = forward, mode
+    def __setitem__(self, key: int, value: Any) -> None:
+        if value is not _CONSUMED:
+            super().__setitem__(key, value)
+
+
+def _rereadable_contexts(policy: Callable[..., Any]) -> tuple[Any, Any]:
+    """Torch's selective checkpoint contexts for ``policy``, over a storage any replay reads."""
+    caching, cached = create_selective_checkpoint_contexts(policy)
+    caching.storage = cached.storage = defaultdict(_Rereadable)
+    return caching, cached
+
+
+class _RecomputedForward:
+    """A block's forward under the checkpoint of ``mode`` (installed on the instance); with
+    ``twice``, its kept outputs readable by every replay."""
+
+    def __init__(self, forward: Callable[..., Any], mode: BlockMode, twice: bool = False) -> None:
+        self.forward, self.mode, self.twice = forward, mode, twice
         functools.update_wrapper(self, forward)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -111,8 +134,8 @@ class _RecomputedForward:
         if torch.compiler.is_compiling():
             return self._traced(*args, **kwargs)
         policy = KeepMatmuls() if self.mode == "selective" else None
-        context_fn = (functools.partial(create_selective_checkpoint_contexts, policy) if policy is not None
-                      else noop_context_fn)
+        contexts = _rereadable_contexts if self.twice else create_selective_checkpoint_contexts
+        context_fn = functools.partial(contexts, policy) if policy is not None else noop_context_fn
         out = checkpoint(self._replayable(), *args, use_reentrant=False, context_fn=context_fn,
                          preserve_rng_state=True, early_stop=True, **kwargs)
         kept = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
@@ -182,8 +205,9 @@ def _attach(out: Any, kept: list[Tensor]) -> Any:
     return (first, *out[1:]) if isinstance(out, tuple) else first
 
 
-def recompute_blocks(blocks: Iterable[nn.Module], mode: str) -> None:
-    """Install ``mode``'s per-block recompute on every module of ``blocks`` (idempotent).
+def recompute_blocks(blocks: Iterable[nn.Module], mode: str, twice: bool = False) -> None:
+    """Install ``mode``'s per-block recompute on every module of ``blocks`` (idempotent);
+    ``twice``: a backward replays each block twice (a split backward's B and W).
 
     Raises:
         ValueError: ``mode`` is not one of :data:`BLOCK_MODES`.
@@ -192,7 +216,7 @@ def recompute_blocks(blocks: Iterable[nn.Module], mode: str) -> None:
         raise ValueError(f"unknown block recompute mode {mode!r}; choose one of {list(BLOCK_MODES)}")
     for block in blocks:
         restore_blocks([block])
-        block.forward = _RecomputedForward(block.forward, mode)  # type: ignore[method-assign]
+        block.forward = _RecomputedForward(block.forward, mode, twice)  # type: ignore[method-assign]
 
 
 def restore_blocks(blocks: Iterable[nn.Module]) -> None:

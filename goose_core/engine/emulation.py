@@ -64,6 +64,19 @@ class SleepWeight(torch.nn.Module):
         return _SleepGrad.apply(self.weight, x.detach(), self.backward_time)
 
 
+class _Scale(torch.nn.Module):
+    """The first stage's input times a weight, as a module: a split backward's B then runs the
+    first stage's input-gradient sleep, as a model's B runs its first stage down to the token
+    lookup (whose W needs that gradient)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight
+
+
 def ideal_gpipe_time(num_microbatches: int, num_stages: int, t_forward: float, t_backward: float) -> float:
     """(M + p - 1) * (t_f + t_b): every stage busy except for the fill and drain bubbles."""
     return (num_microbatches + num_stages - 1) * (t_forward + t_backward)
@@ -86,7 +99,7 @@ class SleepPipeline:
                  t_backward: float, recompute: str = "never", hidden: int = 1024,
                  callbacks: CallbackList | None = None, schedule: type[Schedule] = GPipe) -> None:
         self.ctx, self.num_microbatches, self.hidden = ctx, num_microbatches, hidden
-        self.weight = torch.ones(hidden, requires_grad=True)
+        self.scale = _Scale(hidden)
         self.schedule = schedule
         # With virtual stages a rank's stage is cut into V chunks, each 1/V of its time.
         v, n = schedule.virtual_stages, ctx.pipeline_parallel_size * schedule.virtual_stages
@@ -105,7 +118,7 @@ class SleepPipeline:
                 return y.sum() if j == n - 1 else y
             return run
 
-        embed = lambda inputs: inputs["x"] * self.weight  # noqa: E731
+        embed = lambda inputs: self.scale(inputs["x"])  # noqa: E731
         self.transport = DistributedTransport(ctx.pp_group, ctx.prev_pipeline_rank,
                                               ctx.next_pipeline_rank, ctx.device, ctx.group_ranks("pp"))
         self.pipeline = Pipeline([Partition(j, body(j), embed if j == 0 else None) for j in held], n,

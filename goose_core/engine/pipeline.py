@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from goose_core.engine.callbacks import CallbackList, Phase
-from goose_core.engine.recompute import Recomputation, recompute_stop
+from goose_core.engine.recompute import Recomputation, SplitReplay, recompute_stop
 from goose_core.engine.dependency import fork, get_phony, join
 from goose_core.engine.schedule import Cell, GPipe, Schedule
 from goose_core.engine.split_backward import SplitCells
@@ -191,7 +191,7 @@ class Pipeline:
             if action.kind == "F":
                 cell = StepOutput({}, [])
                 with split.forward(i, j, i < stop):
-                    self._cell(i, j, microbatches[i], i < stop, {}, {}, cell)
+                    self._cell(i, j, microbatches[i], i < stop, {}, {}, cell, split if split.enabled else None)
                 roots[(i, j)] = cell.roots + list(cell.outputs.values())
                 step.outputs.update({k: v.detach() for k, v in cell.outputs.items()})
             elif action.kind == "W":
@@ -211,7 +211,7 @@ class Pipeline:
         return step
 
     def _cell(self, i: int, j: int, inputs: Inputs, recomputed: bool, after: dict[int, int],
-              phonies: dict[tuple[int, int], Tensor], step: StepOutput) -> None:
+              phonies: dict[tuple[int, int], Tensor], step: StepOutput, split: SplitReplay | None = None) -> None:
         part, cb = self.partitions[j], self.callbacks
         inputs = {k: v.to(part.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
         cb.fire("forward", "before", i, j)
@@ -229,7 +229,7 @@ class Pipeline:
             x = Mark.apply(x, cb, "after", i, j)
         record = None
         if recomputed:
-            record = Recomputation(lambda t: part.body(t, inputs), x, (i, j), cb)
+            record = Recomputation(lambda t: part.body(t, inputs), x, (i, j), cb, split)
             y = record.run(get_phony(part.device, requires_grad=True))
         else:
             y = part.body(x, inputs)

@@ -24,6 +24,10 @@ cast of a weight, so their weight gradients add up in bf16 first, while a recomp
 afresh and its gradient joins in fp32; ``torch.autocast(..., cache_enabled=False)`` makes the two
 bit-identical, at a bf16 copy of the stage's weights per micro-batch in flight.)
 
+A schedule that splits each backward into an input and a weight gradient (zero bubble) hands the
+record a :class:`SplitReplay`: it watches the replay, and differentiates the rebuilt graph its own
+way (the input gradient now, the weights later) instead of all at once.
+
 This is what other libraries call activation checkpointing; here "checkpoint" means only a saved
 run (:mod:`goose_core.checkpoint`).
 """
@@ -31,8 +35,8 @@ run (:mod:`goose_core.checkpoint`).
 from __future__ import annotations
 
 import threading
-from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterator, Literal
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from typing import Callable, Iterator, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -40,7 +44,8 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from goose_core.engine.callbacks import CallbackList
 
-__all__ = ["MODES", "RecomputeMode", "Recomputation", "is_recomputing", "recompute_stop", "will_recompute"]
+__all__ = ["MODES", "RecomputeMode", "Recomputation", "SplitReplay", "is_recomputing", "recompute_stop",
+           "will_recompute"]
 
 RecomputeMode = Literal["always", "except_last", "never"]
 MODES: tuple[RecomputeMode, ...] = ("always", "except_last", "never")
@@ -86,6 +91,18 @@ def _rng_devices(x: Tensor) -> list[torch.device]:
     return [x.device] if x.is_cuda else []
 
 
+class SplitReplay(Protocol):
+    """How a split backward takes over a rebuilt cell (:class:`~goose_core.engine.split_backward.SplitCells`)."""
+
+    def replaying(self, cell: tuple[int, int]) -> AbstractContextManager[None]:
+        """Open around the replay of ``cell``'s forward."""
+        ...
+
+    def backward(self, cell: tuple[int, int], output: Tensor, leaf: Tensor, grad: Tensor) -> Tensor | None:
+        """Differentiate the rebuilt ``output`` (seed ``grad``): return the gradient at ``leaf``."""
+        ...
+
+
 class Recomputation:
     """One recomputed cell: its function, its input, its RNG state, its rebuilt graph.
 
@@ -94,11 +111,13 @@ class Recomputation:
         input: the cell's input (may or may not require grad).
         cell: (micro-batch, partition), for the recompute callbacks.
         callbacks: fired around the recompute.
+        split: a split backward's handling of the rebuilt graph (None: its whole backward at once).
     """
 
     def __init__(self, function: Callable[[Tensor], Tensor], input: Tensor, cell: tuple[int, int],
-                 callbacks: CallbackList) -> None:
+                 callbacks: CallbackList, split: SplitReplay | None = None) -> None:
         self.function = function
+        self.split = split
         self.input: Tensor | None = input
         self.cell = cell
         self.callbacks = callbacks
@@ -186,6 +205,8 @@ class Discard(torch.autograd.Function):
                                f"Recompute node must be joined into the graph upstream of it")
         output, leaf = record.rebuilt
         record.rebuilt = None
+        if record.split is not None:
+            return None, None, record.split.backward(record.cell, output, leaf, grad_output)
         if output.requires_grad:
             torch.autograd.backward(output, grad_output)
         return None, None, leaf.grad if leaf.requires_grad else None
@@ -205,8 +226,9 @@ class Recompute(torch.autograd.Function):
         record.callbacks.fire("recompute", "before", micro, part)
         (input,) = ctx.saved_tensors
         leaf = input.detach().requires_grad_(input.requires_grad)
+        watch = record.split.replaying(record.cell) if record.split is not None else nullcontext()
         with (record.restored_rng(), record.restored_modes(), record.restored_autocast(), torch.enable_grad(),
-              _flag("recomputing")):
+              _flag("recomputing"), watch):
             output = record.function(leaf)
         record.rebuilt = (output, leaf)
         record.callbacks.fire("recompute", "after", micro, part)

@@ -15,9 +15,18 @@ its own (a Linear, a norm, an embedding). Then::
 Each W reaches its module's parameters through that module's op alone, so no gradient is
 counted twice, provided each parameter is used once per graph (a module called twice, or tied
 embeddings in one process, would be reached through an earlier input too: refused), and every
-parameter the cell uses must sit in some noted module: :func:`check_covered` says which does not. A recomputed cell's body keeps no graph to
-split: its B runs the body's whole backward (the recompute's own), and its W holds only what ran
-outside the body (the first stage's token lookup).
+parameter the cell uses must sit in some noted module: :func:`check_covered` says which does not.
+
+Recomputed cells split too. A recomputed cell (:mod:`goose_core.engine.recompute`) keeps no
+graph in its forward; its replay, just before B, runs under the same hook, and its rebuilt graph
+is split like a kept one: B takes the gradient at the rebuilt input and at the noted outputs
+(the rebuilt graph is then held until W, instead of from F to B), W the weights. A block
+recomputed by torch's checkpoint (``"blocks"``, ``"selective"``) keeps its graph, with its saved
+tensors replaced by handles: B's nodes unpack them (torch's checkpoint replays the block), and W
+replays each block once more, since torch lets one backward unpack a saved tensor once and B's
+matmul nodes unpack their inputs although they compute only the input gradient. All W of a cell
+run in one :class:`~torch.utils.checkpoint.GraphExecGroup`, so a block replays once per W, not
+once per module.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils.checkpoint import GraphExecGroup
 
 __all__ = ["Noted", "noting", "input_gradients", "weight_gradients", "check_covered", "SplitCells"]
 
@@ -115,23 +125,51 @@ def _refuse_reuse(noted: list[Noted]) -> None:
 
 
 class SplitCells:
-    """The executor's bookkeeping of a split backward: each cell's noted modules from its F, the
-    gradients at their outputs from its B, consumed by its W. Disabled: every call is a no-op."""
+    """The executor's bookkeeping of a split backward: each cell's noted modules from its F (or
+    its replay), the gradients at their outputs from its B, consumed by its W. Disabled: every
+    call is a no-op. Enabled, it is the :class:`~goose_core.engine.recompute.SplitReplay` of
+    the recomputed cells it runs."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.noted: dict[tuple[int, int], list[Noted]] = {}
         self.pending: dict[tuple[int, int], list[tuple[Noted, Tensor | None]]] = {}
+        self.replayed: dict[tuple[int, int], list[Noted]] = {}  # noted in a replay, until its B
         self.checked: set[int] = set()  # partitions whose coverage was checked
+        self.checked_replays: set[int] = set()
 
     @contextmanager
     def forward(self, i: int, j: int, recomputed: bool) -> Iterator[None]:
         """Around cell (i, j)'s forward: note its modules. A recomputed cell's body runs without
-        grad, so only what runs outside it is noted (the first stage's token lookup)."""
+        grad, so only what runs outside it is noted (the first stage's token lookup); the body's
+        modules are noted in its replay (:meth:`replaying`)."""
         with noting(self.enabled) as noted:
             yield
         if self.enabled:
             self.noted[(i, j)] = noted
+
+    @contextmanager
+    def replaying(self, cell: tuple[int, int]) -> Iterator[None]:
+        """Around a recomputed cell's replay, just before its B: note the rebuilt modules."""
+        with noting(self.enabled) as noted:
+            yield
+        self.replayed[cell] = noted
+
+    def backward(self, cell: tuple[int, int], output: Tensor, leaf: Tensor, grad: Tensor) -> Tensor | None:
+        """B of a rebuilt cell, inside its outer B: the gradient at the rebuilt input (returned)
+        and at the noted outputs (kept for its W, with the rebuilt graph they hold)."""
+        noted = self.replayed.pop(cell, [])
+        if not output.requires_grad:
+            return None
+        _refuse_reuse(noted)
+        if cell[1] not in self.checked_replays:
+            check_covered([output], noted, cell)
+            self.checked_replays.add(cell[1])
+        first = [leaf] if leaf.requires_grad else []
+        grads = torch.autograd.grad([output], first + [y for _, y in noted], [grad], retain_graph=bool(noted),
+                                    allow_unused=True)
+        self.pending.setdefault(cell, []).extend(zip(noted, grads[len(first):]))
+        return grads[0] if first else None
 
     def input(self, cells: list[tuple[int, int]], roots: list[Tensor], phony: Tensor) -> None:
         """B of ``cells`` (one, or a micro-batch's connected run of them) from ``roots``."""
@@ -141,13 +179,25 @@ class SplitCells:
             if c[1] not in self.checked and self.noted.get(c):
                 check_covered(roots, noted, c)
                 self.checked.add(c[1])
-        grads = iter(input_gradients(roots, phony, noted))
+        grads = iter(input_gradients(roots, phony, noted))  # replayed cells add to pending here
         for c in cells:
-            self.pending[c] = [(n, next(grads)) for n in self.noted.pop(c, [])]
+            self.pending.setdefault(c, []).extend((n, next(grads)) for n in self.noted.pop(c, []))
 
     def weight(self, i: int, j: int, callbacks: Any) -> None:
         """W of cell (i, j): its parameters' gradients, between ``weight`` callbacks."""
         callbacks.fire("weight", "before", i, j)
         done = self.pending.pop((i, j), [])
-        weight_gradients([n for n, _ in done], [g for _, g in done])
+        with _one_replay():
+            weight_gradients([n for n, _ in done], [g for _, g in done])
         callbacks.fire("weight", "after", i, j)
+
+
+@contextmanager
+def _one_replay() -> Iterator[None]:
+    """One graph task for torch's checkpoint over the W calls inside (one per module): each
+    checkpointed block replays once, not once per module (unless the caller opened one)."""
+    if GraphExecGroup._get_current_group() is not None:
+        yield
+        return
+    with GraphExecGroup():
+        yield

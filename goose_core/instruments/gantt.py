@@ -29,12 +29,13 @@ STYLES: dict[str, dict[str, Any]] = {
 
 
 def draw_gantt(spans: Sequence[Span], path: str | Path, title: str = "pipeline timeline",
-               dpi: int = 120) -> Path:
+               dpi: int = 120, axis_ms: float | None = None) -> Path:
     """Draw ``spans`` (e.g. :meth:`Timeline.gather`'s result) as a Gantt chart PNG at ``path``.
 
     One row per partition (stage 0 on top), time in milliseconds from the first start, one
     colour per micro-batch, forward / backward / recompute told apart by fill and hatching, and
-    the bubble fraction in the title.
+    the bubble fraction in the title. ``axis_ms``: the time axis' length (default: this run's),
+    so that charts of several runs drawn with one length compare at a glance.
 
     Raises:
         ValueError: no spans.
@@ -62,6 +63,8 @@ def draw_gantt(spans: Sequence[Span], path: str | Path, title: str = "pipeline t
                     va="center", fontsize=8)
     ax.set_yticks(range(len(partitions)), [f"stage {p}" for p in partitions])
     ax.invert_yaxis()
+    if axis_ms is not None:
+        ax.set_xlim(0, axis_ms)
     ax.set_xlabel("time (ms)")
     ax.set_title(f"{title}: bubble {bubble_fraction(spans):.0%} of {len(partitions)} stages x "
                  f"{width_ms:.1f} ms")

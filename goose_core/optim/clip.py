@@ -8,6 +8,8 @@ gradient pieces it *owns*, and one all-reduce over all ranks sums the owners::
                                                                             shards are disjoint
     tp-replicated parameter                    tp_rank 0                    count once, not tp times
     ZeRO-1 gradient shard (DistributedOptimizer)  every dp rank             shards are disjoint
+    an expert (ExpertParallel: mark_expert)    dp ranks 0 .. E-1 (the first each expert once: its expert-
+                                                 EP group)                    data-parallel group's rank 0
     anything else (replicated over dp)         dp_rank 0                    count once, not dp times
     pipeline stages                            the stage holding it         stages are disjoint
     a tied copy on another stage               nobody: mark_duplicate(p)    the original counts
@@ -36,7 +38,8 @@ from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.missing import names_missing
 from goose_core.distributed.progress import note
 from goose_core.finite import local_flag, stops, vouch
-from goose_core.metadata import grad_shards, is_dp_shard, is_duplicate, mark_dp_shard, mark_duplicate, shard_spec
+from goose_core.metadata import (expert_group_of, grad_shards, is_dp_shard, is_duplicate, mark_dp_shard,
+                                 mark_duplicate, shard_spec)
 
 # mark_duplicate and mark_dp_shard live in goose_core.metadata; re-exported where clipping needs them.
 __all__ = ["clip_grad_norm_", "mark_duplicate", "mark_dp_shard", "norm_kind"]
@@ -69,6 +72,8 @@ def _owned(p: Tensor, ctx: ParallelContext, duplicate: Callable[[Tensor], bool] 
     replicas = spec.replicas if spec is not None else ctx.tensor_parallel_size
     if ctx.tensor_parallel_rank % replicas:
         return False
+    if expert_group_of(p) is not None:
+        return ctx.data_parallel_rank < ctx.experts.size
     return is_dp_shard(p) or ctx.replica_rank == 0  # one of the dp x cp replicas counts it
 
 

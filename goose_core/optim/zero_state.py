@@ -45,6 +45,16 @@ def _copy(value: Any) -> Any:
     return value.detach().cpu().clone() if torch.is_tensor(value) else value
 
 
+def _group_of(bucket: Bucket, dp_group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """The group a bucket is sharded over: an expert bucket's own (ExpertParallel), else dp's."""
+    return dp_group if bucket.reduce_group is None else bucket.reduce_group
+
+
+def _rank_in(bucket: Bucket, dp_rank: int) -> int:
+    """This rank's shard of ``bucket``: its place in an expert bucket's group, else ``dp_rank``."""
+    return dp_rank if bucket.reduce_group is None else dist.get_rank(bucket.reduce_group)
+
+
 def consolidate(optimizer: torch.optim.Optimizer, buckets: list[Bucket], shards: list[nn.Parameter],
                 group_params: list[list[nn.Parameter]], group: dist.ProcessGroup) -> dict[str, Any]:
     """Every rank's shard state all-gathered into the plain format (collective over ``group``)."""
@@ -56,7 +66,7 @@ def consolidate(optimizer: torch.optim.Optimizer, buckets: list[Bucket], shards:
             value = shard_state[key]
             if _is_per_element(value, shard.shape, key):
                 full = torch.empty(bucket.padded_numel, dtype=value.dtype, device=value.device)
-                all_gather_flat(full, value.contiguous(), group=group)
+                all_gather_flat(full, value.contiguous(), group=_group_of(bucket, group))
                 pieces = [full[o : o + s.numel()].view(s) for o, s in zip(bucket.offsets, shapes_of(bucket))]
             else:
                 pieces = [value] * len(bucket.params)
@@ -108,7 +118,7 @@ def shard_consolidated(state_dict: dict[str, Any], optimizer: torch.optim.Optimi
         if any(e is None for e in entries):
             raise ValueError("some parameters in the state dict have optimizer state and others sharing "
                              "their bucket do not; step every trainable parameter before saving")
-        lo, hi = bucket.shard_range(rank)
+        lo, hi = bucket.shard_range(_rank_in(bucket, rank))
         state[shard_index[shard]] = _shard_entries(entries, bucket, lo, hi)
     groups = [{**_options(saved_g), "params": [shard_index[s] for s in g["params"]]}
               for saved_g, g in zip(state_dict["param_groups"], optimizer.param_groups)]
@@ -122,7 +132,7 @@ def gather_masters(buckets: list[Bucket], shards: list[nn.Parameter], group_para
     masters: dict[int, Tensor] = {}
     for bucket, shard in zip(buckets, shards):
         full = torch.empty(bucket.padded_numel, dtype=shard.dtype, device=shard.device)
-        all_gather_flat(full, shard.detach().contiguous(), group=group)
+        all_gather_flat(full, shard.detach().contiguous(), group=_group_of(bucket, group))
         for o, p, s in zip(bucket.offsets, bucket.params, shapes_of(bucket)):
             masters[index[p]] = _copy(full[o : o + s.numel()].view(s))
     return masters
@@ -146,6 +156,6 @@ def shard_masters(masters: dict[Any, Tensor], buckets: list[Bucket], shards: lis
         flat = torch.zeros(bucket.padded_numel, dtype=shard.dtype)
         for o, p, s in zip(bucket.offsets, bucket.params, shapes_of(bucket)):
             flat[o : o + s.numel()].copy_(saved[index[p]].reshape(-1))
-        lo, hi = bucket.shard_range(rank)
+        lo, hi = bucket.shard_range(_rank_in(bucket, rank))
         out.append(flat[lo:hi].to(shard.device))
     return out

@@ -27,8 +27,9 @@ agreement per step: every rank's token checksum is compared in the all-reduce th
 logits' shape, and ranks that drew differently raise on every rank instead of diverging.
 
 Supported: greedy search and sampling (temperature, top-k, top-p, ...), the dynamic KV cache or
-none, left-padded batches. The batch runs as one micro-batch. Refused by name before any
-message, on every rank: beam searches, assisted / speculative / DoLa / contrastive decoding,
+none, left-padded batches. The batch runs as one micro-batch (so not under a schedule that needs
+more: interleaved 1F1B or ZBV at p > 1). Refused by name before any message, on every rank:
+those schedules, beam searches, assisted / speculative / DoLa / contrastive decoding,
 compiled (static) caches, custom decoding loops.
 """
 
@@ -257,6 +258,14 @@ class Generation:
 
     def _refuse(self, kwargs: dict[str, Any]) -> None:
         """Every rank, before any message: what a generation step cannot do."""
+        schedule = self.pipeline.schedule_cls
+        try:
+            schedule(1, self.pipeline.num_partitions)
+        except ValueError:
+            depth = self.pipeline.num_partitions // schedule.virtual_stages
+            raise ValueError(f"model.generate runs the batch as one micro-batch, which schedule="
+                             f"{schedule.name!r} cannot run at pipeline depth {depth}: generate with the model pipelined under schedule='1f1b' (a "
+                             f"checkpoint saved under one schedule loads under any other)") from None
         if torch.is_grad_enabled():
             raise ValueError("a pipelined generation step (use_cache, cache, position_ids or logits_to_keep given) "
                              "runs without gradients: call it under torch.no_grad() (model.generate does)")

@@ -80,6 +80,8 @@ class Stage:
                  recompute: str, callbacks: CallbackList, ctx: ParallelContext | None = None,
                  tied: str | None = None, devices: list[torch.device] | None = None,
                  schedule: type[Schedule] = GPipe, loss: CustomLoss | None = None) -> None:
+        placement = schedule(num_microbatches, num_partitions)
+        _refuse_split_tie(model, schedule, transport.connected or placement.num_ranks == 1)
         self.model, self.split_model, self.ctx, self.transport = model, split_model, ctx, transport
         self.num_microbatches, self.num_partitions = num_microbatches, num_partitions
         self.is_last = num_partitions - 1 in held
@@ -93,9 +95,9 @@ class Stage:
         self.loss = loss
         self.device = devices[max(held)]
         if recompute in BLOCK_MODES:
-            recompute_blocks([split_model.blocks[b] for blocks in held.values() for b in blocks], recompute)
+            recompute_blocks([split_model.blocks[b] for blocks in held.values() for b in blocks], recompute,
+                             twice=schedule.split_backward)
         self.pipeline = Pipeline(partitions, num_partitions, transport, cell_mode(recompute), callbacks, schedule)
-        placement = schedule(num_microbatches, num_partitions)
         # Both ends on one rank (ZBV's V puts the first and last chunk on rank 0): one weight, no sum.
         apart = placement.rank_of(0) != placement.rank_of(num_partitions - 1)
         self.tied = TiedGradients.create(model, ctx, tied) if ctx is not None and tied and apart else None
@@ -228,3 +230,29 @@ class Stage:
         for sync in self._deferred:
             sync.flush()
         self._deferred = []
+
+
+def _refuse_split_tie(model: nn.Module, schedule: type[Schedule], one_graph: bool) -> None:
+    """A split backward of a model whose token table is its LM head, with every stage in one
+    autograd graph (one process, or one rank): refused before any step.
+
+    W of the head asks autograd for the head weight's gradient from the head's output; in one
+    graph that weight is also the token table at the graph's far end, so autograd would run the
+    whole backward again down to the lookup and add the table's share to the head's, and the
+    table's own W would add it once more. Across ranks each end is a graph of its own (ZBV's
+    ends share rank 0, but the V between them passes through the other ranks).
+
+    Raises:
+        ValueError: naming the schedule and the fixes.
+    """
+    if not (schedule.split_backward and one_graph):
+        return
+    table, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if table is None or head is None or table.weight is not head.weight:
+        return
+    raise ValueError(f"schedule={schedule.name!r} splits each backward into B and W, and {type(model).__name__} "
+                     f"ties its input and output embeddings: with both ends in one process (one autograd "
+                     f"graph) the head's W would reach the tied weight through the whole network back to the "
+                     f"token lookup too, counting the embedding's gradient twice. Use schedule='1f1b' or "
+                     f"'interleaved-1f1b' here, or PipelineParallel over processes (the ends then sit on "
+                     f"different ranks), or untie the embeddings (config.tie_word_embeddings=False)")

@@ -50,6 +50,7 @@ from goose_core.distributed.collectives import (
 from goose_core.metadata import ShardSpec, mark_sharded
 from goose_core.distributed.missing import naming_missing
 from goose_core.tensor_parallel.random import RNGTracker
+from goose_core.tensor_parallel.sequence import gather_sequence, reduce_scatter_sequence
 
 __all__ = [
     "shard_tensor",
@@ -110,16 +111,33 @@ class ParallelRegion:
     All column-parallel layers that read the *same* input tensor share one ``f`` (Llama's q, k
     and v: one all-reduce backward, not three), and random ops between the columns and the row
     draw from the split stream of the :class:`RNGTracker`.
+
+    With ``sequence_parallel`` the region's module gathers its tokens once (:meth:`gather`, a
+    pre-hook on the attention or MLP module) and the column layers read that tensor with no
+    ``f`` (the gather's backward reduce-scatters, summing their partial gradients); the row
+    layer reduce-scatters its output over the sequence instead of all-reducing it.
     """
 
-    def __init__(self, group: dist.ProcessGroup, tracker: RNGTracker | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup, tracker: RNGTracker | None = None,
+                 sequence_parallel: bool = False) -> None:
         self.group = group
         self.tracker = tracker
+        self.sequence_parallel = sequence_parallel
         self._input: Tensor | None = None
         self._entered: Tensor | None = None
 
+    def gather(self, x: Tensor) -> Tensor:
+        """Sequence parallelism: this rank's tokens -> every token, the input of the columns."""
+        self._input = self._entered = gather_sequence(x, self.group)
+        return self._entered
+
     def enter(self, x: Tensor) -> Tensor:
         if x is not self._input:
+            if self.sequence_parallel:
+                raise ValueError("sequence parallelism: a column-parallel layer read a tensor other than its "
+                                 "module's gathered hidden states, so its input gradient would not be summed "
+                                 "over tp; this family's module cannot run sequence-parallel (use "
+                                 "sequence_parallel=False)")
             self._input, self._entered = x, copy_to_region(x, self.group)
         if self.tracker is not None:
             self.tracker.enter()
@@ -166,6 +184,9 @@ class ColumnParallelLinear(nn.Module):
         out_dim = 1 if transposed else 0
         self.group, self.gather_output, self.replicas = group, gather_output, replicas
         self.transposed, self.region = transposed, region
+        # True for the LM head under sequence parallelism: its input comes from an all-gather of
+        # the sequence, whose backward (a reduce-scatter) sums the vocabulary-partial gradients.
+        self.input_gathered = False
         self.weight = shared_weight if shared_weight is not None else \
             _sharded_param(weight, out_dim, group, blocks, replicas)
         self.bias = None if bias is None else _sharded_param(bias, 0, group, blocks, replicas)
@@ -196,7 +217,10 @@ class ColumnParallelLinear(nn.Module):
         return local * dist.get_world_size(self.group) if self.gather_output else local
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.region.enter(x) if self.region is not None else copy_to_region(x, self.group)
+        if self.region is not None:
+            x = self.region.enter(x)
+        elif not self.input_gathered:
+            x = copy_to_region(x, self.group)
         y = _linear(x, *self._weights(), self.transposed)
         return gather_from_region(y, self.group, dim=-1) if self.gather_output else y
 
@@ -254,7 +278,11 @@ class RowParallelLinear(nn.Module):
             self.region.leave()
         if not self.input_is_parallel:
             x = scatter_to_region(x, self.group, dim=-1)
-        y = reduce_from_region(_linear(x, self.weight, None, self.transposed), self.group)
+        partial = _linear(x, self.weight, None, self.transposed)
+        if self.region is not None and self.region.sequence_parallel:
+            y = reduce_scatter_sequence(partial, self.group)
+        else:
+            y = reduce_from_region(partial, self.group)
         y = y if self.bias is None else y + self.bias
         return scatter_to_region(y, self.group, dim=-1) if self.scatter_output else y
 

@@ -47,6 +47,8 @@ from goose_core.tensor_parallel.plan import (
     resolve_plan,
 )
 from goose_core.tensor_parallel.random import RNGTracker
+from goose_core.tensor_parallel.sequence import (block_problems, blocks_path, decoder_blocks, map_hidden,
+                                                 sequence_parallelize, sequence_problems)
 
 __all__ = ["TensorParallel", "apply_styles", "localize_heads", "rng_tracker"]
 
@@ -84,17 +86,21 @@ def rng_tracker(model: nn.Module) -> RNGTracker:
 
 
 def apply_styles(root: nn.Module, plan: TPPlan, ctx: ParallelContext, tracker: RNGTracker | None = None,
-                 skip: nn.Module | None = None) -> None:
+                 skip: nn.Module | None = None, sequence_parallel: bool = False) -> None:
     """Apply every style of ``plan`` to the modules and parameters of ``root`` (in place).
 
     ``skip`` (the input embedding) is left to ``TensorParallel``, which always splits it by
     vocabulary rows (what ``embedding_rowwise`` asks for) and ties the LM head to the shard.
-    ``root.config`` gives the kv-heads (and MLA's ``qk_rope_head_dim``).
+    ``root.config`` gives the kv-heads (and MLA's ``qk_rope_head_dim``). With
+    ``sequence_parallel`` each region's module gathers its tokens (a forward pre-hook) and its
+    row layer reduce-scatters them (:mod:`.sequence`).
     """
     group = ctx.tensor_parallel_group
     _split_parameters(root, plan, group)
     rows = {name.rpartition(".")[0] for name, style in plan.layers.items() if style == "rowwise"}
-    regions = {parent: ParallelRegion(group, tracker) for parent in rows}
+    regions = {parent: ParallelRegion(group, tracker, sequence_parallel) for parent in rows}
+    for parent, region in regions.items() if sequence_parallel else ():
+        root.get_submodule(parent).register_forward_pre_hook(map_hidden(region.gather), with_kwargs=True)
     for name, style in plan.layers.items():
         module = root.get_submodule(name)
         if style in EMBEDDING_STYLES:
@@ -176,17 +182,22 @@ class TensorParallel:
         check_grads: compare, in the first backward, the gradients of the parameters left whole
             over the tp group, and raise if they differ (see
             :mod:`goose_core.tensor_parallel.grad_check`): one tiny all-reduce, once.
+        sequence_parallel: split the residual stream between the regions along the sequence
+            (Megatron's sequence parallelism, :mod:`goose_core.tensor_parallel.sequence`); also
+            on when the plan declares 🤗's ``sequence_parallel`` style. Every batch's sequence
+            length must divide by tp (refused on every rank before any collective).
 
     Raises:
         ValueError: an unknown ``check_batch``; from ``parallelize()``, on every rank before any
             collective: the model is already a pipeline stage (apply TensorParallel first), no
-            plan for the family, or a size (heads, kv-heads, vocab, intermediate) that does not
-            split.
+            plan for the family, a size (heads, kv-heads, vocab, intermediate) that does not
+            split, or (sequence parallelism) a style it cannot run.
     """
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, seed: int | None = None,
-                 check_batch: str = "first", check_grads: bool = True) -> None:
+                 check_batch: str = "first", check_grads: bool = True, sequence_parallel: bool = False) -> None:
         self.check_batch = check_policy(check_batch)
+        self.sequence_parallel = sequence_parallel
         self.check_grads = check_grads
         self.model, self.ctx = model, ctx
         self.seed = ctx.seed if seed is None else seed
@@ -207,15 +218,30 @@ class TensorParallel:
                              "apply TensorParallel (and PipelineParallel) first, DataParallel last")
         plan = resolve_plan(model)
         check_sizes(model, plan, tp)
+        sequence = self.sequence_parallel or plan.sequence_parallel
+        problems = []
+        if sequence:
+            blocks = blocks_path(model)
+            problems = sequence_problems(plan.layers, plan.params, blocks) or block_problems(model, blocks, plan.layers)
+        if problems:
+            raise ValueError(f"cannot run {type(model).__name__} sequence-parallel over tp={tp}:\n  "
+                             + "\n  ".join(problems)
+                             + "\n(use sequence_parallel=False and drop the plan's sequence_parallel entries)")
+        parts = decoder_blocks(model) if sequence else None  # read before the model is cut
         install_batch_check(model, ctx, "tp", self.check_batch)  # reads the whole vocabulary
         embedding, head = _vocab_modules(model)
         tracker = RNGTracker(self.seed, ctx.tensor_parallel_rank, ctx.device)
-        apply_styles(model, plan, ctx, tracker, skip=embedding)
+        summed = {id(p) for name, style in plan.layers.items() if style == "replicated_with_grad_allreduce"
+                  for p in model.get_submodule(name).parameters()}
+        apply_styles(model, plan, ctx, tracker, skip=embedding, sequence_parallel=sequence)
         if plan.localize is not None:
             plan.localize(model, tp, ctx.tensor_parallel_rank)
         else:
             localize_heads(model, plan, tp)
         head = self._shard_vocab(embedding, head)
+        if sequence:
+            assert parts is not None
+            sequence_parallelize(model, ctx.tensor_parallel_group, tracker, head, summed, parts)
         model.loss_function = VocabParallelCausalLMLoss(ctx.tensor_parallel_group, model.config.vocab_size)
         model.goose_rng_tracker = tracker
         before, after = _forward_hooks(head, tracker)

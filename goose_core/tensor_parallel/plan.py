@@ -34,9 +34,10 @@ Every style transformers 5.24 declares, as goose implements it (Megatron-style, 
     replicated_with_grad_allreduce  replicated norm on split heads: gradient all-reduced
     mla_kv_a_proj        replicated MLA kv_a: all-reduce of the rope part's gradient
     local_params, replicate   nothing to do: goose's parameters are already local tensors
+    sequence_parallel    turns on sequence parallelism (:mod:`.sequence`): the residual stream
+                         between regions, the named norms among it, split along the sequence
 
-transformers' ``sequence_parallel`` (not in any ``base_model_tp_plan``) and any unknown style are
-refused by name, before anything is sharded; so is what a style would silently change: a linear
+Any unknown style is refused by name, before anything is sharded; so is what a style would silently change: a linear
 subclass with its own forward, a parameter held whole in a module that runs on a share, a
 ``gate_up`` weight split plainly (transformers 5.24 declares ``colwise`` for Inkling's packed one).
 """
@@ -78,7 +79,7 @@ PARTIAL_SUM_STYLES = ("moe_tp_experts", "all_reduce")
 
 #: Styles that keep the family's module and add collectives around it (see styles.py).
 MODULE_STYLES = (*PARTIAL_SUM_STYLES, "moe_identity_expert", "replicated_with_grad_allreduce",
-                 "mla_kv_a_proj", "local_params", "replicate")
+                 "mla_kv_a_proj", "local_params", "replicate", "sequence_parallel")
 
 #: Styles on a parameter -> (dimension counted from the end for a matrix, blocks); a vector
 #: under a row style is replicated (a bias added after the sum).
@@ -122,6 +123,11 @@ class TPPlan:
     localize: Callable[[nn.Module, int, int], None] | None
     params: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether the plan asks for sequence parallelism (🤗's ``sequence_parallel`` entries)."""
+        return "sequence_parallel" in self.layers.values()
+
 
 def _pattern(prefix: str, key: str) -> re.Pattern[str]:
     full = f"{prefix}.{key}" if prefix else key
@@ -140,8 +146,7 @@ def _no_plan_error(model: nn.Module) -> ValueError:
 
 
 def _unsupported(key: str, style: str, model: nn.Module) -> ValueError:
-    why = {"sequence_parallel": "goose's norms and dropout run on the whole sequence (no sequence-split "
-                                "activations)"}.get(style, "goose does not know this style")
+    why = "goose does not know this style"
     return ValueError(f"plan entry {key!r}: style {style!r} is not supported by goose ({why}; "
                       f"supported: {sorted(STYLES)}); replace or drop that entry of "
                       f"model.config.base_model_tp_plan, or register an Adapter for "
@@ -187,7 +192,20 @@ def resolve_plan(model: nn.Module) -> TPPlan:
         split_params.update(named)
     if not layers and not split_params:
         raise ValueError(f"the tensor-parallel plan of {type(model).__name__} matches none of its modules")
+    whole = _whole_experts(model)
+    layers = {name: style for name, style in layers.items() if not _inside(name, whole)}
+    split_params = {name: style for name, style in split_params.items() if not _inside(name, whole)}
     return TPPlan(layers, adapter.localize if adapter else None, split_params)
+
+
+def _whole_experts(model: nn.Module) -> set[str]:
+    """The experts modules ExpertParallel spread (``goose_experts``): kept whole on every
+    tensor-parallel rank (Megatron's default: attention tp-split, experts split by EP only)."""
+    return {name for name, m in model.named_modules() if hasattr(m, "goose_experts")}
+
+
+def _inside(name: str, modules: set[str]) -> bool:
+    return any(name == m or name.startswith(f"{m}.") for m in modules)
 
 
 def _divisors(n: int) -> list[int]:

@@ -30,9 +30,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from goose_core.distributed.collectives import copy_to_region, reduce_from_region
-from goose_core.distributed.missing import naming_missing
 from goose_core.tensor_parallel.layers import split_parameter
 from goose_core.tensor_parallel.plan import param_split
+from goose_core.tensor_parallel.sequence import sum_grads_over
 
 __all__ = ["split_parameters", "partial_sum", "identity_expert", "all_reduce_grads", "mla_kv_a_proj"]
 
@@ -89,16 +89,7 @@ def all_reduce_grads(module: nn.Module, group: dist.ProcessGroup) -> None:
 
     A hook on the leaf fires once per backward with that backward's gradient (before it is
     accumulated), so gradient accumulation and pipeline micro-batches each sum only their own."""
-
-    def summed(grad: Tensor) -> Tensor:
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        with naming_missing(group):
-            dist.all_reduce(grad, group=group)
-        return grad
-
-    if dist.get_world_size(group) > 1:
-        for param in module.parameters():
-            param.register_hook(summed)
+    sum_grads_over(list(module.parameters()), group)
 
 
 def mla_kv_a_proj(module: nn.Module, rope_dim: int, group: dist.ProcessGroup) -> None:

@@ -74,3 +74,21 @@ def test_torchrun_prints_the_timetable_and_the_losses_beside_the_reference() -> 
     assert "interleaved-1f1b p=2 M=4 V=2" in out and "r1   |      F0.0" in out
     diffs = beside_reference_diffs(out)
     assert len(diffs) == 2 and max(diffs) < 1e-12, diffs
+
+
+def _folded_rows(ctx: ParallelContext) -> dict[str, list]:
+    out = {}
+    for name, v in (("interleaved-1f1b", 2), ("zbv", None)):
+        spans = train_script.by_rank(train_script.emulated(ctx, 4, name, v, 0.002, 0.004, steps=1),
+                                     ctx.group_ranks("pp"))
+        out[name] = [sorted((s.start, s.end) for s in spans if s.partition_idx == r) for r in range(2)]
+    return out
+
+
+def test_the_chart_folds_each_chunk_onto_the_rank_that_ran_it() -> None:
+    # A rank runs one cell at a time, so its row never overlaps itself. ZBV's V puts chunk 2 on
+    # rank 1 (not 2 mod 2 = 0): folding by chunk number drew it over rank 0's own cells.
+    rows = run_distributed(_folded_rows, 1, 2, 1, timeout=120)[0]
+    for name, per_rank in rows.items():
+        for rank, row in enumerate(per_rank):
+            assert row and all(a[1] <= b[0] for a, b in zip(row, row[1:])), (name, rank)

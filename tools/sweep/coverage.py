@@ -48,7 +48,9 @@ import transformers
 from torch import Tensor, nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from goose_core.data import get_batch, pad_batch
+from goose_core.data import get_batch, pad_batch, shard_batch
+from goose_core.data_parallel import DataParallel
+from goose_core.expert_parallel import ExpertParallel
 from goose_core.data.loader import Batch
 from goose_core.distributed import ParallelContext, RankError, spawn
 from goose_core.pipeline import PipelineParallel
@@ -60,10 +62,14 @@ from goose_core.testing.tolerances import PARALLEL
 from sweep.families import NotBuildable, SweepFamily, families, tiny_family_config
 from sweep.report import BUILD, STATUSES, Outcome, write_json, write_markdown
 
-__all__ = ["MODES", "STATUSES", "BUILD", "Outcome", "build_family_model", "reference", "run_sweep", "settings", "main"]
+__all__ = ["MODES", "EXPERT_MODES", "layout", "STATUSES", "BUILD", "Outcome", "build_family_model", "reference", "run_sweep", "settings", "main"]
 
 #: Mode name -> (tp, pp). dp is left out: it only shards the batch, which every family allows.
 MODES: dict[str, tuple[int, int]] = {"tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
+#: Expert-parallel modes: name -> E, the experts spread over dp = E ranks (ExpertParallel, then
+#: DataParallel on each rank's shard of the batch). Asked for by name (``--modes ep2``): the
+#: default sweep and tests/test_coverage.py run MODES.
+EXPERT_MODES: dict[str, int] = {"ep2": 2}
 SEED = 0
 STEPS = 3  # the last one padded
 MICROBATCHES = 2  # GPipe as users run it: a micro-batched split must equal the whole batch too
@@ -88,7 +94,13 @@ def batches() -> list[Batch]:
     return [fixed] * (STEPS - 1) + [pad_batch(fixed, "right", 0, SEED)]
 
 
-def _train(model: nn.Module, progress: dict[str, bool], micro_batches: int = 1) -> list[float]:
+def layout(mode: str) -> tuple[int, int, int]:
+    """(tp, pp, ep) of a mode; dp = ep."""
+    return (1, 1, EXPERT_MODES[mode]) if mode in EXPERT_MODES else (*MODES[mode], 1)
+
+
+def _train(model: nn.Module, progress: dict[str, bool], micro_batches: int = 1,
+           shard: tuple[int, int] = (0, 1)) -> list[float]:
     """SGD over :func:`batches`; ``micro_batches`` > 1 accumulates that many pieces per step in
     a GPipe backward's order (🤗's gradient accumulation, ``num_items_in_batch`` given)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
@@ -97,7 +109,7 @@ def _train(model: nn.Module, progress: dict[str, bool], micro_batches: int = 1) 
         if micro_batches > 1:
             loss = accumulate(model, batch, micro_batches, reverse=True)
         else:
-            loss = model(**batch).loss
+            loss = model(**shard_batch(batch, *shard)).loss  # a dp rank's shard (ep modes)
             loss.backward()
         optimizer.step()
         progress["stepped"] = True
@@ -247,11 +259,14 @@ def _attempt(ctx: ParallelContext, model_type: str, expected: Reference, timeout
     try:
         with _deadline(timeout):
             model = build_family_model(model_type)
+            if ctx.experts.size > 1:
+                model = DataParallel(ExpertParallel(model, ctx).parallelize(), ctx).parallelize()
             if ctx.tensor_parallel_size > 1:
                 model = TensorParallel(model, ctx).parallelize()
             if ctx.pipeline_parallel_size > 1:
                 model = PipelineParallel(model, ctx, num_microbatches=MICROBATCHES).parallelize()
-            result = RunResult(_train(model, progress), full_state_dict(model, ctx))
+            result = RunResult(_train(model, progress, shard=(ctx.dp_rank, ctx.dp_size)),
+                               full_state_dict(model, ctx))
         status, detail, error = compare(result, expected.whole)
         if status == "wrong" and ctx.pipeline_parallel_size > 1:  # the micro-batched run?
             status2, detail2, error2 = compare(result, expected.accumulated)
@@ -268,15 +283,16 @@ def _rank_sweep(mode: str, names: list[str], expected: dict[str, Reference], tim
                 state: str) -> None:
     """One rank of one mode: every family in turn, each with fresh process groups; the ranks
     agree through the store after each, and rank 0 appends the outcome to ``state``."""
-    tp, pp = MODES[mode]
+    tp, pp, ep = layout(mode)
     groups_timeout = timedelta(seconds=timeout)
-    ctx = ParallelContext(tp, pp, 1, backend="gloo", device="cpu", timeout=groups_timeout)
+    ctx = ParallelContext(tp, pp, ep, expert_parallel_size=ep, backend="gloo", device="cpu", timeout=groups_timeout)
     # a second client of the launcher's store (the first context started its server)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=timedelta(seconds=2 * timeout))
     for i, name in enumerate(names):
         if i:  # fresh groups: a family that failed half-way leaves its collectives out of step
-            ctx = ParallelContext(tp, pp, 1, backend="gloo", device="cpu", timeout=groups_timeout)
+            ctx = ParallelContext(tp, pp, ep, expert_parallel_size=ep, backend="gloo", device="cpu",
+                                  timeout=groups_timeout)
         mine = _attempt(ctx, name, expected[name], timeout)
         ranks = _agree(store, name, ctx.rank, ctx.world_size, mine, timeout)
         if ranks is None:  # ranks stuck in a collective after another raised: end this group
@@ -345,12 +361,12 @@ def load_state(state: Path) -> dict[tuple[str, str], Outcome]:
 def _run_mode(mode: str, names: list[str], expected: dict[str, Reference], timeout: float,
               state: Path) -> None:
     """Every family of ``names`` at ``mode``, respawning after a family that kills its group."""
-    tp, pp = MODES[mode]
+    tp, pp, ep = layout(mode)
     pending = [n for n in names if (n, mode) not in load_state(state)]
     while pending:
         start = time.monotonic()
         try:
-            spawn(_rank_sweep, tp * pp, mode, pending, expected, timeout, str(state),
+            spawn(_rank_sweep, tp * pp * ep, mode, pending, expected, timeout, str(state),
                   timeout=len(pending) * (3 * timeout) + 60)
         except (RankError, TimeoutError) as err:
             done = load_state(state)
@@ -446,7 +462,8 @@ def settings(modes: list[str]) -> dict[str, Any]:
     """How the sweep runs, for the record."""
     return {"dtype": "float64", "tolerance": "PARALLEL", "optimizer": f"SGD(lr={LR}, momentum=0.9)",
             "steps": STEPS, "last_step": "right-padded with an attention_mask", "num_microbatches": MICROBATCHES,
-            "modes": {m: dict(zip(("tp", "pp"), MODES[m])) for m in modes}}
+            "modes": {m: {k: v for k, v in zip(("tp", "pp", "ep"), layout(m)) if k != "ep" or v > 1}
+                      for m in modes}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     markdown_path = args.markdown or ("docs/coverage.md" if full else None)
     if bad := [n for n in names if n not in known]:
         parser.error(f"unknown or planless families {bad}; see sweep.families.families()")
-    if bad := [m for m in modes if m not in MODES]:
-        parser.error(f"unknown modes {bad}; choose from {list(MODES)}")
+    if bad := [m for m in modes if m not in MODES and m not in EXPERT_MODES]:
+        parser.error(f"unknown modes {bad}; choose from {list(MODES) + list(EXPERT_MODES)}")
     transformers.logging.set_verbosity_error()  # tiny configs trip many warnings meant for real ones
     outcomes = run_sweep(names, modes, args.timeout, args.jobs, args.state, fresh=not args.resume)
     chosen: list[SweepFamily] = [known[n] for n in names]
