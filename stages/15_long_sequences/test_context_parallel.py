@@ -1,4 +1,4 @@
-"""Stage 15: context parallelism (ring attention, load-balanced) equals the single-device run.
+"""Stage 15: context parallelism (ring attention, load-balanced; Ulysses) equals the single-device run.
 
 Llama (GQA), Qwen2 (sliding window on its upper layers), Mistral (sliding window) and GPT-2
 (learned positions), with right and left padding, at cp = 2 and 4: losses and parameters after
