@@ -85,7 +85,7 @@ _KERNEL_FREE = ("tests/test_missing.py", "tests/test_bench_gpu.py", "tests/test_
                 "tests/test_import_graph.py", "tests/test_pictures.py", "tests/test_gpu_machine.py",
                 "tests/test_launch.py", "tests/test_grid.py", "tests/test_data_files.py",
                 "tests/test_data_stream.py", "tests/test_train_config.py", "tests/test_train_watch.py",
-                "tests/test_sequence_parallel.py",
+                "tests/test_sequence_parallel.py", "tests/test_context_parallel.py",
                 "tests/test_plan.py",  # bytes, FLOPs and traffic counted, plan beside accounting
                 "stages/test_course.py", "stages/16_expert_parallel/test_expert_traffic.py")
 

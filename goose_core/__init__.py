@@ -9,6 +9,7 @@ if TYPE_CHECKING:
     from goose_core.amp import GradScaler
     from goose_core.checkpoint import export_pretrained, load_checkpoint, save_checkpoint
     from goose_core.compile import compile_blocks
+    from goose_core.context_parallel import ContextParallel
     from goose_core.data_parallel import DataParallel
     from goose_core.distributed import ParallelContext, RankError, spawn
     from goose_core.finite import NonFiniteError
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 #: Each public name -> the package that defines it. A name loads its package on first use, so
 #: importing one part of goose (the pipeline engine, say) loads neither the others nor 🤗 transformers.
 _HOMES = {
+    "ContextParallel": "goose_core.context_parallel",
     "DataParallel": "goose_core.data_parallel",
     "DistributedOptimizer": "goose_core.optim",
     "GradScaler": "goose_core.amp",

@@ -34,9 +34,10 @@ def targets_of(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 
 
-def count_items(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """How many targets ``labels`` (unshifted, as passed to the model) hold: an int64 scalar."""
-    return (targets_of(labels, ignore_index) != ignore_index).sum()
+def count_items(labels: Tensor, ignore_index: int = IGNORE_INDEX, shifted: bool = False) -> Tensor:
+    """How many targets ``labels`` (unshifted, as passed to the model; ``shifted``: already each
+    position's target) hold: an int64 scalar."""
+    return ((labels if shifted else targets_of(labels, ignore_index)) != ignore_index).sum()
 
 
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:

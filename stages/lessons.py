@@ -119,11 +119,12 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # schedule module itself is 09's).
     14: ("goose_core/engine/split_backward.py", "tests/test_schedule_interleaved.py",
          "tests/test_schedule_zero_bubble.py", "benchmarks/bench_schedules.py"),
-    # Long sequences: context parallelism's attention (Ulysses' all-to-all head split); sequence
-    # parallelism's unit tests (its module, tensor_parallel/sequence.py, is in 08's folder: the
-    # tensor-parallel layers use it).
-    15: ("goose_core/context_parallel/__init__.py", "goose_core/context_parallel/ulysses.py",
-         "tests/test_ulysses.py", "tests/test_sequence_parallel.py"),
+    # Long sequences: context parallelism (the sequence split over the cp ranks: ring attention,
+    # load-balanced, under 🤗's attention interface, or Ulysses' all-to-all head split; gradients
+    # over dp x cp); sequence parallelism's unit tests (its module, tensor_parallel/sequence.py, is
+    # in 08's folder: the tensor-parallel layers use it).
+    15: ("goose_core/context_parallel/", "tests/test_context_parallel.py", "tests/test_ulysses.py",
+         "tests/test_sequence_parallel.py"),
     # Expert parallelism: the EP and expert-data-parallel groups carved from dp, the dispatch
     # (all-to-all with uneven splits) to 🤗's own experts, and the router loss over the dp batch.
     16: ("goose_core/expert_parallel/", "goose_core/distributed/expert_groups.py",
@@ -140,7 +141,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
          "goose_core/testing/split_reductions.py", "goose_core/pipeline/router_loss.py",
          "goose_core/pipeline/custom_loss.py", "goose_core/instruments/accounting.py",
          "tests/test_composition.py", "tests/test_zero3_composition.py", "tests/test_wrapper_order.py",
-         "tests/test_token_weighted.py",
+         "tests/test_token_weighted.py", "tests/test_context_parallel_checkpoint.py",
          "tests/test_batch_check.py", "tests/test_batch_faults.py", "tests/test_finite.py",
          "tests/test_router_loss.py", "tests/test_custom_loss.py", "tests/test_checkpoint_io.py",
          "tests/test_export.py", "tests/test_single_process.py", "tests/test_pipeline_generate.py",
@@ -155,9 +156,10 @@ LESSONS: dict[int, tuple[str, ...]] = {
 #: swaps DataParallel out of 05's loop (ZeRO's optimizers are no part of it); recompute is one
 #: keyword in 09's loop (10's sleeping stages are for timing); callbacks go into 11's loop (12's
 #: profiles and splits an uneven model first); the assembled run builds on 13's loop (14's
-#: schedules are one argument of the pipeline it wraps); expert parallelism is carved from the
-#: data-parallel ranks, so its loop is 05's.
-EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 16: 5, 17: 13}
+#: schedules are one argument of the pipeline it wraps); context parallelism is one wrapper
+#: before DataParallel in 05's loop; expert parallelism is carved from the data-parallel ranks, so
+#: its loop is 05's too.
+EXTENDS: dict[int, int] = {4: 0, 8: 5, 11: 9, 13: 11, 15: 5, 16: 5, 17: 13}
 
 #: Paths of SCOPE that belong to no lesson: the tooling around the course, not a concept of it.
 #: The family sweep runs 08's and 09's concepts over every 🤗 family; it teaches none of its own.

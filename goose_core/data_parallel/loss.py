@@ -106,15 +106,16 @@ def global_mean(loss: Tensor, group: dist.ProcessGroup) -> Tensor:
     return out
 
 
-def count_items_over(labels: Tensor, group: dist.ProcessGroup, device: torch.device | None = None
-                     ) -> Tensor:
-    """The targets of ``labels`` (unshifted, as passed to the model) summed over ``group``.
+def count_items_over(labels: Tensor, group: dist.ProcessGroup, device: torch.device | None = None,
+                     shifted: bool = False) -> Tensor:
+    """The targets of ``labels`` (unshifted, as passed to the model; ``shifted``: already each
+    position's target, as a context-parallel slice's) summed over ``group``.
 
     A collective: every rank of ``group`` calls it. Gradient accumulation passes the sum of this
     over its micro-steps as ``num_items_in_batch``. ``device``: where the collective needs the
     count (the process group's device; default: the labels').
     """
-    n = count_items(labels)
+    n = count_items(labels, shifted=shifted)
     if device is not None:
         n = n.to(device)
     if dist.get_world_size(group) > 1:

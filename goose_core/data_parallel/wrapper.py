@@ -102,7 +102,7 @@ class DataParallel:
                              f"leave it None to average in each parameter's own dtype")
         if module_grad_sync(module) is not None:
             raise ValueError("this module is already wrapped by DataParallel; wrap it once")
-        if ctx.data_parallel_size > 1:
+        if ctx.data_parallel_size > 1:  # (ContextParallel refuses the router loss at cp > 1)
             _refuse_router_loss(module)
         self.module = module
         self.ctx = ctx
@@ -117,7 +117,7 @@ class DataParallel:
         if self.zero_stage == 3 and expert_groups(self.module):
             raise ValueError("DataParallel(zero_stage=3) does not shard ExpertParallel's experts (they "
                              "differ across the dp group): use zero_stage=1 or 2 with expert parallelism")
-        group = self.ctx.data_parallel_group
+        group = self.ctx.replica_group  # dp x cp: context-parallel ranks hold the same weights too
         for replicas in (group, *expert_groups(self.module)):  # experts: alike over their own group
             if self.broadcast:
                 broadcast_replicas(self.module, replicas)
@@ -140,22 +140,28 @@ class DataParallel:
 
     def _count_items(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
                      ) -> tuple[tuple, dict[str, Any]] | None:
-        """Hand the model the global batch's denominator (N / dp) for its token-loss sum."""
-        dp = self.ctx.data_parallel_size
+        """Hand the model the global batch's denominator (N / replicas) for its token-loss sum.
+
+        Replicas are dp x cp: a context-parallel rank holds a slice of the sequence, its labels
+        already shifted (``shift_labels``, :mod:`goose_core.context_parallel.slicing`), so the
+        slices' targets add up to the sequence's."""
+        dp, group = self.ctx.replica_size, self.ctx.replica_group
         if dp == 1 or kwargs.get("labels") is None:
             return None
+        shifted = kwargs.get("shift_labels") is not None
+        labels = kwargs["shift_labels"] if shifted else kwargs["labels"]
         if not _takes_num_items(module):
-            _refuse_uneven_targets(kwargs["labels"], self.ctx.data_parallel_group, self.ctx.device)
+            _refuse_uneven_targets(labels, group, self.ctx.device, shifted)
             return None
         n = kwargs.get("num_items_in_batch")
-        if n is None:  # one forward is the whole step: its targets over every dp rank
-            n = count_items_over(kwargs["labels"], self.ctx.data_parallel_group, self.ctx.device)
+        if n is None:  # one forward is the whole step: its targets over every replica
+            n = count_items_over(labels, group, self.ctx.device, shifted=shifted)
         return args, {**kwargs, "num_items_in_batch": replica_items(n, dp)}
 
     def _global_loss(self, module: nn.Module, args: Any, output: Any) -> Any:
         loss = getattr(output, "loss", None)
         if loss is not None:
-            output.loss = global_mean(loss, self.ctx.data_parallel_group)
+            output.loss = global_mean(loss, self.ctx.replica_group)
         return output
 
     @contextmanager
@@ -166,12 +172,13 @@ class DataParallel:
             yield
 
 
-def _refuse_uneven_targets(labels: Tensor, group: dist.ProcessGroup, device: torch.device) -> None:
+def _refuse_uneven_targets(labels: Tensor, group: dist.ProcessGroup, device: torch.device,
+                           shifted: bool = False) -> None:
     """A forward that cannot take ``num_items_in_batch`` leaves each rank its own mean, and the
     dp mean of those is the global token mean only when every rank holds as many targets: raise
     on every rank (one all-reduce of the count's max and min) rather than train on another mean.
     """
-    high, low = (int(v) for v in extremes(count_items(labels).to(device), [group]))
+    high, low = (int(v) for v in extremes(count_items(labels, shifted=shifted).to(device), [group]))
     if high != low:
         raise ValueError(f"the data-parallel ranks hold between {low} and {high} targets "
                          f"(labels other than -100), and this module's forward takes no num_items_in_batch: "

@@ -48,7 +48,7 @@ __all__ = ["BatchCheck", "FIELDS", "POLICIES", "batch_checksum", "check_policy",
 POLICIES = ("first", "always", "never")
 
 _LOWEST = torch.iinfo(torch.int64).min  # the rows a rank does not fill: MAX ignores them
-_WHO = {"tp": "tensor-parallel peers", "pp": "pipeline stages"}
+_WHO = {"tp": "tensor-parallel peers", "cp": "context-parallel peers", "pp": "pipeline stages"}
 
 
 def check_policy(policy: str) -> str:

@@ -1,4 +1,4 @@
-"""ParallelContext: the process groups, coordinates and neighbours of one rank in the 3D grid."""
+"""ParallelContext: the process groups, coordinates and neighbours of one rank in the process grid."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _world_size_before_init() -> int:
     return int(os.environ["WORLD_SIZE"])
 
 
-_ALONE = ("tp * pp * dp = {grid.tp} * {grid.pp} * {grid.dp} = {n} processes, but this is one process "
+_ALONE = ("tp * pp * dp * cp = {grid.tp} * {grid.pp} * {grid.dp} * {grid.cp} = {n} processes, but this is one process "
           "started without a launcher (no RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): launch "
           "{n} with `torchrun --nproc_per_node={n} script.py`, or goose_core.spawn(fn, {n}) from "
           "Python; ParallelContext() alone is a world of one")
@@ -121,7 +121,7 @@ def _check_pair(backend: str, device: torch.device) -> None:
 
 
 class ParallelContext:
-    """One rank's view of the tp x pp x dp grid.
+    """One rank's view of the tp x cp x pp x dp grid.
 
     Initialises ``torch.distributed`` from torchrun's environment when nobody has yet (a process
     without a launcher's environment is a world of one, over a private store: a checkpoint loads
@@ -136,6 +136,10 @@ class ParallelContext:
         tensor_parallel_size: ranks that split each layer (innermost, fastest-varying).
         pipeline_parallel_size: ranks that split the layer sequence into stages (outermost).
         data_parallel_size: ranks that each see a different shard of the batch.
+        context_parallel_size: ranks that split each sequence (between tp and dp in the rank
+            order; see :mod:`goose_core.distributed.grid`). Its ranks hold the same weights, so
+            gradients are averaged over :attr:`replica_group` (dp x cp); 1 (the default) adds
+            nothing.
         seed: the seed every rank starts from, so seeded model init is identical everywhere.
         backend: ``"gloo"`` or ``"nccl"`` (default: see :func:`choose_backend`).
         device: where this rank's model and tensors live, ``"cpu"`` or ``"cuda[:i]"`` (default:
@@ -153,7 +157,8 @@ class ParallelContext:
             non-finite loss or gradient (:mod:`goose_core.finite`); False trains on regardless.
 
     Raises:
-        ValueError: a size < 1, E not dividing dp, tp * pp * dp != world size (without a launcher: > 1), or a
+        ValueError: a size < 1, E not dividing dp, E > 1 with cp > 1, tp * cp * pp * dp != world size
+            (without a launcher: > 1), or a
             backend / device that cannot work here (raised on every rank).
     """
 
@@ -163,6 +168,7 @@ class ParallelContext:
         pipeline_parallel_size: int = 1,
         data_parallel_size: int = 1,
         *,
+        context_parallel_size: int = 1,
         seed: int = 0,
         backend: str | None = None,
         device: str | torch.device | None = None,
@@ -170,8 +176,13 @@ class ParallelContext:
         check_finite: bool = True,
         expert_parallel_size: int = 1,
     ) -> None:
-        self.grid = ProcessGrid(tensor_parallel_size, pipeline_parallel_size, data_parallel_size)
+        self.grid = ProcessGrid(tensor_parallel_size, pipeline_parallel_size, data_parallel_size,
+                                context_parallel_size)
         check_expert_parallel_size(expert_parallel_size, data_parallel_size)
+        if expert_parallel_size > 1 and context_parallel_size > 1:
+            raise ValueError(f"expert_parallel_size={expert_parallel_size} with context_parallel_size="
+                             f"{context_parallel_size} is not supported: the experts' gradients would need "
+                             f"averaging over cp too; use one of the two")
         alone = _alone()
         if alone and self.grid.world_size > 1:
             raise ValueError(_ALONE.format(n=self.grid.world_size, grid=self.grid))
@@ -196,6 +207,9 @@ class ParallelContext:
         self.coords = self.grid.coords(self.rank)
         self._groups = {axis: self._new_groups(self.grid.all_groups(axis)) for axis in AXES}
         self._ends_group = self._new_ends_group()
+        # dp x cp: the dp group itself when cp = 1 (same ranks; no extra group to create).
+        self._replica_group = (self._groups["dp"] if self.grid.cp == 1
+                               else self._new_groups(self.grid.all_replica_groups()))
         #: The expert-parallel and expert-data-parallel groups (:mod:`.expert_groups`).
         self.experts = ExpertGroups.create(self.grid, expert_parallel_size, self.rank,
                                            self._groups["dp"], timeout)
@@ -212,7 +226,8 @@ class ParallelContext:
         if self.world_size == 1 or not dist.is_initialized():  # no peer to tell
             return None
         groups = [g for g in (dist.group.WORLD, *self._groups.values(), self._ends_group) if g is not None]
-        where = ", ".join(f"{axis} {self.coords[axis]}" for axis in AXES)
+        shown = [axis for axis in AXES if axis != "cp" or self.grid.cp > 1]  # no cp without context parallelism
+        where = ", ".join(f"{axis} {self.coords[axis]}" for axis in shown)
         store = dist.distributed_c10d._get_default_store()
         return progress.start(store, self.rank, where, groups, self.timeout)
 
@@ -288,6 +303,39 @@ class ParallelContext:
         return self.group("dp")
 
     @property
+    def context_parallel_rank(self) -> int:
+        return self.coords["cp"]
+
+    @property
+    def context_parallel_size(self) -> int:
+        return self.grid.cp
+
+    @property
+    def context_parallel_group(self) -> dist.ProcessGroup:
+        return self.group("cp")
+
+    @property
+    def replica_group(self) -> dist.ProcessGroup:
+        """The ranks holding this rank's weights: dp x cp (Megatron's data-parallel group with
+        cp). Gradients are averaged over it; it is the dp group when cp = 1."""
+        assert self._replica_group is not None
+        return self._replica_group
+
+    @property
+    def replica_size(self) -> int:
+        return self.grid.dp * self.grid.cp
+
+    @property
+    def replica_rank(self) -> int:
+        """This rank's index in :attr:`replica_group` (dp-major: dp_rank * cp + cp_rank)."""
+        return self.coords["dp"] * self.grid.cp + self.coords["cp"]
+
+    @property
+    def replica_ranks(self) -> list[int]:
+        """Global ranks of :attr:`replica_group`, in group-rank order."""
+        return self.grid.replica_ranks(self.rank)
+
+    @property
     def pipeline_ends_group(self) -> dist.ProcessGroup | None:
         """The group of this pipeline's first and last stage (first = group rank 0), on those two
         stages; None on a middle stage or with one stage. A weight tied across the pipeline (the
@@ -304,6 +352,9 @@ class ParallelContext:
     tp_group = tensor_parallel_group
     pp_group = pipeline_parallel_group
     dp_group = data_parallel_group
+    cp_rank = context_parallel_rank
+    cp_size = context_parallel_size
+    cp_group = context_parallel_group
 
     @property
     def is_first_stage(self) -> bool:
@@ -324,5 +375,6 @@ class ParallelContext:
         c = self.coords
         return (
             f"ParallelContext(rank={self.rank}/{self.world_size}, tp={c['tp']}/{self.grid.tp}, "
-            f"pp={c['pp']}/{self.grid.pp}, dp={c['dp']}/{self.grid.dp}, backend={self.backend})"
+            f"pp={c['pp']}/{self.grid.pp}, dp={c['dp']}/{self.grid.dp}, "
+            + (f"cp={c['cp']}/{self.grid.cp}, " if self.grid.cp > 1 else "") + f"backend={self.backend})"
         )

@@ -204,8 +204,10 @@ COLUMNS = ("rank", "params_bytes", "grads_bytes", "masters_bytes", "optimizer_by
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Rows of :meth:`Account.as_json` (or a plan's) as an aligned text table, MiB and GFLOP."""
+    # cp's column only where context parallelism sent something: plans and 3D runs keep theirs.
+    axes = [a for a in AXES if a != "cp" or any(r["sent_bytes"].get("cp") for r in rows)]
     head = ["rank", "params MiB", "grads MiB", "masters MiB", "optim MiB", "act peak MiB", "GFLOP",
-            *(f"sent {a} MiB" for a in AXES)]
+            *(f"sent {a} MiB" for a in axes)]
     lines = [head]
     for r in rows:
         def mib(v: Any) -> str:
@@ -214,7 +216,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         flops = r["flops_per_step"]
         lines.append([str(r["rank"]), mib(r["params_bytes"]), mib(r["grads_bytes"]), mib(r["masters_bytes"]),
                       mib(r["optimizer_bytes"]), mib(act), "-" if flops is None else f"{flops / 1e9:.3f}",
-                      *(mib(r["sent_bytes"].get(a)) for a in AXES)])
+                      *(mib(r["sent_bytes"].get(a)) for a in axes)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
 

@@ -74,7 +74,7 @@ def _owned(p: Tensor, ctx: ParallelContext, duplicate: Callable[[Tensor], bool] 
         return False
     if expert_group_of(p) is not None:
         return ctx.data_parallel_rank < ctx.experts.size
-    return is_dp_shard(p) or ctx.data_parallel_rank == 0
+    return is_dp_shard(p) or ctx.replica_rank == 0  # one of the dp x cp replicas counts it
 
 
 def _total_norm(owned: list[Tensor], flag: Tensor, norm_type: float, device: torch.device,

@@ -120,7 +120,7 @@ class DistributedOptimizer(OptimizerWrapper):
         """One run of buckets per param group and gradient-norm kind; DataParallel's if there."""
         if self.grad_sync is not None:
             return self.grad_sync.shard(trainable, key=norm_kind)  # its backward reduce-scatters
-        dp = self.ctx.data_parallel_size
+        dp = self.ctx.replica_size
         return [b for ps in trainable for b in build_buckets(reversed(ps), bucket_bytes, dp, norm_kind)]
 
     def _install(self, trainable: list[list[nn.Parameter]]) -> None:
@@ -172,9 +172,10 @@ class DistributedOptimizer(OptimizerWrapper):
     # -- the ZeRO-1 steps ------------------------------------------------------------------
     def _place(self, bucket: Bucket) -> tuple[dist.ProcessGroup, int, list[int]]:
         """The group a bucket is sharded over, this rank's place in it, its global ranks: the dp
-        group, or an expert bucket's expert-data-parallel group (ranks holding the same experts)."""
+        group (dp x cp: the replicas), or an expert bucket's expert-data-parallel group (ranks holding
+        the same experts)."""
         if bucket.reduce_group is None:
-            return self.ctx.data_parallel_group, self.ctx.data_parallel_rank, self.ctx.group_ranks("dp")
+            return self.ctx.replica_group, self.ctx.replica_rank, self.ctx.replica_ranks
         ranks = self.ctx.experts.edp_ranks
         return bucket.reduce_group, ranks.index(self.ctx.rank), ranks
 
@@ -206,7 +207,7 @@ class DistributedOptimizer(OptimizerWrapper):
             bucket.launch(self._place(bucket)[0], scatter=True)
         for bucket in self.buckets:
             bucket.wait()
-            bucket.shard_grad.div_(self.ctx.data_parallel_size)
+            bucket.shard_grad.div_(self.ctx.replica_size)
 
     def _all_gather(self) -> None:
         if self.stage3:  # no gather: each shard is this rank's part of the parameters
@@ -217,7 +218,7 @@ class DistributedOptimizer(OptimizerWrapper):
         # in the parameters' dtype (bf16 under mixed precision: half the bytes of the masters).
         flats = [_gather_buffer(b) for b in self.buckets]
         works = [w for b, f, s in zip(self.buckets, flats, self.shards) for w in self._gather_bucket(b, f, s)]
-        with naming_missing(self.ctx.data_parallel_group):
+        with naming_missing(self.ctx.replica_group):
             for work in works:
                 work.wait()
         for bucket, flat in zip(self.buckets, flats):
@@ -318,7 +319,7 @@ class DistributedOptimizer(OptimizerWrapper):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """This rank's shard of the optimizer state (tied to this dp size and bucketing)."""
         self._follow_params()  # masters saved are those of the weights a save beside them writes
-        state = {"zero1_shard": self.ctx.data_parallel_rank, "dp_size": self.ctx.data_parallel_size,
+        state = {"zero1_shard": self.ctx.replica_rank, "dp_size": self.ctx.replica_size,
                  "layout": self._layout(), "optimizer": self.optimizer.state_dict()}
         if self.mixed:
             state["master_weights"] = [s.detach().clone() for s in self.shards]
@@ -329,7 +330,7 @@ class DistributedOptimizer(OptimizerWrapper):
         if "zero1_shard" not in state_dict:
             self.load_consolidated_state_dict(state_dict)
             return
-        mine = (self.ctx.data_parallel_rank, self.ctx.data_parallel_size, self._layout())
+        mine = (self.ctx.replica_rank, self.ctx.replica_size, self._layout())
         theirs = (state_dict["zero1_shard"], state_dict["dp_size"], state_dict["layout"])
         if mine != theirs:
             raise ValueError(f"this shard state dict is for dp rank {theirs[0]} of {theirs[1]} with another "
@@ -345,21 +346,21 @@ class DistributedOptimizer(OptimizerWrapper):
         """
         self._follow_params()
         state = consolidate(self.optimizer, self.buckets, self.shards, self.group_params,
-                            self.ctx.data_parallel_group)
+                            self.ctx.replica_group)
         if self.mixed:
             state["master_weights"] = gather_masters(self.buckets, self.shards, self.group_params,
-                                                     self.ctx.data_parallel_group)
+                                                     self.ctx.replica_group)
         return state
 
     def load_consolidated_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a plain (single-device) optimizer state dict: each rank keeps its shard."""
         inner = shard_consolidated(state_dict, self.optimizer, self.buckets, self.shards,
-                                   self.group_params, self.ctx.data_parallel_rank)
+                                   self.group_params, self.ctx.replica_rank)
         self.optimizer.load_state_dict(inner)
         masters = state_dict.get("master_weights")
         if masters is not None and self.mixed:
             masters = shard_masters(masters, self.buckets, self.shards, self.group_params,
-                                    self.ctx.data_parallel_rank)
+                                    self.ctx.replica_rank)
         self._refresh_shards(masters if self.mixed else None)
 
 

@@ -1,0 +1,120 @@
+"""ContextParallel: split every sequence over the cp ranks, attention by the ring (or Ulysses)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from goose_core.context_parallel import attention
+from goose_core.context_parallel.attention import CP_ATTENTION, refuse_unsupported
+from goose_core.context_parallel.ring import RingSpec, ring_attention
+from goose_core.context_parallel.slicing import balanced_positions, slice_batch
+from goose_core.distributed.batch_check import install_batch_check, model_vocab
+from goose_core.distributed.context import ParallelContext
+from goose_core.metadata import module_grad_sync
+
+__all__ = ["ContextParallel", "METHODS"]
+
+METHODS = ("ring", "ulysses")
+
+
+class ContextParallel:
+    """Context parallelism over ``ctx``'s cp group, in place on a 🤗 causal LM.
+
+    ``parallelize()`` returns the same module with:
+
+    * its attention implementation set to :data:`~goose_core.context_parallel.attention.CP_ATTENTION`
+      (🤗's attention interface: no model code replaced);
+    * the batch check (:mod:`goose_core.distributed.batch_check`) along cp: the cp peers must be
+      fed the same batch;
+    * a forward pre-hook that keeps this rank's positions of the
+      batch (:func:`~goose_core.context_parallel.slicing.slice_batch`: load-balanced chunks i and
+      2C-1-i, global position ids, labels shifted before slicing) and sets the ring for the
+      attention calls of the forward. Every cp rank of a dp shard is fed the same batch.
+
+    The loss is the token-weighted mean over the whole sequence: each rank's token-loss sum is
+    divided by the targets of the whole batch, counted over dp x cp by ``DataParallel``, which
+    must wrap the model too (at any data_parallel_size): cp ranks hold the same weights, and
+    DataParallel averages their gradients over dp x cp (:attr:`ParallelContext.replica_group`)
+    and reports ``loss`` as the global mean on every rank.
+
+    Args:
+        module: a 🤗 causal LM whose attention goes through 🤗's attention interface.
+        ctx: the parallel context; its cp group is used.
+        method: ``"ring"`` (key/value blocks around the ring, online-softmax merge) or
+            ``"ulysses"`` (all-to-all swaps the sequence split for a head split).
+
+    Raises:
+        ValueError: an unknown method; a family whose attention the ring does not reproduce
+            (softcapping, ALiBi, sinks; or one whose attention does not go through the interface,
+            at its first forward); pp > 1 with cp > 1; a sequence length that is not a multiple of 2 * cp; a forward
+            without DataParallel around the model while cp > 1.
+    """
+
+    def __init__(self, module: nn.Module, ctx: ParallelContext, method: str = "ring") -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "ulysses" and not attention.ulysses_available():
+            raise ValueError("method='ulysses' needs goose_core.context_parallel.ulysses, which this "
+                             "installation does not have; use method='ring'")
+        if ctx.pipeline_parallel_size > 1 and ctx.context_parallel_size > 1:
+            raise ValueError(f"context parallelism (cp={ctx.context_parallel_size}) with pipeline parallelism "
+                             f"(pp={ctx.pipeline_parallel_size}) is not supported: a pipelined model takes no "
+                             f"position_ids or shift_labels, and its micro-batches would need the padding mask "
+                             f"cut with them; use pipeline_parallel_size=1 with context_parallel_size > 1")
+        if module_grad_sync(module) is not None:
+            raise ValueError("ContextParallel must wrap the model before DataParallel: DataParallel counts "
+                             "the targets of the slices ContextParallel makes (TensorParallel, then "
+                             "ContextParallel, then DataParallel)")
+        refuse_unsupported(module)
+        self.module, self.ctx, self.method = module, ctx, method
+        self._checked = False
+
+    def parallelize(self) -> nn.Module:
+        """Install the attention and the slicing hook; return the module."""
+        config = self.module.config
+        set_attn = getattr(self.module, "set_attn_implementation", None)
+        if set_attn is not None:
+            set_attn(CP_ATTENTION)
+        else:
+            config._attn_implementation = CP_ATTENTION
+        if self.ctx.context_parallel_size > 1 and model_vocab(self.module) is not None:
+            # The cp peers must be fed one batch: checked on the whole batch, before the slicing hook.
+            install_batch_check(self.module, self.ctx, "cp")
+        self.module.register_forward_pre_hook(self._slice, with_kwargs=True)
+        self.module.register_forward_hook(self._after, with_kwargs=True, always_call=True)
+        return self.module
+
+    def _attention(self) -> Callable[..., Tensor]:
+        return ring_attention if self.method == "ring" else attention.ulysses_method
+
+    def _slice(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        if args:
+            raise ValueError("call a context-parallel model with keyword arguments "
+                             "(model(input_ids=..., labels=...)): goose slices them by name")
+        if self.ctx.context_parallel_size > 1 and module_grad_sync(module) is None:
+            raise ValueError("context parallelism needs DataParallel(model, ctx) around the model too "
+                             "(at any data_parallel_size): the cp ranks hold the same weights and "
+                             "their gradients must be averaged over dp x cp")
+        ids = kwargs.get("input_ids")
+        ids = ids if ids is not None else kwargs["inputs_embeds"]
+        positions = balanced_positions(ids.shape[1], self.ctx.context_parallel_size)
+        mask = kwargs.get("attention_mask")
+        key_mask = None if mask is None else mask.to(torch.bool)
+        spec = RingSpec(self.ctx.context_parallel_group, tuple(p.to(ids.device) for p in positions), key_mask)
+        attention.begin(spec, self._attention())
+        return (), slice_batch(kwargs, positions[self.ctx.context_parallel_rank])
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        # always_call: a forward that raised still ends the ring, so no later call sees it.
+        calls = attention.end()
+        if output is None:  # the forward raised: let its error be the one the caller sees
+            return output
+        if not self._checked and calls == 0:
+            family = getattr(module.config, "model_type", type(module).__name__)
+            raise ValueError(f"context parallelism does not support {family!r}: its attention does not "
+                             f"go through 🤗's attention interface, so goose's ring cannot take its place")
+        self._checked = True
+        return output
