@@ -120,8 +120,8 @@ def test_wrapping_after_the_optimizer_and_pipelining_twice_are_refused_on_every_
 
 
 CP_ORDERS = list(itertools.permutations(("tp", "pp", "cp", "dp")))
-#: Context parallelism slices the sequence that TP's and the pipeline's modules see whole, and
-#: DataParallel counts the targets of its slices: after the first two, before the last.
+#: The pipeline cuts ContextParallel's slice into micro-batches, so it is built first; TP before
+#: the pipeline; DataParallel counts the targets of the slices, so it comes after.
 CP_ORDER = ("tp", "pp", "cp", "dp")
 
 

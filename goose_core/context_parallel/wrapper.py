@@ -14,7 +14,7 @@ from goose_core.context_parallel.ring import RingSpec, ring_attention
 from goose_core.context_parallel.slicing import balanced_positions, slice_batch
 from goose_core.distributed.batch_check import install_batch_check, model_vocab
 from goose_core.distributed.context import ParallelContext
-from goose_core.metadata import module_grad_sync, shard_spec
+from goose_core.metadata import module_grad_sync
 from goose_core.pipeline.parallel import is_pipelined
 from goose_core.pipeline.stage import CellScope
 
@@ -57,7 +57,11 @@ class ContextParallel:
         ValueError: an unknown method; a family whose attention the ring does not reproduce
             (softcapping, ALiBi, sinks; or one whose attention does not go through the interface,
             at its first forward); a sequence length that is not a multiple of 2 * cp; a forward
-            without DataParallel around the model while cp > 1.
+            without DataParallel around the model while cp > 1; PipelineParallel applied after
+            it (at the first forward, before any collective).
+
+    Order: ``TensorParallel`` (before or after it), ``PipelineParallel`` (before it), then
+    ``ContextParallel``, then ``DataParallel``.
     """
 
     def __init__(self, module: nn.Module, ctx: ParallelContext, method: str = "ring") -> None:
@@ -74,7 +78,7 @@ class ContextParallel:
         self.module, self.ctx, self.method = module, ctx, method
         self._checked = False
         self._cell_calls = 0  # attention calls in the pipeline's cells of this forward
-        self._wrapped = self._wrappers(module)  # what was applied before: checked at the first forward
+        self._pipelined = is_pipelined(module)  # a pipeline applied later is refused at the first forward
 
     def parallelize(self) -> nn.Module:
         """Install the attention and the slicing hook; return the module."""
@@ -93,21 +97,12 @@ class ContextParallel:
         self.module.register_forward_hook(self._after, with_kwargs=True, always_call=True)
         return self.module
 
-    @staticmethod
-    def _wrappers(module: nn.Module) -> tuple[bool, bool]:
-        """(tensor-parallel, pipelined): which of the wrappers that come first ``module`` has."""
-        return any(shard_spec(p) is not None for p in module.parameters()), is_pipelined(module)
-
     def _check_order(self, module: nn.Module, args: tuple) -> None:
-        if self._checked:
-            return
-        late = [name for name, before, now in zip(("TensorParallel", "PipelineParallel"), self._wrapped,
-                                                  self._wrappers(module)) if now and not before]
-        if late:
-            verb, who = ("were", "they") if len(late) > 1 else ("was", "it")
-            raise ValueError(f"{' and '.join(late)} {verb} applied after ContextParallel: {who} must see the "
-                             f"whole model before the sequence is sliced; apply the wrappers in the order "
-                             f"TensorParallel, PipelineParallel, ContextParallel, DataParallel")
+        if not self._checked and is_pipelined(module) and not self._pipelined:
+            raise ValueError("PipelineParallel was applied after ContextParallel: the pipeline must be built "
+                             "first, so that ContextParallel's slice of each batch is what it cuts into "
+                             "micro-batches; apply the wrappers in the order TensorParallel, "
+                             "PipelineParallel, ContextParallel, DataParallel")
 
     def _attention(self) -> Callable[..., Tensor]:
         return ring_attention if self.method == "ring" else attention.ulysses_method
