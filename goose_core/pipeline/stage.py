@@ -107,6 +107,7 @@ class Stage:
         if loss is not None and self.is_last:
             partitions[-1].body = loss.wrap(partitions[-1].body)
         self.loss = loss
+        self.block_recompute = recompute if recompute in BLOCK_MODES else None
         self.device = devices[max(held)]
         if recompute in BLOCK_MODES:
             recompute_blocks([split_model.blocks[b] for blocks in held.values() for b in blocks], recompute,
@@ -152,6 +153,7 @@ class Stage:
                              f"use_cache and logits_to_keep); got input_ids="
                              f"{'given' if input_ids is not None else None}, other arguments {unsupported}")
         self._refuse_no_loss(labels)
+        self._refuse_unscoped(shift_labels, cell_scope)
         inputs = {k: v for k, v in (("input_ids", input_ids), ("labels", labels),
                                     ("attention_mask", attention_mask)) if v is not None}
         inputs.update(rows)
@@ -186,6 +188,19 @@ class Stage:
                 "model(...).logits cannot train. Pass labels= (the model's own loss), or "
                 "PipelineParallel(..., loss_fn=...) and labels=targets (loss_fn(logits, labels) per "
                 "micro-batch); for logits alone, run under torch.no_grad()")
+
+    def _refuse_unscoped(self, shift_labels: Tensor | None, cell_scope: CellScope | None) -> None:
+        """Every rank, before any point-to-point message: what the scope or the shifted labels
+        would not reach. A block recompute reruns a block inside the backward, outside every
+        cell's scope; a ``loss_fn`` shifts ``labels`` itself."""
+        if cell_scope is not None and self.block_recompute is not None:
+            raise ValueError(f"recompute={self.block_recompute!r} reruns each block inside the backward, "
+                             f"outside the cell scope a wrapper set (context parallelism's ring); use "
+                             f"recompute='always', 'except_last' or 'never', which recompute whole cells")
+        if shift_labels is not None and self.loss is not None:
+            raise ValueError("PipelineParallel(..., loss_fn=...) takes the labels unshifted, and this batch's "
+                             "are already shifted (shift_labels: context parallelism's slice); drop loss_fn "
+                             "(the model's own loss takes shift_labels) or context parallelism")
 
     def _total(self, step: StepOutput) -> Tensor | None:
         """The last stage's batch loss: the micro-batch losses' sum, plus the router loss of the

@@ -10,6 +10,7 @@ per micro-batch, land far outside it. Every case of one grid runs in one group o
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import pytest
@@ -19,6 +20,7 @@ from goose_core import (ContextParallel, DataParallel, DistributedOptimizer, Par
                         TensorParallel, clip_grad_norm_, full_state_dict, spawn)
 from goose_core.context_parallel import slicing
 from goose_core.context_parallel.attention import ulysses_available
+from goose_core.pipeline import local_pipeline
 from goose_core.pipeline.stage import CellScope
 from goose_core.testing import PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run, train_loop
 
@@ -100,6 +102,17 @@ def _check(out: list[list[RunResult]], cases: list[tuple[str, str, str]], bugs: 
 
 def test_cp2_pp2_equals_one_device_and_the_planted_bugs_fail() -> None:
     _check(spawn(_cases, 4, 1, CASES, list(BUGS), None, timeout=240), CASES, list(BUGS), None)
+
+
+def test_what_the_cell_scope_or_the_shifted_labels_would_not_reach_is_refused() -> None:
+    batch = _spec("llama").batch(0)
+    scope = CellScope(lambda rows: contextlib.nullcontext())
+    blocks = local_pipeline(_spec("llama").build_model(), 2, num_microbatches=2, recompute="blocks")
+    with pytest.raises(ValueError, match="recompute='blocks' reruns each block inside the backward, outside"):
+        blocks(**batch, cell_scope=scope)
+    own_loss = local_pipeline(_spec("llama").build_model(), 2, loss_fn=lambda logits, labels: logits.sum())
+    with pytest.raises(ValueError, match=r"loss_fn=...\) takes the labels unshifted"):
+        own_loss(**batch, shift_labels=batch["labels"])
 
 
 def test_tp2_cp2_pp2_with_zero1_and_clipping_equals_one_device() -> None:
