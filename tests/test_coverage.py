@@ -154,8 +154,8 @@ def test_the_page_names_the_versions_counts_and_reasons(tmp_path: Path) -> None:
 def test_an_expert_sweep_merges_beside_the_other_modes() -> None:
     chosen = [f for f in families() if f.model_type in ("llama", "mixtral")]
     built = {(n, BUILD): Outcome(n, BUILD, "ok") for n in ("llama", "mixtral")}
-    base = write_json(None, chosen, ["tp2"], {**built, ("llama", "tp2"): Outcome("llama", "tp2", "equal"),
-                                              ("mixtral", "tp2"): Outcome("mixtral", "tp2", "equal")}, settings(["tp2"]))
+    dense = {(n, "tp2"): Outcome(n, "tp2", "equal") for n in ("llama", "mixtral")}
+    base = write_json(None, chosen, ["tp2"], {**built, **dense}, settings(["tp2"]))
     experts = write_json(None, [f for f in chosen if f.model_type == "mixtral"], ["ep2"],
                          {**built, ("mixtral", "ep2"): Outcome("mixtral", "ep2", "equal")}, settings(["ep2"]))
     merged = merge(base, experts)

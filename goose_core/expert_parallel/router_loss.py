@@ -14,7 +14,8 @@ which DataParallel's averaging over dp (it divides by dp) turns into the exact g
 (top-k choices, unmasked rows) carry no gradient. Its value is 🤗's to the bit: the float32
 ``probs`` are summed over the whole batch's rows at once (:func:`_whole_batch_probs`, as
 :mod:`goose_core.pipeline.router_loss` does across micro-batches). Per step: one all-reduce of
-2E + 1 floats, one all-gather of layers x tokens x E float32 probabilities.
+2E + 1 floats, one all-gather of layers x tokens x E float32 probabilities. With pipeline
+parallelism the stages add the same terms (:meth:`RouterLoss.finish` with its ``dp_group``).
 """
 
 from __future__ import annotations
