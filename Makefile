@@ -42,7 +42,7 @@ help:
 	@echo "make lessons         every lesson's size: files, and the lines of each part"
 	@echo "make test-latest     a fast subset against the newest transformers & deps (.venv-latest)"
 	@echo "make docs            strict mkdocs build into site/"
-	@echo "make coverage        every 🤗 family at tp=2, pp=2, tp=2xpp=2 vs one device; docs/coverage.md"
+	@echo "make coverage        every 🤗 family at tp=2, pp=2, tp=2xpp=2 (MoE: ep=2) vs one device; docs/coverage.md"
 	@echo "make bench           goose beside torch peers, paired; benchmarks/results.json, results.md"
 	@echo "make bench-gpu       tokens/s, memory, MFU on one CUDA GPU (skips without); GPU_PYTHON as for test-gpu"
 	@echo "make clean           remove the environments and build outputs"
@@ -128,10 +128,12 @@ docs: $(STAMP)
 
 # Every causal-LM family of the installed transformers that declares its plans, tiny, at tp=2,
 # pp=2 and tp=2 x pp=2 against the single-device run: docs/coverage.md and docs/coverage.json.
+# Then ep=2 over every family with experts (~4 min), merged in as a column.
 # CPU-heavy (~13 min on 2 loaded cores). COVERAGE_ARGS passes options, e.g.
 # COVERAGE_ARGS='--families llama,mixtral --jobs 2', or '--resume' to continue an interrupted run.
 coverage: $(STAMP)
 	PYTHONPATH=tools$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m sweep $(COVERAGE_ARGS)
+	PYTHONPATH=tools$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m sweep --modes ep2 --families experts --merge docs/coverage.json
 
 # Paired and interleaved (benchmarks/paired.py): each ratio with its 95% interval and the
 # environment it ran in. BENCH=zero,pipeline runs some (the names of benchmarks/bench_*.py).

@@ -25,7 +25,7 @@ Wrappers leave facts on the tensors and modules they change, and other wrappers 
     an expert held by some ranks only: its  mark_expert, expert_group_of    expert_parallel ->
       gradient's group (expert data par.)                                     data_parallel, optim.clip
     a model whose router loss is exact      set_router_loss_over_dp,        expert_parallel ->
-      over the dp group                       router_loss_over_dp             data_parallel
+      over the dp group                       router_loss_over_dp             data_parallel, pipeline
 
 Each fact is one ``_goose_*`` attribute, named here alone. A fact is not carried over when a
 wrapper replaces a parameter: whoever makes the new one marks it.

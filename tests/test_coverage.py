@@ -13,7 +13,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from goose_core.testing import RunResult
 from sweep.coverage import BUILD, MODES, Outcome, classify_error, combine, compare, run_sweep, settings
 from sweep.families import families, tiny_family_config
-from sweep.report import markdown, write_json
+from sweep.report import markdown, merge, write_json
 
 # GPT-2 and Bloom (goose's own adapters), Llama/Mistral/Qwen2 (colwise/rowwise, sliding windows),
 # Gemma2/Gemma3 (embedding scale, softcapping, per-layer-type rotary), Granite (multipliers),
@@ -148,3 +148,21 @@ def test_the_page_names_the_versions_counts_and_reasons(tmp_path: Path) -> None:
     assert "| tp=2 | 1 | 1 | 0 | 0 | 1 | 50 % |" in page
     assert "- `qwen3` tp=2, refused: style 'replicated_with_grad_allreduce'" in page
     assert "- `opt` (none): config rejects the tiny size" in page
+
+
+@pytest.mark.kernel_free  # text: the record and its page
+def test_an_expert_sweep_merges_beside_the_other_modes() -> None:
+    chosen = [f for f in families() if f.model_type in ("llama", "mixtral")]
+    built = {(n, BUILD): Outcome(n, BUILD, "ok") for n in ("llama", "mixtral")}
+    dense = {(n, "tp2"): Outcome(n, "tp2", "equal") for n in ("llama", "mixtral")}
+    base = write_json(None, chosen, ["tp2"], {**built, **dense}, settings(["tp2"]))
+    experts = write_json(None, [f for f in chosen if f.model_type == "mixtral"], ["ep2"],
+                         {**built, ("mixtral", "ep2"): Outcome("mixtral", "ep2", "equal")}, settings(["ep2"]))
+    merged = merge(base, experts)
+    assert merged["families"]["mixtral"]["tp2"]["status"] == merged["families"]["mixtral"]["ep2"]["status"] == "equal"
+    assert "ep2" not in merged["families"]["llama"] and "ep2" not in base["counts"]  # the record is not changed
+    page = markdown(merged)
+    assert "| tp=2 | ep=2 |" in page and "| `llama` | tp+pp | equal | – |" in page
+    assert "| `mixtral` | tp+pp | equal | equal |" in page and "| ep=2 | 1 | 0 | 0 | 0 | 0 | 100 % |" in page
+    with pytest.raises(ValueError, match="torch 0.0"):
+        merge(base, {**experts, "torch": "0.0"})

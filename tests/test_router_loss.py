@@ -17,7 +17,9 @@ import torch
 import transformers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+from goose_core.engine.schedule import OneFOneB
 from goose_core.pipeline import local_pipeline
+from goose_core.pipeline.split import split_model_for
 from goose_core.pipeline.router_loss import RouterLoss, WholeBatchProbs
 from goose_core.testing import PARALLEL, RunResult, assert_matches_reference, seeded_model, snapshot
 from sweep.coverage import build_family_model
@@ -109,3 +111,13 @@ def test_a_different_load_balancing_function_is_refused_by_what_differs() -> Non
     with pytest.raises(ValueError, match=r"DogeForCausalLM .*load_balancing_loss_func\(.*'num_keys'.*\) is not "
                                          r"the Switch-Transformer function goose mirrors"):
         local_pipeline(seeded_model(config, 0, torch.float64, "eager"), 2)
+
+
+def test_one_f_one_b_with_the_router_loss_over_dp_shards_is_refused() -> None:
+    # Expert parallelism's dp shards: the loss needs every shard's sums before any backward.
+    split = split_model_for(build("mixtral"))
+    with pytest.raises(ValueError, match="the data-parallel batch's routing, which schedule=OneFOneB.*"
+                                         "schedule='gpipe', or set config.output_router_logits=False"):
+        split.check(1, OneFOneB, dp_group=object())
+    split.check(1, dp_group=object())  # GPipe: the loss is added once the batch's sums are in
+    assert split.batch_router() is split.router and split.dp_group is not None

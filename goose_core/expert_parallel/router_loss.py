@@ -14,7 +14,8 @@ which DataParallel's averaging over dp (it divides by dp) turns into the exact g
 (top-k choices, unmasked rows) carry no gradient. Its value is 🤗's to the bit: the float32
 ``probs`` are summed over the whole batch's rows at once (:func:`_whole_batch_probs`, as
 :mod:`goose_core.pipeline.router_loss` does across micro-batches). Per step: one all-reduce of
-2E + 1 floats, one all-gather of layers x tokens x E float32 probabilities.
+2E + 1 floats, one all-gather of layers x tokens x E float32 probabilities. With pipeline
+parallelism the stages add the same terms (:meth:`RouterLoss.finish` with its ``dp_group``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 
 from goose_core.distributed.context import ParallelContext
 from goose_core.metadata import set_router_loss_over_dp
-from goose_core.pipeline.router_loss import RouterLoss, router_loss_of
+from goose_core.pipeline.router_loss import RouterLoss, gather_rows, router_loss_of
 
 __all__ = ["install_router_loss", "exact_over_dp"]
 
@@ -49,16 +50,8 @@ def _whole_batch_probs(rows: list[torch.Tensor], group: dist.ProcessGroup) -> to
     """🤗's float32 ``probs``, to the bit: each layer's probability rows of every dp rank, in
     batch order (dp rank order), summed at once, then the layers added in order. (The sum of the
     ranks' float32 sums rounds differently, ~1e-8 relative.)"""
-    stacked = torch.stack(rows)  # [layers, T, E] on this rank
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, torch.tensor([stacked.shape[1]]), group=group)
-    widest = max(int(c) for c in counts)
-    padded = torch.zeros(stacked.shape[0], widest, stacked.shape[2], dtype=stacked.dtype, device=stacked.device)
-    padded[:, :stacked.shape[1]] = stacked
-    pieces = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(pieces, padded, group=group)
-    batch = torch.cat([piece[:, :int(c)] for piece, c in zip(pieces, counts)], dim=1)
-    probs = torch.zeros(stacked.shape[2], dtype=torch.float32, device=stacked.device)
+    batch = gather_rows(torch.stack(rows), group)  # [layers, T, E]
+    probs = torch.zeros(batch.shape[2], dtype=torch.float32, device=batch.device)
     for layer in batch:
         probs = probs + layer.sum(dim=0)  # 🤗's layer loop
     return probs
@@ -68,8 +61,8 @@ def install_router_loss(model: nn.Module, ctx: ParallelContext) -> None:
     """Make ``model``'s loss carry the exact router loss over the dp group (nothing to do at dp 1
     or for a family that adds none).
 
-    Raises:
-        ValueError: pipeline parallelism too (its stages carry the per-shard sums).
+    With pipeline parallelism the stages carry the sums (:mod:`goose_core.pipeline.router_loss`):
+    the mark left here makes PipelineParallel add them over the dp group too.
     """
     router = router_loss_of(model)
     if router is None:  # the forward adds none (DeepSeek-V3's aux-loss-free routing): exact as it is
@@ -77,11 +70,9 @@ def install_router_loss(model: nn.Module, ctx: ParallelContext) -> None:
         return
     if ctx.data_parallel_size == 1:
         return
-    if ctx.pipeline_parallel_size > 1:
-        raise ValueError(f"{type(model).__name__} has output_router_logits=True, and its router loss over "
-                         f"the data-parallel batch is not carried across pipeline stages with expert "
-                         f"parallelism: set config.output_router_logits=False, or use "
-                         f"pipeline_parallel_size=1")
+    if ctx.pipeline_parallel_size > 1:  # the model's forward never runs whole: the stages add it
+        set_router_loss_over_dp(model)
+        return
     group = ctx.data_parallel_group
 
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:

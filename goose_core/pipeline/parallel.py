@@ -31,7 +31,7 @@ from goose_core.distributed.batch_check import check_policy, install_batch_check
 from goose_core.distributed.context import ParallelContext
 from goose_core.distributed.progress import count_forwards
 from goose_core.finite import watch
-from goose_core.metadata import parameters_changed
+from goose_core.metadata import parameters_changed, router_loss_over_dp
 from goose_core.partition import Partitioner, partition_blocks
 from goose_core.engine.callbacks import Callback, CallbackList
 from goose_core.engine.block_recompute import cell_mode
@@ -118,7 +118,8 @@ class PipelineParallel:
         self.recompute = recompute
         self.callbacks = CallbackList(callbacks)
         self.split_model = split_model_for(model)
-        self.split_model.check(num_microbatches, self.schedule)
+        over_dp = router_loss_over_dp(model) and ctx.data_parallel_size > 1  # expert parallelism's
+        self.split_model.check(num_microbatches, self.schedule, ctx.data_parallel_group if over_dp else None)
         self.counts = _split(self.split_model, self.num_chunks, partitioner, num_microbatches, sample)
         self.loss = None if loss_fn is None else CustomLoss(loss_fn, num_microbatches, model)
 

@@ -46,10 +46,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-__all__ = ["RouterLoss", "WholeBatchProbs", "router_loss_of"]
+__all__ = ["RouterLoss", "WholeBatchProbs", "router_loss_of", "gather_rows"]
 
 # sha256 of the load_balancing_loss_func sources this module mirrors: transformers 5.24's, and
 # 5.17's (the floor), which counts the top-k choices with bincount where 5.24 uses histc: the same
@@ -149,7 +150,8 @@ class RouterLoss:
         tokens_per_expert, router_prob_per_expert = sums[:e] / rows, sums[e:2 * e] / rows
         return self.coef * (torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0)) * e)
 
-    def finish(self, outputs: list[Tensor], per_router: Tensor | None) -> Tensor:
+    def finish(self, outputs: list[Tensor], per_router: Tensor | None,
+               dp_group: dist.ProcessGroup | None = None) -> Tensor:
         """The step's loss from the last stage's micro-batch outputs (:meth:`pack_loss`): their
         language-model losses, plus ``coef * aux`` of all their sums, once.
 
@@ -158,6 +160,10 @@ class RouterLoss:
                 (:meth:`WholeBatchProbs.sums`, all-reduced): the value of ``probs`` is then
                 🤗's to the bit; the gradient is the micro-batches' sums' (the same, see the
                 module docstring). None: the micro-batches' sums, value too.
+            dp_group: each dp rank holds a shard of the batch (``per_router`` then sums every
+                rank's rows): the value is the whole dp batch's, the gradient this shard's share
+                of it times dp, which data parallelism's average over dp turns into the exact
+                gradient (as :func:`goose_core.expert_parallel.exact_over_dp` does without stages).
         """
         losses = [o[0] for o in outputs]
         sums = outputs[0][1:].float()
@@ -171,8 +177,13 @@ class RouterLoss:
         probs = torch.zeros(e, dtype=torch.float32, device=per_router.device)
         for router_sum in per_router:
             probs = probs + router_sum  # 🤗's layer loop: probs = probs + layer.sum(0)
-        exact = self.loss(torch.cat([sums[:e].detach(), probs.to(sums.device), sums[2 * e:].detach()]))
-        return total + exact + (aux - aux.detach())  # the value exact's, the gradient aux's
+        counts, dp = sums.detach(), 1
+        if dp_group is not None:  # the whole dp batch's counts: d aux / d probs depends on them alone
+            counts, dp = counts.clone(), dist.get_world_size(dp_group)
+            dist.all_reduce(counts, group=dp_group)
+            aux = self.loss(torch.cat([counts[:e], sums[e:2 * e], counts[2 * e:]]))
+        exact = self.loss(torch.cat([counts[:e], probs.to(sums.device), counts[2 * e:]]))
+        return total + exact + dp * (aux - aux.detach())  # the value exact's, the gradient aux's
 
     def pack(self, hidden: Tensor, sums: Tensor) -> Tensor:
         """One flat tensor to send: the hidden states, then the sums, in a dtype exact for both."""
@@ -211,21 +222,43 @@ class WholeBatchProbs:
         # A recomputed cell records the same rows again: same key, same value.
         self._rows.setdefault(router, {})[microbatch] = rows
 
-    def sums(self, num_microbatches: int, device: torch.device) -> Tensor:
+    def sums(self, num_microbatches: int, device: torch.device,
+             dp_group: dist.ProcessGroup | None = None) -> Tensor:
         """``[num_routers, E]``: each router's sum over the batch's rows (zeros for routers
-        another process runs). Clears the record.
+        another process runs); with ``dp_group``, over the rows of every dp rank's shard, in dp
+        rank order (the single device's batch order). Clears the record.
 
         Raises:
             RuntimeError: a router held here missed a micro-batch (nothing to sum it over).
         """
         out = torch.zeros(self.num_routers, self.num_experts, dtype=torch.float32, device=device)
-        for router, by_mb in self._rows.items():
+        held = sorted(self._rows)
+        for router in held:
+            by_mb = self._rows[router]
             if sorted(by_mb) != list(range(num_microbatches)):
                 raise RuntimeError(f"router {router} ran on micro-batches {sorted(by_mb)} of "
                                    f"{num_microbatches} in this step: its whole-batch sum is unknown")
-            out[router] = torch.cat([by_mb[i] for i in range(num_microbatches)]).sum(dim=0).to(device)
+        rows = [torch.cat([self._rows[r][i] for i in range(num_microbatches)]).to(device) for r in held]
         self.reset()
+        if rows and dp_group is not None:  # the dp ranks of a stage hold the same routers
+            rows = list(gather_rows(torch.stack(rows), dp_group))
+        for router, batch in zip(held, rows):
+            out[router] = batch.sum(dim=0)
         return out
+
+
+def gather_rows(rows: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """``rows`` ``[routers, T_r, E]`` of every rank of ``group`` joined along the tokens, in rank
+    order: ``[routers, sum_r T_r, E]``, the rows of the batch the ranks' shards make up (shards
+    may differ in length: each is padded to the widest for the all-gather, then cut)."""
+    counts = [torch.zeros(1, dtype=torch.int64, device=rows.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, torch.tensor([rows.shape[1]], device=rows.device), group=group)
+    widest = max(int(c) for c in counts)
+    padded = torch.zeros(rows.shape[0], widest, rows.shape[2], dtype=rows.dtype, device=rows.device)
+    padded[:, :rows.shape[1]] = rows
+    pieces = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat([piece[:, :int(c)] for piece, c in zip(pieces, counts)], dim=1)
 
 
 def _routers(spec: Any, model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:

@@ -35,6 +35,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -169,23 +170,29 @@ class SplitModel:
         self._routers_per_block = counts
         self.probs = WholeBatchProbs(sum(counts), self.router.num_experts) if self.router else None
         self._finish_in_cell = True  # M=1: the last cell adds the aux loss (check() decides)
+        self.dp_group: dist.ProcessGroup | None = None  # the router loss over dp ranks' shards (check())
 
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.get_submodule(self.blocks_path)
 
-    def check(self, num_microbatches: int, schedule: type[Schedule] = GPipe) -> None:
+    def check(self, num_microbatches: int, schedule: type[Schedule] = GPipe,
+              dp_group: dist.ProcessGroup | None = None) -> None:
         """Raise before any step what this split cannot reproduce with ``num_microbatches``
         under ``schedule``; else set where the router loss is added (the last cell at M=1,
-        :meth:`batch_router`'s caller at M > 1)."""
-        if self.router is not None and num_microbatches > 1 and schedule.backward_in_step:
+        :meth:`batch_router`'s caller at M > 1 or over a ``dp_group``: the router loss of the
+        whole dp batch, each dp rank holding a shard, expert parallelism's)."""
+        if self.router is not None and (num_microbatches > 1 or dp_group is not None) and schedule.backward_in_step:
+            over = "the data-parallel batch's" if dp_group is not None else "the whole batch's"
             raise ValueError(
                 f"{type(self.model).__name__} has output_router_logits=True: its auxiliary router loss "
-                f"is a function of the whole batch's routing, which schedule={schedule.__name__} never "
+                f"is a function of {over} routing, which schedule={schedule.__name__} never "
                 f"has before a backward (it runs micro-batch i's backward before the forward of i+1); "
-                f"use schedule='gpipe', or num_microbatches=1 (got {num_microbatches}), or set "
-                f"config.output_router_logits=False")
-        self._finish_in_cell = num_microbatches == 1
+                f"use schedule='gpipe'" + ("" if dp_group is not None else
+                                           f", or num_microbatches=1 (got {num_microbatches})")
+                + ", or set config.output_router_logits=False")
+        self.dp_group = dp_group if self.router is not None else None
+        self._finish_in_cell = num_microbatches == 1 and self.dp_group is None
 
     def batch_router(self) -> RouterLoss | None:
         """The router loss when the stage must add it for the batch: the last cell then returns

@@ -209,11 +209,12 @@ class Stage:
         router = self.split_model.batch_router()
         if router is None:
             return sum(self._outputs(step)) if self.is_last else None
-        per_router = self.split_model.probs.sums(self.num_microbatches, self.device)
+        dp_group = self.split_model.dp_group
+        per_router = self.split_model.probs.sums(self.num_microbatches, self.device, dp_group)
         if self.ctx is not None and self.num_partitions > 1:
             with naming_missing(self.ctx.pipeline_parallel_group):
                 dist.all_reduce(per_router, group=self.ctx.pipeline_parallel_group)  # zeros elsewhere: exact
-        return router.finish(self._outputs(step), per_router) if self.is_last else None
+        return router.finish(self._outputs(step), per_router, dp_group) if self.is_last else None
 
     def _step_with_backward(self, microbatches: list[dict[str, Any]]) -> Tensor:
         """1F1B: the forward and the backward of every micro-batch, now; the returned loss's

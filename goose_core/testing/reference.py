@@ -181,12 +181,15 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().cpu().clone() for name, p in model.named_parameters(remove_duplicate=False)}
 
 
-def reference_run(spec: TrainSpec, micro_batches: int = 1, reverse: bool = False, split: int = 1) -> RunResult:
+def reference_run(spec: TrainSpec, micro_batches: int = 1, reverse: bool = False, split: int = 1,
+                  build: Callable[[], nn.Module] | None = None) -> RunResult:
     """Train ``spec`` on one device, on the whole global batch of every step (or accumulated over
     ``micro_batches`` pieces, last-first if ``reverse``; with low-precision linear layers' sums
     split into ``split`` rounded pieces, :func:`~goose_core.testing.split_reductions.split_reductions`):
-    the same sums in another order or split, the noise floor of a low precision)."""
-    model = spec.build_model()
+    the same sums in another order or split, the noise floor of a low precision). ``build``
+    makes the model instead of ``spec.build_model`` (a family outside the tiny models, in
+    ``spec.model_dtype``)."""
+    model = (build or spec.build_model)()
     optimizer = spec.recipe_optimizer(model.parameters())
     clip = None
     if spec.max_grad_norm is not None:
@@ -208,10 +211,10 @@ FLOOR_RUNS: tuple[tuple[int, bool, int], ...] = (
     (2, False, 1), (4, True, 1), (8, False, 1), (1, False, 2), (1, False, 4), (2, False, 2), (2, False, 4))
 
 
-def noise_floor_runs(spec: TrainSpec) -> list[RunResult]:
+def noise_floor_runs(spec: TrainSpec, build: Callable[[], nn.Module] | None = None) -> list[RunResult]:
     """:data:`FLOOR_RUNS` of ``spec`` (those whose micro-batches divide its batch), for
-    :func:`~goose_core.testing.tolerances.noise_floor_tolerances`."""
-    return [reference_run(spec, m, reverse, split) for m, reverse, split in FLOOR_RUNS
+    :func:`~goose_core.testing.tolerances.noise_floor_tolerances` (``build``: as :func:`reference_run`)."""
+    return [reference_run(spec, m, reverse, split, build) for m, reverse, split in FLOOR_RUNS
             if spec.batch_size % m == 0]
 
 

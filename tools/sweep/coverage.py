@@ -59,8 +59,8 @@ from goose_core.tensor_parallel import TensorParallel
 from goose_core.testing.models import EAGER_IN_DTYPE, seeded_model
 from goose_core.testing.reference import RunResult, accumulate, snapshot
 from goose_core.testing.tolerances import PARALLEL
-from sweep.families import NotBuildable, SweepFamily, families, tiny_family_config
-from sweep.report import BUILD, STATUSES, Outcome, write_json, write_markdown
+from sweep.families import NotBuildable, SweepFamily, expert_families, families, tiny_family_config
+from sweep.report import BUILD, STATUSES, Outcome, merge, write_json, write_markdown
 
 __all__ = ["MODES", "EXPERT_MODES", "layout", "STATUSES", "BUILD", "Outcome", "build_family_model", "reference", "run_sweep", "settings", "main"]
 
@@ -468,7 +468,8 @@ def settings(modes: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--families", help="comma-separated model types (default: every family that declares plans)")
+    parser.add_argument("--families", help="comma-separated model types, or 'experts' for every family with "
+                                           "experts (default: every family that declares plans)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
     parser.add_argument("--jobs", type=int, default=1, help="sweeps side by side (default 1)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per family and mode")
@@ -479,9 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="keep the outcomes an interrupted run recorded (default: start afresh, so a "
                              "changed goose is measured anew)")
+    parser.add_argument("--merge", type=Path,
+                        help="add these modes' outcomes to this record (e.g. docs/coverage.json) and rewrite "
+                             "the page beside it (coverage.md), leaving its other modes as measured")
     args = parser.parse_args(argv)
     known = {f.model_type: f for f in families()}
-    names = args.families.split(",") if args.families else sorted(known)
+    names = (expert_families() if args.families == "experts" else
+             args.families.split(",") if args.families else sorted(known))
     modes = args.modes.split(",")
     full = args.families is None and set(modes) == set(MODES)  # only a full run replaces the docs page
     json_path = args.json or ("docs/coverage.json" if full else None)
@@ -496,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     record = write_json(Path(json_path) if json_path else None, chosen, modes, outcomes, settings(modes))
     if markdown_path:
         write_markdown(Path(markdown_path), record)
+    if args.merge:
+        merged = merge(json.loads(args.merge.read_text()), record)
+        args.merge.write_text(json.dumps(merged, indent=1, sort_keys=False) + "\n")
+        write_markdown(args.merge.with_suffix(".md"), merged)
     if not full:
         for (name, mode), o in sorted(outcomes.items()):
             print(f"{name:24} {mode:8} {o.status:14} {o.detail[:200]}")

@@ -26,7 +26,7 @@ from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-__all__ = ["SweepFamily", "PLANLESS", "TINY", "NotBuildable", "families", "tiny_family_config"]
+__all__ = ["SweepFamily", "PLANLESS", "TINY", "NotBuildable", "families", "expert_families", "tiny_family_config"]
 
 #: Decoder-only families without declared plans that the sweep lists anyway: goose's own
 #: adapters (GPT-2, Bloom) and what users ask for (OPT, Falcon, StableLM, ...).
@@ -101,6 +101,24 @@ def families(include_planless: bool = True) -> list[SweepFamily]:
                              bool(getattr(config_class, "base_model_pp_plan", None)))
         if family.tp_plan or family.pp_plan or (include_planless and model_type in PLANLESS):
             found.append(family)
+    return found
+
+
+#: The config fields that count a mixture's experts, under the families' names.
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def expert_families() -> list[str]:
+    """The model types of :func:`families` whose tiny config has more than one expert (what the
+    expert-parallel modes sweep); families whose tiny config cannot be built are left out."""
+    found = []
+    for family in families():
+        try:
+            config = tiny_family_config(family.model_type)
+        except NotBuildable:
+            continue
+        if any((getattr(config, k, None) or 0) > 1 for k in _EXPERT_COUNTS):
+            found.append(family.model_type)
     return found
 
 

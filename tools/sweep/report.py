@@ -15,7 +15,7 @@ import transformers
 
 from sweep.families import SweepFamily
 
-__all__ = ["BUILD", "STATUSES", "Outcome", "write_json", "write_markdown", "markdown"]
+__all__ = ["BUILD", "STATUSES", "Outcome", "write_json", "write_markdown", "markdown", "merge"]
 
 STATUSES = ("equal", "refused", "wrong", "crash")
 BUILD = "build"  # the pseudo-mode of a family's reference run ("not buildable" when it fails)
@@ -84,6 +84,33 @@ def write_json(path: Path | None, chosen: list[SweepFamily], modes: list[str],
     return record
 
 
+def merge(record: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with ``extra``'s modes added (a subset sweep of other modes, e.g. ep2 over the MoE
+    families), each family's result beside its others; the record of when and where each added
+    mode was measured goes under ``"merged"``, the page prints it. Modes ``record`` has already are
+    replaced.
+
+    Raises:
+        ValueError: the two were measured with other versions of 🤗 transformers or torch, or
+            ``extra`` names a family ``record`` does not list.
+    """
+    for key in ("transformers", "torch"):
+        if record[key] != extra[key]:
+            raise ValueError(f"cannot merge a sweep of {key} {extra[key]} into one of {record[key]}: "
+                             f"run every mode with the same versions")
+    if unknown := sorted(set(extra["families"]) - set(record["families"])):
+        raise ValueError(f"families {unknown} are not in the record merged into: run the full sweep")
+    out = json.loads(json.dumps(record))  # a deep copy
+    for mode in extra["counts"]:
+        out["settings"]["modes"][mode] = extra["settings"]["modes"][mode]
+        out["counts"][mode] = extra["counts"][mode]
+        out.setdefault("merged", {})[mode] = {k: extra[k] for k in ("measured", "goose_commit", "seconds")}
+        for name, row in extra["families"].items():
+            if mode in row:
+                out["families"][name][mode] = row[mode]
+    return out
+
+
 def _cell(result: dict[str, Any] | None) -> str:
     if result is None:
         return "–"
@@ -93,6 +120,12 @@ def _cell(result: dict[str, Any] | None) -> str:
     if status == "wrong":
         return f"**wrong** ({result['error']:.0e}×)"
     return "refused" if status == "refused" else "**crash**"
+
+
+def _title_of_expert(layout: dict[str, int]) -> str:
+    """What an expert-parallel mode runs: the families with experts, at dp = ep."""
+    ep = layout.get("ep", 1)
+    return f"every family with experts, dp = ep = {ep}, each rank 1/{ep} of the batch" if ep > 1 else "a subset"
 
 
 def _one_line(text: str, limit: int = 400) -> str:
@@ -126,6 +159,10 @@ def markdown(record: dict[str, Any]) -> str:
         "python -m sweep --help` for a subset); the raw record is "
         "[coverage.json](coverage.json).",
         "",
+        *[f"The {titles[m]} column ({_title_of_expert(s['modes'][m])}) was measured {when['measured']} at goose "
+          f"commit `{when['goose_commit']}` ({when['seconds']:.0f} s) and merged in (`--merge`); a family "
+          f"without experts shows –." for m, when in record.get("merged", {}).items()],
+        *([""] if record.get("merged") else []),
         "- **equal**: every rank's losses and gathered parameters match the single-device run.",
         "- **refused**: goose raised a clear error before the first step (its message is below).",
         "- **wrong**: the numbers differ; the worst error as a multiple of the tolerance's allowance.",
