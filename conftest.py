@@ -56,6 +56,7 @@ _STREAM_CHECKED = ("tests/test_pipeline.py", "tests/test_stream", "tests/test_tr
                    "tests/test_token_weighted.py", "tests/test_callbacks.py", "stages/09_",
                    "stages/10_", "stages/11_", "stages/13_", "stages/14_", "tests/test_schedule_",
                    "stages/17_3d_parallelism/test_3d", "stages/15_long_sequences/test_sequence_parallel",
+                   "stages/15_long_sequences/test_context_pipeline",
                    "stages/16_expert_parallel/test_expert_parallel",
                    # bf16 activations through every pipeline transport; the loss-scaling test only
                    # scales the backward's seed (a value, no new stream traffic): it runs unchecked

@@ -1,5 +1,7 @@
 """Every order of the three wrappers either equals the single-device run or is refused, on every
-rank, before the first step (tp=2 x pp=2 x dp=2, plain AdamW and ZeRO-1 with clipping)."""
+rank, before the first step (tp=2 x pp=2 x dp=2, plain AdamW and ZeRO-1 with clipping); with
+ContextParallel the one order is TP, PP, CP, DP and the 23 others are refused on every rank
+before any collective (tp=2 x pp=2 x cp=2)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import itertools
 import pytest
 import torch
 
-from goose_core import (DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel, TensorParallel,
-                        clip_grad_norm_, full_state_dict)
+from goose_core import (ContextParallel, DataParallel, DistributedOptimizer, ParallelContext, PipelineParallel,
+                        TensorParallel, clip_grad_norm_, full_state_dict, spawn)
 from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
                                 run_distributed, train_loop)
 
@@ -115,3 +117,39 @@ def test_wrapping_after_the_optimizer_and_pipelining_twice_are_refused_on_every_
     for after_optimizer, twice in run_distributed(_misuse, 2, 1, 2, timeout=120):
         assert "apply every wrapper (TensorParallel, PipelineParallel, DataParallel) first" in after_optimizer
         assert "already split into pipeline stages" in twice
+
+
+CP_ORDERS = list(itertools.permutations(("tp", "pp", "cp", "dp")))
+#: The pipeline cuts ContextParallel's slice into micro-batches, so it is built first; TP before
+#: the pipeline; DataParallel counts the targets of the slices, so it comes after.
+CP_ORDER = ("tp", "pp", "cp", "dp")
+
+
+def _cp_refusals(orders: list[tuple[str, ...]]) -> list[str]:
+    """Each order wrapped and fed one batch: what it raises (by the first forward), or "trains"."""
+    ctx = ParallelContext(2, 2, 1, context_parallel_size=2, backend="gloo", device="cpu")
+    messages = []
+    for order in orders:
+        try:
+            model = PLAIN.build_model()
+            for name in order:
+                model = ContextParallel(model, ctx).parallelize() if name == "cp" else _wrap(model, ctx, (name,))
+            model(**PLAIN.batch(0))
+        except ValueError as err:
+            messages.append(str(err))
+        else:
+            messages.append("trains")
+    return messages
+
+
+def test_context_parallel_has_one_order_and_the_others_are_refused_on_every_rank() -> None:
+    refused = [order for order in CP_ORDERS if order != CP_ORDER]
+    out = spawn(_cp_refusals, 8, [*refused, CP_ORDER], timeout=120)
+    for rank, messages in enumerate(out):
+        assert messages[-1] == "trains", f"rank {rank}: {messages[-1]}"
+        for order, message in zip(refused, messages):
+            assert message == out[0][refused.index(order)], f"{order}: rank {rank} refused otherwise"
+            assert any(fix in message for fix in (
+                "apply TensorParallel before PipelineParallel", "ContextParallel must wrap the model before "
+                "DataParallel", "apply the wrappers in the order TensorParallel, PipelineParallel, "
+                "ContextParallel, DataParallel")), f"{order}: {message}"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,8 @@ from goose_core.context_parallel.slicing import balanced_positions, slice_batch
 from goose_core.distributed.batch_check import install_batch_check, model_vocab
 from goose_core.distributed.context import ParallelContext
 from goose_core.metadata import module_grad_sync
+from goose_core.pipeline.parallel import is_pipelined
+from goose_core.pipeline.stage import CellScope
 
 __all__ = ["ContextParallel", "METHODS"]
 
@@ -34,6 +37,10 @@ class ContextParallel:
       2C-1-i, global position ids, labels shifted before slicing) and sets the ring for the
       attention calls of the forward. Every cp rank of a dp shard is fed the same batch.
 
+    On a pipelined model (``PipelineParallel`` before it) the slice is what the pipeline cuts
+    into micro-batches, and the ring is set around each cell (its forward and its recompute)
+    with the padding mask of that micro-batch's rows (:class:`~goose_core.pipeline.stage.CellScope`).
+
     The loss is the token-weighted mean over the whole sequence: each rank's token-loss sum is
     divided by the targets of the whole batch, counted over dp x cp by ``DataParallel``, which
     must wrap the model too (at any data_parallel_size): cp ranks hold the same weights, and
@@ -49,8 +56,12 @@ class ContextParallel:
     Raises:
         ValueError: an unknown method; a family whose attention the ring does not reproduce
             (softcapping, ALiBi, sinks; or one whose attention does not go through the interface,
-            at its first forward); pp > 1 with cp > 1; a sequence length that is not a multiple of 2 * cp; a forward
-            without DataParallel around the model while cp > 1.
+            at its first forward); a sequence length that is not a multiple of 2 * cp; a forward
+            without DataParallel around the model while cp > 1; PipelineParallel applied after
+            it (at the first forward, before any collective).
+
+    Order: ``TensorParallel`` (before or after it), ``PipelineParallel`` (before it), then
+    ``ContextParallel``, then ``DataParallel``.
     """
 
     def __init__(self, module: nn.Module, ctx: ParallelContext, method: str = "ring") -> None:
@@ -59,11 +70,6 @@ class ContextParallel:
         if method == "ulysses" and not attention.ulysses_available():
             raise ValueError("method='ulysses' needs goose_core.context_parallel.ulysses, which this "
                              "installation does not have; use method='ring'")
-        if ctx.pipeline_parallel_size > 1 and ctx.context_parallel_size > 1:
-            raise ValueError(f"context parallelism (cp={ctx.context_parallel_size}) with pipeline parallelism "
-                             f"(pp={ctx.pipeline_parallel_size}) is not supported: a pipelined model takes no "
-                             f"position_ids or shift_labels, and its micro-batches would need the padding mask "
-                             f"cut with them; use pipeline_parallel_size=1 with context_parallel_size > 1")
         if module_grad_sync(module) is not None:
             raise ValueError("ContextParallel must wrap the model before DataParallel: DataParallel counts "
                              "the targets of the slices ContextParallel makes (TensorParallel, then "
@@ -71,6 +77,8 @@ class ContextParallel:
         refuse_unsupported(module)
         self.module, self.ctx, self.method = module, ctx, method
         self._checked = False
+        self._cell_calls = 0  # attention calls in the pipeline's cells of this forward
+        self._pipelined = is_pipelined(module)  # a pipeline applied later is refused at the first forward
 
     def parallelize(self) -> nn.Module:
         """Install the attention and the slicing hook; return the module."""
@@ -84,8 +92,17 @@ class ContextParallel:
             # The cp peers must be fed one batch: checked on the whole batch, before the slicing hook.
             install_batch_check(self.module, self.ctx, "cp")
         self.module.register_forward_pre_hook(self._slice, with_kwargs=True)
+        # First of all hooks: a wrapper applied after this one is refused before any collective.
+        self.module.register_forward_pre_hook(self._check_order, prepend=True)
         self.module.register_forward_hook(self._after, with_kwargs=True, always_call=True)
         return self.module
+
+    def _check_order(self, module: nn.Module, args: tuple) -> None:
+        if not self._checked and is_pipelined(module) and not self._pipelined:
+            raise ValueError("PipelineParallel was applied after ContextParallel: the pipeline must be built "
+                             "first, so that ContextParallel's slice of each batch is what it cuts into "
+                             "micro-batches; apply the wrappers in the order TensorParallel, "
+                             "PipelineParallel, ContextParallel, DataParallel")
 
     def _attention(self) -> Callable[..., Tensor]:
         return ring_attention if self.method == "ring" else attention.ulysses_method
@@ -103,13 +120,26 @@ class ContextParallel:
         positions = balanced_positions(ids.shape[1], self.ctx.context_parallel_size)
         mask = kwargs.get("attention_mask")
         key_mask = None if mask is None else mask.to(torch.bool)
-        spec = RingSpec(self.ctx.context_parallel_group, tuple(p.to(ids.device) for p in positions), key_mask)
-        attention.begin(spec, self._attention())
-        return (), slice_batch(kwargs, positions[self.ctx.context_parallel_rank])
+        held = tuple(p.to(ids.device) for p in positions)
+        sliced = slice_batch(kwargs, positions[self.ctx.context_parallel_rank])
+        self._cell_calls = 0
+        if is_pipelined(module):  # the ring is set per cell, for its micro-batch's rows
+            return (), {**sliced, "cell_scope": CellScope(lambda rows: self._cell(held, rows), key_mask)}
+        attention.begin(RingSpec(self.ctx.context_parallel_group, held, key_mask), self._attention())
+        return (), sliced
+
+    @contextmanager
+    def _cell(self, positions: tuple[Tensor, ...], key_mask: Tensor | None) -> Iterator[None]:
+        """One pipeline cell's attention calls run over the ring, masked by its rows' padding."""
+        attention.begin(RingSpec(self.ctx.context_parallel_group, positions, key_mask), self._attention())
+        try:
+            yield
+        finally:
+            self._cell_calls += attention.end()
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         # always_call: a forward that raised still ends the ring, so no later call sees it.
-        calls = attention.end()
+        calls = attention.end() + self._cell_calls
         if output is None:  # the forward raised: let its error be the one the caller sees
             return output
         if not self._checked and calls == 0:

@@ -236,7 +236,8 @@ class SplitModel:
         else:
             hidden, sums = self.router.unpack(x, shape, self._dtype) if carry else (x, None)
             embeds = torch.zeros(shape, dtype=hidden.dtype, device=hidden.device)
-        kwargs = {k: inputs[k] for k in ("attention_mask", "labels", "num_items_in_batch") if k in inputs}
+        kwargs = {k: inputs[k] for k in ("attention_mask", "labels", "shift_labels", "num_items_in_batch")
+                  if k in inputs}
         # A generation step (goose_core.pipeline.generate): this rank's cache, the prompt's positions.
         kwargs.update({"use_cache": False, **{k: inputs[k] for k in GENERATION_INPUTS if k in inputs}})
         if self.router is not None:

@@ -22,7 +22,9 @@ The stage knows data parallelism only through :class:`goose_core.grad_sync.GradS
 from __future__ import annotations
 
 import functools
-from typing import Any
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -47,7 +49,19 @@ from goose_core.pipeline.split import SplitModel
 from goose_core.pipeline.tied import TiedGradients
 from goose_core.engine.transport import Transport
 
-__all__ = ["Stage"]
+__all__ = ["Stage", "CellScope"]
+
+
+@dataclass(frozen=True)
+class CellScope:
+    """What a wrapper outside the pipeline sets around every cell of one step (its forward, and
+    its recompute in the backward): ``enter(rows)`` with the cell's micro-batch rows of ``rows``.
+
+    Context parallelism passes one: its ring attention needs the padding mask of the whole
+    sequence for the micro-batch's rows, which no single forward of the model sees."""
+
+    enter: Callable[[Tensor | None], AbstractContextManager[Any]]
+    rows: Tensor | None = None  # [b, ...]: cut into micro-batches with the batch
 
 
 class Stage:
@@ -87,12 +101,13 @@ class Stage:
         self.is_last = num_partitions - 1 in held
         devices = devices or [torch.device("cpu")] * num_partitions
         # Each cell runs the family's own forward over this partition's blocks (SplitModel.run).
-        partitions = [Partition(j, functools.partial(split_model.run, blocks, j == 0, j == num_partitions - 1),
+        partitions = [Partition(j, _scoped(functools.partial(split_model.run, blocks, j == 0, j == num_partitions - 1)),
                                 split_model.embed if j == 0 else None, devices[j])
                       for j, blocks in held.items()]
         if loss is not None and self.is_last:
             partitions[-1].body = loss.wrap(partitions[-1].body)
         self.loss = loss
+        self.block_recompute = recompute if recompute in BLOCK_MODES else None
         self.device = devices[max(held)]
         if recompute in BLOCK_MODES:
             recompute_blocks([split_model.blocks[b] for blocks in held.values() for b in blocks], recompute,
@@ -108,6 +123,7 @@ class Stage:
 
     def forward(self, input_ids: Tensor | None = None, labels: Tensor | None = None,
                 attention_mask: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
+                shift_labels: Tensor | None = None, cell_scope: CellScope | None = None,
                 **kwargs: Any) -> CausalLMOutputWithPast:
         """The batch's loss (with ``labels``) or logits (without), as the unsplit model's; a
         generation step (``model.generate``'s: a cache, positions or kept logits given, no labels)
@@ -117,10 +133,19 @@ class Stage:
             num_items_in_batch: the denominator of the token-loss sum (🤗's convention): the
                 targets of the whole step this batch belongs to (data parallelism passes it).
                 Default: this batch's own targets, so the loss is its token mean.
+            shift_labels: each position's target, already shifted (context parallelism's slice
+                of a sequence: its last target lies on another rank); with ``labels``, as
+                ``position_ids`` (the global positions of the tokens held) then may be.
+            cell_scope: entered around every cell (see :class:`CellScope`).
         """
         refuse_whole_model_compile("pipelined model")  # before any message: every rank raises
         if input_ids is not None and labels is None and Generation.wanted(kwargs):
             return self.generation.forward(input_ids, attention_mask, **kwargs)  # model.generate's step
+        # With labels (training), the rows' positions travel with them: context parallelism's slice.
+        rows = {k: v for k, v in (("position_ids", kwargs.pop("position_ids", None) if labels is not None else None),
+                                  ("shift_labels", shift_labels)) if v is not None}
+        if cell_scope is not None and cell_scope.rows is not None:
+            rows["scope_rows"] = cell_scope.rows
         unsupported = sorted(k for k, v in kwargs.items() if v is not None and k != "use_cache")
         if input_ids is None or unsupported:
             raise ValueError(f"the pipelined model takes input_ids, labels, attention_mask and "
@@ -128,15 +153,19 @@ class Stage:
                              f"use_cache and logits_to_keep); got input_ids="
                              f"{'given' if input_ids is not None else None}, other arguments {unsupported}")
         self._refuse_no_loss(labels)
+        self._refuse_unscoped(shift_labels, cell_scope)
         inputs = {k: v for k, v in (("input_ids", input_ids), ("labels", labels),
                                     ("attention_mask", attention_mask)) if v is not None}
+        inputs.update(rows)
         # Each micro-batch knows its index: the router loss keys its whole-batch record by it.
-        microbatches = [{**mb, "microbatch": i} for i, mb in enumerate(scatter(inputs, self.num_microbatches))]
+        microbatches = [{**mb, "microbatch": i, "cell_scope": cell_scope}
+                        for i, mb in enumerate(scatter(inputs, self.num_microbatches))]
         if labels is None:  # inference: no loss would reach the backward, so build no graph
             with torch.no_grad():
                 outputs = self._outputs(self.pipeline.run(microbatches))
             return CausalLMOutputWithPast(logits=gather(outputs) if self.is_last else None)
-        n = nonzero(count_items(labels) if num_items_in_batch is None else num_items_in_batch)
+        own = count_items(labels) if shift_labels is None else count_items(shift_labels, shifted=True)
+        n = nonzero(own if num_items_in_batch is None else num_items_in_batch)
         microbatches = [{**mb, "num_items_in_batch": n} for mb in microbatches]
         if torch.is_grad_enabled() and self.pipeline.schedule_cls.backward_in_step:
             return CausalLMOutputWithPast(loss=self._step_with_backward(microbatches))
@@ -159,6 +188,19 @@ class Stage:
                 "model(...).logits cannot train. Pass labels= (the model's own loss), or "
                 "PipelineParallel(..., loss_fn=...) and labels=targets (loss_fn(logits, labels) per "
                 "micro-batch); for logits alone, run under torch.no_grad()")
+
+    def _refuse_unscoped(self, shift_labels: Tensor | None, cell_scope: CellScope | None) -> None:
+        """Every rank, before any point-to-point message: what the scope or the shifted labels
+        would not reach. A block recompute reruns a block inside the backward, outside every
+        cell's scope; a ``loss_fn`` shifts ``labels`` itself."""
+        if cell_scope is not None and self.block_recompute is not None:
+            raise ValueError(f"recompute={self.block_recompute!r} reruns each block inside the backward, "
+                             f"outside the cell scope a wrapper set (context parallelism's ring); use "
+                             f"recompute='always', 'except_last' or 'never', which recompute whole cells")
+        if shift_labels is not None and self.loss is not None:
+            raise ValueError("PipelineParallel(..., loss_fn=...) takes the labels unshifted, and this batch's "
+                             "are already shifted (shift_labels: context parallelism's slice); drop loss_fn "
+                             "(the model's own loss takes shift_labels) or context parallelism")
 
     def _total(self, step: StepOutput) -> Tensor | None:
         """The last stage's batch loss: the micro-batch losses' sum, plus the router loss of the
@@ -231,6 +273,17 @@ class Stage:
         for sync in self._deferred:
             sync.flush()
         self._deferred = []
+
+
+def _scoped(body: Callable[[Tensor, dict[str, Any]], Tensor]) -> Callable[[Tensor, dict[str, Any]], Tensor]:
+    """``body`` run inside its micro-batch's :class:`CellScope`, when the step has one."""
+    def run(x: Tensor, inputs: dict[str, Any]) -> Tensor:
+        scope = inputs.get("cell_scope")
+        if scope is None:
+            return body(x, inputs)
+        with scope.enter(inputs.get("scope_rows")):
+            return body(x, inputs)
+    return run
 
 
 def _refuse_split_tie(model: nn.Module, schedule: type[Schedule], one_graph: bool) -> None:
