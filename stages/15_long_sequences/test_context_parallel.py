@@ -24,8 +24,8 @@ from goose_core import (ContextParallel, DataParallel, DistributedOptimizer, Par
                         clip_grad_norm_, full_state_dict, spawn)
 from goose_core.context_parallel import ring
 from goose_core.context_parallel.attention import ulysses_available
-from goose_core.testing import (PARALLEL, RunResult, TINY_MODELS, TrainSpec, assert_matches_reference, reference_run,
-                                train_loop)
+from goose_core.testing import (PARALLEL, RunResult, TINY_MODELS, TrainSpec, assert_matches_reference, noise_floor_runs,
+                                noise_floor_tolerances, reference_run, train_loop)
 from goose_core.testing.models import seeded_model
 
 from course import load_train_script
@@ -147,8 +147,8 @@ def test_ring_at_cp4_equals_one_device_and_holds_a_quarter_of_the_activations() 
     _check_memory([held for _, held, _ in out], 4)
 
 
-def _tp_cp_dp(ctx: ParallelContext, spec: TrainSpec) -> RunResult:
-    model = TensorParallel(spec.build_model(), ctx).parallelize()
+def _tp_cp_dp(ctx: ParallelContext, spec: TrainSpec, sequence_parallel: bool = False) -> RunResult:
+    model = TensorParallel(spec.build_model(), ctx, sequence_parallel=sequence_parallel).parallelize()
     model = ContextParallel(model, ctx).parallelize()
     model = DataParallel(model, ctx).parallelize()
     optimizer = DistributedOptimizer(spec.build_optimizer(model.parameters()), ctx)
@@ -161,14 +161,44 @@ def _on_grid(fn: Callable[..., Any], tp: int, dp: int, cp: int, *args: Any) -> A
     return fn(ParallelContext(tp, 1, dp, context_parallel_size=cp, backend="gloo", device="cpu"), *args)
 
 
-def test_tp2_cp2_dp2_with_zero1_and_clipping_equals_one_device() -> None:
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
+def test_tp2_cp2_dp2_with_zero1_and_clipping_equals_one_device(sequence_parallel: bool) -> None:
     # Left padding, so the dp shards and the cp slices hold different numbers of targets; a clip
-    # of 0.5 acts on the first steps. ZeRO-1 shards the optimizer over dp x cp (4 replicas).
+    # of 0.5 acts on the first steps. ZeRO-1 shards the optimizer over dp x cp (4 replicas). With
+    # sequence parallelism each tp rank holds half of its cp slice between the regions.
     spec = TrainSpec(family="llama", steps=2, batch_size=4, seq_len=16, padding="left", max_grad_norm=0.5)
     reference = reference_run(spec)
-    for rank, result in enumerate(spawn(_on_grid, 8, _tp_cp_dp, 2, 2, 2, spec, timeout=240)):
+    for rank, result in enumerate(spawn(_on_grid, 8, _tp_cp_dp, 2, 2, 2, spec, sequence_parallel, timeout=240)):
         try:
             assert_matches_reference(result, reference, PARALLEL)
         except AssertionError as err:
             raise AssertionError(f"rank {rank}: {err}") from err
 
+
+
+# bf16 with fp32 masters (stage 01's recipe), SGD as stage 07's bf16 tests (AdamW turns rounding
+# noise of near-zero gradients into lr-sized steps). The ring merges per-block softmax partials
+# and the ranks' losses add up: sums in another order, which the noise floor samples (the
+# reference with its sums reordered and split, on one device).
+BF16 = TrainSpec(family="llama", steps=3, optimizer="sgd", lr=0.1, padding="left", batch_size=8, seq_len=16,
+                 precision="bf16")
+
+
+def _bf16(ctx: ParallelContext) -> list[RunResult]:
+    runs = []
+    for method in METHODS:
+        model = DataParallel(ContextParallel(BF16.build_model(), ctx, method=method).parallelize(), ctx).parallelize()
+        losses = train_loop(model, BF16.recipe_optimizer(model.parameters()), BF16.batches(ctx.dp_rank, ctx.dp_size))
+        runs.append(RunResult(losses, full_state_dict(model, ctx)))
+    return runs
+
+
+def test_bf16_with_fp32_masters_is_within_the_one_device_recipe_s_noise_floor() -> None:
+    reference = reference_run(BF16)
+    losses, params = noise_floor_tolerances(reference, noise_floor_runs(BF16))
+    for rank, runs in enumerate(spawn(_on_grid, 4, _bf16, 1, 2, 2, timeout=240)):
+        for method, result in zip(METHODS, runs):
+            try:
+                assert_matches_reference(result, reference, losses, params)
+            except AssertionError as err:
+                raise AssertionError(f"rank {rank}, {method}: {err}\n({losses.why}; {params.why})") from err
