@@ -11,18 +11,16 @@ expert-parallel module to pair with.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import AutoConfig
 
+from benchmarks.bench_tensor_parallel import Trainer
 from benchmarks.paired import alternate
 from benchmarks.results import Record
 from goose_core import DataParallel, ParallelContext, TensorParallel
-from goose_core.data import shard_batch
 from goose_core.expert_parallel import ExpertParallel
 from goose_core.testing import TrainSpec, run_distributed, seeded_model
 
@@ -39,31 +37,11 @@ def _model() -> nn.Module:
     return seeded_model(config, SPEC.seed, SPEC.dtype)
 
 
-class _Trainer:
-    """One side's model, optimizer and batch shard; each call trains STEPS steps, seconds per step."""
-
-    def __init__(self, model: nn.Module, rank: int, size: int) -> None:
-        self.model, self.optimizer = model, SPEC.build_optimizer(model.parameters())
-        self.rank, self.size, self.losses = rank, size, []
-
-    def __call__(self) -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(STEPS):
-            batch = shard_batch(SPEC.batch(len(self.losses)), self.rank, self.size)
-            loss = self.model(**batch).loss
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            self.losses.append(loss.item())
-        dist.barrier()
-        return (time.perf_counter() - start) / STEPS
-
-
 def _paired(ctx: ParallelContext) -> dict[str, Any]:
     tp_ctx = ParallelContext(tensor_parallel_size=WORLD, backend="gloo", device="cpu")  # the same world
-    ep = _Trainer(DataParallel(ExpertParallel(_model(), ctx).parallelize(), ctx).parallelize(), ctx.dp_rank, WORLD)
-    tp = _Trainer(TensorParallel(_model(), tp_ctx).parallelize(), 0, 1)
+    ep = Trainer(DataParallel(ExpertParallel(_model(), ctx).parallelize(), ctx).parallelize(), SPEC, STEPS,
+                 (ctx.dp_rank, WORLD))
+    tp = Trainer(TensorParallel(_model(), tp_ctx).parallelize(), SPEC, STEPS)
     pairs = alternate(ep, tp, ROUNDS)
     drift = max(abs(a - b) for a, b in zip(ep.losses, tp.losses))  # the same training, or no comparison
     return {"pairs": pairs, "drift": drift}

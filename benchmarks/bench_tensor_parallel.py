@@ -24,6 +24,7 @@ from torch import nn
 from benchmarks.paired import alternate
 from benchmarks.results import Record
 from goose_core import ParallelContext, TensorParallel
+from goose_core.data import shard_batch
 from goose_core.testing import TrainSpec, run_distributed
 
 TP = 2
@@ -53,29 +54,32 @@ def _goose(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     return TensorParallel(model, ctx).parallelize()
 
 
-class _Trainer:
-    """One side's model and optimizer; each call trains STEPS more steps and returns seconds per step."""
+class Trainer:
+    """One side's model and optimizer; each call trains ``steps`` more steps of ``spec``'s batches
+    (this dp rank's shard of each: ``shard`` = (rank, size)) and returns seconds per step."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.optimizer = model, SPEC.build_optimizer(model.parameters())
+    def __init__(self, model: nn.Module, spec: TrainSpec = SPEC, steps: int = STEPS,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+        self.model, self.optimizer = model, spec.build_optimizer(model.parameters())
+        self.spec, self.steps, self.shard = spec, steps, shard
         self.losses: list[float] = []
 
     def __call__(self) -> float:
         dist.barrier()
         start = time.perf_counter()
-        for _ in range(STEPS):
-            loss = self.model(**SPEC.batch(len(self.losses))).loss
+        for _ in range(self.steps):
+            loss = self.model(**shard_batch(self.spec.batch(len(self.losses)), *self.shard)).loss
             loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad()
             self.losses.append(loss.item())
         dist.barrier()
-        return (time.perf_counter() - start) / STEPS
+        return (time.perf_counter() - start) / self.steps
 
 
 def _paired(ctx: ParallelContext) -> dict[str, Any]:
-    goose = _Trainer(_goose(SPEC.build_model(), ctx))
-    peer = _Trainer(_dtensor(SPEC.build_model(), ctx.tp_size))
+    goose = Trainer(_goose(SPEC.build_model(), ctx))
+    peer = Trainer(_dtensor(SPEC.build_model(), ctx.tp_size))
     pairs = alternate(goose, peer, ROUNDS)
     # Same init, same batches: the two must train alike, or the timing compares different work.
     drift = max(abs(a - b) for a, b in zip(goose.losses, peer.losses))
