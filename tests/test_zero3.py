@@ -174,32 +174,24 @@ def _checkpointed(reentrant: bool) -> Wrap:
     return wrap
 
 
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata  # the storage itself (its address moves when resized)
-
-
 def _gathered_bytes(ctx: ParallelContext) -> dict[str, Any]:
     """The bytes of gathered parameter storage alive after each block's forward and after the
-    whole forward (in a bucket's buffer, or held by a tensor autograd saved), what the schedule
-    keeps (after block k: the rest and block k+1, prefetched; after the forward: the rest only),
-    and the saved activations' bytes then (every other storage autograd saved)."""
+    whole forward (a bucket's buffer, or the storage of a parameter or parameter view autograd
+    saved), what the schedule keeps (after block k: the rest and block k+1, prefetched; after the
+    forward: the rest only), and the bytes of every other storage autograd saved (activations)."""
     model, _ = _build(ctx, LLAMA)
     sync = zero3.sync_of(model)
     assert sync is not None
-    saved: dict[int, torch.Tensor] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.setdefault(_storage_key(t), t)
-        return t
+    saved: list[torch.Tensor] = []
 
     def held() -> tuple[int, int]:
-        fulls = {_storage_key(b.full): b.full for b in sync.buckets}
-        params = {**{k: t for k, t in saved.items() if k in gathered_keys}, **fulls}
-        activations = {k: t for k, t in saved.items() if k not in gathered_keys}
-        return (sum(t.untyped_storage().nbytes() for t in params.values()),
-                sum(t.untyped_storage().nbytes() for t in activations.values()))
+        params, activations = {}, {}  # by storage (its address moves when resized)
+        for t in saved:
+            of_param = isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+            (params if of_param else activations)[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        params.update({b.full.untyped_storage()._cdata: b.full.untyped_storage().nbytes() for b in sync.buckets})
+        return sum(params.values()), sum(activations.values())
 
-    gathered_keys: set[int] = set()
     unit_bytes = [sum(b.padded_numel * b.full.element_size() for b in u.buckets) for u in sync.units]
     kept = [unit_bytes[-1] + (unit_bytes[k + 1] if k + 2 < len(unit_bytes) else 0)
             for k in range(len(unit_bytes) - 1)]
@@ -207,16 +199,8 @@ def _gathered_bytes(ctx: ParallelContext) -> dict[str, Any]:
     for k, block in enumerate(model.model.layers):  # registered after DataParallel's: run after its release
         block.register_forward_hook(lambda m, a, o, k=k: after_block.append((held()[0], kept[k])))
     batch = shard_batch(LLAMA.batch(0), ctx.dp_rank, ctx.dp_size)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        # a bucket's buffer, whichever it is when saved (the planted release swaps it)
-        record = zero3.ShardedBucket.install
-
-        def install(self: zero3.ShardedBucket, group: Any) -> None:
-            record(self, group)
-            gathered_keys.add(_storage_key(self.full))
-
-        with mock.patch.object(zero3.ShardedBucket, "install", install):
-            loss = model(**batch).loss
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = model(**batch).loss
     params, activations = held()
     loss.backward()
     return {"after_block": after_block, "after_forward": (params, unit_bytes[-1]), "activations": activations}
@@ -329,8 +313,13 @@ def _planted(ctx: ParallelContext, bug: str) -> RunResult | str | dict[str, Any]
             self.shard_grad.add_(received)  # this rank's piece of the sum added a second time
 
         patch = mock.patch.object(zero3.ShardedBucket, "finish_reduce", twice)
-    elif bug == "released without freeing the storage":
-        with mock.patch.object(zero3.ShardedBucket, "release", lambda self: None):
+    elif bug in ("released by swapping p.data", "released without freeing the storage"):
+        def swap(self: zero3.ShardedBucket) -> None:  # a new, empty buffer: the saved views keep the old
+            self.full = torch.empty(self.padded_numel, dtype=self.full.dtype, device=self.full.device)
+            self._point()
+            self.full.untyped_storage().resize_(0)
+
+        with mock.patch.object(zero3.ShardedBucket, "release", swap if "swapping" in bug else lambda self: None):
             return _gathered_bytes(ctx)
     else:
         patch = mock.patch.object(zero3.ShardedBucket, "shard_range",  # every rank takes shard 0
@@ -343,11 +332,12 @@ def _planted(ctx: ParallelContext, bug: str) -> RunResult | str | dict[str, Any]
 
 
 @pytest.mark.parametrize("bug", ["not re-gathered for backward", "a shard reduced twice", "the wrong shard written",
+                                 "released by swapping p.data",
                                  "released without freeing the storage"])
 def test_a_planted_bug_fails(bug: str) -> None:
     reference = reference_run(replace(LLAMA, optimizer="sgd", max_grad_norm=None))
     for rank, found in enumerate(run_distributed(_planted, 1, 1, 2, bug, timeout=120)):
-        if isinstance(found, dict):  # every block's gathered buffer stays
+        if isinstance(found, dict):  # gathered buffers outlive their block's forward
             with pytest.raises(AssertionError, match="bytes of gathered parameters"):
                 _check_gathered(found, rank)
             continue
