@@ -233,7 +233,8 @@ def _check_timeline(seen: dict[str, list[tuple[int, list[Any]]]]) -> None:
 
 def _check_gathered(found: dict[str, Any], rank: int) -> None:
     for k, (got, want) in enumerate(found["after_block"]):
-        assert got == want, f"rank {rank}: after block {k}'s forward {got} bytes of gathered parameters, kept {want}"
+        assert got == want, (f"rank {rank}: after block {k}'s forward {got} bytes of gathered parameters, "
+                             f"kept {want}")
     got, want = found["after_forward"]
     assert got == want, f"rank {rank}: after the forward {got} bytes of gathered parameters, the rest's {want}"
 
