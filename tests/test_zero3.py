@@ -207,7 +207,8 @@ def _gathered_bytes(ctx: ParallelContext) -> dict[str, Any]:
 
 
 def _data_parallel(ctx: ParallelContext) -> dict[str, Any]:
-    return {"gathered": _gathered_bytes(ctx), "llama": _run(ctx, LLAMA), "gpt2": _run(ctx, GPT2, frozen=True, micro_batches=M),
+    return {"gathered": _gathered_bytes(ctx), "llama": _run(ctx, LLAMA),
+            "gpt2": _run(ctx, GPT2, frozen=True, micro_batches=M),
             "checkpointed": [_run(ctx, LLAMA, before_dp=_checkpointed(r)) for r in (False, True)],
             "held": _held(ctx), "collectives": _collectives(ctx), "timeline": _timeline(ctx)}
 
