@@ -99,7 +99,7 @@ def _held(ctx: ParallelContext) -> tuple[int, int, bool]:
     _train(ctx, model, optimizer, GPT2, range(1))
     with torch.no_grad():  # an evaluation forward gathers and frees as well
         model(**shard_batch(GPT2.batch(1), ctx.dp_rank, ctx.dp_size))
-    empty = all(p.numel() == 0 for p in model.parameters() if p.requires_grad)
+    empty = all(p.untyped_storage().nbytes() == 0 for p in model.parameters() if p.requires_grad)
     with zero3.gathered(model):  # the whole model's sizes
         blocks = [sum(p.numel() for p in block.parameters() if p.requires_grad) for block in model.transformer.h]
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -174,8 +174,41 @@ def _checkpointed(reentrant: bool) -> Wrap:
     return wrap
 
 
+def _gathered_bytes(ctx: ParallelContext) -> dict[str, Any]:
+    """The bytes of gathered parameter storage alive after each block's forward and after the
+    whole forward (a bucket's buffer, or the storage of a parameter or parameter view autograd
+    saved), what the schedule keeps (after block k: the rest and block k+1, prefetched; after the
+    forward: the rest only), and the bytes of every other storage autograd saved (activations)."""
+    model, _ = _build(ctx, LLAMA)
+    sync = zero3.sync_of(model)
+    assert sync is not None
+    saved: list[torch.Tensor] = []
+
+    def held() -> tuple[int, int]:
+        params, activations = {}, {}  # by storage (its address moves when resized)
+        for t in saved:
+            of_param = isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+            (params if of_param else activations)[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        params.update({b.full.untyped_storage()._cdata: b.full.untyped_storage().nbytes() for b in sync.buckets})
+        return sum(params.values()), sum(activations.values())
+
+    unit_bytes = [sum(b.padded_numel * b.full.element_size() for b in u.buckets) for u in sync.units]
+    kept = [unit_bytes[-1] + (unit_bytes[k + 1] if k + 2 < len(unit_bytes) else 0)
+            for k in range(len(unit_bytes) - 1)]
+    after_block: list[tuple[int, int]] = []
+    for k, block in enumerate(model.model.layers):  # registered after DataParallel's: run after its release
+        block.register_forward_hook(lambda m, a, o, k=k: after_block.append((held()[0], kept[k])))
+    batch = shard_batch(LLAMA.batch(0), ctx.dp_rank, ctx.dp_size)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = model(**batch).loss
+    params, activations = held()
+    loss.backward()
+    return {"after_block": after_block, "after_forward": (params, unit_bytes[-1]), "activations": activations}
+
+
 def _data_parallel(ctx: ParallelContext) -> dict[str, Any]:
-    return {"llama": _run(ctx, LLAMA), "gpt2": _run(ctx, GPT2, frozen=True, micro_batches=M),
+    return {"gathered": _gathered_bytes(ctx), "llama": _run(ctx, LLAMA),
+            "gpt2": _run(ctx, GPT2, frozen=True, micro_batches=M),
             "checkpointed": [_run(ctx, LLAMA, before_dp=_checkpointed(r)) for r in (False, True)],
             "held": _held(ctx), "collectives": _collectives(ctx), "timeline": _timeline(ctx)}
 
@@ -199,6 +232,14 @@ def _check_timeline(seen: dict[str, list[tuple[int, list[Any]]]]) -> None:
         assert not any(held[:k + 1]) and not any(held[k + 3:]), (k, held)
 
 
+def _check_gathered(found: dict[str, Any], rank: int) -> None:
+    for k, (got, want) in enumerate(found["after_block"]):
+        assert got == want, (f"rank {rank}: after block {k}'s forward {got} bytes of gathered parameters, "
+                             f"kept {want}")
+    got, want = found["after_forward"]
+    assert got == want, f"rank {rank}: after the forward {got} bytes of gathered parameters, the rest's {want}"
+
+
 @pytest.mark.parametrize("dp", [2, 4])
 def test_data_parallel_equals_one_device_and_holds_one_dp_th_of_the_parameters(dp: int) -> None:
     llama, gpt2 = reference_run(LLAMA), _reference(GPT2, frozen=True, micro_batches=M)
@@ -213,6 +254,7 @@ def test_data_parallel_equals_one_device_and_holds_one_dp_th_of_the_parameters(d
         got, want = found["collectives"]
         assert got == want, f"rank {rank}: one step's collectives {got}, the formula's {want}"
         _check_timeline(found["timeline"])
+        _check_gathered(found["gathered"], rank)
 
 
 # -- a parameter some ranks do not use ------------------------------------------------------------
@@ -260,7 +302,7 @@ def test_a_parameter_unused_on_some_ranks_keeps_every_rank_s_collectives_in_step
 
 
 # -- planted bugs ---------------------------------------------------------------------------------
-def _planted(ctx: ParallelContext, bug: str) -> RunResult | str:
+def _planted(ctx: ParallelContext, bug: str) -> RunResult | str | dict[str, Any]:
     spec = replace(LLAMA, optimizer="sgd", max_grad_norm=None)
     if bug == "not re-gathered for backward":
         patch = mock.patch.object(zero3.ShardedParameters, "_before_backward", lambda self, unit, before: None)
@@ -273,6 +315,14 @@ def _planted(ctx: ParallelContext, bug: str) -> RunResult | str:
             self.shard_grad.add_(received)  # this rank's piece of the sum added a second time
 
         patch = mock.patch.object(zero3.ShardedBucket, "finish_reduce", twice)
+    elif bug in ("released by swapping p.data", "released without freeing the storage"):
+        def swap(self: zero3.ShardedBucket) -> None:  # a new, empty buffer: the saved views keep the old
+            self.full = torch.empty(self.padded_numel, dtype=self.full.dtype, device=self.full.device)
+            self._point()
+            self.full.untyped_storage().resize_(0)
+
+        with mock.patch.object(zero3.ShardedBucket, "release", swap if "swapping" in bug else lambda self: None):
+            return _gathered_bytes(ctx)
     else:
         patch = mock.patch.object(zero3.ShardedBucket, "shard_range",  # every rank takes shard 0
                                   lambda self, rank: (0, self.shard_numel))
@@ -283,12 +333,18 @@ def _planted(ctx: ParallelContext, bug: str) -> RunResult | str:
             return str(err)
 
 
-@pytest.mark.parametrize("bug", ["not re-gathered for backward", "a shard reduced twice", "the wrong shard written"])
+@pytest.mark.parametrize("bug", ["not re-gathered for backward", "a shard reduced twice", "the wrong shard written",
+                                 "released by swapping p.data",
+                                 "released without freeing the storage"])
 def test_a_planted_bug_fails(bug: str) -> None:
     reference = reference_run(replace(LLAMA, optimizer="sgd", max_grad_norm=None))
-    for found in run_distributed(_planted, 1, 1, 2, bug, timeout=120):
+    for rank, found in enumerate(run_distributed(_planted, 1, 1, 2, bug, timeout=120)):
+        if isinstance(found, dict):  # gathered buffers outlive their block's forward
+            with pytest.raises(AssertionError, match="bytes of gathered parameters"):
+                _check_gathered(found, rank)
+            continue
         if isinstance(found, str):
-            assert "size of tensor" in found or "shape" in found, found
+            assert "not allocated" in found or "storage of size 0" in found, found  # its storage freed
             continue
         with pytest.raises(AssertionError, match="differ"):
             assert_matches_reference(found, reference, PARALLEL)

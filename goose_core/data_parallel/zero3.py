@@ -54,8 +54,12 @@ pipeline's recompute finds its blocks still gathered.
 Frozen parameters (``requires_grad=False``) are left whole on every rank: they have no gradient
 and no optimizer state to shard with them. Tied parameters (GPT-2's ``wte``/``lm_head``) are one
 parameter of the rest unit; across pipeline stages each stage's copy is its own. The parameters
-are gathered by swapping ``p.data`` (autograd saved the parameter itself, so the backward sees
-what is installed then); ``gathered(model)`` installs every unit (a checkpoint, an export, a
+are views of one flat buffer per bucket for the bucket's whole life, freed by resizing its storage to
+0 bytes and gathered again into that same storage (FSDP's way): the weights a block's forward saves
+for its backward (``addmm`` saves ``weight.t()``, a view) are views of it too, so freeing the
+storage frees them, and the backward's re-gather refills what they see; swapping ``p.data`` for an
+empty tensor instead would leave every saved view holding the whole gathered buffer until that
+block's backward. ``gathered(model)`` installs every unit (a checkpoint, an export, a
 test reads whole weights) and writes what it holds back into the shards on exit.
 
 The optimizer is :class:`~goose_core.optim.DistributedOptimizer`: it takes this sync over
@@ -107,14 +111,18 @@ class ShardedBucket:
         self.rank = rank
         first = params[0]
         self.shapes = [p.shape for p in params]
-        flat = torch.zeros(self.padded_numel, dtype=first.dtype, device=first.device)
-        for o, p in zip(self.offsets, params):
-            flat[o : o + p.numel()].copy_(p.detach().reshape(-1))
+        # The gathered flat parameters: one buffer for the bucket's life, every parameter a view of
+        # it; between uses its storage is resized to 0 bytes (the views, and those autograd saved,
+        # stay) and a gather refills the same storage, so a saved view sees the values again.
+        self.full = torch.zeros(self.padded_numel, dtype=first.dtype, device=first.device)
+        with torch.no_grad():
+            for o, p in zip(self.offsets, params):
+                self.full[o : o + p.numel()].copy_(p.detach().reshape(-1))
         lo, hi = self.shard_range(rank)
-        self.param_shard = flat[lo:hi].clone()
+        self.param_shard = self.full[lo:hi].clone()
         grad_dtype = reduce_dtype or main_dtype(first.dtype)
         self.shard_grad = torch.zeros(self.shard_numel, dtype=grad_dtype, device=first.device)
-        self.full: Tensor | None = None       # the gathered flat parameters, while installed or in flight
+        self._point()
         self.full_grad: Tensor | None = None  # this rank's whole gradient, until reduce-scattered
         self.received: Tensor | None = None   # the reduce-scatter's output, until added to shard_grad
         self.gathering: dist.Work | None = None
@@ -126,35 +134,44 @@ class ShardedBucket:
         return rank * self.shard_numel, (rank + 1) * self.shard_numel
 
     # -- parameters ---------------------------------------------------------------------------
+    @property
+    def allocated(self) -> bool:
+        """Whether ``full``'s storage holds the gathered parameters' bytes now (or their gather's)."""
+        return self.full.untyped_storage().nbytes() > 0
+
+    def _point(self) -> None:
+        """Every parameter becomes a view of its piece of ``full``."""
+        for o, p, shape in zip(self.offsets, self.params, self.shapes):
+            p.data = self.full[o : o + shape.numel()].view(shape)
+
     def start_gather(self, group: dist.ProcessGroup) -> None:
-        """All-gather the shards into ``full`` (async)."""
-        self.full = torch.empty(self.padded_numel, dtype=self.param_shard.dtype, device=self.param_shard.device)
+        """Give ``full`` its storage back and all-gather the shards into it (async)."""
+        self.full.untyped_storage().resize_(self.padded_numel * self.full.element_size())
         self.gathering = all_gather_flat(self.full, self.param_shard, group=group, async_op=True)
 
     def install(self, group: dist.ProcessGroup) -> None:
-        """Wait for the gather and point every parameter at its piece of ``full``."""
+        """Wait for the gather: the parameters, views of ``full``, hold their values."""
         if self.gathering is not None:
             with naming_missing(group):
                 self.gathering.wait()
             self.gathering = None
-        assert self.full is not None
-        for o, p, shape in zip(self.offsets, self.params, self.shapes):
-            p.data = self.full[o : o + shape.numel()].view(shape)
 
     def release(self) -> None:
-        """Free the gathered parameters: each holds an empty tensor until the next gather."""
-        for p in self.params:
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        self.full = None
+        """Free the gathered parameters' storage; the parameters (and any view autograd saved of
+        them) keep their shapes and see the values again after the next gather."""
+        self.full.untyped_storage().resize_(0)
 
     def write_back(self) -> None:
-        """This rank's part of the installed parameters becomes its shard (after a load)."""
-        assert self.full is not None
+        """This rank's part of the installed parameters becomes its shard (after a load: one
+        that replaced a parameter's tensor is copied in and the parameter pointed back)."""
         with torch.no_grad():
             for o, p in zip(self.offsets, self.params):
-                self.full[o : o + p.numel()].copy_(p.detach().reshape(-1))
+                piece = self.full[o : o + p.numel()]
+                if p.data_ptr() != piece.data_ptr():
+                    piece.copy_(p.detach().reshape(-1))
             lo, hi = self.shard_range(self.rank)
             self.param_shard.copy_(self.full[lo:hi])
+        self._point()
 
     # -- gradients ----------------------------------------------------------------------------
     def slot(self, i: int) -> Tensor:
