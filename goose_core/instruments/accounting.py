@@ -87,14 +87,15 @@ def _grads(model: nn.Module, optimizer: Any) -> int:
 
 
 def _params(model: nn.Module) -> list[Tensor]:
-    """The parameters, and ZeRO-3's shards (a parameter between its uses is an empty tensor)."""
+    """The parameters, and ZeRO-3's shards (between its uses a parameter is a view of a storage freed to 0 bytes)."""
     shards = [b.param_shard for b in _buckets(model) if hasattr(b, "param_shard")]
     return [*model.parameters(), *shards]
 
 
 class _Activations(LiveActivations):
-    """LiveActivations that also skips the parameters installed at each save: ZeRO-3 gathers
-    a unit into a new buffer for each use, so the storages known on entry are not all."""
+    """LiveActivations that also skips the parameters installed at each save: ZeRO-3 frees a
+    unit's storage between uses and allocates it again for each, so its address can change and
+    the storages known on entry are not all."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model.parameters())
@@ -110,7 +111,7 @@ class _Activations(LiveActivations):
 def held_bytes(model: nn.Module, optimizer: Any) -> dict[str, int]:
     """Parameter, master and optimizer-state bytes held now (gradients: see :func:`measure_step`)."""
     params = _storages(_params(model))
-    params.pop(0, None)  # empty tensors (ZeRO-3's released parameters)
+    params.pop(0, None)  # storages freed to 0 bytes (ZeRO-3's released parameters) have no address
     inner = _inner(optimizer)
     stepped = [p for g in inner.param_groups for p in g["params"]]
     masters = {k: v for k, v in _storages(stepped).items() if k not in params}
