@@ -123,7 +123,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # load-balanced, under 🤗's attention interface, or Ulysses' all-to-all head split; gradients
     # over dp x cp); sequence parallelism's unit tests (its module, tensor_parallel/sequence.py, is
     # in 08's folder: the tensor-parallel layers use it).
-    15: ("goose_core/context_parallel/", "tests/test_context_parallel.py", "tests/test_ulysses.py",
+    15: ("goose_core/context_parallel/", "goose_core/distributed/all_to_all.py", "tests/test_context_parallel.py", "tests/test_ulysses.py",
          "tests/test_sequence_parallel.py"),
     # Expert parallelism: the EP and expert-data-parallel groups carved from dp, the dispatch
     # (all-to-all with uneven splits) to 🤗's own experts, and the router loss over the dp batch.

@@ -21,7 +21,7 @@ load-balanced chunks i and 2C-1-i, uneven)::
                           v  v                        v  v
                  rank 0: [b, h, P_0, d]          rank 1: [b, h, P_1, d]
 
-Each all-to-all is an autograd Function whose backward is the reverse all-to-all: a rank sends in
+Each all-to-all (:mod:`goose_core.distributed.all_to_all`) has the reverse all-to-all for backward: a rank sends in
 the backward what it received in the forward. Bytes a rank sends, per tensor (q, k, v, the output)
 and per direction, with equal slices: (C-1)/C of its local ``[b, heads, s_local, d]``, forward and
 backward alike (what ``count_traffic`` counts for an all-to-all). With uneven slices, the head
@@ -37,52 +37,17 @@ still group the query heads evenly, and query head j meets a copy of kv head j /
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from goose_core.distributed.missing import names_missing
+from goose_core.distributed.all_to_all import all_to_all
 
 __all__ = ["ulysses_attention", "kv_repeats"]
 
 Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-
-@names_missing
-def _all_to_all(x: Tensor, group: dist.ProcessGroup, scatter: tuple[int, list[int]],
-                gather: tuple[int, list[int]]) -> Tensor:
-    """Split ``x`` along ``scatter = (dim, sizes)``, send part r to rank r, concatenate what rank
-    r sent along ``gather = (dim, sizes)``, its part being ``sizes[r]`` long there."""
-    (s_dim, s_sizes), (g_dim, g_sizes) = scatter, gather
-    me = dist.get_rank(group)
-    # The scattered dim first: each rank's part is then one run of the flat buffer (one copy).
-    send = x.movedim(s_dim, 0).contiguous()
-    g_front = g_dim + 1 if g_dim < s_dim else g_dim  # where g_dim went in ``send``
-    shapes = [[s_sizes[me], *send.shape[1:]] for _ in g_sizes]
-    for shape, size in zip(shapes, g_sizes):
-        shape[g_front] = size
-    counts = [math.prod(s) for s in shapes]
-    recv = send.new_empty(sum(counts))
-    dist.all_to_all_single(recv, send.view(-1), output_split_sizes=counts,
-                           input_split_sizes=[n * send[0].numel() for n in s_sizes], group=group)
-    pieces = recv.split(counts)
-    return torch.cat([p.view(s) for p, s in zip(pieces, shapes)], dim=g_front).movedim(0, s_dim)
-
-
-class _AllToAll(torch.autograd.Function):
-    """``_all_to_all`` forward; backward the reverse all-to-all (scatter and gather swapped)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup, scatter: tuple[int, list[int]],
-                gather: tuple[int, list[int]]) -> Tensor:
-        ctx.group, ctx.scatter, ctx.gather = group, scatter, gather
-        return _all_to_all(x, group, scatter, gather)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        return _all_to_all(grad, ctx.group, ctx.gather, ctx.scatter), None, None, None
 
 
 def kv_repeats(kv_heads: int, cp: int) -> int:
@@ -164,7 +129,7 @@ def ulysses_attention(query: Tensor, key: Tensor, value: Tensor, *, group: dist.
 
     def to_heads(x: Tensor) -> Tensor:  # all-to-all 1, then the global order
         if cp > 1:
-            x = _AllToAll.apply(x, group, (1, [x.shape[1] // cp] * cp), (2, lengths))
+            x = all_to_all(x, group, (1, [x.shape[1] // cp] * cp), (2, lengths))
         return x.index_select(2, order)
 
     out = attend(to_heads(query), to_heads(key), to_heads(value))
@@ -173,5 +138,5 @@ def ulysses_attention(query: Tensor, key: Tensor, value: Tensor, *, group: dist.
         raise ValueError(f"attend returned {tuple(out.shape)}, expected {expected} ([b, h/C, S, d_v])")
     out = out.index_select(2, unsort)
     if cp > 1:  # all-to-all 2: the reverse of 1
-        out = _AllToAll.apply(out, group, (2, lengths), (1, [heads // cp] * cp))
+        out = all_to_all(out, group, (2, lengths), (1, [heads // cp] * cp))
     return out

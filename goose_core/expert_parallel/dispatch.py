@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from goose_core.expert_parallel.all_to_all import all_to_all
+from goose_core.distributed.all_to_all import all_to_all
 
 __all__ = ["Routes", "destinations", "dispatch"]
 
@@ -73,10 +73,10 @@ def dispatch(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor, num_exp
     routes = Routes.plan(top_k_index, num_experts, group)
     if on_routes is not None:
         on_routes(routes)
-    rows = all_to_all(hidden[routes.token_of], routes.send_counts, routes.recv_counts, group)
+    rows = all_to_all(hidden[routes.token_of], group, (0, routes.send_counts), (0, routes.recv_counts))
     ones = torch.ones(rows.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
     computed = experts(rows, routes.local_expert.unsqueeze(1), ones)  # weighted on return, below
-    back = all_to_all(computed, routes.recv_counts, routes.send_counts, group, anchor=rows)
+    back = all_to_all(computed, group, (0, routes.recv_counts), (0, routes.send_counts), anchor=rows)
     weights = top_k_weights.reshape(-1)[routes.order].unsqueeze(1)
     weighted = (back * weights).to(hidden.dtype)
     return torch.zeros_like(hidden).index_add(0, routes.token_of, weighted)
