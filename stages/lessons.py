@@ -89,7 +89,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
     9: ("goose_core/engine/__init__.py", "goose_core/engine/schedule.py", "goose_core/engine/messages.py",
         "goose_core/engine/microbatch.py", "goose_core/engine/dependency.py", "goose_core/engine/transport.py",
         "goose_core/engine/p2p.py", "goose_core/engine/pipeline.py", "goose_core/engine/parked.py",
-        "goose_core/engine/activations.py",
+        "goose_core/engine/activations.py", "goose_core/testing/layout.py",
         "goose_core/pipeline/__init__.py", "goose_core/pipeline/parallel.py", "goose_core/pipeline/split.py",
         "goose_core/pipeline/stage.py", "goose_core/pipeline/tied.py", "goose_core/pipeline/generate.py",
         "goose_core/models/pipeline_parts.py", "goose_core/models/falcon.py", "goose_core/models/gemma4_text.py",
@@ -137,7 +137,7 @@ LESSONS: dict[int, tuple[str, ...]] = {
     # router loss only for MoE families; custom_loss for a loop that computes its loss from the
     # logits, not from labels).
     17: ("goose_core/checkpoint/", "goose_core/finite.py", "goose_core/distributed/batch_check.py",
-         "goose_core/distributed/batch_faults.py", "goose_core/testing/layout.py",
+         "goose_core/distributed/batch_faults.py",
          "goose_core/testing/split_reductions.py", "goose_core/pipeline/router_loss.py",
          "goose_core/pipeline/custom_loss.py", "goose_core/instruments/accounting.py",
          "tests/test_composition.py", "tests/test_zero3_composition.py", "tests/test_wrapper_order.py",

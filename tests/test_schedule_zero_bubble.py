@@ -9,14 +9,14 @@ import itertools
 import pytest
 import torch
 
-from goose_core import DataParallel, ParallelContext, PipelineParallel, TensorParallel, full_state_dict
+from goose_core import ParallelContext, full_state_dict
 from goose_core.engine.messages import blocked_receives, messages
 from goose_core.engine.schedule import Action, ZeroBubbleH1, ZeroBubbleV, timetable, timetable_bubble
 from goose_core.engine import split_backward
 from goose_core.engine.block_recompute import RECOMPUTE_MODES
 from goose_core.engine.recompute import is_recomputing
 from goose_core.pipeline import Callback, local_pipeline
-from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
+from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, at_layout, reference_run,
                                 run_distributed, snapshot, train_loop)
 
 SHAPES = [(p, m) for p in (2, 3, 4) for m in (1, 2, p, 2 * p, 8)]
@@ -211,12 +211,7 @@ CASES = {
 
 
 def _train(ctx: ParallelContext, spec: TrainSpec, m: int, recompute: str, schedule: str = "zb-h1") -> RunResult:
-    model = spec.build_model()
-    if ctx.tensor_parallel_size > 1:
-        model = TensorParallel(model, ctx).parallelize()
-    model = PipelineParallel(model, ctx, num_microbatches=m, recompute=recompute, schedule=schedule).parallelize()
-    if ctx.data_parallel_size > 1:
-        model = DataParallel(model, ctx).parallelize()
+    model = at_layout(spec.build_model(), ctx, num_microbatches=m, recompute=recompute, schedule=schedule)
     optimizer = spec.build_optimizer(model.parameters())
     losses = train_loop(model, optimizer, spec.batches(ctx.dp_rank, ctx.dp_size))
     return RunResult(losses, full_state_dict(model, ctx))

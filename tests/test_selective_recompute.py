@@ -16,14 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from goose_core import DataParallel, ParallelContext, PipelineParallel, TensorParallel, full_state_dict
+from goose_core import ParallelContext, full_state_dict
 from goose_core.engine import block_recompute, selective
 from goose_core.engine.activations import LiveActivations
 from goose_core.engine.block_recompute import BLOCK_MODES, recompute_blocks
 from goose_core.pipeline import local_pipeline
 from goose_core.pipeline import stage as stage_module
 from goose_core.pipeline.split import split_model_for
-from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, reference_run,
+from goose_core.testing import (PARALLEL, RunResult, TrainSpec, assert_matches_reference, at_layout, reference_run,
                                 run_distributed, train_loop)
 
 MODES = ("never", *BLOCK_MODES, "always")
@@ -203,12 +203,7 @@ def _composed(ctx: ParallelContext, runs: list[tuple[str, str, str, int]]) -> li
     results = []
     for family, mode, schedule, m in runs:
         spec = TrainSpec(family=family, steps=2, optimizer="sgd")
-        model = spec.build_model()
-        if ctx.tensor_parallel_size > 1:
-            model = TensorParallel(model, ctx).parallelize()
-        model = PipelineParallel(model, ctx, num_microbatches=m, recompute=mode, schedule=schedule).parallelize()
-        if ctx.data_parallel_size > 1:
-            model = DataParallel(model, ctx).parallelize()
+        model = at_layout(spec.build_model(), ctx, num_microbatches=m, recompute=mode, schedule=schedule)
         optimizer = spec.build_optimizer(model.parameters())
         losses = train_loop(model, optimizer, spec.batches(ctx.dp_rank, ctx.dp_size))
         results.append(RunResult(losses, full_state_dict(model, ctx)))

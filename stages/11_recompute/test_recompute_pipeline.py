@@ -9,8 +9,8 @@ the same micro-batches in the schedule's backward order.
 
 import pytest
 
-from goose_core import DataParallel, ParallelContext, PipelineParallel, TensorParallel, full_state_dict
-from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference,
+from goose_core import ParallelContext, full_state_dict
+from goose_core.testing import (EXACT, PARALLEL, RunResult, TrainSpec, assert_matches_reference, at_layout,
                                 reference_run, run_distributed, snapshot, train_loop)
 
 from course import load_train_script
@@ -65,12 +65,7 @@ def _assert_exactly_micro_batch_accumulation(last_rank: RunResult, reverse: bool
 
 def _composed(ctx: ParallelContext, spec: TrainSpec, m: int, mode: str, schedule: str) -> RunResult:
     """Pipeline with data parallelism (each dp rank feeds its shard) or tensor parallelism inside."""
-    model = spec.build_model()
-    if ctx.tensor_parallel_size > 1:
-        model = TensorParallel(model, ctx).parallelize()
-    model = PipelineParallel(model, ctx, num_microbatches=m, recompute=mode, schedule=schedule).parallelize()
-    if ctx.data_parallel_size > 1:
-        model = DataParallel(model, ctx).parallelize()
+    model = at_layout(spec.build_model(), ctx, num_microbatches=m, recompute=mode, schedule=schedule)
     optimizer = spec.build_optimizer(model.parameters())
     batches = spec.batches(ctx.dp_rank, ctx.dp_size)
     return RunResult(train_loop(model, optimizer, batches), full_state_dict(model, ctx))
